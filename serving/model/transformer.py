@@ -1,0 +1,298 @@
+"""The OmniGen2 diffusion transformer, written for export: padded tensors in, padded tensors out.
+
+Parameter names follow the official `transformer/` checkpoint exactly, so its safetensors load strictly.
+The forward pass takes the packed layout of `serving.pipeline.packing` (masks and precomputed RoPE, no
+Python lists), which lets the same module trace to ONNX and batch requests of different shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from serving.errors import CheckpointError
+from serving.model.config import TransformerConfig
+from serving.pipeline.packing import pack_batch, unpack_output
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, L, H, D) queries/keys; adjacent feature pairs (2j, 2j+1) form one complex number."""
+    pairs = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool key mask -> additive (B, 1, 1, L) bias.
+
+    A finite minimum instead of -inf keeps fully padded rows (empty reference slots) finite rather than NaN.
+    """
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RMS-normed q/k and RoPE (names as diffusers' `Attention`)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.to_q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.to_k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.to_v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=eps)
+        self.to_out = nn.ModuleList([nn.Linear(heads * self.head_dim, dim, bias=False)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.to_q(x).view(b, n, self.heads, self.head_dim))
+        k = self.norm_k(self.to_k(x).view(b, n, self.kv_heads, self.head_dim))
+        v = self.to_v(x).view(b, n, self.kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Query head h reads key/value head h // (heads / kv_heads), as the reference's repeat_interleave.
+        groups = self.heads // self.kv_heads
+        k = k.repeat_interleave(groups, dim=2)
+        v = v.repeat_interleave(groups, dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=self.head_dim**-0.5
+        )
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: linear_2(silu(linear_1 x) * linear_3 x), inner width rounded up to `multiple_of`."""
+
+    def __init__(self, dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> None:
+        super().__init__()
+        inner = 4 * dim
+        if ffn_dim_multiplier is not None:
+            inner = int(ffn_dim_multiplier * inner)
+        inner = multiple_of * math.ceil(inner / multiple_of)
+        self.linear_1 = nn.Linear(dim, inner, bias=False)
+        self.linear_2 = nn.Linear(inner, dim, bias=False)
+        self.linear_3 = nn.Linear(dim, inner, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+
+
+class RMSNormZero(nn.Module):
+    """Adaptive RMSNorm: the timestep embedding gives (scale_msa, gate_msa, scale_mlp, gate_mlp)."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 4 * dim, bias=True)
+        self.norm = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(F.silu(temb)).chunk(4, dim=1)
+        return self.norm(x) * (1 + scale_msa[:, None]), gate_msa, scale_mlp, gate_mlp
+
+
+class TransformerBlock(nn.Module):
+    """Pre/post-normed attention + SwiGLU block; `modulated` blocks are conditioned on the timestep."""
+
+    def __init__(self, config: TransformerConfig, modulated: bool) -> None:
+        super().__init__()
+        dim, eps = config.hidden_size, config.norm_eps
+        self.modulated = modulated
+        self.attn = Attention(dim, config.num_attention_heads, config.num_kv_heads)
+        self.feed_forward = FeedForward(dim, config.multiple_of, config.ffn_dim_multiplier)
+        self.norm1: nn.Module = RMSNormZero(dim, config.cond_dim, eps) if modulated else nn.RMSNorm(dim, eps=eps)
+        self.norm2 = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm1 = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm2 = nn.RMSNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.modulated:
+            x = x + self.norm2(self.attn(self.norm1(x), bias, cos, sin))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        assert temb is not None
+        normed, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)
+        x = x + gate_msa.unsqueeze(1).tanh() * self.norm2(self.attn(normed, bias, cos, sin))
+        ff = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp.unsqueeze(1)))
+        return x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(ff)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeCaptionEmbedding(nn.Module):
+    """Sinusoidal timestep features (cos first) -> MLP; text features -> RMSNorm -> linear."""
+
+    frequency_dim = 256
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.timestep_scale = config.timestep_scale
+        self.timestep_embedder = TimestepEmbedder(self.frequency_dim, config.cond_dim)
+        self.caption_embedder = nn.Sequential(
+            nn.RMSNorm(config.text_feat_dim, eps=config.norm_eps),
+            nn.Linear(config.text_feat_dim, config.hidden_size, bias=True),
+        )
+
+    def timestep_features(self, timestep: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        angles = (timestep.float()[:, None] * freqs[None, :]) * self.timestep_scale
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def forward(self, timestep: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        temb = self.timestep_embedder(self.timestep_features(timestep).to(text_feats.dtype))
+        return temb, self.caption_embedder(text_feats)
+
+
+class OutputNorm(nn.Module):
+    """LayerNorm (no affine) scaled by the timestep embedding, then the patch projection."""
+
+    def __init__(self, dim: int, cond_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(cond_dim, dim, bias=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.linear_2 = nn.Linear(dim, out_dim, bias=True)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale = self.linear_1(F.silu(temb))
+        return self.linear_2(self.norm(x) * (1 + scale)[:, None, :])
+
+
+class OmniGen2Transformer(nn.Module):
+    """OmniGen2 transformer over packed inputs; see `serving.pipeline.packing` for the layout."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        dim = config.hidden_size
+        self.x_embedder = nn.Linear(config.patch_dim, dim)
+        self.ref_image_patch_embedder = nn.Linear(config.patch_dim, dim)
+        self.time_caption_embed = TimeCaptionEmbedding(config)
+        n_ref = config.num_refiner_layers
+        self.noise_refiner = nn.ModuleList([TransformerBlock(config, modulated=True) for _ in range(n_ref)])
+        self.ref_image_refiner = nn.ModuleList([TransformerBlock(config, modulated=True) for _ in range(n_ref)])
+        self.context_refiner = nn.ModuleList([TransformerBlock(config, modulated=False) for _ in range(n_ref)])
+        self.layers = nn.ModuleList([TransformerBlock(config, modulated=True) for _ in range(config.num_layers)])
+        self.norm_out = OutputNorm(dim, config.cond_dim, config.patch_size**2 * config.output_channels)
+        # One learned embedding per input-image index: the model supports at most 5 reference images.
+        self.image_index_embedding = nn.Parameter(torch.zeros(5, dim))
+
+    def forward(
+        self,
+        img_tokens: torch.Tensor,
+        img_mask: torch.Tensor,
+        timestep: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref_tokens: torch.Tensor,
+        ref_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Velocity tokens (B, Li, P) for the packed batch; rows past each sample's image length are padding."""
+        batch, slots, ref_len, _ = ref_tokens.shape
+        text_len, img_len = text_feats.shape[1], img_tokens.shape[1]
+        dtype = img_tokens.dtype
+        img_mask, text_mask, ref_mask = img_mask.bool(), text_mask.bool(), ref_mask.bool()
+
+        temb, text = self.time_caption_embed(timestep, text_feats)
+        ref_start, img_start = text_len, text_len + slots * ref_len
+        text_cos, text_sin = rope_cos[:, :ref_start], rope_sin[:, :ref_start]
+        img_cos, img_sin = rope_cos[:, img_start:], rope_sin[:, img_start:]
+
+        text_bias = key_mask_bias(text_mask, dtype)
+        for block in self.context_refiner:
+            text = block(text, text_bias, text_cos, text_sin)
+
+        img = self.x_embedder(img_tokens)
+        img_bias = key_mask_bias(img_mask, dtype)
+        for block in self.noise_refiner:
+            img = block(img, img_bias, img_cos, img_sin, temb)
+
+        # Each reference image is refined on its own: fold the slots into the batch axis.
+        refs = self.ref_image_patch_embedder(ref_tokens) + self.image_index_embedding[:slots, None, :]
+        dim, half = self.config.hidden_size, rope_cos.shape[-1]
+        refs = refs.reshape(batch * slots, ref_len, dim)
+        ref_flat_mask = ref_mask.reshape(batch * slots, ref_len)
+        ref_cos = rope_cos[:, ref_start:img_start].reshape(batch * slots, ref_len, half)
+        ref_sin = rope_sin[:, ref_start:img_start].reshape(batch * slots, ref_len, half)
+        ref_temb = temb.repeat_interleave(slots, dim=0)
+        ref_bias = key_mask_bias(ref_flat_mask, dtype)
+        for block in self.ref_image_refiner:
+            refs = block(refs, ref_bias, ref_cos, ref_sin, ref_temb)
+        refs = refs.reshape(batch, slots * ref_len, dim)
+
+        x = torch.cat([text, refs, img], dim=1)
+        joint_bias = key_mask_bias(torch.cat([text_mask, ref_mask.reshape(batch, slots * ref_len), img_mask], 1), dtype)
+        for block in self.layers:
+            x = block(x, joint_bias, rope_cos, rope_sin, temb)
+        return self.norm_out(x[:, x.shape[1] - img_len :], temb)
+
+    def forward_latents(
+        self,
+        latents: Sequence[torch.Tensor],
+        timestep: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        refs: Sequence[Sequence[torch.Tensor] | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Convenience: per-sample (C, H, W) latents and reference latents in, per-sample velocities out."""
+        packed = pack_batch(
+            latents,
+            timestep,
+            text_feats,
+            text_mask,
+            refs if refs is not None else [None] * len(latents),
+            patch_size=self.config.patch_size,
+            axes_dim=self.config.axes_dim_rope,
+        )
+        out = self(**packed.as_inputs())
+        return unpack_output(out, packed.latent_sizes, self.config.patch_size)
+
+    @classmethod
+    def from_pretrained(cls, directory: Path | str, dtype: torch.dtype = torch.float32) -> OmniGen2Transformer:
+        """Load `transformer/` of the official layout: config.json + diffusion_pytorch_model.safetensors."""
+        directory = Path(directory)
+        config = TransformerConfig.from_file(directory / "config.json")
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(str(weights), "file not found")
+        model = cls(config)
+        state = load_file(weights)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(str(weights), f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            k = wrong[0]
+            raise CheckpointError(
+                str(weights), f"{k} has shape {list(state[k].shape)}, config expects {list(expected[k].shape)}"
+            )
+        model.load_state_dict(state, strict=True)
+        return model.to(dtype).eval()
