@@ -1,0 +1,73 @@
+"""Image pre- and post-processing: sizes in multiples of 16, [-1, 1] tensors, output resize."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from serving.errors import InvalidArgumentError
+
+SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
+
+
+def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:
+    """Scale (never up) to fit max_pixels and max_side keeping the aspect ratio, floor to multiples of 16."""
+    ratio = min((max_pixels / (height * width)) ** 0.5, 1.0)
+    if max_side is not None:
+        ratio = min(ratio, max_side / height, max_side / width)
+    return (
+        int(height * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE,
+        int(width * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE,
+    )
+
+
+def preprocess_image(image: Image.Image, max_pixels: int, max_side: int, field: str = "images") -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized with Lanczos to fit the limits."""
+    height, width = fit_size(image.height, image.width, max_pixels, max_side)
+    if height == 0 or width == 0:
+        raise InvalidArgumentError(
+            field, f"image of {image.width}x{image.height} is too small: both sides must reach {SIZE_MULTIPLE} px"
+        )
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    resized = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def generation_size(
+    width: int | None,
+    height: int | None,
+    max_pixels: int,
+    ref_sizes: Sequence[tuple[int, int]],
+    default: int = 1024,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((gen_height, gen_width), (out_height, out_width)) in pixels.
+
+    One input image and no explicit size: the processed input's size. Otherwise the requested size
+    (default 1024x1024), scaled down to max_pixels and floored to multiples of 16 for generation, and
+    the output resized back to the requested size.
+    """
+    if len(ref_sizes) == 1 and width is None and height is None:
+        return ref_sizes[0], ref_sizes[0]
+    out_h, out_w = height or default, width or default
+    ratio = min((max_pixels / (out_h * out_w)) ** 0.5, 1.0)
+    gen = (int(out_h * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE, int(out_w * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    if gen[0] == 0 or gen[1] == 0:
+        field = "height" if gen[0] == 0 else "width"
+        raise InvalidArgumentError(field, f"the generated size {gen[1]}x{gen[0]} is empty; ask for at least 16 px")
+    return gen, (out_h, out_w)
+
+
+def postprocess(decoded: torch.Tensor, out_height: int, out_width: int) -> np.ndarray:
+    """VAE output (B, 3, h, w) in [-1, 1] -> float32 NHWC in [0, 1] at the output size (bilinear)."""
+    resized = F.interpolate(decoded.float(), size=(out_height, out_width), mode="bilinear")
+    return (resized / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """Float NHWC in [0, 1] -> 8-bit RGB images."""
+    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]

@@ -1,0 +1,85 @@
+"""A generation request, its documented limits and its validation (errors name the field)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from serving.errors import InvalidArgumentError
+from serving.pipeline.schedulers import SchedulerKind
+
+MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds every front door enforces; `GetModelInfo` reports them."""
+
+    max_input_images: int = MAX_INPUT_IMAGES
+    max_steps: int = 200
+    max_side: int = 4096  # requested width/height; generation is further bounded by max_pixels
+    max_pixels: int = 2048 * 2048
+    max_images_per_prompt: int = 8
+    max_guidance: float = 100.0
+    max_prompt_chars: int = 8192
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+    steps: int = 50
+    text_guidance_scale: float = 5.0
+    image_guidance_scale: float = 2.0
+    cfg_range: tuple[float, float] = (0.0, 1.0)
+    seed: int = 0
+    scheduler: str = SchedulerKind.EULER.value
+    num_images_per_prompt: int = 1
+    max_pixels: int = 1024 * 1024
+    max_input_image_side_length: int = 1024
+
+    def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Raise InvalidArgumentError naming the first field out of range."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidArgumentError("prompt", "must be a non-empty string")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > limits.max_prompt_chars:
+                raise InvalidArgumentError(name, f"longer than {limits.max_prompt_chars} characters")
+        if len(self.images) > limits.max_input_images:
+            raise InvalidArgumentError("images", f"at most {limits.max_input_images} input images, got {len(self.images)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= limits.max_side:
+                raise InvalidArgumentError(name, f"must be in [1, {limits.max_side}], got {value}")
+        if not 1 <= self.steps <= limits.max_steps:
+            raise InvalidArgumentError("steps", f"must be in [1, {limits.max_steps}], got {self.steps}")
+        for name in ("text_guidance_scale", "image_guidance_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not 0.0 <= value <= limits.max_guidance:
+                raise InvalidArgumentError(name, f"must be a finite number in [0, {limits.max_guidance}], got {value}")
+        start, end = self.cfg_range
+        if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
+            raise InvalidArgumentError("cfg_range", f"must satisfy 0 <= start <= end <= 1, got {self.cfg_range}")
+        if self.scheduler not in {k.value for k in SchedulerKind}:
+            choices = ", ".join(k.value for k in SchedulerKind)
+            raise InvalidArgumentError("scheduler", f"unknown scheduler {self.scheduler!r}; one of {choices}")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidArgumentError("seed", "must be in [0, 2^63)")
+        if not 1 <= self.num_images_per_prompt <= limits.max_images_per_prompt:
+            raise InvalidArgumentError(
+                "num_images_per_prompt", f"must be in [1, {limits.max_images_per_prompt}], got {self.num_images_per_prompt}"
+            )
+        if not 16 * 16 <= self.max_pixels <= limits.max_pixels:
+            raise InvalidArgumentError("max_pixels", f"must be in [256, {limits.max_pixels}], got {self.max_pixels}")
+        if not 16 <= self.max_input_image_side_length <= limits.max_side:
+            raise InvalidArgumentError(
+                "max_input_image_side_length", f"must be in [16, {limits.max_side}], got {self.max_input_image_side_length}"
+            )
