@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -82,9 +83,9 @@ class Vae:
     """AutoencoderKL with the OmniGen2 latent normalisation (z - shift) * scale; encodes the posterior mode."""
 
     def __init__(self, model: AutoencoderKL) -> None:
-        self.model = model
-        self.scale = float(model.config.scaling_factor)
-        self.shift = float(model.config.shift_factor)
+        self.model: Any = model  # diffusers sets its attributes dynamically
+        self.scale = float(self.model.config.scaling_factor)
+        self.shift = float(self.model.config.shift_factor)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:

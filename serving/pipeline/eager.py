@@ -92,9 +92,7 @@ class OmniGen2Pipeline:
                 request.cfg_range,
                 has_refs=bool(ref_latents),
             )
-            preds = {
-                branch: self._velocity(latents, grid[i], *branch_inputs[branch]) for branch in guidance.branches
-            }
+            preds = {branch: self._velocity(latents, grid[i], *branch_inputs[branch]) for branch in guidance.branches}
             velocity = combine(guidance, preds)
             if request.scheduler == SchedulerKind.DPMSOLVER.value:
                 latents, previous_x0 = dpm_solver_step(latents, velocity, grid, i, previous_x0)

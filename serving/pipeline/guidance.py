@@ -8,12 +8,12 @@ uncond = (negative prompt, no reference images)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class Branch(str, Enum):
+class Branch(StrEnum):
     COND = "cond"
     REF = "ref"
     UNCOND = "uncond"

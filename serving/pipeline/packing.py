@@ -44,10 +44,8 @@ def rope_inv_freqs(axes_dim: Sequence[int], theta: float = ROPE_THETA) -> list[t
 
 def rope_cos_sin(position_ids: torch.Tensor, axes_dim: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, 3) integer positions -> cos, sin of shape (B, L, head_dim / 2), float32."""
-    angles = torch.cat(
-        [position_ids[..., axis, None].to(torch.float64) * freqs for axis, freqs in enumerate(rope_inv_freqs(axes_dim))],
-        dim=-1,
-    )
+    positions = position_ids.to(torch.float64)
+    angles = torch.cat([positions[..., axis, None] * f for axis, f in enumerate(rope_inv_freqs(axes_dim))], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 

@@ -54,7 +54,8 @@ class GenerationRequest:
             if len(getattr(self, name)) > limits.max_prompt_chars:
                 raise InvalidArgumentError(name, f"longer than {limits.max_prompt_chars} characters")
         if len(self.images) > limits.max_input_images:
-            raise InvalidArgumentError("images", f"at most {limits.max_input_images} input images, got {len(self.images)}")
+            count = len(self.images)
+            raise InvalidArgumentError("images", f"at most {limits.max_input_images} input images, got {count}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= limits.max_side:
@@ -74,12 +75,10 @@ class GenerationRequest:
         if not 0 <= self.seed < 2**63:
             raise InvalidArgumentError("seed", "must be in [0, 2^63)")
         if not 1 <= self.num_images_per_prompt <= limits.max_images_per_prompt:
-            raise InvalidArgumentError(
-                "num_images_per_prompt", f"must be in [1, {limits.max_images_per_prompt}], got {self.num_images_per_prompt}"
-            )
+            bound, got = limits.max_images_per_prompt, self.num_images_per_prompt
+            raise InvalidArgumentError("num_images_per_prompt", f"must be in [1, {bound}], got {got}")
         if not 16 * 16 <= self.max_pixels <= limits.max_pixels:
             raise InvalidArgumentError("max_pixels", f"must be in [256, {limits.max_pixels}], got {self.max_pixels}")
         if not 16 <= self.max_input_image_side_length <= limits.max_side:
-            raise InvalidArgumentError(
-                "max_input_image_side_length", f"must be in [16, {limits.max_side}], got {self.max_input_image_side_length}"
-            )
+            got = self.max_input_image_side_length
+            raise InvalidArgumentError("max_input_image_side_length", f"must be in [16, {limits.max_side}], got {got}")

@@ -8,13 +8,13 @@ The arithmetic follows the reference's dtypes (float32 tensors) so that results 
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
 
 
-class SchedulerKind(str, Enum):
+class SchedulerKind(StrEnum):
     EULER = "euler"
     DPMSOLVER = "dpmsolver++"
 

@@ -1,0 +1,38 @@
+# One virtual environment, two commands: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+GOLDEN ?= ../shared/golden
+
+.PHONY: install test lint typecheck unit serve clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and by exact version: the CPU build comes from the local disk, not a multi-GB download.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+serve: $(STAMP)
+	@echo "The served stack (Triton + gRPC front end) is not built yet; see README 'Status'."
+	@echo "Meanwhile the eager pipeline runs in-process: $(PY) -m serving.pipeline.demo --help"
+	@exit 1
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""Shared fixtures: the golden data (read-only) and models loaded once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.model.transformer import OmniGen2Transformer
+from serving.pipeline.eager import OmniGen2Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    path = Path(os.environ.get("OMNIGEN2_GOLDEN", REPO.parent / "shared" / "golden")).resolve()
+    if not (path / "cases.json").is_file():
+        raise RuntimeError(f"golden data not found at {path}: set OMNIGEN2_GOLDEN to ../shared/golden")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cases(golden: Path) -> dict[str, Any]:
+    return json.loads((golden / "cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(golden: Path) -> Path:
+    return golden / "tiny-omnigen2"
+
+
+@pytest.fixture(scope="session")
+def golden_transformer(tiny_checkpoint: Path) -> OmniGen2Transformer:
+    return OmniGen2Transformer.from_pretrained(tiny_checkpoint / "transformer")
+
+
+@pytest.fixture(scope="session")
+def golden_pipeline(tiny_checkpoint: Path) -> OmniGen2Pipeline:
+    return OmniGen2Pipeline.from_pretrained(tiny_checkpoint)

@@ -1,0 +1,52 @@
+"""Helpers to read the golden cases into the project's types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from serving.pipeline.request import GenerationRequest
+
+
+def request_from_case(case: dict[str, Any], golden: Path) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        images=[Image.open(golden / name) for name in case["images"]],
+        width=case["width"],
+        height=case["height"],
+        steps=case["steps"],
+        text_guidance_scale=case["text_guidance_scale"],
+        image_guidance_scale=case["image_guidance_scale"],
+        cfg_range=tuple(case["cfg_range"]),
+        seed=case["seed"],
+        scheduler=case["scheduler"],
+    )
+
+
+def transformer_case_inputs(case: dict[str, Any], golden: Path) -> dict[str, Any]:
+    """Inputs of one golden transformer case as per-sample lists, plus the expected outputs."""
+    data = np.load(golden / case["file"])
+    batch = case["batch"]
+    ref_shapes = case["ref_shapes"] or [None] * batch
+    return {
+        "latents": [torch.from_numpy(data[f"latent_{b}"]) for b in range(batch)],
+        "timestep": torch.from_numpy(data["timestep"]),
+        "text_feats": torch.from_numpy(data["text_hidden_states"]),
+        "text_mask": torch.from_numpy(data["text_attention_mask"]),
+        "refs": [
+            [torch.from_numpy(data[f"ref_{b}_{j}"]) for j in range(len(shapes))] if shapes else None
+            for b, shapes in enumerate(ref_shapes)
+        ],
+        "expected": [torch.from_numpy(data[f"output_{b}"]) for b in range(batch)],
+    }
+
+
+def relative_error(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(a - e) / np.linalg.norm(e))

@@ -1,0 +1,51 @@
+"""Bad requests raise InvalidArgumentError naming the field, before any model work."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from serving.errors import InvalidArgumentError
+from serving.pipeline.eager import OmniGen2Pipeline
+from serving.pipeline.request import GenerationRequest
+
+VALID = GenerationRequest(prompt="a red car", width=64, height=64, steps=2)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"images": [Image.new("RGB", (32, 32))] * 6}, "images"),
+        ({"width": 0}, "width"),
+        ({"height": -16}, "height"),
+        ({"width": 100_000}, "width"),
+        ({"scheduler": "ddim"}, "scheduler"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 10_000}, "steps"),
+        ({"prompt": "  "}, "prompt"),
+        ({"text_guidance_scale": float("nan")}, "text_guidance_scale"),
+        ({"image_guidance_scale": -1.0}, "image_guidance_scale"),
+        ({"cfg_range": (0.8, 0.2)}, "cfg_range"),
+        ({"seed": -1}, "seed"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"max_pixels": 10}, "max_pixels"),
+    ],
+)
+def test_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        dataclasses.replace(VALID, **change).validate()
+    assert err.value.field == field
+
+
+def test_pipeline_validates_before_running(golden_pipeline: OmniGen2Pipeline) -> None:
+    with pytest.raises(InvalidArgumentError, match="steps"):
+        golden_pipeline(dataclasses.replace(VALID, steps=0))
+
+
+def test_valid_request_runs_with_several_images_per_prompt(golden_pipeline: OmniGen2Pipeline) -> None:
+    result = golden_pipeline(dataclasses.replace(VALID, num_images_per_prompt=2, width=40, height=24))
+    assert result.images.shape == (2, 24, 40, 3)  # generated at 32x16, resized to the requested size
+    assert result.latents.shape == (2, 16, 2, 4)
