@@ -82,8 +82,8 @@ class TextEncoder:
 class Vae:
     """AutoencoderKL with the OmniGen2 latent normalisation (z - shift) * scale; encodes the posterior mode."""
 
-    def __init__(self, model: AutoencoderKL) -> None:
-        self.model: Any = model  # diffusers sets its attributes dynamically
+    def __init__(self, model: Any) -> None:  # AutoencoderKL: diffusers sets its attributes dynamically
+        self.model = model
         self.scale = float(self.model.config.scaling_factor)
         self.shift = float(self.model.config.shift_factor)
 
