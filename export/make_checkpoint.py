@@ -1,0 +1,253 @@
+"""Write a random-weight OmniGen2 checkpoint in the official layout, for a named size.
+
+    python -m export.make_checkpoint --size small --out checkpoints/small
+
+Sizes:
+  tiny   the golden test checkpoint's configuration (tests and CI)
+  small  CPU benchmarks: big enough that model compute, not Python overhead, dominates at 256x256
+  full   the official architecture (about 4B transformer + 3.8B MLLM parameters): GPU machines only
+
+The tokenizer, chat template and image-processor files are copied from an existing `processor/` folder
+(by default the golden one), so every size tokenises exactly like the tests expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from serving.model.config import TransformerConfig
+from serving.model.transformer import WEIGHTS_FILE, OmniGen2Transformer
+
+DEFAULT_PROCESSOR = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2" / "processor"
+
+TRANSFORMERS: dict[str, TransformerConfig] = {
+    "tiny": TransformerConfig(
+        hidden_size=96,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=32,
+        axes_dim_rope=(8, 8, 8),
+        axes_lens=(512, 256, 256),
+        text_feat_dim=64,
+    ),
+    "small": TransformerConfig(
+        hidden_size=384,
+        num_layers=6,
+        num_refiner_layers=2,
+        num_attention_heads=6,
+        num_kv_heads=2,
+        multiple_of=64,
+        axes_dim_rope=(16, 24, 24),
+        axes_lens=(1024, 512, 512),
+        text_feat_dim=256,
+    ),
+    "full": TransformerConfig(),  # the defaults are the official architecture
+}
+
+_VAE_BASE: dict[str, Any] = {
+    "act_fn": "silu",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+    "force_upcast": True,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+VAES: dict[str, dict[str, Any]] = {
+    "tiny": {**_VAE_BASE, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "sample_size": 64},
+    "small": {**_VAE_BASE, "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "sample_size": 256},
+    "full": {**_VAE_BASE, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 1024},
+}
+
+# Qwen2.5-VL. Special-token ids follow the shipped tokenizer (ids 3..6), whatever the vocabulary size.
+_MLLM_BASE: dict[str, Any] = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "vision_start_token_id": 3,
+    "vision_end_token_id": 4,
+    "image_token_id": 5,
+    "video_token_id": 6,
+    "tie_word_embeddings": True,
+}
+_TEXT_BASE: dict[str, Any] = {
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "use_sliding_window": False,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "type": "mrope", "rope_theta": 10000.0},
+}
+_VISION_BASE: dict[str, Any] = {
+    "hidden_act": "silu",
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "initializer_range": 0.02,
+}
+
+
+def _mllm(text: dict[str, Any], mrope: list[int], vision: dict[str, Any]) -> dict[str, Any]:
+    rope = {**_TEXT_BASE["rope_parameters"], "mrope_section": mrope}
+    if "rope_theta" in text:
+        rope["rope_theta"] = text.pop("rope_theta")
+    return {
+        **_MLLM_BASE,
+        "text_config": {**_TEXT_BASE, **text, "rope_parameters": rope},
+        "vision_config": {**_VISION_BASE, **vision},
+    }
+
+
+MLLMS: dict[str, dict[str, Any]] = {
+    "tiny": _mllm(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 400,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+        },
+        [2, 3, 3],
+        {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+            "window_size": 56,
+            "tokens_per_second": 4,
+        },
+    ),
+    "small": _mllm(
+        {
+            "hidden_size": 256,
+            "intermediate_size": 768,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 400,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+        },
+        [8, 12, 12],
+        {
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "out_hidden_size": 256,
+            "fullatt_block_indexes": [1],
+            "window_size": 112,
+            "tokens_per_second": 2,
+        },
+    ),
+    "full": _mllm(  # Qwen2.5-VL-3B-Instruct
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "max_position_embeddings": 128000,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+        },
+        [16, 24, 24],
+        {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 2048,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "window_size": 112,
+            "tokens_per_second": 2,
+        },
+    ),
+}
+
+MODEL_INDEX = {
+    "_class_name": "OmniGen2Pipeline",
+    "mllm": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+    "processor": ["transformers", "Qwen2_5_VLProcessor"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "transformer": ["omnigen2", "OmniGen2Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "dynamic_time_shift": True, "num_train_timesteps": 1000}
+
+
+def random_transformer(config: TransformerConfig) -> OmniGen2Transformer:
+    model = OmniGen2Transformer(config)
+    torch.nn.init.normal_(model.image_index_embedding, std=0.02)
+    return model
+
+
+def make_checkpoint(
+    size: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, processor: Path = DEFAULT_PROCESSOR
+) -> Path:
+    if size not in TRANSFORMERS:
+        raise ValueError(f"unknown size {size!r}; one of {', '.join(TRANSFORMERS)}")
+    if not (processor / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{processor / 'tokenizer.json'}: processor files to copy not found")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    transformer_dir = out / "transformer"
+    transformer_dir.mkdir(exist_ok=True)
+    config = TRANSFORMERS[size]
+    state = {k: v.to(dtype).contiguous() for k, v in random_transformer(config).state_dict().items()}
+    save_file(state, transformer_dir / WEIGHTS_FILE)
+    (transformer_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    AutoencoderKL(**copy.deepcopy(VAES[size])).to(dtype).save_pretrained(out / "vae")
+    mllm_config = Qwen2_5_VLConfig(**copy.deepcopy(MLLMS[size]))
+    Qwen2_5_VLForConditionalGeneration(mllm_config).to(dtype).save_pretrained(out / "mllm")
+
+    shutil.copytree(processor, out / "processor", dirs_exist_ok=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(TRANSFORMERS), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--processor", type=Path, default=DEFAULT_PROCESSOR, help="processor/ folder to copy")
+    args = parser.parse_args(argv)
+    path = make_checkpoint(args.size, args.out, args.seed, getattr(torch, args.dtype), args.processor)
+    print(f"wrote {args.size} checkpoint to {path}")
+
+
+if __name__ == "__main__":
+    main()
