@@ -18,7 +18,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import AutoencoderKL
@@ -226,9 +226,11 @@ def make_checkpoint(
     save_file(state, transformer_dir / WEIGHTS_FILE)
     (transformer_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    AutoencoderKL(**copy.deepcopy(VAES[size])).to(dtype).save_pretrained(out / "vae")
-    mllm_config = Qwen2_5_VLConfig(**copy.deepcopy(MLLMS[size]))
-    Qwen2_5_VLForConditionalGeneration(mllm_config).to(dtype).save_pretrained(out / "mllm")
+    # cast: these libraries' decorators and dynamic attributes hide the nn.Module methods from mypy.
+    vae = cast(Any, AutoencoderKL(**copy.deepcopy(VAES[size])))
+    vae.to(dtype).save_pretrained(out / "vae")
+    mllm = cast(Any, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(MLLMS[size]))))
+    mllm.to(dtype).save_pretrained(out / "mllm")
 
     shutil.copytree(processor, out / "processor", dirs_exist_ok=True)
     (out / "scheduler").mkdir(exist_ok=True)
