@@ -12,7 +12,7 @@ import torch
 
 from export.make_checkpoint import TRANSFORMERS, make_checkpoint
 from serving.errors import CheckpointError
-from serving.model.components import load_components
+from serving.model.checkpoint import load_checkpoint
 from serving.model.transformer import WEIGHTS_FILE, OmniGen2Transformer
 from serving.pipeline.eager import OmniGen2Pipeline
 from serving.pipeline.request import GenerationRequest
@@ -65,7 +65,7 @@ def test_full_size_is_the_official_architecture() -> None:
 
 def test_missing_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
-        load_components(tmp_path / "nope")
+        load_checkpoint(tmp_path / "nope")
 
 
 def test_missing_part_is_named(tmp_path: Path, made_tiny: Path) -> None:
@@ -73,7 +73,7 @@ def test_missing_part_is_named(tmp_path: Path, made_tiny: Path) -> None:
     shutil.copytree(made_tiny, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(CheckpointError) as err:
-        load_components(broken)
+        load_checkpoint(broken)
     assert err.value.path.endswith("vae/config.json")
 
 

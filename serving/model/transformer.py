@@ -240,7 +240,7 @@ class OmniGen2Transformer(nn.Module):
         ref_flat_mask = ref_mask.reshape(batch * slots, ref_len)
         ref_cos = rope_cos[:, ref_start:img_start].reshape(batch * slots, ref_len, half)
         ref_sin = rope_sin[:, ref_start:img_start].reshape(batch * slots, ref_len, half)
-        ref_temb = temb.repeat_interleave(slots, dim=0)
+        ref_temb = temb[:, None].expand(batch, slots, temb.shape[-1]).reshape(batch * slots, temb.shape[-1])
         ref_bias = key_mask_bias(ref_flat_mask, dtype)
         for block in self.ref_image_refiner:
             refs = block(refs, ref_bias, ref_cos, ref_sin, ref_temb)

@@ -14,22 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.model.components import Components, load_components
 from serving.pipeline.guidance import Branch, combine, step_guidance
 from serving.pipeline.images import generation_size, postprocess, preprocess_image
+from serving.pipeline.packing import pack_batch, unpack_output
+from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits
 from serving.pipeline.schedulers import SchedulerKind, dpm_solver_step, euler_step, timesteps
-
-LATENT_CHANNELS = 16
-VAE_SCALE = 8
+from serving.runtime.base import ComponentBackend, ModelSpec
 
 ProgressCallback = Callable[[int, int], None]
 
 
-def initial_noise(seed: int, count: int, height: int, width: int) -> torch.Tensor:
+def initial_noise(seed: int, count: int, height: int, width: int, spec: ModelSpec) -> torch.Tensor:
     """The reference's CPU noise: the same seed gives the same image as the official pipeline."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (count, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
+    shape = (count, spec.latent_channels, height // spec.vae_scale, width // spec.vae_scale)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
@@ -42,18 +41,34 @@ class GenerationResult:
 
 
 class OmniGen2Pipeline:
-    def __init__(self, components: Components, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.components = components
+    def __init__(self, tokenizer: PromptTokenizer, backend: ComponentBackend, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.spec = backend.spec
         self.limits = limits
 
     @classmethod
     def from_pretrained(cls, checkpoint: Path | str, limits: Limits = DEFAULT_LIMITS) -> OmniGen2Pipeline:
-        return cls(load_components(checkpoint), limits)
+        """PyTorch components from a checkpoint in the official layout."""
+        from serving.runtime.torch_backend import TorchBackend
+
+        checkpoint = Path(checkpoint)
+        backend = TorchBackend.from_checkpoint(checkpoint)
+        return cls(PromptTokenizer.from_dir(checkpoint / "processor"), backend, limits)
+
+    @classmethod
+    def from_onnx(cls, export_dir: Path | str, limits: Limits = DEFAULT_LIMITS, threads: int = 0) -> OmniGen2Pipeline:
+        """ONNX Runtime components from `export.onnx_export`'s output folder."""
+        from serving.runtime.onnx_backend import OnnxBackend
+
+        export_dir = Path(export_dir)
+        backend = OnnxBackend(export_dir, threads=threads)
+        return cls(PromptTokenizer.from_dir(export_dir / "processor"), backend, limits)
 
     @torch.no_grad()
     def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         request.validate(self.limits)
-        parts = self.components
+        spec, backend = self.spec, self.backend
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         n = request.num_images_per_prompt
@@ -61,20 +76,23 @@ class OmniGen2Pipeline:
         prompts = [request.prompt]
         if request.text_guidance_scale > 1.0:
             prompts.append(request.negative_prompt)
-        encoded = [parts.text_encoder.encode([p]) for p in prompts]
+        encoded = []
+        for prompt in prompts:
+            ids, mask = self.tokenizer([prompt])
+            encoded.append((backend.encode_text(ids, mask), mask))
         clock = _lap(timings, "text_encode", clock)
 
         ref_latents = [
-            parts.vae.encode(
+            backend.encode_image(
                 preprocess_image(img, request.max_pixels, request.max_input_image_side_length, field=f"images[{i}]")
             )[0]
             for i, img in enumerate(request.images)
         ]
         clock = _lap(timings, "vae_encode", clock)
 
-        ref_sizes = [(r.shape[1] * VAE_SCALE, r.shape[2] * VAE_SCALE) for r in ref_latents]
+        ref_sizes = [(r.shape[1] * spec.vae_scale, r.shape[2] * spec.vae_scale) for r in ref_latents]
         (gen_h, gen_w), (out_h, out_w) = generation_size(request.width, request.height, request.max_pixels, ref_sizes)
-        latents = initial_noise(request.seed, n, gen_h, gen_w)
+        latents = initial_noise(request.seed, n, gen_h, gen_w, spec)
         grid = timesteps(request.steps, latents.shape[-2], latents.shape[-1])
 
         branch_inputs = {
@@ -102,9 +120,10 @@ class OmniGen2Pipeline:
                 progress(i + 1, request.steps)
         clock = _lap(timings, "denoise", clock)
 
-        images = postprocess(parts.vae.decode(latents), out_h, out_w)
+        images = postprocess(backend.decode(latents), out_h, out_w)
         _lap(timings, "vae_decode", clock)
-        return GenerationResult(images=images, latents=parts.vae.unscale(latents), seed=request.seed, timings=timings)
+        unscaled = latents / spec.vae_scaling_factor + spec.vae_shift_factor
+        return GenerationResult(images=images, latents=unscaled, seed=request.seed, timings=timings)
 
     def _velocity(
         self,
@@ -115,14 +134,19 @@ class OmniGen2Pipeline:
     ) -> torch.Tensor:
         n = latents.shape[0]
         feats, mask = text
-        out = self.components.transformer.forward_latents(
+        # One reference slot at least: the graphs take no zero-size dimension (TensorRT cannot).
+        packed = pack_batch(
             list(latents),
             t.expand(n),
             feats.expand(n, -1, -1),
             mask.expand(n, -1),
             [refs] * n,
+            patch_size=self.spec.patch_size,
+            axes_dim=self.spec.axes_dim_rope,
+            min_ref_slots=1,
         )
-        return torch.stack(out)
+        velocity = self.backend.transformer(packed.as_inputs())
+        return torch.stack(unpack_output(velocity, packed.latent_sizes, self.spec.patch_size))
 
 
 def _lap(timings: dict[str, float], stage: str, since: float) -> float:
