@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from serving.model.checkpoint import copy_processor
 from serving.model.config import TransformerConfig
 from serving.model.transformer import WEIGHTS_FILE, OmniGen2Transformer
 
@@ -232,7 +232,7 @@ def make_checkpoint(
     mllm = cast(Any, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(MLLMS[size]))))
     mllm.to(dtype).save_pretrained(out / "mllm")
 
-    shutil.copytree(processor, out / "processor", dirs_exist_ok=True)
+    copy_processor(processor, out / "processor")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))

@@ -9,6 +9,7 @@ tokenizer and chat template.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,14 @@ def check_layout(checkpoint: Path) -> None:
     for relative in REQUIRED_FILES:
         if not (checkpoint / relative).is_file():
             raise CheckpointError(str(checkpoint / relative), "file not found (official OmniGen2 layout expected)")
+
+
+def copy_processor(source: Path, target: Path) -> None:
+    """Copy `processor/` files by content only: the source may be read-only test data."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, target / path.name)
 
 
 @dataclass

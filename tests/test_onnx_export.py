@@ -1,0 +1,138 @@
+"""ONNX export: every graph against its PyTorch module, and the golden pipeline through ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import export_onnx
+from serving.errors import CheckpointError
+from serving.model.checkpoint import load_checkpoint
+from serving.pipeline.eager import OmniGen2Pipeline
+from serving.pipeline.packing import pack_batch, unpack_output
+from serving.pipeline.prompts import PromptTokenizer
+from serving.runtime.onnx_backend import MANIFEST, OnnxBackend
+from serving.runtime.torch_backend import TorchBackend
+from tests.golden import relative_error, request_from_case, transformer_case_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+GRAPH_TOLERANCE = 1e-4
+LATENT_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def ort_backend(exported: Path) -> OnnxBackend:
+    return OnnxBackend(exported, threads=2)
+
+
+@pytest.fixture(scope="module")
+def torch_backend(tiny_checkpoint: Path) -> TorchBackend:
+    return TorchBackend(load_checkpoint(tiny_checkpoint))
+
+
+def test_text_encoder_matches_on_mixed_lengths(
+    ort_backend: OnnxBackend, torch_backend: TorchBackend, tiny_checkpoint: Path
+) -> None:
+    tokenizer = PromptTokenizer.from_dir(tiny_checkpoint / "processor")
+    ids, mask = tokenizer(["a", "The sun rises slightly over the garden, a high quality photo.", ""])
+    ours, theirs = ort_backend.encode_text(ids, mask), torch_backend.encode_text(ids, mask)
+    valid = mask.bool()
+    assert relative_error(ours[valid], theirs[valid]) <= GRAPH_TOLERANCE
+    single_ids, single_mask = tokenizer(["a"])  # batch 1: an axis exported from an example of 2
+    assert relative_error(ort_backend.encode_text(single_ids, single_mask), theirs[:1, : single_ids.shape[1]]) <= (
+        GRAPH_TOLERANCE
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (3, 3, 32, 112)])
+def test_vae_graphs_match(ort_backend: OnnxBackend, torch_backend: TorchBackend, shape: tuple[int, ...]) -> None:
+    image = torch.rand(*shape) * 2 - 1
+    latents = torch_backend.encode_image(image)
+    assert relative_error(ort_backend.encode_image(image), latents) <= GRAPH_TOLERANCE
+    assert relative_error(ort_backend.decode(latents), torch_backend.decode(latents)) <= GRAPH_TOLERANCE
+
+
+def test_transformer_matches_golden_cases(ort_backend: OnnxBackend, cases: dict[str, Any], golden: Path) -> None:
+    spec = ort_backend.spec
+    for case in cases["transformer_cases"]:
+        inputs = transformer_case_inputs(case, golden)
+        packed = pack_batch(
+            inputs["latents"],
+            inputs["timestep"],
+            inputs["text_feats"],
+            inputs["text_mask"],
+            inputs["refs"],
+            patch_size=spec.patch_size,
+            axes_dim=spec.axes_dim_rope,
+            min_ref_slots=1,
+        )
+        outputs = unpack_output(ort_backend.transformer(packed.as_inputs()), packed.latent_sizes, spec.patch_size)
+        for b, expected in enumerate(inputs["expected"]):
+            assert relative_error(outputs[b], expected) <= GRAPH_TOLERANCE, f"{case['name']}[{b}]"
+
+
+def test_transformer_matches_torch_on_a_mixed_batch(ort_backend: OnnxBackend, torch_backend: TorchBackend) -> None:
+    """Three samples: different text lengths, image sizes and reference counts (0, 2, 3) in one call."""
+    torch.manual_seed(3)
+    c = 16
+    packed = pack_batch(
+        [torch.randn(c, 8, 8), torch.randn(c, 4, 12), torch.randn(c, 6, 6)],
+        torch.tensor([0.0, 0.5, 0.95]),
+        torch.randn(3, 13, 64),
+        torch.tensor([[1] * 13, [1] * 4 + [0] * 9, [1] * 8 + [0] * 5]),
+        [None, [torch.randn(c, 4, 4), torch.randn(c, 10, 6)], [torch.randn(c, 2, 2)] * 3],
+        patch_size=2,
+        axes_dim=ort_backend.spec.axes_dim_rope,
+    )
+    ours = ort_backend.transformer(packed.as_inputs())
+    theirs = torch_backend.transformer(packed.as_inputs())
+    valid = packed.img_mask
+    assert relative_error(ours[valid], theirs[valid]) <= GRAPH_TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"])
+def test_golden_pipeline_through_onnx_runtime(exported: Path, cases: dict[str, Any], golden: Path, name: str) -> None:
+    case = next(c for c in cases["pipeline_cases"] if c["name"] == name)
+    result = OmniGen2Pipeline.from_onnx(exported, threads=2)(request_from_case(case, golden))
+    assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= LATENT_TOLERANCE
+    assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= 2e-3
+
+
+def test_manifest_records_the_contract_and_a_rerun_is_a_no_op(exported: Path, tiny_checkpoint: Path) -> None:
+    manifest = json.loads((exported / MANIFEST).read_text())
+    assert manifest["settings"]["opset"] == 20
+    assert len(manifest["checkpoint_sha256"]) == 64
+    transformer = {i["name"]: i for i in manifest["graphs"]["transformer"]["inputs"]}
+    assert transformer["ref_tokens"]["shape"] == ["batch", "ref_slots", "ref_len", 64]
+    assert transformer["img_mask"]["dtype"] == "bool"
+    before = {p.name: p.stat().st_mtime_ns for p in exported.glob("*.onnx")}
+    export_onnx(tiny_checkpoint, exported)
+    assert {p.name: p.stat().st_mtime_ns for p in exported.glob("*.onnx")} == before
+
+
+def test_tensor_contract_doc_lists_every_exported_tensor(exported: Path) -> None:
+    """docs/tensor_contract.md is the users' reference: it must name every input/output with its dtype."""
+    doc = (REPO / "docs" / "tensor_contract.md").read_text()
+    rows = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", doc, flags=re.M))
+    manifest = json.loads((exported / MANIFEST).read_text())
+    for graph, contract in manifest["graphs"].items():
+        for tensor in contract["inputs"] + contract["outputs"]:
+            assert (graph, tensor["name"], tensor["dtype"]) in rows, f"{graph}.{tensor['name']} missing from the doc"
+
+
+def test_bad_checkpoint_is_named(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError) as err:
+        export_onnx(tmp_path, tmp_path / "out")
+    assert err.value.path.endswith("transformer/config.json")
