@@ -32,12 +32,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) bool key mask -> additive (B, 1, 1, L) bias.
+# Added to the scores of padded keys. exp(-1e4) underflows to exactly 0 in fp32, bf16 and fp16, so valid rows
+# match the reference; unlike -inf (or float32's minimum, which is -inf in fp16) an all-padding row (an empty
+# reference slot) stays finite, so no NaN can reach valid rows through a 0 * NaN product.
+MASK_BIAS = -1e4
 
-    A finite minimum instead of -inf keeps fully padded rows (empty reference slots) finite rather than NaN.
-    """
-    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool key mask -> additive (B, 1, 1, L) bias."""
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, MASK_BIAS)
     return bias[:, None, None, :]
 
 
