@@ -210,6 +210,12 @@ def export_onnx(checkpoint: Path, out: Path, opset: int = OPSET, slim: bool = Tr
     return out
 
 
+def cached_export(checkpoint: Path, cache_root: Path) -> Path:
+    """Export into `cache_root/<checkpoint hash prefix>`, reusing an up-to-date export there."""
+    check_layout(checkpoint)
+    return export_onnx(checkpoint, cache_root / checkpoint_hash(checkpoint)[:16])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint in the official layout")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from export.onnx_export import cached_export
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.eager import OmniGen2Pipeline
 
@@ -31,6 +32,17 @@ def cases(golden: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(golden: Path) -> Path:
     return golden / "tiny-omnigen2"
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX export of the golden checkpoint per test session (it takes about 30 s on 2 cores)."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(onnx_cache: Path, tiny_checkpoint: Path) -> Path:
+    return cached_export(tiny_checkpoint, onnx_cache)
 
 
 @pytest.fixture(scope="session")

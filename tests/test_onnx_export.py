@@ -27,8 +27,8 @@ LATENT_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny")
+def exported(tiny_onnx: Path) -> Path:
+    return tiny_onnx
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,200 @@
+"""Start, watch and stop the embedded `tritonserver` (from the nvidia-pytriton wheel) on loopback.
+
+    python -m serving.triton.launcher --model-repository model_repository
+
+The wheel ships the server binary, its libraries, the Python backend and one backend stub per Python version.
+Triton wants the stub next to `libtriton_python.so`, so the launcher assembles a backend folder of its own
+(links only, under the build directory) for the running interpreter, and never writes into site-packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import tritonclient.grpc as triton_grpc
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+    @classmethod
+    def find(cls) -> TritonInstall:
+        import pytriton
+
+        root = Path(pytriton.__file__).resolve().parent
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        install = cls(
+            binary=root / "tritonserver" / "bin" / "tritonserver",
+            libs=root.parent / "nvidia_pytriton.libs",
+            python_backend=root / "tritonserver" / "backends" / "python",
+            stub=root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+        )
+        for path in (install.binary, install.python_backend, install.stub):
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: not found; is nvidia-pytriton installed for Python {version}?")
+        return install
+
+    def backend_directory(self, build_dir: Path) -> Path:
+        """A backends/ folder whose python/ holds links to the backend files and this Python's stub."""
+        python_dir = build_dir / "triton-backends" / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for source in [*self.python_backend.iterdir(), self.stub]:
+            link = python_dir / source.name
+            if link.is_symlink() or link.exists():
+                if link.resolve() == source.resolve():
+                    continue
+                link.unlink()
+            link.symlink_to(source)
+        return python_dir.parent
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port())
+
+
+class TritonServer:
+    """One `tritonserver` process bound to loopback; a context manager that always stops it."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: Ports | None = None,
+        build_dir: Path = Path("build"),
+        log_path: Path | None = None,
+    ) -> None:
+        self.model_repository = model_repository.resolve()
+        self.ports = ports or Ports.free()
+        self.build_dir = build_dir
+        self.log_path = log_path or build_dir / "tritonserver.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.ports.grpc}"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        return [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backend_directory(self.build_dir)}",
+            f"--http-address={LOOPBACK}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-address={LOOPBACK}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={LOOPBACK}",
+            f"--metrics-port={self.ports.metrics}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ]
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        install = TritonInstall.find()
+        env = dict(os.environ)
+        # The Python-backend stubs import this venv's packages; the server needs the wheel's libraries.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(install.libs)) if p)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(install), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if client.is_server_ready():
+                    return
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL the process group if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--build-dir", type=Path, default=Path("build"))
+    args = parser.parse_args(argv)
+    server = TritonServer(
+        args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port), build_dir=args.build_dir
+    )
+    server.start()
+    print(f"tritonserver ready: gRPC {server.grpc_url}, log {server.log_path}", flush=True)
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        while not stopping and server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

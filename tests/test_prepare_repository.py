@@ -1,0 +1,58 @@
+"""The generated Triton model repository: files, configs, and no-op reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.prepare_repository import prepare_repository
+from serving.errors import CheckpointError
+from serving.runtime.onnx_backend import GRAPH_NAMES
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path) -> Path:
+    return prepare_repository(tiny_checkpoint, tmp_path_factory.mktemp("repo") / "r", onnx_cache=tiny_onnx.parent)
+
+
+def _config(repository: Path, name: str) -> mc.ModelConfig:
+    return text_format.Parse((repository / name / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_every_component_has_config_and_artifacts(repository: Path) -> None:
+    for name in GRAPH_NAMES:
+        config = _config(repository, name)
+        assert config.name == name and config.backend == "python" and config.max_batch_size > 0
+        assert config.HasField("dynamic_batching")
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert (repository / name / "1" / config.parameters["onnx_file"].string_value).is_file()
+        assert "serving.triton.onnx_model" in (repository / name / "1" / "model.py").read_text()
+
+
+def test_transformer_config_follows_the_contract(repository: Path) -> None:
+    config = _config(repository, "transformer")
+    inputs = {i.name: i for i in config.input}
+    names = "img_tokens img_mask timestep text_feats text_mask ref_tokens ref_mask rope_cos rope_sin"
+    assert list(inputs) == names.split()
+    assert inputs["img_mask"].data_type == mc.TYPE_BOOL
+    assert list(inputs["ref_tokens"].dims) == [-1, -1, 64]
+    assert list(inputs["timestep"].dims) == [1] and inputs["timestep"].HasField("reshape")
+    assert [o.name for o in config.output] == ["velocity"]
+
+
+def test_second_run_is_a_no_op(repository: Path, tiny_checkpoint: Path, tiny_onnx: Path) -> None:
+    files = {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()}
+    prepare_repository(tiny_checkpoint, repository, onnx_cache=tiny_onnx.parent)
+    assert {p: p.stat().st_mtime_ns for p in repository.rglob("*") if p.is_file()} == files
+    assert json.loads((repository / "repository.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_bad_inputs_are_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(CheckpointError):
+        prepare_repository(tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(ValueError, match="backend"):
+        prepare_repository(tiny_checkpoint, tmp_path / "out", backend="tflite")
