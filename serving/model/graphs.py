@@ -65,11 +65,8 @@ class VaeDecoderGraph(nn.Module):
         self.shift = float(vae.config.shift_factor)
         self.scale = float(vae.config.scaling_factor)
 
-    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.scale + self.shift
-
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = self.unscale(latents)
+        z = latents / self.scale + self.shift
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -14,22 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.pipeline.guidance import Branch, combine, step_guidance
+from serving.pipeline.denoise import Denoiser, pack_samples
 from serving.pipeline.images import generation_size, postprocess, preprocess_image
-from serving.pipeline.packing import pack_batch, unpack_output
+from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits
-from serving.pipeline.schedulers import SchedulerKind, dpm_solver_step, euler_step, timesteps
-from serving.runtime.base import ComponentBackend, ModelSpec
+from serving.runtime.base import ComponentBackend
 
 ProgressCallback = Callable[[int, int], None]
-
-
-def initial_noise(seed: int, count: int, height: int, width: int, spec: ModelSpec) -> torch.Tensor:
-    """The reference's CPU noise: the same seed gives the same image as the official pipeline."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (count, spec.latent_channels, height // spec.vae_scale, width // spec.vae_scale)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 @dataclass
@@ -71,15 +63,10 @@ class OmniGen2Pipeline:
         spec, backend = self.spec, self.backend
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        n = request.num_images_per_prompt
 
-        prompts = [request.prompt]
+        texts = {"prompt": self.encode_prompt(request.prompt)}
         if request.text_guidance_scale > 1.0:
-            prompts.append(request.negative_prompt)
-        encoded = []
-        for prompt in prompts:
-            ids, mask = self.tokenizer([prompt])
-            encoded.append((backend.encode_text(ids, mask), mask))
+            texts["negative"] = self.encode_prompt(request.negative_prompt)
         clock = _lap(timings, "text_encode", clock)
 
         ref_latents = [
@@ -91,62 +78,32 @@ class OmniGen2Pipeline:
         clock = _lap(timings, "vae_encode", clock)
 
         ref_sizes = [(r.shape[1] * spec.vae_scale, r.shape[2] * spec.vae_scale) for r in ref_latents]
-        (gen_h, gen_w), (out_h, out_w) = generation_size(request.width, request.height, request.max_pixels, ref_sizes)
-        latents = initial_noise(request.seed, n, gen_h, gen_w, spec)
-        grid = timesteps(request.steps, latents.shape[-2], latents.shape[-1])
-
-        branch_inputs = {
-            Branch.COND: (encoded[0], ref_latents or None),
-            Branch.REF: (encoded[-1], ref_latents or None),
-            Branch.UNCOND: (encoded[-1], None),
-        }
-        previous_x0: torch.Tensor | None = None
-        for i in range(request.steps):
-            guidance = step_guidance(
-                i,
-                request.steps,
-                request.text_guidance_scale,
-                request.image_guidance_scale,
-                request.cfg_range,
-                has_refs=bool(ref_latents),
-            )
-            preds = {branch: self._velocity(latents, grid[i], *branch_inputs[branch]) for branch in guidance.branches}
-            velocity = combine(guidance, preds)
-            if request.scheduler == SchedulerKind.DPMSOLVER.value:
-                latents, previous_x0 = dpm_solver_step(latents, velocity, grid, i, previous_x0)
-            else:
-                latents = euler_step(latents, velocity, grid, i)
+        gen_size, (out_h, out_w) = generation_size(request.width, request.height, request.max_pixels, ref_sizes)
+        denoiser = Denoiser(request, texts, ref_latents, gen_size, spec)
+        while not denoiser.done:
+            samples = denoiser.samples()
+            velocities: list[torch.Tensor] = []
+            # Like the reference: one transformer call per CFG branch (the served stack batches them all).
+            for branch in dict.fromkeys(s.branch for s in samples):
+                packed = pack_samples([s for s in samples if s.branch == branch], spec)
+                velocities += unpack_output(
+                    backend.transformer(packed.as_inputs()), packed.latent_sizes, spec.patch_size
+                )
+            denoiser.advance(velocities)
             if progress is not None:
-                progress(i + 1, request.steps)
+                progress(denoiser.step, request.steps)
         clock = _lap(timings, "denoise", clock)
 
-        images = postprocess(backend.decode(latents), out_h, out_w)
+        images = postprocess(backend.decode(denoiser.latents), out_h, out_w)
         _lap(timings, "vae_decode", clock)
-        unscaled = latents / spec.vae_scaling_factor + spec.vae_shift_factor
-        return GenerationResult(images=images, latents=unscaled, seed=request.seed, timings=timings)
-
-    def _velocity(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        text: tuple[torch.Tensor, torch.Tensor],
-        refs: list[torch.Tensor] | None,
-    ) -> torch.Tensor:
-        n = latents.shape[0]
-        feats, mask = text
-        # One reference slot at least: the graphs take no zero-size dimension (TensorRT cannot).
-        packed = pack_batch(
-            list(latents),
-            t.expand(n),
-            feats.expand(n, -1, -1),
-            mask.expand(n, -1),
-            [refs] * n,
-            patch_size=self.spec.patch_size,
-            axes_dim=self.spec.axes_dim_rope,
-            min_ref_slots=1,
+        return GenerationResult(
+            images=images, latents=spec.unscale(denoiser.latents), seed=request.seed, timings=timings
         )
-        velocity = self.backend.transformer(packed.as_inputs())
-        return torch.stack(unpack_output(velocity, packed.latent_sizes, self.spec.patch_size))
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Unpadded (L, D) features of one templated prompt."""
+        ids, mask = self.tokenizer([prompt])
+        return self.backend.encode_text(ids, mask)[0, : int(mask.sum())]
 
 
 def _lap(timings: dict[str, float], stage: str, since: float) -> float:

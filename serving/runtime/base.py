@@ -20,6 +20,10 @@ class ModelSpec:
     latent_channels: int = 16
     vae_scale: int = 8  # pixels per latent cell
 
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> the VAE's own latent space (what its decoder takes)."""
+        return latents / self.vae_scaling_factor + self.vae_shift_factor
+
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "axes_dim_rope": list(self.axes_dim_rope)}
 
