@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.pipeline.guidance import Branch, StepGuidance, combine, step_guidance
+from serving.pipeline.images import generation_size
 from serving.pipeline.packing import PackedBatch, pack_batch
 from serving.pipeline.request import GenerationRequest
 from serving.pipeline.schedulers import SchedulerKind, dpm_solver_step, euler_step, timesteps
@@ -63,6 +64,22 @@ def pack_samples(samples: Sequence[Sample], spec: ModelSpec, text_multiple: int 
     )
 
 
+def prompts_for(request: GenerationRequest) -> dict[str, str]:
+    """The prompts a request needs encoded: the negative one only when text guidance is on."""
+    prompts = {"prompt": request.prompt}
+    if request.text_guidance_scale > 1.0:
+        prompts["negative"] = request.negative_prompt
+    return prompts
+
+
+def plan_sizes(
+    request: GenerationRequest, ref_latents: Sequence[torch.Tensor], spec: ModelSpec
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((gen_height, gen_width), (out_height, out_width)) in pixels, from the request and its references."""
+    ref_sizes = [(r.shape[1] * spec.vae_scale, r.shape[2] * spec.vae_scale) for r in ref_latents]
+    return generation_size(request.width, request.height, request.max_pixels, ref_sizes)
+
+
 class Denoiser:
     """Noise -> final latents for one request; `texts` maps "prompt"/"negative" to unpadded (L, D) features."""
 
@@ -101,7 +118,7 @@ class Denoiser:
     def samples(self) -> list[Sample]:
         """This step's transformer inputs, branch-major: all images of branch 1, then of branch 2, ..."""
         t = self.grid[self.step]
-        out = []
+        out: list[Sample] = []
         for branch in self.guidance().branches:
             text, refs = self._inputs[branch]
             out.extend(Sample(branch, latent, t, text, refs) for latent in self.latents)

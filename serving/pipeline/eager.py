@@ -6,7 +6,6 @@ branches and requests instead, and is measured against this class.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.pipeline.denoise import Denoiser, pack_samples
-from serving.pipeline.images import generation_size, postprocess, preprocess_image
+from serving.pipeline.denoise import Denoiser, pack_samples, plan_sizes, prompts_for
+from serving.pipeline.images import postprocess, preprocess_image
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits
+from serving.pipeline.timing import Stopwatch
 from serving.runtime.base import ComponentBackend
 
 ProgressCallback = Callable[[int, int], None]
@@ -61,13 +61,9 @@ class OmniGen2Pipeline:
     def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         request.validate(self.limits)
         spec, backend = self.spec, self.backend
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        texts = {"prompt": self.encode_prompt(request.prompt)}
-        if request.text_guidance_scale > 1.0:
-            texts["negative"] = self.encode_prompt(request.negative_prompt)
-        clock = _lap(timings, "text_encode", clock)
+        watch = Stopwatch()
+        texts = {key: self.encode_prompt(prompt) for key, prompt in prompts_for(request).items()}
+        watch.lap("text_encode")
 
         ref_latents = [
             backend.encode_image(
@@ -75,10 +71,9 @@ class OmniGen2Pipeline:
             )[0]
             for i, img in enumerate(request.images)
         ]
-        clock = _lap(timings, "vae_encode", clock)
+        watch.lap("vae_encode")
 
-        ref_sizes = [(r.shape[1] * spec.vae_scale, r.shape[2] * spec.vae_scale) for r in ref_latents]
-        gen_size, (out_h, out_w) = generation_size(request.width, request.height, request.max_pixels, ref_sizes)
+        gen_size, (out_h, out_w) = plan_sizes(request, ref_latents, spec)
         denoiser = Denoiser(request, texts, ref_latents, gen_size, spec)
         while not denoiser.done:
             samples = denoiser.samples()
@@ -92,21 +87,13 @@ class OmniGen2Pipeline:
             denoiser.advance(velocities)
             if progress is not None:
                 progress(denoiser.step, request.steps)
-        clock = _lap(timings, "denoise", clock)
+        watch.lap("denoise")
 
         images = postprocess(backend.decode(denoiser.latents), out_h, out_w)
-        _lap(timings, "vae_decode", clock)
-        return GenerationResult(
-            images=images, latents=spec.unscale(denoiser.latents), seed=request.seed, timings=timings
-        )
+        watch.lap("vae_decode")
+        return GenerationResult(images, spec.unscale(denoiser.latents), request.seed, watch.timings)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Unpadded (L, D) features of one templated prompt."""
         ids, mask = self.tokenizer([prompt])
         return self.backend.encode_text(ids, mask)[0, : int(mask.sum())]
-
-
-def _lap(timings: dict[str, float], stage: str, since: float) -> float:
-    now = time.perf_counter()
-    timings[stage] = now - since
-    return now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,24 @@ from PIL import Image
 from serving.errors import InvalidArgumentError
 
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
+
+
+def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> RGB image, refusing undecodable data and oversized images before decoding pixels."""
+    if not data:
+        raise InvalidArgumentError(field, "empty image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise InvalidArgumentError(
+                field, f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit for input images"
+            )
+        image.load()  # the first frame of an animation
+    except InvalidArgumentError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:

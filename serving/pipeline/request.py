@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from PIL import Image
 
@@ -24,6 +27,7 @@ class Limits:
     max_images_per_prompt: int = 8
     max_guidance: float = 100.0
     max_prompt_chars: int = 8192
+    max_input_image_pixels: int = 40_000_000  # decoded size of one input image, checked before decoding
 
 
 DEFAULT_LIMITS = Limits()
@@ -82,3 +86,47 @@ class GenerationRequest:
         if not 16 <= self.max_input_image_side_length <= limits.max_side:
             got = self.max_input_image_side_length
             raise InvalidArgumentError("max_input_image_side_length", f"must be in [16, {limits.max_side}], got {got}")
+
+
+_FIELD_TYPES: dict[str, type] = {"prompt": str, "negative_prompt": str, "scheduler": str}
+_INT_FIELDS = {"width", "height", "steps", "seed", "num_images_per_prompt", "max_pixels", "max_input_image_side_length"}
+_FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale"}
+
+
+def random_seed() -> int:
+    return secrets.randbits(63)
+
+
+def request_from_params(params: Mapping[str, Any], images: list[Image.Image] | None = None) -> GenerationRequest:
+    """Build a request from JSON-like parameters (the BLS wire format); absent fields take the defaults.
+
+    A missing or null seed draws a random one, which the response reports.
+    """
+    known = {f.name for f in fields(GenerationRequest)} - {"images"}
+    for name in params:
+        if name not in known:
+            raise InvalidArgumentError(name, "unknown field")
+    values: dict[str, Any] = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name in _INT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(name, f"must be an integer, got {value!r}")
+        elif name in _FLOAT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidArgumentError(name, f"must be a number, got {value!r}")
+            value = float(value)
+        elif name == "cfg_range":
+            if not isinstance(value, list | tuple) or len(value) != 2:
+                raise InvalidArgumentError(name, "must be [start, end]")
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+                raise InvalidArgumentError(name, "must be two numbers")
+            value = (float(value[0]), float(value[1]))
+        elif not isinstance(value, _FIELD_TYPES[name]):
+            raise InvalidArgumentError(name, f"must be a string, got {type(value).__name__}")
+        values[name] = value
+    if "prompt" not in values:
+        raise InvalidArgumentError("prompt", "is required")
+    values.setdefault("seed", random_seed())
+    return GenerationRequest(images=list(images or []), **values)

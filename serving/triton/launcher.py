@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,12 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> TritonServer:
         install = TritonInstall.find()
         env = dict(os.environ)
-        # The Python-backend stubs import this venv's packages; the server needs the wheel's libraries.
+        # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
+        # libpython (not another 3.11 the system may have: its extension modules would not link), and the
+        # server needs the wheel's libraries.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(install.libs)) if p)
+        libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (libpython, env.get("LD_LIBRARY_PATH"), str(install.libs)) if p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
