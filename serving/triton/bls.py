@@ -8,7 +8,8 @@ Wire format (all requests and responses of model `omnigen2`):
            preview  FP32 [n, h, w, 3]  with a progress event when the request asked for previews
            images   FP32 [n, H, W, 3]  final response: images in [0, 1]
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
-Errors come back as Triton errors: INVALID_ARG naming the field, CANCELLED, or INTERNAL.
+Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
+INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
 
 Per request: the prompt and negative prompt are encoded once (features of repeated prompts, the empty
 negative prompt above all, come from a cache), reference images are encoded once, and each step's CFG
@@ -36,6 +37,7 @@ from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_
 from serving.pipeline.timing import Stopwatch
 from serving.runtime.base import ModelSpec
 from serving.triton.step_batcher import StepBatcher
+from serving.triton.wire import WireError
 
 TEXT_CACHE_SIZE = 256
 
@@ -85,21 +87,11 @@ class TritonPythonModel:
             response = await self._generate(request, sender)
             sender.send(response, flags=final)
         except InvalidArgumentError as exc:
-            sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)),
-                flags=final,
-            )
+            sender.send(_error(WireError("INVALID_ARGUMENT", exc.description, exc.field)), flags=final)
         except CancelledByCallerError:
-            sender.send(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("cancelled by the caller", pb_utils.TritonError.CANCELLED)
-                ),
-                flags=final,
-            )
+            sender.send(_error(WireError("CANCELLED", "cancelled by the caller")), flags=final)
         except Exception as exc:  # the caller gets INTERNAL with the reason; the model keeps serving
-            sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")), flags=final
-            )
+            sender.send(_error(WireError("INTERNAL", f"{type(exc).__name__}: {exc}")), flags=final)
 
     def _parse(self, request: Any) -> tuple[GenerationRequest, bool]:
         raw = pb_utils.get_input_tensor_by_name(request, "request")
@@ -192,6 +184,10 @@ class TritonPythonModel:
         inputs["timestep"] = inputs["timestep"][:, None]  # Triton's [batch, 1] for a per-sample scalar
         velocity = await call_component("transformer", inputs, "velocity")
         return unpack_output(torch.from_numpy(velocity), packed.latent_sizes, self.spec.patch_size)
+
+
+def _error(error: WireError) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
 
 
 def _event(payload: dict[str, Any]) -> Any:

@@ -1,0 +1,31 @@
+"""Error messages on the `omnigen2` stream. Triton's stream responses carry only a message, not a status code,
+so the BLS prefixes the code, and callers (the front end, tests) parse it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CODES = ("INVALID_ARGUMENT", "CANCELLED", "RESOURCE_EXHAUSTED", "INTERNAL")
+
+
+@dataclass(frozen=True)
+class WireError:
+    code: str
+    message: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        detail = f"{self.field}: {self.message}" if self.field else self.message
+        return f"{self.code}: {detail}"
+
+    @classmethod
+    def parse(cls, text: str) -> WireError:
+        """Inverse of str(); a message without a known code prefix is INTERNAL."""
+        code, sep, rest = text.partition(": ")
+        if not sep or code not in CODES:
+            return cls("INTERNAL", text)
+        if code == "INVALID_ARGUMENT":
+            field, sep, message = rest.partition(": ")
+            if sep:
+                return cls(code, message, field)
+        return cls(code, rest)
