@@ -43,7 +43,7 @@ def test_server_is_ready_on_loopback_only(server: TritonServer) -> None:
     assert client.is_server_ready()
     assert server.grpc_url.startswith("127.0.0.1:")
     assert {m.name for m in client.get_model_repository_index().models} == {
-        "text_encoder", "vae_encoder", "transformer", "vae_decoder"
+        "text_encoder", "vae_encoder", "transformer", "vae_decoder", "omnigen2"
     }  # fmt: skip
 
 
