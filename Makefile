@@ -5,15 +5,24 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
 
-.PHONY: install test lint typecheck unit serve clean
+.PHONY: install proto test lint typecheck unit serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and by exact version: the CPU build comes from the local disk, not a multi-GB download.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	# The SDK (client/) generates its gRPC stubs from proto/ as it is built; the server imports them too.
+	$(PY) -m pip install --quiet -e ./client -e '.[test]'
 	touch $(STAMP)
+
+STUBS := client/omnigen2/v1/omnigen2_pb2.py
+
+# Regenerate the stubs when proto/ changes (the install above makes them the first time).
+$(STUBS): proto/omnigen2/v1/omnigen2.proto $(STAMP)
+	$(PY) -m omnigen2.stubs
+
+proto: $(STUBS)
 
 install: $(STAMP)
 

@@ -100,8 +100,11 @@ class BlsSettings:
 BLS = BlsSettings()
 
 
-def bls_config(spec: dict[str, Any], settings: BlsSettings = BLS) -> Any:
-    """The decoupled `omnigen2` model; its wire format is documented in serving/triton/bls.py."""
+def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, settings: BlsSettings = BLS) -> Any:
+    """The decoupled `omnigen2` model; its wire format is documented in serving/triton/bls.py.
+
+    `checkpoint_sha256` and `backend` ride along as parameters so the API's GetModelInfo can report them.
+    """
     config = mc.ModelConfig(name=BLS_MODEL, backend="python", max_batch_size=0)
     config.model_transaction_policy.decoupled = True
     config.input.add(name="request", data_type=mc.TYPE_STRING, dims=[1])
@@ -114,13 +117,19 @@ def bls_config(spec: dict[str, Any], settings: BlsSettings = BLS) -> Any:
     config.parameters["spec"].string_value = json.dumps(spec)
     config.parameters["max_samples"].string_value = str(settings.max_samples)
     config.parameters["text_multiple"].string_value = str(settings.text_multiple)
+    config.parameters["checkpoint_sha256"].string_value = checkpoint_sha256
+    config.parameters["backend"].string_value = backend
     return config
+
+
+# Bump when the generated configs change shape, so existing repositories are rebuilt rather than reused.
+LAYOUT_VERSION = 2
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:
     settings = {name: asdict(s) for name, s in COMPONENTS.items()} | {BLS_MODEL: asdict(BLS)}
     material = json.dumps(
-        [checkpoint_sha256, backend, settings, extra, ONNX_MODEL_SHIM, BLS_MODEL_SHIM], sort_keys=True
+        [LAYOUT_VERSION, checkpoint_sha256, backend, settings, extra, ONNX_MODEL_SHIM, BLS_MODEL_SHIM], sort_keys=True
     )
     return hashlib.sha256(material.encode()).hexdigest()
 
@@ -177,7 +186,8 @@ def prepare_repository(
     bls_dir.mkdir(parents=True)
     (bls_dir / "model.py").write_text(BLS_MODEL_SHIM)
     copy_processor(onnx_dir / "processor", bls_dir / "processor")
-    (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(bls_config(onnx_manifest["spec"])))
+    config = bls_config(onnx_manifest["spec"], source_hash, backend)
+    (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
     manifest = {"key": key, "checkpoint_sha256": source_hash, "backend": backend, "spec": onnx_manifest["spec"]}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return out

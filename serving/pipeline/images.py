@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
 
@@ -28,6 +28,8 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         image.load()  # the first frame of an animation
     except InvalidArgumentError:
         raise
+    except UnidentifiedImageError as exc:
+        raise InvalidArgumentError(field, "not a decodable image (unknown or corrupt format)") from exc
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
     return image if image.mode == "RGB" else image.convert("RGB")

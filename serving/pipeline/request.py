@@ -52,40 +52,51 @@ class GenerationRequest:
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidArgumentError naming the first field out of range."""
+        found = self.violations(limits)
+        if found:
+            raise found[0]
+
+    def violations(self, limits: Limits = DEFAULT_LIMITS) -> list[InvalidArgumentError]:
+        """Every field out of its documented range, in field order (the API reports them all at once)."""
+        found: list[InvalidArgumentError] = []
+
+        def bad(name: str, message: str) -> None:
+            found.append(InvalidArgumentError(name, message))
+
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InvalidArgumentError("prompt", "must be a non-empty string")
+            bad("prompt", "must be a non-empty string")
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > limits.max_prompt_chars:
-                raise InvalidArgumentError(name, f"longer than {limits.max_prompt_chars} characters")
+                bad(name, f"longer than {limits.max_prompt_chars} characters")
         if len(self.images) > limits.max_input_images:
-            count = len(self.images)
-            raise InvalidArgumentError("images", f"at most {limits.max_input_images} input images, got {count}")
+            bad("images", f"at most {limits.max_input_images} input images, got {len(self.images)}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= limits.max_side:
-                raise InvalidArgumentError(name, f"must be in [1, {limits.max_side}], got {value}")
+                bad(name, f"must be in [1, {limits.max_side}], got {value}")
         if not 1 <= self.steps <= limits.max_steps:
-            raise InvalidArgumentError("steps", f"must be in [1, {limits.max_steps}], got {self.steps}")
+            bad("steps", f"must be in [1, {limits.max_steps}], got {self.steps}")
         for name in ("text_guidance_scale", "image_guidance_scale"):
             value = getattr(self, name)
             if not math.isfinite(value) or not 0.0 <= value <= limits.max_guidance:
-                raise InvalidArgumentError(name, f"must be a finite number in [0, {limits.max_guidance}], got {value}")
+                bad(name, f"must be a finite number in [0, {limits.max_guidance}], got {value}")
         start, end = self.cfg_range
         if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
-            raise InvalidArgumentError("cfg_range", f"must satisfy 0 <= start <= end <= 1, got {self.cfg_range}")
+            bad("cfg_range", f"must satisfy 0 <= start <= end <= 1, got {self.cfg_range}")
         if self.scheduler not in {k.value for k in SchedulerKind}:
             choices = ", ".join(k.value for k in SchedulerKind)
-            raise InvalidArgumentError("scheduler", f"unknown scheduler {self.scheduler!r}; one of {choices}")
+            bad("scheduler", f"unknown scheduler {self.scheduler!r}; one of {choices}")
         if not 0 <= self.seed < 2**63:
-            raise InvalidArgumentError("seed", "must be in [0, 2^63)")
+            bad("seed", "must be in [0, 2^63)")
         if not 1 <= self.num_images_per_prompt <= limits.max_images_per_prompt:
             bound, got = limits.max_images_per_prompt, self.num_images_per_prompt
-            raise InvalidArgumentError("num_images_per_prompt", f"must be in [1, {bound}], got {got}")
+            bad("num_images_per_prompt", f"must be in [1, {bound}], got {got}")
         if not 16 * 16 <= self.max_pixels <= limits.max_pixels:
-            raise InvalidArgumentError("max_pixels", f"must be in [256, {limits.max_pixels}], got {self.max_pixels}")
+            bad("max_pixels", f"must be in [256, {limits.max_pixels}], got {self.max_pixels}")
         if not 16 <= self.max_input_image_side_length <= limits.max_side:
             got = self.max_input_image_side_length
-            raise InvalidArgumentError("max_input_image_side_length", f"must be in [16, {limits.max_side}], got {got}")
+            bad("max_input_image_side_length", f"must be in [16, {limits.max_side}], got {got}")
+        return found
 
 
 _FIELD_TYPES: dict[str, type] = {"prompt": str, "negative_prompt": str, "scheduler": str}

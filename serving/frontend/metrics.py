@@ -1,0 +1,30 @@
+"""Prometheus metrics of the front end, in a registry of its own (exposed on loopback by default)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "omnigen2_requests", "API calls by method and final status code", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "omnigen2_request_seconds", "API call latency", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.in_flight = Gauge("omnigen2_in_flight_generations", "Admitted generations", registry=self.registry)
+        self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
+        self.step = Histogram(
+            "omnigen2_denoise_step_seconds",
+            "Seconds between consecutive progress events of one generation",
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+
+    def serve(self, address: str, port: int) -> None:
+        start_http_server(port, addr=address, registry=self.registry)

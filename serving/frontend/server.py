@@ -1,0 +1,93 @@
+"""Run the OmniGen2 gRPC front end: `python -m serving.frontend.server --help`.
+
+It serves the OmniGen2 API, gRPC health checking (SERVING while Triton's `omnigen2` model is ready) and
+server reflection on one port, and Prometheus metrics on another; SIGTERM drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from serving.frontend.config import FrontendConfig
+from serving.frontend.health import SERVICE, TritonHealth
+from serving.frontend.metrics import Metrics
+from serving.frontend.service import OmniGen2Service
+from serving.frontend.triton_backend import TritonBackend
+
+log = logging.getLogger("omnigen2.frontend")
+
+
+class Frontend:
+    """The gRPC server and what it owns; start() binds, stop() drains and closes."""
+
+    def __init__(self, config: FrontendConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.backend = TritonBackend(config.triton_url, config.max_response_bytes, config.retry_after_s)
+        self.health = TritonHealth(self.backend, config.health_interval_s)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+                ("grpc.max_send_message_length", config.max_response_bytes),
+            ]
+        )
+        pb_grpc.add_OmniGen2Servicer_to_server(OmniGen2Service(config, self.backend, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
+        self.port = 0
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+        await self.health.refresh()
+        self._watch = asyncio.create_task(self.health.watch())
+        await self.server.start()
+        return self.port
+
+    async def stop(self) -> None:
+        """Health turns NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish."""
+        await self.health.shutdown()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.server.stop(self.config.shutdown_grace_s)
+        await self.backend.close()
+
+
+async def serve(config: FrontendConfig) -> None:
+    frontend = Frontend(config)
+    port = await frontend.start()
+    host = config.listen.rpartition(":")[0]
+    metrics = (
+        f", metrics on http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else ""
+    )
+    log.info("OmniGen2 API on %s:%d (Triton at %s)%s", host, port, config.triton_url, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
+    await frontend.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(FrontendConfig.from_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The OmniGen2 gRPC service: admission, validation, one Triton stream per generation, encoding, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from serving.frontend.config import FrontendConfig
+from serving.frontend.convert import Forward, api_limits, encode_images, request_defaults, tensor, to_forward
+from serving.frontend.metrics import Metrics
+from serving.frontend.status import ApiError, resource_exhausted
+from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
+
+log = logging.getLogger(__name__)
+STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode")
+
+
+class OmniGen2Service(pb_grpc.OmniGen2Servicer):
+    def __init__(self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics) -> None:
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        self.admitted = 0
+        self._model_parameters: dict[str, str] | None = None
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async with self._call("Generate", context):
+            async for event in self._generate(request, context, previews=False):
+                if event.HasField("result"):
+                    return event.result
+        raise AssertionError("unreachable: a generation ends with a result or an error")
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        async with self._call("GenerateStream", context):
+            async for event in self._generate(request, context, previews=request.previews):
+                yield event
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async with self._call("GetModelInfo", context):
+            if self._model_parameters is None:
+                self._model_parameters = await self.backend.model_parameters()
+            return pb.ModelInfo(
+                model="OmniGen2",
+                checkpoint_sha256=self._model_parameters.get("checkpoint_sha256", ""),
+                backend=self._model_parameters.get("backend", ""),
+                limits=api_limits(self.config.limits, self.config.max_request_bytes, self.config.max_in_flight),
+                defaults=request_defaults(),
+                schedulers=[pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER],
+                output_formats=[pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP],
+            )
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Ends every call with a precise status, and counts it."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except ApiError as exc:
+            code = exc.code
+            await context.abort_with_status(exc.status)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, "internal error; the server log has the details")
+        finally:
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        start = time.perf_counter()
+        with self._admission():
+            forward = await asyncio.to_thread(to_forward, request, self.config.limits)
+            forward = dataclasses.replace(forward, previews=previews)
+            last_step = time.perf_counter()
+            events = self.backend.generate(forward, context.time_remaining())
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, ProgressEvent):
+                        now = time.perf_counter()
+                        self.metrics.step.observe(now - last_step)
+                        last_step = now
+                        yield pb.GenerateEvent(progress=await self._progress(event))
+                    elif isinstance(event, ResultEvent):
+                        yield pb.GenerateEvent(result=await self._result(event, forward, start))
+
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[None]:
+        if self.admitted >= self.config.max_in_flight:
+            raise resource_exhausted(
+                f"{self.admitted} generations in flight, the limit is {self.config.max_in_flight}; retry later",
+                self.config.retry_after_s,
+            )
+        self.admitted += 1
+        self.metrics.in_flight.set(self.admitted)
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self.metrics.in_flight.set(self.admitted)
+
+    async def _progress(self, event: ProgressEvent) -> pb.Progress:
+        progress = pb.Progress(step=event.step, total_steps=event.total)
+        if event.preview is not None:
+            (preview,) = await asyncio.to_thread(encode_images, event.preview[:1], "PNG", 100)
+            progress.preview.CopyFrom(preview)
+        return progress
+
+    async def _result(self, event: ResultEvent, forward: Forward, start: float) -> pb.GenerateResponse:
+        images = await asyncio.to_thread(encode_images, event.images, forward.output_format, forward.quality)
+        total = time.perf_counter() - start
+        stages = {name: float(event.timings.get(name, 0.0)) for name in STAGES}
+        timings = pb.StageTimings(total=total, queue=max(0.0, total - sum(stages.values())), **stages)
+        response = pb.GenerateResponse(images=images, seed=event.seed, timings=timings)
+        if forward.return_latents:
+            response.latents.CopyFrom(tensor(event.latents))
+        self.metrics.images.inc(len(images))
+        return response

@@ -1,0 +1,165 @@
+"""The front end's link to Triton: one `omnigen2` BLS stream per generation, readiness and model parameters.
+
+Every failure leaves here as an ApiError with the status the API promises: stream errors carry the BLS's own
+code ("CODE: field: detail", serving/triton/wire.py), and transport failures map to UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferResult
+from tritonclient.utils import InferenceServerException
+
+from serving.frontend.convert import API_FIELD, Forward
+from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
+from serving.triton.wire import WireError
+
+BLS_MODEL = "omnigen2"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int
+    total: int
+    preview: np.ndarray | None  # float NHWC in [0, 1], when asked for
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    seed: int
+    timings: dict[str, float]
+    images: np.ndarray  # float NHWC in [0, 1]
+    latents: np.ndarray
+
+
+Event = ProgressEvent | ResultEvent
+
+
+def _api_field(field: str) -> str:
+    """The BLS names input images `images[i]`; the API calls them `input_images[i].data`."""
+    indexed = re.fullmatch(r"images\[(\d+)\]", field)
+    return f"input_images[{indexed.group(1)}].data" if indexed else API_FIELD.get(field, field)
+
+
+def _stream_error(message: str, retry_after_s: float) -> ApiError:
+    error = WireError.parse(message)
+    if error.code == "INVALID_ARGUMENT":
+        return invalid_argument([(_api_field(error.field or "request"), error.message)])
+    if error.code == "RESOURCE_EXHAUSTED":
+        return resource_exhausted(error.message, retry_after_s)
+    if error.code == "CANCELLED":
+        return plain(grpc.StatusCode.CANCELLED, error.message)
+    return plain(grpc.StatusCode.INTERNAL, f"generation failed: {error.message}")
+
+
+def transport_error(exc: grpc.RpcError | InferenceServerException) -> ApiError:
+    """A failed call to Triton itself (not a model error)."""
+    if isinstance(exc, grpc.RpcError):
+        code, detail = exc.code(), exc.details()
+    else:
+        code, detail = _status_code(exc.status()), exc.message()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return plain(code, "deadline exceeded")
+    if code == grpc.StatusCode.CANCELLED:
+        return plain(code, "cancelled")
+    if code in (grpc.StatusCode.UNAVAILABLE, None):
+        return plain(grpc.StatusCode.UNAVAILABLE, f"inference server unavailable: {detail}")
+    return plain(grpc.StatusCode.INTERNAL, f"inference server error {code.name}: {detail}")
+
+
+def _status_code(text: str | None) -> grpc.StatusCode | None:
+    """tritonclient reports statuses as 'StatusCode.NAME' strings."""
+    name = (text or "").rpartition(".")[2]
+    return grpc.StatusCode[name] if name in grpc.StatusCode.__members__ else None
+
+
+class TritonBackend:
+    def __init__(self, url: str, max_message_bytes: int, retry_after_s: float) -> None:
+        self.url = url
+        self.retry_after_s = retry_after_s
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self.client = triton_aio.InferenceServerClient(url, channel_args=options)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(
+                await self.client.is_server_ready(client_timeout=timeout_s)
+                and await self.client.is_model_ready(BLS_MODEL, client_timeout=timeout_s)
+            )
+        except (InferenceServerException, grpc.RpcError):
+            return False
+
+    async def model_parameters(self) -> dict[str, str]:
+        """The `omnigen2` config's parameters (spec, checkpoint_sha256, backend, ...)."""
+        try:
+            config = await self.client.get_model_config(BLS_MODEL, as_json=True, client_timeout=5.0)
+        except (InferenceServerException, grpc.RpcError) as exc:
+            raise transport_error(exc) from exc
+        parameters = config["config"].get("parameters", {})
+        return {name: value["string_value"] for name, value in parameters.items()}
+
+    async def generate(self, forward: Forward, timeout_s: float | None) -> AsyncGenerator[Event, None]:
+        """Progress events, then one result; the Triton request is cancelled if the caller stops early."""
+        finished = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": BLS_MODEL, "inputs": _inputs(forward)}
+            await finished.wait()  # keep the stream open until the final response: closing it ends the request
+
+        call = self.client.stream_infer(requests(), stream_timeout=timeout_s)
+        completed = False
+        try:
+            async for result, error in call:
+                if error is not None:
+                    completed = True
+                    raise _stream_error(error.message(), self.retry_after_s)
+                event = _event(result)
+                yield event
+                if isinstance(event, ResultEvent):
+                    completed = True
+                    return
+            raise plain(grpc.StatusCode.UNAVAILABLE, "the inference server closed the stream before the result")
+        except grpc.RpcError as exc:
+            raise transport_error(exc) from exc
+        finally:
+            finished.set()
+            if not completed:
+                call.cancel()  # the BLS sees the cancellation and stops within one step
+
+
+def _inputs(forward: Forward) -> list[InferInput]:
+    request = InferInput("request", [1], "BYTES")
+    request.set_data_from_numpy(np.array([forward.request_json()], dtype=np.object_))
+    inputs = [request]
+    if forward.images:
+        images = InferInput("images", [len(forward.images)], "BYTES")
+        images.set_data_from_numpy(np.array(forward.images, dtype=np.object_))
+        inputs.append(images)
+    return inputs
+
+
+def _event(result: InferResult) -> Event:
+    payload = json.loads(result.as_numpy("event")[0])
+    if payload["type"] == "progress":
+        return ProgressEvent(step=payload["step"], total=payload["total"], preview=result.as_numpy("preview"))
+    return ResultEvent(
+        seed=payload["seed"],
+        timings=payload["timings"],
+        images=result.as_numpy("images"),
+        latents=result.as_numpy("latents"),
+    )

@@ -1,0 +1,68 @@
+"""`make serve`: build the model repository for a checkpoint, then run Triton and the API front end on loopback.
+
+    python -m serving.stack [--checkpoint DIR] [--backend onnxruntime|tensorrt] [front-end flags ...]
+
+Front-end flags (see `python -m serving.frontend.server --help`) pass through; Ctrl-C / SIGTERM drains the
+front end, then stops Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from export.prepare_repository import BACKENDS, prepare_repository
+from serving.frontend.config import FrontendConfig
+from serving.frontend.server import serve
+from serving.triton.launcher import Ports, TritonServer
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path(os.environ.get("OMNIGEN2_CHECKPOINT", DEFAULT_CHECKPOINT)),
+        help="checkpoint in the official layout (env OMNIGEN2_CHECKPOINT; default: the golden tiny model)",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--build-dir", type=Path, default=Path("build"))
+    parser.add_argument(
+        "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")
+    )
+    args, frontend_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    repository = prepare_repository(
+        args.checkpoint, args.model_repository, args.backend, onnx_cache=args.build_dir / "onnx"
+    )
+    with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
+        config = dataclasses.replace(FrontendConfig.from_args(frontend_args), triton_url=triton.grpc_url)
+        print(usage(config, triton), flush=True)
+        asyncio.run(serve(config))
+
+
+def usage(config: FrontendConfig, triton: TritonServer) -> str:
+    metrics = f"http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else "off"
+    server = f"--server {config.listen}"
+    return f"""
+OmniGen2 is serving (Ctrl-C stops it):
+  API      {config.listen}  gRPC omnigen2.v1.OmniGen2, with health checking and reflection
+  metrics  {metrics}
+  Triton   {triton.grpc_url}  log: {triton.log_path}
+Try:
+  .venv/bin/omnigen2 {server} info
+  .venv/bin/omnigen2 {server} generate "A red apple on a wooden table" --steps 20 -o apple.png
+  .venv/bin/omnigen2 {server} edit apple.png "Make the apple green" -o green.png
+"""
+
+
+if __name__ == "__main__":
+    main()
