@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args, frontend_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
     repository = prepare_repository(
         args.checkpoint, args.model_repository, args.backend, onnx_cache=args.build_dir / "onnx"

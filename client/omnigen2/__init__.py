@@ -1,0 +1,37 @@
+"""Python SDK for the OmniGen2 serving API: text-to-image, editing and composition over gRPC.
+
+from omnigen2 import OmniGen2Client
+with OmniGen2Client("127.0.0.1:50051") as client:
+    client.generate("A red apple on a table", seed=7).images[0].save("apple.png")
+"""
+
+from omnigen2.client import AsyncOmniGen2Client, OmniGen2Client
+from omnigen2.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    FieldViolation,
+    InternalError,
+    InvalidArgumentError,
+    OmniGen2Error,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Latents, Progress
+
+__all__ = [
+    "AsyncOmniGen2Client",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FieldViolation",
+    "GenerationOptions",
+    "GenerationResult",
+    "ImageInput",
+    "InternalError",
+    "InvalidArgumentError",
+    "Latents",
+    "OmniGen2Client",
+    "OmniGen2Error",
+    "Progress",
+    "ResourceExhaustedError",
+    "UnavailableError",
+]

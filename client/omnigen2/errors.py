@@ -1,0 +1,87 @@
+"""Typed exceptions for every status the OmniGen2 API returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str  # the request field, e.g. "steps" or "input_images[1].data"
+    description: str
+
+
+class OmniGen2Error(Exception):
+    """A call failed; `code` is the gRPC status and `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidArgumentError(OmniGen2Error):
+    """The request broke a documented limit; `violations` names each offending field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: list[FieldViolation]) -> None:
+        super().__init__(code, message)
+        self.violations = violations
+
+
+class ResourceExhaustedError(OmniGen2Error):
+    """The server is at capacity; retry after `retry_after` seconds (None when the server gave no hint)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None) -> None:
+        super().__init__(code, message)
+        self.retry_after = retry_after
+
+
+class UnavailableError(OmniGen2Error):
+    """The server or its inference backend is down; the client already retried with backoff."""
+
+
+class DeadlineExceededError(OmniGen2Error):
+    """The call's timeout passed; the server stopped the work."""
+
+
+class CancelledError(OmniGen2Error):
+    """The call was cancelled; the server stopped the work."""
+
+
+class InternalError(OmniGen2Error):
+    """The server failed; the message says how, and the server log has the details."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[OmniGen2Error]] = {
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.INTERNAL: InternalError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> OmniGen2Error:
+    """The typed exception for a failed call (sync or asyncio), with the google.rpc details decoded."""
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or ""
+    status = rpc_status.from_call(error)
+    details = list(status.details) if status is not None else []
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        violations = []
+        for detail in details:
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(bad_request):
+                violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+        return InvalidArgumentError(code, message, violations)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after = None
+        for detail in details:
+            retry = error_details_pb2.RetryInfo()
+            if detail.Unpack(retry):
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+        return ResourceExhaustedError(code, message, retry_after)
+    return _BY_CODE.get(code, OmniGen2Error)(code, message)

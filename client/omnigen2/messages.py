@@ -1,0 +1,134 @@
+"""What the SDK takes and gives: image inputs, generation options, results and progress events."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Union
+
+from PIL import Image
+
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# A PIL image, a path to an image file, or the encoded bytes of one.
+ImageInput = Union[Image.Image, str, os.PathLike[str], bytes]  # noqa: UP007 (a runtime alias)
+SchedulerName = Literal["euler", "dpmsolver"]
+FormatName = Literal["png", "jpeg", "webp"]
+
+_Enum = TypeVar("_Enum", pb.Scheduler, pb.ImageFormat)
+_SCHEDULERS = {"euler": pb.SCHEDULER_EULER, "dpmsolver": pb.SCHEDULER_DPMSOLVER}
+_FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
+
+
+class GenerationOptions(TypedDict, total=False):
+    """Optional settings of a generation; unset ones take the server's defaults (see `info().defaults`)."""
+
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    text_guidance_scale: float
+    image_guidance_scale: float
+    cfg_range: tuple[float, float]
+    scheduler: SchedulerName
+    seed: int
+    num_images_per_prompt: int
+    max_pixels: int
+    max_input_image_side_length: int
+    output_format: FormatName
+    quality: int
+    return_latents: bool
+
+
+def encode_image(image: ImageInput) -> pb.Image:
+    """Images travel encoded: files and bytes as they are, PIL images as PNG."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return pb.Image(data=buffer.getvalue(), mime_type="image/png")
+    if isinstance(image, bytes):
+        return pb.Image(data=image)
+    return pb.Image(data=Path(image).read_bytes())
+
+
+def build_request(
+    prompt: str, images: list[ImageInput], options: GenerationOptions, previews: bool = False
+) -> pb.GenerateRequest:
+    fields: dict[str, Any] = dict(options)
+    cfg_range = fields.pop("cfg_range", None)
+    scheduler = fields.pop("scheduler", None)
+    output_format = fields.pop("output_format", None)
+    request = pb.GenerateRequest(
+        prompt=prompt, input_images=[encode_image(i) for i in images], previews=previews, **fields
+    )
+    if cfg_range is not None:
+        request.cfg_range.start, request.cfg_range.end = cfg_range
+    if scheduler is not None:
+        request.scheduler = _choice(_SCHEDULERS, scheduler, "scheduler")
+    if output_format is not None:
+        request.output_format = _choice(_FORMATS, output_format, "output_format")
+    return request
+
+
+def _choice(table: Mapping[str, _Enum], value: str, name: str) -> _Enum:
+    if value not in table:
+        raise ValueError(f"{name}: one of {', '.join(table)}, got {value!r}")
+    return table[value]
+
+
+@dataclass(frozen=True)
+class Latents:
+    shape: tuple[int, ...]
+    data: bytes  # float32, little-endian, row-major
+
+    def numpy(self) -> np.ndarray:
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype="<f4").reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int  # pass it back to reproduce the images
+    timings: dict[str, float]  # seconds per stage: queue, text_encode, vae_encode, denoise, vae_decode, total
+    latents: Latents | None = None
+    encoded: list[bytes] = field(default_factory=list, repr=False)  # the images as the server encoded them
+
+    @classmethod
+    def from_proto(cls, response: pb.GenerateResponse) -> GenerationResult:
+        timings = {f.name: getattr(response.timings, f.name) for f in pb.StageTimings.DESCRIPTOR.fields}
+        latents = None
+        if response.HasField("latents"):
+            latents = Latents(tuple(response.latents.shape), response.latents.data)
+        return cls(
+            images=[_decode(image.data) for image in response.images],
+            seed=response.seed,
+            timings=timings,
+            latents=latents,
+            encoded=[image.data for image in response.images],
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # steps done, 1..total
+    total: int
+    preview: Image.Image | None = None
+
+    @classmethod
+    def from_proto(cls, progress: pb.Progress) -> Progress:
+        preview = _decode(progress.preview.data) if progress.HasField("preview") else None
+        return cls(step=progress.step, total=progress.total_steps, preview=preview)
+
+
+def _decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
