@@ -7,7 +7,7 @@ GOLDEN ?= ../shared/golden
 
 .PHONY: install proto test lint typecheck unit serve clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and by exact version: the CPU build comes from the local disk, not a multi-GB download.
@@ -20,7 +20,7 @@ STUBS := client/omnigen2/v1/omnigen2_pb2.py
 
 # Regenerate the stubs when proto/ changes (the install above makes them the first time).
 $(STUBS): proto/omnigen2/v1/omnigen2.proto $(STAMP)
-	$(PY) -m omnigen2.stubs
+	$(PY) client/build_stubs.py
 
 proto: $(STUBS)
 

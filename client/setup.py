@@ -11,7 +11,7 @@ from setuptools.command.build_py import build_py
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from omnigen2.stubs import generate_stubs  # noqa: E402
+from build_stubs import generate_stubs  # noqa: E402
 
 
 class BuildWithStubs(build_py):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import tritonclient.grpc as triton_grpc
 
-from export.prepare_repository import prepare_repository
 from serving.pipeline.packing import pack_batch
 from serving.runtime.onnx_backend import OnnxBackend
 from serving.triton.launcher import TritonServer
@@ -18,16 +15,8 @@ from serving.triton.launcher import TritonServer
 WIRE_TYPES = {"float32": "FP32", "bool": "BOOL", "int64": "INT64"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path) -> Iterator[TritonServer]:
-    work = tmp_path_factory.mktemp("triton")
-    repository = prepare_repository(tiny_checkpoint, work / "model_repository", onnx_cache=tiny_onnx.parent)
-    with TritonServer(repository, build_dir=work) as triton:
-        yield triton
-
-
-def _infer(server: TritonServer, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
-    client = triton_grpc.InferenceServerClient(server.grpc_url)
+def _infer(triton: TritonServer, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
     wire = []
     for name, array in inputs.items():
         tensor = triton_grpc.InferInput(name, list(array.shape), WIRE_TYPES[array.dtype.name])
@@ -38,27 +27,27 @@ def _infer(server: TritonServer, model: str, inputs: dict[str, np.ndarray], outp
     return result
 
 
-def test_server_is_ready_on_loopback_only(server: TritonServer) -> None:
-    client = triton_grpc.InferenceServerClient(server.grpc_url)
+def test_server_is_ready_on_loopback_only(triton: TritonServer) -> None:
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
     assert client.is_server_ready()
-    assert server.grpc_url.startswith("127.0.0.1:")
+    assert triton.grpc_url.startswith("127.0.0.1:")
     assert {m.name for m in client.get_model_repository_index().models} == {
         "text_encoder", "vae_encoder", "transformer", "vae_decoder", "omnigen2"
     }  # fmt: skip
 
 
-def test_components_match_onnx_runtime(server: TritonServer, tiny_onnx: Path) -> None:
+def test_components_match_onnx_runtime(triton: TritonServer, tiny_onnx: Path) -> None:
     backend = OnnxBackend(tiny_onnx, threads=1)
     ids = np.array([[1, 57, 71, 20, 2, 0], [1, 57, 71, 20, 90, 2]], dtype=np.int64)
     mask = (np.arange(6)[None] < np.array([[5], [6]])).astype(np.int64)
-    served = _infer(server, "text_encoder", {"input_ids": ids, "attention_mask": mask}, "text_feats")
+    served = _infer(triton, "text_encoder", {"input_ids": ids, "attention_mask": mask}, "text_feats")
     local = backend.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-6)
 
     image = (np.random.default_rng(0).random((2, 3, 32, 48), dtype=np.float32) * 2 - 1).astype(np.float32)
-    latents = _infer(server, "vae_encoder", {"image": image}, "latents")
+    latents = _infer(triton, "vae_encoder", {"image": image}, "latents")
     np.testing.assert_allclose(latents, backend.encode_image(torch.from_numpy(image)).numpy(), rtol=1e-5, atol=1e-6)
-    decoded = _infer(server, "vae_decoder", {"latents": latents}, "image")
+    decoded = _infer(triton, "vae_decoder", {"latents": latents}, "image")
     np.testing.assert_allclose(decoded, backend.decode(torch.from_numpy(latents)).numpy(), rtol=1e-5, atol=1e-6)
 
     packed = pack_batch(
@@ -73,5 +62,5 @@ def test_components_match_onnx_runtime(server: TritonServer, tiny_onnx: Path) ->
     )
     wire = {k: v.numpy() for k, v in packed.as_inputs().items()}
     wire["timestep"] = wire["timestep"][:, None]  # Triton's spelling of a per-sample scalar: [batch, 1]
-    velocity = _infer(server, "transformer", wire, "velocity")
+    velocity = _infer(triton, "transformer", wire, "velocity")
     np.testing.assert_allclose(velocity, backend.transformer(packed.as_inputs()).numpy(), rtol=1e-5, atol=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from export.prepare_repository import prepare_repository
 from serving.triton.launcher import TritonServer
 from serving.triton.wire import WireError
 from tests.golden import relative_error
@@ -21,28 +19,20 @@ from tests.integration.triton_stream import GenerationStream, case_params
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path) -> Iterator[TritonServer]:
-    work = tmp_path_factory.mktemp("triton-bls")
-    repository = prepare_repository(tiny_checkpoint, work / "model_repository", onnx_cache=tiny_onnx.parent)
-    with TritonServer(repository, build_dir=work) as triton:
-        yield triton
-
-
 def _case(cases: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in cases["pipeline_cases"] if c["name"] == name)
 
 
-def _transformer_executions(server: TritonServer) -> int:
-    stats = triton_grpc.InferenceServerClient(server.grpc_url).get_inference_statistics("transformer")
+def _transformer_executions(triton: TritonServer) -> int:
+    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("transformer")
     return int(stats.model_stats[0].execution_count)
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_golden_case_through_triton(server: TritonServer, cases: dict[str, Any], golden: Path, name: str) -> None:
+def test_golden_case_through_triton(triton: TritonServer, cases: dict[str, Any], golden: Path, name: str) -> None:
     case = _case(cases, name)
     images = [(golden / f).read_bytes() for f in case["images"]]
-    out = GenerationStream(server.grpc_url, case_params(case), images).wait()
+    out = GenerationStream(triton.grpc_url, case_params(case), images).wait()
     assert out.error is None, out.error
     assert [e["type"] for e in out.events] == ["progress"] * case["steps"] + ["result"]
     assert [e["step"] for e in out.events[:-1]] == list(range(1, case["steps"] + 1))
@@ -54,7 +44,7 @@ def test_golden_case_through_triton(server: TritonServer, cases: dict[str, Any],
 
 
 def test_concurrent_requests_share_transformer_executions(
-    server: TritonServer, cases: dict[str, Any], golden: Path
+    triton: TritonServer, cases: dict[str, Any], golden: Path
 ) -> None:
     """Four requests of different shapes at once: each equals its own sequential run, in fewer executions."""
     requests = [
@@ -66,52 +56,52 @@ def test_concurrent_requests_share_transformer_executions(
         ),
         (case_params(_case(cases, "t2i_dpmsolver_cfgrange"), steps=6, prompt="A different, longer prompt here."), []),
     ]
-    sequential = [GenerationStream(server.grpc_url, p, i).wait() for p, i in requests]
-    before = _transformer_executions(server)
-    streams = [GenerationStream(server.grpc_url, p, i) for p, i in requests]
+    sequential = [GenerationStream(triton.grpc_url, p, i).wait() for p, i in requests]
+    before = _transformer_executions(triton)
+    streams = [GenerationStream(triton.grpc_url, p, i) for p, i in requests]
     concurrent = [s.wait() for s in streams]
-    executions = _transformer_executions(server) - before
+    executions = _transformer_executions(triton) - before
     for alone, together in zip(sequential, concurrent, strict=True):
         assert alone.error is None and together.error is None
         assert relative_error(together.latents, alone.latents) <= 1e-4
     assert executions < 4 * 6, f"{executions} transformer executions for 24 request-steps: nothing was shared"
 
 
-def test_cancellation_stops_the_loop_within_a_step(server: TritonServer, cases: dict[str, Any]) -> None:
+def test_cancellation_stops_the_loop_within_a_step(triton: TritonServer, cases: dict[str, Any]) -> None:
     params = case_params(_case(cases, "t2i_euler"), steps=200, width=256, height=256)
-    stream = GenerationStream(server.grpc_url, params)
+    stream = GenerationStream(triton.grpc_url, params)
     assert stream.next_event() is not None  # running
     stream.cancel()
     time.sleep(0.5)  # a step of this size takes milliseconds: the loop must have noticed by now
-    settled = _transformer_executions(server)
+    settled = _transformer_executions(triton)
     time.sleep(1.0)
-    assert _transformer_executions(server) == settled, "the cancelled generation kept running"
-    after = GenerationStream(server.grpc_url, case_params(_case(cases, "t2i_euler"))).wait()
-    assert after.error is None  # its slot was freed: the server keeps serving
+    assert _transformer_executions(triton) == settled, "the cancelled generation kept running"
+    after = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler"))).wait()
+    assert after.error is None  # its slot was freed: the triton keeps serving
 
 
-def test_invalid_request_names_the_field(server: TritonServer, cases: dict[str, Any]) -> None:
+def test_invalid_request_names_the_field(triton: TritonServer, cases: dict[str, Any]) -> None:
     for overrides, field in [({"steps": 0}, "steps"), ({"scheduler": "ddim"}, "scheduler"), ({"colour": 1}, "colour")]:
-        out = GenerationStream(server.grpc_url, case_params(_case(cases, "t2i_euler"), **overrides)).wait()
+        out = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler"), **overrides)).wait()
         assert out.error is not None
         error = WireError.parse(out.error.message())
         assert (error.code, error.field) == ("INVALID_ARGUMENT", field)
-    bad_image = GenerationStream(server.grpc_url, case_params(_case(cases, "t2i_euler")), [b"not an image"]).wait()
+    bad_image = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler")), [b"not an image"]).wait()
     assert bad_image.error is not None
     assert WireError.parse(bad_image.error.message()).field == "images[0]"
 
 
-def test_previews_stream_when_asked(server: TritonServer, cases: dict[str, Any]) -> None:
-    out = GenerationStream(server.grpc_url, case_params(_case(cases, "t2i_euler"), preview=True)).wait()
+def test_previews_stream_when_asked(triton: TritonServer, cases: dict[str, Any]) -> None:
+    out = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler"), preview=True)).wait()
     assert out.error is None and out.previews == _case(cases, "t2i_euler")["steps"]
 
 
-def test_random_seed_is_reported(server: TritonServer, cases: dict[str, Any]) -> None:
+def test_random_seed_is_reported(triton: TritonServer, cases: dict[str, Any]) -> None:
     params = case_params(_case(cases, "t2i_euler"))
     del params["seed"]
     results: list[int] = []
     threads = [
-        threading.Thread(target=lambda: results.append(GenerationStream(server.grpc_url, params).wait().result["seed"]))
+        threading.Thread(target=lambda: results.append(GenerationStream(triton.grpc_url, params).wait().result["seed"]))
         for _ in range(2)
     ]
     for t in threads:

@@ -1,4 +1,7 @@
-"""Build step: protobuf + gRPC stubs with typed .pyi from `proto/` (run by setup.py and `make proto`)."""
+"""Build step: protobuf + gRPC stubs with typed .pyi from `proto/` (run by setup.py and `make proto`).
+
+It lives outside the package: setup.py runs it in a build environment where the SDK's dependencies are absent.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,6 @@ def generate_stubs(proto_root: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parents[2]
-    generate_stubs(root / "proto", root / "client")
+    here = Path(__file__).resolve().parent
+    generate_stubs(here.parent / "proto", here)
     print("stubs written to client/omnigen2/v1/", file=sys.stderr)

@@ -1,0 +1,34 @@
+"""One real `tritonserver` (loopback) with the golden checkpoint's repository, shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from export.prepare_repository import prepare_repository
+from serving.triton.launcher import TritonServer
+from tests.integration.frontend_process import FrontendProcess
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path) -> Path:
+    work = tmp_path_factory.mktemp("model-repository")
+    return prepare_repository(tiny_checkpoint, work / "model_repository", onnx_cache=tiny_onnx.parent)
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[TritonServer]:
+    with TritonServer(model_repository, build_dir=tmp_path_factory.mktemp("triton")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def api(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
+    """The gRPC front end (its own process) on loopback, in front of the shared Triton server."""
+    log = tmp_path_factory.mktemp("frontend") / "frontend.log"
+    with FrontendProcess(triton.grpc_url, log, "--max-in-flight=8") as frontend:
+        frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        yield frontend

@@ -1,0 +1,82 @@
+"""The API front end as its own process (as deployed), pointed at a Triton server, for integration tests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.triton.launcher import LOOPBACK, free_port
+
+
+class FrontendProcess:
+    def __init__(self, triton_url: str, log_path: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = log_path
+        self.command = [
+            sys.executable,
+            "-m",
+            "serving.frontend.server",
+            f"--listen={LOOPBACK}:{self.port}",
+            f"--triton-url={triton_url}",
+            f"--metrics-port={self.metrics_port}",
+            "--health-interval-s=0.2",
+            *flags,
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.address) as channel:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=2.0).status)
+
+    def start(self, timeout: float = 60.0) -> FrontendProcess:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"front end exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                self.health()
+                return self
+            except grpc.RpcError:
+                time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"front end not answering after {timeout:.0f} s:\n{self.log_path.read_text()}")
+
+    def wait_health(self, status: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.health() != status:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> FrontendProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
