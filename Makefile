@@ -1,4 +1,5 @@
 # One virtual environment, two commands: `make serve` and `make test`.
+# make serve SERVE_ARGS='--listen 127.0.0.1:6000 --max-in-flight 4'   (flags of python -m serving.stack)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -38,10 +39,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-serve: $(STAMP)
-	@echo "The served stack (Triton + gRPC front end) is not built yet; see README 'Status'."
-	@echo "Meanwhile the eager pipeline runs in-process: $(PY) -m serving.pipeline.demo --help"
-	@exit 1
+# The tiny golden checkpoint by default; CHECKPOINT=path/to/OmniGen2 serves another in the official layout.
+CHECKPOINT ?= $(GOLDEN)/tiny-omnigen2
+
+serve: $(STAMP) $(STUBS)
+	$(PY) -m serving.stack --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
