@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ SHIM = (
 )
 ONNX_MODEL_SHIM = SHIM.format(module="serving.triton.onnx_model")
 BLS_MODEL_SHIM = SHIM.format(module="serving.triton.bls")
+MLLM_MODEL = "mllm"
+MLLM_MODEL_SHIM = SHIM.format(module="serving.triton.mllm")
 DTYPES = {
     "float32": mc.TYPE_FP32,
     "float16": mc.TYPE_FP16,
@@ -122,15 +125,37 @@ def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, setti
     return config
 
 
+def mllm_config(on_gpu: bool) -> Any:
+    """The decoupled `mllm` model (visual understanding); its wire format is documented in serving/triton/mllm.py."""
+    config = mc.ModelConfig(name=MLLM_MODEL, backend="python", max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    config.input.add(name="request", data_type=mc.TYPE_STRING, dims=[1])
+    config.input.add(name="images", data_type=mc.TYPE_STRING, dims=[-1], optional=True)
+    config.output.add(name="event", data_type=mc.TYPE_STRING, dims=[1])
+    kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=1)
+    return config
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Weights are large: hard-link them where the filesystem allows, copy otherwise."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copyfile(path, target / path.name)
+
+
 # Bump when the generated configs change shape, so existing repositories are rebuilt rather than reused.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:
     settings = {name: asdict(s) for name, s in COMPONENTS.items()} | {BLS_MODEL: asdict(BLS)}
-    material = json.dumps(
-        [LAYOUT_VERSION, checkpoint_sha256, backend, settings, extra, ONNX_MODEL_SHIM, BLS_MODEL_SHIM], sort_keys=True
-    )
+    shims = [ONNX_MODEL_SHIM, BLS_MODEL_SHIM, MLLM_MODEL_SHIM]
+    material = json.dumps([LAYOUT_VERSION, checkpoint_sha256, backend, settings, extra, shims], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -188,6 +213,16 @@ def prepare_repository(
     copy_processor(onnx_dir / "processor", bls_dir / "processor")
     config = bls_config(onnx_manifest["spec"], source_hash, backend)
     (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+    mllm_dir = out / MLLM_MODEL / "1"
+    if mllm_dir.exists():
+        shutil.rmtree(mllm_dir)
+    mllm_dir.mkdir(parents=True)
+    (mllm_dir / "model.py").write_text(MLLM_MODEL_SHIM)
+    link_or_copy(checkpoint / "mllm", mllm_dir / "mllm")
+    copy_processor(checkpoint / "processor", mllm_dir / "processor")
+    config = mllm_config(on_gpu=backend == "tensorrt")
+    (out / MLLM_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
     manifest = {"key": key, "checkpoint_sha256": source_hash, "backend": backend, "spec": onnx_manifest["spec"]}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return out

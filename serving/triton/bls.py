@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from serving.errors import InvalidArgumentError
 from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for
 from serving.pipeline.images import decode_image, postprocess, preprocess_image
 from serving.pipeline.packing import unpack_output
@@ -36,8 +35,8 @@ from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_from_params
 from serving.pipeline.timing import Stopwatch
 from serving.runtime.base import ModelSpec
+from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
-from serving.triton.wire import WireError
 
 TEXT_CACHE_SIZE = 256
 
@@ -59,10 +58,6 @@ async def call_component(model: str, inputs: dict[str, np.ndarray], output: str)
     return result
 
 
-class CancelledByCallerError(Exception):
-    pass
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -82,35 +77,18 @@ class TritonPythonModel:
 
     async def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             response = await self._generate(request, sender)
-            sender.send(response, flags=final)
-        except InvalidArgumentError as exc:
-            sender.send(_error(WireError("INVALID_ARGUMENT", exc.description, exc.field)), flags=final)
-        except CancelledByCallerError:
-            sender.send(_error(WireError("CANCELLED", "cancelled by the caller")), flags=final)
-        except Exception as exc:  # the caller gets INTERNAL with the reason; the model keeps serving
-            sender.send(_error(WireError("INTERNAL", f"{type(exc).__name__}: {exc}")), flags=final)
+        except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
+            response = error_response(exc)
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _parse(self, request: Any) -> tuple[GenerationRequest, bool]:
-        raw = pb_utils.get_input_tensor_by_name(request, "request")
-        if raw is None:
-            raise InvalidArgumentError("request", "missing")
-        try:
-            params = json.loads(raw.as_numpy().reshape(-1)[0])
-        except (ValueError, IndexError) as exc:
-            raise InvalidArgumentError("request", f"not a JSON object ({exc})") from exc
-        if not isinstance(params, dict):
-            raise InvalidArgumentError("request", "not a JSON object")
+        params = request_json(request)
         preview = bool(params.pop("preview", False))
-        encoded = pb_utils.get_input_tensor_by_name(request, "images")
-        blobs = [] if encoded is None else list(encoded.as_numpy().reshape(-1))
-        if len(blobs) > self.limits.max_input_images:
-            raise InvalidArgumentError("images", f"at most {self.limits.max_input_images} input images")
         images = [
-            decode_image(bytes(blob), f"images[{i}]", self.limits.max_input_image_pixels)
-            for i, blob in enumerate(blobs)
+            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels)
+            for i, blob in enumerate(encoded_images(request, self.limits.max_input_images))
         ]
         generation = request_from_params(params, images)
         generation.validate(self.limits)
@@ -141,7 +119,7 @@ class TritonPythonModel:
                 if request.is_cancelled():
                     raise CancelledByCallerError
                 denoiser.advance(await self.batcher.submit(denoiser.samples()))
-                outputs = [_event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
+                outputs = [event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
                 if preview:
                     decoded = await call_component("vae_decoder", {"latents": denoiser.x0.numpy()}, "image")
                     outputs.append(pb_utils.Tensor("preview", postprocess(torch.from_numpy(decoded), *gen_size)))
@@ -156,7 +134,7 @@ class TritonPythonModel:
         result = {"type": "result", "seed": generation.seed, "width": out_w, "height": out_h, "timings": watch.timings}
         return pb_utils.InferenceResponse(
             output_tensors=[
-                _event(result),
+                event(result),
                 pb_utils.Tensor("images", images),
                 pb_utils.Tensor("latents", spec.unscale(denoiser.latents).numpy()),
             ]
@@ -184,11 +162,3 @@ class TritonPythonModel:
         inputs["timestep"] = inputs["timestep"][:, None]  # Triton's [batch, 1] for a per-sample scalar
         velocity = await call_component("transformer", inputs, "velocity")
         return unpack_output(torch.from_numpy(velocity), packed.latent_sizes, self.spec.patch_size)
-
-
-def _error(error: WireError) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-
-
-def _event(payload: dict[str, Any]) -> Any:
-    return pb_utils.Tensor("event", np.array([json.dumps(payload).encode()], dtype=np.object_))

@@ -32,7 +32,7 @@ def test_server_is_ready_on_loopback_only(triton: TritonServer) -> None:
     assert client.is_server_ready()
     assert triton.grpc_url.startswith("127.0.0.1:")
     assert {m.name for m in client.get_model_repository_index().models} == {
-        "text_encoder", "vae_encoder", "transformer", "vae_decoder", "omnigen2"
+        "text_encoder", "vae_encoder", "transformer", "vae_decoder", "omnigen2", "mllm"
     }  # fmt: skip
 
 

@@ -1,0 +1,138 @@
+"""Qwen2.5-VL answering questions about images, streamed piece by piece (transformers' own `generate`).
+
+Used by the Triton `mllm` model, and in-process as the reference. One generation runs at a time per instance:
+`generate` seeds and samples from torch's global generator, so concurrent runs would not be reproducible.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatEncoder, ChatLimits, ChatRequest, StopStrings, TextDeltas
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    token_ids: list[int]  # generated tokens, the end-of-sequence token included when one was produced
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of sequence), "length", "stop_string" or "cancelled"
+
+
+class _TokenQueue(BaseStreamer):
+    """`generate` calls put() with the prompt first, then with each new token."""
+
+    def __init__(self, tokens: queue.Queue[Any]) -> None:
+        self.tokens = tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _Flag(StoppingCriteria):
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool)  # type: ignore[return-value]
+
+
+_DONE = object()
+
+
+class Understander:
+    def __init__(
+        self, model: Qwen2_5_VLForConditionalGeneration, encoder: ChatEncoder, limits: ChatLimits = DEFAULT_CHAT_LIMITS
+    ) -> None:
+        self.model = model.eval()
+        self.encoder = encoder
+        self.limits = limits
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_dirs(
+        cls, mllm_dir: Path, processor_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Understander:
+        # sdpa: PyTorch's fused attention (flash / memory-efficient kernels on GPU), no extra package needed.
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mllm_dir, dtype=dtype, attn_implementation="sdpa")
+        model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() unbound
+        return cls(model, ChatEncoder.from_dir(processor_dir))
+
+    def generate_kwargs(self, request: ChatRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": not request.greedy}
+        if request.greedy:
+            kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+        else:
+            kwargs |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k or None}
+        return kwargs
+
+    def stream(self, request: ChatRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[str | ChatResult]:
+        """Text pieces as the tokens arrive, then one ChatResult. Raises InvalidArgumentError for bad input."""
+        request.validate(self.limits)
+        inputs = self.encoder.encode(request, self.limits)
+        device = self.model.device
+        tokens: queue.Queue[Any] = queue.Queue()
+        halt = threading.Event()
+
+        def run() -> None:
+            try:
+                with self.lock, torch.inference_mode():
+                    torch.manual_seed(request.seed)
+                    self.model.generate(
+                        **{k: v.to(device) for k, v in inputs.as_kwargs().items()},
+                        streamer=_TokenQueue(tokens),
+                        stopping_criteria=StoppingCriteriaList([_Flag(lambda: halt.is_set() or cancelled())]),
+                        **self.generate_kwargs(request),
+                    )
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                tokens.put(exc)
+            finally:
+                tokens.put(_DONE)
+
+        worker = threading.Thread(target=run, name="mllm-generate", daemon=True)
+        worker.start()
+        deltas, stops, ids = TextDeltas(self.encoder.tokenizer), StopStrings(request.stop), []
+        try:
+            while (item := tokens.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                ids.append(item)
+                piece = stops.feed(deltas.push(item))
+                if piece:
+                    yield piece
+                if stops.stopped:
+                    break
+        finally:
+            halt.set()
+            worker.join()
+        tail = stops.flush()
+        if tail:
+            yield tail
+        if stops.stopped:
+            reason = "stop_string"
+        elif cancelled():
+            reason = "cancelled"
+        elif ids and ids[-1] in self.eos_ids:
+            reason = "stop"
+        else:
+            reason = "length"
+        yield ChatResult(stops.text, ids, int(inputs.input_ids.shape[1]), reason)

@@ -1,0 +1,55 @@
+"""Response helpers shared by the decoupled Python models (`omnigen2`, `mllm`): JSON events and coded errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from serving.errors import InvalidArgumentError
+from serving.triton.wire import WireError
+
+
+def event(payload: dict[str, Any]) -> Any:
+    """The `event` output: one JSON object."""
+    return pb_utils.Tensor("event", np.array([json.dumps(payload).encode()], dtype=np.object_))
+
+
+def error_response(exc: BaseException) -> Any:
+    """A final error response whose message starts with the status code (stream errors carry no code)."""
+    if isinstance(exc, InvalidArgumentError):
+        error = WireError("INVALID_ARGUMENT", exc.description, exc.field)
+    elif isinstance(exc, CancelledByCallerError):
+        error = WireError("CANCELLED", "cancelled by the caller")
+    else:
+        error = WireError("INTERNAL", f"{type(exc).__name__}: {exc}")
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+
+
+def request_json(request: Any) -> dict[str, Any]:
+    """The `request` input: one JSON object, or INVALID_ARGUMENT naming it."""
+    raw = pb_utils.get_input_tensor_by_name(request, "request")
+    if raw is None:
+        raise InvalidArgumentError("request", "missing")
+    try:
+        params = json.loads(raw.as_numpy().reshape(-1)[0])
+    except (ValueError, IndexError) as exc:
+        raise InvalidArgumentError("request", f"not a JSON object ({exc})") from exc
+    if not isinstance(params, dict):
+        raise InvalidArgumentError("request", "not a JSON object")
+    return params
+
+
+def encoded_images(request: Any, limit: int) -> list[bytes]:
+    """The optional `images` input: encoded image files, at most `limit`."""
+    encoded = pb_utils.get_input_tensor_by_name(request, "images")
+    blobs = [] if encoded is None else [bytes(blob) for blob in encoded.as_numpy().reshape(-1)]
+    if len(blobs) > limit:
+        raise InvalidArgumentError("images", f"at most {limit} input images")
+    return blobs
+
+
+class CancelledByCallerError(Exception):
+    pass
