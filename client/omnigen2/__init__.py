@@ -1,4 +1,4 @@
-"""Python SDK for the OmniGen2 serving API: text-to-image, editing and composition over gRPC.
+"""Python SDK for the OmniGen2 serving API: text-to-image, editing, composition and understanding over gRPC.
 
 from omnigen2 import OmniGen2Client
 with OmniGen2Client("127.0.0.1:50051") as client:
@@ -16,11 +16,21 @@ from omnigen2.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Latents, Progress
+from omnigen2.messages import (
+    ChatTurn,
+    GenerationOptions,
+    GenerationResult,
+    ImageInput,
+    Latents,
+    Progress,
+    UnderstandOptions,
+    UnderstandResult,
+)
 
 __all__ = [
     "AsyncOmniGen2Client",
     "CancelledError",
+    "ChatTurn",
     "DeadlineExceededError",
     "FieldViolation",
     "GenerationOptions",
@@ -34,4 +44,6 @@ __all__ = [
     "Progress",
     "ResourceExhaustedError",
     "UnavailableError",
+    "UnderstandOptions",
+    "UnderstandResult",
 ]

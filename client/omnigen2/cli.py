@@ -1,8 +1,9 @@
-"""`omnigen2`: generate, edit and compose images on an OmniGen2 server, with a progress bar.
+"""`omnigen2`: generate, edit and compose images (with a progress bar) and ask about images (streamed).
 
 omnigen2 generate "A red apple on a wooden table" -o apple.png
 omnigen2 edit apple.png "Make the apple green" -o green.png
 omnigen2 compose cat.png sofa.png --prompt "The cat from image 1 sleeping on the sofa of image 2"
+omnigen2 understand apple.png "What colour is the apple?"
 omnigen2 info
 """
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from omnigen2.client import DEFAULT_SERVER, OmniGen2Client
 from omnigen2.errors import InvalidArgumentError, OmniGen2Error
-from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Progress
+from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Progress, UnderstandOptions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     compose.add_argument("--prompt", required=True)
     for command in (generate, edit, compose):
         _generation_flags(command)
+    understand = commands.add_parser("understand", help="answer a question about images, printed as it arrives")
+    understand.add_argument("images", type=Path, nargs="*", help="image files (none: a text-only question)")
+    understand.add_argument("question")
+    understand.add_argument("--max-new-tokens", type=int)
+    understand.add_argument("--temperature", type=float, help="0 (the default): greedy")
+    understand.add_argument("--top-p", type=float)
+    understand.add_argument("--top-k", type=int)
+    understand.add_argument("--seed", type=int)
+    understand.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     commands.add_parser("info", help="the served model, its limits and defaults")
     return parser
 
@@ -103,6 +113,19 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
     return 0
 
 
+def _understand(client: OmniGen2Client, args: argparse.Namespace) -> int:
+    names = set(UnderstandOptions.__annotations__)
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    for item in client.understand_stream(args.question, args.images, **UnderstandOptions(**values)):  # type: ignore[typeddict-item]
+        if isinstance(item, str):
+            print(item, end="", flush=True)
+        else:
+            print()
+            usage = f"{item.prompt_tokens} prompt + {item.completion_tokens} completion tokens"
+            print(f"({item.finish_reason}; {usage}; seed {item.seed}; {item.seconds:.2f}s)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -110,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "info":
                 print(json_format.MessageToJson(client.info()))
                 return 0
+            if args.command == "understand":
+                return _understand(client, args)
             images: list[ImageInput] = [args.image] if args.command == "edit" else getattr(args, "images", [])
             return _generate(client, args.prompt, images, args)
     except InvalidArgumentError as exc:

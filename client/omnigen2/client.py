@@ -9,7 +9,17 @@ from typing import Any, Unpack
 import grpc
 
 from omnigen2.errors import from_rpc_error
-from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Progress, build_request
+from omnigen2.messages import (
+    ChatTurn,
+    GenerationOptions,
+    GenerationResult,
+    ImageInput,
+    Progress,
+    UnderstandOptions,
+    UnderstandResult,
+    build_request,
+    build_understand_request,
+)
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
@@ -43,6 +53,15 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
         ("grpc.enable_retries", 1 if retries > 0 else 0),
         ("grpc.service_config", json.dumps(policy)),
     ]
+
+
+def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
+    result = None
+    for item in stream:
+        if isinstance(item, UnderstandResult):
+            result = item
+    assert result is not None  # a stream ends with its result or raises
+    return result
 
 
 class OmniGen2Client:
@@ -112,6 +131,35 @@ class OmniGen2Client:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()  # a no-op once the stream has ended
+
+    def understand_stream(
+        self,
+        prompt: str | Sequence[ChatTurn],
+        images: Sequence[ImageInput] = (),
+        **options: Unpack[UnderstandOptions],
+    ) -> Iterator[str | UnderstandResult]:
+        """The answer's text pieces as they are generated, then the UnderstandResult.
+
+        `prompt` is a question about `images`, or a whole conversation (ChatTurn list, images inside).
+        Stopping the iteration early cancels the generation on the server.
+        """
+        call = self._stub.Understand(build_understand_request(prompt, images, options), timeout=self.timeout)
+        try:
+            for event in call:
+                yield event.delta if event.HasField("delta") else UnderstandResult.from_proto(event.result)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def understand(
+        self,
+        prompt: str | Sequence[ChatTurn],
+        images: Sequence[ImageInput] = (),
+        **options: Unpack[UnderstandOptions],
+    ) -> UnderstandResult:
+        """The whole answer at once: `client.understand("What is in the picture?", ["cat.png"]).text`."""
+        return _last_result(self.understand_stream(prompt, images, **options))
 
     def info(self) -> pb.ModelInfo:
         """The served model: limits, defaults, schedulers, formats, backend and checkpoint hash."""
@@ -189,6 +237,34 @@ class AsyncOmniGen2Client:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    async def understand_stream(
+        self,
+        prompt: str | Sequence[ChatTurn],
+        images: Sequence[ImageInput] = (),
+        **options: Unpack[UnderstandOptions],
+    ) -> AsyncIterator[str | UnderstandResult]:
+        call = self._stub.Understand(build_understand_request(prompt, images, options), timeout=self.timeout)
+        try:
+            async for event in call:
+                yield event.delta if event.HasField("delta") else UnderstandResult.from_proto(event.result)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def understand(
+        self,
+        prompt: str | Sequence[ChatTurn],
+        images: Sequence[ImageInput] = (),
+        **options: Unpack[UnderstandOptions],
+    ) -> UnderstandResult:
+        result = None
+        async for item in self.understand_stream(prompt, images, **options):
+            if isinstance(item, UnderstandResult):
+                result = item
+        assert result is not None  # a stream ends with its result or raises
+        return result
 
     async def info(self) -> pb.ModelInfo:
         try:

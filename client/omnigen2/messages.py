@@ -1,10 +1,10 @@
-"""What the SDK takes and gives: image inputs, generation options, results and progress events."""
+"""What the SDK takes and gives: image inputs, options, conversations, results and progress events."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Union
@@ -21,7 +21,7 @@ ImageInput = Union[Image.Image, str, os.PathLike[str], bytes]  # noqa: UP007 (a 
 SchedulerName = Literal["euler", "dpmsolver"]
 FormatName = Literal["png", "jpeg", "webp"]
 
-_Enum = TypeVar("_Enum", pb.Scheduler, pb.ImageFormat)
+_Enum = TypeVar("_Enum", pb.Scheduler, pb.ImageFormat, pb.Role)
 _SCHEDULERS = {"euler": pb.SCHEDULER_EULER, "dpmsolver": pb.SCHEDULER_DPMSOLVER}
 _FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
 
@@ -132,3 +132,79 @@ def _decode(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+Role = Literal["user", "assistant", "system"]
+_ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "system": pb.ROLE_SYSTEM}
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP_STRING: "stop_string",
+}
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation. In `content`, a str is text; pass images as PIL images, bytes or Paths."""
+
+    role: Role
+    content: Sequence[str | Image.Image | bytes | os.PathLike[str]]
+
+
+class UnderstandOptions(TypedDict, total=False):
+    """Optional settings of an answer; unset ones take the server's defaults (`info().understand_defaults`)."""
+
+    max_new_tokens: int
+    temperature: float  # 0 (the default): greedy
+    top_p: float
+    top_k: int
+    seed: int
+    stop: list[str]
+    max_pixels: int
+
+
+def build_understand_request(
+    prompt: str | Sequence[ChatTurn], images: Sequence[ImageInput], options: UnderstandOptions
+) -> pb.UnderstandRequest:
+    """A str prompt is one user message: the images first, then the question."""
+    turns = [ChatTurn("user", [*(_as_image(i) for i in images), prompt])] if isinstance(prompt, str) else prompt
+    messages = [
+        pb.ChatMessage(
+            role=_choice(_ROLES, turn.role, "role"),
+            content=[
+                pb.ContentPart(text=part) if isinstance(part, str) else pb.ContentPart(image=encode_image(part))
+                for part in turn.content
+            ],
+        )
+        for turn in turns
+    ]
+    fields: dict[str, Any] = dict(options)
+    return pb.UnderstandRequest(messages=messages, **fields)
+
+
+def _as_image(image: ImageInput) -> Image.Image | bytes | os.PathLike[str]:
+    """Inside a message a str would be text, so image paths given as str become Paths."""
+    return Path(image) if isinstance(image, str) else image
+
+
+@dataclass(frozen=True)
+class UnderstandResult:
+    text: str
+    finish_reason: str  # "stop" (the model ended), "length" (max_new_tokens) or "stop_string"
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    token_ids: list[int]
+    seconds: float
+
+    @classmethod
+    def from_proto(cls, result: pb.UnderstandResult) -> UnderstandResult:
+        return cls(
+            text=result.text,
+            finish_reason=_FINISH.get(result.finish_reason, "unspecified"),
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            seed=result.seed,
+            token_ids=list(result.token_ids),
+            seconds=result.seconds,
+        )

@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 
 MiB = 1024 * 1024
@@ -17,13 +18,14 @@ class FrontendConfig:
     triton_url: str = "127.0.0.1:8001"
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9464  # Prometheus text format on http://metrics_address:metrics_port/metrics; 0 = off
-    max_in_flight: int = 16  # admitted generations at once; beyond it calls get RESOURCE_EXHAUSTED
+    max_in_flight: int = 16  # admitted Generate + Understand calls at once; beyond: RESOURCE_EXHAUSTED
     retry_after_s: float = 1.0  # the RetryInfo delay sent with RESOURCE_EXHAUSTED
     max_request_bytes: int = 64 * MiB  # the largest request message accepted (5 encoded images and a prompt)
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
     shutdown_grace_s: float = 30.0  # in-flight calls get this long to finish on SIGTERM
     limits: Limits = field(default=DEFAULT_LIMITS)
+    chat_limits: ChatLimits = field(default=DEFAULT_CHAT_LIMITS)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> FrontendConfig:
@@ -33,7 +35,7 @@ class FrontendConfig:
         )
         defaults = cls()
         for f in fields(cls):
-            if f.name == "limits":
+            if f.name in ("limits", "chat_limits"):
                 continue
             default = getattr(defaults, f.name)
             kind = type(default)

@@ -1,4 +1,4 @@
-"""API messages <-> the BLS wire format: field validation, defaults, output encoding, model info."""
+"""API messages <-> the Triton models' wire formats: field validation, defaults, output encoding, model info."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import InvalidArgumentError
 from serving.frontend.status import invalid_argument
+from serving.pipeline.chat import ChatLimits, ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.images import decode_image, to_pil
 from serving.pipeline.request import GenerationRequest, Limits, random_seed
 from serving.pipeline.schedulers import SchedulerKind
@@ -171,3 +172,104 @@ def api_limits(limits: Limits, max_request_bytes: int, max_in_flight: int) -> pb
         max_request_bytes=max_request_bytes,
         max_concurrent_requests=max_in_flight,
     )
+
+
+ROLES = {
+    pb.ROLE_UNSPECIFIED: "user",
+    pb.ROLE_USER: "user",
+    pb.ROLE_ASSISTANT: "assistant",
+    pb.ROLE_SYSTEM: "system",
+}
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop_string": pb.FINISH_REASON_STOP_STRING,
+}
+CHAT_DEFAULTS = ChatRequest(messages=[])
+_CHAT_OPTIONAL = ("max_new_tokens", "temperature", "top_p", "top_k", "max_pixels")
+
+
+@dataclass(frozen=True)
+class ChatForward:
+    """One validated Understand request as the `mllm` model takes it."""
+
+    params: dict[str, Any]
+    images: list[bytes]
+
+    @property
+    def seed(self) -> int:
+        return int(self.params["seed"])
+
+    def request_json(self) -> bytes:
+        return json.dumps(self.params).encode()
+
+
+def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatForward:
+    """Validate every field (all violations together); images become indices into the `images` input."""
+    violations: list[tuple[str, str]] = []
+    messages: list[ChatMessage] = []
+    blobs: list[bytes] = []
+    for i, message in enumerate(request.messages):
+        role = ROLES.get(message.role)
+        if role is None:
+            violations.append((f"messages[{i}].role", f"unknown value {message.role}"))
+        parts = []
+        for j, part in enumerate(message.content):
+            kind = part.WhichOneof("part")
+            if kind == "text":
+                parts.append(ChatPart(text=part.text))
+            elif kind == "image":
+                if len(blobs) < limits.max_images:  # beyond the limit: counted, never decoded
+                    field = f"messages[{i}].content[{j}].image.data"
+                    try:
+                        decode_image(part.image.data, field, limits.max_input_image_pixels)
+                    except InvalidArgumentError as exc:
+                        violations.append((exc.field, exc.description))
+                parts.append(ChatPart(image=len(blobs)))
+                blobs.append(part.image.data)
+            else:
+                violations.append((f"messages[{i}].content[{j}]", "empty: set text or image"))
+        messages.append(ChatMessage(role or "user", parts))
+    options = {n: getattr(request, n) if request.HasField(n) else getattr(CHAT_DEFAULTS, n) for n in _CHAT_OPTIONAL}
+    chat = ChatRequest(
+        messages=messages,
+        seed=request.seed if request.HasField("seed") else random_seed(),
+        stop=list(request.stop),
+        **options,
+    )
+    violations += [(e.field, e.description) for e in chat.violations(limits)]
+    if violations:
+        raise invalid_argument(violations)
+    params = {name: getattr(chat, name) for name in (*_CHAT_OPTIONAL, "seed", "stop")}
+    params["messages"] = [
+        {"role": m.role, "content": [{"text": p.text} if p.image is None else {"image": p.image} for p in m.parts]}
+        for m in messages
+    ]
+    return ChatForward(params=params, images=blobs)
+
+
+def chat_result(done: dict[str, Any], seed: int, seconds: float) -> pb.UnderstandResult:
+    return pb.UnderstandResult(
+        text=done["text"],
+        finish_reason=FINISH_REASONS.get(done["finish_reason"], pb.FINISH_REASON_UNSPECIFIED),
+        usage=pb.Usage(prompt_tokens=done["prompt_tokens"], completion_tokens=done["completion_tokens"]),
+        seed=seed,
+        token_ids=done["token_ids"],
+        seconds=seconds,
+    )
+
+
+def understand_limits(limits: ChatLimits) -> pb.UnderstandLimits:
+    return pb.UnderstandLimits(
+        max_messages=limits.max_messages,
+        max_images=limits.max_images,
+        max_text_chars=limits.max_text_chars,
+        max_prompt_tokens=limits.max_prompt_tokens,
+        max_new_tokens=limits.max_new_tokens,
+        max_pixels=limits.max_vision_pixels,
+        max_stop_strings=limits.max_stop_strings,
+    )
+
+
+def understand_defaults() -> pb.UnderstandRequest:
+    return pb.UnderstandRequest(**{name: getattr(CHAT_DEFAULTS, name) for name in _CHAT_OPTIONAL})

@@ -17,7 +17,9 @@ class Metrics:
         self.latency = Histogram(
             "omnigen2_request_seconds", "API call latency", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry
         )
-        self.in_flight = Gauge("omnigen2_in_flight_generations", "Admitted generations", registry=self.registry)
+        self.in_flight = Gauge(
+            "omnigen2_in_flight_requests", "Admitted Generate and Understand calls", registry=self.registry
+        )
         self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
         self.step = Histogram(
             "omnigen2_denoise_step_seconds",

@@ -14,7 +14,18 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend.config import FrontendConfig
-from serving.frontend.convert import Forward, api_limits, encode_images, request_defaults, tensor, to_forward
+from serving.frontend.convert import (
+    Forward,
+    api_limits,
+    chat_result,
+    encode_images,
+    request_defaults,
+    tensor,
+    to_chat_forward,
+    to_forward,
+    understand_defaults,
+    understand_limits,
+)
 from serving.frontend.metrics import Metrics
 from serving.frontend.status import ApiError, resource_exhausted
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
@@ -45,6 +56,22 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             async for event in self._generate(request, context, previews=request.previews):
                 yield event
 
+    async def Understand(
+        self, request: pb.UnderstandRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.UnderstandEvent]:
+        async with self._call("Understand", context):
+            start = time.perf_counter()
+            with self._admission():
+                forward = await asyncio.to_thread(to_chat_forward, request, self.config.chat_limits)
+                events = self.backend.understand(forward, context.time_remaining())
+                async with contextlib.aclosing(events):
+                    async for payload in events:
+                        if payload["type"] == "delta":
+                            yield pb.UnderstandEvent(delta=payload["text"])
+                        else:
+                            seconds = time.perf_counter() - start
+                            yield pb.UnderstandEvent(result=chat_result(payload, forward.seed, seconds))
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async with self._call("GetModelInfo", context):
             if self._model_parameters is None:
@@ -57,6 +84,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                 defaults=request_defaults(),
                 schedulers=[pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER],
                 output_formats=[pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP],
+                understand_limits=understand_limits(self.config.chat_limits),
+                understand_defaults=understand_defaults(),
             )
         raise AssertionError("unreachable")
 
@@ -106,7 +135,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
     def _admission(self) -> Iterator[None]:
         if self.admitted >= self.config.max_in_flight:
             raise resource_exhausted(
-                f"{self.admitted} generations in flight, the limit is {self.config.max_in_flight}; retry later",
+                f"{self.admitted} requests in flight, the limit is {self.config.max_in_flight}; retry later",
                 self.config.retry_after_s,
             )
         self.admitted += 1

@@ -1,4 +1,4 @@
-"""The front end's link to Triton: one `omnigen2` BLS stream per generation, readiness and model parameters.
+"""The front end's link to Triton: one stream per call (`omnigen2` BLS or `mllm`), readiness, model parameters.
 
 Every failure leaves here as an ApiError with the status the API promises: stream errors carry the BLS's own
 code ("CODE: field: detail", serving/triton/wire.py), and transport failures map to UNAVAILABLE.
@@ -7,6 +7,7 @@ code ("CODE: field: detail", serving/triton/wire.py), and transport failures map
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -19,11 +20,13 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
-from serving.frontend.convert import API_FIELD, Forward
+from serving.frontend.convert import API_FIELD, ChatForward, Forward
 from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
 from serving.triton.wire import WireError
 
 BLS_MODEL = "omnigen2"
+MLLM_MODEL = "mllm"
+FINAL_EVENTS = ("result", "done")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class TritonBackend:
             return bool(
                 await self.client.is_server_ready(client_timeout=timeout_s)
                 and await self.client.is_model_ready(BLS_MODEL, client_timeout=timeout_s)
+                and await self.client.is_model_ready(MLLM_MODEL, client_timeout=timeout_s)
             )
         except (InferenceServerException, grpc.RpcError):
             return False
@@ -113,12 +117,15 @@ class TritonBackend:
         parameters = config["config"].get("parameters", {})
         return {name: value["string_value"] for name, value in parameters.items()}
 
-    async def generate(self, forward: Forward, timeout_s: float | None) -> AsyncGenerator[Event, None]:
-        """Progress events, then one result; the Triton request is cancelled if the caller stops early."""
+    async def _stream(
+        self, model: str, request: bytes, images: list[bytes], timeout_s: float | None
+    ) -> AsyncGenerator[tuple[dict[str, Any], InferResult], None]:
+        """(event JSON, response) pairs up to the final event; the Triton request is cancelled if the caller
+        stops early (an exception, a cancelled task, or closing this generator)."""
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": BLS_MODEL, "inputs": _inputs(forward)}
+            yield {"model_name": model, "inputs": _inputs(request, images)}
             await finished.wait()  # keep the stream open until the final response: closing it ends the request
 
         call = self.client.stream_infer(requests(), stream_timeout=timeout_s)
@@ -128,9 +135,9 @@ class TritonBackend:
                 if error is not None:
                     completed = True
                     raise _stream_error(error.message(), self.retry_after_s)
-                event = _event(result)
-                yield event
-                if isinstance(event, ResultEvent):
+                payload = json.loads(result.as_numpy("event")[0])
+                yield payload, result
+                if payload["type"] in FINAL_EVENTS:
                     completed = True
                     return
             raise plain(grpc.StatusCode.UNAVAILABLE, "the inference server closed the stream before the result")
@@ -139,22 +146,35 @@ class TritonBackend:
         finally:
             finished.set()
             if not completed:
-                call.cancel()  # the BLS sees the cancellation and stops within one step
+                call.cancel()  # the model sees the cancellation and stops within one step / token
+
+    async def generate(self, forward: Forward, timeout_s: float | None) -> AsyncGenerator[Event, None]:
+        """Progress events, then one result, from the `omnigen2` BLS."""
+        events = self._stream(BLS_MODEL, forward.request_json(), forward.images, timeout_s)
+        async with contextlib.aclosing(events):
+            async for payload, result in events:
+                yield _generation_event(payload, result)
+
+    async def understand(self, forward: ChatForward, timeout_s: float | None) -> AsyncGenerator[dict[str, Any], None]:
+        """`delta` events, then one `done`, from the `mllm` model."""
+        events = self._stream(MLLM_MODEL, forward.request_json(), forward.images, timeout_s)
+        async with contextlib.aclosing(events):
+            async for payload, _ in events:
+                yield payload
 
 
-def _inputs(forward: Forward) -> list[InferInput]:
-    request = InferInput("request", [1], "BYTES")
-    request.set_data_from_numpy(np.array([forward.request_json()], dtype=np.object_))
-    inputs = [request]
-    if forward.images:
-        images = InferInput("images", [len(forward.images)], "BYTES")
-        images.set_data_from_numpy(np.array(forward.images, dtype=np.object_))
-        inputs.append(images)
+def _inputs(request: bytes, images: list[bytes]) -> list[InferInput]:
+    tensor = InferInput("request", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([request], dtype=np.object_))
+    inputs = [tensor]
+    if images:
+        encoded = InferInput("images", [len(images)], "BYTES")
+        encoded.set_data_from_numpy(np.array(images, dtype=np.object_))
+        inputs.append(encoded)
     return inputs
 
 
-def _event(result: InferResult) -> Event:
-    payload = json.loads(result.as_numpy("event")[0])
+def _generation_event(payload: dict[str, Any], result: InferResult) -> Event:
     if payload["type"] == "progress":
         return ProgressEvent(step=payload["step"], total=payload["total"], preview=result.as_numpy("preview"))
     return ResultEvent(

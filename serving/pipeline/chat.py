@@ -95,8 +95,6 @@ class ChatRequest:
             bad("messages", f"at most {limits.max_text_chars} characters of text in all, got {chars}")
         if len(used) > limits.max_images:
             bad("messages", f"at most {limits.max_images} images, got {len(used)}")
-        if sorted(used) != list(range(len(self.images))):
-            bad("messages", "every image is used exactly once")
         if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             bad("max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
@@ -133,6 +131,9 @@ def chat_request_from_params(params: Mapping[str, Any], images: list[Image.Image
         ]
     except (KeyError, TypeError, AttributeError) as exc:
         raise InvalidArgumentError("messages", f"malformed ({exc})") from exc
+    used = sorted(p.image for m in messages for p in m.parts if p.image is not None)
+    if used != list(range(len(images))):
+        raise InvalidArgumentError("messages", "every image is referenced exactly once")
     options = {
         k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "max_pixels") if k in params
     }
@@ -226,6 +227,13 @@ class TextDeltas:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        """What is still held back at the end (a trailing incomplete character decodes as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
         return after[len(before) :]
 
 

@@ -124,7 +124,8 @@ class Understander:
         finally:
             halt.set()
             worker.join()
-        tail = stops.flush()
+        tail = stops.feed(deltas.flush()) if not stops.stopped else ""
+        tail += stops.flush()
         if tail:
             yield tail
         if stops.stopped:

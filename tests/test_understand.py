@@ -1,0 +1,171 @@
+"""Visual understanding in-process: chat inputs, streaming text, stop strings, and parity with transformers'
+own `generate` on the golden checkpoint (greedy, and sampling with a seed), token for token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from serving.errors import InvalidArgumentError
+from serving.pipeline.chat import (
+    ChatLimits,
+    ChatMessage,
+    ChatPart,
+    ChatRequest,
+    StopStrings,
+    TextDeltas,
+    chat_request_from_params,
+)
+from serving.pipeline.understand import ChatResult, Understander
+
+
+@pytest.fixture(scope="module")
+def understander(tiny_checkpoint: Path) -> Understander:
+    return Understander.from_dirs(tiny_checkpoint / "mllm", tiny_checkpoint / "processor")
+
+
+def _question(golden: Path, text: str = "What is in the picture?", **options: object) -> ChatRequest:
+    images = [Image.open(golden / "edit_one_image_input0.png"), Image.open(golden / "in_context_two_images_input1.png")]
+    messages = [
+        ChatMessage("system", [ChatPart(text="You are terse.")]),
+        ChatMessage("user", [ChatPart(image=0), ChatPart(text="And this one?"), ChatPart(image=1)]),
+        ChatMessage("assistant", [ChatPart(text="Two pictures.")]),
+        ChatMessage("user", [ChatPart(text=text)]),
+    ]
+    return ChatRequest(messages=messages, images=images, **options)  # type: ignore[arg-type]
+
+
+def _reference(checkpoint: Path, request: ChatRequest) -> list[int]:
+    """transformers' own generate on inputs built here from the processor files, without the project's encoder."""
+    processor = checkpoint / "processor"
+    tokenizer = AutoTokenizer.from_pretrained(processor)
+    vision = Qwen2VLImageProcessorPil.from_pretrained(processor)(
+        images=request.images, size={"shortest_edge": 784, "longest_edge": request.max_pixels}, return_tensors="pt"
+    )
+    conversation = [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "image"} if p.image is not None else {"type": "text", "text": p.text} for p in m.parts
+            ],
+        }
+        for m in request.messages
+    ]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    for grid in vision["image_grid_thw"]:  # each image's placeholder becomes one token per 2x2 merged patch
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * (int(grid.prod()) // 4), 1)
+    ids = tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"), return_tensors="pt")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint / "mllm").eval()
+    sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+    torch.manual_seed(request.seed)
+    out = model.generate(
+        **ids,
+        pixel_values=vision["pixel_values"],
+        image_grid_thw=vision["image_grid_thw"],
+        max_new_tokens=request.max_new_tokens,
+        **(sampling if request.temperature > 0 else {"do_sample": False}),
+    )
+    return [int(t) for t in out[0, ids["input_ids"].shape[1] :]]
+
+
+def _run(understander: Understander, request: ChatRequest) -> tuple[list[str], ChatResult]:
+    *pieces, result = list(understander.stream(request))
+    assert isinstance(result, ChatResult) and all(isinstance(p, str) for p in pieces)
+    return pieces, result  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 123}])
+def test_matches_transformers_generate_token_for_token(
+    understander: Understander, tiny_checkpoint: Path, golden: Path, sampling: dict[str, object]
+) -> None:
+    request = _question(golden, max_new_tokens=24, **sampling)
+    pieces, result = _run(understander, request)
+    assert result.token_ids == _reference(tiny_checkpoint, request)
+    assert (
+        "".join(pieces)
+        == result.text
+        == understander.encoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    )
+    assert result.finish_reason in ("stop", "length") and result.prompt_tokens > 20
+
+
+def test_sampling_follows_the_seed(understander: Understander, golden: Path) -> None:
+    runs = [_run(understander, _question(golden, max_new_tokens=16, temperature=1.0, seed=s))[1] for s in (1, 1, 2)]
+    assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids
+
+
+def test_stop_string_ends_the_answer_before_it(understander: Understander, golden: Path) -> None:
+    _, full = _run(understander, _question(golden, max_new_tokens=24, temperature=1.0, seed=9))
+    stop = full.text[6:9]
+    pieces, stopped = _run(understander, _question(golden, max_new_tokens=24, temperature=1.0, seed=9, stop=[stop]))
+    assert stopped.finish_reason == "stop_string" and stopped.text == full.text[: full.text.index(stop)]
+    assert "".join(pieces) == stopped.text and len(stopped.token_ids) < len(full.token_ids)
+
+
+def test_cancellation_stops_generation(understander: Understander, golden: Path) -> None:
+    calls = iter(range(1000))
+    *_, result = understander.stream(_question(golden, max_new_tokens=500), cancelled=lambda: next(calls) >= 3)
+    assert isinstance(result, ChatResult) and result.finish_reason == "cancelled" and len(result.token_ids) < 10
+
+
+def test_text_deltas_concatenate_to_the_decoded_text(tiny_checkpoint: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint / "processor")
+    ids = torch.randint(0, len(tokenizer), (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    deltas = TextDeltas(tokenizer)
+    text = "".join(deltas.push(i) for i in ids) + deltas.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_strings_hold_back_possible_starts() -> None:
+    stops = StopStrings(["END"])
+    assert stops.feed("abcE") == "abc"  # "E" may begin "END"
+    assert stops.feed("x") == "Ex"
+    assert stops.feed("yEN") == "y" and stops.feed("D and more") == "" and stops.stopped
+    assert stops.text == "abcExy"
+
+
+def test_violations_name_the_fields() -> None:
+    limits = ChatLimits(max_images=1, max_new_tokens=100)
+    request = ChatRequest(
+        messages=[
+            ChatMessage("robot", [ChatPart(text="hi")]),
+            ChatMessage("system", [ChatPart(image=0)]),
+            ChatMessage("user", [ChatPart(image=1), ChatPart(), ChatPart(text="?")]),
+        ],
+        max_new_tokens=0,
+        temperature=-1.0,
+        top_p=0.0,
+        stop=[""],
+    )
+    fields = [e.field for e in request.violations(limits)]
+    assert fields == [
+        "messages[0].role",
+        "messages[1].content[0]",
+        "messages[2].content[1]",
+        "messages",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+    ]
+
+
+def test_wire_params_must_reference_each_image_once() -> None:
+    params = {"messages": [{"role": "user", "content": [{"image": 0}, {"image": 0}]}]}
+    with pytest.raises(InvalidArgumentError, match="exactly once"):
+        chat_request_from_params(params, [Image.new("RGB", (32, 32))] * 2)
+    with pytest.raises(InvalidArgumentError) as raised:
+        chat_request_from_params({"messages": [{"content": []}]}, [])
+    assert raised.value.field == "messages"
+    assert 0 <= chat_request_from_params({"messages": []}, []).seed < 2**63
+
+
+def test_prompt_token_limit(understander: Understander, golden: Path) -> None:
+    long = _question(golden, text="word " * 3000, max_new_tokens=1)
+    with pytest.raises(InvalidArgumentError, match="prompt tokens"):
+        list(understander.stream(long))
