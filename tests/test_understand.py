@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import AutoTokenizer
 
 from serving.errors import InvalidArgumentError
 from serving.pipeline.chat import (
@@ -22,6 +21,7 @@ from serving.pipeline.chat import (
     chat_request_from_params,
 )
 from serving.pipeline.understand import ChatResult, Understander
+from tests.understand_reference import transformers_generate
 
 
 @pytest.fixture(scope="module")
@@ -40,39 +40,6 @@ def _question(golden: Path, text: str = "What is in the picture?", **options: ob
     return ChatRequest(messages=messages, images=images, **options)  # type: ignore[arg-type]
 
 
-def _reference(checkpoint: Path, request: ChatRequest) -> list[int]:
-    """transformers' own generate on inputs built here from the processor files, without the project's encoder."""
-    processor = checkpoint / "processor"
-    tokenizer = AutoTokenizer.from_pretrained(processor)
-    vision = Qwen2VLImageProcessorPil.from_pretrained(processor)(
-        images=request.images, size={"shortest_edge": 784, "longest_edge": request.max_pixels}, return_tensors="pt"
-    )
-    conversation = [
-        {
-            "role": m.role,
-            "content": [
-                {"type": "image"} if p.image is not None else {"type": "text", "text": p.text} for p in m.parts
-            ],
-        }
-        for m in request.messages
-    ]
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    for grid in vision["image_grid_thw"]:  # each image's placeholder becomes one token per 2x2 merged patch
-        text = text.replace("<|image_pad|>", "<|placeholder|>" * (int(grid.prod()) // 4), 1)
-    ids = tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"), return_tensors="pt")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint / "mllm").eval()
-    sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
-    torch.manual_seed(request.seed)
-    out = model.generate(
-        **ids,
-        pixel_values=vision["pixel_values"],
-        image_grid_thw=vision["image_grid_thw"],
-        max_new_tokens=request.max_new_tokens,
-        **(sampling if request.temperature > 0 else {"do_sample": False}),
-    )
-    return [int(t) for t in out[0, ids["input_ids"].shape[1] :]]
-
-
 def _run(understander: Understander, request: ChatRequest) -> tuple[list[str], ChatResult]:
     *pieces, result = list(understander.stream(request))
     assert isinstance(result, ChatResult) and all(isinstance(p, str) for p in pieces)
@@ -85,7 +52,7 @@ def test_matches_transformers_generate_token_for_token(
 ) -> None:
     request = _question(golden, max_new_tokens=24, **sampling)
     pieces, result = _run(understander, request)
-    assert result.token_ids == _reference(tiny_checkpoint, request)
+    assert result.token_ids == transformers_generate(tiny_checkpoint, request)
     assert (
         "".join(pieces)
         == result.text
