@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -307,15 +306,3 @@ def test_triton_down_gives_unavailable_and_not_serving(tmp_path: Path) -> None:
         with pytest.raises(UnavailableError):
             client.info()
         assert time.monotonic() - started < 10
-
-
-def test_client_retries_until_the_server_comes_up(tmp_path: Path, triton: TritonServer) -> None:
-    """UNAVAILABLE is retried with backoff: a call made just before the front end starts still succeeds."""
-    api = FrontendProcess(triton.grpc_url, tmp_path / "frontend.log")
-    client = OmniGen2Client(api.address, timeout=60, retries=4)
-    outcome: list[Any] = []
-    thread = threading.Thread(target=lambda: outcome.append(client.info()))
-    thread.start()
-    with api:
-        thread.join(60)
-    assert outcome and outcome[0].model == "OmniGen2"
