@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--server", default=os.environ.get("OMNIGEN2_SERVER", DEFAULT_SERVER), help="host:port")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
+    parser.add_argument("--token", default=os.environ.get("OMNIGEN2_TOKEN"), help="bearer token (env OMNIGEN2_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="TLS, verifying the server against the system's CAs")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=os.environ.get("OMNIGEN2_TLS_CA"), help="TLS, trusting this PEM root certificate"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="text to image")
@@ -129,7 +134,8 @@ def _understand(client: OmniGen2Client, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with OmniGen2Client(args.server, timeout=args.timeout) as client:
+        tls: bool | bytes = Path(args.tls_ca).read_bytes() if args.tls_ca else args.tls
+        with OmniGen2Client(args.server, timeout=args.timeout, token=args.token, tls=tls) as client:
             if args.command == "info":
                 print(json_format.MessageToJson(client.info()))
                 return 0

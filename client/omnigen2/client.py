@@ -55,6 +55,17 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
     ]
 
 
+def _credentials(tls: bool | bytes) -> grpc.ChannelCredentials | None:
+    """tls=True: verify the server against the system's CAs; bytes: against this PEM root certificate."""
+    if tls is False:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
     result = None
     for item in stream:
@@ -65,7 +76,8 @@ def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
 
 
 class OmniGen2Client:
-    """Blocking client. `timeout` (seconds) is the default deadline of each call; None waits forever.
+    """Blocking client. `timeout` (seconds) is the default deadline of each call; None waits forever. `token` is
+    sent as a bearer token; `tls` turns on TLS (True: system CAs; bytes: a PEM root certificate to trust).
 
     >>> client = OmniGen2Client("127.0.0.1:50051")
     >>> client.generate("A red apple on a table", steps=30, seed=7).images[0].save("apple.png")
@@ -77,14 +89,20 @@ class OmniGen2Client:
         *,
         timeout: float | None = 600.0,
         retries: int = 4,
-        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls: bool | bytes = False,
     ) -> None:
         options = channel_options(retries)
+        credentials = _credentials(tls)
         self._channel = (
             grpc.secure_channel(server, credentials, options) if credentials else grpc.insecure_channel(server, options)
         )
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
         self.timeout = timeout
+        self._metadata = _metadata(token)
+
+    def _call_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
 
     def generate(
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
@@ -92,7 +110,7 @@ class OmniGen2Client:
         """Text-to-image, or with `images` any of the image tasks; returns when the images are done."""
         request = build_request(prompt, list(images), options)
         try:
-            response = self._stub.Generate(request, timeout=self.timeout)
+            response = self._stub.Generate(request, **self._call_options())
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return GenerationResult.from_proto(response)
@@ -120,7 +138,7 @@ class OmniGen2Client:
         Stopping the iteration early (break, close()) cancels the generation on the server.
         """
         request = build_request(prompt, list(images), options, previews)
-        call = self._stub.GenerateStream(request, timeout=self.timeout)
+        call = self._stub.GenerateStream(request, **self._call_options())
         try:
             for event in call:
                 if event.HasField("progress"):
@@ -143,7 +161,9 @@ class OmniGen2Client:
         `prompt` is a question about `images`, or a whole conversation (ChatTurn list, images inside).
         Stopping the iteration early cancels the generation on the server.
         """
-        call = self._stub.Understand(build_understand_request(prompt, images, options), timeout=self.timeout)
+        call = self._stub.Understand(
+            build_understand_request(prompt, images, options), timeout=self.timeout, metadata=self._metadata
+        )
         try:
             for event in call:
                 yield event.delta if event.HasField("delta") else UnderstandResult.from_proto(event.result)
@@ -164,7 +184,9 @@ class OmniGen2Client:
     def info(self) -> pb.ModelInfo:
         """The served model: limits, defaults, schedulers, formats, backend and checkpoint hash."""
         try:
-            info: pb.ModelInfo = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+            info: pb.ModelInfo = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return info
@@ -188,9 +210,11 @@ class AsyncOmniGen2Client:
         *,
         timeout: float | None = 600.0,
         retries: int = 4,
-        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls: bool | bytes = False,
     ) -> None:
         options = channel_options(retries)
+        credentials = _credentials(tls)
         self._channel = (
             grpc.aio.secure_channel(server, credentials, options)
             if credentials
@@ -198,13 +222,17 @@ class AsyncOmniGen2Client:
         )
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
         self.timeout = timeout
+        self._metadata = _metadata(token)
+
+    def _call_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
 
     async def generate(
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
     ) -> GenerationResult:
         request = build_request(prompt, list(images), options)
         try:
-            response = await self._stub.Generate(request, timeout=self.timeout)
+            response = await self._stub.Generate(request, **self._call_options())
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return GenerationResult.from_proto(response)
@@ -226,7 +254,7 @@ class AsyncOmniGen2Client:
         **options: Unpack[GenerationOptions],
     ) -> AsyncIterator[Event]:
         request = build_request(prompt, list(images), options, previews)
-        call = self._stub.GenerateStream(request, timeout=self.timeout)
+        call = self._stub.GenerateStream(request, **self._call_options())
         try:
             async for event in call:
                 if event.HasField("progress"):
@@ -244,7 +272,9 @@ class AsyncOmniGen2Client:
         images: Sequence[ImageInput] = (),
         **options: Unpack[UnderstandOptions],
     ) -> AsyncIterator[str | UnderstandResult]:
-        call = self._stub.Understand(build_understand_request(prompt, images, options), timeout=self.timeout)
+        call = self._stub.Understand(
+            build_understand_request(prompt, images, options), timeout=self.timeout, metadata=self._metadata
+        )
         try:
             async for event in call:
                 yield event.delta if event.HasField("delta") else UnderstandResult.from_proto(event.result)
@@ -268,7 +298,9 @@ class AsyncOmniGen2Client:
 
     async def info(self) -> pb.ModelInfo:
         try:
-            info: pb.ModelInfo = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+            info: pb.ModelInfo = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return info

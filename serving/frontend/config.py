@@ -20,10 +20,13 @@ class FrontendConfig:
     metrics_port: int = 9464  # Prometheus text format on http://metrics_address:metrics_port/metrics; 0 = off
     max_in_flight: int = 16  # admitted Generate + Understand calls at once; beyond: RESOURCE_EXHAUSTED
     retry_after_s: float = 1.0  # the RetryInfo delay sent with RESOURCE_EXHAUSTED
-    max_request_bytes: int = 64 * MiB  # the largest request message accepted (5 encoded images and a prompt)
+    max_request_bytes: int = 64 * MiB  # larger requests: INVALID_ARGUMENT naming the largest field
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
     shutdown_grace_s: float = 30.0  # in-flight calls get this long to finish on SIGTERM
+    tls_cert: str = ""  # PEM certificate chain; with tls_key the API port speaks TLS only
+    tls_key: str = ""  # PEM private key
+    auth_tokens: str = ""  # JSON file of token digests, scopes and rate limits (serving/frontend/auth.py); "" = open
     limits: Limits = field(default=DEFAULT_LIMITS)
     chat_limits: ChatLimits = field(default=DEFAULT_CHAT_LIMITS)
 

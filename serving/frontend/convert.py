@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import InvalidArgumentError
@@ -76,7 +78,10 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
     else:
         for i, image in enumerate(request.input_images):
             try:
-                images.append(decode_image(image.data, f"input_images[{i}].data", limits.max_input_image_pixels))
+                field = f"input_images[{i}].data"
+                images.append(
+                    decode_image(image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes)
+                )
             except InvalidArgumentError as exc:
                 violations.append((exc.field, exc.description))
 
@@ -222,7 +227,9 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
                 if len(blobs) < limits.max_images:  # beyond the limit: counted, never decoded
                     field = f"messages[{i}].content[{j}].image.data"
                     try:
-                        decode_image(part.image.data, field, limits.max_input_image_pixels)
+                        decode_image(
+                            part.image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes
+                        )
                     except InvalidArgumentError as exc:
                         violations.append((exc.field, exc.description))
                 parts.append(ChatPart(image=len(blobs)))
@@ -273,3 +280,25 @@ def understand_limits(limits: ChatLimits) -> pb.UnderstandLimits:
 
 def understand_defaults() -> pb.UnderstandRequest:
     return pb.UnderstandRequest(**{name: getattr(CHAT_DEFAULTS, name) for name in _CHAT_OPTIONAL})
+
+
+def check_request_size(request: Message, max_bytes: int) -> None:
+    """A request over the size limit gets INVALID_ARGUMENT naming its largest field (the transport itself refuses
+    messages over twice the limit, with RESOURCE_EXHAUSTED, before reading them)."""
+    size = request.ByteSize()
+    if size > max_bytes:
+        field, largest = max(_field_sizes(request, ""), key=lambda item: item[1])
+        message = f"the request is {size} bytes, the limit is {max_bytes}; its largest field holds {largest}"
+        raise invalid_argument([(field, message)])
+
+
+def _field_sizes(message: Message, prefix: str) -> Iterator[tuple[str, int]]:
+    for descriptor, value in message.ListFields():
+        name = prefix + descriptor.name
+        items = list(enumerate(value)) if descriptor.label == descriptor.LABEL_REPEATED else [(None, value)]
+        for i, item in items:
+            path = name if i is None else f"{name}[{i}]"
+            if descriptor.type == descriptor.TYPE_MESSAGE:
+                yield from _field_sizes(item, f"{path}.")
+            else:
+                yield path, len(item) if isinstance(item, str | bytes) else 8

@@ -10,12 +10,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from serving.frontend import access_log
+from serving.frontend.auth import AuthInterceptor, TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
 from serving.frontend.metrics import Metrics
@@ -33,22 +36,43 @@ class Frontend:
         self.metrics = Metrics()
         self.backend = TritonBackend(config.triton_url, config.max_response_bytes, config.retry_after_s)
         self.health = TritonHealth(self.backend, config.health_interval_s)
+        self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
+        interceptors = [AuthInterceptor(self.tokens, self._denied)] if self.tokens else []
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", config.max_request_bytes),
+                # Up to twice the limit a request is read, then refused naming its largest field; beyond, the
+                # transport refuses it unread (RESOURCE_EXHAUSTED).
+                ("grpc.max_receive_message_length", 2 * config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_response_bytes),
-            ]
+            ],
         )
-        pb_grpc.add_OmniGen2Servicer_to_server(OmniGen2Service(config, self.backend, self.metrics), self.server)
+        service = OmniGen2Service(config, self.backend, self.metrics, self.tokens)
+        pb_grpc.add_OmniGen2Servicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
         self.port = 0
         self._watch: asyncio.Task[None] | None = None
 
+    def _denied(self, method: str, code: grpc.StatusCode) -> None:
+        name = method.rpartition("/")[2]
+        self.metrics.requests.labels(name, code.name).inc()
+        access_log.record(name, "-", "-", code.name, 0.0, None)
+
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.config.listen)
+        config = self.config
+        if config.tls_cert or config.tls_key:
+            key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+            self.port = self.server.add_secure_port(config.listen, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen}")
+            raise OSError(f"cannot listen on {config.listen}")
+        if not config.listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
+            if not config.tls_cert:
+                log.warning("the API listens on %s without TLS: set --tls-cert and --tls-key", config.listen)
+            if not self.tokens:
+                log.warning("the API listens on %s without --auth-tokens: every caller is served", config.listen)
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         await self.health.refresh()

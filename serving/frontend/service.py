@@ -10,14 +10,18 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from serving.frontend import access_log
+from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import (
     Forward,
     api_limits,
     chat_result,
+    check_request_size,
     encode_images,
     request_defaults,
     tensor,
@@ -35,15 +39,18 @@ STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode")
 
 
 class OmniGen2Service(pb_grpc.OmniGen2Servicer):
-    def __init__(self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics) -> None:
+    def __init__(
+        self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics, tokens: TokenRegistry | None = None
+    ) -> None:
         self.config = config
+        self.tokens = tokens
         self.backend = backend
         self.metrics = metrics
         self.admitted = 0
         self._model_parameters: dict[str, str] | None = None
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async with self._call("Generate", context):
+        async with self._call("Generate", context, request):
             async for event in self._generate(request, context, previews=False):
                 if event.HasField("result"):
                     return event.result
@@ -52,16 +59,17 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        async with self._call("GenerateStream", context):
+        async with self._call("GenerateStream", context, request):
             async for event in self._generate(request, context, previews=request.previews):
                 yield event
 
     async def Understand(
         self, request: pb.UnderstandRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.UnderstandEvent]:
-        async with self._call("Understand", context):
+        async with self._call("Understand", context, request):
             start = time.perf_counter()
             with self._admission():
+                check_request_size(request, self.config.max_request_bytes)
                 forward = await asyncio.to_thread(to_chat_forward, request, self.config.chat_limits)
                 events = self.backend.understand(forward, context.time_remaining())
                 async with contextlib.aclosing(events):
@@ -73,7 +81,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                             yield pb.UnderstandEvent(result=chat_result(payload, forward.seed, seconds))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        async with self._call("GetModelInfo", context):
+        async with self._call("GetModelInfo", context, request):
             if self._model_parameters is None:
                 self._model_parameters = await self.backend.model_parameters()
             return pb.ModelInfo(
@@ -90,8 +98,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
-    async def _call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Ends every call with a precise status, and counts it."""
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, request: Message) -> AsyncIterator[None]:
+        """Ends every call with a precise status, counts it and logs it."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -109,14 +117,18 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, "internal error; the server log has the details")
         finally:
+            seconds = time.perf_counter() - start
             self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(method).observe(seconds)
+            policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
+            access_log.record(method, context.peer(), policy.name if policy else "-", code.name, seconds, request)
 
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool
     ) -> AsyncIterator[pb.GenerateEvent]:
         start = time.perf_counter()
         with self._admission():
+            check_request_size(request, self.config.max_request_bytes)
             forward = await asyncio.to_thread(to_forward, request, self.config.limits)
             forward = dataclasses.replace(forward, previews=previews)
             last_step = time.perf_counter()

@@ -30,6 +30,7 @@ class ChatLimits:
     max_new_tokens: int = 2048
     max_vision_pixels: int = 1280 * 28 * 28  # per image after resizing (Qwen2.5-VL's own default budget)
     max_input_image_pixels: int = 40_000_000  # decoded size of one input image, checked before decoding
+    max_input_image_bytes: int = 20 * 1024 * 1024  # encoded size of one input image
     max_stop_strings: int = 8
     max_stop_chars: int = 64
 

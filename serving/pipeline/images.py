@@ -15,10 +15,12 @@ from serving.errors import InvalidArgumentError
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
 
 
-def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Encoded bytes -> RGB image, refusing undecodable data and oversized images before decoding pixels."""
     if not data:
         raise InvalidArgumentError(field, "empty image")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidArgumentError(field, f"{len(data)} bytes, the limit for one image is {max_bytes}")
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
@@ -32,7 +34,19 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         raise InvalidArgumentError(field, "not a decodable image (unknown or corrupt format)") from exc
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB: CMYK, palette, grey and alpha as PIL converts them (alpha dropped, as the reference
+    does); 16/32-bit integer grey scaled to 8 bits, where PIL's own conversion would clip nearly all of it to white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        wide = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(np.round(wide / scale), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:

@@ -28,6 +28,7 @@ class Limits:
     max_guidance: float = 100.0
     max_prompt_chars: int = 8192
     max_input_image_pixels: int = 40_000_000  # decoded size of one input image, checked before decoding
+    max_input_image_bytes: int = 20 * 1024 * 1024  # encoded size of one input image
 
 
 DEFAULT_LIMITS = Limits()

@@ -87,7 +87,7 @@ class TritonPythonModel:
         params = request_json(request)
         preview = bool(params.pop("preview", False))
         images = [
-            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels)
+            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels, self.limits.max_input_image_bytes)
             for i, blob in enumerate(encoded_images(request, self.limits.max_input_images))
         ]
         generation = request_from_params(params, images)

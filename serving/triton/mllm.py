@@ -65,7 +65,7 @@ class TritonPythonModel:
     def _parse(self, request: Any) -> ChatRequest:
         params = request_json(request)
         images = [
-            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels)
+            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels, self.limits.max_input_image_bytes)
             for i, blob in enumerate(encoded_images(request, self.limits.max_images))
         ]
         return chat_request_from_params(params, images)

@@ -1,0 +1,35 @@
+"""One access-log line per call: who, what (shapes and sizes only), status and time. Never prompt text, image
+bytes or tokens: requests may hold personal data."""
+
+from __future__ import annotations
+
+import logging
+
+from google.protobuf.message import Message
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+log = logging.getLogger("omnigen2.access")
+
+
+def describe(request: Message | None) -> str:
+    if isinstance(request, pb.GenerateRequest):
+        size = f"{request.width}x{request.height}" if request.HasField("width") or request.HasField("height") else "-"
+        image_bytes = sum(len(image.data) for image in request.input_images)
+        steps = request.steps if request.HasField("steps") else "-"
+        return (
+            f"prompt_chars={len(request.prompt)} images={len(request.input_images)} image_bytes={image_bytes} "
+            f"size={size} steps={steps}"
+        )
+    if isinstance(request, pb.UnderstandRequest):
+        parts = [part for message in request.messages for part in message.content]
+        images = [part.image for part in parts if part.HasField("image")]
+        text_chars = sum(len(part.text) for part in parts)
+        return (
+            f"messages={len(request.messages)} images={len(images)} "
+            f"image_bytes={sum(len(i.data) for i in images)} text_chars={text_chars}"
+        )
+    return ""
+
+
+def record(method: str, peer: str, client: str, code: str, seconds: float, request: Message | None) -> None:
+    log.info("%s peer=%s client=%s status=%s seconds=%.3f %s", method, peer, client, code, seconds, describe(request))
