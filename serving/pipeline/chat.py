@@ -122,6 +122,10 @@ class ChatRequest:
 
 def chat_request_from_params(params: Mapping[str, Any], images: list[Image.Image]) -> ChatRequest:
     """The `mllm` wire format (JSON) -> a request; shapes are checked here, ranges by `violations`."""
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "max_pixels")
+    for name in params:
+        if name not in {*names, "messages", "seed"}:
+            raise InvalidArgumentError(name, "unknown field")
     try:
         messages = [
             ChatMessage(
@@ -135,9 +139,7 @@ def chat_request_from_params(params: Mapping[str, Any], images: list[Image.Image
     used = sorted(p.image for m in messages for p in m.parts if p.image is not None)
     if used != list(range(len(images))):
         raise InvalidArgumentError("messages", "every image is referenced exactly once")
-    options = {
-        k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "max_pixels") if k in params
-    }
+    options = {name: params[name] for name in names if params.get(name) is not None}
     seed = params.get("seed")
     return ChatRequest(messages=messages, images=images, seed=random_seed() if seed is None else seed, **options)
 

@@ -16,7 +16,8 @@ from serving.triton.launcher import LOOPBACK, free_port
 
 
 class FrontendProcess:
-    def __init__(self, triton_url: str, log_path: Path, *flags: str) -> None:
+    def __init__(self, triton_url: str, log_path: Path, *flags: str, tls_root: bytes | None = None) -> None:
+        self.tls_root = tls_root  # the server's certificate, when it speaks TLS
         self.port = free_port()
         self.metrics_port = free_port()
         self.log_path = log_path
@@ -37,7 +38,12 @@ class FrontendProcess:
         return f"{LOOPBACK}:{self.port}"
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (
+            grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.tls_root))
+            if self.tls_root
+            else grpc.insecure_channel(self.address)
+        )
+        with channel:
             request = health_pb2.HealthCheckRequest(service=service)
             return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=2.0).status)
 

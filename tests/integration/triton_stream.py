@@ -28,7 +28,9 @@ class StreamResult:
 class GenerationStream:
     """Starts one generation on `omnigen2` and collects its responses until the final one."""
 
-    def __init__(self, url: str, params: dict[str, Any], images: list[bytes] | None = None) -> None:
+    def __init__(
+        self, url: str, params: dict[str, Any], images: list[bytes] | None = None, model: str = "omnigen2"
+    ) -> None:
         self.client = triton_grpc.InferenceServerClient(url)
         self.responses: queue.Queue[tuple[Any, InferenceServerException | None]] = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
@@ -39,7 +41,7 @@ class GenerationStream:
             encoded = triton_grpc.InferInput("images", [len(images)], "BYTES")
             encoded.set_data_from_numpy(np.array(images, dtype=np.object_))
             inputs.append(encoded)
-        self.client.async_stream_infer("omnigen2", inputs)
+        self.client.async_stream_infer(model, inputs)
         self.collected = StreamResult()
 
     def next_event(self, timeout: float = 120.0) -> dict[str, Any] | None:
@@ -60,7 +62,7 @@ class GenerationStream:
     def wait(self, timeout: float = 120.0) -> StreamResult:
         while True:
             event = self.next_event(timeout)
-            if event is None or event["type"] == "result":
+            if event is None or event["type"] in ("result", "done"):
                 self.close()
                 return self.collected
 
