@@ -1,0 +1,121 @@
+"""Faults on the real stack: Triton killed mid-request and restarted, graceful shutdown, and overload at 4x
+capacity, with every request accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2
+from omnigen2 import (
+    AsyncOmniGen2Client,
+    GenerationResult,
+    OmniGen2Client,
+    Progress,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+from serving.triton.launcher import Ports, TritonServer
+from tests.integration.frontend_process import FrontendProcess
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}
+
+
+@pytest.fixture
+def own_triton(tmp_path: Path, model_repository: Path) -> Iterator[TritonServer]:
+    """A Triton server this test may kill; restartable on the same ports."""
+    with TritonServer(model_repository, Ports.free(), build_dir=tmp_path) as server:
+        yield server
+
+
+def test_triton_killed_mid_request_then_back(own_triton: TritonServer, tmp_path: Path) -> None:
+    with FrontendProcess(own_triton.grpc_url, tmp_path / "frontend.log") as api:
+        api.wait_health(SERVING)
+        client = OmniGen2Client(api.address, timeout=60, retries=0)
+        stream = client.stream("A long one", **LONG)
+        assert isinstance(next(stream), Progress)
+        assert own_triton.process is not None
+        os.killpg(own_triton.process.pid, signal.SIGKILL)  # the server and its model stubs, without warning
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            list(stream)
+        assert time.monotonic() - started < 5, "the in-flight call was not failed promptly"
+        api.wait_health(NOT_SERVING, timeout=5)
+        with pytest.raises(UnavailableError):
+            client.generate("While it is down", width=32, height=32, steps=1)
+
+        own_triton.process.wait()
+        own_triton.start()  # same ports: the front end reconnects by itself
+        api.wait_health(SERVING, timeout=20)
+        assert client.generate("Back again", width=32, height=32, steps=1).images
+
+
+def test_graceful_shutdown_drains_in_flight_calls(triton: TritonServer, tmp_path: Path) -> None:
+    api = FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--shutdown-grace-s=60").start()
+    try:
+        api.wait_health(SERVING)
+        client = OmniGen2Client(api.address, timeout=60, retries=0)
+        stream = client.stream("Finish me", width=128, height=128, steps=40, seed=2)
+        assert isinstance(next(stream), Progress)
+        assert api.process is not None
+        api.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the server has stopped taking calls
+        with pytest.raises(UnavailableError):
+            OmniGen2Client(api.address, timeout=10, retries=0).info()
+        events = list(stream)
+        assert isinstance(events[-1], GenerationResult) and events[-1].images  # the in-flight call finished
+        assert api.process.wait(30) == 0
+    finally:
+        api.stop()
+
+
+def _tree_rss(pid: int) -> int:
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+
+
+def test_overload_at_four_times_capacity(triton: TritonServer, tmp_path: Path) -> None:
+    """Capacity 2, 8 concurrent callers, 3 waves: every request ends OK (and correct) or RESOURCE_EXHAUSTED (and
+    fast); none is lost; the front end's and Triton's memory return to their baseline."""
+    options = {"width": 64, "height": 64, "steps": 6, "seed": 5}
+    with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--max-in-flight=2") as api:
+        api.wait_health(SERVING)
+        assert api.process is not None and triton.process is not None
+        expected = OmniGen2Client(api.address, timeout=60).generate("Load", **options).encoded  # also warms up
+        baseline = {"frontend": _tree_rss(api.process.pid), "triton": _tree_rss(triton.process.pid)}
+
+        async def one(client: AsyncOmniGen2Client) -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                result = await client.generate("Load", **options)
+            except ResourceExhaustedError as exc:
+                assert exc.retry_after is not None
+                return "RESOURCE_EXHAUSTED", time.monotonic() - started
+            assert result.encoded == expected
+            return "OK", time.monotonic() - started
+
+        async def waves() -> list[tuple[str, float]]:
+            outcomes = []
+            async with AsyncOmniGen2Client(api.address, timeout=120, retries=0) as client:
+                for _ in range(3):
+                    outcomes += await asyncio.gather(*(one(client) for _ in range(8)))
+            return outcomes
+
+        outcomes = asyncio.run(waves())
+        counts = Counter(code for code, _ in outcomes)
+        assert sum(counts.values()) == 24 and set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
+        assert counts["OK"] >= 6 and counts["RESOURCE_EXHAUSTED"] >= 6, counts
+        assert max(seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED") < 1.0
+        time.sleep(1.0)
+        after = {"frontend": _tree_rss(api.process.pid), "triton": _tree_rss(triton.process.pid)}
+        for name, rss in after.items():
+            assert rss - baseline[name] < 64 * 2**20, f"{name} grew by {(rss - baseline[name]) / 2**20:.0f} MiB"
