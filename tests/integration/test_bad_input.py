@@ -1,0 +1,176 @@
+"""Bad input on the real stack: unusual images are converted, broken ones refused naming the field, oversize
+messages refused, and a property-based search over the request message finds no crash and no non-gRPC error."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from omnigen2 import InvalidArgumentError, OmniGen2Client
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+from PIL import Image
+
+from serving.pipeline.request import DEFAULT_LIMITS
+from serving.triton.launcher import TritonServer
+from tests.integration.frontend_process import FrontendProcess
+
+
+def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _animated(fmt: str) -> bytes:
+    frames = [Image.new("RGB", (64, 48), colour) for colour in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    return _encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+
+
+CONVERTED = {
+    "cmyk_jpeg": _encode(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG"),
+    "rgba_png": _encode(Image.new("RGBA", (64, 48), (255, 0, 0, 100)), "PNG"),
+    "grey_alpha_png": _encode(Image.new("LA", (64, 48), (90, 200)), "PNG"),
+    "palette_transparent_png": _encode(Image.new("P", (64, 48), 3), "PNG", transparency=3),
+    "grey_16bit_png": _encode(Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)), "PNG"),
+    "animated_gif": _animated("GIF"),
+    "animated_webp": _animated("WEBP"),
+}
+
+
+@pytest.fixture(scope="module")
+def client(api: FrontendProcess) -> OmniGen2Client:
+    return OmniGen2Client(api.address, timeout=120)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_unusual_images_are_converted(client: OmniGen2Client, name: str) -> None:
+    result = client.edit(CONVERTED[name], "Make it blue", steps=1, seed=1)
+    assert result.images[0].size == (64, 48)  # one input image, no size: the input's size
+    answer = client.understand("What is this?", [CONVERTED[name]], max_new_tokens=1)
+    assert answer.completion_tokens == 1
+
+
+def _jpeg() -> bytes:
+    rng = np.random.default_rng(0)
+    return _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG", quality=90)
+
+
+BROKEN = {
+    "truncated_jpeg": _jpeg()[: len(_jpeg()) // 2],
+    "truncated_png": CONVERTED["rgba_png"][:60],
+    "zero_bytes": b"",
+    "text_file": b"just some text, not an image",
+    "bomb": _encode(Image.new("1", (8000, 6000)), "PNG"),  # 48 M pixels from a few KB
+    "too_small": _encode(Image.new("RGB", (8, 8)), "PNG"),  # nothing left after fitting to multiples of 16
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_images_are_refused_naming_the_field(client: OmniGen2Client, name: str) -> None:
+    fine = CONVERTED["rgba_png"]
+    with pytest.raises(InvalidArgumentError) as raised:
+        client.compose([fine, BROKEN[name]], "Together", width=32, height=32, steps=1)
+    assert [v.field for v in raised.value.violations] == ["input_images[1].data"]
+    assert client.generate("Still serving", width=32, height=32, steps=1).images
+
+
+def test_oversize_image_is_refused_before_decoding(client: OmniGen2Client) -> None:
+    huge = b"\x89PNG\r\n\x1a\n" + bytes(DEFAULT_LIMITS.max_input_image_bytes)
+    with pytest.raises(InvalidArgumentError) as raised:
+        client.edit(huge, "Anything", steps=1)
+    assert raised.value.violations[0].field == "input_images[0].data"
+    assert "bytes" in raised.value.violations[0].description
+
+
+@pytest.fixture(scope="module")
+def small_requests(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
+    log = tmp_path_factory.mktemp("small-requests") / "frontend.log"
+    with FrontendProcess(triton.grpc_url, log, f"--max-request-bytes={2**20}") as api:
+        yield api
+
+
+def test_oversize_message_names_its_largest_field(small_requests: FrontendProcess) -> None:
+    client = OmniGen2Client(small_requests.address, timeout=60, retries=0)
+    with pytest.raises(InvalidArgumentError) as raised:  # 1.2 MB against a 1 MiB limit
+        client.compose([bytes(800_000), bytes(400_000)], "Too big", steps=1)
+    assert [v.field for v in raised.value.violations] == ["input_images[0].data"]
+    with pytest.raises(InvalidArgumentError) as long_question:
+        client.understand("x" * 1_100_000, max_new_tokens=1)
+    assert long_question.value.violations[0].field == "messages[0].content[0].text"
+    stub = pb_grpc.OmniGen2Stub(grpc.insecure_channel(small_requests.address))
+    with pytest.raises(grpc.RpcError) as transport:  # over twice the limit: refused unread by the transport
+        stub.Generate(pb.GenerateRequest(prompt="x" * 3 * 2**20), timeout=30)
+    assert transport.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert small_requests.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def _mostly(valid: st.SearchStrategy[object], invalid: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """Valid 9 times in 10, so that about one request in five passes validation and really runs."""
+    return st.integers(0, 9).flatmap(lambda roll: invalid if roll == 0 else valid)
+
+
+_int32 = st.integers(-(2**31), 2**31 - 1)
+_floats = st.floats(allow_nan=True, allow_infinity=True)
+# Valid values are kept small (tiny sizes, 1-2 steps) so that requests that pass validation finish fast.
+_requests = st.builds(
+    dict,
+    prompt=_mostly(st.text(min_size=1, max_size=40).filter(str.strip), st.sampled_from(["", "  ", "x" * 9000])),
+    negative_prompt=_mostly(st.text(max_size=10), st.just("x" * 9000)),
+    width=_mostly(st.sampled_from([16, 32, 33]), _int32),
+    height=_mostly(st.sampled_from([16, 32, 33]), _int32),
+    steps=_mostly(st.integers(1, 2), st.integers(-(2**31), 0) | st.integers(201, 2**31 - 1)),
+    text_guidance_scale=_mostly(st.none() | st.floats(0, 8), _floats),
+    image_guidance_scale=_mostly(st.none() | st.floats(0, 8), _floats),
+    cfg=_mostly(st.none() | st.tuples(st.floats(0, 0.5), st.floats(0.5, 1)), st.tuples(_floats, _floats)),
+    scheduler=_mostly(st.integers(0, 2), st.integers(-3, 9)),
+    seed=_mostly(st.none() | st.integers(0, 2**63 - 1), st.integers(-(2**63), -1)),
+    num_images_per_prompt=_mostly(st.none() | st.integers(1, 2), st.integers(-5, 10)),
+    max_pixels=_mostly(st.none() | st.integers(4096, 16384), _int32),
+    max_input_image_side_length=_mostly(st.none() | st.integers(64, 4096), _int32),
+    output_format=_mostly(st.integers(0, 3), st.integers(-2, 9)),
+    quality=_mostly(st.none() | st.integers(1, 100), _int32),
+    images=_mostly(
+        st.lists(st.sampled_from(list(CONVERTED.values())), max_size=2),
+        st.lists(st.binary(max_size=64) | st.sampled_from(list(BROKEN.values())), min_size=1, max_size=7),
+    ),
+)
+
+
+def _message(fields: dict[str, object]) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        prompt=fields.pop("prompt"), input_images=[pb.Image(data=b) for b in fields.pop("images")]
+    )
+    cfg = fields.pop("cfg")
+    if cfg is not None:
+        request.cfg_range.start, request.cfg_range.end = cfg  # type: ignore[misc]
+    for name, value in fields.items():
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=_requests)
+def test_property_no_crash_and_only_documented_statuses(api: FrontendProcess, fields: dict[str, object]) -> None:
+    request = _message(dict(fields))
+    stub = pb_grpc.OmniGen2Stub(grpc.insecure_channel(api.address))
+    try:
+        response = stub.Generate(request, timeout=60)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert exc.details()  # names what is wrong
+        event(f"INVALID_ARGUMENT {exc.details().partition(':')[0]}")
+    else:
+        assert response.images and response.seed >= 0
+        event("OK")
+
+
+def test_server_still_healthy_after_the_search(api: FrontendProcess) -> None:
+    assert api.health() == health_pb2.HealthCheckResponse.SERVING
