@@ -159,6 +159,17 @@ def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) 
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+def _fresh_version(out: Path, model: str, shim: str | None) -> Path:
+    """An empty version folder `out/model/1`, holding the Python-backend shim when the model has one."""
+    version_dir = out / model / "1"
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    version_dir.mkdir(parents=True)
+    if shim is not None:
+        (version_dir / "model.py").write_text(shim)
+    return version_dir
+
+
 def _copy_graph(onnx_dir: Path, file: str, target: Path) -> None:
     """The graph and its external-data files, if the export needed any (graphs over 2 GB)."""
     for source in onnx_dir.glob(f"{file}*"):
@@ -194,31 +205,19 @@ def prepare_repository(
     out.mkdir(parents=True, exist_ok=True)
     for name in GRAPH_NAMES:
         contract = onnx_manifest["graphs"][name]
-        version_dir = out / name / "1"
-        if version_dir.exists():
-            shutil.rmtree(version_dir)
-        version_dir.mkdir(parents=True)
+        version_dir = _fresh_version(out, name, ONNX_MODEL_SHIM if engine_dir is None else None)
         if engine_dir is None:
             _copy_graph(onnx_dir, contract["file"], version_dir)
-            (version_dir / "model.py").write_text(ONNX_MODEL_SHIM)
         else:
             shutil.copyfile(engine_dir / f"{name}.plan", version_dir / "model.plan")
         config = component_config(name, contract, backend, COMPONENTS[name])
         (out / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-    bls_dir = out / BLS_MODEL / "1"
-    if bls_dir.exists():
-        shutil.rmtree(bls_dir)
-    bls_dir.mkdir(parents=True)
-    (bls_dir / "model.py").write_text(BLS_MODEL_SHIM)
+    bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
     copy_processor(onnx_dir / "processor", bls_dir / "processor")
     config = bls_config(onnx_manifest["spec"], source_hash, backend)
     (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
 
-    mllm_dir = out / MLLM_MODEL / "1"
-    if mllm_dir.exists():
-        shutil.rmtree(mllm_dir)
-    mllm_dir.mkdir(parents=True)
-    (mllm_dir / "model.py").write_text(MLLM_MODEL_SHIM)
+    mllm_dir = _fresh_version(out, MLLM_MODEL, MLLM_MODEL_SHIM)
     link_or_copy(checkpoint / "mllm", mllm_dir / "mllm")
     copy_processor(checkpoint / "processor", mllm_dir / "processor")
     config = mllm_config(on_gpu=backend == "tensorrt")

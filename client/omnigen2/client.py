@@ -62,8 +62,24 @@ def _credentials(tls: bool | bytes) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {token}"),) if token else None
+def _open_channel(module: Any, server: str, retries: int, tls: bool | bytes) -> Any:
+    """A channel from `grpc` or `grpc.aio` (the same two functions in each)."""
+    options = channel_options(retries)
+    credentials = _credentials(tls)
+    if credentials is None:
+        return module.insecure_channel(server, options)
+    return module.secure_channel(server, credentials, options)
+
+
+class _Calls:
+    """What every call carries: the default deadline, and the bearer token when there is one."""
+
+    def __init__(self, timeout: float | None, token: str | None) -> None:
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def _call_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
 
 
 def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
@@ -75,7 +91,7 @@ def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
     return result
 
 
-class OmniGen2Client:
+class OmniGen2Client(_Calls):
     """Blocking client. `timeout` (seconds) is the default deadline of each call; None waits forever. `token` is
     sent as a bearer token; `tls` turns on TLS (True: system CAs; bytes: a PEM root certificate to trust).
 
@@ -92,17 +108,9 @@ class OmniGen2Client:
         token: str | None = None,
         tls: bool | bytes = False,
     ) -> None:
-        options = channel_options(retries)
-        credentials = _credentials(tls)
-        self._channel = (
-            grpc.secure_channel(server, credentials, options) if credentials else grpc.insecure_channel(server, options)
-        )
+        super().__init__(timeout, token)
+        self._channel = _open_channel(grpc, server, retries, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
-        self.timeout = timeout
-        self._metadata = _metadata(token)
-
-    def _call_options(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "metadata": self._metadata}
 
     def generate(
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
@@ -201,7 +209,7 @@ class OmniGen2Client:
         self.close()
 
 
-class AsyncOmniGen2Client:
+class AsyncOmniGen2Client(_Calls):
     """The asyncio twin of OmniGen2Client, for many concurrent calls from one event loop."""
 
     def __init__(
@@ -213,19 +221,9 @@ class AsyncOmniGen2Client:
         token: str | None = None,
         tls: bool | bytes = False,
     ) -> None:
-        options = channel_options(retries)
-        credentials = _credentials(tls)
-        self._channel = (
-            grpc.aio.secure_channel(server, credentials, options)
-            if credentials
-            else grpc.aio.insecure_channel(server, options)
-        )
+        super().__init__(timeout, token)
+        self._channel = _open_channel(grpc.aio, server, retries, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
-        self.timeout = timeout
-        self._metadata = _metadata(token)
-
-    def _call_options(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "metadata": self._metadata}
 
     async def generate(
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
