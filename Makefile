@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
 
-.PHONY: install proto test lint typecheck unit serve clean
+.PHONY: install proto test lint typecheck unit serve bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ CHECKPOINT ?= $(GOLDEN)/tiny-omnigen2
 
 serve: $(STAMP) $(STUBS)
 	$(PY) -m serving.stack --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
+
+# Benchmarks (benchmarks/README.md): BENCH_ARGS='--profile cpu-small' runs one profile.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks.harness $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

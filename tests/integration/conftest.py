@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from export.prepare_repository import prepare_repository
+from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
-from tests.integration.frontend_process import FrontendProcess
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,10 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
+from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer, free_port
 from tests.golden import relative_error
-from tests.integration.frontend_process import FrontendProcess
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
 SMALL: GenerationOptions = {"width": 64, "height": 64, "steps": 3, "seed": 1}

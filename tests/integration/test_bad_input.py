@@ -17,9 +17,9 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
+from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer
-from tests.integration.frontend_process import FrontendProcess
 
 
 def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:

@@ -23,8 +23,8 @@ from omnigen2 import (
     UnavailableError,
 )
 
+from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import Ports, TritonServer
-from tests.integration.frontend_process import FrontendProcess
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}

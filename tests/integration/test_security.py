@@ -23,8 +23,8 @@ from omnigen2 import OmniGen2Client, ResourceExhaustedError, UnavailableError
 from omnigen2.errors import OmniGen2Error
 from PIL import Image, PngImagePlugin
 
+from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import LOOPBACK, TritonInstall, TritonServer
-from tests.integration.frontend_process import FrontendProcess
 from tests.integration.triton_stream import GenerationStream
 
 FULL, LIMITED = "full-access-token", "info-only-token"

@@ -1,4 +1,4 @@
-"""The API front end as its own process (as deployed), pointed at a Triton server, for integration tests."""
+"""The API front end as a child process (as deployed), pointed at a Triton server: for tests and benchmarks."""
 
 from __future__ import annotations
 

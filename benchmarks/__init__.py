@@ -1,0 +1,1 @@
+"""Latency / throughput benchmarks of the served stack against the eager in-process pipeline."""

@@ -1,0 +1,186 @@
+"""`make bench`: the served stack through the SDK against the eager in-process pipeline, in one run.
+
+    python -m benchmarks.harness --profile cpu-small      # latency / throughput sweep on the `small` checkpoint
+    python -m benchmarks.harness --profile overhead-tiny  # what the API + Triton add per request, on `tiny`
+
+Each point sends `requests` generations with `concurrency` of them in flight, and records p50/p90/p99 latency,
+images per second, time per denoising step and the peak memory of the processes involved. The eager pipeline
+runs the same requests one after another in this process: it is the baseline every ratio is taken against.
+Results: benchmarks/results/<profile>/{results.json, results.md, *.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from grpc_health.v1 import health_pb2
+from omnigen2 import AsyncOmniGen2Client
+
+from benchmarks.memory import PeakMemory
+from benchmarks.plots import plot_sweep
+from benchmarks.report import write_markdown
+from benchmarks.workloads import Workload, standard_mixes
+from export.make_checkpoint import make_checkpoint
+from export.prepare_repository import prepare_repository
+from serving.frontend.process import FrontendProcess
+from serving.pipeline.eager import OmniGen2Pipeline
+from serving.triton.launcher import Ports, TritonServer
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_TINY = ROOT.parent / "shared" / "golden" / "tiny-omnigen2"
+
+
+@dataclass(frozen=True)
+class Profile:
+    checkpoint: str  # "small" (made here) or "tiny" (the golden one)
+    size: int
+    steps: int
+    concurrency: tuple[int, ...]  # the sweep, on the first workload; the others at the ends of it
+    requests_per_slot: int  # requests per point = max(min_requests, concurrency * this)
+    min_requests: int
+    mixes: bool  # all four request mixes, or text-to-image only
+
+
+PROFILES = {
+    "cpu-small": Profile("small", 256, 4, (1, 2, 4, 8), 2, 4, True),
+    "overhead-tiny": Profile("tiny", 32, 1, (1,), 1, 40, False),
+}
+
+
+@dataclass
+class Point:
+    mode: str  # "served" or "eager"
+    workload: str
+    concurrency: int
+    requests: int
+    latencies_s: list[float]
+    step_s: list[float]  # per request: denoise seconds / steps
+    queue_s: list[float]  # per request, served: time outside the model stages (front end, Triton, waiting)
+    wall_s: float
+    images: int
+    peak_rss_mb: float
+
+    def summary(self) -> dict[str, Any]:
+        q = np.percentile(self.latencies_s, [50, 90, 99])
+        return {
+            "mode": self.mode,
+            "workload": self.workload,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "p50_s": float(q[0]),
+            "p90_s": float(q[1]),
+            "p99_s": float(q[2]),
+            "images_per_s": self.images / self.wall_s,
+            "step_ms": 1000 * statistics.median(self.step_s),
+            "queue_ms_p50": 1000 * statistics.median(self.queue_s) if self.queue_s else None,
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+
+
+async def served_point(address: str, workload: Workload, concurrency: int, requests: int, pids: list[int]) -> Point:
+    latencies, steps, queues = [], [], []
+    pending = iter(range(requests))
+
+    async def worker(client: AsyncOmniGen2Client) -> None:
+        for i in pending:
+            started = time.perf_counter()
+            result = await client.generate(workload.prompt, workload.images, **workload.sdk_options(seed=i))
+            latencies.append(time.perf_counter() - started)
+            steps.append(result.timings["denoise"] / workload.steps)
+            queues.append(result.timings["queue"])
+
+    with PeakMemory(pids) as peak:
+        async with AsyncOmniGen2Client(address, timeout=3600) as client:
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+            wall = time.perf_counter() - started
+    return Point(
+        "served", workload.name, concurrency, requests, latencies, steps, queues, wall, requests, peak.bytes / 2**20
+    )
+
+
+def eager_point(pipe: OmniGen2Pipeline, workload: Workload, requests: int) -> Point:
+    latencies, steps = [], []
+    with PeakMemory([os.getpid()]) as peak:
+        started = time.perf_counter()
+        for i in range(requests):
+            began = time.perf_counter()
+            result = pipe(workload.eager_request(seed=i))
+            latencies.append(time.perf_counter() - began)
+            steps.append(result.timings["denoise"] / workload.steps)
+        wall = time.perf_counter() - started
+    return Point("eager", workload.name, 1, requests, latencies, steps, [], wall, requests, peak.bytes / 2**20)
+
+
+def checkpoint_for(profile: Profile, work: Path) -> Path:
+    if profile.checkpoint == "tiny":
+        return GOLDEN_TINY
+    path = work / "checkpoints" / profile.checkpoint
+    if not (path / "model_index.json").is_file():
+        make_checkpoint(profile.checkpoint, path)
+    return path
+
+
+def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
+    checkpoint = checkpoint_for(profile, work)
+    repository = prepare_repository(checkpoint, work / name / "model_repository", onnx_cache=work / name / "onnx")
+    size, steps = profile.size, profile.steps
+    workloads = standard_mixes(size, steps) if profile.mixes else standard_mixes(size, steps)[:1]
+    points: list[Point] = []
+    with TritonServer(repository, Ports.free(), build_dir=work / name) as triton:
+        log = work / name / "frontend.log"
+        with FrontendProcess(triton.grpc_url, log, "--max-in-flight=256", "--metrics-port=0") as api:
+            api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
+            assert triton.process is not None and api.process is not None
+            pids = [triton.process.pid, api.process.pid]
+            for i, workload in enumerate(workloads):
+                sweep = profile.concurrency if i == 0 else sorted({profile.concurrency[0], profile.concurrency[-1]})
+                asyncio.run(served_point(api.address, workload, 1, 1, pids))  # warm-up: sessions, caches
+                for concurrency in sweep:
+                    requests = max(profile.min_requests, concurrency * profile.requests_per_slot)
+                    point = asyncio.run(served_point(api.address, workload, concurrency, requests, pids))
+                    points.append(point)
+                    print(json.dumps(point.summary()), flush=True)
+        pipe = OmniGen2Pipeline.from_pretrained(checkpoint)
+        for workload in workloads:
+            eager_point(pipe, workload, 1)  # warm-up
+            point = eager_point(pipe, workload, profile.min_requests)
+            points.append(point)
+            print(json.dumps(point.summary()), flush=True)
+    results = {
+        "profile": name,
+        "settings": asdict(profile),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "points": [p.summary() for p in points],
+        "raw": [asdict(p) for p in points],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out / "results.md")
+    plot_sweep(results, out)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), action="append", help="default: all of them")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    for name in args.profile or sorted(PROFILES):
+        run(name, PROFILES[name], args.work, args.out / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Peak resident memory of process trees, sampled in the background while a benchmark point runs."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import psutil
+
+
+def tree_rss(pid: int) -> int:
+    try:
+        process = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return 0
+
+
+class PeakMemory:
+    """`with PeakMemory([pid, ...]) as peak: ...` then `peak.bytes`: the largest summed RSS seen."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.05) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, sum(tree_rss(pid) for pid in self.pids))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
