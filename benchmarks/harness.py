@@ -112,7 +112,7 @@ async def served_point(address: str, workload: Workload, concurrency: int, reque
 
 def eager_point(pipe: OmniGen2Pipeline, workload: Workload, requests: int) -> Point:
     latencies, steps = [], []
-    with PeakMemory([os.getpid()]) as peak:
+    with PeakMemory([os.getpid()], children=False) as peak:  # this process only: the served stack is its child
         started = time.perf_counter()
         for i in range(requests):
             began = time.perf_counter()

@@ -8,10 +8,11 @@ from types import TracebackType
 import psutil
 
 
-def tree_rss(pid: int) -> int:
+def tree_rss(pid: int, children: bool = True) -> int:
     try:
         process = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+        tree = [process, *process.children(recursive=True)] if children else [process]
+        return sum(p.memory_info().rss for p in tree)
     except psutil.NoSuchProcess:
         return 0
 
@@ -19,8 +20,9 @@ def tree_rss(pid: int) -> int:
 class PeakMemory:
     """`with PeakMemory([pid, ...]) as peak: ...` then `peak.bytes`: the largest summed RSS seen."""
 
-    def __init__(self, pids: list[int], interval_s: float = 0.05) -> None:
+    def __init__(self, pids: list[int], children: bool = True, interval_s: float = 0.05) -> None:
         self.pids = pids
+        self.children = children
         self.interval_s = interval_s
         self.bytes = 0
         self._stop = threading.Event()
@@ -28,7 +30,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.bytes = max(self.bytes, sum(tree_rss(pid) for pid in self.pids))
+            self.bytes = max(self.bytes, sum(tree_rss(pid, self.children) for pid in self.pids))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:

@@ -1,4 +1,4 @@
-"""The OmniGen2 gRPC service: admission, validation, one Triton stream per generation, encoding, metrics."""
+"""The OmniGen2 gRPC service: admission, validation, one Triton stream per call, encoding, metrics, access log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import grpc
 from google.protobuf.message import Message
@@ -51,9 +51,11 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._call("Generate", context, request):
-            async for event in self._generate(request, context, previews=False):
-                if event.HasField("result"):
-                    return event.result
+            events = self._generate(request, context, previews=False)
+            async with contextlib.aclosing(events):  # releases the admission slot now, not when collected
+                async for event in events:
+                    if event.HasField("result"):
+                        return event.result
         raise AssertionError("unreachable: a generation ends with a result or an error")
 
     async def GenerateStream(
@@ -125,7 +127,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
 
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool
-    ) -> AsyncIterator[pb.GenerateEvent]:
+    ) -> AsyncGenerator[pb.GenerateEvent, None]:
         start = time.perf_counter()
         with self._admission():
             check_request_size(request, self.config.max_request_bytes)
