@@ -97,6 +97,7 @@ def component_config(name: str, contract: dict[str, Any], backend: str, settings
 class BlsSettings:
     max_samples: int = 24  # transformer samples per step-batched call (requests x CFG branches x images)
     text_multiple: int = 16  # padded text lengths are rounded up to this (shape bucketing)
+    call_overhead_ms: float = 2.0  # fixed cost of one transformer call: shapes share a call below it (grouping.py)
     instances: int = 1  # one event loop serves every request concurrently
 
 
@@ -120,6 +121,7 @@ def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, setti
     config.parameters["spec"].string_value = json.dumps(spec)
     config.parameters["max_samples"].string_value = str(settings.max_samples)
     config.parameters["text_multiple"].string_value = str(settings.text_multiple)
+    config.parameters["call_overhead_ms"].string_value = str(settings.call_overhead_ms)
     config.parameters["checkpoint_sha256"].string_value = checkpoint_sha256
     config.parameters["backend"].string_value = backend
     return config
@@ -149,7 +151,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 # Bump when the generated configs change shape, so existing repositories are rebuilt rather than reused.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:

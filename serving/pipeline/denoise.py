@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.pipeline.grouping import SampleShape
 from serving.pipeline.guidance import Branch, StepGuidance, combine, step_guidance
 from serving.pipeline.images import generation_size
 from serving.pipeline.packing import PackedBatch, pack_batch
@@ -62,6 +63,13 @@ def pack_samples(samples: Sequence[Sample], spec: ModelSpec, text_multiple: int 
         axes_dim=spec.axes_dim_rope,
         min_ref_slots=1,
     )
+
+
+def sample_shape(sample: Sample, patch_size: int, text_multiple: int = 1) -> SampleShape:
+    """The token counts `pack_samples` will see for this sample (text rounded up as it rounds)."""
+    text = -(-sample.text.shape[0] // text_multiple) * text_multiple
+    tokens = [x.shape[-2] * x.shape[-1] // patch_size**2 for x in (*sample.refs, sample.latent)]
+    return SampleShape(text, tuple(tokens[:-1]), tokens[-1])
 
 
 def prompts_for(request: GenerationRequest) -> dict[str, str]:

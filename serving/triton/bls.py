@@ -13,13 +13,15 @@ INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses car
 
 Per request: the prompt and negative prompt are encoded once (features of repeated prompts, the empty
 negative prompt above all, come from a cache), reference images are encoded once, and each step's CFG
-branches go to the step batcher, which merges them with the other requests' into one transformer call.
+branches go to the step batcher, which merges them with the other requests' into one transformer call, or a
+few where shapes differ so much that padding them together would cost more than a call (grouping.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for
+from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for, sample_shape
+from serving.pipeline.grouping import CallCost, padded_tokens, plan_calls
 from serving.pipeline.images import decode_image, postprocess, preprocess_image
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
@@ -67,6 +70,7 @@ class TritonPythonModel:
         self.tokenizer = PromptTokenizer.from_dir(version_dir / "processor")
         self.text_multiple = int(params.get("text_multiple", "16"))
         self.batcher = StepBatcher(self._run_transformer, max_samples=int(params.get("max_samples", "24")))
+        self.call_cost = CallCost(overhead_s=float(params.get("call_overhead_ms", "2")) / 1000)
         self.text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.limits = DEFAULT_LIMITS
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
@@ -157,6 +161,17 @@ class TritonPythonModel:
         return {key: self.text_cache[prompt] for key, prompt in prompts.items()}
 
     async def _run_transformer(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """One batched step, split by shape where padding would cost more than another call (grouping.py)."""
+        shapes = [sample_shape(s, self.spec.patch_size, self.text_multiple) for s in samples]
+        velocities: dict[int, torch.Tensor] = {}
+        for call in plan_calls(shapes, self.call_cost.overhead_tokens):
+            started = time.perf_counter()
+            out = await self._transformer_call([samples[i] for i in call])
+            self.call_cost.observe(padded_tokens([shapes[i] for i in call]), time.perf_counter() - started)
+            velocities.update(zip(call, out, strict=True))
+        return [velocities[i] for i in range(len(samples))]
+
+    async def _transformer_call(self, samples: list[Sample]) -> list[torch.Tensor]:
         packed = pack_samples(samples, self.spec, self.text_multiple)
         inputs = {name: tensor.numpy() for name, tensor in packed.as_inputs().items()}
         inputs["timestep"] = inputs["timestep"][:, None]  # Triton's [batch, 1] for a per-sample scalar

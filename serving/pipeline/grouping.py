@@ -1,0 +1,81 @@
+"""Split one batched step into transformer calls so that padding never costs more than an extra call would.
+
+A packed call pads every sample to the longest text, the most reference slots, the longest reference and the
+largest image of the call. Mixing an unconditional branch (no references) with branches that carry three
+reference images would make it attend over three padded images; on compute-bound hardware that is real work.
+Samples are therefore grouped by shape, and two groups share a call only when the padding that sharing adds is
+cheaper than the fixed cost of one more call. `CallCost` learns that trade-off from the calls it sees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """Token counts of one transformer sample: text (already bucketed), each reference image, the noisy image."""
+
+    text: int
+    refs: tuple[int, ...]
+    image: int
+
+
+def padded_tokens(shapes: Sequence[SampleShape]) -> int:
+    """Tokens one packed call over these samples processes (at least one reference slot, as packing keeps)."""
+    slots = max(1, max(len(s.refs) for s in shapes))
+    ref_len = max([r for s in shapes for r in s.refs], default=1)
+    per_sample = max(s.text for s in shapes) + slots * ref_len + max(s.image for s in shapes)
+    return len(shapes) * per_sample
+
+
+def plan_calls(shapes: Sequence[SampleShape], overhead_tokens: float) -> list[list[int]]:
+    """Indices of `shapes` per call, each call in input order. Greedy: merge the pair of groups that saves most.
+
+    A call costs `overhead_tokens` plus the tokens it pads to; with an infinite overhead everything is one call.
+    """
+    by_shape: dict[SampleShape, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(index)
+    groups = list(by_shape.values())
+
+    def cost(group: list[int]) -> float:
+        return padded_tokens([shapes[i] for i in group])
+
+    while len(groups) > 1:
+        best, pair = 0.0, (0, 0)
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                saving = cost(groups[a]) + cost(groups[b]) + overhead_tokens - cost(groups[a] + groups[b])
+                if saving > best:
+                    best, pair = saving, (a, b)
+        if best <= 0.0:
+            break
+        a, b = pair
+        groups[a] = groups[a] + groups.pop(b)
+    return [sorted(g) for g in sorted(groups, key=min)]
+
+
+class CallCost:
+    """The fixed cost of a transformer call expressed in padded tokens, from observed call times.
+
+    `overhead_s` is what a call costs beyond its compute (the BLS -> component hop, launching kernels). The
+    per-token time is a running average of (seconds - overhead) / tokens; until a call has been seen the
+    overhead counts as infinite, so everything shares one call.
+    """
+
+    def __init__(self, overhead_s: float, smoothing: float = 0.2) -> None:
+        self.overhead_s = overhead_s
+        self.smoothing = smoothing
+        self.seconds_per_token: float | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        sample = max(seconds - self.overhead_s, 1e-9) / max(tokens, 1)
+        previous = self.seconds_per_token
+        self.seconds_per_token = sample if previous is None else previous + self.smoothing * (sample - previous)
+
+    @property
+    def overhead_tokens(self) -> float:
+        return math.inf if self.seconds_per_token is None else self.overhead_s / self.seconds_per_token

@@ -1,0 +1,64 @@
+"""Shape grouping of a batched step: padding is traded against the fixed cost of a call."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from serving.pipeline.denoise import Sample, pack_samples, sample_shape
+from serving.pipeline.grouping import CallCost, SampleShape, padded_tokens, plan_calls
+from serving.pipeline.guidance import Branch
+from serving.runtime.base import ModelSpec
+
+T2I = SampleShape(text=32, refs=(), image=256)
+EDIT = SampleShape(text=32, refs=(256,), image=256)
+THREE_REFS = SampleShape(text=32, refs=(256, 256, 256), image=256)
+SPEC = ModelSpec(patch_size=2, axes_dim_rope=(8, 4, 4), vae_scaling_factor=0.3611, vae_shift_factor=0.1159)
+
+
+def test_padded_tokens_follow_packing() -> None:
+    """The planner's token count is the size of the batch `pack_samples` builds."""
+    samples = [
+        Sample(Branch.COND, torch.zeros(16, 8, 8), torch.tensor(0.5), torch.zeros(5, 4), (torch.zeros(16, 4, 6),)),
+        Sample(Branch.UNCOND, torch.zeros(16, 8, 4), torch.tensor(0.5), torch.zeros(11, 4), ()),
+    ]
+    shapes = [sample_shape(s, SPEC.patch_size, text_multiple=8) for s in samples]
+    assert shapes == [SampleShape(8, (6,), 16), SampleShape(16, (), 8)]
+    packed = pack_samples(samples, SPEC, text_multiple=8)
+    assert padded_tokens(shapes) == packed.rope_cos.shape[0] * packed.rope_cos.shape[1]
+
+
+def test_unknown_overhead_keeps_one_call() -> None:
+    assert plan_calls([T2I, EDIT, THREE_REFS, T2I], math.inf) == [[0, 1, 2, 3]]
+
+
+def test_expensive_padding_splits_by_shape() -> None:
+    """Three-reference branches and an unconditional one: padding the latter costs 3 images, a call costs less."""
+    shapes = [THREE_REFS, THREE_REFS, T2I, EDIT, EDIT, T2I]
+    assert plan_calls(shapes, overhead_tokens=50) == [[0, 1], [2, 5], [3, 4]]
+
+
+def test_cheap_padding_is_shared() -> None:
+    """Text lengths one bucket apart pad little: one call beats two."""
+    longer = SampleShape(text=48, refs=(), image=256)
+    assert plan_calls([T2I, longer, T2I], overhead_tokens=100) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("overhead", [0.0, 10.0, 300.0, 10_000.0])
+def test_every_sample_is_planned_once(overhead: float) -> None:
+    shapes = [T2I, EDIT, THREE_REFS, EDIT, T2I, THREE_REFS, SampleShape(64, (128, 64), 1024)]
+    calls = plan_calls(shapes, overhead)
+    assert sorted(i for call in calls for i in call) == list(range(len(shapes)))
+    planned = sum(padded_tokens([shapes[i] for i in call]) + overhead for call in calls)
+    assert planned <= padded_tokens(shapes) + overhead  # never worse than one call for everything
+
+
+def test_call_cost_learns_seconds_per_token() -> None:
+    cost = CallCost(overhead_s=0.002)
+    assert cost.overhead_tokens == math.inf
+    cost.observe(tokens=1000, seconds=0.102)  # 0.1 ms per token beyond the overhead
+    assert cost.overhead_tokens == pytest.approx(20.0)
+    cost.observe(tokens=1000, seconds=0.202)
+    assert 10.0 < cost.overhead_tokens < 20.0  # smoothed toward the new rate
