@@ -1,6 +1,6 @@
 """`make serve`: build the model repository for a checkpoint, then run Triton and the API front end on loopback.
 
-    python -m serving.stack [--checkpoint DIR] [--backend onnxruntime|tensorrt] [front-end flags ...]
+    python -m serving.stack [--checkpoint DIR] [--backend onnxruntime|pytorch|tensorrt] [--precision P] [flags ...]
 
 Front-end flags (see `python -m serving.frontend.server --help`) pass through; Ctrl-C / SIGTERM drains the
 front end, then stops Triton.
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         help="checkpoint in the official layout (env OMNIGEN2_CHECKPOINT; default: the golden tiny model)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("--precision", default="bf16", help="pytorch: fp32 or bf16; tensorrt: fp32, fp16, bf16, fp8")
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--build-dir", type=Path, default=Path("build"))
     parser.add_argument(
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
     repository = prepare_repository(
-        args.checkpoint, args.model_repository, args.backend, onnx_cache=args.build_dir / "onnx"
+        args.checkpoint,
+        args.model_repository,
+        args.backend,
+        onnx_cache=args.build_dir / "onnx",
+        precision=args.precision,
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
         config = dataclasses.replace(FrontendConfig.from_args(frontend_args), triton_url=triton.grpc_url)

@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.prepare_repository import prepare_repository
 from serving.errors import CheckpointError
+from serving.model.checkpoint import GRAPH_PARTS
 from serving.runtime.onnx_backend import GRAPH_NAMES
 
 
@@ -56,3 +57,15 @@ def test_bad_inputs_are_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
         prepare_repository(tmp_path / "missing", tmp_path / "out")
     with pytest.raises(ValueError, match="backend"):
         prepare_repository(tiny_checkpoint, tmp_path / "out", backend="tflite")
+    with pytest.raises(ValueError, match="precision"):
+        prepare_repository(tiny_checkpoint, tmp_path / "out", backend="pytorch", precision="fp8")
+
+
+def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpoint: Path, tiny_onnx: Path) -> None:
+    out = prepare_repository(tiny_checkpoint, tmp_path / "r", "pytorch", onnx_cache=tiny_onnx.parent, precision="fp32")
+    for name, part in GRAPH_PARTS.items():
+        config = _config(out, name)
+        assert config.backend == "python" and config.parameters["precision"].string_value == "fp32"
+        assert "serving.triton.torch_model" in (out / name / "1" / "model.py").read_text()
+        assert (out / name / "1" / part / "config.json").is_file()
+    assert _config(out, "omnigen2").parameters["backend"].string_value == "pytorch-fp32"

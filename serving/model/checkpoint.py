@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from serving.errors import CheckpointError
+from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from serving.model.transformer import OmniGen2Transformer
 from serving.runtime.base import ModelSpec
 
@@ -29,6 +30,10 @@ REQUIRED_FILES = (
     "mllm/config.json",
     "processor/tokenizer_config.json",
 )
+
+
+# The checkpoint part each component graph is built from.
+GRAPH_PARTS = {"text_encoder": "mllm", "vae_encoder": "vae", "transformer": "transformer", "vae_decoder": "vae"}
 
 
 def check_layout(checkpoint: Path) -> None:
@@ -74,3 +79,19 @@ def load_checkpoint(checkpoint: Path | str, dtype: torch.dtype = torch.float32) 
         mllm=Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint / "mllm", dtype=dtype).eval(),
         processor_dir=checkpoint / "processor",
     )
+
+
+def load_graph(name: str, checkpoint: Path) -> torch.nn.Module:
+    """One component graph (serving/model/graphs.py) from the part of `checkpoint` it needs, in float32."""
+    part = checkpoint / GRAPH_PARTS[name]
+    if not (part / "config.json").is_file():
+        raise CheckpointError(str(part / "config.json"), f"file not found (the {name} graph needs it)")
+    graph: torch.nn.Module
+    if name == "transformer":
+        graph = OmniGen2Transformer.from_pretrained(part)
+    elif name == "text_encoder":
+        graph = TextEncoderGraph(Qwen2_5_VLForConditionalGeneration.from_pretrained(part))
+    else:
+        vae = AutoencoderKL.from_pretrained(part)
+        graph = VaeEncoderGraph(vae) if name == "vae_encoder" else VaeDecoderGraph(vae)
+    return graph.eval()

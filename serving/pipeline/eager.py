@@ -40,12 +40,14 @@ class OmniGen2Pipeline:
         self.limits = limits
 
     @classmethod
-    def from_pretrained(cls, checkpoint: Path | str, limits: Limits = DEFAULT_LIMITS) -> OmniGen2Pipeline:
-        """PyTorch components from a checkpoint in the official layout."""
+    def from_pretrained(
+        cls, checkpoint: Path | str, limits: Limits = DEFAULT_LIMITS, autocast: torch.dtype | None = None
+    ) -> OmniGen2Pipeline:
+        """PyTorch components from a checkpoint in the official layout; `autocast=torch.bfloat16` for bf16."""
         from serving.runtime.torch_backend import TorchBackend
 
         checkpoint = Path(checkpoint)
-        backend = TorchBackend.from_checkpoint(checkpoint)
+        backend = TorchBackend.from_checkpoint(checkpoint, autocast)
         return cls(PromptTokenizer.from_dir(checkpoint / "processor"), backend, limits)
 
     @classmethod

@@ -1,0 +1,61 @@
+"""What every Python-backend component model shares: batched execution over one tensor contract.
+
+Requests that Triton's dynamic batcher hands over together are grouped by shape and each group runs as one
+call of the runtime (`run`), whose outputs are split back along the batch axis. Subclasses only load and run
+their graph. Only numpy is imported here: an ONNX Runtime component must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class ComponentModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.input_names = [i["name"] for i in config["input"]]
+        self.output_names = [o["name"] for o in config["output"]]
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph on one batch: inputs by name, outputs in `output_names` order."""
+        raise NotImplementedError
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names} for r in requests]
+        responses: list[Any] = [None] * len(requests)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, feed in enumerate(feeds):
+            key = tuple((name, feed[name].shape[1:] if self.batched else feed[name].shape) for name in self.input_names)
+            groups.setdefault(key, []).append(index)
+        for members in groups.values():
+            try:
+                outputs = self._run_group([feeds[i] for i in members])
+                for i, result in zip(members, outputs, strict=True):
+                    tensors = [
+                        pb_utils.Tensor(name, value) for name, value in zip(self.output_names, result, strict=True)
+                    ]
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            except Exception as exc:  # report to the caller instead of killing the model instance
+                for i in members:
+                    responses[i] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+                    )
+        return responses
+
+    def _run_group(self, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        """One runtime call for same-shaped requests; split the outputs back along the batch axis."""
+        if len(feeds) == 1 or not self.batched:
+            return [self.run(feed) for feed in feeds]
+        merged = {name: np.concatenate([f[name] for f in feeds]) for name in self.input_names}
+        outputs = self.run(merged)
+        bounds = np.cumsum([len(f[self.input_names[0]]) for f in feeds])[:-1]
+        per_output = [np.split(out, bounds) for out in outputs]
+        return [[chunks[i] for chunks in per_output] for i in range(len(feeds))]

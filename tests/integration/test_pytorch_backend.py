@@ -1,0 +1,64 @@
+"""The `pytorch` repository backend on a real `tritonserver`: components run the PyTorch graphs, here in bf16.
+
+float32 through this backend is the eager pipeline's own arithmetic (checked in process below); bf16 is a
+different, faster arithmetic, so it is held to a bf16 tolerance against the golden float32 result, and must
+differ from it: a bf16 run that matched float32 exactly would mean autocast never ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from export.prepare_repository import prepare_repository
+from serving.model.checkpoint import load_graph
+from serving.runtime.torch_backend import TorchBackend, run_graph
+from serving.triton.launcher import TritonServer
+from tests.golden import relative_error
+from tests.integration.triton_stream import GenerationStream, case_params
+
+
+def _case(cases: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in cases["pipeline_cases"] if c["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def bf16_triton(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path
+) -> Iterator[TritonServer]:
+    work = tmp_path_factory.mktemp("pytorch-bf16")
+    repository = prepare_repository(
+        tiny_checkpoint, work / "model_repository", "pytorch", onnx_cache=tiny_onnx.parent, precision="bf16"
+    )
+    with TritonServer(repository, build_dir=work) as server:
+        yield server
+
+
+@pytest.mark.parametrize("name", ["t2i_euler", "edit_one_image"])
+def test_bf16_components_stay_near_the_golden_result(
+    bf16_triton: TritonServer, cases: dict[str, Any], golden: Path, name: str
+) -> None:
+    case = _case(cases, name)
+    images = [(golden / f).read_bytes() for f in case["images"]]
+    out = GenerationStream(bf16_triton.grpc_url, case_params(case), images).wait()
+    assert out.error is None, out.error
+    error = relative_error(out.latents, np.load(golden / case["final_latents"]))
+    assert 1e-5 < error <= 5e-2, f"bf16 latents relative error {error:.2e}"
+
+
+def test_single_graph_loader_matches_the_pipeline_graphs(tiny_checkpoint: Path) -> None:
+    """`load_graph` (what each pytorch component loads) computes what the eager pipeline's backend computes."""
+    backend = TorchBackend.from_checkpoint(tiny_checkpoint)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = backend.decode(latents)
+    assert torch.equal(run_graph(load_graph("vae_decoder", tiny_checkpoint), None, latents=latents), expected)
+    bf16 = run_graph(load_graph("vae_decoder", tiny_checkpoint), torch.bfloat16, latents=latents)
+    assert bf16.dtype == torch.float32 and 0 < relative_error(bf16, expected) <= 5e-2
+    ids, mask = torch.tensor([[7, 8, 9, 10]]), torch.ones(1, 4, dtype=torch.int64)
+    text = run_graph(load_graph("text_encoder", tiny_checkpoint), None, input_ids=ids, attention_mask=mask)
+    assert torch.equal(text, backend.encode_text(ids, mask))
