@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
 
-.PHONY: install proto test lint typecheck unit serve bench clean
+.PHONY: install proto test lint typecheck unit serve bench ablations clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ serve: $(STAMP) $(STUBS)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.harness $(BENCH_ARGS)
+
+# One performance change at a time, on the transformer in process (benchmarks/README.md).
+ablations: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks.ablations $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

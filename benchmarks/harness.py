@@ -1,11 +1,14 @@
 """`make bench`: the served stack through the SDK against the eager in-process pipeline, in one run.
 
-    python -m benchmarks.harness --profile cpu-small      # latency / throughput sweep on the `small` checkpoint
-    python -m benchmarks.harness --profile overhead-tiny  # what the API + Triton add per request, on `tiny`
+    python -m benchmarks.harness --profile cpu-small       # latency / throughput sweep on the `small` checkpoint
+    python -m benchmarks.harness --profile cpu-small-bf16  # the same, served by the pytorch-bf16 repository
+    python -m benchmarks.harness --profile overhead-tiny   # what the API + Triton add per request, on `tiny`
 
 Each point sends `requests` generations with `concurrency` of them in flight, and records p50/p90/p99 latency,
 images per second, time per denoising step and the peak memory of the processes involved. The eager pipeline
-runs the same requests one after another in this process: it is the baseline every ratio is taken against.
+runs the same requests one after another in this process, in float32 like the reference: it is the baseline
+every ratio is taken against. Profiles served in bf16 also run an `eager-bf16` pipeline (the same autocast), so
+that the gain of serving is shown apart from the gain of the arithmetic.
 Results: benchmarks/results/<profile>/{results.json, results.md, *.png}.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from grpc_health.v1 import health_pb2
 from omnigen2 import AsyncOmniGen2Client
 
@@ -50,17 +54,20 @@ class Profile:
     requests_per_slot: int  # requests per point = max(min_requests, concurrency * this)
     min_requests: int
     mixes: bool  # all four request mixes, or text-to-image only
+    backend: str = "onnxruntime"  # the repository backend (export/prepare_repository.py)
+    precision: str = "fp32"
 
 
 PROFILES = {
     "cpu-small": Profile("small", 256, 4, (1, 2, 4, 8), 2, 4, True),
+    "cpu-small-bf16": Profile("small", 256, 4, (1, 2, 4, 8), 2, 4, True, backend="pytorch", precision="bf16"),
     "overhead-tiny": Profile("tiny", 32, 1, (1,), 1, 40, False),
 }
 
 
 @dataclass
 class Point:
-    mode: str  # "served" or "eager"
+    mode: str  # "served", "eager" (float32, the baseline) or "eager-bf16"
     workload: str
     concurrency: int
     requests: int
@@ -110,7 +117,7 @@ async def served_point(address: str, workload: Workload, concurrency: int, reque
     )
 
 
-def eager_point(pipe: OmniGen2Pipeline, workload: Workload, requests: int) -> Point:
+def eager_point(mode: str, pipe: OmniGen2Pipeline, workload: Workload, requests: int) -> Point:
     latencies, steps = [], []
     with PeakMemory([os.getpid()], children=False) as peak:  # this process only: the served stack is its child
         started = time.perf_counter()
@@ -120,21 +127,28 @@ def eager_point(pipe: OmniGen2Pipeline, workload: Workload, requests: int) -> Po
             latencies.append(time.perf_counter() - began)
             steps.append(result.timings["denoise"] / workload.steps)
         wall = time.perf_counter() - started
-    return Point("eager", workload.name, 1, requests, latencies, steps, [], wall, requests, peak.bytes / 2**20)
+    return Point(mode, workload.name, 1, requests, latencies, steps, [], wall, requests, peak.bytes / 2**20)
 
 
-def checkpoint_for(profile: Profile, work: Path) -> Path:
-    if profile.checkpoint == "tiny":
+def checkpoint_for(size: str, work: Path) -> Path:
+    """`tiny` is the golden checkpoint; other sizes are made (random weights) under `work` once."""
+    if size == "tiny":
         return GOLDEN_TINY
-    path = work / "checkpoints" / profile.checkpoint
+    path = work / "checkpoints" / size
     if not (path / "model_index.json").is_file():
-        make_checkpoint(profile.checkpoint, path)
+        make_checkpoint(size, path)
     return path
 
 
 def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
-    checkpoint = checkpoint_for(profile, work)
-    repository = prepare_repository(checkpoint, work / name / "model_repository", onnx_cache=work / name / "onnx")
+    checkpoint = checkpoint_for(profile.checkpoint, work)
+    repository = prepare_repository(
+        checkpoint,
+        work / name / "model_repository",
+        profile.backend,
+        onnx_cache=work / "onnx",
+        precision=profile.precision,
+    )
     size, steps = profile.size, profile.steps
     workloads = standard_mixes(size, steps) if profile.mixes else standard_mixes(size, steps)[:1]
     points: list[Point] = []
@@ -152,12 +166,14 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
                     point = asyncio.run(served_point(api.address, workload, concurrency, requests, pids))
                     points.append(point)
                     print(json.dumps(point.summary()), flush=True)
-        pipe = OmniGen2Pipeline.from_pretrained(checkpoint)
-        for workload in workloads:
-            eager_point(pipe, workload, 1)  # warm-up
-            point = eager_point(pipe, workload, profile.min_requests)
-            points.append(point)
-            print(json.dumps(point.summary()), flush=True)
+        baselines = {"eager": None} | ({"eager-bf16": torch.bfloat16} if profile.precision == "bf16" else {})
+        for mode, autocast in baselines.items():
+            pipe = OmniGen2Pipeline.from_pretrained(checkpoint, autocast=autocast)
+            for workload in workloads:
+                eager_point(mode, pipe, workload, 1)  # warm-up
+                point = eager_point(mode, pipe, workload, profile.min_requests)
+                points.append(point)
+                print(json.dumps(point.summary()), flush=True)
     results = {
         "profile": name,
         "settings": asdict(profile),

@@ -41,9 +41,11 @@ def plot_sweep(results: dict[str, Any], out: Path) -> None:
                     alpha=0.2,
                     color=line[0].get_color(),
                 )
-            eager = next((p for p in points if p["mode"] == "eager" and p["workload"] == workload), None)
-            if eager is not None:
-                axis.axhline(eager[metric], linestyle="--", color=line[0].get_color(), label=f"eager {workload}")
+            for eager in (p for p in points if p["mode"].startswith("eager") and p["workload"] == workload):
+                style = "--" if eager["mode"] == "eager" else ":"
+                axis.axhline(
+                    eager[metric], linestyle=style, color=line[0].get_color(), label=f"{eager['mode']} {workload}"
+                )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent requests")
         axis.set_ylabel(label)

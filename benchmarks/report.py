@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 
-def ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per workload: served latency at concurrency 1 and throughput at the highest concurrency, vs eager."""
+def ratios(points: list[dict[str, Any]], baseline: str = "eager") -> list[dict[str, Any]]:
+    """Per workload: served latency at concurrency 1 and throughput at the highest concurrency, vs `baseline`."""
     rows = []
-    for eager in (p for p in points if p["mode"] == "eager"):
+    for eager in (p for p in points if p["mode"] == baseline):
         served = [p for p in points if p["mode"] == "served" and p["workload"] == eager["workload"]]
         if not served:
             continue
@@ -36,16 +36,21 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
         f"Settings: `{results['settings']}`.",
         "",
-        "## Against the eager baseline (same run)",
-        "",
-        "| workload | served / eager p50 at concurrency 1 | served - eager p50 | served / eager images/s | at |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for row in ratios(points):
-        lines.append(
-            f"| {row['workload']} | {row['latency_ratio']:.2f}x | {row['overhead_ms']:+.1f} ms | "
-            f"{row['throughput_ratio']:.2f}x | {row['at_concurrency']} |"
-        )
+    for baseline in dict.fromkeys(p["mode"] for p in points if p["mode"].startswith("eager")):
+        lines += [
+            f"## Against the `{baseline}` baseline (same run)",
+            "",
+            f"| workload | served / {baseline} p50 at concurrency 1 | served - {baseline} p50 | "
+            f"served / {baseline} images/s | at |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in ratios(points, baseline):
+            lines.append(
+                f"| {row['workload']} | {row['latency_ratio']:.2f}x | {row['overhead_ms']:+.1f} ms | "
+                f"{row['throughput_ratio']:.2f}x | {row['at_concurrency']} |"
+            )
+        lines.append("")
     lines += [
         "",
         "## Every point",
@@ -63,7 +68,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines += [
         "",
         "Peak RSS: served = the tritonserver process tree (server, component and BLS stubs) plus the front end;",
-        "eager = the benchmark process holding the PyTorch pipeline. `queue` = a request's time outside the model",
+        "eager = the benchmark process holding the PyTorch pipeline (float32; `eager-bf16`: the same under bf16",
+        "autocast, what the served `pytorch-bf16` components compute). `queue` = a request's time outside the model",
         "stages (admission, transport, waiting for a model instance).",
     ]
     path.write_text("\n".join(lines) + "\n")
