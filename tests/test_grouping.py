@@ -56,9 +56,16 @@ def test_every_sample_is_planned_once(overhead: float) -> None:
 
 
 def test_call_cost_learns_seconds_per_token() -> None:
-    cost = CallCost(overhead_s=0.002)
+    cost = CallCost(fixed_s=0.010)
     assert cost.overhead_tokens == math.inf
-    cost.observe(tokens=1000, seconds=0.102)  # 0.1 ms per token beyond the overhead
-    assert cost.overhead_tokens == pytest.approx(20.0)
-    cost.observe(tokens=1000, seconds=0.202)
-    assert 10.0 < cost.overhead_tokens < 20.0  # smoothed toward the new rate
+    cost.observe(tokens=1000, seconds=0.110)  # 0.1 ms per token beyond the fixed cost
+    assert cost.overhead_tokens == pytest.approx(100.0)
+    cost.observe(tokens=1000, seconds=0.210)
+    assert 50.0 < cost.overhead_tokens < 100.0  # smoothed toward the new rate
+
+
+def test_calls_within_the_fixed_cost_share() -> None:
+    """A tiny model: calls take less than the fixed cost, so padding is never worth a call."""
+    cost = CallCost(fixed_s=0.010)
+    cost.observe(tokens=300, seconds=0.004)
+    assert cost.overhead_tokens == math.inf

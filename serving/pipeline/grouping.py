@@ -59,23 +59,27 @@ def plan_calls(shapes: Sequence[SampleShape], overhead_tokens: float) -> list[li
 
 
 class CallCost:
-    """The fixed cost of a transformer call expressed in padded tokens, from observed call times.
+    """The fixed cost of a transformer call expressed in padded tokens: `fixed_s` over the observed time per token.
 
-    `overhead_s` is what a call costs beyond its compute (the BLS -> component hop, launching kernels). The
-    per-token time is a running average of (seconds - overhead) / tokens; until a call has been seen the
-    overhead counts as infinite, so everything shares one call.
+    `fixed_s` is what a call costs whatever its size: the BLS -> component hop, and on CPUs the batch efficiency
+    lost by small calls. The per-token time is a running average of (seconds - fixed_s) / tokens over the calls
+    seen. Until a call has been seen, or where calls take no longer than `fixed_s` (a tiny model), everything
+    shares one call. A fitted fixed part would be neater, but a call's time includes waiting for the cores
+    (cpu_lane.py), and that noise made such fits split batches that should share.
     """
 
-    def __init__(self, overhead_s: float, smoothing: float = 0.2) -> None:
-        self.overhead_s = overhead_s
+    def __init__(self, fixed_s: float, smoothing: float = 0.2) -> None:
+        self.fixed_s = fixed_s
         self.smoothing = smoothing
         self.seconds_per_token: float | None = None
 
     def observe(self, tokens: int, seconds: float) -> None:
-        sample = max(seconds - self.overhead_s, 1e-9) / max(tokens, 1)
+        sample = max(seconds - self.fixed_s, 0.0) / max(tokens, 1)
         previous = self.seconds_per_token
         self.seconds_per_token = sample if previous is None else previous + self.smoothing * (sample - previous)
 
     @property
     def overhead_tokens(self) -> float:
-        return math.inf if self.seconds_per_token is None else self.overhead_s / self.seconds_per_token
+        if not self.seconds_per_token:  # nothing seen yet, or every call within the fixed cost
+            return math.inf
+        return self.fixed_s / self.seconds_per_token

@@ -70,7 +70,7 @@ class TritonPythonModel:
         self.tokenizer = PromptTokenizer.from_dir(version_dir / "processor")
         self.text_multiple = int(params.get("text_multiple", "16"))
         self.batcher = StepBatcher(self._run_transformer, max_samples=int(params.get("max_samples", "24")))
-        self.call_cost = CallCost(overhead_s=float(params.get("call_overhead_ms", "2")) / 1000)
+        self.call_cost = CallCost(fixed_s=float(params.get("call_overhead_ms", "10")) / 1000)
         self.text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.limits = DEFAULT_LIMITS
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from serving.triton.cpu_lane import CpuLane
+
 
 class ComponentModel:
     def initialize(self, args: dict[str, str]) -> None:
@@ -23,10 +25,16 @@ class ComponentModel:
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        model_dir = Path(args["model_repository"])
+        self.lane = CpuLane(model_dir.parent, self.params.get("cpu_lane", "0") == "1")
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph on one batch: inputs by name, outputs in `output_names` order."""
         raise NotImplementedError
+
+    def _run_in_lane(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lane:
+            return self.run(feed)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names} for r in requests]
@@ -53,9 +61,9 @@ class ComponentModel:
     def _run_group(self, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         """One runtime call for same-shaped requests; split the outputs back along the batch axis."""
         if len(feeds) == 1 or not self.batched:
-            return [self.run(feed) for feed in feeds]
+            return [self._run_in_lane(feed) for feed in feeds]
         merged = {name: np.concatenate([f[name] for f in feeds]) for name in self.input_names}
-        outputs = self.run(merged)
+        outputs = self._run_in_lane(merged)
         bounds = np.cumsum([len(f[self.input_names[0]]) for f in feeds])[:-1]
         per_output = [np.split(out, bounds) for out in outputs]
         return [[chunks[i] for chunks in per_output] for i in range(len(feeds))]

@@ -1,0 +1,32 @@
+"""One heavy computation at a time across the component models of a CPU repository.
+
+Each Python-backend model is its own process with its own thread pool sized to every core. When two of them
+compute at once (a VAE decode of one request during another's transformer step), their threads share the
+cores and every parallel region waits for its slowest, descheduled thread: measured on 2 cores, a VAE decode
+went from 95 ms alone to 825 ms beside the transformer. Taking turns through one file lock keeps each call at
+full speed, so the total work finishes sooner. GPU repositories do not use it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from types import TracebackType
+
+LOCK_FILE = ".cpu-lane.lock"
+
+
+class CpuLane:
+    def __init__(self, repository: Path, enabled: bool) -> None:
+        self._file = open(repository / LOCK_FILE, "a") if enabled else None  # noqa: SIM115 (held for the model's life)
+
+    def __enter__(self) -> CpuLane:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
