@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -126,6 +127,20 @@ def calls(run: Run, groups: Sequence[list[Sample]]) -> Callable[[], None]:
     return run_all
 
 
+def at_once(*work: Callable[[], None]) -> None:
+    """Run calls concurrently, as two component models without the CPU lane would (torch releases the GIL)."""
+    threads = [threading.Thread(target=fn) for fn in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def in_turn(*work: Callable[[], None]) -> None:
+    for fn in work:
+        fn()
+
+
 def grouped(samples: list[Sample], spec: ModelSpec, overhead_tokens: float) -> list[list[Sample]]:
     shapes = [sample_shape(s, spec.patch_size, TEXT_MULTIPLE) for s in samples]
     return [[samples[i] for i in call] for call in plan_calls(shapes, overhead_tokens)]
@@ -151,6 +166,13 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
         calls(ort_fp32, [edit]),
     )
     row(
+        "CFG branches in one call (edit step, bf16 PyTorch)",
+        "3 calls of 1",
+        "1 call of 3",
+        calls(torch_bf16, [[s] for s in edit]),
+        calls(torch_bf16, [edit]),
+    )
+    row(
         "cross-request batching (8 T2I steps, fp32 ORT)",
         "8 calls of 2",
         "1 call of 16",
@@ -171,6 +193,22 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
         f"{len(grouped(mixed, bench.spec, 50))} grouped calls",
         calls(ort_fp32, [mixed]),
         calls(ort_fp32, grouped(mixed, bench.spec, 50)),
+    )
+    decoder = load_graph("vae_decoder", checkpoint)
+    latents = bench._tensor(2, 16, bench.latent, bench.latent)
+
+    def decode() -> None:
+        run_graph(decoder, torch.bfloat16, latents=latents)
+
+    def transformer_step() -> None:
+        torch_bf16(eight_t2i)
+
+    row(
+        "components take turns (bf16 step of 16 + VAE decode of 2)",
+        "at once",
+        "in turn",
+        lambda: at_once(transformer_step, decode),
+        lambda: in_turn(transformer_step, decode),
     )
     row(
         "bf16 autocast (16 T2I samples, PyTorch)",

@@ -112,6 +112,10 @@ class BlsSettings:
 
 
 BLS = BlsSettings()
+# Where a backend's calls carry a larger fixed cost. bf16 PyTorch on CPU: a call of n `small` T2I samples took
+# about 37 ms + 25 ms * n on the 2-core dev machine (benchmarks/results/ablations-small: 8 calls of 2 against one
+# of 16), against about 54 ms * n with no fixed part in float32, so padding pays far more often in bf16.
+BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(call_overhead_ms=40.0)}
 
 
 def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, settings: BlsSettings = BLS) -> Any:
@@ -166,6 +170,7 @@ LAYOUT_VERSION = 5
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:
     settings = {name: asdict(s) for name, s in COMPONENTS.items()} | {BLS_MODEL: asdict(BLS)}
+    settings |= {f"{BLS_MODEL}/{k}": asdict(v) for k, v in BLS_BY_BACKEND.items()}
     shims = [ONNX_MODEL_SHIM, TORCH_MODEL_SHIM, BLS_MODEL_SHIM, MLLM_MODEL_SHIM]
     material = json.dumps([LAYOUT_VERSION, checkpoint_sha256, backend, settings, extra, shims], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()
@@ -233,7 +238,7 @@ def prepare_repository(
     bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
     copy_processor(onnx_dir / "processor", bls_dir / "processor")
     served_by = f"{backend}-{precision}" if backend in PRECISIONS else backend  # what GetModelInfo reports
-    config = bls_config(onnx_manifest["spec"], source_hash, served_by)
+    config = bls_config(onnx_manifest["spec"], source_hash, served_by, BLS_BY_BACKEND.get(served_by, BLS))
     (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
 
     mllm_dir = _fresh_version(out, MLLM_MODEL, MLLM_MODEL_SHIM)

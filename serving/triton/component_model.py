@@ -21,12 +21,12 @@ class ComponentModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         self.params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        model_dir = Path(args["model_repository"])
+        self.version_dir = model_dir / args["model_version"]
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        model_dir = Path(args["model_repository"])
-        self.lane = CpuLane(model_dir.parent, self.params.get("cpu_lane", "0") == "1")
+        self.lane = CpuLane(model_dir.parent, self.params.get("cpu_lane", "0") == "1")  # one lock per repository
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph on one batch: inputs by name, outputs in `output_names` order."""
