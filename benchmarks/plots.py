@@ -24,7 +24,7 @@ def plot_sweep(results: dict[str, Any], out: Path) -> None:
         ("p50_s", "latency p50 (s)", "latency_vs_concurrency.png"),
         ("images_per_s", "images per second", "throughput_vs_concurrency.png"),
     ]:
-        figure, axis = plt.subplots(figsize=(6, 4))
+        figure, axis = plt.subplots(figsize=(8.5, 4))
         for workload in swept:
             served = sorted(
                 (p for p in points if p["mode"] == "served" and p["workload"] == workload),
@@ -51,7 +51,7 @@ def plot_sweep(results: dict[str, Any], out: Path) -> None:
         axis.set_ylabel(label)
         axis.set_title(f"{results['profile']}: {label}")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, not on them
         figure.tight_layout()
         figure.savefig(out / filename, dpi=120)
         plt.close(figure)
