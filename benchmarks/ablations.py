@@ -273,14 +273,20 @@ def write_results(rows: list[Row], settings: dict[str, Any], out: Path) -> None:
         for r in rows
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    shown = [r for r in rows if r.after_ms >= 0.1]  # a cache hit's speedup would flatten every other bar
-    figure, axis = plt.subplots(figsize=(7, 0.5 * len(shown) + 1))
-    axis.barh([r.change for r in shown][::-1], [r.speedup for r in shown][::-1], color="tab:blue")
+    plot_rows(rows, settings, out / "ablations.png")
+
+
+def plot_rows(rows: list[Row], settings: dict[str, Any], path: Path) -> None:
+    shown = [r for r in rows if r.after_ms >= 0.1][::-1]  # a cache hit's speedup would flatten every other bar
+    figure, axis = plt.subplots(figsize=(10, 0.5 * len(shown) + 1.2))
+    bars = axis.barh([r.change for r in shown], [r.speedup for r in shown], color="tab:blue")
+    axis.bar_label(bars, labels=[f"{r.speedup:.2f}x" for r in shown], padding=3, fontsize=8)
     axis.axvline(1.0, color="black", linewidth=0.8)
-    axis.set_xlabel("speedup (before / after)")
-    axis.set_title(f"{settings['checkpoint']} at {settings['size']}px: one change at a time")
+    axis.set_xlim(0, max(r.speedup for r in shown) * 1.15)
+    axis.set_xlabel("speedup (before / after; below 1 = slower)")
+    axis.set_title(f"One change at a time: {settings['checkpoint']}, {settings['size']}px")
     figure.tight_layout()
-    figure.savefig(out / "ablations.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
