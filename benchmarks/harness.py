@@ -59,8 +59,8 @@ class Profile:
 
 
 PROFILES = {
-    "cpu-small": Profile("small", 256, 8, (1, 2, 4, 8), 2, 4, True),
-    "cpu-small-bf16": Profile("small", 256, 8, (1, 2, 4, 8), 2, 4, True, backend="pytorch", precision="bf16"),
+    "cpu-small": Profile("small", 256, 8, (1, 2, 4, 8), 4, 4, True),
+    "cpu-small-bf16": Profile("small", 256, 8, (1, 2, 4, 8), 4, 4, True, backend="pytorch", precision="bf16"),
     "overhead-tiny": Profile("tiny", 32, 1, (1,), 1, 40, False),
 }
 
