@@ -101,8 +101,15 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
 
     @contextlib.asynccontextmanager
     async def _call(self, method: str, context: grpc.aio.ServicerContext, request: Message) -> AsyncIterator[None]:
-        """Ends every call with a precise status, counts it and logs it."""
+        """Ends every call with a precise status, counts it and logs it.
+
+        What the log needs from the context is read before the call runs: once a caller has cancelled, grpcio may
+        have freed the call, and `context.peer()` there crashed the process (a segfault in cygrpc, seen on
+        streaming calls cancelled by the client).
+        """
         start = time.perf_counter()
+        peer, budget = context.peer(), context.time_remaining()
+        policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
         code = grpc.StatusCode.OK
         try:
             yield
@@ -110,8 +117,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             code = exc.code
             await context.abort_with_status(exc.status)
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = budget is not None and time.perf_counter() - start >= budget
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception:
@@ -122,8 +128,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(seconds)
-            policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
-            access_log.record(method, context.peer(), policy.name if policy else "-", code.name, seconds, request)
+            access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, request)
 
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool
