@@ -150,6 +150,7 @@ def mllm_config(on_gpu: bool) -> Any:
     config.output.add(name="event", data_type=mc.TYPE_STRING, dims=[1])
     kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=1)
+    config.parameters["cpu_lane"].string_value = "0" if on_gpu else "1"  # see serving/triton/cpu_lane.py
     return config
 
 
@@ -165,7 +166,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 # Bump when the generated configs change shape, so existing repositories are rebuilt rather than reused.
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
 from pathlib import Path
+
+import pytest
+import torch
 
 from serving.triton.cpu_lane import LOCK_FILE, CpuLane
 
@@ -36,3 +40,29 @@ def test_a_disabled_lane_never_blocks(tmp_path: Path) -> None:
 
     threading.Thread(target=nested, daemon=True).start()
     assert finished.wait(timeout=5)
+
+
+def test_around_forward_holds_the_lane_per_call_and_releases_on_errors(tmp_path: Path) -> None:
+    class Probe(torch.nn.Module):
+        def forward(self, fail: bool) -> bool:
+            if fail:
+                raise RuntimeError("forward failed")
+            return holds_the_lane(tmp_path)
+
+    probe = Probe()
+    CpuLane(tmp_path, enabled=True).around_forward(probe)
+    assert probe(False) is True  # another holder is locked out during the forward pass
+    with pytest.raises(RuntimeError):
+        probe(True)
+    assert not holds_the_lane(tmp_path)  # released after both calls, the failed one included
+
+
+def holds_the_lane(repository: Path) -> bool:
+    """Whether someone else holds the lane: a non-blocking try from a separate open file."""
+    with open(repository / LOCK_FILE, "a") as other:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return False
