@@ -142,6 +142,19 @@ def test_cancelled_answer_frees_the_model(client: OmniGen2Client) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_streams_cancelled_by_callers_never_take_the_front_end_down(api: FrontendProcess) -> None:
+    """Regression: the access log read the call context after a cancel and grpcio segfaulted, within a few tries.
+
+    A short timeout: once the front end is gone the SDK would retry UNAVAILABLE until its deadline."""
+    client = OmniGen2Client(api.address, timeout=10)
+    for _ in range(40):
+        stream = client.understand_stream("Talk for a long time", max_new_tokens=2048)
+        next(stream)
+        stream.close()
+        assert client.understand("Short", max_new_tokens=2).completion_tokens >= 1
+    assert api.process is not None and api.process.poll() is None, "the front end died"
+
+
 def test_model_info_reports_understand_limits(client: OmniGen2Client) -> None:
     info = client.info()
     assert info.understand_limits.max_images == DEFAULT_CHAT_LIMITS.max_images
