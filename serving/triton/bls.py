@@ -38,6 +38,7 @@ from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_from_params
 from serving.pipeline.timing import Stopwatch
 from serving.runtime.base import ModelSpec
+from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
 
@@ -63,8 +64,7 @@ async def call_component(model: str, inputs: dict[str, np.ndarray], output: str)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = parameters(model_config(args))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.spec = ModelSpec.from_dict(json.loads(params["spec"]))
         self.tokenizer = PromptTokenizer.from_dir(version_dir / "processor")

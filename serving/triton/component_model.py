@@ -7,7 +7,6 @@ their graph. Only numpy is imported here: an ONNX Runtime component must not pay
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,19 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.triton.cpu_lane import CpuLane
+from serving.triton.model_config import model_config, parameters
 
 
 class ComponentModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        self.params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config = model_config(args)
+        self.params = parameters(config)
         model_dir = Path(args["model_repository"])
         self.version_dir = model_dir / args["model_version"]
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.lane = CpuLane(model_dir.parent, self.params.get("cpu_lane", "0") == "1")  # one lock per repository
+        self.lane = CpuLane.for_model(model_dir, self.params)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph on one batch: inputs by name, outputs in `output_names` order."""

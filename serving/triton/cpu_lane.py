@@ -27,6 +27,11 @@ class CpuLane:
     def __init__(self, repository: Path, enabled: bool) -> None:
         self._file = open(repository / LOCK_FILE, "a") if enabled else None  # noqa: SIM115 (held for the model's life)
 
+    @classmethod
+    def for_model(cls, model_dir: Path, params: dict[str, str]) -> CpuLane:
+        """The lane of the repository holding `model_dir`, where the model's config turns it on."""
+        return cls(model_dir.parent, params.get("cpu_lane", "0") == "1")
+
     def acquire(self) -> None:
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_EX)

@@ -14,7 +14,6 @@ once and a cancelled or finished request never waits for another's.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request
 from serving.pipeline.images import decode_image
 from serving.pipeline.understand import ChatResult, Understander
 from serving.triton.cpu_lane import CpuLane
+from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 
 
@@ -36,8 +36,8 @@ class TritonPythonModel:
         device = f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu"
         dtype = torch.bfloat16 if on_gpu else torch.float32
         self.understander = Understander.from_dirs(version_dir / "mllm", version_dir / "processor", device, dtype)
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
-        lane = CpuLane(Path(args["model_repository"]).parent, params.get("cpu_lane", "0") == "1")
+        params = parameters(model_config(args))
+        lane = CpuLane.for_model(Path(args["model_repository"]), params)
         lane.around_forward(self.understander.model)  # each token takes its turn with the image components
         self.limits = DEFAULT_CHAT_LIMITS
         self.workers: set[threading.Thread] = set()
