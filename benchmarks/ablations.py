@@ -5,8 +5,8 @@
 The end-to-end harness (harness.py) shows what the whole stack gains over the eager pipeline; this one takes the
 mechanisms apart on the transformer itself, in process, with the same packing the BLS uses, so that each number
 is one change and nothing else: CFG branches in one call, cross-request batching (float32 ONNX Runtime and bf16
-PyTorch), shape grouping against padding, bf16 against float32, ONNX Runtime thread settings, and the prompt
-feature cache. Every row is the best of a few repetitions; `speedup` = before / after.
+PyTorch), shape grouping against padding, bf16 weights against float32 and against bf16 autocast, ONNX Runtime
+thread settings, and the prompt feature cache. Every row is the best of a few repetitions; `speedup` = before / after.
 Results: benchmarks/results/ablations-<checkpoint>/{results.json, results.md, ablations.png}.
 """
 
@@ -77,6 +77,7 @@ class Workbench:
         self.spec = ModelSpec.from_dict(manifest["spec"])
         self.onnx_file = onnx_dir / manifest["graphs"]["transformer"]["file"]
         self.transformer = load_graph("transformer", checkpoint)
+        self.transformer_bf16 = load_graph("transformer", checkpoint, torch.bfloat16)
         self.text_dim = TransformerConfig.from_file(checkpoint / "transformer" / "config.json").text_feat_dim
         self.latent = size // self.spec.vae_scale
         self.generator = torch.Generator().manual_seed(0)
@@ -110,9 +111,13 @@ class Workbench:
 
         return run
 
-    def torch_runner(self, autocast: torch.dtype | None) -> Run:
+    def torch_runner(self, dtype: torch.dtype, autocast: bool = False) -> Run:
+        """PyTorch with weights in `dtype`; `autocast`: float32 weights, bf16 matrix work (the earlier bf16 path)."""
+        graph = self.transformer_bf16 if dtype == torch.bfloat16 and not autocast else self.transformer
+
         def run(samples: list[Sample]) -> None:
-            run_graph(self.transformer, autocast, **pack_samples(samples, self.spec, TEXT_MULTIPLE).as_inputs())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                run_graph(graph, **pack_samples(samples, self.spec, TEXT_MULTIPLE).as_inputs())
 
         return run
 
@@ -149,9 +154,10 @@ def grouped(samples: list[Sample], spec: ModelSpec, overhead_tokens: float) -> l
 def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
     ort_fp32 = bench.ort_runner()
     torch_bf16 = bench.torch_runner(torch.bfloat16)
-    torch_fp32 = bench.torch_runner(None)
+    torch_fp32 = bench.torch_runner(torch.float32)
     t2i, edit, compose = bench.step(0), bench.step(1), bench.step(3)
     eight_t2i = [s for _ in range(8) for s in bench.step(0)]
+    eight_edit = [s for _ in range(8) for s in bench.step(1) if s.refs]  # the 16 samples that carry the image
     rows: list[Row] = []
 
     def row(change: str, before: str, after: str, slow: Callable[[], None], fast: Callable[[], None]) -> None:
@@ -196,11 +202,11 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
         calls(ort_fp32, [mixed]),
         calls(ort_fp32, plan),
     )
-    decoder = load_graph("vae_decoder", checkpoint)
+    decoder = load_graph("vae_decoder", checkpoint, torch.bfloat16)
     latents = bench._tensor(2, 16, bench.latent, bench.latent)
 
     def decode() -> None:
-        run_graph(decoder, torch.bfloat16, latents=latents)
+        run_graph(decoder, latents=latents)
 
     def transformer_step() -> None:
         torch_bf16(eight_t2i)
@@ -213,11 +219,18 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
         lambda: in_turn(transformer_step, decode),
     )
     row(
-        "bf16 autocast (16 T2I samples, PyTorch)",
+        "bf16 weights (16 T2I samples, PyTorch)",
         "fp32",
         "bf16",
         calls(torch_fp32, [eight_t2i]),
         calls(torch_bf16, [eight_t2i]),
+    )
+    row(
+        "bf16 weights instead of autocast (edit steps of 8 requests, PyTorch)",
+        "fp32 weights + bf16 autocast",
+        "bf16 weights",
+        calls(bench.torch_runner(torch.bfloat16, autocast=True), [eight_edit]),
+        calls(torch_bf16, [eight_edit]),
     )
     row(
         "PyTorch -> ONNX Runtime (T2I step, fp32)",
@@ -246,7 +259,7 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
 
     def encode() -> None:
         ids, mask = tokenizer(["A red apple on a wooden table", ""])
-        run_graph(text_encoder, None, input_ids=ids, attention_mask=mask)
+        run_graph(text_encoder, input_ids=ids, attention_mask=mask)
 
     def cached() -> None:
         for prompt in ("A red apple on a wooden table", ""):

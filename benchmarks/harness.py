@@ -7,7 +7,7 @@
 Each point sends `requests` generations with `concurrency` of them in flight, and records p50/p90/p99 latency,
 images per second, time per denoising step and the peak memory of the processes involved. The eager pipeline
 runs the same requests one after another in this process, in float32 like the reference: it is the baseline
-every ratio is taken against. Profiles served in bf16 also run an `eager-bf16` pipeline (the same autocast), so
+every ratio is taken against. Profiles served in bf16 also run an `eager-bf16` pipeline (the same bf16 weights), so
 that the gain of serving is shown apart from the gain of the arithmetic.
 Results: benchmarks/results/<profile>/{results.json, results.md, *.png}.
 """
@@ -166,9 +166,9 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
                     point = asyncio.run(served_point(api.address, workload, concurrency, requests, pids))
                     points.append(point)
                     print(json.dumps(point.summary()), flush=True)
-        baselines = {"eager": None} | ({"eager-bf16": torch.bfloat16} if profile.precision == "bf16" else {})
-        for mode, autocast in baselines.items():
-            pipe = OmniGen2Pipeline.from_pretrained(checkpoint, autocast=autocast)
+        baselines = {"eager": torch.float32} | ({"eager-bf16": torch.bfloat16} if profile.precision == "bf16" else {})
+        for mode, dtype in baselines.items():
+            pipe = OmniGen2Pipeline.from_pretrained(checkpoint, dtype=dtype)
             for workload in workloads:
                 eager_point(mode, pipe, workload, 1)  # warm-up
                 point = eager_point(mode, pipe, workload, profile.min_requests)

@@ -68,8 +68,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines += [
         "",
         "Peak RSS: served = the tritonserver process tree (server, component and BLS stubs) plus the front end;",
-        "eager = the benchmark process holding the PyTorch pipeline (float32; `eager-bf16`: the same under bf16",
-        "autocast, what the served `pytorch-bf16` components compute). `queue` = a request's time outside the model",
+        "eager = the benchmark process holding the PyTorch pipeline (float32; `eager-bf16`: the same with bf16",
+        "weights, what the served `pytorch-bf16` components compute). `queue` = a request's time outside the model",
         "stages (admission, transport, waiting for a model instance).",
     ]
     path.write_text("\n".join(lines) + "\n")

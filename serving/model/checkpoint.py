@@ -81,17 +81,17 @@ def load_checkpoint(checkpoint: Path | str, dtype: torch.dtype = torch.float32) 
     )
 
 
-def load_graph(name: str, checkpoint: Path) -> torch.nn.Module:
-    """One component graph (serving/model/graphs.py) from the part of `checkpoint` it needs, in float32."""
+def load_graph(name: str, checkpoint: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """One component graph (serving/model/graphs.py) from the part of `checkpoint` it needs, weights in `dtype`."""
     part = checkpoint / GRAPH_PARTS[name]
     if not (part / "config.json").is_file():
         raise CheckpointError(str(part / "config.json"), f"file not found (the {name} graph needs it)")
     graph: torch.nn.Module
     if name == "transformer":
-        graph = OmniGen2Transformer.from_pretrained(part)
+        graph = OmniGen2Transformer.from_pretrained(part, dtype)
     elif name == "text_encoder":
-        graph = TextEncoderGraph(Qwen2_5_VLForConditionalGeneration.from_pretrained(part))
+        graph = TextEncoderGraph(Qwen2_5_VLForConditionalGeneration.from_pretrained(part, dtype=dtype))
     else:
-        vae = AutoencoderKL.from_pretrained(part)
+        vae = AutoencoderKL.from_pretrained(part, torch_dtype=dtype)
         graph = VaeEncoderGraph(vae) if name == "vae_encoder" else VaeDecoderGraph(vae)
     return graph.eval()

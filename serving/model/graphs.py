@@ -14,6 +14,11 @@ from torch import nn
 from serving.model.transformer import OmniGen2Transformer
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a graph computes in: its weights' (float32 in the tensor contract, bf16 inside when loaded so)."""
+    return next(module.parameters()).dtype
+
+
 def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Qwen2.5-VL multimodal-RoPE positions for text-only input: (3, B, L), counting valid tokens only."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).masked_fill(attention_mask == 0, 1)
@@ -48,7 +53,7 @@ class VaeEncoderGraph(nn.Module):
         self.scale = float(vae.config.scaling_factor)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        moments = self.encoder(image)
+        moments = self.encoder(image.to(weight_dtype(self.encoder)))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean = moments[:, : moments.shape[1] // 2]  # the posterior mode of a diagonal Gaussian is its mean
@@ -66,7 +71,7 @@ class VaeDecoderGraph(nn.Module):
         self.scale = float(vae.config.scaling_factor)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.scale + self.shift
+        z = (latents / self.scale + self.shift).to(weight_dtype(self.decoder))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -216,10 +216,15 @@ class OmniGen2Transformer(nn.Module):
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
     ) -> torch.Tensor:
-        """Velocity tokens (B, Li, P) for the packed batch; rows past each sample's image length are padding."""
+        """Velocity tokens (B, Li, P) for the packed batch; rows past each sample's image length are padding.
+
+        Activations take the weights' dtype (float32 in, bf16 inside for bf16 weights); the timestep and the
+        RoPE tables stay float32, as the reference computes them.
+        """
+        dtype = self.x_embedder.weight.dtype
+        img_tokens, text_feats, ref_tokens = (t.to(dtype) for t in (img_tokens, text_feats, ref_tokens))
         batch, slots, ref_len, _ = ref_tokens.shape
         text_len, img_len = text_feats.shape[1], img_tokens.shape[1]
-        dtype = img_tokens.dtype
         img_mask, text_mask, ref_mask = img_mask.bool(), text_mask.bool(), ref_mask.bool()
 
         temb, text = self.time_caption_embed(timestep, text_feats)

@@ -41,13 +41,13 @@ class OmniGen2Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: Path | str, limits: Limits = DEFAULT_LIMITS, autocast: torch.dtype | None = None
+        cls, checkpoint: Path | str, limits: Limits = DEFAULT_LIMITS, dtype: torch.dtype = torch.float32
     ) -> OmniGen2Pipeline:
-        """PyTorch components from a checkpoint in the official layout; `autocast=torch.bfloat16` for bf16."""
+        """PyTorch components from a checkpoint in the official layout, weights in `dtype` (bf16 as served)."""
         from serving.runtime.torch_backend import TorchBackend
 
         checkpoint = Path(checkpoint)
-        backend = TorchBackend.from_checkpoint(checkpoint, autocast)
+        backend = TorchBackend.from_checkpoint(checkpoint, dtype)
         return cls(PromptTokenizer.from_dir(checkpoint / "processor"), backend, limits)
 
     @classmethod

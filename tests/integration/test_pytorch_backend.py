@@ -2,7 +2,7 @@
 
 float32 through this backend is the eager pipeline's own arithmetic (checked in process below); bf16 is a
 different, faster arithmetic, so it is held to a bf16 tolerance against the golden float32 result, and must
-differ from it: a bf16 run that matched float32 exactly would mean autocast never ran.
+differ from it: a bf16 run that matched float32 exactly would mean the bf16 weights never computed.
 """
 
 from __future__ import annotations
@@ -56,9 +56,13 @@ def test_single_graph_loader_matches_the_pipeline_graphs(tiny_checkpoint: Path) 
     backend = TorchBackend.from_checkpoint(tiny_checkpoint)
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = backend.decode(latents)
-    assert torch.equal(run_graph(load_graph("vae_decoder", tiny_checkpoint), None, latents=latents), expected)
-    bf16 = run_graph(load_graph("vae_decoder", tiny_checkpoint), torch.bfloat16, latents=latents)
+    assert torch.equal(run_graph(load_graph("vae_decoder", tiny_checkpoint), latents=latents), expected)
+    bf16 = run_graph(load_graph("vae_decoder", tiny_checkpoint, torch.bfloat16), latents=latents)
     assert bf16.dtype == torch.float32 and 0 < relative_error(bf16, expected) <= 5e-2
     ids, mask = torch.tensor([[7, 8, 9, 10]]), torch.ones(1, 4, dtype=torch.int64)
-    text = run_graph(load_graph("text_encoder", tiny_checkpoint), None, input_ids=ids, attention_mask=mask)
+    text = run_graph(load_graph("text_encoder", tiny_checkpoint), input_ids=ids, attention_mask=mask)
     assert torch.equal(text, backend.encode_text(ids, mask))
+    bf16_text = run_graph(
+        load_graph("text_encoder", tiny_checkpoint, torch.bfloat16), input_ids=ids, attention_mask=mask
+    )
+    assert bf16_text.dtype == torch.float32 and 0 < relative_error(bf16_text, text) <= 5e-2
