@@ -108,14 +108,15 @@ class BlsSettings:
     max_samples: int = 24  # transformer samples per step-batched call (requests x CFG branches x images)
     text_multiple: int = 16  # padded text lengths are rounded up to this (shape bucketing)
     call_overhead_ms: float = 10.0  # a transformer call's fixed cost: shapes share a call below it (grouping.py)
+    max_call_tokens: int = 0  # padded tokens per transformer call at most (0: no cap); bigger calls are cut
     instances: int = 1  # one event loop serves every request concurrently
 
 
 BLS = BlsSettings()
-# Where a backend's calls carry a larger fixed cost. bf16 PyTorch on CPU: a call of n `small` T2I samples took
-# about 37 ms + 25 ms * n on the 2-core dev machine (benchmarks/results/ablations-small: 8 calls of 2 against one
-# of 16), against about 54 ms * n with no fixed part in float32, so padding pays far more often in bf16.
-BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(call_overhead_ms=40.0)}
+# Where a backend's calls differ. bf16 PyTorch on CPU: a call of n `small` T2I samples took about 15 ms + 21 ms * n
+# on the 2-core dev machine, against about 54 ms * n with no fixed part in float32, so padding pays more often in
+# bf16; and per sample, 16 three-reference samples (17k tokens) took 1.4x as long as 8 (benchmarks/README.md).
+BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(call_overhead_ms=20.0, max_call_tokens=8192)}
 
 
 def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, settings: BlsSettings = BLS) -> Any:
@@ -136,6 +137,7 @@ def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, setti
     config.parameters["max_samples"].string_value = str(settings.max_samples)
     config.parameters["text_multiple"].string_value = str(settings.text_multiple)
     config.parameters["call_overhead_ms"].string_value = str(settings.call_overhead_ms)
+    config.parameters["max_call_tokens"].string_value = str(settings.max_call_tokens)
     config.parameters["checkpoint_sha256"].string_value = checkpoint_sha256
     config.parameters["backend"].string_value = backend
     return config

@@ -69,3 +69,20 @@ def test_calls_within_the_fixed_cost_share() -> None:
     cost = CallCost(fixed_s=0.010)
     cost.observe(tokens=300, seconds=0.004)
     assert cost.overhead_tokens == math.inf
+
+
+def test_calls_above_the_token_cap_are_cut_evenly() -> None:
+    """16 three-reference samples of 1056 tokens under a 7000-token cap: 6 fit a call, so three calls of 5-6."""
+    shapes = [THREE_REFS] * 16
+    calls = plan_calls(shapes, math.inf, max_tokens=7000)
+    assert [len(c) for c in calls] == [5, 5, 6]
+    assert [i for c in calls for i in c] == list(range(16))
+    assert all(padded_tokens([shapes[i] for i in c]) <= 7000 for c in calls)
+
+
+def test_the_cap_stops_merges_but_not_single_samples() -> None:
+    """Without the cap the unknown overhead would share one call; with it, shapes stay apart, and a sample larger
+    than the cap still gets its own call."""
+    huge = SampleShape(text=32, refs=(4096,), image=4096)
+    assert plan_calls([T2I, EDIT, T2I], math.inf, max_tokens=700) == [[0, 2], [1]]
+    assert plan_calls([huge, T2I], math.inf, max_tokens=700) == [[0], [1]]

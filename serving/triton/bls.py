@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -71,6 +72,7 @@ class TritonPythonModel:
         self.text_multiple = int(params.get("text_multiple", "16"))
         self.batcher = StepBatcher(self._run_transformer, max_samples=int(params.get("max_samples", "24")))
         self.call_cost = CallCost(fixed_s=float(params.get("call_overhead_ms", "10")) / 1000)
+        self.max_call_tokens = float(params.get("max_call_tokens", "0")) or math.inf
         self.text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.limits = DEFAULT_LIMITS
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
@@ -164,7 +166,7 @@ class TritonPythonModel:
         """One batched step, split by shape where padding would cost more than another call (grouping.py)."""
         shapes = [sample_shape(s, self.spec.patch_size, self.text_multiple) for s in samples]
         velocities: dict[int, torch.Tensor] = {}
-        for call in plan_calls(shapes, self.call_cost.overhead_tokens):
+        for call in plan_calls(shapes, self.call_cost.overhead_tokens, self.max_call_tokens):
             started = time.perf_counter()
             out = await self._transformer_call([samples[i] for i in call])
             self.call_cost.observe(padded_tokens([shapes[i] for i in call]), time.perf_counter() - started)
