@@ -5,8 +5,9 @@
 The end-to-end harness (harness.py) shows what the whole stack gains over the eager pipeline; this one takes the
 mechanisms apart on the transformer itself, in process, with the same packing the BLS uses, so that each number
 is one change and nothing else: CFG branches in one call, cross-request batching (float32 ONNX Runtime and bf16
-PyTorch), shape grouping against padding, bf16 weights against float32 and against bf16 autocast, ONNX Runtime
-thread settings, and the prompt feature cache. Every row is the best of a few repetitions; `speedup` = before / after.
+PyTorch), shape grouping against padding, the per-call token cap, bf16 weights against float32 and against bf16
+autocast, ONNX Runtime thread settings, and the prompt feature cache. Every row is the best of a few repetitions;
+`speedup` = before / after.
 Results: benchmarks/results/ablations-<checkpoint>/{results.json, results.md, ablations.png}.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import threading
@@ -146,9 +148,11 @@ def in_turn(*work: Callable[[], None]) -> None:
         fn()
 
 
-def grouped(samples: list[Sample], spec: ModelSpec, overhead_tokens: float) -> list[list[Sample]]:
+def grouped(
+    samples: list[Sample], spec: ModelSpec, overhead_tokens: float, max_tokens: float = math.inf
+) -> list[list[Sample]]:
     shapes = [sample_shape(s, spec.patch_size, TEXT_MULTIPLE) for s in samples]
-    return [[samples[i] for i in call] for call in plan_calls(shapes, overhead_tokens)]
+    return [[samples[i] for i in call] for call in plan_calls(shapes, overhead_tokens, max_tokens)]
 
 
 def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
@@ -191,6 +195,15 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
         "1 call of 16",
         calls(torch_bf16, [eight_t2i[i : i + 2] for i in range(0, 16, 2)]),
         calls(torch_bf16, [eight_t2i]),
+    )
+    eight_compose = [s for _ in range(8) for s in bench.step(3) if s.refs]
+    capped = grouped(eight_compose, bench.spec, overhead_tokens=math.inf, max_tokens=8192)
+    row(
+        "call token cap (8 in-context steps: 16 three-image samples, bf16 PyTorch)",
+        "1 call of 16",
+        f"{len(capped)} calls within 8192 tokens",
+        calls(torch_bf16, [eight_compose]),
+        calls(torch_bf16, capped),
     )
     mixed = compose + edit + t2i
     # What the BLS plans for float32 `small`: a 10 ms call cost at about 0.2 ms per token is 50 tokens.

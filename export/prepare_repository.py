@@ -113,10 +113,11 @@ class BlsSettings:
 
 
 BLS = BlsSettings()
-# Where a backend's calls differ. bf16 PyTorch on CPU: a call of n `small` T2I samples took about 15 ms + 21 ms * n
-# on the 2-core dev machine, against about 54 ms * n with no fixed part in float32, so padding pays more often in
-# bf16; and per sample, 16 three-reference samples (17k tokens) took 1.4x as long as 8 (benchmarks/README.md).
-BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(call_overhead_ms=20.0, max_call_tokens=8192)}
+# Where a backend's calls differ. bf16 PyTorch on CPU: one call of 16 three-reference `small` samples (17k tokens)
+# took 1.35x as long as calls of at most 8k tokens on the 2-core dev machine (benchmarks/results/ablations-small);
+# float32 ONNX Runtime showed no such loss. The fixed cost of a call is about 10 ms in both (8 calls of 2 T2I
+# samples against one of 16), the default.
+BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
 
 
 def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, settings: BlsSettings = BLS) -> Any:
