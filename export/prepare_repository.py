@@ -173,8 +173,7 @@ LAYOUT_VERSION = 6
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:
-    settings = {name: asdict(s) for name, s in COMPONENTS.items()} | {BLS_MODEL: asdict(BLS)}
-    settings |= {f"{BLS_MODEL}/{k}": asdict(v) for k, v in BLS_BY_BACKEND.items()}
+    settings = {name: asdict(s) for name, s in COMPONENTS.items()}
     shims = [ONNX_MODEL_SHIM, TORCH_MODEL_SHIM, BLS_MODEL_SHIM, MLLM_MODEL_SHIM]
     material = json.dumps([LAYOUT_VERSION, checkpoint_sha256, backend, settings, extra, shims], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()
@@ -204,14 +203,19 @@ def prepare_repository(
     onnx_cache: Path = Path("build/onnx"),
     engines: Path = Path("build/engines"),
     precision: str = "bf16",
+    bls: BlsSettings | None = None,
 ) -> Path:
+    """`bls` overrides the BLS settings the backend gets by default (BLS_BY_BACKEND)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if backend in PRECISIONS and precision not in PRECISIONS[backend]:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
     check_layout(checkpoint)
     source_hash = checkpoint_hash(checkpoint)
-    key = repository_key(source_hash, backend, {"precision": precision} if backend in PRECISIONS else {})
+    served_by = f"{backend}-{precision}" if backend in PRECISIONS else backend  # what GetModelInfo reports
+    bls = bls or BLS_BY_BACKEND.get(served_by, BLS)
+    extra = {"bls": asdict(bls)} | ({"precision": precision} if backend in PRECISIONS else {})
+    key = repository_key(source_hash, backend, extra)
     manifest_path = out / REPOSITORY_MANIFEST
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
         log.info("%s is up to date", out)
@@ -241,8 +245,7 @@ def prepare_repository(
         (out / name / "config.pbtxt").write_text(text_format.MessageToString(config))
     bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
     copy_processor(onnx_dir / "processor", bls_dir / "processor")
-    served_by = f"{backend}-{precision}" if backend in PRECISIONS else backend  # what GetModelInfo reports
-    config = bls_config(onnx_manifest["spec"], source_hash, served_by, BLS_BY_BACKEND.get(served_by, BLS))
+    config = bls_config(onnx_manifest["spec"], source_hash, served_by, bls)
     (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
 
     mllm_dir = _fresh_version(out, MLLM_MODEL, MLLM_MODEL_SHIM)

@@ -8,6 +8,7 @@ differ from it: a bf16 run that matched float32 exactly would mean the bf16 weig
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.prepare_repository import prepare_repository
+from export.prepare_repository import BLS_BY_BACKEND, prepare_repository
 from serving.model.checkpoint import load_graph
 from serving.runtime.torch_backend import TorchBackend, run_graph
 from serving.triton.launcher import TritonServer
@@ -31,9 +32,12 @@ def _case(cases: dict[str, Any], name: str) -> dict[str, Any]:
 def bf16_triton(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path
 ) -> Iterator[TritonServer]:
+    """bf16 components, and a BLS that cuts every step into one transformer call per sample (a 1-token cap): the
+    golden cases then also check that cut calls come back in order (a swapped CFG branch is far off tolerance)."""
     work = tmp_path_factory.mktemp("pytorch-bf16")
+    bls = replace(BLS_BY_BACKEND["pytorch-bf16"], max_call_tokens=1)
     repository = prepare_repository(
-        tiny_checkpoint, work / "model_repository", "pytorch", onnx_cache=tiny_onnx.parent, precision="bf16"
+        tiny_checkpoint, work / "model_repository", "pytorch", onnx_cache=tiny_onnx.parent, precision="bf16", bls=bls
     )
     with TritonServer(repository, build_dir=work) as server:
         yield server
@@ -48,7 +52,8 @@ def test_bf16_components_stay_near_the_golden_result(
     out = GenerationStream(bf16_triton.grpc_url, case_params(case), images).wait()
     assert out.error is None, out.error
     error = relative_error(out.latents, np.load(golden / case["final_latents"]))
-    assert 1e-5 < error <= 5e-2, f"bf16 latents relative error {error:.2e}"
+    # bf16 lands near 4-5e-3 here; cond and uncond velocities swapped by a misordered cut read 5.4e-2 and 2.2e-1.
+    assert 1e-5 < error <= 2e-2, f"bf16 latents relative error {error:.2e}"
 
 
 def test_single_graph_loader_matches_the_pipeline_graphs(tiny_checkpoint: Path) -> None:
