@@ -45,6 +45,7 @@ from serving.runtime.onnx_backend import read_manifest
 from serving.runtime.torch_backend import run_graph
 
 TEXT_MULTIPLE = 16  # as the BLS pads text
+FULL_OPTIMIZATION = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what serving/runtime/onnx_backend.py sets
 Run = Callable[[list[Sample]], None]
 
 
@@ -100,9 +101,11 @@ class Workbench:
         branches.append((Branch.UNCOND, negative, ()))
         return [Sample(branch, latent, t, text, r) for branch, text, r in branches]
 
-    def ort_runner(self, threads: int = 0, spinning: bool = True) -> Run:
+    def ort_runner(
+        self, threads: int = 0, spinning: bool = True, level: ort.GraphOptimizationLevel = FULL_OPTIMIZATION
+    ) -> Run:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = level
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         session = ort.InferenceSession(str(self.onnx_file), options, providers=["CPUExecutionProvider"])
@@ -250,6 +253,13 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
         "PyTorch eager",
         "ONNX Runtime",
         calls(torch_fp32, [t2i]),
+        calls(ort_fp32, [t2i]),
+    )
+    row(
+        "ORT graph optimisations (T2I step)",
+        "basic",
+        "all (fusions, layouts)",
+        calls(bench.ort_runner(level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), [t2i]),
         calls(ort_fp32, [t2i]),
     )
     row(

@@ -114,7 +114,7 @@ class BlsSettings:
 
 BLS = BlsSettings()
 # Where a backend's calls differ. bf16 PyTorch on CPU: one call of 16 three-reference `small` samples (17k tokens)
-# took 1.35x as long as calls of at most 8k tokens on the 2-core dev machine (benchmarks/results/ablations-small).
+# took 1.35-1.46x as long as calls of at most 8k tokens on the 2-core dev machine (benchmarks/results/ablations-small).
 # ONNX Runtime is left uncapped: not measured with calls that large. The fixed cost of a bf16 call is about 10 ms
 # (8 calls of 2 T2I samples against one of 16), the default.
 BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}

@@ -2,7 +2,7 @@
 
 The `pytorch` repository backend: the same modules the ONNX graphs are exported from (serving/model/graphs.py),
 loaded from the checkpoint part linked into the version folder. In bfloat16 the weights are bf16, as the
-reference pipeline runs; on CPUs with AMX or AVX512-BF16 that is faster than float32 (2.7x for 16 samples
+reference pipeline runs; on CPUs with AMX or AVX512-BF16 that is faster than float32 (2.6-2.7x for 16 samples
 of `small` on the 2-core dev machine) and, unlike float32, gains from batch: the CPU counterpart of serving bf16
 engines on a GPU. Inputs and outputs keep the float32 tensor contract.
 """
