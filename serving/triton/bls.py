@@ -12,7 +12,7 @@ Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wir
 INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
 
 Per request: the prompt and negative prompt are encoded once (features of repeated prompts, the empty
-negative prompt above all, come from a cache), reference images are encoded once, and each step's CFG
+negative prompt above all, come from a cache), reference images are encoded once (together), and each step's CFG
 branches go to the step batcher, which merges them with the other requests' into one transformer call, or a
 few where shapes differ so much that padding them together would cost more than a call (grouping.py).
 """
@@ -107,14 +107,15 @@ class TritonPythonModel:
         texts = await self._encode_prompts(prompts_for(generation))
         watch.lap("text_encode")
 
-        ref_latents = []
-        for i, image in enumerate(generation.images):
-            pixels = preprocess_image(
-                image, generation.max_pixels, generation.max_input_image_side_length, f"images[{i}]"
-            )
-            ref_latents.append(
-                torch.from_numpy(await call_component("vae_encoder", {"image": pixels.numpy()}, "latents"))[0]
-            )
+        pixels = [
+            preprocess_image(image, generation.max_pixels, generation.max_input_image_side_length, f"images[{i}]")
+            for i, image in enumerate(generation.images)
+        ]
+        # All at once: the encoder's dynamic batcher runs same-sized images as one batch.
+        encoded = await asyncio.gather(
+            *(call_component("vae_encoder", {"image": p.numpy()}, "latents") for p in pixels)
+        )
+        ref_latents = [torch.from_numpy(latents)[0] for latents in encoded]
         watch.lap("vae_encode")
 
         gen_size, (out_h, out_w) = plan_sizes(generation, ref_latents, spec)
