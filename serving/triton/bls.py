@@ -14,7 +14,8 @@ INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses car
 Per request: the prompt and negative prompt are encoded once (features of repeated prompts, the empty
 negative prompt above all, come from a cache), reference images are encoded once (together), and each step's CFG
 branches go to the step batcher, which merges them with the other requests' into one transformer call, or a
-few where shapes differ so much that padding them together would cost more than a call (grouping.py).
+few where shapes differ so much that padding them together would cost more than a call, or where one call would
+pass `max_call_tokens` (grouping.py).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class TritonPythonModel:
         return {key: self.text_cache[prompt] for key, prompt in prompts.items()}
 
     async def _run_transformer(self, samples: list[Sample]) -> list[torch.Tensor]:
-        """One batched step, split by shape where padding would cost more than another call (grouping.py)."""
+        """One batched step, split by shape where padding would cost more than another call, and at the token cap."""
         shapes = [sample_shape(s, self.spec.patch_size, self.text_multiple) for s in samples]
         velocities: dict[int, torch.Tensor] = {}
         for call in plan_calls(shapes, self.call_cost.overhead_tokens, self.max_call_tokens):
