@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,17 @@ BLS = BlsSettings()
 BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
 
 
+def served_name(backend: str, precision: str) -> str:
+    """What GetModelInfo reports as the backend: `onnxruntime`, `pytorch-bf16`, `tensorrt-fp8`, ..."""
+    return f"{backend}-{precision}" if backend in PRECISIONS else backend
+
+
+def bls_settings(backend: str, precision: str, max_call_tokens: int | None = None) -> BlsSettings:
+    """The BLS settings a backend gets (BLS_BY_BACKEND), with an operator's per-call token cap where given."""
+    settings = BLS_BY_BACKEND.get(served_name(backend, precision), BLS)
+    return settings if max_call_tokens is None else replace(settings, max_call_tokens=max_call_tokens)
+
+
 def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, settings: BlsSettings = BLS) -> Any:
     """The decoupled `omnigen2` model; its wire format is documented in serving/triton/bls.py.
 
@@ -205,15 +216,15 @@ def prepare_repository(
     precision: str = "bf16",
     bls: BlsSettings | None = None,
 ) -> Path:
-    """`bls` overrides the BLS settings the backend gets by default (BLS_BY_BACKEND)."""
+    """`bls` overrides the BLS settings the backend gets by default (`bls_settings`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if backend in PRECISIONS and precision not in PRECISIONS[backend]:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
     check_layout(checkpoint)
     source_hash = checkpoint_hash(checkpoint)
-    served_by = f"{backend}-{precision}" if backend in PRECISIONS else backend  # what GetModelInfo reports
-    bls = bls or BLS_BY_BACKEND.get(served_by, BLS)
+    served_by = served_name(backend, precision)
+    bls = bls or bls_settings(backend, precision)
     extra = {"bls": asdict(bls)} | ({"precision": precision} if backend in PRECISIONS else {})
     key = repository_key(source_hash, backend, extra)
     manifest_path = out / REPOSITORY_MANIFEST
@@ -258,6 +269,15 @@ def prepare_repository(
     return out
 
 
+def add_bls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-call-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per transformer call at most, 0 for no cap (default: the backend's; pytorch-bf16: 8192)",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint in the official layout")
@@ -267,9 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precision", choices=("fp32", "fp16", "bf16", "fp8"), default="bf16", help="tensorrt; pytorch: fp32 or bf16"
     )
+    add_bls_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prepare_repository(args.checkpoint, args.out, args.backend, args.onnx_cache, precision=args.precision)
+    bls = bls_settings(args.backend, args.precision, args.max_call_tokens)
+    prepare_repository(args.checkpoint, args.out, args.backend, args.onnx_cache, precision=args.precision, bls=bls)
     print(f"Triton model repository in {args.out}")
 
 

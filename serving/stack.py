@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from export.prepare_repository import BACKENDS, prepare_repository
+from export.prepare_repository import BACKENDS, add_bls_arguments, bls_settings, prepare_repository
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.triton.launcher import Ports, TritonServer
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")
     )
+    add_bls_arguments(parser)
     args, frontend_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         args.backend,
         onnx_cache=args.build_dir / "onnx",
         precision=args.precision,
+        bls=bls_settings(args.backend, args.precision, args.max_call_tokens),
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
         config = dataclasses.replace(FrontendConfig.from_args(frontend_args), triton_url=triton.grpc_url)

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.prepare_repository import prepare_repository
+from export.prepare_repository import bls_config, bls_settings, prepare_repository
 from serving.errors import CheckpointError
 from serving.model.checkpoint import GRAPH_PARTS
 from serving.runtime.onnx_backend import GRAPH_NAMES
@@ -69,3 +69,11 @@ def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpo
         assert "serving.triton.torch_model" in (out / name / "1" / "model.py").read_text()
         assert (out / name / "1" / part / "config.json").is_file()
     assert _config(out, "omnigen2").parameters["backend"].string_value == "pytorch-fp32"
+
+
+def test_the_call_token_cap_follows_the_backend_unless_the_operator_sets_it() -> None:
+    assert bls_settings("pytorch", "bf16").max_call_tokens == 8192
+    assert bls_settings("onnxruntime", "bf16").max_call_tokens == 0  # precision means nothing to ORT: no cap
+    assert bls_settings("pytorch", "bf16", max_call_tokens=0).max_call_tokens == 0
+    config = bls_config({}, "sha", "pytorch-bf16", bls_settings("pytorch", "bf16", max_call_tokens=4096))
+    assert config.parameters["max_call_tokens"].string_value == "4096"

@@ -8,7 +8,6 @@ differ from it: a bf16 run that matched float32 exactly would mean the bf16 weig
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.prepare_repository import BLS_BY_BACKEND, prepare_repository
+from export.prepare_repository import bls_settings, prepare_repository
 from serving.model.checkpoint import load_graph
 from serving.runtime.torch_backend import TorchBackend, run_graph
 from serving.triton.launcher import TritonServer
@@ -35,7 +34,7 @@ def bf16_triton(
     """bf16 components, and a BLS that cuts every step into one transformer call per sample (a 1-token cap): the
     golden cases then also check that cut calls come back in order (a swapped CFG branch is far off tolerance)."""
     work = tmp_path_factory.mktemp("pytorch-bf16")
-    bls = replace(BLS_BY_BACKEND["pytorch-bf16"], max_call_tokens=1)
+    bls = bls_settings("pytorch", "bf16", max_call_tokens=1)
     repository = prepare_repository(
         tiny_checkpoint, work / "model_repository", "pytorch", onnx_cache=tiny_onnx.parent, precision="bf16", bls=bls
     )
