@@ -102,6 +102,17 @@ def profiles(bounds: ProfileBounds, spec: dict[str, Any], text_dim: int) -> dict
     }
 
 
+def manifest_profiles(manifest: dict[str, Any], bounds: ProfileBounds) -> dict[str, dict[str, tuple[Shape, ...]]]:
+    """`profiles` for the graphs an ONNX export's manifest describes."""
+    text_dim = next(o for o in manifest["graphs"]["text_encoder"]["outputs"] if o["name"] == "text_feats")["shape"][-1]
+    return profiles(bounds, manifest["spec"], int(text_dim))
+
+
+def engine_max_batch(shapes: dict[str, tuple[Shape, ...]]) -> int:
+    """The largest batch one graph's engine takes: the smallest batch bound over its inputs' max shapes."""
+    return min(high[0] for _low, _opt, high in shapes.values())
+
+
 def cache_key(checkpoint_sha256: str, gpu: str, trt_version: str, precision: str, shapes: dict[str, Any]) -> str:
     material = json.dumps([checkpoint_sha256, gpu, trt_version, precision, shapes], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -148,8 +159,7 @@ def build_engines(onnx_dir: Path, out: Path, precision: str, bounds: ProfileBoun
     import torch
 
     manifest = read_manifest(onnx_dir)
-    text_dim = next(o for o in manifest["graphs"]["text_encoder"]["outputs"] if o["name"] == "text_feats")["shape"][-1]
-    shapes = profiles(bounds, manifest["spec"], int(text_dim))
+    shapes = manifest_profiles(manifest, bounds)
     gpu = torch.cuda.get_device_name(0)
     key = cache_key(manifest["checkpoint_sha256"], gpu, trt.__version__, precision, shapes)
     target = out / key

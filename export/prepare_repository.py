@@ -28,6 +28,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.build_engines import ProfileBounds, build_engines, engine_max_batch
 from export.onnx_export import cached_export, checkpoint_hash
 from serving.model.checkpoint import GRAPH_PARTS, check_layout, copy_processor
 from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
@@ -69,6 +70,12 @@ COMPONENTS: dict[str, ComponentSettings] = {
     "transformer": ComponentSettings(max_batch_size=64),
     "vae_decoder": ComponentSettings(max_batch_size=16),
 }
+
+
+def engine_settings(settings: ComponentSettings, shapes: dict[str, Any]) -> ComponentSettings:
+    """A TensorRT engine takes at most the batch its optimisation profile was built for, and Triton refuses a config
+    that promises more: the engine's bound caps the model's `max_batch_size`."""
+    return replace(settings, max_batch_size=min(settings.max_batch_size, engine_max_batch(shapes)))
 
 
 def _tensor(entry: dict[str, Any], config_cls: Any) -> Any:
@@ -234,11 +241,11 @@ def prepare_repository(
 
     onnx_dir = cached_export(checkpoint, onnx_cache)
     onnx_manifest = json.loads((onnx_dir / MANIFEST).read_text())
-    engine_dir = None
+    engine_dir: Path | None = None
+    engine_shapes: dict[str, Any] = {}
     if backend == "tensorrt":
-        from export.build_engines import ProfileBounds, build_engines
-
         engine_dir = build_engines(onnx_dir, engines, precision, ProfileBounds.from_limits())
+        engine_shapes = json.loads((engine_dir / "engines.json").read_text())["profiles"]
 
     out.mkdir(parents=True, exist_ok=True)
     shim = {"onnxruntime": ONNX_MODEL_SHIM, "pytorch": TORCH_MODEL_SHIM}.get(backend)
@@ -252,7 +259,8 @@ def prepare_repository(
         else:
             assert engine_dir is not None
             shutil.copyfile(engine_dir / f"{name}.plan", version_dir / "model.plan")
-        config = component_config(name, contract, backend, COMPONENTS[name], precision)
+        settings = engine_settings(COMPONENTS[name], engine_shapes[name]) if engine_dir else COMPONENTS[name]
+        config = component_config(name, contract, backend, settings, precision)
         (out / name / "config.pbtxt").write_text(text_format.MessageToString(config))
     bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
     copy_processor(onnx_dir / "processor", bls_dir / "processor")

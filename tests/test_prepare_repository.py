@@ -9,10 +9,19 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.prepare_repository import bls_config, bls_settings, prepare_repository
+from export.build_engines import ProfileBounds, engine_max_batch, manifest_profiles
+from export.prepare_repository import (
+    BLS,
+    COMPONENTS,
+    bls_config,
+    bls_settings,
+    component_config,
+    engine_settings,
+    prepare_repository,
+)
 from serving.errors import CheckpointError
 from serving.model.checkpoint import GRAPH_PARTS
-from serving.runtime.onnx_backend import GRAPH_NAMES
+from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +86,20 @@ def test_the_call_token_cap_follows_the_backend_unless_the_operator_sets_it() ->
     assert bls_settings("pytorch", "bf16", max_call_tokens=0).max_call_tokens == 0
     config = bls_config({}, "sha", "pytorch-bf16", bls_settings("pytorch", "bf16", max_call_tokens=4096))
     assert config.parameters["max_call_tokens"].string_value == "4096"
+
+
+def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onnx: Path) -> None:
+    """Triton refuses a `tensorrt_plan` model whose max_batch_size passes its engine's profile. No engine is built
+    here (that needs a GPU): the configs come from the profiles the engines would be built with."""
+    manifest = read_manifest(tiny_onnx)
+    shapes = manifest_profiles(manifest, ProfileBounds.from_limits())
+    for name in GRAPH_NAMES:
+        config = component_config(
+            name, manifest["graphs"][name], "tensorrt", engine_settings(COMPONENTS[name], shapes[name])
+        )
+        assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert 0 < config.max_batch_size <= engine_max_batch(shapes[name]), name
+        assert [i.name for i in config.input] == list(shapes[name]), name
+    # One step of the largest request (8 images x 3 CFG branches) fits one transformer engine call.
+    assert BLS.max_samples <= engine_max_batch(shapes["transformer"])
