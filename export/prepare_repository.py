@@ -28,7 +28,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.build_engines import ProfileBounds, build_engines, engine_max_batch
+from export.build_engines import ProfileBounds, build_engines, engine_max_batch, manifest_profiles
 from export.onnx_export import cached_export, checkpoint_hash
 from serving.model.checkpoint import GRAPH_PARTS, check_layout, copy_processor
 from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
@@ -244,8 +244,9 @@ def prepare_repository(
     engine_dir: Path | None = None
     engine_shapes: dict[str, Any] = {}
     if backend == "tensorrt":
-        engine_dir = build_engines(onnx_dir, engines, precision, ProfileBounds.from_limits())
-        engine_shapes = json.loads((engine_dir / "engines.json").read_text())["profiles"]
+        bounds = ProfileBounds.from_limits()
+        engine_dir = build_engines(onnx_dir, engines, precision, bounds)
+        engine_shapes = manifest_profiles(onnx_manifest, bounds)  # what the engines were built for
 
     out.mkdir(parents=True, exist_ok=True)
     shim = {"onnxruntime": ONNX_MODEL_SHIM, "pytorch": TORCH_MODEL_SHIM}.get(backend)
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("model_repository"))
     parser.add_argument("--onnx-cache", type=Path, default=Path("build/onnx"))
     parser.add_argument(
-        "--precision", choices=("fp32", "fp16", "bf16", "fp8"), default="bf16", help="tensorrt; pytorch: fp32 or bf16"
+        "--precision", choices=PRECISIONS["tensorrt"], default="bf16", help="tensorrt; pytorch: fp32 or bf16"
     )
     add_bls_arguments(parser)
     args = parser.parse_args(argv)
