@@ -18,14 +18,17 @@ def _samples(tag: float, count: int) -> list[Sample]:
 
 
 class Recorder:
-    def __init__(self, fail: bool = False) -> None:
+    """Doubles each latent; fails every call (`fail`) or every call carrying a sample tagged `poison`."""
+
+    def __init__(self, fail: bool = False, poison: float | None = None) -> None:
         self.calls: list[int] = []
         self.fail = fail
+        self.poison = poison
 
     async def __call__(self, samples: list[Sample]) -> list[torch.Tensor]:
         self.calls.append(len(samples))
         await asyncio.sleep(0.001)
-        if self.fail:
+        if self.fail or any(float(s.latent[0, 0, 0]) == self.poison for s in samples):
             raise RuntimeError("transformer down")
         return [s.latent * 2 for s in samples]
 
@@ -73,6 +76,22 @@ def test_a_failed_call_reaches_every_waiter() -> None:
 
     results = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_a_failing_sample_fails_only_its_own_generation() -> None:
+    async def main() -> tuple[Recorder, list[BaseException | list[float]]]:
+        run = Recorder(poison=3.0)
+        batcher = StepBatcher(run, max_samples=24)
+        tags = (1.0, 2.0, 3.0, 4.0, 5.0)
+        results = await asyncio.gather(*(_generation(batcher, t, 2, 2) for t in tags), return_exceptions=True)
+        return run, results
+
+    run, results = asyncio.run(main())
+    assert results[:2] == [[2.0, 2.0], [4.0, 4.0]] and results[3:] == [[8.0, 8.0], [10.0, 10.0]]
+    assert isinstance(results[2], RuntimeError)
+    # Step 1: the merged call of 5 submissions (10 samples) fails; its halves are retried: tags 1-2 pass (4),
+    # tags 3-5 fail (6) and split again: tag 3 alone fails (2), tags 4-5 pass (4). Step 2: the other four (8).
+    assert run.calls == [10, 4, 6, 2, 4, 8]
 
 
 def test_a_lone_generation_is_not_delayed_by_the_window() -> None:

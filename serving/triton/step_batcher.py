@@ -3,18 +3,22 @@
 Each generation submits the samples its current step needs and awaits their velocities. The batcher waits
 until every registered generation has submitted (or a short window passes, so that a slow one does not hold
 the others back), then runs all pending samples as one transformer call. Generations at different steps,
-sizes and text lengths share a call: packing pads them to one shape.
+sizes and text lengths share a call: packing pads them to one shape. A failed merged call is retried without
+the submission that failed it, so one bad request does not fail the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from serving.pipeline.denoise import Sample
+
+log = logging.getLogger(__name__)
 
 RunBatch = Callable[[list[Sample]], Awaitable[list[torch.Tensor]]]
 
@@ -62,23 +66,34 @@ class StepBatcher:
             deadline = asyncio.get_running_loop().time() + self.window_s
             while len(self.pending) < self.active and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.0005)
-            batch = self._take()
-            try:
-                velocities = await self.run([s for p in batch for s in p.samples])
-            except Exception as exc:  # every waiter learns of the failure; the loop keeps serving
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-            else:
-                self.executions += 1
-                start = 0
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_result(velocities[start : start + len(p.samples)])
-                    start += len(p.samples)
+            await self._run(self._take())
             if self.pending:
                 self._wake.set()
         self._task = None
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        """One call for the batch. When a merged call fails, each half is retried on its own (bisection), so
+        only the submission that caused the failure receives it, at about 2 log2(n) extra calls for n."""
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return
+        try:
+            velocities = await self.run([s for p in batch for s in p.samples])
+        except Exception as exc:  # the loop keeps serving
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            log.warning("a call merging %d submissions failed; retrying them in halves", len(batch), exc_info=True)
+            half = len(batch) // 2
+            await self._run(batch[:half])
+            await self._run(batch[half:])
+            return
+        self.executions += 1
+        start = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(velocities[start : start + len(p.samples)])
+            start += len(p.samples)
 
     def _take(self) -> list[_Pending]:
         """Whole submissions, first come first served, up to max_samples (at least one submission)."""
