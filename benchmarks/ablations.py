@@ -40,7 +40,7 @@ from serving.pipeline.denoise import Sample, pack_samples, sample_shape
 from serving.pipeline.grouping import plan_calls
 from serving.pipeline.guidance import Branch
 from serving.pipeline.prompts import PromptTokenizer
-from serving.runtime.base import ModelSpec
+from serving.model.spec import ModelSpec
 from serving.runtime.onnx_backend import read_manifest
 from serving.runtime.torch_backend import run_graph
 

@@ -5,7 +5,8 @@
 Sizes:
   tiny   the golden test checkpoint's configuration (tests and CI)
   small  CPU benchmarks: big enough that model compute, not Python overhead, dominates at 256x256
-  full   the official architecture (about 4B transformer + 3.8B MLLM parameters): GPU machines only
+  full   the official architecture (about 4B transformer + 3.8B MLLM parameters), bf16 and sharded as published;
+         built one layer at a time, so making it needs about the largest component's bf16 bytes of memory
 
 The tokenizer, chat template and image-processor files are copied from an existing `processor/` folder
 (by default the golden one), so every size tokenises exactly like the tests expect.
@@ -14,19 +15,22 @@ The tokenizer, chat template and image-processor files are copied from an existi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import save_file
+from huggingface_hub import save_torch_state_dict
+from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from serving.model.checkpoint import copy_processor
 from serving.model.config import TransformerConfig
-from serving.model.transformer import WEIGHTS_FILE, OmniGen2Transformer
+from serving.model.transformer import WEIGHTS_STEM, OmniGen2Transformer
 
 DEFAULT_PROCESSOR = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2" / "processor"
 
@@ -203,35 +207,89 @@ MODEL_INDEX = {
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "dynamic_time_shift": True, "num_train_timesteps": 1000}
 
 
-def random_transformer(config: TransformerConfig) -> OmniGen2Transformer:
-    model = OmniGen2Transformer(config)
-    torch.nn.init.normal_(model.image_index_embedding, std=0.02)
-    return model
+# Shards as published checkpoints cut them; small enough that writing one costs little memory beside the model.
+MAX_SHARD_SIZE = "2GB"
+
+
+@contextlib.contextmanager
+def _on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules with no storage, their tensors typed `dtype`: materialising them later costs bf16 bytes only."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def materialize(model: nn.Module, init: Callable[[nn.Module], None]) -> None:
+    """Give a meta-device model storage one leaf module at a time, each initialised by `init` in its own dtype.
+
+    Unlike building on the CPU and casting, no float32 copy of the component ever exists.
+    """
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None:
+            continue
+        module.to_empty(device="cpu", recurse=False)
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            tensor.data.zero_()  # a parameter that `init` leaves alone is zero, never uninitialised memory
+        with torch.no_grad():
+            init(module)
+
+
+def _torch_init(module: nn.Module) -> None:
+    """PyTorch's own initialisation of each layer; the few free parameters (image-index embeddings) get N(0, 0.02)."""
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    elif module.__class__ is OmniGen2Transformer:
+        nn.init.normal_(module.image_index_embedding, std=0.02)
+
+
+def _save_transformer(config: TransformerConfig, dtype: torch.dtype, directory: Path) -> None:
+    with _on_meta(dtype):
+        model = OmniGen2Transformer(config)
+    materialize(model, _torch_init)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(
+        model.state_dict(),
+        directory,
+        filename_pattern=WEIGHTS_STEM + "{suffix}.safetensors",
+        max_shard_size=MAX_SHARD_SIZE,
+    )
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def _save_vae(config: dict[str, Any], dtype: torch.dtype, directory: Path) -> None:
+    with _on_meta(dtype):
+        vae = cast(Any, AutoencoderKL(**copy.deepcopy(config)))
+    materialize(vae, _torch_init)
+    vae.save_pretrained(directory, max_shard_size=MAX_SHARD_SIZE)
+
+
+def _save_mllm(config: dict[str, Any], dtype: torch.dtype, directory: Path) -> None:
+    with _on_meta(dtype):
+        mllm = cast(Any, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(config))))
+    materialize(mllm, mllm._init_weights)  # transformers' own initialisation, layer by layer
+    mllm.tie_weights()
+    mllm.save_pretrained(directory, max_shard_size=MAX_SHARD_SIZE)
 
 
 def make_checkpoint(
-    size: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, processor: Path = DEFAULT_PROCESSOR
+    size: str, out: Path, seed: int = 0, dtype: torch.dtype | None = None, processor: Path = DEFAULT_PROCESSOR
 ) -> Path:
+    """Random weights in the official layout; `dtype` defaults to bf16 for `full` (as published), else float32."""
     if size not in TRANSFORMERS:
         raise ValueError(f"unknown size {size!r}; one of {', '.join(TRANSFORMERS)}")
     if not (processor / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{processor / 'tokenizer.json'}: processor files to copy not found")
+    dtype = dtype or (torch.bfloat16 if size == "full" else torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-
-    transformer_dir = out / "transformer"
-    transformer_dir.mkdir(exist_ok=True)
-    config = TRANSFORMERS[size]
-    state = {k: v.to(dtype).contiguous() for k, v in random_transformer(config).state_dict().items()}
-    save_file(state, transformer_dir / WEIGHTS_FILE)
-    (transformer_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-    # cast: these libraries' decorators and dynamic attributes hide the nn.Module methods from mypy.
-    vae = cast(Any, AutoencoderKL(**copy.deepcopy(VAES[size])))
-    vae.to(dtype).save_pretrained(out / "vae")
-    mllm = cast(Any, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(MLLMS[size]))))
-    mllm.to(dtype).save_pretrained(out / "mllm")
-
+    # One component at a time: each is freed before the next is built, so the peak is the largest one.
+    _save_transformer(TRANSFORMERS[size], dtype, out / "transformer")
+    _save_vae(VAES[size], dtype, out / "vae")
+    _save_mllm(MLLMS[size], dtype, out / "mllm")
     copy_processor(processor, out / "processor")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
@@ -244,10 +302,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(TRANSFORMERS), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: bfloat16 for full, else float32",
+    )
     parser.add_argument("--processor", type=Path, default=DEFAULT_PROCESSOR, help="processor/ folder to copy")
     args = parser.parse_args(argv)
-    path = make_checkpoint(args.size, args.out, args.seed, getattr(torch, args.dtype), args.processor)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    path = make_checkpoint(args.size, args.out, args.seed, dtype, args.processor)
     print(f"wrote {args.size} checkpoint to {path}")
 
 

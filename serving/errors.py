@@ -23,3 +23,12 @@ class CheckpointError(OmniGen2Error):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.description = message
+
+
+class SettingError(OmniGen2Error, ValueError):
+    """An operator setting (a flag, a device, a dtype) cannot be honoured here; `setting` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.description = message

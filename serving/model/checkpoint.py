@@ -9,6 +9,7 @@ tokenizer and chat template.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,11 @@ from diffusers import AutoencoderKL
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from serving.errors import CheckpointError
+from serving.model.config import TransformerConfig
 from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
-from serving.model.transformer import OmniGen2Transformer
-from serving.runtime.base import ModelSpec
+from serving.model.spec import ModelSpec
+from serving.model.transformer import WEIGHTS_STEM, OmniGen2Transformer
+from serving.model.weights import weight_files
 
 REQUIRED_FILES = (
     "model_index.json",
@@ -30,6 +33,9 @@ REQUIRED_FILES = (
     "mllm/config.json",
     "processor/tokenizer_config.json",
 )
+# Weights files per part (one file or an index of shards), as diffusers and transformers name them.
+WEIGHT_STEMS = {"transformer": WEIGHTS_STEM, "vae": "diffusion_pytorch_model", "mllm": "model"}
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 # The checkpoint part each component graph is built from.
@@ -37,12 +43,14 @@ GRAPH_PARTS = {"text_encoder": "mllm", "vae_encoder": "vae", "transformer": "tra
 
 
 def check_layout(checkpoint: Path) -> None:
-    """Fail with the path of the first missing part, before any heavy loading starts."""
+    """Fail with the path of the first missing part or shard, before any heavy loading starts."""
     if not checkpoint.is_dir():
         raise CheckpointError(str(checkpoint), "checkpoint folder not found")
     for relative in REQUIRED_FILES:
         if not (checkpoint / relative).is_file():
             raise CheckpointError(str(checkpoint / relative), "file not found (official OmniGen2 layout expected)")
+    for part, stem in WEIGHT_STEMS.items():
+        weight_files(checkpoint / part, stem)
 
 
 def copy_processor(source: Path, target: Path) -> None:
@@ -53,45 +61,93 @@ def copy_processor(source: Path, target: Path) -> None:
             shutil.copyfile(path, target / path.name)
 
 
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(str(path), f"not readable as JSON: {exc}") from exc
+    return raw
+
+
+def read_spec(checkpoint: Path) -> ModelSpec:
+    """The pipeline's facts from the configs alone (no weights): transformer, VAE and scheduler settings."""
+    transformer = TransformerConfig.from_file(checkpoint / "transformer" / "config.json")
+    vae = _json(checkpoint / "vae" / "config.json")
+    scheduler_path = checkpoint / SCHEDULER_CONFIG
+    scheduler = _json(scheduler_path) if scheduler_path.is_file() else {}
+    return ModelSpec(
+        patch_size=transformer.patch_size,
+        axes_dim_rope=transformer.axes_dim_rope,
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.3611)),
+        vae_shift_factor=float(vae.get("shift_factor") or 0.0),
+        latent_channels=int(vae.get("latent_channels", 16)),
+        vae_scale=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+        dynamic_time_shift=bool(scheduler.get("dynamic_time_shift", True)),
+        text_positions=transformer.axes_lens[0],
+    )
+
+
+def load_vae(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Any:
+    """diffusers' AutoencoderKL (single or sharded safetensors), in `dtype` on `device`."""
+    weight_files(part, WEIGHT_STEMS["vae"])
+    try:
+        vae = AutoencoderKL.from_pretrained(part, torch_dtype=dtype)
+    except (OSError, RuntimeError, ValueError) as exc:  # shape mismatches and unreadable files alike
+        raise CheckpointError(str(part), f"VAE does not load: {exc}") from exc
+    return vae.to(device).eval()
+
+
+def load_mllm(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Any:
+    """transformers' Qwen2.5-VL (single or sharded safetensors), materialised straight into `dtype` on `device`.
+
+    sdpa: PyTorch's fused attention (flash / memory-efficient kernels on GPU), no extra package needed.
+    """
+    weight_files(part, WEIGHT_STEMS["mllm"])
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            part, dtype=dtype, device_map=str(device), attn_implementation="sdpa"
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(str(part), f"MLLM does not load: {exc}") from exc
+    return model.eval()
+
+
 @dataclass
 class CheckpointModules:
     transformer: OmniGen2Transformer
     vae: Any  # AutoencoderKL; diffusers sets its attributes dynamically
     mllm: Any  # Qwen2_5_VLForConditionalGeneration
     processor_dir: Path
-
-    @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec(
-            patch_size=self.transformer.config.patch_size,
-            axes_dim_rope=self.transformer.config.axes_dim_rope,
-            vae_scaling_factor=float(self.vae.config.scaling_factor),
-            vae_shift_factor=float(self.vae.config.shift_factor),
-        )
+    spec: ModelSpec
 
 
-def load_checkpoint(checkpoint: Path | str, dtype: torch.dtype = torch.float32) -> CheckpointModules:
+def load_checkpoint(
+    checkpoint: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> CheckpointModules:
     checkpoint = Path(checkpoint)
     check_layout(checkpoint)
     return CheckpointModules(
-        transformer=OmniGen2Transformer.from_pretrained(checkpoint / "transformer", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(checkpoint / "vae", torch_dtype=dtype).eval(),
-        mllm=Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint / "mllm", dtype=dtype).eval(),
+        transformer=OmniGen2Transformer.from_pretrained(checkpoint / "transformer", dtype, device),
+        vae=load_vae(checkpoint / "vae", dtype, device),
+        mllm=load_mllm(checkpoint / "mllm", dtype, device),
         processor_dir=checkpoint / "processor",
+        spec=read_spec(checkpoint),
     )
 
 
-def load_graph(name: str, checkpoint: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_graph(
+    name: str, checkpoint: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
     """One component graph (serving/model/graphs.py) from the part of `checkpoint` it needs, weights in `dtype`."""
     part = checkpoint / GRAPH_PARTS[name]
     if not (part / "config.json").is_file():
         raise CheckpointError(str(part / "config.json"), f"file not found (the {name} graph needs it)")
     graph: torch.nn.Module
     if name == "transformer":
-        graph = OmniGen2Transformer.from_pretrained(part, dtype)
+        graph = OmniGen2Transformer.from_pretrained(part, dtype, device)
     elif name == "text_encoder":
-        graph = TextEncoderGraph(Qwen2_5_VLForConditionalGeneration.from_pretrained(part, dtype=dtype))
+        graph = TextEncoderGraph(load_mllm(part, dtype, device))
     else:
-        vae = AutoencoderKL.from_pretrained(part, torch_dtype=dtype)
+        vae = load_vae(part, dtype, device)
         graph = VaeEncoderGraph(vae) if name == "vae_encoder" else VaeDecoderGraph(vae)
     return graph.eval()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from serving.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 # Keys the official config carries that do not change the architecture.
 _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path"}
@@ -64,8 +67,8 @@ class TransformerConfig:
     def from_dict(cls, raw: dict[str, object], source: str = "transformer config") -> TransformerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known - _IGNORED_KEYS)
-        if unknown:
-            raise CheckpointError(source, f"unknown config keys: {', '.join(unknown)}")
+        if unknown:  # newer releases add keys (e.g. training switches); the architecture is what the known ones say
+            log.warning("%s: ignoring config keys this loader does not know: %s", source, ", ".join(unknown))
         values = {k: v for k, v in raw.items() if k in known}
         for key in ("axes_dim_rope", "axes_lens"):
             if key in values:

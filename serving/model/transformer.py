@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from serving.errors import CheckpointError
 from serving.model.config import TransformerConfig
+from serving.model.weights import load_weights, weight_files
 from serving.pipeline.packing import pack_batch, unpack_output
 
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_STEM = (
+    "diffusion_pytorch_model"  # diffusers' name: <stem>.safetensors or a sharded <stem>.safetensors.index.json
+)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -282,25 +283,15 @@ class OmniGen2Transformer(nn.Module):
         return unpack_output(out, packed.latent_sizes, self.config.patch_size)
 
     @classmethod
-    def from_pretrained(cls, directory: Path | str, dtype: torch.dtype = torch.float32) -> OmniGen2Transformer:
-        """Load `transformer/` of the official layout: config.json + diffusion_pytorch_model.safetensors."""
+    def from_pretrained(
+        cls, directory: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> OmniGen2Transformer:
+        """Load `transformer/` of the official layout (config.json + one safetensors file or index-listed shards)
+        straight into `dtype` on `device`: built on the meta device, so no float32 copy ever exists."""
         directory = Path(directory)
         config = TransformerConfig.from_file(directory / "config.json")
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(str(weights), "file not found")
-        model = cls(config)
-        state = load_file(weights)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(str(weights), f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
-        if wrong:
-            k = wrong[0]
-            raise CheckpointError(
-                str(weights), f"{k} has shape {list(state[k].shape)}, config expects {list(expected[k].shape)}"
-            )
-        model.load_state_dict(state, strict=True)
-        return model.to(dtype).eval()
+        files = weight_files(directory, WEIGHTS_STEM)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, files, dtype, device)
+        return model.eval()

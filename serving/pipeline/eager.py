@@ -30,6 +30,8 @@ class GenerationResult:
     latents: torch.Tensor  # (n, 16, h, w) final latents as handed to the VAE decoder (unscaled)
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    truncated_prompt_tokens: int = 0  # tokens cut at max_sequence_length (chat template included)
+    truncated_negative_prompt_tokens: int = 0
 
 
 class OmniGen2Pipeline:
@@ -41,13 +43,22 @@ class OmniGen2Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: Path | str, limits: Limits = DEFAULT_LIMITS, dtype: torch.dtype = torch.float32
+        cls,
+        checkpoint: Path | str,
+        limits: Limits = DEFAULT_LIMITS,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
     ) -> OmniGen2Pipeline:
-        """PyTorch components from a checkpoint in the official layout, weights in `dtype` (bf16 as served)."""
+        """PyTorch components from a checkpoint in the official layout, weights in `dtype` (bf16 as served) on
+        `device` (`auto`: CUDA when present). Latents, noise and the solver stay on the CPU in float32, as the
+        contract says, so a seed gives the same noise on any device."""
+        from serving.model.devices import check_dtype, resolve_device
         from serving.runtime.torch_backend import TorchBackend
 
         checkpoint = Path(checkpoint)
-        backend = TorchBackend.from_checkpoint(checkpoint, dtype)
+        where = resolve_device(device)
+        check_dtype(where, dtype)
+        backend = TorchBackend.from_checkpoint(checkpoint, dtype, where)
         return cls(PromptTokenizer.from_dir(checkpoint / "processor"), backend, limits)
 
     @classmethod
@@ -63,8 +74,11 @@ class OmniGen2Pipeline:
     def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         request.validate(self.limits)
         spec, backend = self.spec, self.backend
+        max_length = request.sequence_length(spec.text_positions)
         watch = Stopwatch()
-        texts = {key: self.encode_prompt(prompt) for key, prompt in prompts_for(request).items()}
+        encoded = {key: self.encode_prompt(prompt, max_length) for key, prompt in prompts_for(request).items()}
+        texts = {key: features for key, (features, _) in encoded.items()}
+        truncated = {key: cut for key, (_, cut) in encoded.items()}
         watch.lap("text_encode")
 
         ref_latents = [
@@ -93,9 +107,17 @@ class OmniGen2Pipeline:
 
         images = postprocess(backend.decode(denoiser.latents), out_h, out_w)
         watch.lap("vae_decode")
-        return GenerationResult(images, spec.unscale(denoiser.latents), request.seed, watch.timings)
+        return GenerationResult(
+            images,
+            spec.unscale(denoiser.latents),
+            request.seed,
+            watch.timings,
+            truncated_prompt_tokens=truncated["prompt"],
+            truncated_negative_prompt_tokens=truncated.get("negative", 0),
+        )
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Unpadded (L, D) features of one templated prompt."""
-        ids, mask = self.tokenizer([prompt])
-        return self.backend.encode_text(ids, mask)[0, : int(mask.sum())]
+    def encode_prompt(self, prompt: str, max_length: int) -> tuple[torch.Tensor, int]:
+        """Unpadded (L, D) features of one templated prompt cut to `max_length` tokens, and how many were cut."""
+        batch = self.tokenizer.encode([prompt], max_length)
+        features = self.backend.encode_text(batch.input_ids, batch.attention_mask)
+        return features[0, : int(batch.attention_mask.sum())], batch.truncated[0]

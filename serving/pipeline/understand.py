@@ -17,6 +17,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from serving.model.checkpoint import load_mllm
 from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatEncoder, ChatLimits, ChatRequest, StopStrings, TextDeltas
 
 
@@ -51,7 +52,9 @@ class _Flag(StoppingCriteria):
         self.stop = stop
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool)  # type: ignore[return-value]
+        # On the ids' device: generate combines the criteria with its own flags there (CUDA beside a GPU model).
+        stop = torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)
+        return stop  # type: ignore[return-value]
 
 
 _DONE = object()
@@ -70,12 +73,9 @@ class Understander:
 
     @classmethod
     def from_dirs(
-        cls, mllm_dir: Path, processor_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+        cls, mllm_dir: Path, processor_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> Understander:
-        # sdpa: PyTorch's fused attention (flash / memory-efficient kernels on GPU), no extra package needed.
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mllm_dir, dtype=dtype, attn_implementation="sdpa")
-        model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() unbound
-        return cls(model, ChatEncoder.from_dir(processor_dir))
+        return cls(load_mllm(mllm_dir, dtype, device), ChatEncoder.from_dir(processor_dir))
 
     def generate_kwargs(self, request: ChatRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": not request.greedy}

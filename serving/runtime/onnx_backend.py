@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 
 from serving.errors import CheckpointError
-from serving.runtime.base import ModelSpec
+from serving.model.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("text_encoder", "vae_encoder", "transformer", "vae_decoder")

@@ -14,9 +14,10 @@ from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGr
 
 @torch.no_grad()
 def run_graph(graph: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
-    """One graph call in the dtype of the graph's weights; float32 tensors in and out, as the contract says."""
-    output: torch.Tensor = graph(**inputs)
-    return output.float()
+    """One graph call on the graph's device, in its weights' dtype; float32 CPU tensors in and out (the contract)."""
+    device = next(graph.parameters()).device
+    output: torch.Tensor = graph(**{name: value.to(device) for name, value in inputs.items()})
+    return output.float().cpu()
 
 
 class TorchBackend:
@@ -30,8 +31,10 @@ class TorchBackend:
         self.vae_decoder = VaeDecoderGraph(modules.vae).eval()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path | str, dtype: torch.dtype = torch.float32) -> TorchBackend:
-        return cls(load_checkpoint(checkpoint, dtype))
+    def from_checkpoint(
+        cls, checkpoint: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> TorchBackend:
+        return cls(load_checkpoint(checkpoint, dtype, device))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return run_graph(self.text_encoder, input_ids=input_ids, attention_mask=attention_mask)
