@@ -61,6 +61,30 @@ def test_matches_transformers_generate_token_for_token(
     assert result.finish_reason in ("stop", "length") and result.prompt_tokens > 20
 
 
+def test_small_images_follow_the_checkpoints_minimum_pixels(
+    understander: Understander, tiny_checkpoint: Path, golden: Path
+) -> None:
+    """A 30x30 image is below the checkpoint's min_pixels (3136): it is scaled up to a 4x4 patch grid, not 2x2."""
+    small = Image.open(golden / "edit_one_image_input0.png").crop((0, 0, 30, 30))
+    request = ChatRequest([ChatMessage("user", [ChatPart(image=0), ChatPart(text="What?")])], [small], max_new_tokens=8)
+    grid = understander.encoder.encode(request).image_grid_thw
+    assert grid is not None and grid.tolist() == [[1, 4, 4]]
+    assert _run(understander, request)[1].token_ids == transformers_generate(tiny_checkpoint, request)
+
+
+def test_max_pixels_lowers_the_checkpoints_bound_only(understander: Understander, golden: Path) -> None:
+    image = Image.open(golden / "edit_one_image_input0.png")  # 80x64 -> 84x56 pixels (multiples of 28)
+    ask = [ChatMessage("user", [ChatPart(image=0)])]
+    encoder = understander.encoder
+    assert encoder.vision_size(ChatRequest(ask, [image])) == {"shortest_edge": 3136, "longest_edge": 50176}
+    grids = [encoder.encode(ChatRequest(ask, [image], max_pixels=m)).image_grid_thw for m in (10**6, 3136)]
+    # 84x56 fits; a budget of 3136 scales it down (floored to 28: 56x28), as transformers' smart_resize does.
+    assert [g.tolist() for g in grids if g is not None] == [[[1, 4, 6]], [[1, 2, 4]]]
+    with pytest.raises(InvalidArgumentError, match="minimum of 3136") as info:
+        encoder.encode(ChatRequest(ask, [image], max_pixels=3000))
+    assert info.value.field == "max_pixels"
+
+
 def test_sampling_follows_the_seed(understander: Understander, golden: Path) -> None:
     runs = [_run(understander, _question(golden, max_new_tokens=16, temperature=1.0, seed=s))[1] for s in (1, 1, 2)]
     assert runs[0].token_ids == runs[1].token_ids != runs[2].token_ids

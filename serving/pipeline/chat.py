@@ -19,6 +19,8 @@ from serving.pipeline.request import random_seed
 
 ROLES = ("system", "user", "assistant")
 IMAGE_PAD = "<|image_pad|>"
+# Below this, sampling is greedy decoding: logits divided by 1e-40 overflow to inf and the probabilities to NaN.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class ChatRequest:
     messages: list[ChatMessage]
     images: list[Image.Image] = field(default_factory=list)
     max_new_tokens: int = 512
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int = 0
@@ -64,7 +66,7 @@ class ChatRequest:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def violations(self, limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> list[InvalidArgumentError]:
         found: list[InvalidArgumentError] = []
@@ -185,14 +187,23 @@ class ChatEncoder:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[arg-type]
         return str(text)
 
+    def vision_size(self, request: ChatRequest) -> dict[str, int]:
+        """The checkpoint's own pixel bounds (processor/preprocessor_config.json); a request may only lower the
+        upper one, which also keeps the serving budget on a checkpoint that allows more."""
+        own = self.image_processor.size
+        if request.max_pixels < own["shortest_edge"]:
+            raise InvalidArgumentError("max_pixels", f"below this model's minimum of {own['shortest_edge']}")
+        return {"shortest_edge": own["shortest_edge"], "longest_edge": min(own["longest_edge"], request.max_pixels)}
+
     def encode(self, request: ChatRequest, limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> ChatInputs:
         text = self.template(request)
         pixel_values = grid = None
         if request.images:
             # Images in the order they appear in the conversation.
             order = [p.image for m in request.messages for p in m.parts if p.image is not None]
-            size = {"shortest_edge": 28 * 28, "longest_edge": request.max_pixels}
-            vision = self.image_processor(images=[request.images[i] for i in order], size=size, return_tensors="pt")
+            vision = self.image_processor(
+                images=[request.images[i] for i in order], size=self.vision_size(request), return_tensors="pt"
+            )
             pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]
             merge = self.image_processor.merge_size**2
             pieces = text.split(IMAGE_PAD)
