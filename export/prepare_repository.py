@@ -148,8 +148,8 @@ def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, setti
     config.input.add(name="request", data_type=mc.TYPE_STRING, dims=[1])
     config.input.add(name="images", data_type=mc.TYPE_STRING, dims=[-1], optional=True)
     config.output.add(name="event", data_type=mc.TYPE_STRING, dims=[1])
-    config.output.add(name="preview", data_type=mc.TYPE_FP32, dims=[-1, -1, -1, 3])
-    config.output.add(name="images", data_type=mc.TYPE_FP32, dims=[-1, -1, -1, 3])
+    config.output.add(name="preview", data_type=mc.TYPE_UINT8, dims=[-1, -1, -1, 3])
+    config.output.add(name="images", data_type=mc.TYPE_UINT8, dims=[-1, -1, -1, 3])
     config.output.add(name="latents", data_type=mc.TYPE_FP32, dims=[-1, -1, -1, -1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instances)
     config.parameters["spec"].string_value = json.dumps(spec)
@@ -187,7 +187,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 # Bump when the generated configs change shape, so existing repositories are rebuilt rather than reused.
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:

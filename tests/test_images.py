@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline.images import fit_size, generation_size, postprocess, preprocess_image, to_pil
+from serving.pipeline.images import fit_size, generation_size, postprocess, preprocess_image, to_pil, to_uint8
 
 
 def test_fit_size_never_upscales_and_floors_to_16() -> None:
@@ -26,9 +26,10 @@ def test_generation_size_rules() -> None:
     # Not multiples of 16 or above max_pixels: valid, generated smaller and resized back.
     assert generation_size(100, 50, 1024 * 1024, []) == ((48, 96), (50, 100))
     assert generation_size(2048, 2048, 1024 * 1024, [(64, 64), (64, 64)]) == ((1024, 1024), (2048, 2048))
-    with pytest.raises(InvalidArgumentError) as err:
-        generation_size(8, 64, 1024 * 1024, [])
-    assert err.value.field == "width"
+    # Sides of 1-15 px: generated at 16 and resized down, the other side kept inside max_pixels.
+    assert generation_size(8, 64, 1024 * 1024, []) == ((64, 16), (64, 8))
+    assert generation_size(1, 1, 1024 * 1024, []) == ((16, 16), (1, 1))
+    assert generation_size(4096, 1, 256, []) == ((16, 16), (1, 4096))
 
 
 def test_preprocess_converts_resizes_and_normalises() -> None:
@@ -45,5 +46,5 @@ def test_postprocess_resizes_clamps_and_round_trips_to_pil() -> None:
     out = postprocess(decoded, 20, 24)
     assert out.shape == (1, 20, 24, 3) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
-    (pil,) = to_pil(out)
+    (pil,) = to_pil(to_uint8(out))
     assert pil.size == (24, 20) and pil.mode == "RGB"

@@ -15,6 +15,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from serving.errors import InvalidArgumentError
 from serving.frontend.status import invalid_argument
 from serving.pipeline.chat import ChatLimits, ChatMessage, ChatPart, ChatRequest
+from serving.pipeline.cost import GenerationCost, generation_cost
 from serving.pipeline.images import decode_image, to_pil
 from serving.pipeline.request import GenerationRequest, Limits, random_seed
 from serving.pipeline.schedulers import SchedulerKind
@@ -57,6 +58,7 @@ class Forward:
     quality: int
     previews: bool
     return_latents: bool
+    cost: GenerationCost
 
     @property
     def seed(self) -> int:
@@ -121,11 +123,12 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         quality=quality,
         previews=request.previews,
         return_latents=request.return_latents,
+        cost=generation_cost(generation, [(i.height, i.width) for i in images], request.return_latents),
     )
 
 
 def encode_images(images: np.ndarray, output_format: str, quality: int) -> list[pb.Image]:
-    """Float NHWC images in [0, 1] -> encoded images (8-bit, rounded)."""
+    """uint8 NHWC images -> encoded images."""
     encoded = []
     for picture in to_pil(images):
         buffer = io.BytesIO()

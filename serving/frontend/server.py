@@ -21,6 +21,7 @@ from serving.frontend import access_log
 from serving.frontend.auth import AuthInterceptor, TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
+from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.triton_backend import TritonBackend
@@ -37,7 +38,9 @@ class Frontend:
         self.backend = TritonBackend(config.triton_url, config.max_response_bytes, config.retry_after_s)
         self.health = TritonHealth(self.backend, config.health_interval_s)
         self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
-        interceptors = [AuthInterceptor(self.tokens, self._denied)] if self.tokens else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(f"/{SERVICE}/")]
+        if self.tokens:
+            interceptors.append(AuthInterceptor(self.tokens, self._denied))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[

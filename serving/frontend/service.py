@@ -16,6 +16,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend import access_log
 from serving.frontend.auth import TokenRegistry
+from serving.frontend.budgets import check_budgets
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import (
     Forward,
@@ -30,8 +31,9 @@ from serving.frontend.convert import (
     understand_defaults,
     understand_limits,
 )
+from serving.frontend.malformed import Malformed
 from serving.frontend.metrics import Metrics
-from serving.frontend.status import ApiError, resource_exhausted
+from serving.frontend.status import ApiError, invalid_argument, resource_exhausted
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, Malformed):
+                raise invalid_argument([("request", f"not a valid {method} request: {request.reason}")])
             yield
         except ApiError as exc:
             code = exc.code
@@ -137,6 +141,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         with self._admission():
             check_request_size(request, self.config.max_request_bytes)
             forward = await asyncio.to_thread(to_forward, request, self.config.limits)
+            check_budgets(forward, self.config.max_response_bytes)
             forward = dataclasses.replace(forward, previews=previews)
             last_step = time.perf_counter()
             events = self.backend.generate(forward, context.time_remaining())

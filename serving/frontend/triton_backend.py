@@ -33,14 +33,14 @@ FINAL_EVENTS = ("result", "done")
 class ProgressEvent:
     step: int
     total: int
-    preview: np.ndarray | None  # float NHWC in [0, 1], when asked for
+    preview: np.ndarray | None  # uint8 NHWC, when asked for
 
 
 @dataclass(frozen=True)
 class ResultEvent:
     seed: int
     timings: dict[str, float]
-    images: np.ndarray  # float NHWC in [0, 1]
+    images: np.ndarray  # uint8 NHWC
     latents: np.ndarray
 
 

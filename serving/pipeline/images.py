@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
+from serving.pipeline import png
 
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
 
@@ -27,6 +28,8 @@ def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None
             raise InvalidArgumentError(
                 field, f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit for input images"
             )
+        if image.format == "PNG" and png.is_truncated(data):
+            raise InvalidArgumentError(field, f"truncated: the header promises {image.width}x{image.height} pixels")
         image.load()  # the first frame of an animation
     except InvalidArgumentError:
         raise
@@ -90,11 +93,15 @@ def generation_size(
         return ref_sizes[0], ref_sizes[0]
     out_h, out_w = height or default, width or default
     ratio = min((max_pixels / (out_h * out_w)) ** 0.5, 1.0)
-    gen = (int(out_h * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE, int(out_w * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE)
-    if gen[0] == 0 or gen[1] == 0:
-        field = "height" if gen[0] == 0 else "width"
-        raise InvalidArgumentError(field, f"the generated size {gen[1]}x{gen[0]} is empty; ask for at least 16 px")
-    return gen, (out_h, out_w)
+    # A side under 16 px is generated at 16 px and resized down; the other side then shrinks to stay in max_pixels.
+    gen_h = max(_floor16(out_h * ratio), SIZE_MULTIPLE)
+    gen_w = max(_floor16(min(out_w * ratio, max_pixels / gen_h)), SIZE_MULTIPLE)
+    gen_h = max(_floor16(min(gen_h, max_pixels / gen_w)), SIZE_MULTIPLE)
+    return (gen_h, gen_w), (out_h, out_w)
+
+
+def _floor16(size: float) -> int:
+    return int(size) // SIZE_MULTIPLE * SIZE_MULTIPLE
 
 
 def postprocess(decoded: torch.Tensor, out_height: int, out_width: int) -> np.ndarray:
@@ -103,6 +110,11 @@ def postprocess(decoded: torch.Tensor, out_height: int, out_width: int) -> np.nd
     return (resized / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float NHWC in [0, 1] -> uint8 NHWC (rounded): a quarter of the bytes, which is all an 8-bit format keeps."""
+    return np.asarray((images * 255).round(), dtype=np.uint8)
+
+
 def to_pil(images: np.ndarray) -> list[Image.Image]:
-    """Float NHWC in [0, 1] -> 8-bit RGB images."""
-    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+    """uint8 NHWC -> RGB images."""
+    return [Image.fromarray(img) for img in images]

@@ -5,8 +5,8 @@ Wire format (all requests and responses of model `omnigen2`):
            images   BYTES [-1]  optional: encoded input images (PNG/JPEG/WEBP...), at most 5
   outputs  event    BYTES [1]   JSON: {"type": "progress", "step", "total"} per step, then {"type": "result",
                                 "seed", "width", "height", "timings"} in the final response
-           preview  FP32 [n, h, w, 3]  with a progress event when the request asked for previews
-           images   FP32 [n, H, W, 3]  final response: images in [0, 1]
+           preview  UINT8 [n, h, w, 3]  with a progress event when the request asked for previews
+           images   UINT8 [n, H, W, 3]  final response: 8-bit RGB images (the front end encodes them)
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
 Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
 INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
@@ -34,7 +34,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for, sample_shape
 from serving.pipeline.grouping import CallCost, padded_tokens, plan_calls
-from serving.pipeline.images import decode_image, postprocess, preprocess_image
+from serving.pipeline.images import decode_image, postprocess, preprocess_image, to_uint8
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_from_params
@@ -130,14 +130,15 @@ class TritonPythonModel:
                 outputs = [event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
                 if preview:
                     decoded = await call_component("vae_decoder", {"latents": denoiser.x0.numpy()}, "image")
-                    outputs.append(pb_utils.Tensor("preview", postprocess(torch.from_numpy(decoded), *gen_size)))
+                    preview_image = to_uint8(postprocess(torch.from_numpy(decoded), *gen_size))
+                    outputs.append(pb_utils.Tensor("preview", preview_image))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         finally:
             self.batcher.unregister()
         watch.lap("denoise")
 
         decoded = await call_component("vae_decoder", {"latents": denoiser.latents.numpy()}, "image")
-        images = postprocess(torch.from_numpy(decoded), out_h, out_w)
+        images = to_uint8(postprocess(torch.from_numpy(decoded), out_h, out_w))
         watch.lap("vae_decode")
         result = {"type": "result", "seed": generation.seed, "width": out_w, "height": out_h, "timings": watch.timings}
         return pb_utils.InferenceResponse(

@@ -114,6 +114,7 @@ class TritonServer:
             f"--metrics-address={LOOPBACK}",
             f"--metrics-port={self.ports.metrics}",
             "--strict-readiness=true",
+            "--model-control-mode=none",  # the repository is read once at start-up, never polled
             "--exit-on-error=true",
         ]
 

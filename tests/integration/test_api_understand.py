@@ -160,3 +160,10 @@ def test_model_info_reports_understand_limits(client: OmniGen2Client) -> None:
     assert info.understand_limits.max_images == DEFAULT_CHAT_LIMITS.max_images
     assert info.understand_limits.max_new_tokens == DEFAULT_CHAT_LIMITS.max_new_tokens
     assert info.understand_defaults.max_new_tokens == 512 and info.understand_defaults.temperature == 0.0
+
+
+def test_temperatures_below_the_minimum_decode_greedily(client: OmniGen2Client) -> None:
+    """1e-40 is inside 0..2; dividing the logits by it gave inf/NaN probabilities and INTERNAL."""
+    greedy = client.understand("Describe a cat", max_new_tokens=8, seed=1)
+    tiny = client.understand("Describe a cat", max_new_tokens=8, seed=2, temperature=1e-40)
+    assert tiny.token_ids == greedy.token_ids

@@ -4,6 +4,9 @@ messages refused, and a property-based search over the request message finds no 
 from __future__ import annotations
 
 import io
+import struct
+import urllib.request
+import zlib
 from collections.abc import Iterator
 
 import grpc
@@ -62,6 +65,18 @@ def _jpeg() -> bytes:
     return _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG", quality=90)
 
 
+def _rows_missing_png() -> bytes:
+    """A well-formed PNG whose header says 64 rows and whose (complete) compressed stream holds 32: Pillow loads it
+    without complaint, the missing half black."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes([128]) * 64 * 3 for _ in range(32))
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 BROKEN = {
     "truncated_jpeg": _jpeg()[: len(_jpeg()) // 2],
     "truncated_png": CONVERTED["rgba_png"][:60],
@@ -69,6 +84,7 @@ BROKEN = {
     "text_file": b"just some text, not an image",
     "bomb": _encode(Image.new("1", (8000, 6000)), "PNG"),  # 48 M pixels from a few KB
     "too_small": _encode(Image.new("RGB", (8, 8)), "PNG"),  # nothing left after fitting to multiples of 16
+    "rows_missing_png": _rows_missing_png(),
 }
 
 
@@ -174,3 +190,21 @@ def test_property_no_crash_and_only_documented_statuses(api: FrontendProcess, fi
 
 def test_server_still_healthy_after_the_search(api: FrontendProcess) -> None:
     assert api.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Understand", "GetModelInfo"])
+def test_garbage_request_bytes_are_invalid_argument(api: FrontendProcess, method: str) -> None:
+    """grpcio's own answer to bytes that do not parse is UNKNOWN, with a traceback in the log and no count."""
+    channel = grpc.insecure_channel(api.address)
+    path = f"/omnigen2.v1.OmniGen2/{method}"
+    streaming = method in ("GenerateStream", "Understand")
+    call = (channel.unary_stream if streaming else channel.unary_unary)(path)
+    with pytest.raises(grpc.RpcError) as raised:
+        response = call(b"\x0a\xff\xff\xff\xff", timeout=10)
+        if streaming:
+            list(response)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("request: not a valid")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
+    assert f'omnigen2_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}' in metrics
+    assert "Traceback" not in api.log_path.read_text()

@@ -1,0 +1,67 @@
+"""What a generation will cost, computed from the request and its images' headers before any work runs.
+
+Tokens are transformer tokens (a 16x16-pixel patch of an image, or one text token) and are counted per sample:
+a step carries each active CFG branch of each of the `num_images_per_prompt` images. Text is bounded from above,
+not tokenized: a byte-level BPE (Qwen2.5's) never makes more tokens than the text has UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from serving.pipeline.guidance import Branch, step_guidance
+from serving.pipeline.images import SIZE_MULTIPLE, fit_size, generation_size
+from serving.pipeline.request import GenerationRequest
+
+LATENT_CHANNELS = 16
+VAE_SCALE = 8
+# An 8-bit PNG of noise is slightly larger than its pixels (one filter byte a row, zlib's stored blocks).
+ENCODING_SLACK = 1.01
+CHAT_TEMPLATE_TOKENS = 64  # the system message and the template's markers around a prompt
+
+
+@dataclass(frozen=True)
+class GenerationCost:
+    output_bytes: int  # the response: uint8 images at output size (encoded), plus latents when asked for
+    input_pixels: int  # decoded pixels of the input images, as their headers state
+    step_tokens: int  # transformer tokens of the largest step (every sample of every active branch)
+    total_tokens: int  # transformer tokens over all steps: the compute the request asks for
+
+
+def generation_cost(
+    request: GenerationRequest, image_sizes: Sequence[tuple[int, int]], return_latents: bool
+) -> GenerationCost:
+    """`image_sizes` are the input images' (height, width) from their headers."""
+    refs = [fit_size(h, w, request.max_pixels, request.max_input_image_side_length) for h, w in image_sizes]
+    (gen_h, gen_w), (out_h, out_w) = generation_size(request.width, request.height, request.max_pixels, refs)
+    n = request.num_images_per_prompt
+    output = int(n * out_h * out_w * 3 * ENCODING_SLACK)
+    if return_latents:
+        output += n * LATENT_CHANNELS * (gen_h // VAE_SCALE) * (gen_w // VAE_SCALE) * 4
+    image = _patches(gen_h, gen_w)
+    references = sum(_patches(h, w) for h, w in refs)
+    prompt, negative = (len(text.encode()) + CHAT_TEMPLATE_TOKENS for text in (request.prompt, request.negative_prompt))
+    branch_tokens = {
+        Branch.COND: prompt + references + image,
+        Branch.REF: negative + references + image,
+        Branch.UNCOND: negative + image,
+    }
+    steps = [n * sum(branch_tokens[b] for b in _branches(request, i, bool(refs))) for i in range(request.steps)]
+    return GenerationCost(
+        output_bytes=output,
+        input_pixels=sum(h * w for h, w in image_sizes),
+        step_tokens=max(steps),
+        total_tokens=sum(steps),
+    )
+
+
+def _patches(height: int, width: int) -> int:
+    return (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+
+
+def _branches(request: GenerationRequest, step: int, has_refs: bool) -> tuple[Branch, ...]:
+    guidance = step_guidance(
+        step, request.steps, request.text_guidance_scale, request.image_guidance_scale, request.cfg_range, has_refs
+    )
+    return guidance.branches
