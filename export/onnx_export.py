@@ -30,7 +30,7 @@ from serving.pipeline.packing import pack_batch
 from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
 
 OPSET = 20
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's spec carries text_positions
 log = logging.getLogger("export.onnx")
 
 # Upper bounds of the dynamic axes. They bound what the graphs accept, not what a request may ask: the

@@ -25,6 +25,8 @@ def request_from_case(case: dict[str, Any], golden: Path) -> GenerationRequest:
         cfg_range=tuple(case["cfg_range"]),
         seed=case["seed"],
         scheduler=case["scheduler"],
+        num_images_per_prompt=case.get("num_images_per_prompt", 1),
+        max_sequence_length=case.get("max_sequence_length"),
     )
 
 

@@ -109,9 +109,20 @@ def test_golden_pipeline_through_onnx_runtime(exported: Path, cases: dict[str, A
     assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= 2e-3
 
 
+@pytest.mark.parametrize("name", ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated"])
+def test_golden_feature_case_through_onnx_runtime(
+    exported: Path, cases: dict[str, Any], golden: Path, name: str
+) -> None:
+    case = next(c for c in cases["feature_cases"] if c["name"] == name)
+    result = OmniGen2Pipeline.from_onnx(exported, threads=2)(request_from_case(case, golden))
+    assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 1e-5
+    assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= 1e-4
+
+
 def test_manifest_records_the_contract_and_a_rerun_is_a_no_op(exported: Path, tiny_checkpoint: Path) -> None:
     manifest = json.loads((exported / MANIFEST).read_text())
     assert manifest["settings"]["opset"] == 20
+    assert manifest["spec"]["text_positions"] == 512  # axes_lens[0] of the tiny checkpoint
     assert len(manifest["checkpoint_sha256"]) == 64
     transformer = {i["name"]: i for i in manifest["graphs"]["transformer"]["inputs"]}
     assert transformer["ref_tokens"]["shape"] == ["batch", "ref_slots", "ref_len", 64]

@@ -44,3 +44,35 @@ def test_parity_check_detects_a_different_schedule(
     request = dataclasses.replace(request_from_case(case, golden), scheduler="euler")
     result = golden_pipeline(request)
     assert relative_error(result.latents, np.load(golden / case["final_latents"])) > LATENT_TOLERANCE
+
+
+FEATURE_LATENT_TOLERANCE = 1e-5
+FEATURE_IMAGE_TOLERANCE = 1e-4
+FEATURE_CASES = ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated"]
+
+
+def _feature_case(cases: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in cases["feature_cases"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("name", FEATURE_CASES)
+def test_golden_feature_case(golden_pipeline: OmniGen2Pipeline, cases: dict[str, Any], golden: Path, name: str) -> None:
+    case = _feature_case(cases, name)
+    result = golden_pipeline(request_from_case(case, golden))
+
+    expected_latents = np.load(golden / case["final_latents"])
+    assert result.latents.shape == expected_latents.shape
+    assert relative_error(result.latents, expected_latents) <= FEATURE_LATENT_TOLERANCE
+    assert list(result.images.shape) == case["output_shape"]
+    assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= FEATURE_IMAGE_TOLERANCE
+    assert (result.truncated_prompt_tokens > 0) == ("max_sequence_length" in case)
+    assert result.truncated_negative_prompt_tokens == 0
+
+
+def test_feature_parity_detects_an_untruncated_prompt(
+    golden_pipeline: OmniGen2Pipeline, cases: dict[str, Any], golden: Path
+) -> None:
+    """Negative control: the long prompt at the default length (the checkpoint's 512) must miss the tolerance."""
+    case = _feature_case(cases, "f_long_prompt_truncated")
+    result = golden_pipeline(dataclasses.replace(request_from_case(case, golden), max_sequence_length=None))
+    assert relative_error(result.latents, np.load(golden / case["final_latents"])) > FEATURE_LATENT_TOLERANCE

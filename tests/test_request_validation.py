@@ -32,6 +32,8 @@ VALID = GenerationRequest(prompt="a red car", width=64, height=64, steps=2)
         ({"seed": -1}, "seed"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
         ({"max_pixels": 10}, "max_pixels"),
+        ({"max_sequence_length": 0}, "max_sequence_length"),
+        ({"max_sequence_length": 1025}, "max_sequence_length"),
     ],
 )
 def test_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
@@ -49,3 +51,12 @@ def test_valid_request_runs_with_several_images_per_prompt(golden_pipeline: Omni
     result = golden_pipeline(dataclasses.replace(VALID, num_images_per_prompt=2, width=40, height=24))
     assert result.images.shape == (2, 24, 40, 3)  # generated at 32x16, resized to the requested size
     assert result.latents.shape == (2, 16, 2, 4)
+
+
+def test_max_sequence_length_is_bounded_by_the_checkpoints_text_positions(golden_pipeline: OmniGen2Pipeline) -> None:
+    assert VALID.sequence_length(text_positions=512) == 512  # the default 1024, capped at the checkpoint's
+    assert VALID.sequence_length(text_positions=2048) == 1024
+    assert dataclasses.replace(VALID, max_sequence_length=512).sequence_length(512) == 512
+    with pytest.raises(InvalidArgumentError) as err:
+        golden_pipeline(dataclasses.replace(VALID, max_sequence_length=513))  # tiny: axes_lens[0] = 512
+    assert err.value.field == "max_sequence_length" and "512" in err.value.description

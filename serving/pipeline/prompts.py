@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,15 +11,21 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 SYSTEM_PROMPT = "You are a helpful assistant that generates high-quality images based on user instructions."
 
 
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    input_ids: torch.Tensor  # (B, L) right-padded to the longest
+    attention_mask: torch.Tensor  # (B, L)
+    truncated: list[int]  # tokens cut from each templated prompt
+
+
 class PromptTokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
-        self.max_length = max_length
 
     @classmethod
-    def from_dir(cls, processor_dir: Path | str, max_length: int | None = None) -> PromptTokenizer:
+    def from_dir(cls, processor_dir: Path | str) -> PromptTokenizer:
         """`processor/` of the official layout: tokenizer files and the chat template."""
-        return cls(AutoTokenizer.from_pretrained(Path(processor_dir)), max_length)
+        return cls(AutoTokenizer.from_pretrained(Path(processor_dir)))
 
     def apply_template(self, prompt: str) -> str:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
@@ -26,13 +33,22 @@ class PromptTokenizer:
         assert isinstance(text, str)
         return text
 
-    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of the templated prompts, right-padded to the longest."""
+        batch = self.encode(prompts, max_length)
+        return batch.input_ids, batch.attention_mask
+
+    def encode(self, prompts: list[str], max_length: int | None = None) -> TokenizedPrompts:
+        """Templated prompts cut to `max_length` tokens as the reference cuts them: the chat template counts, and
+        the end is cut (the template's closing tokens first)."""
+        texts = [self.apply_template(p) for p in prompts]
         batch = self.tokenizer(
-            [self.apply_template(p) for p in prompts],
+            texts,
             padding="longest",
-            max_length=self.max_length,
-            truncation=self.max_length is not None,
+            max_length=max_length,
+            truncation=max_length is not None,
             return_tensors="pt",
         )
-        return batch.input_ids, batch.attention_mask
+        kept = batch.attention_mask.sum(dim=1).tolist()
+        full = [len(ids) for ids in self.tokenizer(texts).input_ids] if max_length is not None else kept
+        return TokenizedPrompts(batch.input_ids, batch.attention_mask, [f - k for f, k in zip(full, kept, strict=True)])

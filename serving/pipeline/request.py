@@ -14,6 +14,7 @@ from serving.errors import InvalidArgumentError
 from serving.pipeline.schedulers import SchedulerKind
 
 MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
+DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # what the official inference script and app pass
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,10 @@ class Limits:
     max_pixels: int = 2048 * 2048
     max_images_per_prompt: int = 8
     max_guidance: float = 100.0
-    max_prompt_chars: int = 8192
+    max_prompt_chars: int = 8192  # a cheap pre-check; tokens are bounded by max_sequence_length
+    # Static bound (the full checkpoint's text positions); the served checkpoint's own bound is checked where it is
+    # loaded (`GenerationRequest.sequence_length`).
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     max_input_image_pixels: int = 40_000_000  # decoded size of one input image, checked before decoding
     max_input_image_bytes: int = 20 * 1024 * 1024  # encoded size of one input image
 
@@ -50,6 +54,8 @@ class GenerationRequest:
     num_images_per_prompt: int = 1
     max_pixels: int = 1024 * 1024
     max_input_image_side_length: int = 1024
+    # Prompt tokens kept (chat template included); None: 1024, or the checkpoint's text positions if fewer.
+    max_sequence_length: int | None = None
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidArgumentError naming the first field out of range."""
@@ -97,11 +103,34 @@ class GenerationRequest:
         if not 16 <= self.max_input_image_side_length <= limits.max_side:
             got = self.max_input_image_side_length
             bad("max_input_image_side_length", f"must be in [16, {limits.max_side}], got {got}")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= limits.max_sequence_length:
+            got = self.max_sequence_length
+            bad("max_sequence_length", f"must be in [1, {limits.max_sequence_length}], got {got}")
         return found
+
+    def sequence_length(self, text_positions: int) -> int:
+        """The truncation length for a checkpoint with `text_positions` text positions (axes_lens[0])."""
+        if self.max_sequence_length is None:
+            return min(DEFAULT_MAX_SEQUENCE_LENGTH, text_positions)
+        if self.max_sequence_length > text_positions:
+            raise InvalidArgumentError(
+                "max_sequence_length",
+                f"the served checkpoint takes at most {text_positions} text tokens, got {self.max_sequence_length}",
+            )
+        return self.max_sequence_length
 
 
 _FIELD_TYPES: dict[str, type] = {"prompt": str, "negative_prompt": str, "scheduler": str}
-_INT_FIELDS = {"width", "height", "steps", "seed", "num_images_per_prompt", "max_pixels", "max_input_image_side_length"}
+_INT_FIELDS = {
+    "width",
+    "height",
+    "steps",
+    "seed",
+    "num_images_per_prompt",
+    "max_pixels",
+    "max_input_image_side_length",
+    "max_sequence_length",
+}
 _FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale"}
 
 
