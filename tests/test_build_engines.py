@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from export.build_engines import ProfileBounds, cache_key, main, profiles
 from serving.pipeline.request import DEFAULT_LIMITS
@@ -19,13 +22,16 @@ def test_profiles_are_ordered_and_cover_the_limits() -> None:
         for name, (low, opt, high) in inputs.items():
             assert len(low) == len(opt) == len(high), f"{graph}.{name}"
             assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)), f"{graph}.{name}"
+    assert DEFAULT_LIMITS.max_pixels == 2048 * 2048 and DEFAULT_LIMITS.max_input_images == 5
     transformer = shapes["transformer"]
-    side = int(DEFAULT_LIMITS.max_pixels**0.5)
-    assert transformer["img_tokens"][2][1] == (side // 16) ** 2  # the largest generation the front end admits
-    assert transformer["ref_tokens"][2][1] == DEFAULT_LIMITS.max_input_images
-    assert transformer["rope_cos"][2][2] == 60  # head_dim / 2 of the full model
-    max_seq = bounds.max_text + bounds.max_refs * bounds.max_ref_tokens + bounds.max_img_tokens
-    assert transformer["rope_cos"][2][1] == max_seq
+    assert transformer["img_tokens"][2] == (24, 128 * 128, 64)  # 2048x2048 pixels: a 128x128 grid of 2x2 patches
+    assert transformer["ref_tokens"][2] == (24, 5, 64 * 64, 64)  # 5 references of at most 1024x1024
+    assert transformer["text_feats"][2] == (24, 1024, 2048)
+    # 1024 text + 5 x 4096 reference + 16384 image tokens; head_dim / 2 = 60 in the full model.
+    assert transformer["rope_cos"][2] == transformer["rope_sin"][2] == (24, 37_888, 60)
+    assert transformer["rope_cos"][1] == (6, 128 + 4096 + 4096, 60)
+    assert shapes["vae_encoder"]["image"][2] == (5, 3, 2048, 2048)
+    assert shapes["vae_decoder"]["latents"][2] == (8, 16, 256, 256)  # one request's 8 images at 2048x2048
 
 
 def test_cache_key_changes_with_what_changes_the_engine() -> None:
@@ -42,11 +48,22 @@ def test_cache_key_changes_with_what_changes_the_engine() -> None:
     assert len(set(keys)) == len(variants)
 
 
-def test_without_a_gpu_it_reports_clearly(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """This CI machine has no GPU (and no TensorRT): the command must explain and exit 2, not crash."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the CPU-only message does not apply")
+@pytest.mark.parametrize(
+    ("tensorrt", "message"),
+    [(None, "TensorRT is not installed"), (types.ModuleType("tensorrt"), "this machine has none")],
+)
+def test_without_tensorrt_or_a_gpu_it_reports_clearly(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tensorrt: types.ModuleType | None,
+    message: str,
+) -> None:
+    """Without TensorRT, or with it but no CUDA device, the command explains and exits 2 instead of crashing.
+    Both are simulated, so the test runs (and means the same) on machines with and without a GPU."""
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt)  # None: `import tensorrt` raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--onnx", str(tmp_path), "--out", str(tmp_path)]) == 2
-    assert "GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("build_engines: ") and message in err
+    assert not any(tmp_path.iterdir())  # nothing half-built

@@ -93,13 +93,16 @@ def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onn
     here (that needs a GPU): the configs come from the profiles the engines would be built with."""
     manifest = read_manifest(tiny_onnx)
     shapes = manifest_profiles(manifest, ProfileBounds.from_limits())
+    # The profiles' batch bounds (24 samples per call, 5 references, 24 / 3 images of one request) under the
+    # ONNX configs' own caps (64, 8, 64, 16).
+    expected = {"text_encoder": 24, "vae_encoder": 5, "transformer": 24, "vae_decoder": 8}
     for name in GRAPH_NAMES:
         config = component_config(
             name, manifest["graphs"][name], "tensorrt", engine_settings(COMPONENTS[name], shapes[name])
         )
         assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        assert 0 < config.max_batch_size <= engine_max_batch(shapes[name]), name
+        assert config.max_batch_size == expected[name] == engine_max_batch(shapes[name]), name
         assert [i.name for i in config.input] == list(shapes[name]), name
     # One step of the largest request (8 images x 3 CFG branches) fits one transformer engine call.
-    assert BLS.max_samples <= engine_max_batch(shapes["transformer"])
+    assert BLS.max_samples == 24

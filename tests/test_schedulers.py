@@ -38,10 +38,18 @@ def test_both_solvers_are_exact_on_a_straight_flow(steps: int) -> None:
     torch.testing.assert_close(dpm, noise + velocity, rtol=1e-5, atol=1e-5)
 
 
-def test_dpm_solver_second_order_differs_from_first_order_on_a_curved_flow() -> None:
-    grid = timesteps(6, 4, 4)
-    sample, v1, v2 = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), -0.25)
-    _, x0 = dpm_solver_step(sample, v1, grid, 1, None)
-    second, _ = dpm_solver_step(sample, v2, grid, 2, x0)
-    first, _ = dpm_solver_step(sample, v2, grid, 2, None)
-    assert not torch.allclose(first, second)
+def test_dpm_solver_second_order_step_matches_hand_computed_values() -> None:
+    """sigmas 4/5, 1/2, 1/3 at steps 1, 2, 3 make the log-SNRs lambda = log((1 - s) / s) equal -2L, 0, L (L = log 2),
+    so h = L, r0 = 2, phi = alpha_t (e^-h - 1) = (2/3)(1/2 - 1) = -1/3, and sigma_t / sigma_s0 = 2/3.
+    From x = 1: step 1 with v = 1/2 predicts x0' = 1 + 4/5 * 1/2 = 7/5; step 2 with v = -1/4 predicts
+    x0 = 1 - 1/2 * 1/4 = 7/8, so D1 = (x0 - x0') / r0 = -21/80.
+    First order:  2/3 * 1 + 1/3 * 7/8 = 23/24.  Second order: 23/24 - 1/2 * (-1/3) * D1 = 23/24 - 7/160 = 439/480."""
+    grid = torch.tensor([0.0, 1 / 5, 1 / 2, 2 / 3, 1.0])
+    sample = torch.ones(1, 1, 2, 2)
+    _, previous = dpm_solver_step(sample, torch.full_like(sample, 0.5), grid, 1, None)
+    second, x0 = dpm_solver_step(sample, torch.full_like(sample, -0.25), grid, 2, previous)
+    first, _ = dpm_solver_step(sample, torch.full_like(sample, -0.25), grid, 2, None)
+    torch.testing.assert_close(previous, torch.full_like(sample, 7 / 5))
+    torch.testing.assert_close(x0, torch.full_like(sample, 7 / 8))
+    torch.testing.assert_close(first, torch.full_like(sample, 23 / 24))
+    torch.testing.assert_close(second, torch.full_like(sample, 439 / 480))

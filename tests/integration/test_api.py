@@ -26,6 +26,7 @@ from omnigen2 import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from omnigen2.errors import from_rpc_error
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
@@ -226,11 +227,13 @@ def test_invalid_field_is_named(api: FrontendProcess, fields: dict[str, Any], fi
             setattr(request, name, value)
     with pytest.raises(grpc.RpcError) as raised:
         stub.Generate(request, timeout=30)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in raised.value.details()
     with pytest.raises(grpc.RpcError) as streamed:
         list(stub.GenerateStream(request, timeout=30))
-    assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for error in (raised.value, streamed.value):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The exact field names of the BadRequest details: a substring test would let "prompt" pass for
+        # "negative_prompt".
+        assert [v.field for v in from_rpc_error(error).violations] == [field]
 
 
 def test_violations_come_typed_and_together(client: OmniGen2Client) -> None:
