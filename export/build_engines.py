@@ -57,7 +57,7 @@ class ProfileBounds:
         return cls(
             max_batch=max_batch,
             opt_batch=6,  # two requests with three CFG branches each
-            max_text=1024,
+            max_text=limits.max_sequence_length,  # prompts are cut to at most this many tokens
             opt_text=128,
             max_img_tokens=tokens,
             opt_img_tokens=(1024 // (8 * patch)) ** 2,

@@ -240,9 +240,10 @@ def materialize(model: nn.Module, init: Callable[[nn.Module], None]) -> None:
 
 def _torch_init(module: nn.Module) -> None:
     """PyTorch's own initialisation of each layer; the few free parameters (image-index embeddings) get N(0, 0.02)."""
-    if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
-    elif module.__class__ is OmniGen2Transformer:
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        reset()
+    elif isinstance(module, OmniGen2Transformer):
         nn.init.normal_(module.image_index_embedding, std=0.02)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from export.prepare_repository import BACKENDS, add_bls_arguments, bls_settings, prepare_repository
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
+from serving.model.devices import DEVICES
 from serving.triton.launcher import Ports, TritonServer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
         help="checkpoint in the official layout (env OMNIGEN2_CHECKPOINT; default: the golden tiny model)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    parser.add_argument("--precision", default="bf16", help="pytorch: fp32 or bf16; tensorrt: fp32, fp16, bf16, fp8")
+    parser.add_argument("--precision", default="bf16", help="pytorch: fp32 or bf16; tensorrt: fp32, fp16 or bf16")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="pytorch components and mllm: cpu, cuda or auto (CUDA if any)"
+    )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--build-dir", type=Path, default=Path("build"))
     parser.add_argument(
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         onnx_cache=args.build_dir / "onnx",
         precision=args.precision,
         bls=bls_settings(args.backend, args.precision, args.max_call_tokens),
+        device=args.device,
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
         config = dataclasses.replace(FrontendConfig.from_args(frontend_args), triton_url=triton.grpc_url)

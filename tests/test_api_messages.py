@@ -14,7 +14,7 @@ from omnigen2.messages import build_request, encode_image
 from omnigen2.v1 import omnigen2_pb2 as pb
 from PIL import Image
 
-from serving.frontend.convert import encode_images, request_defaults, to_forward
+from serving.frontend.convert import encode_images, request_defaults, served_sequence_length, to_forward
 from serving.frontend.status import ApiError, invalid_argument, resource_exhausted
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest
 
@@ -112,3 +112,13 @@ def test_sdk_reads_image_files(tmp_path: Path) -> None:
     path = tmp_path / "in.png"
     path.write_bytes(_png())
     assert encode_image(path).data == _png() and encode_image(str(path)).data == _png()
+
+
+def test_max_sequence_length_forwards_and_the_served_limit_comes_from_the_spec() -> None:
+    unset = to_forward(pb.GenerateRequest(prompt="A cat"), DEFAULT_LIMITS)
+    assert unset.params["max_sequence_length"] is None  # the BLS picks 1024 or the checkpoint's limit
+    explicit = to_forward(build_request("A cat", [], {"max_sequence_length": 256}), DEFAULT_LIMITS)
+    assert explicit.params["max_sequence_length"] == 256
+    assert served_sequence_length({"spec": json.dumps({"text_positions": 512})}, DEFAULT_LIMITS) == 512
+    assert served_sequence_length({"spec": json.dumps({"text_positions": 4096})}, DEFAULT_LIMITS) == 1024
+    assert request_defaults(512).max_sequence_length == 512 and request_defaults().max_sequence_length == 1024

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -13,14 +14,16 @@ from export.build_engines import ProfileBounds, engine_max_batch, manifest_profi
 from export.prepare_repository import (
     BLS,
     COMPONENTS,
+    SERVED_GRAPHS,
     bls_config,
     bls_settings,
     component_config,
     engine_settings,
     prepare_repository,
 )
-from serving.errors import CheckpointError
-from serving.model.checkpoint import GRAPH_PARTS
+from serving.errors import CheckpointError, SettingError
+from serving.model.checkpoint import GRAPH_PARTS, read_spec, text_feature_dim
+from serving.model.contract import dims_only, graph_contracts
 from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
 
 
@@ -34,7 +37,7 @@ def _config(repository: Path, name: str) -> mc.ModelConfig:
 
 
 def test_every_component_has_config_and_artifacts(repository: Path) -> None:
-    for name in GRAPH_NAMES:
+    for name in SERVED_GRAPHS:
         config = _config(repository, name)
         assert config.name == name and config.backend == "python" and config.max_batch_size > 0
         assert config.HasField("dynamic_batching")
@@ -68,11 +71,50 @@ def test_bad_inputs_are_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
         prepare_repository(tiny_checkpoint, tmp_path / "out", backend="tflite")
     with pytest.raises(ValueError, match="precision"):
         prepare_repository(tiny_checkpoint, tmp_path / "out", backend="pytorch", precision="fp8")
+    with pytest.raises(SettingError, match="fp8 needs calibrated quantisation"):  # not silently built as bf16
+        prepare_repository(tiny_checkpoint, tmp_path / "out", backend="tensorrt", precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingError, match="device"):
+            prepare_repository(tiny_checkpoint, tmp_path / "out", backend="pytorch", device="cuda")
+    assert not (tmp_path / "out").exists()
 
 
-def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpoint: Path, tiny_onnx: Path) -> None:
-    out = prepare_repository(tiny_checkpoint, tmp_path / "r", "pytorch", onnx_cache=tiny_onnx.parent, precision="fp32")
-    for name, part in GRAPH_PARTS.items():
+def test_a_failure_midway_leaves_no_repository(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_link(source: Path, target: Path) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("export.prepare_repository.link_or_copy", broken_link)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_repository(tiny_checkpoint, tmp_path / "out", backend="pytorch", precision="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_language_model_serves_prompts_and_understanding(repository: Path) -> None:
+    """The `mllm` model encodes the BLS's prompts: no `text_encoder` model holds a second Qwen2.5-VL."""
+    assert not (repository / "text_encoder").exists()
+    config = _config(repository, "mllm")
+    assert {i.name for i in config.input} == {"request", "images", "input_ids", "attention_mask"}
+    assert {o.name for o in config.output} == {"event", "text_feats"}
+    assert config.model_transaction_policy.decoupled
+
+
+def test_static_contract_is_the_exported_one(tiny_checkpoint: Path, tiny_onnx: Path) -> None:
+    """The pytorch backend's contract (from the configs) is what ONNX export traces from the graphs."""
+    exported = read_manifest(tiny_onnx)["graphs"]
+    static = graph_contracts(read_spec(tiny_checkpoint), text_feature_dim(tiny_checkpoint))
+    for name in GRAPH_NAMES:
+        assert dims_only(static[name]) == dims_only(exported[name]), name
+
+
+def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    cache = tmp_path / "onnx-cache"
+    out = prepare_repository(tiny_checkpoint, tmp_path / "r", "pytorch", onnx_cache=cache, precision="fp32")
+    assert not cache.exists()  # no ONNX export: a full-size checkpoint is served without one
+    assert _config(out, "mllm").parameters["precision"].string_value == "fp32"
+    for name in SERVED_GRAPHS:
+        part = GRAPH_PARTS[name]
         config = _config(out, name)
         assert config.backend == "python" and config.parameters["precision"].string_value == "fp32"
         assert "serving.triton.torch_model" in (out / name / "1" / "model.py").read_text()
@@ -94,9 +136,9 @@ def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onn
     manifest = read_manifest(tiny_onnx)
     shapes = manifest_profiles(manifest, ProfileBounds.from_limits())
     # The profiles' batch bounds (24 samples per call, 5 references, 24 / 3 images of one request) under the
-    # ONNX configs' own caps (64, 8, 64, 16).
-    expected = {"text_encoder": 24, "vae_encoder": 5, "transformer": 24, "vae_decoder": 8}
-    for name in GRAPH_NAMES:
+    # ONNX configs' own caps (8, 64, 16). Prompts are encoded by the `mllm` model, not a text_encoder engine.
+    expected = {"vae_encoder": 5, "transformer": 24, "vae_decoder": 8}
+    for name in SERVED_GRAPHS:
         config = component_config(
             name, manifest["graphs"][name], "tensorrt", engine_settings(COMPONENTS[name], shapes[name])
         )

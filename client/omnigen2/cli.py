@@ -73,6 +73,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--num-images-per-prompt", type=int)
     parser.add_argument("--max-pixels", type=int)
     parser.add_argument("--max-input-image-side-length", type=int)
+    parser.add_argument("--max-sequence-length", type=int, help="prompt tokens kept, chat template included")
     parser.add_argument("--quality", type=int, help="JPEG / WEBP quality (the format follows --output's suffix)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -115,6 +116,9 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
         path.write_bytes(data)  # the server's encoding, byte for byte
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v)
     print(f"wrote {', '.join(map(str, outputs))} (seed {result.seed}; {timings})")
+    if result.truncated_prompt_tokens or result.truncated_negative_prompt_tokens:
+        cut = f"{result.truncated_prompt_tokens} prompt, {result.truncated_negative_prompt_tokens} negative prompt"
+        print(f"tokens cut at --max-sequence-length: {cut}", file=sys.stderr)
     return 0
 
 

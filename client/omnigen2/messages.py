@@ -41,6 +41,7 @@ class GenerationOptions(TypedDict, total=False):
     num_images_per_prompt: int
     max_pixels: int
     max_input_image_side_length: int
+    max_sequence_length: int  # prompt tokens kept, chat template included (see info().limits)
     output_format: FormatName
     quality: int
     return_latents: bool
@@ -100,6 +101,8 @@ class GenerationResult:
     timings: dict[str, float]  # seconds per stage: queue, text_encode, vae_encode, denoise, vae_decode, total
     latents: Latents | None = None
     encoded: list[bytes] = field(default_factory=list, repr=False)  # the images as the server encoded them
+    truncated_prompt_tokens: int = 0  # tokens cut from the prompt at max_sequence_length
+    truncated_negative_prompt_tokens: int = 0
 
     @classmethod
     def from_proto(cls, response: pb.GenerateResponse) -> GenerationResult:
@@ -113,6 +116,8 @@ class GenerationResult:
             timings=timings,
             latents=latents,
             encoded=[image.data for image in response.images],
+            truncated_prompt_tokens=response.truncated_prompt_tokens,
+            truncated_negative_prompt_tokens=response.truncated_negative_prompt_tokens,
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -17,7 +17,7 @@ from serving.frontend.status import invalid_argument
 from serving.pipeline.chat import ChatLimits, ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.cost import GenerationCost, generation_cost
 from serving.pipeline.images import decode_image, to_pil
-from serving.pipeline.request import GenerationRequest, Limits, random_seed
+from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest, Limits, random_seed
 from serving.pipeline.schedulers import SchedulerKind
 
 SCHEDULERS = {
@@ -45,6 +45,7 @@ _OPTIONAL = (
     "num_images_per_prompt",
     "max_pixels",
     "max_input_image_side_length",
+    "max_sequence_length",
 )
 
 
@@ -150,8 +151,17 @@ def tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=list(data.shape), data=data.tobytes())
 
 
-def request_defaults() -> pb.GenerateRequest:
-    """The values unset fields take (width/height stay unset: they depend on the input images)."""
+def served_sequence_length(model_parameters: Mapping[str, str], limits: Limits) -> int:
+    """The most prompt tokens a request may keep: the served checkpoint's text positions (from the BLS's `spec`),
+    within the front end's static bound."""
+    spec = json.loads(model_parameters.get("spec", "{}"))
+    return min(int(spec.get("text_positions", limits.max_sequence_length)), limits.max_sequence_length)
+
+
+def request_defaults(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> pb.GenerateRequest:
+    """The values unset fields take (width/height stay unset: they depend on the input images).
+
+    `max_sequence_length` is the served limit: the default length is 1024, or that limit if lower."""
     return pb.GenerateRequest(
         negative_prompt=DEFAULTS.negative_prompt,
         steps=DEFAULTS.steps,
@@ -162,12 +172,13 @@ def request_defaults() -> pb.GenerateRequest:
         num_images_per_prompt=DEFAULTS.num_images_per_prompt,
         max_pixels=DEFAULTS.max_pixels,
         max_input_image_side_length=DEFAULTS.max_input_image_side_length,
+        max_sequence_length=min(DEFAULT_MAX_SEQUENCE_LENGTH, max_sequence_length),
         output_format=pb.IMAGE_FORMAT_PNG,
         quality=DEFAULT_QUALITY,
     )
 
 
-def api_limits(limits: Limits, max_request_bytes: int, max_in_flight: int) -> pb.Limits:
+def api_limits(limits: Limits, max_request_bytes: int, max_in_flight: int, max_sequence_length: int) -> pb.Limits:
     return pb.Limits(
         max_input_images=limits.max_input_images,
         max_steps=limits.max_steps,
@@ -179,6 +190,7 @@ def api_limits(limits: Limits, max_request_bytes: int, max_in_flight: int) -> pb
         max_input_image_pixels=limits.max_input_image_pixels,
         max_request_bytes=max_request_bytes,
         max_concurrent_requests=max_in_flight,
+        max_sequence_length=max_sequence_length,
     )
 
 

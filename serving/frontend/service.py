@@ -25,6 +25,7 @@ from serving.frontend.convert import (
     check_request_size,
     encode_images,
     request_defaults,
+    served_sequence_length,
     tensor,
     to_chat_forward,
     to_forward,
@@ -88,12 +89,15 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         async with self._call("GetModelInfo", context, request):
             if self._model_parameters is None:
                 self._model_parameters = await self.backend.model_parameters()
+            max_sequence_length = served_sequence_length(self._model_parameters, self.config.limits)
             return pb.ModelInfo(
                 model="OmniGen2",
                 checkpoint_sha256=self._model_parameters.get("checkpoint_sha256", ""),
                 backend=self._model_parameters.get("backend", ""),
-                limits=api_limits(self.config.limits, self.config.max_request_bytes, self.config.max_in_flight),
-                defaults=request_defaults(),
+                limits=api_limits(
+                    self.config.limits, self.config.max_request_bytes, self.config.max_in_flight, max_sequence_length
+                ),
+                defaults=request_defaults(max_sequence_length),
                 schedulers=[pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER],
                 output_formats=[pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP],
                 understand_limits=understand_limits(self.config.chat_limits),
@@ -182,7 +186,13 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         total = time.perf_counter() - start
         stages = {name: float(event.timings.get(name, 0.0)) for name in STAGES}
         timings = pb.StageTimings(total=total, queue=max(0.0, total - sum(stages.values())), **stages)
-        response = pb.GenerateResponse(images=images, seed=event.seed, timings=timings)
+        response = pb.GenerateResponse(
+            images=images,
+            seed=event.seed,
+            timings=timings,
+            truncated_prompt_tokens=event.truncated_prompt_tokens,
+            truncated_negative_prompt_tokens=event.truncated_negative_prompt_tokens,
+        )
         if forward.return_latents:
             response.latents.CopyFrom(tensor(event.latents))
         self.metrics.images.inc(len(images))

@@ -42,6 +42,8 @@ class ResultEvent:
     timings: dict[str, float]
     images: np.ndarray  # uint8 NHWC
     latents: np.ndarray
+    truncated_prompt_tokens: int  # cut at max_sequence_length
+    truncated_negative_prompt_tokens: int
 
 
 Event = ProgressEvent | ResultEvent
@@ -182,4 +184,6 @@ def _generation_event(payload: dict[str, Any], result: InferResult) -> Event:
         timings=payload["timings"],
         images=result.as_numpy("images"),
         latents=result.as_numpy("latents"),
+        truncated_prompt_tokens=payload["truncated_prompt_tokens"],
+        truncated_negative_prompt_tokens=payload["truncated_negative_prompt_tokens"],
     )

@@ -87,6 +87,12 @@ def read_spec(checkpoint: Path) -> ModelSpec:
     )
 
 
+def text_feature_dim(checkpoint: Path) -> int:
+    """The MLLM's hidden size: the width of the prompt features the transformer reads."""
+    config = _json(checkpoint / "mllm" / "config.json")
+    return int(config.get("text_config", config)["hidden_size"])
+
+
 def load_vae(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Any:
     """diffusers' AutoencoderKL (single or sharded safetensors), in `dtype` on `device`."""
     weight_files(part, WEIGHT_STEMS["vae"])

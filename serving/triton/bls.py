@@ -4,64 +4,115 @@ Wire format (all requests and responses of model `omnigen2`):
   inputs   request  BYTES [1]   JSON object of GenerationRequest fields (serving/pipeline/request.py), no images
            images   BYTES [-1]  optional: encoded input images (PNG/JPEG/WEBP...), at most 5
   outputs  event    BYTES [1]   JSON: {"type": "progress", "step", "total"} per step, then {"type": "result",
-                                "seed", "width", "height", "timings"} in the final response
+                                "seed", "width", "height", "timings", "truncated_prompt_tokens",
+                                "truncated_negative_prompt_tokens"} in the final response
            preview  UINT8 [n, h, w, 3]  with a progress event when the request asked for previews
            images   UINT8 [n, H, W, 3]  final response: 8-bit RGB images (the front end encodes them)
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
 Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
 INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
 
-Per request: the prompt and negative prompt are encoded once (features of repeated prompts, the empty
-negative prompt above all, come from a cache), reference images are encoded once (together), and each step's CFG
-branches go to the step batcher, which merges them with the other requests' into one transformer call, or a
-few where shapes differ so much that padding them together would cost more than a call, or where one call would
-pass `max_call_tokens` (grouping.py).
+Per request: the prompt and negative prompt are cut to max_sequence_length tokens and encoded once (features of
+repeated prompts, the empty negative prompt above all, come from a cache keyed by prompt and length), reference
+images are encoded once (together), and each step's CFG branches go to the step batcher, which merges them with
+the other requests' into one transformer call, or a few where shapes differ so much that padding them together
+would cost more than a call, or where one call would pass `max_call_tokens` (grouping.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
-from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for, sample_shape
 from serving.pipeline.grouping import CallCost, padded_tokens, plan_calls
 from serving.pipeline.images import decode_image, postprocess, preprocess_image, to_uint8
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
-from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_from_params
+from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits, request_from_params
+from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.timing import Stopwatch
-from serving.runtime.base import ModelSpec
 from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
 
 TEXT_CACHE_SIZE = 256
+T = TypeVar("T")
+
+
+TEXT_ENCODER_MODEL = "mllm"
 
 
 class ComponentError(RuntimeError):
     pass
 
 
-async def call_component(model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
-    request = pb_utils.InferenceRequest(
-        model_name=model,
-        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
-        requested_output_names=[output],
+def _to_triton(name: str, value: np.ndarray) -> Any:
+    """Tensors cross the Python backend as DLPack: numpy 2 (the GPU image's) silently empties numpy-built ones."""
+    return pb_utils.Tensor.from_dlpack(
+        name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(value)))
     )
-    response = await request.async_exec()
+
+
+def _output(response: Any, model: str, name: str) -> np.ndarray | None:
     if response.has_error():
         raise ComponentError(f"{model}: {response.error().message()}")
-    result: np.ndarray = pb_utils.get_output_tensor_by_name(response, output).as_numpy()
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    if tensor is None:
+        return None
+    result: np.ndarray = torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy()
     return result
+
+
+async def call_component(model: str, inputs: dict[str, np.ndarray], output: str, decoupled: bool = False) -> np.ndarray:
+    """One request to a component model; its output arrives in CPU memory whatever device computed it.
+
+    `decoupled`: the model streams (the `mllm` model, which also encodes prompts): the first response that
+    carries `output` is the answer.
+    """
+    request = pb_utils.InferenceRequest(
+        model_name=model,
+        inputs=[_to_triton(name, value) for name, value in inputs.items()],
+        requested_output_names=[output],
+        preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+    )
+    if not decoupled:
+        result = _output(await request.async_exec(), model, output)
+    else:
+        # A blocking iterator: drained on a worker thread so that the event loop keeps stepping other requests.
+        responses = await asyncio.to_thread(list, await request.async_exec(decoupled=True))
+        found = [_output(response, model, output) for response in responses]
+        result = next((r for r in found if r is not None), None)
+    if result is None:
+        raise ComponentError(f"{model}: no {output} in the response")
+    return result
+
+
+def _stop_if_cancelled(request: Any) -> None:
+    """Checked before each stage and step, so work the caller left stops within one."""
+    if request.is_cancelled():
+        raise CancelledByCallerError
+
+
+def _reference_pixels(blob: bytes, field: str, generation: GenerationRequest, limits: Limits) -> torch.Tensor:
+    image = decode_image(blob, field, limits.max_input_image_pixels, limits.max_input_image_bytes)
+    return preprocess_image(image, generation.max_pixels, generation.max_input_image_side_length, field)
+
+
+def _output_images(decoded: np.ndarray, height: int, width: int) -> np.ndarray:
+    return to_uint8(postprocess(torch.from_numpy(decoded), height, width))
 
 
 class TritonPythonModel:
@@ -74,8 +125,10 @@ class TritonPythonModel:
         self.batcher = StepBatcher(self._run_transformer, max_samples=int(params.get("max_samples", "24")))
         self.call_cost = CallCost(fixed_s=float(params.get("call_overhead_ms", "10")) / 1000)
         self.max_call_tokens = float(params.get("max_call_tokens", "0")) or math.inf
-        self.text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.text_cache = TextFeatureCache(TEXT_CACHE_SIZE)
         self.limits = DEFAULT_LIMITS
+        # Input images are decoded and resized, outputs resized, here: off the event loop, a bounded few at once.
+        self.workers = ThreadPoolExecutor(int(params.get("image_workers", "2")), thread_name_prefix="bls-images")
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
 
     async def execute(self, requests: list[Any]) -> None:
@@ -90,28 +143,34 @@ class TritonPythonModel:
             response = error_response(exc)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _parse(self, request: Any) -> tuple[GenerationRequest, bool]:
+    def _parse(self, request: Any) -> tuple[GenerationRequest, bool, list[bytes]]:
         params = request_json(request)
         preview = bool(params.pop("preview", False))
-        images = [
-            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels, self.limits.max_input_image_bytes)
-            for i, blob in enumerate(encoded_images(request, self.limits.max_input_images))
-        ]
-        generation = request_from_params(params, images)
+        blobs = encoded_images(request, self.limits.max_input_images)
+        generation = request_from_params(params)
         generation.validate(self.limits)
-        return generation, preview
+        return generation, preview, blobs
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(function, *args))
 
     async def _generate(self, request: Any, sender: Any) -> Any:
         watch = Stopwatch()
-        generation, preview = self._parse(request)
+        generation, preview, blobs = self._parse(request)
         spec = self.spec
-        texts = await self._encode_prompts(prompts_for(generation))
+        _stop_if_cancelled(request)
+        pixels = await asyncio.gather(
+            *(
+                self._off_loop(_reference_pixels, blob, f"images[{i}]", generation, self.limits)
+                for i, blob in enumerate(blobs)
+            )
+        )
+        max_length = generation.sequence_length(spec.text_positions)
+        prompts = await self.text_cache.lookup(prompts_for(generation), max_length, self._encode_prompts)
+        texts = {key: found.features for key, found in prompts.items()}
         watch.lap("text_encode")
 
-        pixels = [
-            preprocess_image(image, generation.max_pixels, generation.max_input_image_side_length, f"images[{i}]")
-            for i, image in enumerate(generation.images)
-        ]
+        _stop_if_cancelled(request)
         # All at once: the encoder's dynamic batcher runs same-sized images as one batch.
         encoded = await asyncio.gather(
             *(call_component("vae_encoder", {"image": p.numpy()}, "latents") for p in pixels)
@@ -124,23 +183,31 @@ class TritonPythonModel:
         self.batcher.register()
         try:
             while not denoiser.done:
-                if request.is_cancelled():
-                    raise CancelledByCallerError
+                _stop_if_cancelled(request)
                 denoiser.advance(await self.batcher.submit(denoiser.samples()))
                 outputs = [event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
                 if preview:
                     decoded = await call_component("vae_decoder", {"latents": denoiser.x0.numpy()}, "image")
-                    preview_image = to_uint8(postprocess(torch.from_numpy(decoded), *gen_size))
+                    preview_image = await self._off_loop(_output_images, decoded, *gen_size)
                     outputs.append(pb_utils.Tensor("preview", preview_image))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         finally:
             self.batcher.unregister()
         watch.lap("denoise")
 
+        _stop_if_cancelled(request)
         decoded = await call_component("vae_decoder", {"latents": denoiser.latents.numpy()}, "image")
-        images = to_uint8(postprocess(torch.from_numpy(decoded), out_h, out_w))
+        images = await self._off_loop(_output_images, decoded, out_h, out_w)
         watch.lap("vae_decode")
-        result = {"type": "result", "seed": generation.seed, "width": out_w, "height": out_h, "timings": watch.timings}
+        result = {
+            "type": "result",
+            "seed": generation.seed,
+            "width": out_w,
+            "height": out_h,
+            "timings": watch.timings,
+            "truncated_prompt_tokens": prompts["prompt"].truncated,
+            "truncated_negative_prompt_tokens": prompts["negative"].truncated if "negative" in prompts else 0,
+        }
         return pb_utils.InferenceResponse(
             output_tensors=[
                 event(result),
@@ -149,21 +216,17 @@ class TritonPythonModel:
             ]
         )
 
-    async def _encode_prompts(self, prompts: dict[str, str]) -> dict[str, torch.Tensor]:
-        """Unpadded features per prompt; uncached prompts are encoded together in one call."""
-        missing = sorted({p for p in prompts.values() if p not in self.text_cache})
-        if missing:
-            ids, mask = self.tokenizer(missing)
-            feats = await call_component(
-                "text_encoder", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, "text_feats"
-            )
-            for i, prompt in enumerate(missing):
-                self.text_cache[prompt] = torch.from_numpy(feats[i, : int(mask[i].sum())].copy())
-                while len(self.text_cache) > TEXT_CACHE_SIZE:
-                    self.text_cache.popitem(last=False)
-        for prompt in prompts.values():
-            self.text_cache.move_to_end(prompt)
-        return {key: self.text_cache[prompt] for key, prompt in prompts.items()}
+    async def _encode_prompts(self, prompts: list[str], max_length: int) -> list[PromptFeatures]:
+        """Unpadded features of each prompt cut to `max_length` tokens, all encoded in one call."""
+        batch = self.tokenizer.encode(prompts, max_length)
+        inputs = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
+        # The `mllm` model encodes prompts with the one Qwen2.5-VL it also answers questions with.
+        feats = await call_component(TEXT_ENCODER_MODEL, inputs, "text_feats", decoupled=True)
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        return [
+            PromptFeatures(torch.from_numpy(feats[i, :n].copy()), cut)
+            for i, (n, cut) in enumerate(zip(lengths, batch.truncated, strict=True))
+        ]
 
     async def _run_transformer(self, samples: list[Sample]) -> list[torch.Tensor]:
         """One batched step, split by shape where padding would cost more than another call, and at the token cap."""

@@ -1,11 +1,18 @@
 """The `mllm` Triton model: Qwen2.5-VL answers about images, streamed (decoupled Python backend).
 
-Wire format:
+The one Qwen2.5-VL of a served stack: it answers `Understand` requests and encodes the `omnigen2` BLS's prompts
+(the `text_encoder` graph of docs/tensor_contract.md, run on the same weights), so the language model is loaded
+once, not twice.
+
+Wire format, understanding:
   inputs   request  BYTES [1]   JSON: {"messages": [{"role", "content": [{"text": ...} | {"image": i}]}],
                                 "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "max_pixels"}
            images   BYTES [-1]  optional: encoded images, referenced by index from the messages
   outputs  event    BYTES [1]   JSON: {"type": "delta", "text"} per piece of text, then {"type": "done", "text",
                                 "token_ids", "prompt_tokens", "completion_tokens", "finish_reason"}
+Wire format, prompt encoding (no `request`):
+  inputs   input_ids, attention_mask  INT64 [batch, text_len]
+  outputs  text_feats  FP32 [batch, text_len, hidden]  in one final response
 Errors end the stream as in the `omnigen2` model ("CODE: [field: ]detail", serving/triton/wire.py).
 
 Each request is served on a thread of its own (the response sender is thread-safe), so execute() returns at
@@ -21,24 +28,33 @@ from typing import Any
 import torch
 import triton_python_backend_utils as pb_utils
 
+from serving.model.devices import check_dtype, resolve_device
+from serving.model.graphs import TextEncoderGraph
 from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params
 from serving.pipeline.images import decode_image
 from serving.pipeline.understand import ChatResult, Understander
+from serving.runtime.torch_backend import run_graph
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
+from serving.triton.torch_model import PRECISIONS
+
+# Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
+DECODING = threading.BoundedSemaphore(2)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        on_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
-        device = f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu"
-        dtype = torch.bfloat16 if on_gpu else torch.float32
-        self.understander = Understander.from_dirs(version_dir / "mllm", version_dir / "processor", device, dtype)
         params = parameters(model_config(args))
-        lane = CpuLane.for_model(Path(args["model_repository"]), params)
-        lane.around_forward(self.understander.model)  # each token takes its turn with the image components
+        on_gpu = args.get("model_instance_kind") == "GPU"
+        device = resolve_device(f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu")
+        dtype = PRECISIONS[params.get("precision", "bf16" if on_gpu else "fp32")]
+        check_dtype(device, dtype)
+        self.understander = Understander.from_dirs(version_dir / "mllm", version_dir / "processor", device, dtype)
+        self.text_encoder = TextEncoderGraph(self.understander.model).eval()
+        self.lane = CpuLane.for_model(Path(args["model_repository"]), params)
+        self.lane.around_forward(self.understander.model)  # each token takes its turn with the image components
         self.limits = DEFAULT_CHAT_LIMITS
         self.workers: set[threading.Thread] = set()
 
@@ -50,6 +66,9 @@ class TritonPythonModel:
         return None
 
     def _serve(self, request: Any) -> None:
+        if pb_utils.get_input_tensor_by_name(request, "input_ids") is not None:
+            self._encode(request)
+            return
         sender = request.get_response_sender()
         try:
             result: ChatResult | None = None
@@ -67,12 +86,36 @@ class TritonPythonModel:
             self.workers.discard(threading.current_thread())
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
+    def _encode(self, request: Any) -> None:
+        """Prompt features for the BLS: the language model's last hidden states, float32 on the CPU side."""
+        sender = request.get_response_sender()
+        try:
+            ids, mask = (
+                torch.utils.dlpack.from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack())
+                for name in ("input_ids", "attention_mask")
+            )
+            with self.lane:
+                feats = run_graph(self.text_encoder, input_ids=ids, attention_mask=mask)
+            tensor = pb_utils.Tensor.from_dlpack("text_feats", torch.utils.dlpack.to_dlpack(feats.contiguous()))
+            response = pb_utils.InferenceResponse(output_tensors=[tensor])
+        except Exception as exc:  # the BLS gets the reason; the model keeps serving
+            response = error_response(exc)
+        finally:
+            self.workers.discard(threading.current_thread())
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
     def _parse(self, request: Any) -> ChatRequest:
         params = request_json(request)
-        images = [
-            decode_image(blob, f"images[{i}]", self.limits.max_input_image_pixels, self.limits.max_input_image_bytes)
-            for i, blob in enumerate(encoded_images(request, self.limits.max_images))
-        ]
+        blobs = encoded_images(request, self.limits.max_images)
+        with DECODING:
+            if request.is_cancelled():  # the caller may have left while this request waited to decode
+                raise CancelledByCallerError
+            images = [
+                decode_image(
+                    blob, f"images[{i}]", self.limits.max_input_image_pixels, self.limits.max_input_image_bytes
+                )
+                for i, blob in enumerate(blobs)
+            ]
         return chat_request_from_params(params, images)
 
     def finalize(self) -> None:

@@ -2,9 +2,9 @@
 
 The `pytorch` repository backend: the same modules the ONNX graphs are exported from (serving/model/graphs.py),
 loaded from the checkpoint part linked into the version folder. In bfloat16 the weights are bf16, as the
-reference pipeline runs; on CPUs with AMX or AVX512-BF16 that is faster than float32 (2.6-2.7x for 16 samples
-of `small` on the 2-core dev machine) and, unlike float32, gains from batch: the CPU counterpart of serving bf16
-engines on a GPU. Inputs and outputs keep the float32 tensor contract.
+reference pipeline runs; on CPUs with AMX or AVX512-BF16 that is faster than float32 and, unlike float32, gains
+from batch (benchmarks/README.md): the CPU counterpart of serving bf16 engines on a GPU. Inputs and outputs keep
+the float32 tensor contract.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from serving.model.checkpoint import load_graph
+from serving.model.devices import check_dtype, resolve_device
 from serving.runtime.torch_backend import run_graph
 from serving.triton.component_model import ComponentModel
 
@@ -24,7 +25,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        self.graph = load_graph(args["model_name"], self.version_dir, PRECISIONS[self.params["precision"]])
+        # A KIND_GPU instance runs on its GPU; inputs and outputs stay float32 CPU tensors (run_graph moves them).
+        on_gpu = args.get("model_instance_kind") == "GPU"
+        device = resolve_device(f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu")
+        dtype = PRECISIONS[self.params["precision"]]
+        check_dtype(device, dtype)
+        self.graph = load_graph(args["model_name"], self.version_dir, dtype, device)
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)

@@ -94,6 +94,19 @@ def test_golden_case_end_to_end(client: OmniGen2Client, cases: dict[str, Any], g
     assert result.timings["total"] >= result.timings["denoise"] > 0
 
 
+def test_long_prompt_is_truncated_end_to_end(client: OmniGen2Client, cases: dict[str, Any], golden: Path) -> None:
+    case = next(c for c in cases["feature_cases"] if c["name"] == "f_long_prompt_truncated")
+    options = _case_options(case) | {"max_sequence_length": case["max_sequence_length"]}
+    result = client.generate(case["prompt"], **options)
+    assert result.latents is not None
+    assert relative_error(result.latents.numpy(), np.load(golden / case["final_latents"])) <= 1e-5
+    served = np.asarray(result.images[0], dtype=np.float64) / 255
+    assert float(np.abs(served - np.load(golden / case["output"])[0]).max()) <= 0.5 / 255 + 1e-4  # PNG: 8 bits
+    assert result.truncated_prompt_tokens > 0 and result.truncated_negative_prompt_tokens == 0
+    fits = client.generate("A red car", **SMALL)
+    assert fits.truncated_prompt_tokens == fits.truncated_negative_prompt_tokens == 0
+
+
 def test_stream_is_ordered_and_complete(client: OmniGen2Client) -> None:
     events = list(client.stream("A lighthouse at dusk", **(SMALL | {"steps": 5})))
     assert [e.step for e in events[:-1] if isinstance(e, Progress)] == [1, 2, 3, 4, 5]
@@ -174,6 +187,7 @@ def test_model_info(client: OmniGen2Client, model_repository: Path) -> None:
     assert info.limits.max_input_images == 5 and info.limits.max_steps == DEFAULT_LIMITS.max_steps
     assert info.limits.max_concurrent_requests == 8
     assert info.defaults.steps == 50 and info.defaults.text_guidance_scale == 5.0
+    assert info.limits.max_sequence_length == info.defaults.max_sequence_length == 512  # the tiny checkpoint's
     assert list(info.schedulers) == [pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER]
 
 
@@ -208,6 +222,9 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"num_images_per_prompt": DEFAULT_LIMITS.max_images_per_prompt + 1}, "num_images_per_prompt"),
     ({"max_pixels": 10}, "max_pixels"),
     ({"max_input_image_side_length": 8}, "max_input_image_side_length"),
+    ({"max_sequence_length": 0}, "max_sequence_length"),
+    ({"max_sequence_length": DEFAULT_LIMITS.max_sequence_length + 1}, "max_sequence_length"),  # the front end's
+    ({"max_sequence_length": 513}, "max_sequence_length"),  # the BLS's: the tiny checkpoint has 512 text positions
     ({"output_format": 9}, "output_format"),
     ({"quality": 0}, "quality"),
     ({"quality": 101}, "quality"),

@@ -46,6 +46,46 @@ def test_golden_case_through_triton(triton: TritonServer, cases: dict[str, Any],
     assert result["seed"] == case["seed"] and set(result["timings"]) >= {"text_encode", "denoise", "vae_decode"}
 
 
+def _feature_case(cases: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in cases["feature_cases"] if c["name"] == name)
+
+
+def _feature_images_match(images: np.ndarray | None, expected: np.ndarray) -> bool:
+    """Within 1e-4 of the golden float image once rounded to the 8 bits the BLS sends."""
+    assert images is not None and images.dtype == np.uint8 and images.shape == expected.shape
+    return float(np.abs(images / 255.0 - expected).max()) <= 0.5 / 255 + 1e-4
+
+
+@pytest.mark.parametrize("name", ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated"])
+def test_golden_feature_case_through_triton(
+    triton: TritonServer, cases: dict[str, Any], golden: Path, name: str
+) -> None:
+    case = _feature_case(cases, name)
+    images = [(golden / f).read_bytes() for f in case["images"]]
+    out = GenerationStream(triton.grpc_url, case_params(case), images).wait()
+    assert out.error is None, out.error
+    assert relative_error(out.latents, np.load(golden / case["final_latents"])) <= 1e-5
+    assert _feature_images_match(out.images, np.load(golden / case["output"]))
+    assert (out.result["truncated_prompt_tokens"] > 0) == ("max_sequence_length" in case)
+    assert out.result["truncated_negative_prompt_tokens"] == 0
+
+
+def test_text_features_are_cached_per_truncation_length(
+    triton: TritonServer, cases: dict[str, Any], golden: Path
+) -> None:
+    """Negative control: the same long prompt at the default length (512 here) gets its own features and misses."""
+    case = _feature_case(cases, "f_long_prompt_truncated")
+    truncated = GenerationStream(triton.grpc_url, case_params(case)).wait()
+    params = case_params(case)
+    del params["max_sequence_length"]
+    default = GenerationStream(triton.grpc_url, params).wait()
+    assert truncated.error is None and default.error is None
+    expected = np.load(golden / case["final_latents"])
+    assert relative_error(truncated.latents, expected) <= 1e-5
+    assert relative_error(default.latents, expected) > 1e-5
+    assert 0 < default.result["truncated_prompt_tokens"] < truncated.result["truncated_prompt_tokens"]
+
+
 def test_concurrent_requests_share_transformer_executions(
     triton: TritonServer, cases: dict[str, Any], golden: Path
 ) -> None:
@@ -93,7 +133,12 @@ def test_cancellation_stops_the_loop_within_a_step(triton: TritonServer, cases: 
 
 
 def test_invalid_request_names_the_field(triton: TritonServer, cases: dict[str, Any]) -> None:
-    for overrides, field in [({"steps": 0}, "steps"), ({"scheduler": "ddim"}, "scheduler"), ({"colour": 1}, "colour")]:
+    for overrides, field in [
+        ({"steps": 0}, "steps"),
+        ({"scheduler": "ddim"}, "scheduler"),
+        ({"colour": 1}, "colour"),
+        ({"max_sequence_length": 513}, "max_sequence_length"),  # over the tiny checkpoint's 512 text positions
+    ]:
         out = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler"), **overrides)).wait()
         assert out.error is not None
         error = WireError.parse(out.error.message())

@@ -76,4 +76,5 @@ class GenerationStream:
 def case_params(case: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     keys = ("prompt", "negative_prompt", "width", "height", "steps", "text_guidance_scale", "image_guidance_scale")
     params = {k: case[k] for k in keys} | {"cfg_range": case["cfg_range"], "seed": case["seed"]}
-    return params | {"scheduler": case["scheduler"]} | overrides
+    optional = {k: case[k] for k in ("num_images_per_prompt", "max_sequence_length") if k in case}
+    return params | {"scheduler": case["scheduler"]} | optional | overrides
