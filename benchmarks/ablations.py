@@ -36,11 +36,11 @@ from benchmarks.harness import ROOT, checkpoint_for
 from export.onnx_export import cached_export
 from serving.model.checkpoint import load_graph
 from serving.model.config import TransformerConfig
+from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Sample, pack_samples, sample_shape
 from serving.pipeline.grouping import plan_calls
 from serving.pipeline.guidance import Branch
 from serving.pipeline.prompts import PromptTokenizer
-from serving.model.spec import ModelSpec
 from serving.runtime.onnx_backend import read_manifest
 from serving.runtime.torch_backend import run_graph
 

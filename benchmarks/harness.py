@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ import torch
 from grpc_health.v1 import health_pb2
 from omnigen2 import AsyncOmniGen2Client
 
+from benchmarks import full_smoke
+from benchmarks.machine import machine_info
 from benchmarks.memory import PeakMemory
 from benchmarks.plots import plot_sweep
 from benchmarks.report import write_markdown
@@ -63,6 +64,7 @@ PROFILES = {
     "cpu-small-bf16": Profile("small", 256, 8, (1, 2, 4, 8), 4, 4, True, backend="pytorch", precision="bf16"),
     "overhead-tiny": Profile("tiny", 32, 1, (1,), 1, 40, False),
 }
+FULL_SMOKE = "cpu-full-smoke"
 
 
 @dataclass
@@ -177,7 +179,7 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
     results = {
         "profile": name,
         "settings": asdict(profile),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_info(),
         "points": [p.summary() for p in points],
         "raw": [asdict(p) for p in points],
     }
@@ -190,12 +192,20 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(PROFILES), action="append", help="default: all of them")
+    parser.add_argument(
+        "--profile",
+        choices=[*sorted(PROFILES), FULL_SMOKE],
+        action="append",
+        help=f"default: all but {FULL_SMOKE} (benchmarks/full_smoke.py: 16 GB of weights)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     for name in args.profile or sorted(PROFILES):
-        run(name, PROFILES[name], args.work, args.out / name)
+        if name == FULL_SMOKE:
+            full_smoke.main(["--work", str(args.work / name), "--out", str(args.out / name)])
+        else:
+            run(name, PROFILES[name], args.work, args.out / name)
 
 
 if __name__ == "__main__":

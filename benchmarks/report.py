@@ -33,7 +33,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = [
         f"# Benchmark `{results['profile']}`",
         "",
-        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
+        f"Machine: {machine.get('cpu', 'CPU not recorded')} ({machine.get('bf16_isa', 'bf16 ISA not recorded')}), "
+        f"{machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
         f"Settings: `{results['settings']}`.",
         "",
     ]
