@@ -151,6 +151,25 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
 
 
+# A protobuf message cannot pass 2 GiB: graphs whose weights come near it keep them in `<graph>.onnx.data` beside
+# the graph (ONNX external data; ONNX Runtime and TensorRT read it from the graph's folder).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _weights_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def save_graph(model: onnx.ModelProto, path: Path, weights_bytes: int) -> None:
+    """Save a graph, with its initializers as external data when they are large."""
+    for stale in path.parent.glob(f"{path.name}.data"):
+        stale.unlink()
+    if weights_bytes <= EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path))
+        return
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
+
+
 def export_graph(name: str, modules: CheckpointModules, path: Path, opset: int, slim: bool) -> dict[str, Any]:
     spec = GRAPHS[name]
     module = spec.build(modules).eval()
@@ -168,11 +187,11 @@ def export_graph(name: str, modules: CheckpointModules, path: Path, opset: int, 
             verbose=False,
         )
     assert program is not None
-    program.save(str(path))
+    program.save(str(path), external_data=_weights_bytes(module) > EXTERNAL_DATA_BYTES)
     if slim:
         import onnxslim
 
-        onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+        save_graph(onnxslim.slim(onnx.load(str(path))), path, _weights_bytes(module))
     graph = onnx.load(str(path), load_external_data=False).graph
     return {
         "file": path.name,
@@ -181,10 +200,27 @@ def export_graph(name: str, modules: CheckpointModules, path: Path, opset: int, 
     }
 
 
-def export_onnx(checkpoint: Path, out: Path, opset: int = OPSET, slim: bool = True, force: bool = False) -> Path:
-    """Export all graphs unless `out` already holds them for this checkpoint and settings."""
+def export_onnx(
+    checkpoint: Path,
+    out: Path,
+    opset: int = OPSET,
+    slim: bool = True,
+    force: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Export all graphs unless `out` already holds them for this checkpoint and settings.
+
+    The weights are loaded, and exported, in `dtype` (bf16 for a full-size checkpoint: no float32 copy); the
+    graphs' inputs and outputs stay float32 either way (the tensor contract).
+    """
     check_layout(checkpoint)
-    settings = {"format_version": FORMAT_VERSION, "opset": opset, "slim": slim, "torch": torch.__version__}
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "opset": opset,
+        "slim": slim,
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     key = checkpoint_hash(checkpoint)
     manifest_path = out / MANIFEST
     if not force and manifest_path.is_file():
@@ -193,7 +229,7 @@ def export_onnx(checkpoint: Path, out: Path, opset: int = OPSET, slim: bool = Tr
             log.info("%s is up to date for checkpoint %s", out, key[:12])
             return out
     out.mkdir(parents=True, exist_ok=True)
-    modules = load_checkpoint(checkpoint)
+    modules = load_checkpoint(checkpoint, dtype)
     graphs = {}
     for name in GRAPH_NAMES:
         started = time.perf_counter()
@@ -223,9 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opset", type=int, default=OPSET)
     parser.add_argument("--no-slim", action="store_true", help="skip the onnxslim clean-up")
     parser.add_argument("--force", action="store_true", help="export even if the output is up to date")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights in the graphs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export_onnx(args.checkpoint, args.out, args.opset, slim=not args.no_slim, force=args.force)
+    dtype = getattr(torch, args.dtype)
+    export_onnx(args.checkpoint, args.out, args.opset, slim=not args.no_slim, force=args.force, dtype=dtype)
     print(f"ONNX graphs in {args.out}")
 
 
