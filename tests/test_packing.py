@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from serving.model.transformer import OmniGen2Transformer
-from serving.pipeline.packing import pack_batch, patchify, rope_cos_sin, unpack_output, unpatchify
+from serving.pipeline.packing import _sample_rope, pack_batch, patchify, rope_cos_sin, unpack_output, unpatchify
 
 
 def test_patchify_round_trip_and_order() -> None:
@@ -34,6 +34,30 @@ def test_positions_follow_omni_rope() -> None:
     torch.testing.assert_close(packed.rope_cos, cos)
     torch.testing.assert_close(packed.rope_sin, sin)
     assert packed.ref_mask[0].sum(-1).tolist() == [8, 1]
+
+
+def test_rope_tables_are_computed_once_per_layout() -> None:
+    """A request's positions do not change from step to step: packing the same layout again reuses its tables,
+    and a caller writing into its batch does not reach them."""
+    _sample_rope.cache_clear()
+
+    def pack(latents: list[torch.Tensor], mask: list[list[int]]) -> torch.Tensor:
+        n = len(latents)
+        refs = [[torch.zeros(16, 4, 4)]] * n
+        feats = torch.zeros(n, len(mask[0]), 8)
+        return pack_batch(
+            latents, torch.zeros(n), feats, torch.tensor(mask), refs, patch_size=2, axes_dim=(2, 4, 2)
+        ).rope_cos
+
+    first = pack([torch.zeros(16, 4, 6)], [[1, 1, 0]])
+    expected = first.clone()
+    first.zero_()
+    assert torch.equal(pack([torch.zeros(16, 4, 6)], [[1, 1, 0]]), expected)
+    assert (_sample_rope.cache_info().misses, _sample_rope.cache_info().hits) == (1, 1)
+    # Beside a larger image the sample's padding (its layout) changes: a new table, the same valid positions.
+    pair = pack([torch.zeros(16, 4, 6), torch.zeros(16, 8, 8)], [[1, 1, 0], [1, 1, 1]])
+    assert _sample_rope.cache_info().misses == 3
+    assert torch.equal(pair[0, : expected.shape[1]], expected[0])
 
 
 def test_batched_output_equals_each_sample_alone(golden_transformer: OmniGen2Transformer) -> None:

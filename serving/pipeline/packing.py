@@ -9,12 +9,16 @@ position of padding inside the sequence does not change any valid token's result
 precomputed here ("Omni-RoPE": text token i -> (i, i, i); image j -> (shift_j, row, col), where shift
 starts at the text length and grows by max(h, w) tokens per reference image) so that the transformer
 graph sees tensors only. The eager pipeline and the Triton BLS both build their batches with this module.
+
+A sample's angles depend only on its layout (text length, reference and image grids, the batch's padding), which
+stays the same from step to step of a request, so each layout's tables are computed once and reused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -102,7 +106,6 @@ def pack_batch(
     img_tok = [patchify(x, p) for x in latents]
     ref_tok = [[patchify(r, p) for r in (rs or [])] for rs in refs]
 
-    text_len = text_mask.shape[1]
     img_len = max(t.shape[0] for t in img_tok)
     slots = max([len(r) for r in ref_tok] + [min_ref_slots])
     ref_len = max([t.shape[0] for rs in ref_tok for t in rs], default=1 if slots else 0)
@@ -112,30 +115,27 @@ def pack_batch(
     img_mask = torch.zeros(batch, img_len, dtype=torch.bool)
     ref_tokens = torch.zeros(batch, slots, ref_len, patch_dim, dtype=dtype)
     ref_mask = torch.zeros(batch, slots, ref_len, dtype=torch.bool)
-    positions = torch.zeros(batch, text_len + slots * ref_len + img_len, 3, dtype=torch.int64)
 
     mask = text_mask.bool()
+    tables = []
     for b in range(batch):
-        # Text: positions count valid tokens only, so padding anywhere keeps the reference numbering.
-        text_pos = torch.cumsum(mask[b].long(), 0) - 1
-        positions[b, :text_len] = (text_pos * mask[b]).unsqueeze(-1)
-        shift = int(mask[b].sum())
-        for r, (tokens, latent) in enumerate(zip(ref_tok[b], refs[b] or [], strict=True)):
-            h, w = latent.shape[1] // p, latent.shape[2] // p
-            n = tokens.shape[0]
-            ref_tokens[b, r, :n] = tokens
-            ref_mask[b, r, :n] = True
-            start = text_len + r * ref_len
-            positions[b, start : start + n] = _grid_positions(shift, h, w)
-            shift += max(h, w)
-        h, w = latents[b].shape[1] // p, latents[b].shape[2] // p
-        n = img_tok[b].shape[0]
-        img_tokens[b, :n] = img_tok[b]
-        img_mask[b, :n] = True
-        start = text_len + slots * ref_len
-        positions[b, start : start + n] = _grid_positions(shift, h, w)
+        for r, tokens in enumerate(ref_tok[b]):
+            ref_tokens[b, r, : tokens.shape[0]] = tokens
+            ref_mask[b, r, : tokens.shape[0]] = True
+        img_tokens[b, : img_tok[b].shape[0]] = img_tok[b]
+        img_mask[b, : img_tok[b].shape[0]] = True
+        layout = _Layout(
+            text_mask=tuple(mask[b].tolist()),
+            ref_grids=tuple((r.shape[1] // p, r.shape[2] // p) for r in refs[b] or []),
+            ref_len=ref_len,
+            slots=slots,
+            image_grid=(latents[b].shape[1] // p, latents[b].shape[2] // p),
+            img_len=img_len,
+            axes_dim=tuple(axes_dim),
+        )
+        tables.append(_sample_rope(layout))
 
-    cos, sin = rope_cos_sin(positions, axes_dim)
+    cos, sin = (torch.stack([t[i] for t in tables]) for i in (0, 1))
     return PackedBatch(
         img_tokens=img_tokens,
         img_mask=img_mask,
@@ -148,6 +148,40 @@ def pack_batch(
         rope_sin=sin.to(dtype),
         latent_sizes=[(int(x.shape[1]), int(x.shape[2])) for x in latents],
     )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Everything a sample's RoPE positions depend on: its own token grids and the batch's padded lengths."""
+
+    text_mask: tuple[bool, ...]
+    ref_grids: tuple[tuple[int, int], ...]
+    ref_len: int
+    slots: int
+    image_grid: tuple[int, int]
+    img_len: int
+    axes_dim: tuple[int, ...]
+
+
+# Enough for the layouts of a few steps of every active request and branch; an entry of the full model at
+# 1024x1024 with one reference is about 4 MB.
+@lru_cache(maxsize=64)
+def _sample_rope(layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, head_dim / 2) of one sample; padding gets position 0 like the reference's padded tensors."""
+    text_len = len(layout.text_mask)
+    positions = torch.zeros(text_len + layout.slots * layout.ref_len + layout.img_len, 3, dtype=torch.int64)
+    # Text positions count valid tokens only, so padding anywhere keeps the reference numbering.
+    mask = torch.tensor(layout.text_mask, dtype=torch.long)
+    positions[:text_len] = ((torch.cumsum(mask, 0) - 1) * mask).unsqueeze(-1)
+    shift = int(mask.sum())
+    for r, (h, w) in enumerate(layout.ref_grids):
+        start = text_len + r * layout.ref_len
+        positions[start : start + h * w] = _grid_positions(shift, h, w)
+        shift += max(h, w)
+    h, w = layout.image_grid
+    start = text_len + layout.slots * layout.ref_len
+    positions[start : start + h * w] = _grid_positions(shift, h, w)
+    return rope_cos_sin(positions, layout.axes_dim)
 
 
 def _grid_positions(shift: int, h: int, w: int) -> torch.Tensor:
