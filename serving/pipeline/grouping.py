@@ -7,8 +7,8 @@ Samples are therefore grouped by shape, and two groups share a call only when th
 cheaper than the fixed cost of one more call. `CallCost` learns that trade-off from the calls it sees.
 
 Bigger is not always better either: on a CPU, a call whose activations outgrow the caches costs more per token
-(16 three-reference samples of `small` in bf16 took 1.4x the per-sample time of 8), so a call can also be capped
-at `max_tokens` padded tokens; a group above the cap is cut into near-equal calls.
+(benchmarks/README.md, the call token cap), so a call can also be capped at `max_tokens` padded tokens; a group
+above the cap is cut into near-equal calls.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Each Python-backend model is its own process with its own thread pool sized to every core. When two of them
 compute at once (a VAE decode of one request during another's transformer step), their threads share the
-cores and every parallel region waits for its slowest, descheduled thread: measured on 2 cores, a VAE decode
-went from 95 ms alone to 825 ms beside the transformer. Taking turns through one file lock keeps each call at
-full speed, so the total work finishes sooner. GPU repositories do not use it.
+cores and every parallel region waits for its slowest, descheduled thread, so both calls slow down many times
+over (benchmarks/README.md has the measurement). Taking turns through one file lock keeps each call at full
+speed, so the total work finishes sooner. GPU repositories do not use it.
 
 The lock belongs to an open file, not a thread: within one process, callers must already take turns (each
 model instance runs one computation at a time).

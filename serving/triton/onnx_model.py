@@ -2,7 +2,7 @@
 
 The embedded CPU Triton (the `tritonserver` from the nvidia-pytriton wheel) has only the Python backend, so
 each component is this model around an ONNX Runtime session. Only numpy and onnxruntime are imported: every
-Python-backend instance is its own process, and torch would cost it about 250 MB.
+Python-backend instance is its own process, and importing torch would add its whole runtime to each.
 """
 
 from __future__ import annotations
