@@ -7,9 +7,8 @@ request the front end admits. Engines are cached under a key made of the checkpo
 TensorRT version, the precision and the profiles: a rebuild happens only when one of them changes.
 TensorRT needs an NVIDIA GPU; elsewhere this command says so and exits with status 2.
 
-Precision: fp16 / bf16 let TensorRT pick reduced-precision kernels. fp8 adds the FP8 flag, which only takes
-effect on graphs that carry Q/DQ quantisation (e.g. made with NVIDIA ModelOpt); this project does not quantise
-yet, so fp8 builds like bf16 for now. The VAE graphs stay in fp32 under fp8.
+Precision: fp16 / bf16 let TensorRT pick reduced-precision kernels. fp8 is refused: it needs graphs with Q/DQ
+quantisation (e.g. made with NVIDIA ModelOpt), which this project does not make yet.
 """
 
 from __future__ import annotations
@@ -25,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
-from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
+from serving.runtime.onnx_backend import read_manifest
 
 log = logging.getLogger("export.engines")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16")
 Shape = tuple[int, ...]
 
 
@@ -38,32 +37,35 @@ class GpuUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class ProfileBounds:
-    """Largest shapes one engine call must take, derived from the request limits."""
+    """Largest shapes one engine call must take, derived from the request limits, so that no request the API
+    admits falls outside a profile (tests/test_build_engines.py walks the corners)."""
 
-    max_batch: int  # samples per transformer call: requests x CFG branches
+    max_batch: int  # samples per transformer call: requests x CFG branches (the BLS's max_samples)
     opt_batch: int
-    max_text: int
+    max_text: int  # prompts are cut to max_sequence_length tokens, chat template included
     opt_text: int
-    max_img_tokens: int
+    max_img_tokens: int  # the generated latent, bounded by max_pixels
     opt_img_tokens: int
-    max_ref_tokens: int
+    max_ref_tokens: int  # a reference is fitted to the request's max_pixels, itself bounded by the limit
     max_refs: int
-    max_side: int  # pixels, for the VAE graphs
+    max_side: int  # pixels per side for the VAE graphs: sides go up to the limit when the other is short
+    max_images: int  # images of one request, decoded together
 
     @classmethod
     def from_limits(cls, limits: Limits = DEFAULT_LIMITS, max_batch: int = 24, patch: int = 2) -> ProfileBounds:
-        tokens = limits.max_pixels // (8 * patch) ** 2
-        side = int(limits.max_pixels**0.5)
+        cell = 8 * patch  # pixels per token side
+        tokens = limits.max_pixels // cell**2
         return cls(
             max_batch=max_batch,
             opt_batch=6,  # two requests with three CFG branches each
-            max_text=limits.max_sequence_length,  # prompts are cut to at most this many tokens
+            max_text=limits.max_sequence_length,
             opt_text=128,
             max_img_tokens=tokens,
-            opt_img_tokens=(1024 // (8 * patch)) ** 2,
-            max_ref_tokens=(1024 // (8 * patch)) ** 2,  # references are fitted to 1024x1024 by default
+            opt_img_tokens=(1024 // cell) ** 2,
+            max_ref_tokens=tokens,
             max_refs=limits.max_input_images,
-            max_side=side,
+            max_side=limits.max_side,
+            max_images=limits.max_images_per_prompt,
         )
 
 
@@ -75,11 +77,8 @@ def profiles(bounds: ProfileBounds, spec: dict[str, Any], text_dim: int) -> dict
     opt_seq = b.opt_text + b.opt_img_tokens + b.opt_img_tokens
     max_seq = b.max_text + b.max_refs * b.max_ref_tokens + b.max_img_tokens
     latent_side = b.max_side // spec["vae_scale"]
+    # No text_encoder engine: prompts are encoded by the `mllm` model, on the one Qwen2.5-VL of the stack.
     return {
-        "text_encoder": {
-            "input_ids": ((1, 2), (4, b.opt_text), (b.max_batch, b.max_text)),
-            "attention_mask": ((1, 2), (4, b.opt_text), (b.max_batch, b.max_text)),
-        },
         "transformer": {
             "img_tokens": ((1, 1, p), (b.opt_batch, b.opt_img_tokens, p), (b.max_batch, b.max_img_tokens, p)),
             "img_mask": ((1, 1), (b.opt_batch, b.opt_img_tokens), (b.max_batch, b.max_img_tokens)),
@@ -96,9 +95,7 @@ def profiles(bounds: ProfileBounds, spec: dict[str, Any], text_dim: int) -> dict
             "rope_sin": ((1, 3, half), (b.opt_batch, opt_seq, half), (b.max_batch, max_seq, half)),
         },
         "vae_encoder": {"image": ((1, 3, 16, 16), (1, 3, 1024, 1024), (b.max_refs, 3, b.max_side, b.max_side))},
-        "vae_decoder": {
-            "latents": ((1, 16, 2, 2), (1, 16, 128, 128), (b.max_batch // 3, 16, latent_side, latent_side))
-        },
+        "vae_decoder": {"latents": ((1, 16, 2, 2), (1, 16, 128, 128), (b.max_images, 16, latent_side, latent_side))},
     }
 
 
@@ -141,7 +138,7 @@ def build_engine(trt: Any, onnx_path: Path, plan: Path, precision: str, shapes: 
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{onnx_path}: TensorRT could not parse the graph: {errors}")
     config = builder.create_builder_config()
-    flags = {"fp16": ["FP16"], "bf16": ["BF16"], "fp8": ["FP8", "BF16"]}.get(precision, [])
+    flags = {"fp16": ["FP16"], "bf16": ["BF16"]}.get(precision, [])
     for flag in flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
@@ -164,14 +161,13 @@ def build_engines(onnx_dir: Path, out: Path, precision: str, bounds: ProfileBoun
     key = cache_key(manifest["checkpoint_sha256"], gpu, trt.__version__, precision, shapes)
     target = out / key
     target.mkdir(parents=True, exist_ok=True)
-    for name in GRAPH_NAMES:
+    for name in shapes:
         plan = target / f"{name}.plan"
         if plan.is_file():
             log.info("%s: cached in %s", name, target)
             continue
         started = time.perf_counter()
-        graph_precision = "fp32" if name.startswith("vae") and precision == "fp8" else precision
-        build_engine(trt, onnx_dir / manifest["graphs"][name]["file"], plan, graph_precision, shapes[name])
+        build_engine(trt, onnx_dir / manifest["graphs"][name]["file"], plan, precision, shapes[name])
         log.info("%s: built in %.0f s", name, time.perf_counter() - started)
     info = {"key": key, "gpu": gpu, "tensorrt": trt.__version__, "precision": precision, "bounds": asdict(bounds)}
     (target / "engines.json").write_text(json.dumps({**info, "profiles": shapes}, indent=2))

@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from export.build_engines import ProfileBounds, cache_key, main, profiles
-from serving.pipeline.request import DEFAULT_LIMITS
+from serving.model.spec import ModelSpec
+from serving.pipeline.denoise import Sample, plan_sizes, sample_shape
+from serving.pipeline.guidance import Branch
+from serving.pipeline.images import fit_size
+from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest
 
 SPEC = {"patch_size": 2, "latent_channels": 16, "axes_dim_rope": [40, 40, 40], "vae_scale": 8}
 
@@ -25,13 +30,14 @@ def test_profiles_are_ordered_and_cover_the_limits() -> None:
     assert DEFAULT_LIMITS.max_pixels == 2048 * 2048 and DEFAULT_LIMITS.max_input_images == 5
     transformer = shapes["transformer"]
     assert transformer["img_tokens"][2] == (24, 128 * 128, 64)  # 2048x2048 pixels: a 128x128 grid of 2x2 patches
-    assert transformer["ref_tokens"][2] == (24, 5, 64 * 64, 64)  # 5 references of at most 1024x1024
+    assert transformer["ref_tokens"][2] == (24, 5, 128 * 128, 64)  # 5 references fitted to max_pixels 2048x2048
     assert transformer["text_feats"][2] == (24, 1024, 2048)
-    # 1024 text + 5 x 4096 reference + 16384 image tokens; head_dim / 2 = 60 in the full model.
-    assert transformer["rope_cos"][2] == transformer["rope_sin"][2] == (24, 37_888, 60)
+    # 1024 text + 5 x 16384 reference + 16384 image tokens; head_dim / 2 = 60 in the full model.
+    assert transformer["rope_cos"][2] == transformer["rope_sin"][2] == (24, 99_328, 60)
     assert transformer["rope_cos"][1] == (6, 128 + 4096 + 4096, 60)
-    assert shapes["vae_encoder"]["image"][2] == (5, 3, 2048, 2048)
-    assert shapes["vae_decoder"]["latents"][2] == (8, 16, 256, 256)  # one request's 8 images at 2048x2048
+    assert shapes["vae_encoder"]["image"][2] == (5, 3, 4096, 4096)  # a 4096x16 reference is admitted
+    assert shapes["vae_decoder"]["latents"][2] == (8, 16, 512, 512)  # 8 images of 4096x1024 (or 1024x4096)
+    assert "text_encoder" not in shapes  # prompts are encoded by the mllm model
 
 
 def test_cache_key_changes_with_what_changes_the_engine() -> None:
@@ -67,3 +73,61 @@ def test_without_tensorrt_or_a_gpu_it_reports_clearly(
     err = capsys.readouterr().err
     assert err.startswith("build_engines: ") and message in err
     assert not any(tmp_path.iterdir())  # nothing half-built
+
+
+def _admitted_corners() -> list[GenerationRequest]:
+    """Requests at the edges of what validation admits: sizes, aspect ratios, references, text and image counts."""
+    limits = DEFAULT_LIMITS
+    side, pixels = limits.max_side, limits.max_pixels
+    sizes = [(1, 1), (16, 16), (side, 16), (16, side), (side, pixels // side), (pixels // side, side), (side, side)]
+    requests = []
+    for width, height in sizes:
+        for refs in (0, 1, limits.max_input_images):
+            # A reference of the largest admitted shape; its size is what the pipeline fits to the request.
+            images = [Image.new("RGB", (width or 16, height or 16)) for _ in range(refs)]
+            for explicit in (True, False):
+                request = GenerationRequest(
+                    prompt="x",
+                    images=images,
+                    width=width if explicit else None,
+                    height=height if explicit else None,
+                    num_images_per_prompt=limits.max_images_per_prompt,
+                    max_pixels=pixels,
+                    max_input_image_side_length=side,
+                    max_sequence_length=limits.max_sequence_length,
+                )
+                assert not request.violations(limits), request
+                requests.append(request)
+    return requests
+
+
+def test_no_admitted_request_falls_outside_the_profiles() -> None:
+    """Walk the corners of the admitted limits through the pipeline's own size planning: every reference the
+    VAE encoder sees, every transformer sample and every decode lies inside its engine's profile."""
+    spec = ModelSpec(patch_size=2, axes_dim_rope=(40, 40, 40), vae_scaling_factor=0.3611, vae_shift_factor=0.1159)
+    shapes = profiles(ProfileBounds.from_limits(), SPEC, text_dim=2048)
+
+    def inside(graph: str, tensor: str, shape: tuple[int, ...]) -> None:
+        low, _opt, high = shapes[graph][tensor]
+        assert all(a <= s <= b for a, s, b in zip(low, shape, high, strict=True)), (graph, tensor, shape, high)
+
+    for request in _admitted_corners():
+        refs = []
+        for image in request.images:
+            height, width = fit_size(image.height, image.width, request.max_pixels, request.max_input_image_side_length)
+            height, width = max(height, 16), max(width, 16)
+            inside("vae_encoder", "image", (len(request.images), 3, height, width))
+            refs.append(torch.zeros(16, height // 8, width // 8))
+        (gen_h, gen_w), _out = plan_sizes(request, refs, spec)
+        inside("vae_decoder", "latents", (request.num_images_per_prompt, 16, gen_h // 8, gen_w // 8))
+        text = request.sequence_length(text_positions=1024)
+        sample = Sample(
+            Branch.COND, torch.zeros(16, gen_h // 8, gen_w // 8), torch.tensor(0.5), torch.zeros(text, 1), tuple(refs)
+        )
+        shape = sample_shape(sample, spec.patch_size)
+        batch = ProfileBounds.from_limits().max_batch
+        inside("transformer", "img_tokens", (batch, shape.image, 64))
+        inside("transformer", "text_feats", (batch, shape.text, 2048))
+        ref_len = max(shape.refs, default=1)
+        inside("transformer", "ref_tokens", (batch, max(len(refs), 1), ref_len, 64))
+        inside("transformer", "rope_cos", (batch, shape.text + max(len(refs), 1) * ref_len + shape.image, 60))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Sample, pack_samples, sample_shape
 from serving.pipeline.grouping import CallCost, SampleShape, padded_tokens, plan_calls
 from serving.pipeline.guidance import Branch
-from serving.model.spec import ModelSpec
 
 T2I = SampleShape(text=32, refs=(), image=256)
 EDIT = SampleShape(text=32, refs=(256,), image=256)
