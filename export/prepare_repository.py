@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.build_engines import ProfileBounds, build_engines, engine_max_batch, manifest_profiles
 from export.onnx_export import cached_export, checkpoint_hash
 from serving.errors import SettingError
-from serving.model.checkpoint import GRAPH_PARTS, check_layout, copy_processor, read_spec, text_feature_dim
+from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
 from serving.model.contract import graph_contracts
 from serving.model.devices import DEVICES, resolve_device
 from serving.runtime.onnx_backend import MANIFEST
@@ -254,7 +254,7 @@ def prepare_repository(
     where = resolve_device(device)
     if backend in PRECISIONS and precision not in PRECISIONS[backend]:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
-    check_layout(checkpoint)
+    verify_checkpoint(checkpoint)  # before anything is written or served
     source_hash = checkpoint_hash(checkpoint)
     served_by = served_name(backend, precision)
     bls = bls or bls_settings(backend, precision)

@@ -131,3 +131,17 @@ def test_devices_resolve_or_refuse() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(SettingError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_a_config_that_does_not_match_the_tensors_is_refused_before_serving(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """prepare_repository checks the transformer's shapes from the file headers: nothing is written."""
+    from export.prepare_repository import prepare_repository
+
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
+    config = json.loads((broken / "transformer" / "config.json").read_text())
+    (broken / "transformer" / "config.json").write_text(json.dumps(config | {"num_layers": config["num_layers"] + 1}))
+    with pytest.raises(CheckpointError, match="tensors missing"):
+        prepare_repository(broken, tmp_path / "repository", "pytorch", onnx_cache=tmp_path / "onnx")
+    assert not (tmp_path / "repository").exists() and not (tmp_path / "onnx").exists()

@@ -24,7 +24,7 @@ from serving.model.config import TransformerConfig
 from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
 from serving.model.spec import ModelSpec
 from serving.model.transformer import WEIGHTS_STEM, OmniGen2Transformer
-from serving.model.weights import weight_files
+from serving.model.weights import check_shapes, weight_files
 
 REQUIRED_FILES = (
     "model_index.json",
@@ -51,6 +51,14 @@ def check_layout(checkpoint: Path) -> None:
             raise CheckpointError(str(checkpoint / relative), "file not found (official OmniGen2 layout expected)")
     for part, stem in WEIGHT_STEMS.items():
         weight_files(checkpoint / part, stem)
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """check_layout, then the transformer's tensors against its config from the file headers (seconds, no
+    weights read): what a stack checks before it serves. The VAE and MLLM are checked by their loaders."""
+    check_layout(checkpoint)
+    part = checkpoint / "transformer"
+    check_shapes(OmniGen2Transformer.on_meta(part), weight_files(part, WEIGHT_STEMS["transformer"]))
 
 
 def copy_processor(source: Path, target: Path) -> None:

@@ -283,15 +283,18 @@ class OmniGen2Transformer(nn.Module):
         return unpack_output(out, packed.latent_sizes, self.config.patch_size)
 
     @classmethod
+    def on_meta(cls, directory: Path | str) -> OmniGen2Transformer:
+        """The architecture `directory/config.json` describes, with no storage: for shape checks and loading."""
+        config = TransformerConfig.from_file(Path(directory) / "config.json")
+        with torch.device("meta"):
+            return cls(config)
+
+    @classmethod
     def from_pretrained(
         cls, directory: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> OmniGen2Transformer:
         """Load `transformer/` of the official layout (config.json + one safetensors file or index-listed shards)
         straight into `dtype` on `device`: built on the meta device, so no float32 copy ever exists."""
-        directory = Path(directory)
-        config = TransformerConfig.from_file(directory / "config.json")
-        files = weight_files(directory, WEIGHTS_STEM)
-        with torch.device("meta"):
-            model = cls(config)
-        load_weights(model, files, dtype, device)
+        model = cls.on_meta(directory)
+        load_weights(model, weight_files(Path(directory), WEIGHTS_STEM), dtype, device)
         return model.eval()

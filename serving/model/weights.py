@@ -8,7 +8,6 @@ shard at a time, so the peak is the loaded weights plus one tensor in the file's
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,14 +46,32 @@ def weight_files(part: Path, stem: str) -> list[Path]:
     return [single]
 
 
-def _read(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+def header_shapes(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
+    """Every tensor's file and shape, from the safetensors headers alone (no tensor data is read)."""
+    found: dict[str, tuple[Path, list[int]]] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not a mapping)
-                    yield path, key, handle.get_tensor(key)
+                    found[key] = (path, list(handle.get_slice(key).get_shape()))
         except SafetensorError as exc:
             raise CheckpointError(str(path), f"not a readable safetensors file: {exc}") from exc
+    return found
+
+
+def check_shapes(module: nn.Module, files: list[Path]) -> None:
+    """Strictly: every tensor of `module` (meta-device is fine) present, known and of its shape; the error names
+    the file. Cheap enough to run before anything is loaded or served."""
+    expected = {key: list(value.shape) for key, value in module.state_dict().items()}
+    found = header_shapes(files)
+    for key, (path, shape) in found.items():
+        if key not in expected:
+            raise CheckpointError(str(path), f"unexpected tensor {key} (not in this architecture)")
+        if shape != expected[key]:
+            raise CheckpointError(str(path), f"{key} has shape {shape}, the config expects {expected[key]}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(str(files[0].parent), f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
 
 
 def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -69,22 +86,14 @@ def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(module: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a (meta-device) module from safetensors files, strictly: every tensor present, known and of its shape.
+    """Fill a (meta-device) module from safetensors files after `check_shapes`, one tensor at a time.
 
-    Floating-point tensors take `dtype`; the error names the file of a tensor that does not fit.
+    Floating-point tensors take `dtype`; each is cast and moved as it is read, so no whole-model copy exists.
     """
-    expected = {key: value.shape for key, value in module.state_dict().items()}
-    seen: set[str] = set()
-    for path, key, tensor in _read(files):
-        if key not in expected:
-            raise CheckpointError(str(path), f"unexpected tensor {key} (not in this architecture)")
-        if tensor.shape != expected[key]:
-            raise CheckpointError(
-                str(path), f"{key} has shape {list(tensor.shape)}, the config expects {list(expected[key])}"
-            )
-        cast = dtype if tensor.is_floating_point() else tensor.dtype
-        _assign(module, key, tensor.to(device=device, dtype=cast))
-        seen.add(key)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise CheckpointError(str(files[0].parent), f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
+    check_shapes(module, files)
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                tensor = handle.get_tensor(key)
+                cast = dtype if tensor.is_floating_point() else tensor.dtype
+                _assign(module, key, tensor.to(device=device, dtype=cast))
