@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from export.onnx_export import cached_export
 from serving.model.transformer import OmniGen2Transformer
@@ -53,3 +54,19 @@ def golden_transformer(tiny_checkpoint: Path) -> OmniGen2Transformer:
 @pytest.fixture(scope="session")
 def golden_pipeline(tiny_checkpoint: Path) -> OmniGen2Pipeline:
     return OmniGen2Pipeline.from_pretrained(tiny_checkpoint)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where torch sees CUDA (the device machine); elsewhere they are skipped, and counted."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "needs a CUDA device" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} gpu tests not run: no CUDA device here (CI has none)")
