@@ -1,22 +1,63 @@
-"""Per-request budgets: a request whose cost passes one is refused before it runs, naming the field and the budget."""
+"""Per-request budgets: a request whose cost passes one is refused before it runs, naming the field that drives
+the cost and the budget (the flag an operator sets, also reported by GetModelInfo)."""
 
 from __future__ import annotations
 
-from serving.frontend.convert import Forward
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+from serving.frontend.config import FrontendConfig
+from serving.frontend.convert import ChatForward, Forward
 from serving.frontend.status import invalid_argument
 
 
-def check_budgets(forward: Forward, max_output_bytes: int) -> None:
-    violations = []
+def check_budgets(forward: Forward, config: FrontendConfig) -> None:
     cost, params = forward.cost, forward.params
-    if cost.output_bytes > max_output_bytes:
-        count = int(params["num_images_per_prompt"])
-        if count > 1 and cost.output_bytes // count <= max_output_bytes:
-            field = "num_images_per_prompt"
-        else:
-            field = next((name for name in ("width", "height") if params.get(name) is not None), "max_pixels")
-        violations.append(
-            (field, f"the output takes {cost.output_bytes} bytes, over the {max_output_bytes}-byte response budget")
-        )
+    count = int(params["num_images_per_prompt"])
+    size = next((name for name in ("width", "height") if params.get(name) is not None), "max_pixels")
+    violations = []
+
+    def check(field: str, amount: int, unit: str, flag: str) -> bool:
+        budget = getattr(config, flag.replace("-", "_"))
+        if amount > budget:
+            violations.append((field, f"needs {amount} {unit}, over the budget of {budget} (--{flag})"))
+        return amount > budget
+
+    def per_image(amount: int, budget: int) -> str:
+        """The count when one image would fit the budget, else the size."""
+        return "num_images_per_prompt" if count > 1 and amount // count <= budget else size
+
+    check(
+        per_image(cost.output_bytes, config.max_response_bytes),
+        cost.output_bytes,
+        "response bytes",
+        "max-response-bytes",
+    )
+    check("input_images", cost.input_pixels, "decoded input pixels", "max-request-input-pixels")
+    parts = {"prompt": cost.text_tokens, "max_input_image_side_length": cost.reference_tokens, size: cost.image_tokens}
+    sample_field = max(parts, key=parts.__getitem__)  # the largest part of a sample
+    if not check(sample_field, cost.sample_tokens, "transformer tokens per sample", "max-sample-tokens"):
+        step_field = per_image(cost.step_tokens, config.max_step_tokens)  # a sample over budget explains the step
+        check(step_field, cost.step_tokens, "transformer tokens per step", "max-step-tokens")
+    check("steps", cost.total_tokens, "transformer tokens over its steps", "max-request-tokens")
     if violations:
         raise invalid_argument(violations)
+
+
+def api_budgets(config: FrontendConfig) -> pb.Budgets:
+    return pb.Budgets(
+        max_output_bytes=config.max_response_bytes,
+        max_request_input_pixels=config.max_request_input_pixels,
+        max_sample_tokens=config.max_sample_tokens,
+        max_step_tokens=config.max_step_tokens,
+        max_request_tokens=config.max_request_tokens,
+        max_inflight_input_pixels=config.max_inflight_input_pixels,
+        max_inflight_step_tokens=config.max_inflight_step_tokens,
+        max_run_seconds=config.max_run_s,
+    )
+
+
+def check_chat_budgets(forward: ChatForward, config: FrontendConfig) -> None:
+    budget = config.max_request_input_pixels
+    if forward.input_pixels > budget:
+        description = f"needs {forward.input_pixels} decoded input pixels, over the budget of {budget}"
+        raise invalid_argument([("messages", f"{description} (--max-request-input-pixels)")])

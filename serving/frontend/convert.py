@@ -16,7 +16,7 @@ from serving.errors import InvalidArgumentError
 from serving.frontend.status import invalid_argument
 from serving.pipeline.chat import ChatLimits, ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.cost import GenerationCost, generation_cost
-from serving.pipeline.images import decode_image, to_pil
+from serving.pipeline.images import open_image, to_pil
 from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest, Limits, random_seed
 from serving.pipeline.schedulers import SchedulerKind
 
@@ -73,7 +73,7 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
     """Validate every field (all violations reported together) and fill in the defaults."""
     violations: list[tuple[str, str]] = []
 
-    images = []
+    sizes = []  # (height, width) from the headers: the images are decoded once, by the BLS
     if len(request.input_images) > limits.max_input_images:
         violations.append(
             ("input_images", f"at most {limits.max_input_images} images, got {len(request.input_images)}")
@@ -82,8 +82,8 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         for i, image in enumerate(request.input_images):
             try:
                 field = f"input_images[{i}].data"
-                images.append(
-                    decode_image(image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes)
+                sizes.append(
+                    _header_size(image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes)
                 )
             except InvalidArgumentError as exc:
                 violations.append((exc.field, exc.description))
@@ -98,7 +98,6 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
     generation = GenerationRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        images=images,
         cfg_range=cfg_range,
         seed=request.seed if request.HasField("seed") else random_seed(),
         scheduler=(scheduler or SchedulerKind.EULER).value,
@@ -124,7 +123,7 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         quality=quality,
         previews=request.previews,
         return_latents=request.return_latents,
-        cost=generation_cost(generation, [(i.height, i.width) for i in images], request.return_latents),
+        cost=generation_cost(generation, sizes, request.return_latents),
     )
 
 
@@ -215,6 +214,7 @@ class ChatForward:
 
     params: dict[str, Any]
     images: list[bytes]
+    input_pixels: int  # decoded pixels of the images, as their headers state
 
     @property
     def seed(self) -> int:
@@ -229,6 +229,7 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
     violations: list[tuple[str, str]] = []
     messages: list[ChatMessage] = []
     blobs: list[bytes] = []
+    pixels = 0
     for i, message in enumerate(request.messages):
         role = ROLES.get(message.role)
         if role is None:
@@ -239,12 +240,13 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
             if kind == "text":
                 parts.append(ChatPart(text=part.text))
             elif kind == "image":
-                if len(blobs) < limits.max_images:  # beyond the limit: counted, never decoded
+                if len(blobs) < limits.max_images:  # beyond the limit: counted, never opened
                     field = f"messages[{i}].content[{j}].image.data"
                     try:
-                        decode_image(
+                        height, width = _header_size(
                             part.image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes
                         )
+                        pixels += height * width
                     except InvalidArgumentError as exc:
                         violations.append((exc.field, exc.description))
                 parts.append(ChatPart(image=len(blobs)))
@@ -267,7 +269,13 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
         {"role": m.role, "content": [{"text": p.text} if p.image is None else {"image": p.image} for p in m.parts]}
         for m in messages
     ]
-    return ChatForward(params=params, images=blobs)
+    return ChatForward(params=params, images=blobs, input_pixels=pixels)
+
+
+def _header_size(data: bytes, field: str, max_pixels: int, max_bytes: int) -> tuple[int, int]:
+    """(height, width) from the image's header; nothing is decoded here."""
+    with open_image(data, field, max_pixels, max_bytes) as image:
+        return image.height, image.width
 
 
 def chat_result(done: dict[str, Any], seed: int, seconds: float) -> pb.UnderstandResult:

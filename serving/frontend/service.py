@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -15,8 +18,9 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend import access_log
+from serving.frontend.admission import Admission, Load
 from serving.frontend.auth import TokenRegistry
-from serving.frontend.budgets import check_budgets
+from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import (
     Forward,
@@ -34,11 +38,12 @@ from serving.frontend.convert import (
 )
 from serving.frontend.malformed import Malformed
 from serving.frontend.metrics import Metrics
-from serving.frontend.status import ApiError, invalid_argument, resource_exhausted
+from serving.frontend.status import ApiError, invalid_argument, plain
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
 
 log = logging.getLogger(__name__)
 STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode")
+T = TypeVar("T")
 
 
 class OmniGen2Service(pb_grpc.OmniGen2Servicer):
@@ -49,7 +54,14 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self.tokens = tokens
         self.backend = backend
         self.metrics = metrics
-        self.admitted = 0
+        self.admission = Admission(
+            config.max_in_flight,
+            Load(pixels=config.max_inflight_input_pixels, step_tokens=config.max_inflight_step_tokens),
+            config.retry_after_s,
+            metrics,
+        )
+        # Header checks and encoding run here, never on the event loop and never more at once than this.
+        self.workers = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="frontend-worker")
         self._model_parameters: dict[str, str] | None = None
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -61,29 +73,30 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                         return event.result
         raise AssertionError("unreachable: a generation ends with a result or an error")
 
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateEvent]:
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._call("GenerateStream", context, request):
-            async for event in self._generate(request, context, previews=request.previews):
-                yield event
+            events = self._generate(request, context, previews=request.previews)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await self._write(context, event)
 
-    async def Understand(
-        self, request: pb.UnderstandRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.UnderstandEvent]:
+    async def Understand(self, request: pb.UnderstandRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._call("Understand", context, request):
             start = time.perf_counter()
-            with self._admission():
+            with self.admission.slot():
                 check_request_size(request, self.config.max_request_bytes)
-                forward = await asyncio.to_thread(to_chat_forward, request, self.config.chat_limits)
-                events = self.backend.understand(forward, context.time_remaining())
-                async with contextlib.aclosing(events):
-                    async for payload in events:
-                        if payload["type"] == "delta":
-                            yield pb.UnderstandEvent(delta=payload["text"])
-                        else:
-                            seconds = time.perf_counter() - start
-                            yield pb.UnderstandEvent(result=chat_result(payload, forward.seed, seconds))
+                forward = await self._off_loop(to_chat_forward, request, self.config.chat_limits)
+                check_chat_budgets(forward, self.config)
+                with self.admission.reserve(Load(pixels=forward.input_pixels)):
+                    events = self.backend.understand(forward, self._run_time(context))
+                    async with contextlib.aclosing(events):
+                        async for payload in events:
+                            if payload["type"] == "delta":
+                                await self._write(context, pb.UnderstandEvent(delta=payload["text"]))
+                            else:
+                                seconds = time.perf_counter() - start
+                                result = chat_result(payload, forward.seed, seconds)
+                                await self._write(context, pb.UnderstandEvent(result=result))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async with self._call("GetModelInfo", context, request):
@@ -102,6 +115,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                 output_formats=[pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP],
                 understand_limits=understand_limits(self.config.chat_limits),
                 understand_defaults=understand_defaults(),
+                budgets=api_budgets(self.config),
             )
         raise AssertionError("unreachable")
 
@@ -142,47 +156,50 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool
     ) -> AsyncGenerator[pb.GenerateEvent, None]:
         start = time.perf_counter()
-        with self._admission():
+        with self.admission.slot():
             check_request_size(request, self.config.max_request_bytes)
-            forward = await asyncio.to_thread(to_forward, request, self.config.limits)
-            check_budgets(forward, self.config.max_response_bytes)
+            forward = await self._off_loop(to_forward, request, self.config.limits)
+            check_budgets(forward, self.config)
             forward = dataclasses.replace(forward, previews=previews)
             last_step = time.perf_counter()
-            events = self.backend.generate(forward, context.time_remaining())
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, ProgressEvent):
-                        now = time.perf_counter()
-                        self.metrics.step.observe(now - last_step)
-                        last_step = now
-                        yield pb.GenerateEvent(progress=await self._progress(event))
-                    elif isinstance(event, ResultEvent):
-                        yield pb.GenerateEvent(result=await self._result(event, forward, start))
+            with self.admission.reserve(Load(pixels=forward.cost.input_pixels, step_tokens=forward.cost.step_tokens)):
+                events = self.backend.generate(forward, self._run_time(context))
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, ProgressEvent):
+                            now = time.perf_counter()
+                            self.metrics.step.observe(now - last_step)
+                            last_step = now
+                            yield pb.GenerateEvent(progress=await self._progress(event))
+                        elif isinstance(event, ResultEvent):
+                            yield pb.GenerateEvent(result=await self._result(event, forward, start))
 
-    @contextlib.contextmanager
-    def _admission(self) -> Iterator[None]:
-        if self.admitted >= self.config.max_in_flight:
-            raise resource_exhausted(
-                f"{self.admitted} requests in flight, the limit is {self.config.max_in_flight}; retry later",
-                self.config.retry_after_s,
-            )
-        self.admitted += 1
-        self.metrics.in_flight.set(self.admitted)
+    async def _write(self, context: grpc.aio.ServicerContext, message: Message) -> None:
+        """A caller that stops reading would hold its slot, and Triton would buffer its output, for as long as it
+        liked: a write that waits longer than the timeout ends the call (and so the work)."""
+        timeout = self.config.stream_write_timeout_s
         try:
-            yield
-        finally:
-            self.admitted -= 1
-            self.metrics.in_flight.set(self.admitted)
+            await asyncio.wait_for(context.write(message), timeout)
+        except TimeoutError:
+            raise plain(grpc.StatusCode.CANCELLED, f"the caller read nothing for {timeout:g} s") from None
+
+    def _run_time(self, context: grpc.aio.ServicerContext) -> float:
+        """The caller's deadline or the server's maximum run time, whichever comes first."""
+        remaining = context.time_remaining()
+        return self.config.max_run_s if remaining is None else min(remaining, self.config.max_run_s)
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(function, *args))
 
     async def _progress(self, event: ProgressEvent) -> pb.Progress:
         progress = pb.Progress(step=event.step, total_steps=event.total)
         if event.preview is not None:
-            (preview,) = await asyncio.to_thread(encode_images, event.preview[:1], "PNG", 100)
+            (preview,) = await self._off_loop(encode_images, event.preview[:1], "PNG", 100)
             progress.preview.CopyFrom(preview)
         return progress
 
     async def _result(self, event: ResultEvent, forward: Forward, start: float) -> pb.GenerateResponse:
-        images = await asyncio.to_thread(encode_images, event.images, forward.output_format, forward.quality)
+        images = await self._off_loop(encode_images, event.images, forward.output_format, forward.quality)
         total = time.perf_counter() - start
         stages = {name: float(event.timings.get(name, 0.0)) for name in STAGES}
         timings = pb.StageTimings(total=total, queue=max(0.0, total - sum(stages.values())), **stages)

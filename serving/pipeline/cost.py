@@ -2,7 +2,8 @@
 
 Tokens are transformer tokens (a 16x16-pixel patch of an image, or one text token) and are counted per sample:
 a step carries each active CFG branch of each of the `num_images_per_prompt` images. Text is bounded from above,
-not tokenized: a byte-level BPE (Qwen2.5's) never makes more tokens than the text has UTF-8 bytes.
+not tokenized: a byte-level BPE (Qwen2.5's) never makes more tokens than the text has UTF-8 bytes, and prompts
+are cut at max_sequence_length.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from serving.pipeline.guidance import Branch, step_guidance
 from serving.pipeline.images import SIZE_MULTIPLE, fit_size, generation_size
-from serving.pipeline.request import GenerationRequest
+from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -25,6 +26,10 @@ CHAT_TEMPLATE_TOKENS = 64  # the system message and the template's markers aroun
 class GenerationCost:
     output_bytes: int  # the response: uint8 images at output size (encoded), plus latents when asked for
     input_pixels: int  # decoded pixels of the input images, as their headers state
+    text_tokens: int  # the longer of the prompt and the negative prompt, at most
+    image_tokens: int  # the generated image's tokens in one sample
+    reference_tokens: int  # the reference images' tokens in one sample (cond and ref branches)
+    sample_tokens: int  # the largest sample: text + references + image
     step_tokens: int  # transformer tokens of the largest step (every sample of every active branch)
     total_tokens: int  # transformer tokens over all steps: the compute the request asks for
 
@@ -41,16 +46,24 @@ def generation_cost(
         output += n * LATENT_CHANNELS * (gen_h // VAE_SCALE) * (gen_w // VAE_SCALE) * 4
     image = _patches(gen_h, gen_w)
     references = sum(_patches(h, w) for h, w in refs)
-    prompt, negative = (len(text.encode()) + CHAT_TEMPLATE_TOKENS for text in (request.prompt, request.negative_prompt))
+    cut = request.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+    prompt, negative = (
+        min(len(text.encode()) + CHAT_TEMPLATE_TOKENS, cut) for text in (request.prompt, request.negative_prompt)
+    )
     branch_tokens = {
         Branch.COND: prompt + references + image,
         Branch.REF: negative + references + image,
         Branch.UNCOND: negative + image,
     }
-    steps = [n * sum(branch_tokens[b] for b in _branches(request, i, bool(refs))) for i in range(request.steps)]
+    branches = [_branches(request, i, bool(refs)) for i in range(request.steps)]
+    steps = [n * sum(branch_tokens[b] for b in step) for step in branches]
     return GenerationCost(
         output_bytes=output,
         input_pixels=sum(h * w for h, w in image_sizes),
+        text_tokens=max(prompt, negative),
+        image_tokens=image,
+        reference_tokens=references,
+        sample_tokens=max(branch_tokens[b] for step in branches for b in step),
         step_tokens=max(steps),
         total_tokens=sum(steps),
     )

@@ -16,25 +16,32 @@ from serving.pipeline import png
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
 
 
-def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
-    """Encoded bytes -> RGB image, refusing undecodable data and oversized images before decoding pixels."""
+def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """Reads the header only (no pixels decoded): refuses empty, oversized and unidentifiable data."""
     if not data:
         raise InvalidArgumentError(field, "empty image")
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidArgumentError(field, f"{len(data)} bytes, the limit for one image is {max_bytes}")
     try:
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            raise InvalidArgumentError(
-                field, f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit for input images"
-            )
-        if image.format == "PNG" and png.is_truncated(data):
-            raise InvalidArgumentError(field, f"truncated: the header promises {image.width}x{image.height} pixels")
-        image.load()  # the first frame of an animation
-    except InvalidArgumentError:
-        raise
     except UnidentifiedImageError as exc:
         raise InvalidArgumentError(field, "not a decodable image (unknown or corrupt format)") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
+    if image.width * image.height > max_pixels:
+        raise InvalidArgumentError(
+            field, f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit for input images"
+        )
+    return image
+
+
+def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """Encoded bytes -> RGB image, refusing undecodable data and oversized images before decoding pixels."""
+    image = open_image(data, field, max_pixels, max_bytes)
+    if image.format == "PNG" and png.is_truncated(data):
+        raise InvalidArgumentError(field, f"truncated: the header promises {image.width}x{image.height} pixels")
+    try:
+        image.load()  # the first frame of an animation
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
     return to_rgb(image)
@@ -46,9 +53,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I"):
-        wide = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(np.round(wide / scale), 0, 255).astype(np.uint8))
+        # float32 is exact for 16-bit values, and in place the peak is one copy (float64 temporaries: four).
+        wide = np.array(image, dtype=np.float32)
+        wide /= 257.0 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 1.0
+        np.clip(np.round(wide, out=wide), 0, 255, out=wide)
+        image = Image.fromarray(wide.astype(np.uint8))
     return image.convert("RGB")
 
 

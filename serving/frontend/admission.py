@@ -1,0 +1,66 @@
+"""Admission by count and by cost: the calls in flight, and the sum of what the admitted generations hold.
+
+A call takes a slot first (cheap, before its request is validated), then, once its cost is known from the
+request and the image headers, reserves that cost against the in-flight budgets. Either refusal is
+RESOURCE_EXHAUSTED with RetryInfo; a request that could never fit is refused earlier, by the per-request
+budgets (INVALID_ARGUMENT, serving/frontend/budgets.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from serving.frontend.metrics import Metrics
+from serving.frontend.status import resource_exhausted
+
+
+@dataclass(frozen=True)
+class Load:
+    pixels: int = 0  # decoded input pixels
+    step_tokens: int = 0  # transformer tokens of a step
+
+
+class Admission:
+    def __init__(self, max_calls: int, capacity: Load, retry_after_s: float, metrics: Metrics) -> None:
+        self.max_calls = max_calls
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self.calls = 0
+        self.pixels = 0
+        self.step_tokens = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.calls >= self.max_calls:
+            raise resource_exhausted(
+                f"{self.calls} requests in flight, the limit is {self.max_calls}; retry later", self.retry_after_s
+            )
+        self.calls += 1
+        self.metrics.in_flight.set(self.calls)
+        try:
+            yield
+        finally:
+            self.calls -= 1
+            self.metrics.in_flight.set(self.calls)
+
+    @contextlib.contextmanager
+    def reserve(self, load: Load) -> Iterator[None]:
+        for name, held, asked, budget in (
+            ("decoded input pixels", self.pixels, load.pixels, self.capacity.pixels),
+            ("transformer tokens per step", self.step_tokens, load.step_tokens, self.capacity.step_tokens),
+        ):
+            if held and held + asked > budget:
+                raise resource_exhausted(
+                    f"{held} {name} in flight and this request needs {asked}, the budget is {budget}; retry later",
+                    self.retry_after_s,
+                )
+        self.pixels += load.pixels
+        self.step_tokens += load.step_tokens
+        try:
+            yield
+        finally:
+            self.pixels -= load.pixels
+            self.step_tokens -= load.step_tokens
