@@ -31,5 +31,16 @@ def describe(request: Message | None) -> str:
     return ""
 
 
-def record(method: str, peer: str, client: str, code: str, seconds: float, request: Message | None) -> None:
-    log.info("%s peer=%s client=%s status=%s seconds=%.3f %s", method, peer, client, code, seconds, describe(request))
+def record(
+    method: str, peer: str, client: str, code: str, seconds: float, request: Message | None, request_id: str = "-"
+) -> None:
+    log.info(
+        "%s peer=%s client=%s status=%s seconds=%.3f request_id=%s %s",
+        method,
+        peer,
+        client,
+        code,
+        seconds,
+        request_id,
+        describe(request),
+    )

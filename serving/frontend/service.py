@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-from serving.frontend import access_log
+from serving.frontend import access_log, request_id
 from serving.frontend.admission import Admission, Load
 from serving.frontend.auth import TokenRegistry
 from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets
@@ -130,8 +130,11 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         start = time.perf_counter()
         peer, budget = context.peer(), context.time_remaining()
         policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
+        call_id = request_id.from_metadata(context.invocation_metadata())
+        token = request_id.begin(call_id)
         code = grpc.StatusCode.OK
         try:
+            await context.send_initial_metadata(((request_id.HEADER, call_id),))
             if isinstance(request, Malformed):
                 raise invalid_argument([("request", f"not a valid {method} request: {request.reason}")])
             yield
@@ -143,14 +146,15 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            log.exception("%s failed", method)
+            log.exception("%s failed (request_id=%s)", method, call_id)
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, "internal error; the server log has the details")
         finally:
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(seconds)
-            access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, request)
+            access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, request, call_id)
+            request_id.end(token)
 
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool

@@ -20,6 +20,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
+from serving.frontend import request_id
 from serving.frontend.convert import API_FIELD, ChatForward, Forward
 from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
 from serving.triton.wire import WireError
@@ -125,9 +126,12 @@ class TritonBackend:
         """(event JSON, response) pairs up to the final event; the Triton request is cancelled if the caller
         stops early (an exception, a cancelled task, or closing this generator)."""
         finished = asyncio.Event()
+        # Triton's own request id: the models log failures with it, as the access log does. Read here, in the
+        # call's task: grpc consumes `requests()` in a task of its own.
+        call_id = request_id.current()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": model, "inputs": _inputs(request, images)}
+            yield {"model_name": model, "inputs": _inputs(request, images), "request_id": call_id}
             await finished.wait()  # keep the stream open until the final response: closing it ends the request
 
         call = self.client.stream_infer(requests(), stream_timeout=timeout_s)

@@ -11,6 +11,8 @@ Wire format (all requests and responses of model `omnigen2`):
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
 Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
 INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
+Each failure is written to Triton's log with Triton's request id, which the front end sets to the id of the call
+it writes in its access log (INTERNAL failures with their traceback).
 
 Per request: the prompt and negative prompt are cut to max_sequence_length tokens and encoded once (features of
 repeated prompts, the empty negative prompt above all, come from a cache keyed by prompt and length), reference
@@ -44,8 +46,16 @@ from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits, request_from_params
 from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.timing import Stopwatch
+from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
-from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
+from serving.triton.responses import (
+    CancelledByCallerError,
+    encoded_images,
+    error_response,
+    event,
+    request_id,
+    request_json,
+)
 from serving.triton.step_batcher import StepBatcher
 
 TEXT_CACHE_SIZE = 256
@@ -117,6 +127,7 @@ def _output_images(decoded: np.ndarray, height: int, width: int) -> np.ndarray:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        route_to_triton()
         params = parameters(model_config(args))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.spec = ModelSpec.from_dict(json.loads(params["spec"]))
@@ -140,7 +151,7 @@ class TritonPythonModel:
         try:
             response = await self._generate(request, sender)
         except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
-            response = error_response(exc)
+            response = error_response(exc, request_id(request))
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _parse(self, request: Any) -> tuple[GenerationRequest, bool, list[bytes]]:

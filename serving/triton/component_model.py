@@ -7,6 +7,7 @@ their graph. Only numpy is imported here: an ONNX Runtime component must not pay
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.triton.cpu_lane import CpuLane
+from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
+
+log = logging.getLogger(__name__)
 
 
 class ComponentModel:
     def initialize(self, args: dict[str, str]) -> None:
+        route_to_triton()
         config = model_config(args)
         self.params = parameters(config)
         model_dir = Path(args["model_repository"])
@@ -52,6 +57,7 @@ class ComponentModel:
                     ]
                     responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             except Exception as exc:  # report to the caller instead of killing the model instance
+                log.exception("a call of %d requests failed", len(members))
                 for i in members:
                     responses[i] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")

@@ -13,7 +13,8 @@ Wire format, understanding:
 Wire format, prompt encoding (no `request`):
   inputs   input_ids, attention_mask  INT64 [batch, text_len]
   outputs  text_feats  FP32 [batch, text_len, hidden]  in one final response
-Errors end the stream as in the `omnigen2` model ("CODE: [field: ]detail", serving/triton/wire.py).
+Errors end the stream as in the `omnigen2` model ("CODE: [field: ]detail", serving/triton/wire.py) and are
+logged with the request id as there.
 
 Each request is served on a thread of its own (the response sender is thread-safe), so execute() returns at
 once and a cancelled or finished request never waits for another's.
@@ -35,8 +36,16 @@ from serving.pipeline.images import decode_image
 from serving.pipeline.understand import ChatResult, Understander
 from serving.runtime.torch_backend import run_graph
 from serving.triton.cpu_lane import CpuLane
+from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
-from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
+from serving.triton.responses import (
+    CancelledByCallerError,
+    encoded_images,
+    error_response,
+    event,
+    request_id,
+    request_json,
+)
 from serving.triton.torch_model import PRECISIONS
 
 # Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
@@ -45,6 +54,7 @@ DECODING = threading.BoundedSemaphore(2)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        route_to_triton()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         params = parameters(model_config(args))
         on_gpu = args.get("model_instance_kind") == "GPU"
@@ -81,7 +91,7 @@ class TritonPythonModel:
                 raise CancelledByCallerError
             response = pb_utils.InferenceResponse(output_tensors=[event(_done(result))])
         except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
-            response = error_response(exc)
+            response = error_response(exc, request_id(request))
         finally:
             self.workers.discard(threading.current_thread())
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -1,8 +1,11 @@
-"""Response helpers shared by the decoupled Python models (`omnigen2`, `mllm`): JSON events and coded errors."""
+"""Response helpers shared by the decoupled Python models (`omnigen2`, `mllm`): JSON events, coded errors, and
+the request id (Triton's own request field, which the front end sets to the call's id), which every failure is
+logged with so that it can be found from the front end's access log."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -11,21 +14,33 @@ import triton_python_backend_utils as pb_utils
 from serving.errors import InvalidArgumentError
 from serving.triton.wire import WireError
 
+log = logging.getLogger(__name__)
+
 
 def event(payload: dict[str, Any]) -> Any:
     """The `event` output: one JSON object."""
     return pb_utils.Tensor("event", np.array([json.dumps(payload).encode()], dtype=np.object_))
 
 
-def error_response(exc: BaseException) -> Any:
-    """A final error response whose message starts with the status code (stream errors carry no code)."""
+def error_response(exc: BaseException, request_id: str = "-") -> Any:
+    """A final error response whose message starts with the status code (stream errors carry no code), logged
+    with the request id: a one-line note for the caller's own mistakes, the traceback for the server's."""
     if isinstance(exc, InvalidArgumentError):
         error = WireError("INVALID_ARGUMENT", exc.description, exc.field)
     elif isinstance(exc, CancelledByCallerError):
         error = WireError("CANCELLED", "cancelled by the caller")
     else:
         error = WireError("INTERNAL", f"{type(exc).__name__}: {exc}")
+    if error.code == "INTERNAL":
+        log.error("request_id=%s failed: %s", request_id, error, exc_info=exc)
+    else:
+        log.info("request_id=%s ended: %s", request_id, error)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+
+
+def request_id(request: Any) -> str:
+    """Triton's id of the request (the front end's id of the call), or "-" for a caller that set none."""
+    return str(request.request_id() or "-")
 
 
 def request_json(request: Any) -> dict[str, Any]:
