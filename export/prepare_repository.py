@@ -136,10 +136,9 @@ class BlsSettings:
 
 
 BLS = BlsSettings()
-# Where a backend's calls differ. bf16 PyTorch on CPU: one call of 16 three-reference `small` samples (17k tokens)
-# took 1.35-1.46x as long as calls of at most 8k tokens on the 2-core dev machine (benchmarks/results/ablations-small).
-# ONNX Runtime is left uncapped: not measured with calls that large. The fixed cost of a bf16 call is about 10 ms
-# (8 calls of 2 T2I samples against one of 16), the default.
+# Where a backend's calls differ. bf16 PyTorch on CPU: calls past about 8k tokens cost more per token (activations
+# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. ONNX Runtime is left
+# uncapped: not measured with calls that large. The default call cost fits bf16 calls (benchmarks/README.md).
 BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
 
 
