@@ -17,6 +17,11 @@ from serving.errors import InvalidArgumentError
 LINES: list[tuple[str, str]] = []  # (Triton log level, message) as the stand-in Logger received them
 
 
+def _request(request_id: str) -> Any:
+    """A Triton request as far as logging sees it: Triton's request id, which the front end set."""
+    return types.SimpleNamespace(request_id=lambda: request_id)
+
+
 def _writer(level: str) -> Any:
     return lambda message: LINES.append((level, message))
 
@@ -42,7 +47,7 @@ def test_an_internal_error_is_logged_with_its_traceback_and_request_id(responses
     try:
         raise RuntimeError("transformer exploded")
     except RuntimeError as exc:
-        response = responses.error_response(exc, "req-7")
+        response = responses.error_response(exc, _request("req-7"))
     assert response.error == "INTERNAL: RuntimeError: transformer exploded"  # the caller gets one line
     [(level, message)] = LINES
     assert level == "error" and "request_id=req-7 failed" in message
@@ -50,7 +55,7 @@ def test_an_internal_error_is_logged_with_its_traceback_and_request_id(responses
 
 
 def test_a_callers_mistake_is_one_info_line(responses: Any) -> None:
-    responses.error_response(InvalidArgumentError("steps", "must be positive"), "req-8")
+    responses.error_response(InvalidArgumentError("steps", "must be positive"), _request("req-8"))
     assert LINES == [
         ("info", "serving.triton.responses: request_id=req-8 ended: INVALID_ARGUMENT: steps: must be positive")
     ]

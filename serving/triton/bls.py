@@ -48,14 +48,7 @@ from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.timing import Stopwatch
 from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
-from serving.triton.responses import (
-    CancelledByCallerError,
-    encoded_images,
-    error_response,
-    event,
-    request_id,
-    request_json,
-)
+from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
 
 TEXT_CACHE_SIZE = 256
@@ -139,7 +132,9 @@ class TritonPythonModel:
         self.text_cache = TextFeatureCache(TEXT_CACHE_SIZE)
         self.limits = DEFAULT_LIMITS
         # Input images are decoded and resized, outputs resized, here: off the event loop, a bounded few at once.
-        self.workers = ThreadPoolExecutor(int(params.get("image_workers", "2")), thread_name_prefix="bls-images")
+        workers = int(params.get("image_workers", "2"))
+        self.workers = ThreadPoolExecutor(workers, thread_name_prefix="bls-images")
+        self.decode_turns = asyncio.Semaphore(workers)  # images wait their turn here, where cancellation is seen
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
 
     async def execute(self, requests: list[Any]) -> None:
@@ -151,7 +146,7 @@ class TritonPythonModel:
         try:
             response = await self._generate(request, sender)
         except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
-            response = error_response(exc, request_id(request))
+            response = error_response(exc, request)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _parse(self, request: Any) -> tuple[GenerationRequest, bool, list[bytes]]:
@@ -165,16 +160,19 @@ class TritonPythonModel:
     async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(function, *args))
 
+    async def _decode(self, request: Any, blob: bytes, field: str, generation: GenerationRequest) -> torch.Tensor:
+        """One input image, decoded and resized on the pool; not at all if the caller left while it waited."""
+        async with self.decode_turns:
+            _stop_if_cancelled(request)
+            return await self._off_loop(_reference_pixels, blob, field, generation, self.limits)
+
     async def _generate(self, request: Any, sender: Any) -> Any:
         watch = Stopwatch()
         generation, preview, blobs = self._parse(request)
         spec = self.spec
         _stop_if_cancelled(request)
         pixels = await asyncio.gather(
-            *(
-                self._off_loop(_reference_pixels, blob, f"images[{i}]", generation, self.limits)
-                for i, blob in enumerate(blobs)
-            )
+            *(self._decode(request, blob, f"images[{i}]", generation) for i, blob in enumerate(blobs))
         )
         max_length = generation.sequence_length(spec.text_positions)
         prompts = await self.text_cache.lookup(prompts_for(generation), max_length, self._encode_prompts)

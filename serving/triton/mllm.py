@@ -38,14 +38,7 @@ from serving.runtime.torch_backend import run_graph
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
-from serving.triton.responses import (
-    CancelledByCallerError,
-    encoded_images,
-    error_response,
-    event,
-    request_id,
-    request_json,
-)
+from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.torch_model import PRECISIONS
 
 # Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
@@ -91,7 +84,7 @@ class TritonPythonModel:
                 raise CancelledByCallerError
             response = pb_utils.InferenceResponse(output_tensors=[event(_done(result))])
         except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
-            response = error_response(exc, request_id(request))
+            response = error_response(exc, request)
         finally:
             self.workers.discard(threading.current_thread())
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -109,7 +102,7 @@ class TritonPythonModel:
             tensor = pb_utils.Tensor.from_dlpack("text_feats", torch.utils.dlpack.to_dlpack(feats.contiguous()))
             response = pb_utils.InferenceResponse(output_tensors=[tensor])
         except Exception as exc:  # the BLS gets the reason; the model keeps serving
-            response = error_response(exc)
+            response = error_response(exc, request)
         finally:
             self.workers.discard(threading.current_thread())
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -22,25 +22,21 @@ def event(payload: dict[str, Any]) -> Any:
     return pb_utils.Tensor("event", np.array([json.dumps(payload).encode()], dtype=np.object_))
 
 
-def error_response(exc: BaseException, request_id: str = "-") -> Any:
+def error_response(exc: BaseException, request: Any) -> Any:
     """A final error response whose message starts with the status code (stream errors carry no code), logged
-    with the request id: a one-line note for the caller's own mistakes, the traceback for the server's."""
+    with the request's id: a one-line note for the caller's own mistakes, the traceback for the server's."""
     if isinstance(exc, InvalidArgumentError):
         error = WireError("INVALID_ARGUMENT", exc.description, exc.field)
     elif isinstance(exc, CancelledByCallerError):
         error = WireError("CANCELLED", "cancelled by the caller")
     else:
         error = WireError("INTERNAL", f"{type(exc).__name__}: {exc}")
+    request_id = request.request_id() or "-"  # the front end's id of the call; none on the BLS's own calls
     if error.code == "INTERNAL":
         log.error("request_id=%s failed: %s", request_id, error, exc_info=exc)
     else:
         log.info("request_id=%s ended: %s", request_id, error)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-
-
-def request_id(request: Any) -> str:
-    """Triton's id of the request (the front end's id of the call), or "-" for a caller that set none."""
-    return str(request.request_id() or "-")
 
 
 def request_json(request: Any) -> dict[str, Any]:
