@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.harness import ROOT, checkpoint_for
+from benchmarks.timing import best_ms
 from export.onnx_export import cached_export
 from serving.model.checkpoint import load_graph
 from serving.model.config import TransformerConfig
@@ -60,16 +60,6 @@ class Row:
     @property
     def speedup(self) -> float:
         return self.before_ms / self.after_ms
-
-
-def best_ms(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * min(times)
 
 
 class Workbench:

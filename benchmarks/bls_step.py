@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import best_ms
 from export.make_checkpoint import TRANSFORMERS
 from serving.model.spec import ModelSpec
 from serving.model.transformer import OmniGen2Transformer
@@ -28,16 +28,6 @@ from serving.pipeline.guidance import Branch
 from serving.pipeline.packing import PackedBatch, _sample_rope, unpack_output
 
 TEXT_MULTIPLE = 16  # as the BLS pads text
-
-
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * min(times)
 
 
 def cpu_description() -> str:
