@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from serving.model.transformer import OmniGen2Transformer
+from serving.pipeline.packing import pack_batch, unpack_output
 from serving.pipeline.request import GenerationRequest
 
 
@@ -52,3 +55,26 @@ def relative_error(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | n
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
+
+
+def run_transformer(
+    model: OmniGen2Transformer,
+    latents: Sequence[torch.Tensor],
+    timestep: torch.Tensor,
+    text_feats: torch.Tensor,
+    text_mask: torch.Tensor,
+    refs: Sequence[Sequence[torch.Tensor] | None] | None = None,
+) -> list[torch.Tensor]:
+    """Per-sample (C, H, W) latents and reference latents in, per-sample velocities out (packing in between)."""
+    packed = pack_batch(
+        latents,
+        timestep,
+        text_feats,
+        text_mask,
+        refs if refs is not None else [None] * len(latents),
+        patch_size=model.config.patch_size,
+        axes_dim=model.config.axes_dim_rope,
+    )
+    with torch.no_grad():
+        out = model(**packed.as_inputs())
+    return unpack_output(out, packed.latent_sizes, model.config.patch_size)

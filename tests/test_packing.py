@@ -6,6 +6,7 @@ import torch
 
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.packing import _sample_rope, pack_batch, patchify, rope_cos_sin, unpack_output, unpatchify
+from tests.golden import run_transformer
 
 
 def test_patchify_round_trip_and_order() -> None:
@@ -71,11 +72,16 @@ def test_batched_output_equals_each_sample_alone(golden_transformer: OmniGen2Tra
     refs = [None, [torch.randn(16, 4, 6), torch.randn(16, 8, 4)], [torch.randn(16, 2, 2)]]
     timestep = torch.tensor([0.1, 0.5, 0.9])
     with torch.no_grad():
-        batched = golden_transformer.forward_latents(latents, timestep, text, mask, refs)
+        batched = run_transformer(golden_transformer, latents, timestep, text, mask, refs)
         for b in range(3):
             n = lens[b]
-            alone = golden_transformer.forward_latents(
-                [latents[b]], timestep[b : b + 1], text[b : b + 1, :n], mask[b : b + 1, :n], [refs[b]]
+            alone = run_transformer(
+                golden_transformer,
+                [latents[b]],
+                timestep[b : b + 1],
+                text[b : b + 1, :n],
+                mask[b : b + 1, :n],
+                [refs[b]],
             )[0]
             torch.testing.assert_close(batched[b], alone, rtol=1e-4, atol=1e-5)
     assert all(torch.isfinite(o).all() for o in batched)

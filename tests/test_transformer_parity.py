@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from serving.model.transformer import OmniGen2Transformer
-from tests.golden import relative_error, transformer_case_inputs
+from tests.golden import relative_error, run_transformer, transformer_case_inputs
 
 TOLERANCE = 1e-4
 
 
 def _run(model: OmniGen2Transformer, inputs: dict[str, Any]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return model.forward_latents(
-            inputs["latents"], inputs["timestep"], inputs["text_feats"], inputs["text_mask"], inputs["refs"]
+        return run_transformer(
+            model, inputs["latents"], inputs["timestep"], inputs["text_feats"], inputs["text_mask"], inputs["refs"]
         )
 
 

@@ -8,7 +8,6 @@ Python lists), which lets the same module trace to ONNX and batch requests of di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ from torch import nn
 
 from serving.model.config import TransformerConfig
 from serving.model.weights import load_weights, weight_files
-from serving.pipeline.packing import pack_batch, unpack_output
 
 WEIGHTS_STEM = (
     "diffusion_pytorch_model"  # diffusers' name: <stem>.safetensors or a sharded <stem>.safetensors.index.json
@@ -260,27 +258,6 @@ class OmniGen2Transformer(nn.Module):
         for block in self.layers:
             x = block(x, joint_bias, rope_cos, rope_sin, temb)
         return self.norm_out(x[:, x.shape[1] - img_len :], temb)
-
-    def forward_latents(
-        self,
-        latents: Sequence[torch.Tensor],
-        timestep: torch.Tensor,
-        text_feats: torch.Tensor,
-        text_mask: torch.Tensor,
-        refs: Sequence[Sequence[torch.Tensor] | None] | None = None,
-    ) -> list[torch.Tensor]:
-        """Convenience: per-sample (C, H, W) latents and reference latents in, per-sample velocities out."""
-        packed = pack_batch(
-            latents,
-            timestep,
-            text_feats,
-            text_mask,
-            refs if refs is not None else [None] * len(latents),
-            patch_size=self.config.patch_size,
-            axes_dim=self.config.axes_dim_rope,
-        )
-        out = self(**packed.as_inputs())
-        return unpack_output(out, packed.latent_sizes, self.config.patch_size)
 
     @classmethod
     def on_meta(cls, directory: Path | str) -> OmniGen2Transformer:
