@@ -133,6 +133,8 @@ class BlsSettings:
     call_overhead_ms: float = 10.0  # a transformer call's fixed cost: shapes share a call below it (grouping.py)
     max_call_tokens: int = 0  # padded tokens per transformer call at most (0: no cap); bigger calls are cut
     instances: int = 1  # one event loop serves every request concurrently
+    vae_tile: int = 128  # latent cells per side of a VAE-decoder tile (1024 px); larger outputs decode in tiles
+    vae_tile_overlap: int = 16  # latent cells shared by neighbouring tiles, blended (serving/pipeline/tiling.py)
 
 
 BLS = BlsSettings()
@@ -172,6 +174,8 @@ def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, setti
     config.parameters["text_multiple"].string_value = str(settings.text_multiple)
     config.parameters["call_overhead_ms"].string_value = str(settings.call_overhead_ms)
     config.parameters["max_call_tokens"].string_value = str(settings.max_call_tokens)
+    config.parameters["vae_tile"].string_value = str(settings.vae_tile)
+    config.parameters["vae_tile_overlap"].string_value = str(settings.vae_tile_overlap)
     config.parameters["checkpoint_sha256"].string_value = checkpoint_sha256
     config.parameters["backend"].string_value = backend
     return config

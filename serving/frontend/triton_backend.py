@@ -102,14 +102,16 @@ class TritonBackend:
         await self.client.close()
 
     async def ready(self, timeout_s: float = 2.0) -> bool:
+        """The server and every model in its repository READY: a component being reloaded (after its stub process
+        died, serving/triton/watchdog.py) fails the calls that need it, so health must not say SERVING then."""
         try:
-            return bool(
-                await self.client.is_server_ready(client_timeout=timeout_s)
-                and await self.client.is_model_ready(BLS_MODEL, client_timeout=timeout_s)
-                and await self.client.is_model_ready(MLLM_MODEL, client_timeout=timeout_s)
-            )
+            if not await self.client.is_server_ready(client_timeout=timeout_s):
+                return False
+            index = await self.client.get_model_repository_index(client_timeout=timeout_s)
         except (InferenceServerException, grpc.RpcError):
             return False
+        states = {model.name: model.state for model in index.models}
+        return {BLS_MODEL, MLLM_MODEL} <= states.keys() and all(state == "READY" for state in states.values())
 
     async def model_parameters(self) -> dict[str, str]:
         """The `omnigen2` config's parameters (spec, checkpoint_sha256, backend, ...)."""

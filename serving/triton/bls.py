@@ -45,6 +45,7 @@ from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits, request_from_params
 from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
+from serving.pipeline.tiling import decode_tiled
 from serving.pipeline.timing import Stopwatch
 from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
@@ -135,6 +136,8 @@ class TritonPythonModel:
         workers = int(params.get("image_workers", "2"))
         self.workers = ThreadPoolExecutor(workers, thread_name_prefix="bls-images")
         self.decode_turns = asyncio.Semaphore(workers)  # images wait their turn here, where cancellation is seen
+        self.vae_tile = int(params.get("vae_tile", "128"))
+        self.vae_tile_overlap = int(params.get("vae_tile_overlap", "16"))
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
 
     async def execute(self, requests: list[Any]) -> None:
@@ -159,6 +162,16 @@ class TritonPythonModel:
 
     async def _off_loop(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(function, *args))
+
+    async def _vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> images in [-1, 1]; outputs larger than one tile are decoded tile by tile (tiling.py)."""
+
+        async def decode(piece: torch.Tensor) -> torch.Tensor:
+            image = await call_component("vae_decoder", {"latents": piece.contiguous().numpy()}, "image")
+            return torch.from_numpy(image)
+
+        tiled = await decode_tiled(latents, decode, self.vae_tile, self.vae_tile_overlap, self.spec.vae_scale)
+        return tiled.numpy()
 
     async def _decode(self, request: Any, blob: bytes, field: str, generation: GenerationRequest) -> torch.Tensor:
         """One input image, decoded and resized on the pool; not at all if the caller left while it waited."""
@@ -196,7 +209,7 @@ class TritonPythonModel:
                 denoiser.advance(await self.batcher.submit(denoiser.samples()))
                 outputs = [event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
                 if preview:
-                    decoded = await call_component("vae_decoder", {"latents": denoiser.x0.numpy()}, "image")
+                    decoded = await self._vae_decode(denoiser.x0)
                     preview_image = await self._off_loop(_output_images, decoded, *gen_size)
                     outputs.append(pb_utils.Tensor("preview", preview_image))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
@@ -205,7 +218,7 @@ class TritonPythonModel:
         watch.lap("denoise")
 
         _stop_if_cancelled(request)
-        decoded = await call_component("vae_decoder", {"latents": denoiser.latents.numpy()}, "image")
+        decoded = await self._vae_decode(denoiser.latents)
         images = await self._off_loop(_output_images, decoded, out_h, out_w)
         watch.lap("vae_decode")
         result = {

@@ -24,6 +24,8 @@ from types import TracebackType
 
 import tritonclient.grpc as triton_grpc
 
+from serving.triton.watchdog import StubWatchdog
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -97,6 +99,7 @@ class TritonServer:
         self.build_dir = build_dir
         self.log_path = log_path or build_dir / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.watchdog: StubWatchdog | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -114,7 +117,10 @@ class TritonServer:
             f"--metrics-address={LOOPBACK}",
             f"--metrics-port={self.ports.metrics}",
             "--strict-readiness=true",
-            "--model-control-mode=none",  # the repository is read once at start-up, never polled
+            # The repository is read once at start-up, never polled; explicit control lets the watchdog reload a
+            # model whose stub died (serving/triton/watchdog.py).
+            "--model-control-mode=explicit",
+            "--load-model=*",
             "--exit-on-error=true",
         ]
 
@@ -133,6 +139,9 @@ class TritonServer:
                 self.command(install), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         self.wait_ready(timeout)
+        if self.watchdog is not None:
+            self.watchdog.stop()  # the previous server's, on a restart
+        self.watchdog = StubWatchdog(self.process.pid, self.grpc_url).start()
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -155,6 +164,8 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL the process group if it hangs."""
+        if self.watchdog is not None:
+            self.watchdog.stop()  # stubs end with the server: not a failure to repair
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
@@ -17,8 +18,10 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
+from export.prepare_repository import BlsSettings, prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
+from tests.integration.triton_stream import GenerationStream
 
 MiB = 1024 * 1024
 
@@ -72,7 +75,7 @@ def test_sides_under_16_pixels_are_generated_and_resized(small_responses: Fronte
 
 def test_triton_never_polls_the_repository(triton: TritonServer) -> None:
     mode = next(line for line in triton.log_path.read_text().splitlines() if "model_control_mode" in line)
-    assert "MODE_NONE" in mode
+    assert "MODE_POLL" not in mode and "MODE_EXPLICIT" in mode  # explicit: the watchdog reloads, nothing polls
 
 
 # Budgets scaled down for the tests (text counts as its UTF-8 bytes + 64 template tokens, an image as its 16x16
@@ -215,3 +218,29 @@ def test_a_stream_nobody_reads_is_cancelled_and_gives_its_slot_back(tmp_path: Pa
             list(unread)
         assert raised.value.code() == grpc.StatusCode.CANCELLED
         assert "read nothing" in (raised.value.details() or "")
+
+
+@pytest.fixture(scope="module")
+def tiled_triton(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path
+) -> Iterator[TritonServer]:
+    """A stack whose VAE decoder takes tiles of 4 latent cells (32 px), so that a 64x64 output is tiled."""
+    work = tmp_path_factory.mktemp("tiled")
+    settings = BlsSettings(vae_tile=4, vae_tile_overlap=2)
+    repository = prepare_repository(
+        tiny_checkpoint, work / "model_repository", onnx_cache=tiny_onnx.parent, bls=settings
+    )
+    with TritonServer(repository, build_dir=work) as server:
+        yield server
+
+
+def test_outputs_larger_than_a_tile_are_vae_decoded_in_tiles(tiled_triton: TritonServer, triton: TritonServer) -> None:
+    params = {"prompt": "A cat", "width": 64, "height": 64, "steps": 2, "seed": 1, "text_guidance_scale": 1.0}
+    whole = GenerationStream(triton.grpc_url, params).wait()
+    before = _executions(tiled_triton, "vae_decoder")
+    tiled = GenerationStream(tiled_triton.grpc_url, params).wait()
+    assert _executions(tiled_triton, "vae_decoder") - before == 9  # 8x8 cells in tiles of 4 overlapping by 2: 3x3
+    assert whole.images is not None and tiled.images is not None and tiled.images.shape == whole.images.shape
+    np.testing.assert_array_equal(tiled.latents, whole.latents)  # the same generation, decoded another way
+    # No bound on the pixels: the tiny VAE's mid-block attends over the whole image, so 32-px tiles differ from one
+    # whole decode (22.8 levels on average); tests/test_tiling.py holds the tiling itself to the untiled result.

@@ -25,6 +25,7 @@ from omnigen2 import (
 
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import Ports, TritonServer
+from serving.triton.watchdog import stub_processes
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}
@@ -119,3 +120,21 @@ def test_overload_at_four_times_capacity(triton: TritonServer, tmp_path: Path) -
         after = {"frontend": _tree_rss(api.process.pid), "triton": _tree_rss(triton.process.pid)}
         for name, rss in after.items():
             assert rss - baseline[name] < 64 * 2**20, f"{name} grew by {(rss - baseline[name]) / 2**20:.0f} MiB"
+
+
+def test_a_dead_component_stub_turns_health_not_serving_then_is_brought_back(
+    own_triton: TritonServer, tmp_path: Path
+) -> None:
+    """Triton keeps a model whose stub process died READY and fails every call to it ("Stub process ... is not
+    healthy") until a restart; health said SERVING throughout."""
+    with FrontendProcess(own_triton.grpc_url, tmp_path / "frontend.log") as api:
+        api.wait_health(SERVING)
+        client = OmniGen2Client(api.address, timeout=60, retries=0)
+        assert client.generate("Before", width=32, height=32, steps=1).images
+        assert own_triton.process is not None
+        (stub,) = stub_processes(own_triton.process.pid)["vae_decoder"]
+        os.kill(stub, signal.SIGKILL)
+        api.wait_health(NOT_SERVING, timeout=5)
+        api.wait_health(SERVING, timeout=30)
+        assert stub not in stub_processes(own_triton.process.pid)["vae_decoder"]  # a new stub
+        assert client.generate("After", width=32, height=32, steps=1).images

@@ -1,0 +1,75 @@
+"""Brings back a Triton model whose Python-backend stub process died.
+
+Triton keeps such a model READY and fails every request to it ("Stub process 'x_0_0' is not healthy") until it
+is reloaded. The watchdog runs beside the server it launched, on the same host: it notes each model's stub
+processes (children of `tritonserver` whose command line names the model's `model.py`) and, when one vanishes,
+unloads the model (health turns NOT_SERVING: the front end requires every model READY) and loads it again
+(SERVING). That needs `--model-control-mode=explicit`, which reads the repository at start-up and never polls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger(__name__)
+
+
+def stub_processes(server_pid: int) -> dict[str, set[int]]:
+    """Model name -> pids of its live stub processes, read from /proc."""
+    found: dict[str, set[int]] = defaultdict(set)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            # Fields after the command name (which may hold spaces) start at state, then the parent pid.
+            parent = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if parent == server_pid and len(argv) > 1 and argv[1].endswith(b"model.py"):
+            found[Path(argv[1].decode()).parents[1].name].add(int(proc.name))
+    return found
+
+
+class StubWatchdog:
+    def __init__(self, server_pid: int, grpc_url: str, interval_s: float = 0.5) -> None:
+        self.server_pid = server_pid
+        self.client = triton_grpc.InferenceServerClient(grpc_url)
+        self.interval_s = interval_s
+        self.known: dict[str, set[int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="triton-stub-watchdog", daemon=True)
+
+    def start(self) -> StubWatchdog:
+        self.known = stub_processes(self.server_pid)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
+
+    def check(self) -> list[str]:
+        """Reload every model that lost a stub since the last check; returns their names."""
+        current = stub_processes(self.server_pid)
+        lost = sorted(model for model, pids in self.known.items() if pids - current.get(model, set()))
+        for model in lost:
+            log.warning("a stub process of model %r died; reloading the model", model)
+            try:
+                self.client.unload_model(model)
+                self.client.load_model(model)
+            except InferenceServerException as exc:  # the server itself is going: nothing to bring back
+                log.warning("reloading %r failed: %s", model, exc)
+        self.known = stub_processes(self.server_pid) if lost else current
+        return lost
