@@ -33,7 +33,7 @@ from export.onnx_export import cached_export, checkpoint_hash
 from serving.errors import SettingError
 from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
 from serving.model.contract import graph_contracts
-from serving.model.devices import DEVICES, resolve_device
+from serving.model.devices import DEVICES, TORCH_DTYPES, check_dtype, resolve_device
 from serving.runtime.onnx_backend import MANIFEST
 
 log = logging.getLogger("export.repository")
@@ -255,6 +255,8 @@ def prepare_repository(
     if precision in NOT_IMPLEMENTED:
         raise SettingError("precision", NOT_IMPLEMENTED[precision])
     where = resolve_device(device)
+    if backend == "pytorch":
+        check_dtype(where, TORCH_DTYPES[precision])  # e.g. bf16 on a GPU without it: refused before Triton starts
     if backend in PRECISIONS and precision not in PRECISIONS[backend]:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
     verify_checkpoint(checkpoint)  # before anything is written or served

@@ -7,6 +7,8 @@ import torch
 from serving.errors import SettingError
 
 DEVICES = ("auto", "cuda", "cpu")
+# --precision names -> the dtype the PyTorch components compute in.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import triton_python_backend_utils as pb_utils
 
-from serving.model.devices import check_dtype, resolve_device
+from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.model.graphs import TextEncoderGraph
 from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params
 from serving.pipeline.images import decode_image
@@ -39,7 +39,6 @@ from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
-from serving.triton.torch_model import PRECISIONS
 
 # Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
 DECODING = threading.BoundedSemaphore(2)
@@ -52,7 +51,7 @@ class TritonPythonModel:
         params = parameters(model_config(args))
         on_gpu = args.get("model_instance_kind") == "GPU"
         device = resolve_device(f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu")
-        dtype = PRECISIONS[params.get("precision", "bf16" if on_gpu else "fp32")]
+        dtype = TORCH_DTYPES[params.get("precision", "bf16" if on_gpu else "fp32")]
         check_dtype(device, dtype)
         self.understander = Understander.from_dirs(version_dir / "mllm", version_dir / "processor", device, dtype)
         self.text_encoder = TextEncoderGraph(self.understander.model).eval()

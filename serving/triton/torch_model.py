@@ -15,11 +15,9 @@ import numpy as np
 import torch
 
 from serving.model.checkpoint import load_graph
-from serving.model.devices import check_dtype, resolve_device
+from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.runtime.torch_backend import run_graph
 from serving.triton.component_model import ComponentModel
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class TritonPythonModel(ComponentModel):
@@ -28,7 +26,7 @@ class TritonPythonModel(ComponentModel):
         # A KIND_GPU instance runs on its GPU; inputs and outputs stay float32 CPU tensors (run_graph moves them).
         on_gpu = args.get("model_instance_kind") == "GPU"
         device = resolve_device(f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu")
-        dtype = PRECISIONS[self.params["precision"]]
+        dtype = TORCH_DTYPES[self.params["precision"]]
         check_dtype(device, dtype)
         self.graph = load_graph(args["model_name"], self.version_dir, dtype, device)
         threads = int(self.params.get("intra_op_threads", "0"))
