@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from serving.errors import CheckpointError
 from serving.model.config import TransformerConfig
@@ -103,6 +101,10 @@ def text_feature_dim(checkpoint: Path) -> int:
 
 def load_vae(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Any:
     """diffusers' AutoencoderKL (single or sharded safetensors), in `dtype` on `device`."""
+    # Imported here: each served component is a process of its own, and one that loads only the VAE (or only the
+    # transformer) should not hold transformers' (or diffusers') modules in memory.
+    from diffusers import AutoencoderKL
+
     weight_files(part, WEIGHT_STEMS["vae"])
     try:
         vae = AutoencoderKL.from_pretrained(part, torch_dtype=dtype)
@@ -116,6 +118,8 @@ def load_mllm(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
 
     sdpa: PyTorch's fused attention (flash / memory-efficient kernels on GPU), no extra package needed.
     """
+    from transformers import Qwen2_5_VLForConditionalGeneration  # see load_vae
+
     weight_files(part, WEIGHT_STEMS["mllm"])
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
