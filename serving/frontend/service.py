@@ -84,7 +84,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         async with self._call("Understand", context, request):
             start = time.perf_counter()
             with self.admission.slot():
-                check_request_size(request, self.config.max_request_bytes)
+                await self._off_loop(check_request_size, request, self.config.max_request_bytes)
                 forward = await self._off_loop(to_chat_forward, request, self.config.chat_limits)
                 check_chat_budgets(forward, self.config)
                 with self.admission.reserve(Load(pixels=forward.input_pixels)):
@@ -161,7 +161,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
     ) -> AsyncGenerator[pb.GenerateEvent, None]:
         start = time.perf_counter()
         with self.admission.slot():
-            check_request_size(request, self.config.max_request_bytes)
+            # Off the loop: sizing a message of millions of fields took seconds, and health waited with it.
+            await self._off_loop(check_request_size, request, self.config.max_request_bytes)
             forward = await self._off_loop(to_forward, request, self.config.limits)
             check_budgets(forward, self.config)
             forward = dataclasses.replace(forward, previews=previews)

@@ -48,6 +48,7 @@ from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.tiling import decode_tiled
 from serving.pipeline.timing import Stopwatch
 from serving.triton.log import route_to_triton
+from serving.triton.memory import IdleTrimmer
 from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
@@ -137,6 +138,7 @@ class TritonPythonModel:
         self.workers = ThreadPoolExecutor(workers, thread_name_prefix="bls-images")
         self.decode_turns = asyncio.Semaphore(workers)  # images wait their turn here, where cancellation is seen
         self.vae_tile = int(params.get("vae_tile", "128"))
+        self.trimmer = IdleTrimmer()
         self.vae_tile_overlap = int(params.get("vae_tile_overlap", "16"))
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
 
@@ -147,7 +149,8 @@ class TritonPythonModel:
     async def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
         try:
-            response = await self._generate(request, sender)
+            with self.trimmer:
+                response = await self._generate(request, sender)
         except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
             response = error_response(exc, request)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

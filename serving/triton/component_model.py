@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
+from serving.triton.memory import IdleTrimmer
 from serving.triton.model_config import model_config, parameters
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class ComponentModel:
         self.output_names = [o["name"] for o in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.lane = CpuLane.for_model(model_dir, self.params)
+        self.trimmer = IdleTrimmer()
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph on one batch: inputs by name, outputs in `output_names` order."""
@@ -42,6 +44,10 @@ class ComponentModel:
             return self.run(feed)
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        with self.trimmer:
+            return self._execute(requests)
+
+    def _execute(self, requests: list[Any]) -> list[Any]:
         feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names} for r in requests]
         responses: list[Any] = [None] * len(requests)
         groups: dict[tuple[Any, ...], list[int]] = {}

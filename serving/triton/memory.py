@@ -1,0 +1,55 @@
+"""Gives freed memory back to the system once a model has gone idle.
+
+Every Python-backend model is a process of its own, and glibc keeps the heap pages a burst freed: each stub used
+to stay at its peak (a burst of four 512x512 pairs left the idle stack 2.3 GB above its baseline). `malloc_trim`
+returns them; it runs on a thread of its own, a second after the model's last call ends, never during one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None  # glibc only
+
+
+class IdleTrimmer:
+    """Use around each call (`with trimmer:`); calls may overlap (the BLS serves many at once)."""
+
+    def __init__(self, idle_s: float = 1.0) -> None:
+        self.idle_s = idle_s
+        self._trim = _malloc_trim()
+        self._busy = 0
+        self._last = time.monotonic()
+        self._dirty = False
+        self._lock = threading.Lock()
+        if self._trim is not None:
+            threading.Thread(target=self._run, name="idle-trimmer", daemon=True).start()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._busy += 1
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._last = time.monotonic()
+            self._dirty = True
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.idle_s)
+            with self._lock:
+                due = self._dirty and not self._busy and time.monotonic() - self._last >= self.idle_s
+                self._dirty = self._dirty and not due
+            if due and self._trim is not None:
+                self._trim(0)
