@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -125,6 +127,32 @@ def test_oversize_message_names_its_largest_field(small_requests: FrontendProces
         stub.Generate(pb.GenerateRequest(prompt="x" * 3 * 2**20), timeout=30)
     assert transport.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert small_requests.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_message_of_many_tiny_fields_is_refused_while_health_answers(small_requests: FrontendProcess) -> None:
+    """600 000 empty input images (1.2 MB): sizing them walked every field on the event loop (a million took 6 s,
+    health waiting with it); now it is one C call per image, on a worker thread."""
+    stub = pb_grpc.OmniGen2Stub(grpc.insecure_channel(small_requests.address))
+    request = pb.GenerateRequest(prompt="x", input_images=[pb.Image()] * 600_000)
+    outcome: list[grpc.RpcError] = []
+
+    def call() -> None:
+        try:
+            stub.Generate(request, timeout=60)
+        except grpc.RpcError as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    slowest = 0.0
+    while caller.is_alive():
+        started = time.monotonic()
+        assert small_requests.health() == health_pb2.HealthCheckResponse.SERVING
+        slowest = max(slowest, time.monotonic() - started)
+    caller.join()
+    assert outcome and outcome[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert outcome[0].details().startswith("input_images: the request is")
+    assert slowest < 0.5, f"health waited {slowest:.2f} s"
 
 
 def _mostly(valid: st.SearchStrategy[object], invalid: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
