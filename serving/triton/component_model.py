@@ -47,8 +47,19 @@ class ComponentModel:
         with self.trimmer:
             return self._execute(requests)
 
+    def to_array(self, tensor: Any) -> np.ndarray:
+        """A request's input as an array. Through numpy here (ONNX Runtime components import no torch); the
+        PyTorch components override both conversions with DLPack, which numpy 2 does not silently empty."""
+        array: np.ndarray = tensor.as_numpy()
+        return array
+
+    def to_tensor(self, name: str, value: np.ndarray) -> Any:
+        return pb_utils.Tensor(name, value)
+
     def _execute(self, requests: list[Any]) -> list[Any]:
-        feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names} for r in requests]
+        feeds = [
+            {n: self.to_array(pb_utils.get_input_tensor_by_name(r, n)) for n in self.input_names} for r in requests
+        ]
         responses: list[Any] = [None] * len(requests)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, feed in enumerate(feeds):
@@ -59,7 +70,7 @@ class ComponentModel:
                 outputs = self._run_group([feeds[i] for i in members])
                 for i, result in zip(members, outputs, strict=True):
                     tensors = [
-                        pb_utils.Tensor(name, value) for name, value in zip(self.output_names, result, strict=True)
+                        self.to_tensor(name, value) for name, value in zip(self.output_names, result, strict=True)
                     ]
                     responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             except Exception as exc:  # report to the caller instead of killing the model instance

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import triton_python_backend_utils as pb_utils
 
 from serving.model.checkpoint import load_graph
 from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
@@ -32,6 +33,12 @@ class TritonPythonModel(ComponentModel):
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
+
+    def to_array(self, tensor: Any) -> np.ndarray:
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy()
+
+    def to_tensor(self, name: str, value: np.ndarray) -> Any:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(value)))
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
