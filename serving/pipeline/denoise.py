@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.model.spec import ModelSpec
 from serving.pipeline.grouping import SampleShape
 from serving.pipeline.guidance import Branch, StepGuidance, combine, step_guidance
 from serving.pipeline.images import generation_size
 from serving.pipeline.packing import PackedBatch, pack_batch
 from serving.pipeline.request import GenerationRequest
 from serving.pipeline.schedulers import SchedulerKind, dpm_solver_step, euler_step, timesteps
-from serving.runtime.base import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ class Denoiser:
         self.request = request
         self.refs = tuple(ref_latents)
         self.latents = initial_noise(request.seed, request.num_images_per_prompt, *gen_size, spec)
-        self.grid = timesteps(request.steps, self.latents.shape[-2], self.latents.shape[-1])
+        self.grid = timesteps(
+            request.steps, self.latents.shape[-2], self.latents.shape[-1], dynamic_shift=spec.dynamic_time_shift
+        )
         self.step = 0
         self.previous_x0: torch.Tensor | None = None
         self.x0 = self.latents  # the latest clean-image prediction, for previews
