@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,22 +29,44 @@ def _infer(triton: TritonServer, model: str, inputs: dict[str, np.ndarray], outp
     return result
 
 
+def _encode_with_mllm(triton: TritonServer, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The BLS's prompt-encoding request to the decoupled `mllm` model: one response carrying `text_feats`."""
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    responses: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, value in (("input_ids", ids), ("attention_mask", mask)):
+        tensor = triton_grpc.InferInput(name, list(value.shape), "INT64")
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    client.async_stream_infer("mllm", inputs, outputs=[triton_grpc.InferRequestedOutput("text_feats")])
+    result, error = responses.get(timeout=60)
+    client.stop_stream()
+    assert error is None, error
+    feats: np.ndarray = result.as_numpy("text_feats")
+    return feats
+
+
 def test_server_is_ready_on_loopback_only(triton: TritonServer) -> None:
     client = triton_grpc.InferenceServerClient(triton.grpc_url)
     assert client.is_server_ready()
     assert triton.grpc_url.startswith("127.0.0.1:")
     assert {m.name for m in client.get_model_repository_index().models} == {
-        "text_encoder", "vae_encoder", "transformer", "vae_decoder", "omnigen2", "mllm"
-    }  # fmt: skip
+        "vae_encoder",
+        "transformer",
+        "vae_decoder",
+        "omnigen2",
+        "mllm",
+    }  # fmt: skip  (prompts are encoded by `mllm`: one Qwen2.5-VL per stack)
 
 
 def test_components_match_onnx_runtime(triton: TritonServer, tiny_onnx: Path) -> None:
     backend = OnnxBackend(tiny_onnx, threads=1)
     ids = np.array([[1, 57, 71, 20, 2, 0], [1, 57, 71, 20, 90, 2]], dtype=np.int64)
     mask = (np.arange(6)[None] < np.array([[5], [6]])).astype(np.int64)
-    served = _infer(triton, "text_encoder", {"input_ids": ids, "attention_mask": mask}, "text_feats")
+    served = _encode_with_mllm(triton, ids, mask)
     local = backend.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-6)  # the mllm's PyTorch run of the ONNX graph
 
     image = (np.random.default_rng(0).random((2, 3, 32, 48), dtype=np.float32) * 2 - 1).astype(np.float32)
     latents = _infer(triton, "vae_encoder", {"image": image}, "latents")
