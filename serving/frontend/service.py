@@ -184,7 +184,10 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         liked: a write that waits longer than the timeout ends the call (and so the work)."""
         timeout = self.config.stream_write_timeout_s
         try:
-            await asyncio.wait_for(context.write(message), timeout)
+            # In this task, not a wait_for task: when the caller cancels, this task is cancelled (CANCELLED), where a
+            # separate write task failed with grpcio's ExecuteBatchError and the call was logged as INTERNAL.
+            async with asyncio.timeout(timeout):
+                await context.write(message)
         except TimeoutError:
             raise plain(grpc.StatusCode.CANCELLED, f"the caller read nothing for {timeout:g} s") from None
 
