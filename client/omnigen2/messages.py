@@ -45,6 +45,7 @@ class GenerationOptions(TypedDict, total=False):
     output_format: FormatName
     quality: int
     return_latents: bool
+    preview_every: int  # with previews: one every this many steps, and on the last (default 1)
 
 
 def encode_image(image: ImageInput) -> pb.Image:

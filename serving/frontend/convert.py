@@ -60,13 +60,15 @@ class Forward:
     previews: bool
     return_latents: bool
     cost: GenerationCost
+    preview_every: int = 1
 
     @property
     def seed(self) -> int:
         return int(self.params["seed"])
 
     def request_json(self) -> bytes:
-        return json.dumps(self.params | {"preview": self.previews}).encode()
+        # "preview": 0 for none, else the interval in steps
+        return json.dumps(self.params | {"preview": self.preview_every if self.previews else 0}).encode()
 
 
 def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
@@ -111,6 +113,9 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
     quality = request.quality if request.HasField("quality") else DEFAULT_QUALITY
     if not 1 <= quality <= 100:
         violations.append(("quality", f"must be in [1, 100], got {quality}"))
+    preview_every = request.preview_every if request.HasField("preview_every") else 1
+    if not 1 <= preview_every <= limits.max_steps:
+        violations.append(("preview_every", f"must be in [1, {limits.max_steps}], got {preview_every}"))
     if violations:
         raise invalid_argument(violations)
 
@@ -122,6 +127,7 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         output_format=output_format or "PNG",
         quality=quality,
         previews=request.previews,
+        preview_every=preview_every,
         return_latents=request.return_latents,
         cost=generation_cost(generation, sizes, request.return_latents),
     )

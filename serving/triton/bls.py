@@ -1,12 +1,13 @@
 """The `omnigen2` Triton model: a decoupled Python BLS that drives generation over the component models.
 
 Wire format (all requests and responses of model `omnigen2`):
-  inputs   request  BYTES [1]   JSON object of GenerationRequest fields (serving/pipeline/request.py), no images
+  inputs   request  BYTES [1]   JSON object of GenerationRequest fields (serving/pipeline/request.py), no images,
+                                plus "preview": 0 (none) or k (a preview every k steps and on the last)
            images   BYTES [-1]  optional: encoded input images (PNG/JPEG/WEBP...), at most 5
   outputs  event    BYTES [1]   JSON: {"type": "progress", "step", "total"} per step, then {"type": "result",
                                 "seed", "width", "height", "timings", "truncated_prompt_tokens",
                                 "truncated_negative_prompt_tokens"} in the final response
-           preview  UINT8 [n, h, w, 3]  with a progress event when the request asked for previews
+           preview  UINT8 [n, H, W, 3]  with a progress event when a preview is due, at the output size
            images   UINT8 [n, H, W, 3]  final response: 8-bit RGB images (the front end encodes them)
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
 Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
@@ -155,9 +156,9 @@ class TritonPythonModel:
             response = error_response(exc, request)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _parse(self, request: Any) -> tuple[GenerationRequest, bool, list[bytes]]:
+    def _parse(self, request: Any) -> tuple[GenerationRequest, int, list[bytes]]:
         params = request_json(request)
-        preview = bool(params.pop("preview", False))
+        preview = int(params.pop("preview", 0))  # 0: none; k: a preview every k steps and on the last
         blobs = encoded_images(request, self.limits.max_input_images)
         generation = request_from_params(params)
         generation.validate(self.limits)
@@ -211,9 +212,10 @@ class TritonPythonModel:
                 _stop_if_cancelled(request)
                 denoiser.advance(await self.batcher.submit(denoiser.samples()))
                 outputs = [event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
-                if preview:
+                if preview and (denoiser.step % preview == 0 or denoiser.done):
                     decoded = await self._vae_decode(denoiser.x0)
-                    preview_image = await self._off_loop(_output_images, decoded, *gen_size)
+                    # At the output size, as the final image will be (not the generation size).
+                    preview_image = await self._off_loop(_output_images, decoded, out_h, out_w)
                     outputs.append(pb_utils.Tensor("preview", preview_image))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         finally:

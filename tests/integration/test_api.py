@@ -114,6 +114,19 @@ def test_stream_is_ordered_and_complete(client: OmniGen2Client) -> None:
     assert isinstance(events[-1], GenerationResult) and len(events) == 6
 
 
+def test_previews_every_k_steps_at_the_output_size(client: OmniGen2Client) -> None:
+    """A preview is a full VAE decode: the caller picks how often; the last step always has one, at the size the
+    final image will have (40x24 is generated at 32x16 and resized)."""
+    options: GenerationOptions = SMALL | {"steps": 5, "width": 40, "height": 24, "preview_every": 2}
+    events = list(client.stream("A lighthouse at dusk", previews=True, **options))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [e.step for e in progress if e.preview is not None] == [2, 4, 5]
+    assert all(e.preview.size == (40, 24) for e in progress if e.preview is not None)
+    with pytest.raises(InvalidArgumentError) as raised:
+        list(client.stream("x", previews=True, **(SMALL | {"preview_every": 0})))
+    assert [v.field for v in raised.value.violations] == ["preview_every"]
+
+
 def test_stream_previews_when_asked(client: OmniGen2Client) -> None:
     events = list(client.stream("A lighthouse at dusk", previews=True, **SMALL))
     previews = [e.preview for e in events if isinstance(e, Progress)]
