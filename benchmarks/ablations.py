@@ -42,6 +42,7 @@ from serving.pipeline.grouping import plan_calls
 from serving.pipeline.guidance import Branch
 from serving.pipeline.prompts import PromptTokenizer
 from serving.runtime.onnx_backend import read_manifest
+from serving.runtime.ort_session import session_options
 from serving.runtime.torch_backend import run_graph
 
 TEXT_MULTIPLE = 16  # as the BLS pads text
@@ -94,9 +95,8 @@ class Workbench:
     def ort_runner(
         self, threads: int = 0, spinning: bool = True, level: ort.GraphOptimizationLevel = FULL_OPTIMIZATION
     ) -> Run:
-        options = ort.SessionOptions()
+        options = session_options(threads)  # the served settings, then the ablated ones
         options.graph_optimization_level = level
-        options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         session = ort.InferenceSession(str(self.onnx_file), options, providers=["CPUExecutionProvider"])
 

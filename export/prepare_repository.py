@@ -35,6 +35,7 @@ from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, tex
 from serving.model.contract import graph_contracts
 from serving.model.devices import DEVICES, TORCH_DTYPES, check_dtype, resolve_device
 from serving.runtime.onnx_backend import MANIFEST
+from serving.triton.bls_settings import BlsSettings
 
 log = logging.getLogger("export.repository")
 REPOSITORY_MANIFEST = "repository.json"
@@ -126,17 +127,6 @@ def component_config(
     return config
 
 
-@dataclass(frozen=True)
-class BlsSettings:
-    max_samples: int = 24  # transformer samples per step-batched call (requests x CFG branches x images)
-    text_multiple: int = 16  # padded text lengths are rounded up to this (shape bucketing)
-    call_overhead_ms: float = 10.0  # a transformer call's fixed cost: shapes share a call below it (grouping.py)
-    max_call_tokens: int = 0  # padded tokens per transformer call at most (0: no cap); bigger calls are cut
-    instances: int = 1  # one event loop serves every request concurrently
-    vae_tile: int = 128  # latent cells per side of a VAE-decoder tile (1024 px); larger outputs decode in tiles
-    vae_tile_overlap: int = 16  # latent cells shared by neighbouring tiles, blended (serving/pipeline/tiling.py)
-
-
 BLS = BlsSettings()
 # Where a backend's calls differ. bf16 PyTorch on CPU: calls past about 8k tokens cost more per token (activations
 # outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. ONNX Runtime is left
@@ -170,12 +160,8 @@ def bls_config(spec: dict[str, Any], checkpoint_sha256: str, backend: str, setti
     config.output.add(name="latents", data_type=mc.TYPE_FP32, dims=[-1, -1, -1, -1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instances)
     config.parameters["spec"].string_value = json.dumps(spec)
-    config.parameters["max_samples"].string_value = str(settings.max_samples)
-    config.parameters["text_multiple"].string_value = str(settings.text_multiple)
-    config.parameters["call_overhead_ms"].string_value = str(settings.call_overhead_ms)
-    config.parameters["max_call_tokens"].string_value = str(settings.max_call_tokens)
-    config.parameters["vae_tile"].string_value = str(settings.vae_tile)
-    config.parameters["vae_tile_overlap"].string_value = str(settings.vae_tile_overlap)
+    for name, value in settings.to_parameters().items():
+        config.parameters[name].string_value = value
     config.parameters["checkpoint_sha256"].string_value = checkpoint_sha256
     config.parameters["backend"].string_value = backend
     return config

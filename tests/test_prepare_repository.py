@@ -25,6 +25,7 @@ from serving.errors import CheckpointError, SettingError
 from serving.model.checkpoint import GRAPH_PARTS, read_spec, text_feature_dim
 from serving.model.contract import dims_only, graph_contracts
 from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
+from serving.triton.bls_settings import BlsSettings
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,12 @@ def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onn
         assert [i.name for i in config.input] == list(shapes[name]), name
     # One step of the largest request (8 images x 3 CFG branches) fits one transformer engine call.
     assert BLS.max_samples == 24
+
+
+def test_the_bls_reads_back_every_setting_the_generator_writes() -> None:
+    """One source of the BLS's defaults: what a config carries comes back whole, and an absent one is the default."""
+    settings = BlsSettings(max_call_tokens=8192, call_overhead_ms=12.5, vae_tile=64, image_workers=3)
+    config = bls_config({}, "sha", "pytorch-bf16", settings)
+    written = {name: p.string_value for name, p in config.parameters.items()}
+    assert BlsSettings.from_parameters(written) == settings
+    assert BlsSettings.from_parameters({}) == BlsSettings()

@@ -13,6 +13,7 @@ import torch
 
 from serving.errors import CheckpointError
 from serving.model.spec import ModelSpec
+from serving.runtime.ort_session import session_options
 
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("text_encoder", "vae_encoder", "transformer", "vae_decoder")
@@ -24,14 +25,6 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
         raise CheckpointError(str(path), "export manifest not found: run `python -m export.onnx_export` first")
     manifest: dict[str, Any] = json.loads(path.read_text())
     return manifest
-
-
-def session_options(threads: int = 0) -> ort.SessionOptions:
-    """Full graph optimisation; `threads` = 0 lets ONNX Runtime use every core."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    return options
 
 
 class OnnxGraph:

@@ -48,6 +48,7 @@ from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits, 
 from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.tiling import decode_tiled
 from serving.pipeline.timing import Stopwatch
+from serving.triton.bls_settings import BlsSettings
 from serving.triton.log import route_to_triton
 from serving.triton.memory import IdleTrimmer
 from serving.triton.model_config import model_config, parameters
@@ -128,19 +129,20 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.spec = ModelSpec.from_dict(json.loads(params["spec"]))
         self.tokenizer = PromptTokenizer.from_dir(version_dir / "processor")
-        self.text_multiple = int(params.get("text_multiple", "16"))
-        self.batcher = StepBatcher(self._run_transformer, max_samples=int(params.get("max_samples", "24")))
-        self.call_cost = CallCost(fixed_s=float(params.get("call_overhead_ms", "10")) / 1000)
-        self.max_call_tokens = float(params.get("max_call_tokens", "0")) or math.inf
+        settings = BlsSettings.from_parameters(params)
+        self.text_multiple = settings.text_multiple
+        self.batcher = StepBatcher(self._run_transformer, max_samples=settings.max_samples)
+        self.call_cost = CallCost(fixed_s=settings.call_overhead_ms / 1000)
+        self.max_call_tokens = settings.max_call_tokens or math.inf
         self.text_cache = TextFeatureCache(TEXT_CACHE_SIZE)
         self.limits = DEFAULT_LIMITS
         # Input images are decoded and resized, outputs resized, here: off the event loop, a bounded few at once.
-        workers = int(params.get("image_workers", "2"))
-        self.workers = ThreadPoolExecutor(workers, thread_name_prefix="bls-images")
-        self.decode_turns = asyncio.Semaphore(workers)  # images wait their turn here, where cancellation is seen
-        self.vae_tile = int(params.get("vae_tile", "128"))
+        self.workers = ThreadPoolExecutor(settings.image_workers, thread_name_prefix="bls-images")
+        # Images wait their turn here, where cancellation is seen.
+        self.decode_turns = asyncio.Semaphore(settings.image_workers)
+        self.vae_tile = settings.vae_tile
+        self.vae_tile_overlap = settings.vae_tile_overlap
         self.trimmer = IdleTrimmer()
-        self.vae_tile_overlap = int(params.get("vae_tile_overlap", "16"))
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
 
     async def execute(self, requests: list[Any]) -> None:

@@ -10,21 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
+from serving.runtime.ort_session import cpu_session
 from serving.triton.component_model import ComponentModel
 
 
 class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(self.params.get("intra_op_threads", "0"))
-        # ONNX Runtime's arena never shrinks: after a large call the process would keep its peak for good.
-        options.enable_cpu_mem_arena = False
         path = self.version_dir / self.params["onnx_file"]
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, int(self.params.get("intra_op_threads", "0")))
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs: list[np.ndarray] = self.session.run(self.output_names, feed)

@@ -19,8 +19,9 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
-from export.prepare_repository import BlsSettings, prepare_repository
+from export.prepare_repository import prepare_repository
 from serving.frontend.process import FrontendProcess
+from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import TritonServer
 from tests.integration.triton_stream import GenerationStream
 

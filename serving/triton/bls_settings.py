@@ -1,0 +1,27 @@
+"""The `omnigen2` BLS's settings: their defaults live here only. The repository generator writes them into the
+model config as parameters; the BLS reads them back with `from_parameters` (absent ones keep the default)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class BlsSettings:
+    max_samples: int = 24  # transformer samples per step-batched call (requests x CFG branches x images)
+    text_multiple: int = 16  # padded text lengths are rounded up to this (shape bucketing)
+    call_overhead_ms: float = 10.0  # a transformer call's fixed cost: shapes share a call below it (grouping.py)
+    max_call_tokens: int = 0  # padded tokens per transformer call at most (0: no cap); bigger calls are cut
+    instances: int = 1  # one event loop serves every request concurrently
+    image_workers: int = 2  # input images decoded / outputs resized at once, off the event loop
+    vae_tile: int = 128  # latent cells per side of a VAE-decoder tile (1024 px); larger outputs decode in tiles
+    vae_tile_overlap: int = 16  # latent cells shared by neighbouring tiles, blended (serving/pipeline/tiling.py)
+
+    def to_parameters(self) -> dict[str, str]:
+        """As Triton model-config parameters (strings); `instances` is the instance group, not a parameter."""
+        return {name: str(value) for name, value in asdict(self).items() if name != "instances"}
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> BlsSettings:
+        values = {f.name: type(getattr(cls(), f.name))(params[f.name]) for f in fields(cls) if f.name in params}
+        return cls(**values)
