@@ -33,7 +33,7 @@ def test_eager_pipeline_on_cuda_matches_the_cpu(tiny_checkpoint: Path) -> None:
 
 def test_understanding_stops_on_the_models_device(tiny_checkpoint: Path) -> None:
     """The stopping criterion's flags live on the ids' device (a CPU tensor beside a CUDA model failed)."""
-    from serving.pipeline.chat import chat_request_from_params
+    from serving.pipeline.chat_request import chat_request_from_params
 
     understander = Understander.from_dirs(
         tiny_checkpoint / "mllm", tiny_checkpoint / "processor", "cuda", torch.bfloat16

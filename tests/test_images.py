@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline.images import fit_size, generation_size, postprocess, preprocess_image, to_pil, to_uint8
+from serving.pipeline.image_tensors import postprocess, preprocess_image
+from serving.pipeline.images import fit_size, generation_size, to_pil, to_uint8
 
 
 def test_fit_size_never_upscales_and_floors_to_16() -> None:

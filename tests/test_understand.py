@@ -11,15 +11,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline.chat import (
-    ChatLimits,
-    ChatMessage,
-    ChatPart,
-    ChatRequest,
-    StopStrings,
-    TextDeltas,
-    chat_request_from_params,
-)
+from serving.pipeline.chat import StopStrings, TextDeltas
+from serving.pipeline.chat_request import ChatLimits, ChatMessage, ChatPart, ChatRequest, chat_request_from_params
 from serving.pipeline.understand import ChatResult, Understander
 from tests.understand_reference import transformers_generate
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
-from serving.pipeline.chat import ChatRequest
+from serving.pipeline.chat_request import ChatRequest
 
 
 def transformers_generate(checkpoint: Path, request: ChatRequest) -> list[int]:

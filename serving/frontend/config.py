@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
-from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatLimits
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 
 MiB = 1024 * 1024

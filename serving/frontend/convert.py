@@ -14,11 +14,10 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import InvalidArgumentError
 from serving.frontend.status import invalid_argument
-from serving.pipeline.chat import ChatLimits, ChatMessage, ChatPart, ChatRequest
+from serving.pipeline.chat_request import ChatLimits, ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.cost import GenerationCost, generation_cost
 from serving.pipeline.images import open_image, to_pil
-from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest, Limits, random_seed
-from serving.pipeline.schedulers import SchedulerKind
+from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest, Limits, SchedulerKind, random_seed
 
 SCHEDULERS = {
     pb.SCHEDULER_UNSPECIFIED: SchedulerKind.EULER,

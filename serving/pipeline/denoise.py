@@ -18,8 +18,8 @@ from serving.pipeline.grouping import SampleShape
 from serving.pipeline.guidance import Branch, StepGuidance, combine, step_guidance
 from serving.pipeline.images import generation_size
 from serving.pipeline.packing import PackedBatch, pack_batch
-from serving.pipeline.request import GenerationRequest
-from serving.pipeline.schedulers import SchedulerKind, dpm_solver_step, euler_step, timesteps
+from serving.pipeline.request import GenerationRequest, SchedulerKind
+from serving.pipeline.schedulers import dpm_solver_step, euler_step, timesteps
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from serving.pipeline.denoise import Denoiser, pack_samples, plan_sizes, prompts_for
-from serving.pipeline.images import postprocess, preprocess_image
+from serving.pipeline.image_tensors import postprocess, preprocess_image
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits

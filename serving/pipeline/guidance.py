@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # arithmetic on tensors only: the front end plans guidance without torch
+    import torch
 
 
 class Branch(StrEnum):

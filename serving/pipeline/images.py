@@ -6,8 +6,6 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
@@ -72,19 +70,6 @@ def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = No
     )
 
 
-def preprocess_image(image: Image.Image, max_pixels: int, max_side: int, field: str = "images") -> torch.Tensor:
-    """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized with Lanczos to fit the limits."""
-    height, width = fit_size(image.height, image.width, max_pixels, max_side)
-    if height == 0 or width == 0:
-        raise InvalidArgumentError(
-            field, f"image of {image.width}x{image.height} is too small: both sides must reach {SIZE_MULTIPLE} px"
-        )
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    resized = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
-
-
 def generation_size(
     width: int | None,
     height: int | None,
@@ -111,12 +96,6 @@ def generation_size(
 
 def _floor16(size: float) -> int:
     return int(size) // SIZE_MULTIPLE * SIZE_MULTIPLE
-
-
-def postprocess(decoded: torch.Tensor, out_height: int, out_width: int) -> np.ndarray:
-    """VAE output (B, 3, h, w) in [-1, 1] -> float32 NHWC in [0, 1] at the output size (bilinear)."""
-    resized = F.interpolate(decoded.float(), size=(out_height, out_width), mode="bilinear")
-    return (resized / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -6,12 +6,20 @@ import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline.schedulers import SchedulerKind
+
+
+class SchedulerKind(StrEnum):
+    """The solvers a request may name (serving/pipeline/schedulers.py runs them)."""
+
+    EULER = "euler"
+    DPMSOLVER = "dpmsolver++"
+
 
 MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # what the official inference script and app pass

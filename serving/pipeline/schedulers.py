@@ -8,15 +8,8 @@ The arithmetic follows the reference's dtypes (float32 tensors) so that results 
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import numpy as np
 import torch
-
-
-class SchedulerKind(StrEnum):
-    EULER = "euler"
-    DPMSOLVER = "dpmsolver++"
 
 
 def timesteps(num_steps: int, latent_height: int, latent_width: int, dynamic_shift: bool = True) -> torch.Tensor:

@@ -18,7 +18,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration, StoppingCriteria, S
 from transformers.generation.streamers import BaseStreamer
 
 from serving.model.checkpoint import load_mllm
-from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatEncoder, ChatLimits, ChatRequest, StopStrings, TextDeltas
+from serving.pipeline.chat import ChatEncoder, StopStrings, TextDeltas
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits, ChatRequest
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ import triton_python_backend_utils as pb_utils
 from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for, sample_shape
 from serving.pipeline.grouping import CallCost, padded_tokens, plan_calls
-from serving.pipeline.images import decode_image, postprocess, preprocess_image, to_uint8
+from serving.pipeline.image_tensors import postprocess, preprocess_image
+from serving.pipeline.images import decode_image, to_uint8
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits, request_from_params

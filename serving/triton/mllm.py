@@ -31,7 +31,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.model.graphs import TextEncoderGraph
-from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params
 from serving.pipeline.images import decode_image
 from serving.pipeline.understand import ChatResult, Understander
 from serving.runtime.torch_backend import run_graph

@@ -15,7 +15,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from serving.frontend.process import FrontendProcess
-from serving.pipeline.chat import DEFAULT_CHAT_LIMITS, ChatMessage, ChatPart, ChatRequest
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatMessage, ChatPart, ChatRequest
 from tests.understand_reference import transformers_generate
 
 
