@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
+    frontend = FrontendConfig.from_args(frontend_args)  # its limits also bound the BLS and the engine profiles
     repository = prepare_repository(
         args.checkpoint,
         args.model_repository,
@@ -55,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         bls=bls_settings(args.backend, args.precision, args.max_call_tokens),
         device=args.device,
+        limits=frontend.limits,
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
-        config = dataclasses.replace(FrontendConfig.from_args(frontend_args), triton_url=triton.grpc_url)
+        config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
         print(usage(config, triton), flush=True)
         asyncio.run(serve(config))
 

@@ -158,3 +158,17 @@ def test_the_bls_reads_back_every_setting_the_generator_writes() -> None:
     written = {name: p.string_value for name, p in config.parameters.items()}
     assert BlsSettings.from_parameters(written) == settings
     assert BlsSettings.from_parameters({}) == BlsSettings()
+
+
+def test_the_front_ends_limits_reach_the_bls_and_the_engine_profiles() -> None:
+    """One source of the request limits: the operator's `--limits` (front end), handed by `make serve` to the
+    repository generator, which writes them into the BLS config and sizes the engine profiles from them."""
+    from serving.frontend.config import FrontendConfig
+
+    limits = FrontendConfig.from_args(["--limits", '{"max_steps": 7, "max_pixels": 1048576}']).limits
+    assert (limits.max_steps, limits.max_pixels, limits.max_input_images) == (7, 1_048_576, 5)
+    config = bls_config({}, "sha", "onnxruntime", limits=limits)
+    assert json.loads(config.parameters["limits"].string_value)["max_steps"] == 7
+    assert ProfileBounds.from_limits(limits).max_img_tokens == 64 * 64  # 1024x1024 at most, not 2048x2048
+    with pytest.raises(SystemExit):  # argparse reports the unknown field and exits
+        FrontendConfig.from_args(["--limits", '{"max_stpes": 7}'])

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
-from serving.pipeline.request import DEFAULT_LIMITS, Limits
+from serving.pipeline.request import DEFAULT_LIMITS, Limits, limits_from_json
 
 MiB = 1024 * 1024
 
@@ -58,5 +58,13 @@ class FrontendConfig:
             if env in os.environ:
                 default = kind(os.environ[env])
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"env {env}")
+        env = "OMNIGEN2_LIMITS"
+        parser.add_argument(
+            "--limits",
+            type=limits_from_json,
+            default=limits_from_json(os.environ.get(env, "")),
+            help=f"request limits to change, as JSON (e.g. '{{\"max_steps\": 100}}'); `make serve` hands them to the "
+            f"BLS and the engine profiles too; env {env}",
+        )
         args = parser.parse_args(argv)
         return cls(**vars(args))

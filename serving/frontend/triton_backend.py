@@ -23,10 +23,9 @@ from tritonclient.utils import InferenceServerException
 from serving.frontend import request_id
 from serving.frontend.convert import API_FIELD, ChatForward, Forward
 from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
+from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
 from serving.triton.wire import WireError
 
-BLS_MODEL = "omnigen2"
-MLLM_MODEL = "mllm"
 FINAL_EVENTS = ("result", "done")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -41,6 +41,18 @@ class Limits:
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     max_input_image_pixels: int = 40_000_000  # decoded size of one input image, checked before decoding
     max_input_image_bytes: int = 20 * 1024 * 1024  # encoded size of one input image
+
+
+def limits_from_json(text: str) -> Limits:
+    """Limits from a JSON object of the fields to change (the operator's `--limits`); unknown names are refused."""
+    import json
+
+    raw = json.loads(text) if text.strip() else {}
+    known = {f.name for f in fields(Limits)}
+    unknown = sorted(set(raw) - known)
+    if not isinstance(raw, dict) or unknown:
+        raise ValueError(f"--limits: unknown fields {unknown}; known: {', '.join(sorted(known))}")
+    return Limits(**{**asdict(Limits()), **raw})
 
 
 DEFAULT_LIMITS = Limits()

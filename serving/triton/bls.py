@@ -53,14 +53,12 @@ from serving.triton.bls_settings import BlsSettings
 from serving.triton.log import route_to_triton
 from serving.triton.memory import IdleTrimmer
 from serving.triton.model_config import model_config, parameters
+from serving.triton.model_names import MLLM_MODEL, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
 
 TEXT_CACHE_SIZE = 256
 T = TypeVar("T")
-
-
-TEXT_ENCODER_MODEL = "mllm"
 
 
 class ComponentError(RuntimeError):
@@ -136,7 +134,8 @@ class TritonPythonModel:
         self.call_cost = CallCost(fixed_s=settings.call_overhead_ms / 1000)
         self.max_call_tokens = settings.max_call_tokens or math.inf
         self.text_cache = TextFeatureCache(TEXT_CACHE_SIZE)
-        self.limits = DEFAULT_LIMITS
+        # The front end's limits, handed over by the repository generator (absent in older repositories).
+        self.limits = Limits(**json.loads(params["limits"])) if "limits" in params else DEFAULT_LIMITS
         # Input images are decoded and resized, outputs resized, here: off the event loop, a bounded few at once.
         self.workers = ThreadPoolExecutor(settings.image_workers, thread_name_prefix="bls-images")
         # Images wait their turn here, where cancellation is seen.
@@ -174,7 +173,7 @@ class TritonPythonModel:
         """Latents -> images in [-1, 1]; outputs larger than one tile are decoded tile by tile (tiling.py)."""
 
         async def decode(piece: torch.Tensor) -> torch.Tensor:
-            image = await call_component("vae_decoder", {"latents": piece.contiguous().numpy()}, "image")
+            image = await call_component(VAE_DECODER, {"latents": piece.contiguous().numpy()}, "image")
             return torch.from_numpy(image)
 
         tiled = await decode_tiled(latents, decode, self.vae_tile, self.vae_tile_overlap, self.spec.vae_scale)
@@ -201,9 +200,7 @@ class TritonPythonModel:
 
         _stop_if_cancelled(request)
         # All at once: the encoder's dynamic batcher runs same-sized images as one batch.
-        encoded = await asyncio.gather(
-            *(call_component("vae_encoder", {"image": p.numpy()}, "latents") for p in pixels)
-        )
+        encoded = await asyncio.gather(*(call_component(VAE_ENCODER, {"image": p.numpy()}, "latents") for p in pixels))
         ref_latents = [torch.from_numpy(latents)[0] for latents in encoded]
         watch.lap("vae_encode")
 
@@ -251,7 +248,7 @@ class TritonPythonModel:
         batch = self.tokenizer.encode(prompts, max_length)
         inputs = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
         # The `mllm` model encodes prompts with the one Qwen2.5-VL it also answers questions with.
-        feats = await call_component(TEXT_ENCODER_MODEL, inputs, "text_feats", decoupled=True)
+        feats = await call_component(MLLM_MODEL, inputs, "text_feats", decoupled=True)
         lengths = batch.attention_mask.sum(dim=1).tolist()
         return [
             PromptFeatures(torch.from_numpy(feats[i, :n].copy()), cut)
@@ -273,5 +270,5 @@ class TritonPythonModel:
         packed = pack_samples(samples, self.spec, self.text_multiple)
         inputs = {name: tensor.numpy() for name, tensor in packed.as_inputs().items()}
         inputs["timestep"] = inputs["timestep"][:, None]  # Triton's [batch, 1] for a per-sample scalar
-        velocity = await call_component("transformer", inputs, "velocity")
+        velocity = await call_component(TRANSFORMER, inputs, "velocity")
         return unpack_output(torch.from_numpy(velocity), packed.latent_sizes, self.spec.patch_size)
