@@ -37,7 +37,7 @@ from benchmarks.plots import plot_sweep
 from benchmarks.report import write_markdown
 from benchmarks.workloads import Workload, standard_mixes
 from export.make_checkpoint import make_checkpoint
-from export.prepare_repository import prepare_repository
+from serving.build.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.pipeline.eager import OmniGen2Pipeline
 from serving.triton.launcher import Ports, TritonServer
@@ -55,7 +55,7 @@ class Profile:
     requests_per_slot: int  # requests per point = max(min_requests, concurrency * this)
     min_requests: int
     mixes: bool  # all four request mixes, or text-to-image only
-    backend: str = "onnxruntime"  # the repository backend (export/prepare_repository.py)
+    backend: str = "onnxruntime"  # the repository backend (serving/build/repository.py)
     precision: str = "fp32"
 
 

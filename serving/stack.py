@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from export.prepare_repository import BACKENDS, add_bls_arguments, bls_settings, prepare_repository
+from serving.build.repository import BACKENDS, add_bls_arguments, bls_settings, prepare_repository
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.model.devices import DEVICES

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export.build_engines import ProfileBounds, cache_key, main, profiles
+from serving.build.engines import ProfileBounds, cache_key, main, profiles
 from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Sample, plan_sizes, sample_shape
 from serving.pipeline.guidance import Branch

@@ -10,8 +10,8 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.build_engines import ProfileBounds, engine_max_batch, manifest_profiles
-from export.prepare_repository import (
+from serving.build.engines import ProfileBounds, engine_max_batch, manifest_profiles
+from serving.build.repository import (
     BLS,
     COMPONENTS,
     SERVED_GRAPHS,
@@ -86,7 +86,7 @@ def test_a_failure_midway_leaves_no_repository(
     def broken_link(source: Path, target: Path) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("export.prepare_repository.link_or_copy", broken_link)
+    monkeypatch.setattr("serving.build.repository.link_or_copy", broken_link)
     with pytest.raises(OSError, match="disk full"):
         prepare_repository(tiny_checkpoint, tmp_path / "out", backend="pytorch", precision="fp32")
     assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,8 @@ def run_graph(graph: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
     """One graph call on the graph's device, in its weights' dtype; float32 CPU tensors in and out (the contract)."""
     device = next(graph.parameters()).device
     output: torch.Tensor = graph(**{name: value.to(device) for name, value in inputs.items()})
-    return output.float().cpu()
+    # contiguous(): bf16 convolutions on the CPU can answer in channels-last order, which DLPack consumers refuse.
+    return output.float().cpu().contiguous()
 
 
 class TorchBackend:

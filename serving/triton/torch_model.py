@@ -38,7 +38,10 @@ class TritonPythonModel(ComponentModel):
         return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy()
 
     def to_tensor(self, name: str, value: np.ndarray) -> Any:
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(torch.from_numpy(value)))
+        # Triton takes C-ordered DLPack tensors only; split batches and layout-preserving casts can be neither.
+        return pb_utils.Tensor.from_dlpack(
+            name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(value)))
+        )
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = {name: torch.from_numpy(value) for name, value in feed.items()}

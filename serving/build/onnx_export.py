@@ -1,0 +1,271 @@
+"""Checkpoint (official layout) -> four ONNX graphs + manifest.json, ready for ONNX Runtime or TensorRT.
+
+    python -m export.onnx_export --checkpoint checkpoints/small --out build/onnx/small
+
+Each graph has named inputs/outputs and dynamic axes (docs/tensor_contract.md). The manifest records the
+opset, the checkpoint hash, the graph contracts and the few model facts the pipeline needs; a second run on
+an unchanged checkpoint with the same settings is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+
+from serving.model.checkpoint import CheckpointModules, check_layout, copy_processor, load_checkpoint
+from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
+from serving.pipeline.packing import pack_batch
+from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
+
+OPSET = 20
+FORMAT_VERSION = 2  # 2: the manifest's spec carries text_positions
+log = logging.getLogger("export.onnx")
+
+# Upper bounds of the dynamic axes. They bound what the graphs accept, not what a request may ask: the
+# serving limits (serving/pipeline/request.py) are tighter. Minimums of 2 keep torch.export from
+# specialising an axis to 0/1; the exported graphs still run with 1.
+MAX_BATCH = 64
+MAX_TEXT = 4096
+MAX_TOKENS = 16384  # 2048x2048 pixels -> 256x256 latent -> 128x128 patches
+MAX_REF_SLOTS = 5
+
+
+@dataclass(frozen=True)
+class GraphExport:
+    build: Callable[[CheckpointModules], nn.Module]
+    example: Callable[[CheckpointModules], dict[str, torch.Tensor]]
+    dynamic_shapes: Callable[[], dict[str, dict[int, Any]]]
+    outputs: tuple[str, ...]
+
+
+def _text_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
+    ids = torch.randint(7, int(modules.mllm.config.text_config.vocab_size), (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 11:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _transformer_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
+    config = modules.transformer.config
+    c = config.in_channels
+    text_mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    packed = pack_batch(
+        [torch.randn(c, 8, 8), torch.randn(c, 6, 10)],
+        torch.tensor([0.2, 0.7]),
+        torch.randn(2, 9, config.text_feat_dim),
+        text_mask,
+        [[torch.randn(c, 4, 6), torch.randn(c, 8, 4)], [torch.randn(c, 2, 2)]],
+        patch_size=config.patch_size,
+        axes_dim=config.axes_dim_rope,
+    )
+    return packed.as_inputs()
+
+
+def _transformer_dims() -> dict[str, dict[int, Any]]:
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    img, text = Dim("img_len", min=1, max=MAX_TOKENS), Dim("text_len", min=1, max=MAX_TEXT)
+    slots, ref = Dim("ref_slots", min=1, max=MAX_REF_SLOTS), Dim("ref_len", min=1, max=MAX_TOKENS)
+    seq = Dim("seq_len", min=3, max=MAX_TEXT + (MAX_REF_SLOTS + 1) * MAX_TOKENS)
+    return {
+        "img_tokens": {0: batch, 1: img},
+        "img_mask": {0: batch, 1: img},
+        "timestep": {0: batch},
+        "text_feats": {0: batch, 1: text},
+        "text_mask": {0: batch, 1: text},
+        "ref_tokens": {0: batch, 1: slots, 2: ref},
+        "ref_mask": {0: batch, 1: slots, 2: ref},
+        "rope_cos": {0: batch, 1: seq},
+        "rope_sin": {0: batch, 1: seq},
+    }
+
+
+def _image_dims(name: str, multiple: int) -> Callable[[], dict[str, dict[int, Any]]]:
+    limit = 2 * MAX_TOKENS**0.5 * 8 // multiple  # pixel or latent side / multiple, at the largest size
+
+    def dims() -> dict[str, dict[int, Any]]:
+        side = int(limit)
+        height = multiple * Dim(f"{name}_h", min=1, max=side)
+        width = multiple * Dim(f"{name}_w", min=1, max=side)
+        return {name: {0: Dim("batch", min=1, max=MAX_BATCH), 2: height, 3: width}}
+
+    return dims
+
+
+GRAPHS: dict[str, GraphExport] = {
+    "text_encoder": GraphExport(
+        build=lambda m: TextEncoderGraph(m.mllm),
+        example=_text_example,
+        dynamic_shapes=lambda: {
+            "input_ids": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("text_len", min=2, max=MAX_TEXT)},
+            "attention_mask": {0: Dim("batch", min=1, max=MAX_BATCH), 1: Dim("text_len", min=2, max=MAX_TEXT)},
+        },
+        outputs=("text_feats",),
+    ),
+    "vae_encoder": GraphExport(
+        build=lambda m: VaeEncoderGraph(m.vae),
+        example=lambda m: {"image": torch.rand(2, 3, 48, 80) * 2 - 1},
+        dynamic_shapes=_image_dims("image", 16),
+        outputs=("latents",),
+    ),
+    "transformer": GraphExport(
+        build=lambda m: m.transformer,
+        example=_transformer_example,
+        dynamic_shapes=_transformer_dims,
+        outputs=("velocity",),
+    ),
+    "vae_decoder": GraphExport(
+        build=lambda m: VaeDecoderGraph(m.vae),
+        example=lambda m: {"latents": torch.randn(2, 16, 6, 10)},
+        dynamic_shapes=_image_dims("latents", 2),
+        outputs=("image",),
+    ),
+}
+
+
+def checkpoint_hash(checkpoint: Path) -> str:
+    """sha256 over every file's relative path and bytes: the key of exported graphs and engine caches."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(checkpoint)).encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
+
+
+# A protobuf message cannot pass 2 GiB: graphs whose weights come near it keep them in `<graph>.onnx.data` beside
+# the graph (ONNX external data; ONNX Runtime and TensorRT read it from the graph's folder).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _weights_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def save_graph(model: onnx.ModelProto, path: Path, weights_bytes: int) -> None:
+    """Save a graph, with its initializers as external data when they are large."""
+    for stale in path.parent.glob(f"{path.name}.data"):
+        stale.unlink()
+    if weights_bytes <= EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path))
+        return
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
+
+
+def export_graph(name: str, modules: CheckpointModules, path: Path, opset: int, slim: bool) -> dict[str, Any]:
+    spec = GRAPHS[name]
+    module = spec.build(modules).eval()
+    example = spec.example(modules)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=example,
+            dynamo=True,
+            dynamic_shapes=spec.dynamic_shapes(),
+            input_names=list(example),
+            output_names=list(spec.outputs),
+            opset_version=opset,
+            verbose=False,
+        )
+    assert program is not None
+    program.save(str(path), external_data=_weights_bytes(module) > EXTERNAL_DATA_BYTES)
+    if slim:
+        import onnxslim
+
+        save_graph(onnxslim.slim(onnx.load(str(path))), path, _weights_bytes(module))
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        "file": path.name,
+        "inputs": [_value_info(v) for v in graph.input],
+        "outputs": [_value_info(v) for v in graph.output],
+    }
+
+
+def export_onnx(
+    checkpoint: Path,
+    out: Path,
+    opset: int = OPSET,
+    slim: bool = True,
+    force: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Export all graphs unless `out` already holds them for this checkpoint and settings.
+
+    The weights are loaded, and exported, in `dtype` (bf16 for a full-size checkpoint: no float32 copy); the
+    graphs' inputs and outputs stay float32 either way (the tensor contract).
+    """
+    check_layout(checkpoint)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "opset": opset,
+        "slim": slim,
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    key = checkpoint_hash(checkpoint)
+    manifest_path = out / MANIFEST
+    if not force and manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("checkpoint_sha256") == key and old.get("settings") == settings:
+            log.info("%s is up to date for checkpoint %s", out, key[:12])
+            return out
+    out.mkdir(parents=True, exist_ok=True)
+    modules = load_checkpoint(checkpoint, dtype)
+    graphs = {}
+    for name in GRAPH_NAMES:
+        started = time.perf_counter()
+        graphs[name] = export_graph(name, modules, out / f"{name}.onnx", opset, slim)
+        log.info("exported %s in %.1f s", name, time.perf_counter() - started)
+    copy_processor(checkpoint / "processor", out / "processor")
+    manifest = {
+        "checkpoint_sha256": key,
+        "settings": settings,
+        "spec": modules.spec.to_dict(),
+        "graphs": graphs,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def cached_export(checkpoint: Path, cache_root: Path) -> Path:
+    """Export into `cache_root/<checkpoint hash prefix>`, reusing an up-to-date export there."""
+    check_layout(checkpoint)
+    return export_onnx(checkpoint, cache_root / checkpoint_hash(checkpoint)[:16])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint in the official layout")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--opset", type=int, default=OPSET)
+    parser.add_argument("--no-slim", action="store_true", help="skip the onnxslim clean-up")
+    parser.add_argument("--force", action="store_true", help="export even if the output is up to date")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights in the graphs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dtype = getattr(torch, args.dtype)
+    export_onnx(args.checkpoint, args.out, args.opset, slim=not args.no_slim, force=args.force, dtype=dtype)
+    print(f"ONNX graphs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
