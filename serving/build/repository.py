@@ -6,7 +6,7 @@ Backends:
   onnxruntime  each component is a Python-backend model running its ONNX graph with ONNX Runtime (CPU; this is
                what the embedded `tritonserver` of the nvidia-pytriton wheel can run)
   pytorch      each component is a Python-backend model running the same graph in PyTorch, in --precision fp32
-               or bf16 (CPU; bf16 is the fast path on CPUs with AMX / AVX512-BF16, at bf16 accuracy)
+               or bf16 (CPU; bf16 is the fast path on CPUs with AMX, at bf16 accuracy)
   tensorrt     each component is a native `tensorrt_plan` model (the NGC Triton container on a GPU machine)
 
 Either way every component keeps the tensor contract of docs/tensor_contract.md. A second run on an unchanged

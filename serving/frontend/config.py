@@ -27,12 +27,12 @@ class FrontendConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key the API port speaks TLS only
     tls_key: str = ""  # PEM private key
     auth_tokens: str = ""  # JSON file of token digests, scopes and rate limits (serving/frontend/auth.py); "" = open
-    # Budgets (serving/frontend/budgets.py, reported in GetModelInfo). The token defaults follow what the tiny
-    # stack held on a 24 GB machine: a step of 8 samples at 1024x1024 (34k tokens) took the transformer to 11 GB,
-    # one 2048x2048 sample (16k tokens) to 19.5 GB (attention grows with the square of a sample's tokens).
+    # Budgets (serving/frontend/budgets.py, reported in GetModelInfo). The token defaults keep the default stack
+    # inside a 24 GB machine: attention memory grows with the square of a sample's tokens (the measurements behind
+    # them are in docs/reliability.md, admission by cost).
     max_request_input_pixels: int = 64_000_000  # decoded pixels of one request's input images
     max_inflight_input_pixels: int = 128_000_000  # the same, summed over the admitted requests
-    max_sample_tokens: int = 12_288  # one sample: text + references + image (1024x1024 and one reference: 8.3k)
+    max_sample_tokens: int = 12_288  # one sample: text + references + image tokens
     max_step_tokens: int = 24_576  # one request's step: samples x CFG branches x tokens
     max_inflight_step_tokens: int = 32_768  # the same, summed over the admitted generations
     max_request_tokens: int = 2_500_000  # one request's tokens over all its steps (about its compute time)
