@@ -269,7 +269,8 @@ def prepare_repository(
     text_dim = text_feature_dim(checkpoint)
     contracts: dict[str, Any]
     if backend == "pytorch":  # the graphs run from the checkpoint itself: no ONNX export of (maybe 16 GB of) weights
-        spec, contracts = read_spec(checkpoint).to_dict(), graph_contracts(read_spec(checkpoint), text_dim)
+        model_spec = read_spec(checkpoint)
+        spec, contracts = model_spec.to_dict(), graph_contracts(model_spec, text_dim)
     else:
         onnx_dir = cached_export(checkpoint, onnx_cache)
         onnx_manifest = json.loads((onnx_dir / MANIFEST).read_text())

@@ -32,7 +32,7 @@ REQUIRED_FILES = (
     "processor/tokenizer_config.json",
 )
 # Weights files per part (one file or an index of shards), as diffusers and transformers name them.
-WEIGHT_STEMS = {"transformer": WEIGHTS_STEM, "vae": "diffusion_pytorch_model", "mllm": "model"}
+WEIGHT_STEMS = {"transformer": WEIGHTS_STEM, "vae": WEIGHTS_STEM, "mllm": "model"}
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 

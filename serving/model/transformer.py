@@ -17,9 +17,8 @@ from torch import nn
 from serving.model.config import TransformerConfig
 from serving.model.weights import load_weights, weight_files
 
-WEIGHTS_STEM = (
-    "diffusion_pytorch_model"  # diffusers' name: <stem>.safetensors or a sharded <stem>.safetensors.index.json
-)
+# Diffusers' weights name (transformer and VAE): <stem>.safetensors, or shards listed by <stem>.safetensors.index.json
+WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

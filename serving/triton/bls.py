@@ -56,6 +56,7 @@ from serving.triton.model_config import model_config, parameters
 from serving.triton.model_names import MLLM_MODEL, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
+from serving.triton.tensors import from_triton, to_triton
 
 TEXT_CACHE_SIZE = 256
 T = TypeVar("T")
@@ -65,20 +66,13 @@ class ComponentError(RuntimeError):
     pass
 
 
-def _to_triton(name: str, value: np.ndarray) -> Any:
-    """Tensors cross the Python backend as DLPack: numpy 2 (the GPU image's) silently empties numpy-built ones."""
-    return pb_utils.Tensor.from_dlpack(
-        name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(value)))
-    )
-
-
 def _output(response: Any, model: str, name: str) -> np.ndarray | None:
     if response.has_error():
         raise ComponentError(f"{model}: {response.error().message()}")
     tensor = pb_utils.get_output_tensor_by_name(response, name)
     if tensor is None:
         return None
-    result: np.ndarray = torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy()
+    result: np.ndarray = from_triton(tensor).numpy()
     return result
 
 
@@ -90,7 +84,7 @@ async def call_component(model: str, inputs: dict[str, np.ndarray], output: str,
     """
     request = pb_utils.InferenceRequest(
         model_name=model,
-        inputs=[_to_triton(name, value) for name, value in inputs.items()],
+        inputs=[to_triton(name, value) for name, value in inputs.items()],
         requested_output_names=[output],
         preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
     )
@@ -216,7 +210,7 @@ class TritonPythonModel:
                     decoded = await self._vae_decode(denoiser.x0)
                     # At the output size, as the final image will be (not the generation size).
                     preview_image = await self._off_loop(_output_images, decoded, out_h, out_w)
-                    outputs.append(pb_utils.Tensor("preview", preview_image))
+                    outputs.append(to_triton("preview", preview_image))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         finally:
             self.batcher.unregister()
@@ -238,8 +232,8 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(
             output_tensors=[
                 event(result),
-                pb_utils.Tensor("images", images),
-                pb_utils.Tensor("latents", spec.unscale(denoiser.latents).numpy()),
+                to_triton("images", images),
+                to_triton("latents", spec.unscale(denoiser.latents)),
             ]
         )
 

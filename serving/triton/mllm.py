@@ -26,10 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
 import triton_python_backend_utils as pb_utils
 
-from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.model.graphs import TextEncoderGraph
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params
 from serving.pipeline.images import decode_image
@@ -39,6 +37,7 @@ from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
+from serving.triton.tensors import from_triton, instance_placement, to_triton
 
 # Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
 DECODING = threading.BoundedSemaphore(2)
@@ -49,10 +48,7 @@ class TritonPythonModel:
         route_to_triton()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         params = parameters(model_config(args))
-        on_gpu = args.get("model_instance_kind") == "GPU"
-        device = resolve_device(f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu")
-        dtype = TORCH_DTYPES[params.get("precision", "bf16" if on_gpu else "fp32")]
-        check_dtype(device, dtype)
+        device, dtype = instance_placement(args, params["precision"])
         self.understander = Understander.from_dirs(version_dir / "mllm", version_dir / "processor", device, dtype)
         self.text_encoder = TextEncoderGraph(self.understander.model).eval()
         self.lane = CpuLane.for_model(Path(args["model_repository"]), params)
@@ -93,13 +89,11 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             ids, mask = (
-                torch.utils.dlpack.from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack())
-                for name in ("input_ids", "attention_mask")
+                from_triton(pb_utils.get_input_tensor_by_name(request, n)) for n in ("input_ids", "attention_mask")
             )
             with self.lane:
                 feats = run_graph(self.text_encoder, input_ids=ids, attention_mask=mask)
-            tensor = pb_utils.Tensor.from_dlpack("text_feats", torch.utils.dlpack.to_dlpack(feats.contiguous()))
-            response = pb_utils.InferenceResponse(output_tensors=[tensor])
+            response = pb_utils.InferenceResponse(output_tensors=[to_triton("text_feats", feats)])
         except Exception as exc:  # the BLS gets the reason; the model keeps serving
             response = error_response(exc, request)
         finally:

@@ -13,35 +13,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import triton_python_backend_utils as pb_utils
 
 from serving.model.checkpoint import load_graph
-from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.runtime.torch_backend import run_graph
 from serving.triton.component_model import ComponentModel
+from serving.triton.tensors import from_triton, instance_placement, to_triton
 
 
 class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        # A KIND_GPU instance runs on its GPU; inputs and outputs stay float32 CPU tensors (run_graph moves them).
-        on_gpu = args.get("model_instance_kind") == "GPU"
-        device = resolve_device(f"cuda:{args.get('model_instance_device_id', '0')}" if on_gpu else "cpu")
-        dtype = TORCH_DTYPES[self.params["precision"]]
-        check_dtype(device, dtype)
+        # Inputs and outputs stay float32 CPU tensors whatever the device (run_graph moves them).
+        device, dtype = instance_placement(args, self.params["precision"])
         self.graph = load_graph(args["model_name"], self.version_dir, dtype, device)
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
 
     def to_array(self, tensor: Any) -> np.ndarray:
-        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).numpy()
+        return from_triton(tensor).numpy()
 
     def to_tensor(self, name: str, value: np.ndarray) -> Any:
-        # Triton takes C-ordered DLPack tensors only; split batches and layout-preserving casts can be neither.
-        return pb_utils.Tensor.from_dlpack(
-            name, torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(value)))
-        )
+        return to_triton(name, value)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
