@@ -30,6 +30,8 @@ def request_from_case(case: dict[str, Any], golden: Path) -> GenerationRequest:
         scheduler=case["scheduler"],
         num_images_per_prompt=case.get("num_images_per_prompt", 1),
         max_sequence_length=case.get("max_sequence_length"),
+        cache=case.get("cache", "none"),
+        teacache_threshold=case.get("teacache_rel_l1_thresh", 0.05),
     )
 
 

@@ -1,4 +1,8 @@
-"""Checkpoint (official layout) -> four ONNX graphs + manifest.json, ready for ONNX Runtime or TensorRT.
+"""Checkpoint (official layout) -> ONNX graphs + manifest.json, ready for ONNX Runtime or TensorRT.
+
+The four component graphs, and the transformer once more in stages (`transformer_embed`, `_modulate`,
+`_layers`, `_head`) for step caching, which runs the main layers on only some samples of a call: ONNX Runtime
+serves the stages; TensorRT engines are built from the whole `transformer`.
 
     python -m export.onnx_export --checkpoint checkpoints/small --out build/onnx/small
 
@@ -25,12 +29,20 @@ from torch import nn
 from torch.export import Dim
 
 from serving.model.checkpoint import CheckpointModules, check_layout, copy_processor, load_checkpoint
-from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
+from serving.model.graphs import (
+    TextEncoderGraph,
+    TransformerEmbedGraph,
+    TransformerHeadGraph,
+    TransformerLayersGraph,
+    TransformerModulateGraph,
+    VaeDecoderGraph,
+    VaeEncoderGraph,
+)
 from serving.pipeline.packing import pack_batch
 from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
 
 OPSET = 20
-FORMAT_VERSION = 2  # 2: the manifest's spec carries text_positions
+FORMAT_VERSION = 3  # 2: the manifest's spec carries text_positions; 3: the transformer stage graphs
 log = logging.getLogger("export.onnx")
 
 # Upper bounds of the dynamic axes. They bound what the graphs accept, not what a request may ask: the
@@ -73,11 +85,47 @@ def _transformer_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
     return packed.as_inputs()
 
 
+def _stage_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
+    """What the main layers take, from the transformer example's first stage."""
+    inputs = _transformer_example(modules)
+    with torch.no_grad():
+        hidden, temb = TransformerEmbedGraph(modules.transformer)(**inputs)
+    mask = torch.cat([inputs["text_mask"], inputs["ref_mask"].flatten(1), inputs["img_mask"]], dim=1)
+    rope = {"rope_cos": inputs["rope_cos"], "rope_sin": inputs["rope_sin"]}
+    return {"hidden": hidden, "temb": temb, "joint_mask": mask, **rope}
+
+
+def _head_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
+    inputs = _transformer_example(modules)
+    width = inputs["img_tokens"].shape[1]
+    hidden = torch.randn(2, width, modules.transformer.config.hidden_size)
+    return {"hidden_img": hidden, "timestep": inputs["timestep"]}
+
+
+def _batch() -> Any:
+    return Dim("batch", min=1, max=MAX_BATCH)
+
+
+def _seq() -> Any:
+    return Dim("seq_len", min=3, max=MAX_TEXT + (MAX_REF_SLOTS + 1) * MAX_TOKENS)
+
+
+def _layers_dims() -> dict[str, dict[int, Any]]:
+    batch, seq = _batch(), _seq()
+    return {
+        "hidden": {0: batch, 1: seq},
+        "temb": {0: batch},
+        "joint_mask": {0: batch, 1: seq},
+        "rope_cos": {0: batch, 1: seq},
+        "rope_sin": {0: batch, 1: seq},
+    }
+
+
 def _transformer_dims() -> dict[str, dict[int, Any]]:
-    batch = Dim("batch", min=1, max=MAX_BATCH)
+    batch = _batch()
     img, text = Dim("img_len", min=1, max=MAX_TOKENS), Dim("text_len", min=1, max=MAX_TEXT)
     slots, ref = Dim("ref_slots", min=1, max=MAX_REF_SLOTS), Dim("ref_len", min=1, max=MAX_TOKENS)
-    seq = Dim("seq_len", min=3, max=MAX_TEXT + (MAX_REF_SLOTS + 1) * MAX_TOKENS)
+    seq = _seq()
     return {
         "img_tokens": {0: batch, 1: img},
         "img_mask": {0: batch, 1: img},
@@ -123,6 +171,33 @@ GRAPHS: dict[str, GraphExport] = {
         build=lambda m: m.transformer,
         example=_transformer_example,
         dynamic_shapes=_transformer_dims,
+        outputs=("velocity",),
+    ),
+    "transformer_embed": GraphExport(
+        build=lambda m: TransformerEmbedGraph(m.transformer),
+        example=_transformer_example,
+        dynamic_shapes=_transformer_dims,
+        outputs=("hidden", "temb"),
+    ),
+    "transformer_modulate": GraphExport(
+        build=lambda m: TransformerModulateGraph(m.transformer),
+        example=lambda m: {k: v for k, v in _stage_example(m).items() if k in ("hidden", "temb")},
+        dynamic_shapes=lambda: {"hidden": {0: _batch(), 1: _seq()}, "temb": {0: _batch()}},
+        outputs=("modulated",),
+    ),
+    "transformer_layers": GraphExport(
+        build=lambda m: TransformerLayersGraph(m.transformer),
+        example=_stage_example,
+        dynamic_shapes=_layers_dims,
+        outputs=("hidden_out",),
+    ),
+    "transformer_head": GraphExport(
+        build=lambda m: TransformerHeadGraph(m.transformer),
+        example=_head_example,
+        dynamic_shapes=lambda: {
+            "hidden_img": {0: _batch(), 1: Dim("img_len", min=1, max=MAX_TOKENS)},
+            "timestep": {0: _batch()},
+        },
         outputs=("velocity",),
     ),
     "vae_decoder": GraphExport(

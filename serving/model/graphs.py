@@ -79,3 +79,72 @@ class VaeDecoderGraph(nn.Module):
 
 # The transformer graph is the transformer itself: it already takes the packed tensors.
 TransformerGraph = OmniGen2Transformer
+
+
+class TransformerEmbedGraph(nn.Module):
+    """The transformer's inputs -> the joint sequence before the main layers (B, L, D) and the conditioning."""
+
+    def __init__(self, transformer: OmniGen2Transformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        img_tokens: torch.Tensor,
+        img_mask: torch.Tensor,
+        timestep: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref_tokens: torch.Tensor,
+        ref_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, temb = self.transformer.embed(
+            img_tokens, img_mask, timestep, text_feats, text_mask, ref_tokens, ref_mask, rope_cos, rope_sin
+        )
+        return hidden.float(), temb.float()
+
+
+class TransformerModulateGraph(nn.Module):
+    """(hidden, temb) -> the first main layer's modulated input, which TeaCache compares from step to step."""
+
+    def __init__(self, transformer: OmniGen2Transformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        dtype = weight_dtype(self.transformer)
+        return self.transformer.modulate(hidden.to(dtype), temb.to(dtype)).float()
+
+
+class TransformerLayersGraph(nn.Module):
+    """The main layers: (hidden, temb, joint_mask, rope_cos, rope_sin) -> hidden."""
+
+    def __init__(self, transformer: OmniGen2Transformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        temb: torch.Tensor,
+        joint_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        dtype = weight_dtype(self.transformer)
+        out = self.transformer.run_layers(hidden.to(dtype), temb.to(dtype), joint_mask, rope_cos, rope_sin)
+        return out.float()
+
+
+class TransformerHeadGraph(nn.Module):
+    """(image tokens after the main layers (B, Li, D), timestep (B,)) -> velocity tokens (B, Li, P)."""
+
+    def __init__(self, transformer: OmniGen2Transformer) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_img: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        model = self.transformer
+        return model.head(hidden_img.to(weight_dtype(model)), model.time_embedding(timestep)).float()

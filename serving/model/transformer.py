@@ -144,7 +144,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimeCaptionEmbedding(nn.Module):
-    """Sinusoidal timestep features (cos first) -> MLP; text features -> RMSNorm -> linear."""
+    """Sinusoidal timestep features (cos first) -> MLP; text features -> RMSNorm -> linear (used by the
+    transformer's `time_embedding` and `embed`)."""
 
     frequency_dim = 256
 
@@ -162,10 +163,6 @@ class TimeCaptionEmbedding(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         angles = (timestep.float()[:, None] * freqs[None, :]) * self.timestep_scale
         return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-    def forward(self, timestep: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        temb = self.timestep_embedder(self.timestep_features(timestep).to(text_feats.dtype))
-        return temb, self.caption_embedder(text_feats)
 
 
 class OutputNorm(nn.Module):
@@ -217,15 +214,43 @@ class OmniGen2Transformer(nn.Module):
         """Velocity tokens (B, Li, P) for the packed batch; rows past each sample's image length are padding.
 
         Activations take the weights' dtype (float32 in, bf16 inside for bf16 weights); the timestep and the
-        RoPE tables stay float32, as the reference computes them.
+        RoPE tables stay float32, as the reference computes them. The three stages are also callable one by
+        one: step caching (serving/pipeline/step_cache.py) runs the main layers on only some samples.
         """
+        hidden, temb = self.embed(
+            img_tokens, img_mask, timestep, text_feats, text_mask, ref_tokens, ref_mask, rope_cos, rope_sin
+        )
+        joint_mask = torch.cat([text_mask, ref_mask.flatten(1), img_mask], dim=1)
+        hidden = self.run_layers(hidden, temb, joint_mask, rope_cos, rope_sin)
+        return self.head(hidden[:, hidden.shape[1] - img_tokens.shape[1] :], temb)
+
+    def time_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps -> (B, cond_dim) conditioning, in the weights' dtype."""
+        embedder = self.time_caption_embed
+        dtype = self.x_embedder.weight.dtype
+        return embedder.timestep_embedder(embedder.timestep_features(timestep).to(dtype))
+
+    def embed(
+        self,
+        img_tokens: torch.Tensor,
+        img_mask: torch.Tensor,
+        timestep: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        ref_tokens: torch.Tensor,
+        ref_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and refiners: the joint sequence (B, L, D) the main layers take, and the conditioning."""
         dtype = self.x_embedder.weight.dtype
         img_tokens, text_feats, ref_tokens = (t.to(dtype) for t in (img_tokens, text_feats, ref_tokens))
         batch, slots, ref_len, _ = ref_tokens.shape
-        text_len, img_len = text_feats.shape[1], img_tokens.shape[1]
+        text_len = text_feats.shape[1]
         img_mask, text_mask, ref_mask = img_mask.bool(), text_mask.bool(), ref_mask.bool()
 
-        temb, text = self.time_caption_embed(timestep, text_feats)
+        temb = self.time_embedding(timestep)
+        text = self.time_caption_embed.caption_embedder(text_feats)
         ref_start, img_start = text_len, text_len + slots * ref_len
         text_cos, text_sin = rope_cos[:, :ref_start], rope_sin[:, :ref_start]
         img_cos, img_sin = rope_cos[:, img_start:], rope_sin[:, img_start:]
@@ -251,12 +276,32 @@ class OmniGen2Transformer(nn.Module):
         for block in self.ref_image_refiner:
             refs = block(refs, ref_bias, ref_cos, ref_sin, ref_temb)
         refs = refs.reshape(batch, slots * ref_len, dim)
+        return torch.cat([text, refs, img], dim=1), temb
 
-        x = torch.cat([text, refs, img], dim=1)
-        joint_bias = key_mask_bias(torch.cat([text_mask, ref_mask.reshape(batch, slots * ref_len), img_mask], 1), dtype)
+    def modulate(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The first main layer's modulated input: what TeaCache watches to decide whether a step may be skipped."""
+        norm = self.layers[0].norm1
+        assert isinstance(norm, RMSNormZero)
+        return norm(hidden, temb)[0]
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        temb: torch.Tensor,
+        joint_mask: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """The main (joint) layers over [text | refs | image]; `joint_mask` (B, L) marks the valid tokens."""
+        joint_bias = key_mask_bias(joint_mask.bool(), hidden.dtype)
         for block in self.layers:
-            x = block(x, joint_bias, rope_cos, rope_sin, temb)
-        return self.norm_out(x[:, x.shape[1] - img_len :], temb)
+            hidden = block(hidden, joint_bias, rope_cos, rope_sin, temb)
+        return hidden
+
+    def head(self, hidden_img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Output norm and patch projection of the image tokens (B, Li, D) -> velocity tokens (B, Li, P)."""
+        velocity: torch.Tensor = self.norm_out(hidden_img, temb)
+        return velocity
 
     @classmethod
     def on_meta(cls, directory: Path | str) -> OmniGen2Transformer:

@@ -18,8 +18,9 @@ from serving.pipeline.grouping import SampleShape
 from serving.pipeline.guidance import Branch, StepGuidance, combine, step_guidance
 from serving.pipeline.images import generation_size
 from serving.pipeline.packing import PackedBatch, pack_batch
-from serving.pipeline.request import GenerationRequest, SchedulerKind
+from serving.pipeline.request import CacheKind, GenerationRequest, SchedulerKind
 from serving.pipeline.schedulers import dpm_solver_step, euler_step, timesteps
+from serving.pipeline.step_cache import MODE_OF_KIND, SLOTS_PER_BRANCH, UNCACHED, Control, Mode
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Sample:
     timestep: torch.Tensor  # 0-d float32
     text: torch.Tensor
     refs: tuple[torch.Tensor, ...]
+    cache: Control = UNCACHED  # step caching of this row (serving/pipeline/step_cache.py)
 
 
 def initial_noise(seed: int, count: int, height: int, width: int, spec: ModelSpec) -> torch.Tensor:
@@ -89,7 +91,11 @@ def plan_sizes(
 
 
 class Denoiser:
-    """Noise -> final latents for one request; `texts` maps "prompt"/"negative" to unpadded (L, D) features."""
+    """Noise -> final latents for one request; `texts` maps "prompt"/"negative" to unpadded (L, D) features.
+
+    `cache_key` names this request's step-cache state (unique among the requests sharing a transformer);
+    `cache` overrides the request's own choice (a server that cannot hold the state runs it uncached).
+    """
 
     def __init__(
         self,
@@ -98,8 +104,13 @@ class Denoiser:
         ref_latents: Sequence[torch.Tensor],
         gen_size: tuple[int, int],
         spec: ModelSpec,
+        cache_key: int = 1,
+        cache: str | None = None,
     ) -> None:
         self.request = request
+        self.cache_key = cache_key
+        self.cache_mode = MODE_OF_KIND[CacheKind(cache or request.cache)]
+        self.branch_calls = dict.fromkeys(Branch, 0)  # TaylorSeer counts each branch's own calls
         self.refs = tuple(ref_latents)
         self.latents = initial_noise(request.seed, request.num_images_per_prompt, *gen_size, spec)
         self.grid = timesteps(
@@ -131,8 +142,23 @@ class Denoiser:
         out: list[Sample] = []
         for branch in self.guidance().branches:
             text, refs = self._inputs[branch]
-            out.extend(Sample(branch, latent, t, text, refs) for latent in self.latents)
+            out.extend(
+                Sample(branch, latent, t, text, refs, self._control(branch, image))
+                for image, latent in enumerate(self.latents)
+            )
         return out
+
+    def _control(self, branch: Branch, image: int) -> Control:
+        if self.cache_mode == Mode.NONE:
+            return UNCACHED
+        return Control(
+            key=self.cache_key,
+            slot=list(Branch).index(branch) * SLOTS_PER_BRANCH + image,
+            mode=self.cache_mode,
+            step=self.branch_calls[branch],
+            force=self.cache_mode == Mode.TEACACHE and self.step in (0, self.request.steps - 1),
+            threshold=self.request.teacache_threshold,
+        )
 
     def advance(self, velocities: Sequence[torch.Tensor]) -> None:
         """Combine the branches' velocities (same order as `samples()`) and take one solver step."""
@@ -141,6 +167,8 @@ class Denoiser:
         stacked = torch.stack(list(velocities))
         preds = {branch: stacked[i * n : (i + 1) * n] for i, branch in enumerate(guidance.branches)}
         velocity = combine(guidance, preds)
+        for branch in guidance.branches:
+            self.branch_calls[branch] += 1
         sigma = 1 - self.grid[self.step]
         if self.request.scheduler == SchedulerKind.DPMSOLVER.value:
             self.latents, self.previous_x0 = dpm_solver_step(

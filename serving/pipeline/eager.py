@@ -32,6 +32,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     truncated_prompt_tokens: int = 0  # tokens cut at max_sequence_length (chat template included)
     truncated_negative_prompt_tokens: int = 0
+    main_layer_passes: int = 0  # transformer calls that ran the main layers, counted per image (step caching)
 
 
 class OmniGen2Pipeline:
@@ -91,18 +92,23 @@ class OmniGen2Pipeline:
 
         gen_size, (out_h, out_w) = plan_sizes(request, ref_latents, spec)
         denoiser = Denoiser(request, texts, ref_latents, gen_size, spec)
-        while not denoiser.done:
-            samples = denoiser.samples()
-            velocities: list[torch.Tensor] = []
-            # Like the reference: one transformer call per CFG branch (the served stack batches them all).
-            for branch in dict.fromkeys(s.branch for s in samples):
-                packed = pack_samples([s for s in samples if s.branch == branch], spec)
-                velocities += unpack_output(
-                    backend.transformer(packed.as_inputs()), packed.latent_sizes, spec.patch_size
-                )
-            denoiser.advance(velocities)
-            if progress is not None:
-                progress(denoiser.step, request.steps)
+        passes = 0
+        try:
+            while not denoiser.done:
+                samples = denoiser.samples()
+                velocities: list[torch.Tensor] = []
+                # Like the reference: one transformer call per CFG branch (the served stack batches them all).
+                for branch in dict.fromkeys(s.branch for s in samples):
+                    rows = [s for s in samples if s.branch == branch]
+                    packed = pack_samples(rows, spec)
+                    velocity, stats = backend.transformer_cached(packed.as_inputs(), [s.cache for s in rows])
+                    passes += stats.main_layer_rows
+                    velocities += unpack_output(velocity, packed.latent_sizes, spec.patch_size)
+                denoiser.advance(velocities)
+                if progress is not None:
+                    progress(denoiser.step, request.steps)
+        finally:  # a request's cache state goes with it, however it ends
+            backend.step_cache.release(denoiser.cache_key)
         watch.lap("denoise")
 
         images = postprocess(backend.decode(denoiser.latents), out_h, out_w)
@@ -114,6 +120,7 @@ class OmniGen2Pipeline:
             watch.timings,
             truncated_prompt_tokens=truncated["prompt"],
             truncated_negative_prompt_tokens=truncated.get("negative", 0),
+            main_layer_passes=passes,
         )
 
     def encode_prompt(self, prompt: str, max_length: int) -> tuple[torch.Tensor, int]:

@@ -21,6 +21,18 @@ class SchedulerKind(StrEnum):
     DPMSOLVER = "dpmsolver++"
 
 
+class CacheKind(StrEnum):
+    """Step caching a request may ask for (serving/pipeline/step_cache.py runs them)."""
+
+    NONE = "none"
+    TEACACHE = "teacache"  # skip a CFG branch's main layers while its input barely changes
+    TAYLORSEER = "taylorseer"  # extrapolate the main layers' output between full steps
+
+
+DEFAULT_TEACACHE_THRESHOLD = 0.05  # the official default ("about 30 % faster")
+MAX_TEACACHE_THRESHOLD = 1.0
+
+
 MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # what the official inference script and app pass
 
@@ -76,6 +88,8 @@ class GenerationRequest:
     max_input_image_side_length: int = 1024
     # Prompt tokens kept (chat template included); None: 1024, or the checkpoint's text positions if fewer.
     max_sequence_length: int | None = None
+    cache: str = CacheKind.NONE.value
+    teacache_threshold: float = DEFAULT_TEACACHE_THRESHOLD
 
     def validate(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Raise InvalidArgumentError naming the first field out of range."""
@@ -126,6 +140,12 @@ class GenerationRequest:
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= limits.max_sequence_length:
             got = self.max_sequence_length
             bad("max_sequence_length", f"must be in [1, {limits.max_sequence_length}], got {got}")
+        if self.cache not in {k.value for k in CacheKind}:
+            choices = ", ".join(k.value for k in CacheKind)
+            bad("cache", f"unknown cache {self.cache!r}; one of {choices}")
+        threshold = self.teacache_threshold
+        if not math.isfinite(threshold) or not 0.0 < threshold <= MAX_TEACACHE_THRESHOLD:
+            bad("teacache_threshold", f"must be in (0, {MAX_TEACACHE_THRESHOLD}], got {threshold}")
         return found
 
     def sequence_length(self, text_positions: int) -> int:
@@ -140,7 +160,7 @@ class GenerationRequest:
         return self.max_sequence_length
 
 
-_FIELD_TYPES: dict[str, type] = {"prompt": str, "negative_prompt": str, "scheduler": str}
+_FIELD_TYPES: dict[str, type] = {"prompt": str, "negative_prompt": str, "scheduler": str, "cache": str}
 _INT_FIELDS = {
     "width",
     "height",
@@ -151,7 +171,7 @@ _INT_FIELDS = {
     "max_input_image_side_length",
     "max_sequence_length",
 }
-_FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale"}
+_FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale", "teacache_threshold"}
 
 
 def random_seed() -> int:

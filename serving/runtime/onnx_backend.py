@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,14 @@ import torch
 
 from serving.errors import CheckpointError
 from serving.model.spec import ModelSpec
+from serving.pipeline.step_cache import UNCACHED, CacheStore, CallStats, Control, cached_transformer
+from serving.runtime.onnx_stages import TRANSFORMER_STAGES, OnnxStages
 from serving.runtime.ort_session import session_options
 
 MANIFEST = "manifest.json"
-GRAPH_NAMES = ("text_encoder", "vae_encoder", "transformer", "vae_decoder")
+COMPONENT_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder")
+# The whole transformer is exported for TensorRT; ONNX Runtime runs it in stages (step caching needs them).
+GRAPH_NAMES = (*COMPONENT_GRAPHS, "transformer", *TRANSFORMER_STAGES)
 
 
 def read_manifest(export_dir: Path) -> dict[str, Any]:
@@ -48,9 +52,18 @@ class OnnxBackend:
         self.spec = ModelSpec.from_dict(manifest["spec"])
         options = session_options(threads)
         chosen = providers or ["CPUExecutionProvider"]
-        self.graphs = {
-            name: OnnxGraph(export_dir / manifest["graphs"][name]["file"], options, chosen) for name in GRAPH_NAMES
-        }
+
+        def path(name: str) -> Path:
+            found = export_dir / manifest["graphs"].get(name, {}).get("file", f"{name}.onnx")
+            if not found.is_file():
+                raise CheckpointError(
+                    str(found), "ONNX graph not found: export again with `python -m export.onnx_export`"
+                )
+            return found
+
+        self.graphs = {name: OnnxGraph(path(name), options, chosen) for name in COMPONENT_GRAPHS}
+        self.stages = OnnxStages.load({name: path(name) for name in TRANSFORMER_STAGES}, options, chosen)
+        self.step_cache = CacheStore()
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.graphs["text_encoder"]({"input_ids": input_ids, "attention_mask": attention_mask})
@@ -59,7 +72,14 @@ class OnnxBackend:
         return self.graphs["vae_encoder"]({"image": image})
 
     def transformer(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.graphs["transformer"](inputs)
+        return self.transformer_cached(inputs, [UNCACHED] * len(inputs["img_tokens"]))[0]
+
+    def transformer_cached(
+        self, inputs: Mapping[str, torch.Tensor], controls: Sequence[Control]
+    ) -> tuple[torch.Tensor, CallStats]:
+        feed = {name: value.numpy() for name, value in inputs.items()}
+        velocity, stats = cached_transformer(self.stages, feed, controls, self.step_cache)
+        return torch.from_numpy(velocity), stats
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graphs["vae_decoder"]({"latents": latents})

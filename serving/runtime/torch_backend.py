@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -10,6 +10,8 @@ from torch import nn
 
 from serving.model.checkpoint import CheckpointModules, load_checkpoint
 from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGraph
+from serving.pipeline.step_cache import CacheStore, CallStats, Control, Mode, cached_transformer
+from serving.runtime.torch_stages import TorchStages
 
 
 @torch.no_grad()
@@ -30,6 +32,8 @@ class TorchBackend:
         self.vae_encoder = VaeEncoderGraph(modules.vae).eval()
         self.transformer_graph = modules.transformer.eval()
         self.vae_decoder = VaeDecoderGraph(modules.vae).eval()
+        self.stages = TorchStages(self.transformer_graph)
+        self.step_cache = CacheStore()
 
     @classmethod
     def from_checkpoint(
@@ -45,6 +49,15 @@ class TorchBackend:
 
     def transformer(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return run_graph(self.transformer_graph, **inputs)
+
+    @torch.no_grad()
+    def transformer_cached(
+        self, inputs: Mapping[str, torch.Tensor], controls: Sequence[Control]
+    ) -> tuple[torch.Tensor, CallStats]:
+        if all(c.mode == Mode.NONE for c in controls):  # the whole graph in one go
+            return self.transformer(inputs), CallStats(len(controls), len(controls))
+        velocity, stats = cached_transformer(self.stages, inputs, controls, self.step_cache)
+        return velocity, stats
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return run_graph(self.vae_decoder, latents=latents)

@@ -1,0 +1,68 @@
+"""The transformer module's stages in PyTorch: step caching's `Stages` for the eager pipeline and the PyTorch
+component. Hidden states stay on the model's device and in its dtype between stages (and in the cache state:
+bf16 weights keep bf16 state); inputs and the velocity keep the float32 CPU tensor contract."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from serving.model.transformer import OmniGen2Transformer
+
+EMBED_INPUTS = (
+    "img_tokens",
+    "img_mask",
+    "timestep",
+    "text_feats",
+    "text_mask",
+    "ref_tokens",
+    "ref_mask",
+    "rope_cos",
+    "rope_sin",
+)
+
+
+class TorchStages:
+    def __init__(self, model: OmniGen2Transformer) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def _rows(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor:
+        return torch.as_tensor(inputs[name])[rows].to(self.device)
+
+    def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
+        return self.model.embed(*(self._rows(inputs, name, rows) for name in EMBED_INPUTS))
+
+    def modulate(self, hidden: Any, temb: Any) -> Any:
+        return self.model.modulate(hidden, temb)
+
+    def layers(self, hidden: Any, temb: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
+        masks = [self._rows(inputs, name, rows) for name in ("text_mask", "ref_mask", "img_mask")]
+        mask = torch.cat([masks[0], masks[1].flatten(1), masks[2]], dim=1)
+        cos, sin = self._rows(inputs, "rope_cos", rows), self._rows(inputs, "rope_sin", rows)
+        return self.model.run_layers(hidden, temb, mask, cos, sin)
+
+    def head(self, hidden_img: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
+        temb = self.model.time_embedding(self._rows(inputs, "timestep", rows))
+        return self.model.head(hidden_img, temb).float().cpu().contiguous()
+
+    def take(self, array: Any, rows: list[int]) -> Any:
+        return array[rows]
+
+    def concat(self, arrays: list[Any]) -> Any:
+        return torch.cat(arrays, dim=0)
+
+    def copy(self, array: Any) -> Any:
+        return array.clone()
+
+    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def joint_mask(self, inputs: Mapping[str, Any], row: int) -> Any:
+        text, ref, img = (self._rows(inputs, n, [row])[0] for n in ("text_mask", "ref_mask", "img_mask"))
+        return torch.cat([text, ref.flatten(), img]).bool()
+
+    def image_count(self, inputs: Mapping[str, Any], row: int) -> int:
+        return int(torch.as_tensor(inputs["img_mask"][row]).sum())
