@@ -27,7 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnigen2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--server", default=os.environ.get("OMNIGEN2_SERVER", DEFAULT_SERVER), help="host:port")
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("OMNIGEN2_SERVER", DEFAULT_SERVER),
+        help="host:port; several replicas as host:port,host:port or dns:///name:port, balanced round-robin with "
+        "failover of UNAVAILABLE (env OMNIGEN2_SERVER)",
+    )
+    parser.add_argument("--retries", type=int, default=4, help="attempts after UNAVAILABLE, on another replica")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
     parser.add_argument("--token", default=os.environ.get("OMNIGEN2_TOKEN"), help="bearer token (env OMNIGEN2_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="TLS, verifying the server against the system's CAs")
@@ -115,7 +121,7 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
     for path, data in zip(outputs, result.encoded, strict=True):
         path.write_bytes(data)  # the server's encoding, byte for byte
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v)
-    print(f"wrote {', '.join(map(str, outputs))} (seed {result.seed}; {timings})")
+    print(f"wrote {', '.join(map(str, outputs))} (seed {result.seed}; {timings}; served by {result.served_by})")
     if result.truncated_prompt_tokens or result.truncated_negative_prompt_tokens:
         cut = f"{result.truncated_prompt_tokens} prompt, {result.truncated_negative_prompt_tokens} negative prompt"
         print(f"tokens cut at --max-sequence-length: {cut}", file=sys.stderr)
@@ -131,7 +137,8 @@ def _understand(client: OmniGen2Client, args: argparse.Namespace) -> int:
         else:
             print()
             usage = f"{item.prompt_tokens} prompt + {item.completion_tokens} completion tokens"
-            print(f"({item.finish_reason}; {usage}; seed {item.seed}; {item.seconds:.2f}s)", file=sys.stderr)
+            where = f"served by {item.served_by}"
+            print(f"({item.finish_reason}; {usage}; seed {item.seed}; {item.seconds:.2f}s; {where})", file=sys.stderr)
     return 0
 
 
@@ -139,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         tls: bool | bytes = Path(args.tls_ca).read_bytes() if args.tls_ca else args.tls
-        with OmniGen2Client(args.server, timeout=args.timeout, token=args.token, tls=tls) as client:
+        client = OmniGen2Client(args.server, timeout=args.timeout, retries=args.retries, token=args.token, tls=tls)
+        with client:
             if args.command == "info":
                 print(json_format.MessageToJson(client.info()))
                 return 0
@@ -154,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except OmniGen2Error as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # e.g. a --server that is not host:port
+        print(f"omnigen2: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("omnigen2: cancelled", file=sys.stderr)
         return 130

@@ -1,10 +1,31 @@
-"""OmniGen2Client (blocking) and AsyncOmniGen2Client (asyncio) over the OmniGen2 gRPC API."""
+"""OmniGen2Client (blocking) and AsyncOmniGen2Client (asyncio) over the OmniGen2 gRPC API.
+
+One server, or several replicas: a list of endpoints (or a comma-separated string) or a `dns:///name:port` target
+is balanced by gRPC's own `round_robin` policy, with gRPC client-side health checking so a replica that says
+NOT_SERVING (its Triton is down, or it drains) gets no new calls. Idempotent calls that fail with UNAVAILABLE are
+tried again, and the round_robin picker sends the new attempt to a replica that is up:
+  - GetModelInfo, always;
+  - Generate with a seed; the SDK sends a seed with every generation (the caller's, or one it draws), so every
+    Generate is idempotent: a repeat on another replica gives the same images;
+  - GenerateStream and Understand only before their first event: once the caller has seen progress or text from
+    one replica, a repeat would show it again.
+Each result names the replica that served it (`served_by`, from the server's x-served-by metadata) and the call's
+request id (`request_id`, the same x-request-id on every attempt, so the server logs tie the attempts together).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import ipaddress
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Unpack
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
@@ -25,15 +46,63 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+SERVICE = pb.DESCRIPTOR.services_by_name["OmniGen2"].full_name
+REQUEST_ID = "x-request-id"  # sent by the SDK, the same on every attempt of one call; echoed by the server
+SERVED_BY = "x-served-by"  # the replica that served the call, in the server's initial metadata
 Event = Progress | GenerationResult
+Servers = str | Sequence[str]
+_Result = TypeVar("_Result", GenerationResult, UnderstandResult)
 
 
-def channel_options(retries: int) -> list[tuple[str, Any]]:
-    """Message sizes, and gRPC's own retry policy: UNAVAILABLE is retried with exponential backoff.
+@dataclass(frozen=True)
+class Target:
+    address: str  # what the channel is opened on
+    balanced: bool  # round_robin over the resolver's addresses
+    authority: str = ""  # an address list's :authority and TLS name: its first endpoint as given
 
-    Streams are retried only until their first event arrives, so no progress is ever replayed.
+
+def channel_target(server: Servers) -> Target:
+    """The gRPC target for `server`, and whether gRPC balances over its addresses.
+
+    "host:port": one server (gRPC's default pick_first). "dns:///name:port" (or ipv4:/ipv6: lists): every address
+    the resolver returns, re-resolved when a connection drops (a Kubernetes headless Service). Several endpoints
+    (a list, or "a:1,b:2"): IP literals as given, names resolved once here (gRPC takes one address family per
+    channel, so IPv4 and IPv6 endpoints do not mix).
     """
-    policy = {
+    items = [server] if isinstance(server, str) else list(server)
+    endpoints = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not endpoints:
+        raise ValueError("server: no address given")
+    if len(endpoints) == 1:
+        return Target(endpoints[0], endpoints[0].startswith(("dns:", "ipv4:", "ipv6:")))
+    addresses = [_address(endpoint) for endpoint in endpoints]
+    families = {family for family, _ in addresses}
+    if len(families) > 1:
+        raise ValueError(f"server: IPv4 and IPv6 endpoints do not mix in one channel: {', '.join(endpoints)}")
+    return Target(f"{families.pop()}:{','.join(address for _, address in addresses)}", True, endpoints[0])
+
+
+def _address(endpoint: str) -> tuple[str, str]:
+    host, colon, port = endpoint.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"server: {endpoint!r} is not host:port")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            resolved = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0]
+        except OSError as exc:
+            raise ValueError(f"server: cannot resolve {host!r}: {exc}") from None
+        ip = ipaddress.ip_address(resolved)
+    return ("ipv4", f"{ip}:{port}") if ip.version == 4 else ("ipv6", f"[{ip}]:{port}")
+
+
+def channel_options(retries: int, balanced: bool = False) -> list[tuple[str, Any]]:
+    """Message sizes, and gRPC's own retry policy: UNAVAILABLE before the server answers (a refused connection) is
+    retried with exponential backoff. Balanced channels add round_robin and client-side health checking.
+    """
+    policy: dict[str, Any] = {
         "methodConfig": [
             {
                 "name": [{"service": "omnigen2.v1.OmniGen2"}],
@@ -47,6 +116,9 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
             }
         ]
     }
+    if balanced:
+        policy["loadBalancingConfig"] = [{"round_robin": {}}]
+        policy["healthCheckConfig"] = {"serviceName": SERVICE}
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -62,24 +134,78 @@ def _credentials(tls: bool | bytes) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
 
 
-def _open_channel(module: Any, server: str, retries: int, tls: bool | bytes) -> Any:
+def _open_channel(module: Any, server: Servers, retries: int, tls: bool | bytes) -> Any:
     """A channel from `grpc` or `grpc.aio` (the same two functions in each)."""
-    options = channel_options(retries)
+    target = channel_target(server)
+    options = channel_options(retries, target.balanced)
+    if target.authority:
+        options.append(("grpc.default_authority", target.authority))
     credentials = _credentials(tls)
     if credentials is None:
-        return module.insecure_channel(server, options)
-    return module.secure_channel(server, credentials, options)
+        return module.insecure_channel(target.address, options)
+    return module.secure_channel(target.address, credentials, options)
+
+
+@dataclass(frozen=True)
+class _Attempts:
+    """The attempts of one call: one request id and one deadline over all of them, and when to try again."""
+
+    metadata: tuple[tuple[str, str], ...]
+    deadline: float | None
+    retries: int  # further attempts allowed; 0 for a call that is not idempotent
+
+    def timeout(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def again(self, error: grpc.RpcError, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None: only UNAVAILABLE, within the retries and the deadline."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            return None
+        delay = min(0.1 * 2**attempt, 2.0)
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None
+        return delay
+
+    def served(self, metadata: Sequence[tuple[str, str | bytes]] | None, result: _Result) -> _Result:
+        values = dict(metadata or ())
+        served_by = values.get(SERVED_BY, "")
+        return dataclasses.replace(
+            result, served_by=served_by if isinstance(served_by, str) else "", request_id=self.metadata[-1][1]
+        )
+
+
+def _seeded(options: GenerationOptions) -> GenerationOptions:
+    """A generation with a seed is idempotent, so it may be repeated on another replica; draw one if none is given
+    (the server's range, [0, 2^63)); the result reports it either way."""
+    if options.get("seed") is None:
+        return {**options, "seed": secrets.randbelow(2**63)}
+    return options
 
 
 class _Calls:
-    """What every call carries: the default deadline, and the bearer token when there is one."""
+    """What every call carries: the default deadline, the bearer token when there is one, and a request id."""
 
-    def __init__(self, timeout: float | None, token: str | None) -> None:
+    def __init__(self, timeout: float | None, token: str | None, retries: int) -> None:
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.retries = retries
+        self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def _call_options(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "metadata": self._metadata}
+    def _attempts(self, idempotent: bool) -> _Attempts:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        metadata = (*self._auth, (REQUEST_ID, uuid.uuid4().hex))
+        return _Attempts(metadata, deadline, self.retries if idempotent else 0)
+
+
+def _generate_event(event: pb.GenerateEvent, attempts: _Attempts, metadata: Any) -> Event:
+    if event.HasField("progress"):
+        return Progress.from_proto(event.progress)
+    return attempts.served(metadata, GenerationResult.from_proto(event.result))
+
+
+def _understand_event(event: pb.UnderstandEvent, attempts: _Attempts, metadata: Any) -> str | UnderstandResult:
+    if event.HasField("delta"):
+        return str(event.delta)
+    return attempts.served(metadata, UnderstandResult.from_proto(event.result))
 
 
 def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
@@ -101,14 +227,14 @@ class OmniGen2Client(_Calls):
 
     def __init__(
         self,
-        server: str = DEFAULT_SERVER,
+        server: Servers = DEFAULT_SERVER,
         *,
         timeout: float | None = 600.0,
         retries: int = 4,
         token: str | None = None,
         tls: bool | bytes = False,
     ) -> None:
-        super().__init__(timeout, token)
+        super().__init__(timeout, token, retries)
         self._channel = _open_channel(grpc, server, retries, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
 
@@ -116,12 +242,20 @@ class OmniGen2Client(_Calls):
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
     ) -> GenerationResult:
         """Text-to-image, or with `images` any of the image tasks; returns when the images are done."""
-        request = build_request(prompt, list(images), options)
-        try:
-            response = self._stub.Generate(request, **self._call_options())
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return GenerationResult.from_proto(response)
+        request = build_request(prompt, list(images), _seeded(options))
+        attempts = self._attempts(idempotent=True)
+        for attempt in range(attempts.retries + 1):
+            try:
+                response, call = self._stub.Generate.with_call(
+                    request, timeout=attempts.timeout(), metadata=attempts.metadata
+                )
+                return attempts.served(call.initial_metadata(), GenerationResult.from_proto(response))
+            except grpc.RpcError as exc:
+                delay = attempts.again(exc, attempt)
+                if delay is None:
+                    raise from_rpc_error(exc) from None
+                time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def edit(self, image: ImageInput, instruction: str, **options: Unpack[GenerationOptions]) -> GenerationResult:
         """Edit one image by an instruction ("Make the sky stormy")."""
@@ -145,18 +279,28 @@ class OmniGen2Client(_Calls):
 
         Stopping the iteration early (break, close()) cancels the generation on the server.
         """
-        request = build_request(prompt, list(images), options, previews)
-        call = self._stub.GenerateStream(request, **self._call_options())
-        try:
-            for event in call:
-                if event.HasField("progress"):
-                    yield Progress.from_proto(event.progress)
-                else:
-                    yield GenerationResult.from_proto(event.result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()  # a no-op once the stream has ended
+        request = build_request(prompt, list(images), _seeded(options), previews)
+        yield from self._events(self._stub.GenerateStream, request, _generate_event)
+
+    def _events(self, method: Any, request: Any, convert: Callable[[Any, _Attempts, Any], Any]) -> Iterator[Any]:
+        """A stream's events; UNAVAILABLE before the first one is tried again (the caller has seen nothing yet)."""
+        attempts = self._attempts(idempotent=True)
+        for attempt in range(attempts.retries + 1):
+            call = method(request, timeout=attempts.timeout(), metadata=attempts.metadata)
+            started = False
+            try:
+                metadata = call.initial_metadata()  # blocks until the server answers or the call fails
+                for message in call:
+                    started = True
+                    yield convert(message, attempts, metadata)
+                return
+            except grpc.RpcError as exc:
+                delay = None if started else attempts.again(exc, attempt)
+                if delay is None:
+                    raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()  # a no-op once the stream has ended
+            time.sleep(delay)
 
     def understand_stream(
         self,
@@ -169,16 +313,8 @@ class OmniGen2Client(_Calls):
         `prompt` is a question about `images`, or a whole conversation (ChatTurn list, images inside).
         Stopping the iteration early cancels the generation on the server.
         """
-        call = self._stub.Understand(
-            build_understand_request(prompt, images, options), timeout=self.timeout, metadata=self._metadata
-        )
-        try:
-            for event in call:
-                yield event.delta if event.HasField("delta") else UnderstandResult.from_proto(event.result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        request = build_understand_request(prompt, images, options)
+        yield from self._events(self._stub.Understand, request, _understand_event)
 
     def understand(
         self,
@@ -191,13 +327,19 @@ class OmniGen2Client(_Calls):
 
     def info(self) -> pb.ModelInfo:
         """The served model: limits, defaults, schedulers, formats, backend and checkpoint hash."""
-        try:
-            info: pb.ModelInfo = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return info
+        attempts = self._attempts(idempotent=True)
+        for attempt in range(attempts.retries + 1):
+            try:
+                info: pb.ModelInfo = self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=attempts.timeout(), metadata=attempts.metadata
+                )
+                return info
+            except grpc.RpcError as exc:
+                delay = attempts.again(exc, attempt)
+                if delay is None:
+                    raise from_rpc_error(exc) from None
+                time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def close(self) -> None:
         self._channel.close()
@@ -214,26 +356,33 @@ class AsyncOmniGen2Client(_Calls):
 
     def __init__(
         self,
-        server: str = DEFAULT_SERVER,
+        server: Servers = DEFAULT_SERVER,
         *,
         timeout: float | None = 600.0,
         retries: int = 4,
         token: str | None = None,
         tls: bool | bytes = False,
     ) -> None:
-        super().__init__(timeout, token)
+        super().__init__(timeout, token, retries)
         self._channel = _open_channel(grpc.aio, server, retries, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
 
     async def generate(
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
     ) -> GenerationResult:
-        request = build_request(prompt, list(images), options)
-        try:
-            response = await self._stub.Generate(request, **self._call_options())
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return GenerationResult.from_proto(response)
+        request = build_request(prompt, list(images), _seeded(options))
+        attempts = self._attempts(idempotent=True)
+        for attempt in range(attempts.retries + 1):
+            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=attempts.metadata)
+            try:
+                response = await call
+                return attempts.served(await call.initial_metadata(), GenerationResult.from_proto(response))
+            except grpc.RpcError as exc:
+                delay = attempts.again(exc, attempt)
+                if delay is None:
+                    raise from_rpc_error(exc) from None
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def edit(self, image: ImageInput, instruction: str, **options: Unpack[GenerationOptions]) -> GenerationResult:
         return await self.generate(instruction, [image], **options)
@@ -251,18 +400,30 @@ class AsyncOmniGen2Client(_Calls):
         previews: bool = False,
         **options: Unpack[GenerationOptions],
     ) -> AsyncIterator[Event]:
-        request = build_request(prompt, list(images), options, previews)
-        call = self._stub.GenerateStream(request, **self._call_options())
-        try:
-            async for event in call:
-                if event.HasField("progress"):
-                    yield Progress.from_proto(event.progress)
-                else:
-                    yield GenerationResult.from_proto(event.result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        request = build_request(prompt, list(images), _seeded(options), previews)
+        async for event in self._events(self._stub.GenerateStream, request, _generate_event):
+            yield event
+
+    async def _events(
+        self, method: Any, request: Any, convert: Callable[[Any, _Attempts, Any], Any]
+    ) -> AsyncIterator[Any]:
+        attempts = self._attempts(idempotent=True)
+        for attempt in range(attempts.retries + 1):
+            call = method(request, timeout=attempts.timeout(), metadata=attempts.metadata)
+            started = False
+            try:
+                metadata = await call.initial_metadata()
+                async for message in call:
+                    started = True
+                    yield convert(message, attempts, metadata)
+                return
+            except grpc.RpcError as exc:
+                delay = None if started else attempts.again(exc, attempt)
+                if delay is None:
+                    raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def understand_stream(
         self,
@@ -270,16 +431,9 @@ class AsyncOmniGen2Client(_Calls):
         images: Sequence[ImageInput] = (),
         **options: Unpack[UnderstandOptions],
     ) -> AsyncIterator[str | UnderstandResult]:
-        call = self._stub.Understand(
-            build_understand_request(prompt, images, options), timeout=self.timeout, metadata=self._metadata
-        )
-        try:
-            async for event in call:
-                yield event.delta if event.HasField("delta") else UnderstandResult.from_proto(event.result)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        request = build_understand_request(prompt, images, options)
+        async for item in self._events(self._stub.Understand, request, _understand_event):
+            yield item
 
     async def understand(
         self,
@@ -295,13 +449,19 @@ class AsyncOmniGen2Client(_Calls):
         return result
 
     async def info(self) -> pb.ModelInfo:
-        try:
-            info: pb.ModelInfo = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return info
+        attempts = self._attempts(idempotent=True)
+        for attempt in range(attempts.retries + 1):
+            try:
+                info: pb.ModelInfo = await self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=attempts.timeout(), metadata=attempts.metadata
+                )
+                return info
+            except grpc.RpcError as exc:
+                delay = attempts.again(exc, attempt)
+                if delay is None:
+                    raise from_rpc_error(exc) from None
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def close(self) -> None:
         await self._channel.close()

@@ -104,6 +104,8 @@ class GenerationResult:
     encoded: list[bytes] = field(default_factory=list, repr=False)  # the images as the server encoded them
     truncated_prompt_tokens: int = 0  # tokens cut from the prompt at max_sequence_length
     truncated_negative_prompt_tokens: int = 0
+    served_by: str = ""  # the replica that served the call (its x-served-by; with several, which one it was)
+    request_id: str = ""  # the call's x-request-id, as the server logs it
 
     @classmethod
     def from_proto(cls, response: pb.GenerateResponse) -> GenerationResult:
@@ -202,6 +204,8 @@ class UnderstandResult:
     seed: int
     token_ids: list[int]
     seconds: float
+    served_by: str = ""  # the replica that served the call
+    request_id: str = ""  # the call's x-request-id, as the server logs it
 
     @classmethod
     def from_proto(cls, result: pb.UnderstandResult) -> UnderstandResult:

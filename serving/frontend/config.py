@@ -24,6 +24,9 @@ class FrontendConfig:
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
     shutdown_grace_s: float = 30.0  # in-flight calls get this long to finish on SIGTERM
+    # The name this replica answers with in every call's initial metadata (x-served-by), so a client that balances
+    # over several replicas knows which one served a call; "" = <hostname>:<port> (a pod's hostname is its name).
+    server_id: str = ""
     tls_cert: str = ""  # PEM certificate chain; with tls_key the API port speaks TLS only
     tls_key: str = ""  # PEM private key
     auth_tokens: str = ""  # JSON file of token digests, scopes and rate limits (serving/frontend/auth.py); "" = open

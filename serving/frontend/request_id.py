@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Iterable
 
 HEADER = "x-request-id"
+# The replica that served the call, in the same initial metadata (FrontendConfig.server_id).
+SERVED_BY = "x-served-by"
 # Logs and Triton see this text: take the caller's only when it is a plain token of a sane length.
 _PLAIN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -50,8 +51,8 @@ class Frontend:
                 ("grpc.max_send_message_length", config.max_response_bytes),
             ],
         )
-        service = OmniGen2Service(config, self.backend, self.metrics, self.tokens)
-        pb_grpc.add_OmniGen2Servicer_to_server(service, self.server)
+        self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens)
+        pb_grpc.add_OmniGen2Servicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
         self.port = 0
@@ -71,6 +72,7 @@ class Frontend:
             self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.listen}")
+        self.service.server_id = config.server_id or f"{socket.gethostname()}:{self.port}"
         if not config.listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
             if not config.tls_cert:
                 log.warning("the API listens on %s without TLS: set --tls-cert and --tls-key", config.listen)

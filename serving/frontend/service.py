@@ -63,6 +63,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         # Header checks and encoding run here, never on the event loop and never more at once than this.
         self.workers = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="frontend-worker")
         self._model_parameters: dict[str, str] | None = None
+        self.server_id = config.server_id  # the front end names it once it has bound its port
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._call("Generate", context, request):
@@ -134,7 +135,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         token = request_id.begin(call_id)
         code = grpc.StatusCode.OK
         try:
-            await context.send_initial_metadata(((request_id.HEADER, call_id),))
+            await context.send_initial_metadata(((request_id.HEADER, call_id), (request_id.SERVED_BY, self.server_id)))
             if isinstance(request, Malformed):
                 raise invalid_argument([("request", f"not a valid {method} request: {request.reason}")])
             yield

@@ -1,0 +1,109 @@
+"""Client-side load balancing in the SDK against real gRPC servers on loopback: gRPC's round_robin spreads calls over
+the endpoints, client-side health checking skips a replica that says NOT_SERVING, and an idempotent call that meets
+UNAVAILABLE is tried again on another replica, with the same request id."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from omnigen2 import OmniGen2Client, UnavailableError
+from omnigen2.client import SERVICE, channel_target
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+
+class Replica(pb_grpc.OmniGen2Servicer):
+    """Answers Generate with an empty result and names itself as the front end does (x-served-by)."""
+
+    def __init__(self, name: str, unavailable: bool = False) -> None:
+        self.name = name
+        self.unavailable = unavailable
+        self.request_ids: list[str] = []
+        self.health = health.HealthServicer()
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.server = grpc.server(ThreadPoolExecutor(4))
+        pb_grpc.add_OmniGen2Servicer_to_server(self, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:  # noqa: N802
+        self.request_ids.append(dict(context.invocation_metadata())["x-request-id"])
+        context.send_initial_metadata((("x-served-by", self.name),))  # then fail: as a replica whose Triton died
+        if self.unavailable:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Triton is not ready")
+        return pb.GenerateResponse(seed=request.seed)
+
+
+@pytest.fixture
+def replicas() -> Iterator[tuple[Replica, Replica]]:
+    pair = Replica("a"), Replica("b")
+    yield pair
+    for replica in pair:
+        replica.server.stop(0)
+
+
+def test_targets() -> None:
+    assert channel_target("127.0.0.1:1").balanced is False
+    assert channel_target("dns:///omnigen2-headless:50051").balanced is True
+    listed = channel_target(["127.0.0.1:1", "localhost:2"])
+    assert (listed.address, listed.balanced, listed.authority) == ("ipv4:127.0.0.1:1,127.0.0.1:2", True, "127.0.0.1:1")
+    assert channel_target("[::1]:1,[::1]:2").address == "ipv6:[::1]:1,[::1]:2"
+    with pytest.raises(ValueError, match="do not mix"):
+        channel_target(["127.0.0.1:1", "[::1]:2"])
+    with pytest.raises(ValueError, match="host:port"):
+        channel_target("127.0.0.1:1,nowhere")
+
+
+def test_round_robin_spreads_calls_and_names_the_replica(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    with OmniGen2Client([a.address, b.address], timeout=10) as client:
+        served = Counter(client.generate("x", seed=i).served_by for i in range(20))
+    assert set(served) == {"a", "b"} and min(served.values()) >= 8  # the first calls go to the first one ready
+
+
+def test_not_serving_replica_gets_no_calls(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    a.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    with OmniGen2Client(f"{a.address},{b.address}", timeout=10) as client:
+        assert {client.generate("x", seed=i).served_by for i in range(10)} == {"b"}
+        a.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        time.sleep(0.5)  # the health watch stream tells the channel
+        assert {client.generate("x", seed=i).served_by for i in range(10)} == {"a", "b"}
+
+
+def test_unavailable_is_tried_again_on_the_other_replica(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    a.unavailable = True  # still SERVING by health: only the call's status says otherwise
+    with OmniGen2Client([a.address, b.address], timeout=10) as client:
+        results = [client.generate("x", seed=i) for i in range(10)]
+    assert {r.served_by for r in results} == {"b"}
+    assert [r.seed for r in results] == list(range(10))
+    assert len(b.request_ids) == 10 and set(a.request_ids) <= set(b.request_ids)  # a repeat keeps its request id
+    assert {r.request_id for r in results} == set(b.request_ids)
+
+
+def test_a_generation_without_seed_gets_one_and_stays_idempotent(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    a.unavailable = True
+    with OmniGen2Client([a.address, b.address], timeout=10) as client:
+        seeds = {client.generate("x").seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_no_replica_left_is_unavailable(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    a.unavailable = b.unavailable = True
+    with OmniGen2Client([a.address, b.address], timeout=10, retries=2) as client, pytest.raises(UnavailableError):
+        client.generate("x", seed=1)
+    assert len(a.request_ids) + len(b.request_ids) == 3
