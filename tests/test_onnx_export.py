@@ -109,7 +109,9 @@ def test_golden_pipeline_through_onnx_runtime(exported: Path, cases: dict[str, A
     assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= 2e-3
 
 
-@pytest.mark.parametrize("name", ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated"])
+@pytest.mark.parametrize(
+    "name", ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated", "f_teacache_t2i", "f_taylorseer_edit"]
+)
 def test_golden_feature_case_through_onnx_runtime(
     exported: Path, cases: dict[str, Any], golden: Path, name: str
 ) -> None:

@@ -48,7 +48,7 @@ def test_parity_check_detects_a_different_schedule(
 
 FEATURE_LATENT_TOLERANCE = 1e-5
 FEATURE_IMAGE_TOLERANCE = 1e-4
-FEATURE_CASES = ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated"]
+FEATURE_CASES = ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated", "f_teacache_t2i", "f_taylorseer_edit"]
 
 
 def _feature_case(cases: dict[str, Any], name: str) -> dict[str, Any]:

@@ -35,9 +35,20 @@ from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, tex
 from serving.model.contract import graph_contracts
 from serving.model.devices import DEVICES, TORCH_DTYPES, check_dtype, resolve_device
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
+from serving.pipeline.step_cache import CONTROL_WIDTH
 from serving.runtime.onnx_backend import MANIFEST
+from serving.runtime.onnx_stages import TRANSFORMER_STAGES
+from serving.safety.settings import SafetySettings, nudenet_graph
 from serving.triton.bls_settings import BlsSettings
-from serving.triton.model_names import BLS_MODEL, COMPONENT_MODELS, MLLM_MODEL, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from serving.triton.model_names import (
+    BLS_MODEL,
+    COMPONENT_MODELS,
+    MLLM_MODEL,
+    SAFETY_CLASSIFIER,
+    TRANSFORMER,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 
 log = logging.getLogger("export.repository")
 REPOSITORY_MANIFEST = "repository.json"
@@ -52,6 +63,7 @@ ONNX_MODEL_SHIM = SHIM.format(module="serving.triton.onnx_model")
 TORCH_MODEL_SHIM = SHIM.format(module="serving.triton.torch_model")
 BLS_MODEL_SHIM = SHIM.format(module="serving.triton.bls")
 MLLM_MODEL_SHIM = SHIM.format(module="serving.triton.mllm")
+SAFETY_MODEL_SHIM = SHIM.format(module="serving.triton.safety_model")
 DTYPES = {
     "float32": mc.TYPE_FP32,
     "float16": mc.TYPE_FP16,
@@ -75,6 +87,9 @@ COMPONENTS: dict[str, ComponentSettings] = {
     TRANSFORMER: ComponentSettings(max_batch_size=64),
     VAE_DECODER: ComponentSettings(max_batch_size=16),
 }
+# The output-image classifier: images of many requests in one call (it is small: 12 MB, 320 x 320 inputs).
+SAFETY = ComponentSettings(max_batch_size=32)
+MAX_DETECTIONS = 32  # detection rows per image in the classifier's output
 
 
 # The component models of a served stack. Prompts are encoded by the `mllm` model, on the Qwen2.5-VL it also
@@ -120,6 +135,9 @@ def component_config(
             config.parameters["onnx_file"].string_value = contract["file"]
         else:
             config.parameters["precision"].string_value = precision
+        if name == TRANSFORMER:  # per-sample step-cache controls (serving/pipeline/step_cache.py)
+            config.input.add(name="cache_control", data_type=mc.TYPE_INT64, dims=[CONTROL_WIDTH])
+            config.input.add(name="cache_threshold", data_type=mc.TYPE_FP64, dims=[1])
     else:
         config.platform = "tensorrt_plan"
         config.default_model_filename = "model.plan"
@@ -192,6 +210,24 @@ def mllm_config(on_gpu: bool, precision: str, text_dim: int) -> Any:
     return config
 
 
+def safety_config(safety: SafetySettings, settings: ComponentSettings = SAFETY) -> Any:
+    """The `safety_classifier` component (serving/triton/safety_model.py), on the CPU under ONNX Runtime whatever
+    runs the other components: its tensor contract is in docs/tensor_contract.md."""
+    config = mc.ModelConfig(name=SAFETY_CLASSIFIER, backend="python", max_batch_size=settings.max_batch_size)
+    config.input.add(name="image", data_type=mc.TYPE_UINT8, dims=[safety.side, safety.side, 3])
+    config.input.add(name="image_size", data_type=mc.TYPE_INT32, dims=[2])
+    config.output.add(name="class_scores", data_type=mc.TYPE_FP32, dims=[len(safety.labels)])
+    config.output.add(name="detections", data_type=mc.TYPE_FP32, dims=[MAX_DETECTIONS, 6])
+    config.dynamic_batching.max_queue_delay_microseconds = settings.queue_delay_us
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instances)
+    config.parameters["intra_op_threads"].string_value = str(settings.intra_op_threads)
+    config.parameters["cpu_lane"].string_value = "1"
+    config.parameters["onnx_file"].string_value = nudenet_graph().name
+    config.parameters["max_detections"].string_value = str(MAX_DETECTIONS)
+    config.parameters["labels"].string_value = json.dumps(list(safety.labels))
+    return config
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """Weights are large: hard-link them where the filesystem allows, copy otherwise."""
     target.mkdir(parents=True, exist_ok=True)
@@ -204,12 +240,12 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 # Bump when the generated configs change shape, so existing repositories are rebuilt rather than reused.
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8  # 8: the transformer's step-cache inputs and stage graphs
 
 
 def repository_key(checkpoint_sha256: str, backend: str, extra: dict[str, Any]) -> str:
     settings = {name: asdict(s) for name, s in COMPONENTS.items()}
-    shims = [ONNX_MODEL_SHIM, TORCH_MODEL_SHIM, BLS_MODEL_SHIM, MLLM_MODEL_SHIM]
+    shims = [ONNX_MODEL_SHIM, TORCH_MODEL_SHIM, BLS_MODEL_SHIM, MLLM_MODEL_SHIM, SAFETY_MODEL_SHIM]
     material = json.dumps([LAYOUT_VERSION, checkpoint_sha256, backend, settings, extra, shims], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()
 
@@ -241,9 +277,11 @@ def prepare_repository(
     bls: BlsSettings | None = None,
     device: str = "cpu",
     limits: Limits = DEFAULT_LIMITS,
+    safety: SafetySettings | None = None,
 ) -> Path:
     """`bls` overrides the BLS settings the backend gets by default (`bls_settings`); `device` places the `pytorch`
-    components and the `mllm` model (`auto`: CUDA when present)."""
+    components and the `mllm` model (`auto`: CUDA when present); `safety` adds the output-image classifier (off
+    when None)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if precision in NOT_IMPLEMENTED:
@@ -257,9 +295,13 @@ def prepare_repository(
     source_hash = checkpoint_hash(checkpoint)
     served_by = served_name(backend, precision)
     bls = bls or bls_settings(backend, precision)
+    if backend in ("onnxruntime", "pytorch"):  # the Python transformer components keep step-cache state
+        bls = replace(bls, step_cache_value_bytes=2 if backend == "pytorch" and precision == "bf16" else 4)
     extra = {"bls": asdict(bls), "device": where.type, "limits": asdict(limits)} | (
         {"precision": precision} if backend in PRECISIONS else {}
     )
+    if safety is not None:
+        extra["safety"] = asdict(safety) | {"graph": hashlib.sha256(nudenet_graph().read_bytes()).hexdigest()}
     key = repository_key(source_hash, backend, extra)
     manifest_path = out / REPOSITORY_MANIFEST
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
@@ -291,7 +333,10 @@ def prepare_repository(
         for name in SERVED_GRAPHS:
             contract = contracts[name]
             version_dir = _fresh_version(out, name, shim)
-            if backend == "onnxruntime":
+            if backend == "onnxruntime" and name == TRANSFORMER:  # served in stages (step caching)
+                for stage in TRANSFORMER_STAGES:
+                    _copy_graph(onnx_dir, str(contracts[stage]["file"]), version_dir)
+            elif backend == "onnxruntime":
                 _copy_graph(onnx_dir, str(contract["file"]), version_dir)
             elif backend == "pytorch":
                 link_or_copy(checkpoint / GRAPH_PARTS[name], version_dir / GRAPH_PARTS[name])
@@ -304,6 +349,11 @@ def prepare_repository(
         bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
         copy_processor(checkpoint / "processor", bls_dir / "processor")
         config = bls_config(spec, source_hash, served_by, bls, limits)
+        if safety is not None:  # the BLS classifies every finished image (and preview) against these thresholds
+            config.parameters["safety"].string_value = safety.to_json()
+            safety_dir = _fresh_version(out, SAFETY_CLASSIFIER, SAFETY_MODEL_SHIM)
+            shutil.copyfile(nudenet_graph(), safety_dir / nudenet_graph().name)
+            (out / SAFETY_CLASSIFIER / "config.pbtxt").write_text(text_format.MessageToString(safety_config(safety)))
         (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
 
         mllm_dir = _fresh_version(out, MLLM_MODEL, MLLM_MODEL_SHIM)
@@ -331,6 +381,25 @@ def add_bls_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--safety",
+        action="store_true",
+        default=os.environ.get("OMNIGEN2_SAFETY", "") not in ("", "0"),
+        help="classify every output image and withhold those over the thresholds (needs pip install '.[safety]', "
+        "AGPL-3.0; env OMNIGEN2_SAFETY=1)",
+    )
+    parser.add_argument(
+        "--safety-thresholds",
+        default=os.environ.get("OMNIGEN2_SAFETY_THRESHOLDS", ""),
+        help="class thresholds to change, JSON (e.g. '{\"BELLY_EXPOSED\": 0.8}'); env OMNIGEN2_SAFETY_THRESHOLDS",
+    )
+
+
+def safety_from_args(args: argparse.Namespace) -> SafetySettings | None:
+    return SafetySettings.with_overrides(args.safety_thresholds) if args.safety else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint in the official layout")
@@ -344,11 +413,19 @@ def main(argv: list[str] | None = None) -> None:
         "--device", choices=DEVICES, default="cpu", help="pytorch components and mllm (auto: CUDA if any)"
     )
     add_bls_arguments(parser)
+    add_safety_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bls = bls_settings(args.backend, args.precision, args.max_call_tokens)
     prepare_repository(
-        args.checkpoint, args.out, args.backend, args.onnx_cache, precision=args.precision, bls=bls, device=args.device
+        args.checkpoint,
+        args.out,
+        args.backend,
+        args.onnx_cache,
+        precision=args.precision,
+        bls=bls,
+        device=args.device,
+        safety=safety_from_args(args),
     )
     print(f"Triton model repository in {args.out}")
 

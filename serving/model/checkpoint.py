@@ -90,6 +90,7 @@ def read_spec(checkpoint: Path) -> ModelSpec:
         vae_scale=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
         dynamic_time_shift=bool(scheduler.get("dynamic_time_shift", True)),
         text_positions=transformer.axes_lens[0],
+        hidden_size=transformer.hidden_size,
     )
 
 

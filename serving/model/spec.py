@@ -21,6 +21,7 @@ class ModelSpec:
     vae_scale: int = 8  # pixels per latent cell
     dynamic_time_shift: bool = True  # scheduler/scheduler_config.json: shift the grid by resolution
     text_positions: int = 1024  # axes_lens[0]: the most text tokens a prompt may keep (the full model's 1024)
+    hidden_size: int = 2520  # the transformer's width: sizes the step-cache state of a request
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> the VAE's own latent space (what its decoder takes)."""

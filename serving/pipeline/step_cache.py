@@ -334,10 +334,10 @@ def _teacache_skips(
     return skip
 
 
-def state_bytes(mode: Mode, branches: int, images: int, joint_tokens: int, image_tokens: int, hidden: int) -> int:
-    """Bytes of cache state a request holds at its peak, per element of the compute dtype (multiply by 2 for
-    bf16, 4 for float32): TeaCache keeps the modulated input and the image residual per branch image,
-    TaylorSeer up to 5 derivatives of the image tokens."""
+def state_values(mode: Mode, branches: int, images: int, joint_tokens: int, image_tokens: int, hidden: int) -> int:
+    """Values of cache state a request holds at its peak (times the compute dtype's size for bytes): TeaCache keeps
+    the modulated input and the image residual per branch image, TaylorSeer up to 5 derivatives of the image
+    tokens (the reference keeps them for every layer at every token: about num_layers times more)."""
     if mode == Mode.TEACACHE:
         return branches * images * (joint_tokens + image_tokens) * hidden
     if mode == Mode.TAYLORSEER:
@@ -345,7 +345,19 @@ def state_bytes(mode: Mode, branches: int, images: int, joint_tokens: int, image
     return 0
 
 
-def run_served(stages: Stages, feed: Mapping[str, Any], store: CacheStore) -> tuple[Any, CallStats]:
-    """A served transformer call: the packed inputs plus the per-sample cache controls (CACHE_INPUTS)."""
-    controls = decode_controls(np.asarray(feed["cache_control"]), np.asarray(feed["cache_threshold"]))
-    return cached_transformer(stages, feed, controls, store)
+class CacheBudget:
+    """The state bytes of the requests in flight, held against a bound: a request that would pass it runs
+    uncached (and its response says so) rather than risk the transformer's memory."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.reserved = 0
+
+    def reserve(self, nbytes: int) -> bool:
+        if self.reserved + nbytes > self.limit_bytes:
+            return False
+        self.reserved += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.reserved -= nbytes

@@ -23,6 +23,17 @@ def run_graph(graph: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
     return output.float().cpu().contiguous()
 
 
+@torch.no_grad()
+def transformer_call(
+    stages: TorchStages, inputs: Mapping[str, torch.Tensor], controls: Sequence[Control], store: CacheStore
+) -> tuple[torch.Tensor, CallStats]:
+    """A transformer call with step caching; one without any runs the whole graph in one go."""
+    if all(c.mode == Mode.NONE for c in controls):
+        return run_graph(stages.model, **inputs), CallStats(len(controls), len(controls))
+    velocity, stats = cached_transformer(stages, inputs, controls, store)
+    return velocity, stats
+
+
 class TorchBackend:
     """The graphs in the dtype `modules` were loaded in: float32, or bf16 like the `pytorch-bf16` components."""
 
@@ -50,14 +61,10 @@ class TorchBackend:
     def transformer(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return run_graph(self.transformer_graph, **inputs)
 
-    @torch.no_grad()
     def transformer_cached(
         self, inputs: Mapping[str, torch.Tensor], controls: Sequence[Control]
     ) -> tuple[torch.Tensor, CallStats]:
-        if all(c.mode == Mode.NONE for c in controls):  # the whole graph in one go
-            return self.transformer(inputs), CallStats(len(controls), len(controls))
-        velocity, stats = cached_transformer(self.stages, inputs, controls, self.step_cache)
-        return velocity, stats
+        return transformer_call(self.stages, inputs, controls, self.step_cache)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return run_graph(self.vae_decoder, latents=latents)

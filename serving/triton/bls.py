@@ -10,6 +10,10 @@ Wire format (all requests and responses of model `omnigen2`):
            preview  UINT8 [n, H, W, 3]  with a progress event when a preview is due, at the output size
            images   UINT8 [n, H, W, 3]  final response: 8-bit RGB images (the front end encodes them)
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
+With the safety stage on (a `safety` parameter: serving/safety/settings.py), every finished image, and every
+preview, is classified by the `safety_classifier` model; the result event then carries "withheld": [{"index",
+"findings": [{"label", "score", "threshold"}]}], a withheld image's pixels and latents are zeros, and once a
+preview is withheld its progress events say "preview_withheld": true and carry no preview for the rest of the run.
 Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
 INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
 Each failure is written to Triton's log with Triton's request id, which the front end sets to the id of the call
@@ -26,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,24 +48,30 @@ import triton_python_backend_utils as pb_utils
 from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for, sample_shape
 from serving.pipeline.grouping import CallCost, padded_tokens, plan_calls
+from serving.pipeline.guidance import Branch
 from serving.pipeline.image_tensors import postprocess, preprocess_image
 from serving.pipeline.images import decode_image, to_uint8
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
-from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits, request_from_params
+from serving.pipeline.request import DEFAULT_LIMITS, CacheKind, GenerationRequest, Limits, request_from_params
+from serving.pipeline.step_cache import MODE_OF_KIND, CacheBudget, Control, Mode, encode_controls, state_values
 from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.tiling import decode_tiled
 from serving.pipeline.timing import Stopwatch
+from serving.safety.letterbox import letterbox
+from serving.safety.settings import Finding, SafetySettings
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.log import route_to_triton
 from serving.triton.memory import IdleTrimmer
 from serving.triton.model_config import model_config, parameters
-from serving.triton.model_names import MLLM_MODEL, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from serving.triton.model_names import BLS_MODEL, MLLM_MODEL, SAFETY_CLASSIFIER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
+from serving.triton.stops import Stops
 from serving.triton.tensors import from_triton, to_triton
 
 TEXT_CACHE_SIZE = 256
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -101,7 +114,7 @@ async def call_component(model: str, inputs: dict[str, np.ndarray], output: str,
 
 
 def _stop_if_cancelled(request: Any) -> None:
-    """Checked before each stage and step, so work the caller left stops within one."""
+    """Checked before each stage and step, so work the caller left (or the front end stopped) stops within one."""
     if request.is_cancelled():
         raise CancelledByCallerError
 
@@ -113,6 +126,12 @@ def _reference_pixels(blob: bytes, field: str, generation: GenerationRequest, li
 
 def _output_images(decoded: np.ndarray, height: int, width: int) -> np.ndarray:
     return to_uint8(postprocess(torch.from_numpy(decoded), height, width))
+
+
+def _classifier_inputs(images: np.ndarray, side: int) -> dict[str, np.ndarray]:
+    """uint8 NHWC images -> the safety classifier's inputs (docs/tensor_contract.md)."""
+    sizes = np.array([images.shape[1:3]] * len(images), dtype=np.int32)
+    return {"image": np.stack([letterbox(image, side) for image in images]), "image_size": sizes}
 
 
 class TritonPythonModel:
@@ -136,7 +155,13 @@ class TritonPythonModel:
         self.decode_turns = asyncio.Semaphore(settings.image_workers)
         self.vae_tile = settings.vae_tile
         self.vae_tile_overlap = settings.vae_tile_overlap
+        # Step caching: the transformer component keeps each request's state under its key (step_cache.py).
+        self.cache_value_bytes = settings.step_cache_value_bytes
+        self.cache_budget = CacheBudget(settings.max_step_cache_mib * 2**20)
+        self.cache_keys = itertools.count(1)
+        self.safety = SafetySettings.from_json(params["safety"]) if "safety" in params else None
         self.trimmer = IdleTrimmer()
+        self.stops = Stops(BLS_MODEL)
         torch.set_num_threads(1)  # the BLS only packs and steps; the components do the heavy work
 
     async def execute(self, requests: list[Any]) -> None:
@@ -144,12 +169,15 @@ class TritonPythonModel:
         return None
 
     async def _serve(self, request: Any) -> None:
+        if self.stops.answer(request):  # the front end asks another request of this stream to stop
+            return
         sender = request.get_response_sender()
-        try:
-            with self.trimmer:
-                response = await self._generate(request, sender)
-        except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
-            response = error_response(exc, request)
+        with self.stops.running(request) as request:  # its work ends before its final response is sent
+            try:
+                with self.trimmer:
+                    response = await self._generate(request, sender)
+            except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
+                response = error_response(exc, request)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _parse(self, request: Any) -> tuple[GenerationRequest, int, list[bytes]]:
@@ -172,6 +200,16 @@ class TritonPythonModel:
 
         tiled = await decode_tiled(latents, decode, self.vae_tile, self.vae_tile_overlap, self.spec.vae_scale)
         return tiled.numpy()
+
+    async def _withheld(self, images: np.ndarray) -> dict[int, list[Finding]]:
+        """The images (by index) the safety classifier finds over the operator's thresholds, and why; one call for
+        all of them, which the classifier's dynamic batcher merges with other requests' images."""
+        if self.safety is None:
+            return {}
+        inputs = await self._off_loop(_classifier_inputs, images, self.safety.side)
+        scores = await call_component(SAFETY_CLASSIFIER, inputs, "class_scores")
+        found = {i: self.safety.findings(row) for i, row in enumerate(scores.tolist())}
+        return {i: findings for i, findings in found.items() if findings}
 
     async def _decode(self, request: Any, blob: bytes, field: str, generation: GenerationRequest) -> torch.Tensor:
         """One input image, decoded and resized on the pool; not at all if the caller left while it waited."""
@@ -199,27 +237,45 @@ class TritonPythonModel:
         watch.lap("vae_encode")
 
         gen_size, (out_h, out_w) = plan_sizes(generation, ref_latents, spec)
-        denoiser = Denoiser(generation, texts, ref_latents, gen_size, spec)
+        cache, cache_note, cache_bytes = self._plan_cache(generation, texts, ref_latents, gen_size)
+        denoiser = Denoiser(generation, texts, ref_latents, gen_size, spec, next(self.cache_keys), cache)
         self.batcher.register()
+        preview_withheld = False  # once a preview is withheld, no later one of this request is shown
         try:
             while not denoiser.done:
                 _stop_if_cancelled(request)
                 denoiser.advance(await self.batcher.submit(denoiser.samples()))
-                outputs = [event({"type": "progress", "step": denoiser.step, "total": generation.steps})]
+                progress = {"type": "progress", "step": denoiser.step, "total": generation.steps}
+                outputs: list[Any] = []
                 if preview and (denoiser.step % preview == 0 or denoiser.done):
                     decoded = await self._vae_decode(denoiser.x0)
                     # At the output size, as the final image will be (not the generation size).
                     preview_image = await self._off_loop(_output_images, decoded, out_h, out_w)
-                    outputs.append(to_triton("preview", preview_image))
+                    preview_withheld = preview_withheld or bool(await self._withheld(preview_image))
+                    if preview_withheld:
+                        progress["preview_withheld"] = True
+                    else:
+                        outputs.append(to_triton("preview", preview_image))
+                outputs.insert(0, event(progress))
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         finally:
             self.batcher.unregister()
+            if cache_bytes:
+                await self._release_cache(denoiser.cache_key, texts["prompt"].shape[1])
+                self.cache_budget.release(cache_bytes)
         watch.lap("denoise")
 
         _stop_if_cancelled(request)
         decoded = await self._vae_decode(denoiser.latents)
         images = await self._off_loop(_output_images, decoded, out_h, out_w)
         watch.lap("vae_decode")
+        latents = spec.unscale(denoiser.latents)
+        withheld = await self._withheld(images)
+        for index in withheld:  # nothing of a withheld image leaves the BLS
+            images[index] = 0
+            latents[index] = 0
+        if self.safety is not None:
+            watch.lap("safety")
         result = {
             "type": "result",
             "seed": generation.seed,
@@ -228,12 +284,15 @@ class TritonPythonModel:
             "timings": watch.timings,
             "truncated_prompt_tokens": prompts["prompt"].truncated,
             "truncated_negative_prompt_tokens": prompts["negative"].truncated if "negative" in prompts else 0,
+            "cache": cache,
+            "cache_note": cache_note,
+            "withheld": [{"index": i, "findings": [asdict(f) for f in found]} for i, found in withheld.items()],
         }
         return pb_utils.InferenceResponse(
             output_tensors=[
                 event(result),
                 to_triton("images", images),
-                to_triton("latents", spec.unscale(denoiser.latents)),
+                to_triton("latents", latents),
             ]
         )
 
@@ -260,9 +319,55 @@ class TritonPythonModel:
             velocities.update(zip(call, out, strict=True))
         return [velocities[i] for i in range(len(samples))]
 
+    def _plan_cache(
+        self,
+        generation: GenerationRequest,
+        texts: dict[str, torch.Tensor],
+        ref_latents: list[torch.Tensor],
+        gen_size: tuple[int, int],
+    ) -> tuple[str, str, int]:
+        """(the step caching this request gets, why not the one it asked for, state bytes reserved for it)."""
+        mode = MODE_OF_KIND[CacheKind(generation.cache)]
+        if mode == Mode.NONE:
+            return CacheKind.NONE.value, "", 0
+        if not self.cache_value_bytes:
+            return CacheKind.NONE.value, "this server's transformer keeps no step-cache state (TensorRT engines)", 0
+        cell = self.spec.vae_scale * self.spec.patch_size
+        image = (gen_size[0] // cell) * (gen_size[1] // cell)
+        refs = sum(r.shape[1] * r.shape[2] for r in ref_latents) // self.spec.patch_size**2
+        text = max(t.shape[0] for t in texts.values())
+        has_refs = bool(ref_latents) and generation.image_guidance_scale > 1.0
+        branches = 1 + (generation.text_guidance_scale > 1.0) * (1 + has_refs)
+        values = state_values(
+            mode, branches, generation.num_images_per_prompt, text + refs + image, image, self.spec.hidden_size
+        )
+        nbytes = values * self.cache_value_bytes
+        if not self.cache_budget.reserve(nbytes):
+            limit = self.cache_budget.limit_bytes // 2**20
+            return (
+                CacheKind.NONE.value,
+                f"ran uncached: its {nbytes / 2**20:.0f} MiB of cache state would pass the server's {limit} MiB",
+                0,
+            )
+        return generation.cache, "", nbytes
+
+    async def _release_cache(self, key: int, text_dim: int) -> None:
+        """Drops a request's state in the transformer, however the request ended: one RELEASE row, tiny shapes."""
+        p = self.spec.patch_size
+        latent = torch.zeros(self.spec.latent_channels, p, p)
+        row = Sample(
+            Branch.COND, latent, torch.tensor(0.0), torch.zeros(1, text_dim), (), Control(key, mode=Mode.RELEASE)
+        )
+        try:
+            await self._transformer_call([row])
+        except Exception:  # the transformer's idle eviction is the safety net
+            log.warning("releasing the step-cache state of key %d failed", key, exc_info=True)
+
     async def _transformer_call(self, samples: list[Sample]) -> list[torch.Tensor]:
         packed = pack_samples(samples, self.spec, self.text_multiple)
         inputs = {name: tensor.numpy() for name, tensor in packed.as_inputs().items()}
         inputs["timestep"] = inputs["timestep"][:, None]  # Triton's [batch, 1] for a per-sample scalar
+        if self.cache_value_bytes:  # a transformer that keeps step-cache state takes each row's control
+            inputs["cache_control"], inputs["cache_threshold"] = encode_controls([s.cache for s in samples])
         velocity = await call_component(TRANSFORMER, inputs, "velocity")
         return unpack_output(torch.from_numpy(velocity), packed.latent_sizes, self.spec.patch_size)

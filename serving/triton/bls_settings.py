@@ -16,6 +16,10 @@ class BlsSettings:
     image_workers: int = 2  # input images decoded / outputs resized at once, off the event loop
     vae_tile: int = 128  # latent cells per side of a VAE-decoder tile (1024 px); larger outputs decode in tiles
     vae_tile_overlap: int = 16  # latent cells shared by neighbouring tiles, blended (serving/pipeline/tiling.py)
+    # Step caching: bytes per cached value in the transformer component (4 float32, 2 bf16), 0 where the component
+    # keeps no state (TensorRT engines): cache requests then run uncached, and the response says so.
+    step_cache_value_bytes: int = 0
+    max_step_cache_mib: int = 2048  # cache state of all requests in flight; past it a request runs uncached
 
     def to_parameters(self) -> dict[str, str]:
         """As Triton model-config parameters (strings); `instances` is the instance group, not a parameter."""

@@ -11,16 +11,30 @@ from typing import Any
 
 import numpy as np
 
+from serving.pipeline.step_cache import CACHE_INPUTS, CacheStore, cached_transformer, decode_controls
+from serving.runtime.onnx_stages import TRANSFORMER_STAGES, OnnxStages
 from serving.runtime.ort_session import cpu_session
 from serving.triton.component_model import ComponentModel
+from serving.triton.model_names import TRANSFORMER
 
 
 class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        path = self.version_dir / self.params["onnx_file"]
-        self.session = cpu_session(path, int(self.params.get("intra_op_threads", "0")))
+        threads = int(self.params.get("intra_op_threads", "0"))
+        # The transformer runs in stages and keeps the step-cache state of the requests in flight (step_cache.py).
+        self.stages: OnnxStages | None = None
+        self.step_cache = CacheStore()
+        if args["model_name"] == TRANSFORMER:
+            files = {name: self.version_dir / f"{name}.onnx" for name in TRANSFORMER_STAGES}
+            self.stages = OnnxStages({name: cpu_session(path, threads) for name, path in files.items()})
+        else:
+            self.session = cpu_session(self.version_dir / self.params["onnx_file"], threads)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.stages is not None:
+            controls = decode_controls(*(feed.pop(name) for name in CACHE_INPUTS))
+            velocity, _ = cached_transformer(self.stages, feed, controls, self.step_cache)
+            return [velocity]
         outputs: list[np.ndarray] = self.session.run(self.output_names, feed)
         return outputs

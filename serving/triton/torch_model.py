@@ -15,7 +15,10 @@ import numpy as np
 import torch
 
 from serving.model.checkpoint import load_graph
-from serving.runtime.torch_backend import run_graph
+from serving.model.transformer import OmniGen2Transformer
+from serving.pipeline.step_cache import CACHE_INPUTS, CacheStore, decode_controls
+from serving.runtime.torch_backend import run_graph, transformer_call
+from serving.runtime.torch_stages import TorchStages
 from serving.triton.component_model import ComponentModel
 from serving.triton.tensors import from_triton, instance_placement, to_triton
 
@@ -26,6 +29,9 @@ class TritonPythonModel(ComponentModel):
         # Inputs and outputs stay float32 CPU tensors whatever the device (run_graph moves them).
         device, dtype = instance_placement(args, self.params["precision"])
         self.graph = load_graph(args["model_name"], self.version_dir, dtype, device)
+        # The transformer keeps the step-cache state of the requests in flight (serving/pipeline/step_cache.py).
+        self.stages = TorchStages(self.graph) if isinstance(self.graph, OmniGen2Transformer) else None
+        self.step_cache = CacheStore()
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -38,4 +44,8 @@ class TritonPythonModel(ComponentModel):
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
-        return [run_graph(self.graph, **inputs).numpy()]
+        if self.stages is None:
+            return [run_graph(self.graph, **inputs).numpy()]
+        controls = decode_controls(*(feed.pop(name) for name in CACHE_INPUTS))
+        velocity, _ = transformer_call(self.stages, inputs, controls, self.step_cache)
+        return [velocity.numpy()]

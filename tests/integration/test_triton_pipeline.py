@@ -56,7 +56,9 @@ def _feature_images_match(images: np.ndarray | None, expected: np.ndarray) -> bo
     return float(np.abs(images / 255.0 - expected).max()) <= 0.5 / 255 + 1e-4
 
 
-@pytest.mark.parametrize("name", ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated"])
+@pytest.mark.parametrize(
+    "name", ["f_five_images", "f_two_per_prompt", "f_long_prompt_truncated", "f_teacache_t2i", "f_taylorseer_edit"]
+)
 def test_golden_feature_case_through_triton(
     triton: TritonServer, cases: dict[str, Any], golden: Path, name: str
 ) -> None:
@@ -68,6 +70,7 @@ def test_golden_feature_case_through_triton(
     assert _feature_images_match(out.images, np.load(golden / case["output"]))
     assert (out.result["truncated_prompt_tokens"] > 0) == ("max_sequence_length" in case)
     assert out.result["truncated_negative_prompt_tokens"] == 0
+    assert out.result["cache"] == case.get("cache", "none") and out.result["cache_note"] == ""
 
 
 def test_text_features_are_cached_per_truncation_length(
