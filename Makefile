@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
 
-.PHONY: install proto test lint typecheck unit serve bench ablations clean
+.PHONY: install proto test lint typecheck unit browser serve demo bench ablations clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+# Debian's headless Chromium and its driver, for the web UI's browser tests (installed once, as root, when missing).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+unit: $(STAMP) browser
 	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q
 
 test: lint typecheck unit
@@ -44,6 +49,12 @@ CHECKPOINT ?= $(GOLDEN)/tiny-omnigen2
 
 serve: $(STAMP) $(STUBS)
 	$(PY) -m serving.stack --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
+
+# The web UI (client/omnigen2/webui, a Gradio client of the SDK) on http://127.0.0.1:7860, against a running API:
+# `make serve`'s by default. make demo DEMO_ARGS='--server host:port --token T --steps 20 --width 512 --height 512'
+demo: $(STAMP) $(STUBS)
+	$(PY) -m pip install --quiet -e './client[webui]'
+	$(PY) -m omnigen2.webui $(DEMO_ARGS)
 
 # Benchmarks (benchmarks/README.md): BENCH_ARGS='--profile cpu-small' runs one profile.
 bench: $(STAMP)

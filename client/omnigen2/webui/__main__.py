@@ -1,0 +1,3 @@
+from omnigen2.webui.app import main
+
+main()

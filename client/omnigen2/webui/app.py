@@ -1,0 +1,277 @@
+"""The Gradio app: Generate, Edit, Compose and Chat tabs over one OmniGen2Client.
+
+Image tabs call GenerateStream: each progress event moves the page's progress bar and, with previews on, shows the
+current estimate; the result replaces it. Chat calls Understand and shows the answer as it streams. Every rule
+(limits, defaults, validation) is the server's: its refusals come back as the page's error messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from omnigen2.client import DEFAULT_SERVER, OmniGen2Client
+from omnigen2.errors import OmniGen2Error
+from omnigen2.messages import ChatTurn, GenerationResult, Progress
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, ChatSettings, GenerationSettings
+
+Values = dict[Any, Any]  # what Gradio hands a handler whose inputs are a set: component -> value
+GalleryUpdate = tuple[list[Image.Image], str]
+
+
+@dataclass
+class ImageTab:
+    """The controls of one image tab, read back from a handler's values."""
+
+    prompt: gr.Textbox
+    images: list[gr.Image]
+    settings: list[gr.components.Component]  # in GenerationSettings' field order
+
+    def inputs(self) -> set[gr.components.Component]:
+        return {self.prompt, *self.images, *self.settings}
+
+    def read(self, values: Values) -> tuple[str, list[Image.Image], GenerationSettings]:
+        images = [values[image] for image in self.images if values[image] is not None]
+        settings = GenerationSettings.from_values(tuple(values[control] for control in self.settings))
+        return values[self.prompt], images, settings
+
+
+def run_generation(
+    client: OmniGen2Client, prompt: str, images: list[Image.Image], settings: GenerationSettings, progress: gr.Progress
+) -> Iterator[GalleryUpdate]:
+    """Streams one generation into the gallery: previews while it runs (when asked for), then the images."""
+    progress(0, desc="Queued")
+    try:
+        for event in client.stream(prompt, images, previews=settings.previews, **settings.options()):
+            if isinstance(event, Progress):
+                progress((event.step, event.total), desc="Denoising", unit="steps")
+                if event.preview is not None:
+                    yield [event.preview], f"Step {event.step} of {event.total} (preview)"
+            else:
+                yield event.images, describe(event)
+    except OmniGen2Error as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def describe(result: GenerationResult) -> str:
+    timings = result.timings
+    text = f"Seed **{result.seed}** · {timings['total']:.2f} s (denoise {timings['denoise']:.2f} s)"
+    if result.truncated_prompt_tokens:
+        text += f" · prompt cut by {result.truncated_prompt_tokens} tokens at max_sequence_length"
+    return text
+
+
+def _settings_panel(info: pb.ModelInfo, start: GenerationSettings, key: str) -> list[gr.components.Component]:
+    """The API's generation settings, bounded by the served limits, in GenerationSettings' field order; each
+    control's element id is `<tab>-<field>` (generate-seed, edit-steps, ...)."""
+    limits = info.limits
+    controls: dict[str, gr.components.Component] = {}
+
+    def add(name: str, kind: type[gr.components.Component], label: str, **options: Any) -> None:
+        controls[name] = kind(value=getattr(start, name), label=label, elem_id=f"{key}-{name}", **options)
+
+    size = {
+        "minimum": 0,
+        "maximum": limits.max_side or None,
+        "precision": 0,
+        "info": f"{SERVER_DEFAULT}: server default",
+    }
+    guidance = {"minimum": 0.0, "maximum": limits.max_guidance_scale or 100.0, "step": 0.1}
+    share = {"minimum": 0.0, "maximum": 1.0, "step": 0.05}
+    with gr.Accordion("Advanced settings", open=False, elem_id=f"{key}-settings"):
+        add("negative_prompt", gr.Textbox, "Negative prompt", lines=2)
+        with gr.Row():
+            add("width", gr.Number, "Width", **size)
+            add("height", gr.Number, "Height", **size)
+            add(
+                "num_images_per_prompt",
+                gr.Slider,
+                "Images (n)",
+                minimum=1,
+                maximum=limits.max_images_per_prompt or 8,
+                step=1,
+            )
+        with gr.Row():
+            add("steps", gr.Slider, "Steps", minimum=1, maximum=limits.max_steps or 200, step=1)
+            add("scheduler", gr.Dropdown, "Scheduler", choices=["euler", "dpmsolver"])
+            add("seed", gr.Number, "Seed", precision=0, info=f"{RANDOM_SEED}: random")
+        with gr.Row():
+            add("text_guidance_scale", gr.Slider, "Text guidance scale", **guidance)
+            add("image_guidance_scale", gr.Slider, "Image guidance scale", **guidance)
+        with gr.Row():
+            add("cfg_start", gr.Slider, "Guidance from (cfg_range start)", **share)
+            add("cfg_end", gr.Slider, "Guidance until (cfg_range end)", **share)
+        with gr.Row():
+            add("max_sequence_length", gr.Number, "Max sequence length", precision=0, minimum=1)
+            add("max_pixels", gr.Number, "Max pixels", precision=0, minimum=1)
+            add("max_input_image_side_length", gr.Number, "Max input image side", precision=0, minimum=1)
+        with gr.Row():
+            add("previews", gr.Checkbox, "Show previews (one VAE decode each)")
+            add("preview_every", gr.Number, "Preview every n steps", precision=0, minimum=1)
+    return [controls[f.name] for f in fields(GenerationSettings)]
+
+
+def _image_tab(
+    client: OmniGen2Client,
+    info: pb.ModelInfo,
+    start: GenerationSettings,
+    name: str,
+    image_slots: int,
+    prompt_label: str,
+    check: Callable[[list[Image.Image]], None],
+) -> None:
+    key = name.lower()
+    with gr.Row():
+        with gr.Column():
+            images: list[gr.Image] = []
+            if image_slots:
+                with gr.Row():
+                    images = [
+                        gr.Image(type="pil", label=f"Image {i + 1}", elem_id=f"{key}-image-{i + 1}")
+                        for i in range(image_slots)
+                    ]
+            prompt = gr.Textbox(label=prompt_label, lines=3, elem_id=f"{key}-prompt")
+            button = gr.Button(name, variant="primary", elem_id=f"{key}-button")
+            settings = _settings_panel(info, start, key)
+        with gr.Column():
+            gallery = gr.Gallery(
+                label="Result", format="png", columns=2, height=480, object_fit="contain", elem_id=f"{key}-gallery"
+            )
+            status = gr.Markdown(elem_id=f"{key}-status")
+    tab = ImageTab(prompt, images, settings)
+
+    def handle(values: Values, progress: gr.Progress = gr.Progress()) -> Iterator[GalleryUpdate]:  # noqa: B008
+        prompt_text, inputs, chosen = tab.read(values)
+        check(inputs)
+        yield from run_generation(client, prompt_text, inputs, chosen, progress)
+
+    gr.on([button.click, prompt.submit], handle, inputs=tab.inputs(), outputs=[gallery, status])
+
+
+def _need_images(at_least: int, what: str) -> Callable[[list[Image.Image]], None]:
+    def check(images: list[Image.Image]) -> None:
+        if len(images) < at_least:
+            raise gr.Error(what)
+
+    return check
+
+
+def _chat_tab(client: OmniGen2Client, info: pb.ModelInfo) -> None:
+    start = ChatSettings.from_model_info(info)
+    limits = info.understand_limits
+    turns = gr.State([])  # the conversation as the SDK sends it: list[ChatTurn]
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat-conversation", height=420)
+    message = gr.MultimodalTextbox(
+        placeholder="Ask about the images (attach up to 5), then Enter",
+        show_label=False,
+        file_types=["image"],
+        file_count="multiple",
+        elem_id="chat-message",
+    )
+    status = gr.Markdown(elem_id="chat-status")
+    with gr.Accordion("Answer settings", open=False, elem_id="chat-settings"), gr.Row():
+        most = limits.max_new_tokens or 4096
+        controls = [
+            gr.Slider(1, most, start.max_new_tokens, step=1, label="Max new tokens", elem_id="chat-max_new_tokens"),
+            gr.Slider(0.0, 2.0, start.temperature, step=0.05, label="Temperature", info="0: greedy"),
+            gr.Slider(0.0, 1.0, start.top_p, step=0.05, label="Top p"),
+            gr.Number(start.top_k, label="Top k", precision=0, minimum=0, info="0: off"),
+            gr.Number(RANDOM_SEED, label="Seed", precision=0, info=f"{RANDOM_SEED}: random", elem_id="chat-seed"),
+        ]
+    clear = gr.Button("New conversation", elem_id="chat-clear")
+
+    def answer(
+        sent: dict[str, Any], history: list[ChatTurn], shown: list[dict[str, Any]], *values: Any
+    ) -> Iterator[tuple[list[dict[str, Any]], list[ChatTurn], dict[str, Any] | None, str]]:
+        files = [Path(path) for path in sent.get("files", [])]
+        text = sent.get("text", "")
+        if not text and not files:
+            raise gr.Error("Type a question (and attach images to ask about them)")
+        asked = [*history, ChatTurn("user", [*files, text])]
+        shown = [
+            *shown,
+            *({"role": "user", "content": {"path": str(path)}} for path in files),
+            {"role": "user", "content": text},
+        ]
+        reply = ""
+        try:
+            for piece in client.understand_stream(asked, **ChatSettings.from_values(values).options()):
+                if isinstance(piece, str):
+                    reply += piece
+                    yield [*shown, {"role": "assistant", "content": reply}], history, None, "Answering..."
+                else:
+                    result = piece
+        except OmniGen2Error as exc:
+            raise gr.Error(str(exc)) from None
+        done = [*asked, ChatTurn("assistant", [result.text])]
+        summary = (
+            f"{result.completion_tokens} tokens ({result.finish_reason}) · prompt {result.prompt_tokens} tokens"
+            f" · seed {result.seed} · {result.seconds:.2f} s"
+        )
+        yield [*shown, {"role": "assistant", "content": result.text}], done, None, summary
+
+    outputs = [chatbot, turns, message, status]
+    message.submit(answer, [message, turns, chatbot, *controls], outputs)
+    clear.click(lambda: ([], [], None, ""), None, outputs)
+
+
+def build_app(client: OmniGen2Client, info: pb.ModelInfo, server: str, **starting_values: Any) -> gr.Blocks:
+    """The page. `starting_values` (GenerationSettings fields) replace the served defaults in the panels."""
+    generate_start = GenerationSettings.from_model_info(info, **starting_values)
+    edit_start = GenerationSettings(**{**asdict(generate_start), "width": SERVER_DEFAULT, "height": SERVER_DEFAULT})
+    most = info.limits.max_input_images or 5
+    with gr.Blocks(title="OmniGen2") as app:
+        gr.Markdown(
+            f"# OmniGen2\nServer `{server}` · backend `{info.backend}` · checkpoint `{info.checkpoint_sha256[:12]}`"
+        )
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                _image_tab(client, info, generate_start, "Generate", 0, "Prompt", _need_images(0, ""))
+            with gr.Tab("Edit", id="edit"):
+                need = _need_images(1, "Upload the image to edit")
+                _image_tab(client, info, edit_start, "Edit", 1, "Instruction", need)
+            with gr.Tab("Compose", id="compose"):
+                need = _need_images(1, "Upload at least one image")
+                prompt = "Prompt (refer to the images: 'the cat of image 1 on the sofa of image 2')"
+                _image_tab(client, info, generate_start, "Compose", most, prompt, need)
+            with gr.Tab("Chat", id="chat"):
+                _chat_tab(client, info)
+    return app
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnigen2-webui", description="The OmniGen2 web UI (Gradio)")
+    parser.add_argument("--server", default=os.environ.get("OMNIGEN2_SERVER", DEFAULT_SERVER), help="API host:port")
+    parser.add_argument("--token", default=os.environ.get("OMNIGEN2_TOKEN"), help="bearer token (env OMNIGEN2_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="TLS, verifying the server against the system's CAs")
+    parser.add_argument("--tls-ca", type=Path, help="TLS, trusting this PEM root certificate")
+    parser.add_argument("--host", default="127.0.0.1", help="address the page is served on")
+    parser.add_argument("--port", type=int, default=7860)
+    # Starting values of the panels (the server's defaults otherwise), e.g. small and fast on a CPU.
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    tls: bool | bytes = args.tls_ca.read_bytes() if args.tls_ca else args.tls
+    client = OmniGen2Client(args.server, token=args.token, tls=tls)
+    try:
+        info = client.info()
+    except OmniGen2Error as exc:
+        raise SystemExit(
+            f"omnigen2-webui: no OmniGen2 API at {args.server} ({exc}); start one with `make serve`"
+        ) from None
+    app = build_app(client, info, args.server, width=args.width, height=args.height, steps=args.steps)
+    print(f"OmniGen2 web UI on http://{args.host}:{args.port} (API {args.server})", flush=True)
+    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, quiet=True)

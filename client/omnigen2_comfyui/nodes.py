@@ -1,0 +1,185 @@
+"""The node classes, in ComfyUI's convention: INPUT_TYPES (a classmethod), RETURN_TYPES, FUNCTION, CATEGORY.
+
+Each run opens a client to the server named on the node (the token, when set, goes as a bearer token); the server's
+defaults, limits and validation apply, and its refusals surface in ComfyUI as the node's error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omnigen2 import OmniGen2Client
+from omnigen2.client import DEFAULT_SERVER
+from omnigen2.messages import GenerationOptions
+
+from .tensors import from_pil, to_pil
+
+CATEGORY = "OmniGen2"
+MAX_INPUT_IMAGES = 5
+MAX_SEED = 2**63 - 1  # the API's seed is an int64
+TIMEOUT_S = 3600.0  # a full-size generation on a slow machine takes minutes
+
+InputTypes = dict[str, dict[str, tuple[Any, ...]]]
+
+
+def _connection() -> dict[str, tuple[Any, ...]]:
+    return {
+        "server": ("STRING", {"default": DEFAULT_SERVER, "tooltip": "host:port of the OmniGen2 API"}),
+    }
+
+
+def _token() -> dict[str, tuple[Any, ...]]:
+    return {
+        "token": ("STRING", {"default": "", "tooltip": "bearer token, when the server asks for one"}),
+        "tls": ("BOOLEAN", {"default": False, "tooltip": "TLS, verifying the server against the system's CAs"}),
+    }
+
+
+def _settings(size_default: int) -> dict[str, tuple[Any, ...]]:
+    """The generation settings of the API; 0 (size, max_sequence_length) leaves a field to the server."""
+    size = {"default": size_default, "min": 0, "max": 4096, "step": 8, "tooltip": "0: the server's default"}
+    return {
+        "width": ("INT", size),
+        "height": ("INT", size),
+        "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
+        "text_guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+        "num_images": ("INT", {"default": 1, "min": 1, "max": 8}),
+    }
+
+
+def _optional_settings() -> dict[str, tuple[Any, ...]]:
+    return {
+        "negative_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "empty: the server's default"}),
+        "image_guidance_scale": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 100.0, "step": 0.1}),
+        "cfg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+        "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+        "scheduler": (["euler", "dpmsolver"], {"default": "euler"}),
+        "max_sequence_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "0: the server's default"}),
+        **_token(),
+    }
+
+
+def _client(server: str, token: str, tls: bool) -> OmniGen2Client:
+    return OmniGen2Client(server, timeout=TIMEOUT_S, token=token or None, tls=tls)
+
+
+def _options(settings: dict[str, Any]) -> GenerationOptions:
+    options = GenerationOptions(
+        steps=settings["steps"],
+        text_guidance_scale=settings["text_guidance_scale"],
+        image_guidance_scale=settings.get("image_guidance_scale", 2.0),
+        cfg_range=(settings.get("cfg_start", 0.0), settings.get("cfg_end", 1.0)),
+        scheduler=settings.get("scheduler", "euler"),
+        seed=settings["seed"],
+        num_images_per_prompt=settings["num_images"],
+        output_format="png",  # lossless: the tensor holds the server's pixels
+    )
+    for name in ("width", "height", "max_sequence_length"):
+        if settings.get(name):
+            options[name] = settings[name]
+    if settings.get("negative_prompt"):
+        options["negative_prompt"] = settings["negative_prompt"]
+    return options
+
+
+def _run(server: str, prompt: str, images: list[torch.Tensor], settings: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    inputs = [frame for batch in images for frame in to_pil(batch)]
+    with _client(server, settings.get("token", ""), settings.get("tls", False)) as client:
+        result = client.generate(prompt, inputs, **_options(settings))
+    return from_pil(result.images), result.seed
+
+
+class OmniGen2Generate:
+    """Text to image."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("images", "seed")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> InputTypes:  # noqa: N802 (ComfyUI's name)
+        required = {**_connection(), "prompt": ("STRING", {"multiline": True, "default": ""}), **_settings(1024)}
+        return {"required": required, "optional": _optional_settings()}
+
+    def generate(self, server: str, prompt: str, **settings: Any) -> tuple[torch.Tensor, int]:
+        return _run(server, prompt, [], settings)
+
+
+class OmniGen2EditCompose:
+    """One image and an instruction: an edit. Up to five: a new image from them (in-context generation).
+
+    Every frame of every connected IMAGE is one input image, in order (image, then image_2 ... image_5)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "edit"
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("images", "seed")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> InputTypes:  # noqa: N802 (ComfyUI's name)
+        required = {
+            **_connection(),
+            "image": ("IMAGE",),
+            "prompt": ("STRING", {"multiline": True, "default": ""}),
+            **_settings(0),  # with one image and no size, the edit keeps the image's size
+        }
+        more = {f"image_{i}": ("IMAGE",) for i in range(2, MAX_INPUT_IMAGES + 1)}
+        return {"required": required, "optional": {**more, **_optional_settings()}}
+
+    def edit(self, server: str, image: torch.Tensor, prompt: str, **settings: Any) -> tuple[torch.Tensor, int]:
+        more = [settings.pop(f"image_{i}", None) for i in range(2, MAX_INPUT_IMAGES + 1)]
+        return _run(server, prompt, [image, *(batch for batch in more if batch is not None)], settings)
+
+
+class OmniGen2Understand:
+    """A question about up to five images (or none), answered by OmniGen2's Qwen2.5-VL."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "understand"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("answer",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> InputTypes:  # noqa: N802 (ComfyUI's name)
+        required = {
+            **_connection(),
+            "question": ("STRING", {"multiline": True, "default": "Describe the image."}),
+            "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
+            "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0: greedy"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+        }
+        images = {f"image_{i}": ("IMAGE",) for i in range(1, MAX_INPUT_IMAGES + 1)}
+        return {"required": required, "optional": {**images, **_token()}}
+
+    def understand(
+        self,
+        server: str,
+        question: str,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        token: str = "",
+        tls: bool = False,
+        **images: torch.Tensor,
+    ) -> tuple[str]:
+        inputs = [frame for _, batch in sorted(images.items()) for frame in to_pil(batch)]
+        with _client(server, token, tls) as client:
+            result = client.understand(
+                question, inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            )
+        return (result.text,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "OmniGen2Generate": OmniGen2Generate,
+    "OmniGen2EditCompose": OmniGen2EditCompose,
+    "OmniGen2Understand": OmniGen2Understand,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "OmniGen2Generate": "OmniGen2 Generate",
+    "OmniGen2EditCompose": "OmniGen2 Edit / Compose",
+    "OmniGen2Understand": "OmniGen2 Understand",
+}

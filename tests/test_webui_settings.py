@@ -1,0 +1,68 @@
+"""The web UI's settings panel -> SDK options (omnigen2.webui.settings), without a browser or a server."""
+
+from __future__ import annotations
+
+from dataclasses import astuple
+
+from omnigen2.messages import build_request
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.webui.settings import ChatSettings, GenerationSettings
+
+
+def _info() -> pb.ModelInfo:
+    defaults = pb.GenerateRequest(
+        negative_prompt="blurry",
+        steps=30,
+        text_guidance_scale=4.5,
+        image_guidance_scale=1.5,
+        cfg_range=pb.CfgRange(start=0.0, end=0.6),
+        scheduler=pb.SCHEDULER_DPMSOLVER,
+        num_images_per_prompt=1,
+        max_pixels=512 * 512,
+        max_input_image_side_length=768,
+        max_sequence_length=256,
+    )
+    return pb.ModelInfo(defaults=defaults, understand_defaults=pb.UnderstandRequest(max_new_tokens=64, top_p=0.9))
+
+
+def test_panel_starts_at_the_served_defaults_and_the_operators_overrides() -> None:
+    settings = GenerationSettings.from_model_info(_info(), steps=8, width=256, height=None)
+    assert (settings.steps, settings.width, settings.height) == (8, 256, 0)  # None: not overridden
+    assert settings.scheduler == "dpmsolver" and (settings.cfg_start, settings.cfg_end) == (0.0, 0.6)
+    assert (settings.negative_prompt, settings.max_sequence_length, settings.max_pixels) == ("blurry", 256, 512 * 512)
+    chat = ChatSettings.from_model_info(_info())
+    assert (chat.max_new_tokens, chat.top_p, chat.seed) == (64, 0.9, -1)
+
+
+def test_server_default_values_stay_unset_in_the_request() -> None:
+    """Size 0 and seed -1 mean "the server's": the request leaves them unset, so the server's rules apply."""
+    values = astuple(GenerationSettings(steps=4))
+    request = build_request("a cat", [], GenerationSettings.from_values(values).options())
+    assert not request.HasField("width") and not request.HasField("height") and not request.HasField("seed")
+    assert not request.HasField("preview_every") and request.steps == 4
+    assert request.output_format == pb.IMAGE_FORMAT_PNG  # lossless, so the page shows the server's pixels
+
+
+def test_every_setting_reaches_the_request() -> None:
+    # Gradio hands numbers over as floats.
+    chosen = GenerationSettings(
+        negative_prompt="dark", width=320.0, height=240.0, steps=12.0, text_guidance_scale=3, image_guidance_scale=1,
+        cfg_start=0.1, cfg_end=0.9, scheduler="dpmsolver", seed=42.0, num_images_per_prompt=2.0,
+        max_sequence_length=128.0, max_pixels=65536.0, max_input_image_side_length=512.0, previews=True,
+        preview_every=3.0,
+    )  # fmt: skip
+    settings = GenerationSettings.from_values(astuple(chosen))
+    request = build_request("a cat", [], settings.options(), previews=settings.previews)
+    assert (request.width, request.height, request.steps, request.seed) == (320, 240, 12, 42)
+    assert (request.text_guidance_scale, request.image_guidance_scale) == (3.0, 1.0)
+    assert (request.cfg_range.start, request.cfg_range.end) == (0.1, 0.9)
+    assert request.scheduler == pb.SCHEDULER_DPMSOLVER and request.negative_prompt == "dark"
+    assert (request.num_images_per_prompt, request.max_sequence_length) == (2, 128)
+    assert (request.max_pixels, request.max_input_image_side_length) == (65536, 512)
+    assert request.previews and request.preview_every == 3
+
+
+def test_chat_settings_reach_the_options() -> None:
+    options = ChatSettings.from_values((32.0, 0.7, 0.95, 40.0, 5.0)).options()
+    assert options == {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.95, "top_k": 40, "seed": 5}
+    assert "seed" not in ChatSettings.from_values((32, 0, 1, 0, -1)).options()
