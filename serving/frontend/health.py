@@ -10,6 +10,9 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from serving.frontend.triton_backend import TritonBackend
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OmniGen2"].full_name
+# SERVING while the front end's event loop runs this poll, whatever Triton's state: the liveness probe's service.
+# "" and SERVICE follow Triton, for readiness and for the clients' own health checks.
+LIVENESS = "liveness"
 
 
 class TritonHealth:
@@ -24,6 +27,7 @@ class TritonHealth:
         status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE):
             await self.servicer.set(service, status)
+        await self.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         return self.serving
 
     async def watch(self) -> None:

@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# Triton with the project's Python models: the NGC release (Triton, its Python and TensorRT backends, CUDA,
+# TensorRT) plus this package with its `model` extra (the BLS, the mllm and component models, the repository
+# generator and the engine builder). The model repository is generated from a checkpoint volume when a pod or
+# container starts (deploy/k8s: the init container; deploy/compose.yaml: the `prepare` service):
+#   python3 -m serving.build.repository --checkpoint /checkpoints/OmniGen2 --out /models/model_repository --backend tensorrt
+# The `tensorrt` backend builds the engines there, on the GPU that will run them. Not built where it was written
+# (no Docker engine there): tests/test_deploy.py checks what matters in it.
+#   docker build -f deploy/triton.Dockerfile -t omnigen2/triton:0.1.0 .
+
+FROM nvcr.io/nvidia/tritonserver:25.11-py3
+# PyTorch for the image's CUDA major version (the mllm model and the PyTorch components run on it).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /opt/omnigen2
+COPY pyproject.toml README.md ./
+COPY proto/ proto/
+COPY client/ client/
+COPY serving/ serving/
+COPY export/ export/
+COPY benchmarks/ benchmarks/
+# The Python backend's stub runs the image's python3, so the packages go into its site-packages. The TensorRT
+# Python bindings must match the libnvinfer Triton's tensorrt backend loads: the version is read from the image.
+RUN python3 -m pip install --extra-index-url "${TORCH_INDEX}" ./client '.[model]' \
+    && trt="$(ls /usr/lib/*-linux-gnu/libnvinfer.so.10.*.* | head -n1 | sed 's/.*libnvinfer\.so\.//')" \
+    && python3 -m pip install "tensorrt-cu${CUDA_VERSION%%.*}==${trt}.*" \
+    && python3 -c "import serving.triton.bls, serving.build.engines, tensorrt"
+# The NGC image's unprivileged user (uid 1000); /models is where the generated repository goes (a volume).
+RUN mkdir -p /models && chown 1000:1000 /models
+USER 1000:1000
+ENV HOME=/tmp
+VOLUME ["/models"]
+# 8000 HTTP, 8001 gRPC (the front end's, over loopback), 8002 Prometheus metrics (nv_inference_queue_duration_us).
+EXPOSE 8000 8001 8002
+# Triton implements the gRPC health service (grpc.health.v1 Check): SERVING once the server is ready.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python3", "-m", "serving.health_probe", "--address", "127.0.0.1:8001"]
+CMD ["tritonserver", "--model-repository=/models/model_repository", "--model-control-mode=explicit", \
+     "--load-model=*", "--strict-readiness=true", "--exit-on-error=true"]

@@ -1,0 +1,228 @@
+"""deploy/: the Kubernetes manifests render with `kubectl kustomize` and every object validates against the
+Kubernetes schema; the pod, Services, budget, policy and autoscaler say what the scale-out design needs; the
+Dockerfiles and the compose file (never built here: no Docker engine) pin their bases, run unprivileged, expose
+their ports and check health over gRPC; and the front end's install leaves the model libraries out."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from serving.frontend.health import LIVENESS, SERVICE
+from serving.frontend.metrics import Metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+KUBERNETES = "1.37.0"  # the newest schema kubernetes-validate ships
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/s3")
+HEAVY = {"torch", "transformers", "diffusers", "accelerate", "onnxruntime", "onnx", "nvidia-pytriton", "tensorrt"}
+
+
+def render(kustomization: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with Kustomize) renders deploy/k8s; install it to run this test"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s" / kustomization)], capture_output=True, text=True, check=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def container(pod: dict[str, Any], name: str, init: bool = False) -> dict[str, Any]:
+    return next(c for c in pod["initContainers" if init else "containers"] if c["name"] == name)
+
+
+def env(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict[str, Any]]:
+    return render("base")
+
+
+@pytest.fixture(scope="module")
+def pod(base: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(base, "Deployment")
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_rendered_object_validates(kustomization: str) -> None:
+    objects = render(kustomization)
+    assert objects
+    for obj in objects:  # strict: an unknown field is an error, not ignored
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_triton_and_the_front_end_share_a_pod_over_loopback(pod: dict[str, Any]) -> None:
+    assert [c["name"] for c in pod["containers"]] == ["triton", "frontend"]
+    assert "--triton-url=127.0.0.1:8001" in container(pod, "frontend")["args"]
+    triton = container(pod, "triton")["command"]
+    assert "--http-address=127.0.0.1" in triton and "--grpc-port=8001" in triton
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_probes_use_the_grpc_health_service(pod: dict[str, Any]) -> None:
+    frontend, triton = container(pod, "frontend"), container(pod, "triton")
+    assert frontend["readinessProbe"]["grpc"] == {"port": 50051, "service": SERVICE}  # follows Triton and the drain
+    assert frontend["livenessProbe"]["grpc"] == {"port": 50051, "service": LIVENESS}  # the front end itself
+    assert triton["livenessProbe"]["grpc"]["port"] == triton["startupProbe"]["grpc"]["port"] == 8001
+
+
+def test_termination_outlasts_the_drain(pod: dict[str, Any]) -> None:
+    frontend, triton = container(pod, "frontend"), container(pod, "triton")
+    drain = float(env(frontend)["OMNIGEN2_SHUTDOWN_GRACE_S"])
+    front_stop = int(frontend["lifecycle"]["preStop"]["exec"]["command"][1]) + drain
+    triton_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][1])
+    exit_timeout = next(int(a.split("=")[1]) for a in triton["command"] if a.startswith("--exit-timeout-secs="))
+    assert triton_stop > front_stop  # Triton serves the calls that are draining
+    assert pod["terminationGracePeriodSeconds"] >= triton_stop + exit_timeout > front_stop
+    # The liveness probe must not kill a draining front end: its misses take longer than the drain.
+    liveness = frontend["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+
+
+def test_services_budget_and_network_policy(base: list[dict[str, Any]], pod: dict[str, Any]) -> None:
+    services = {s["metadata"]["name"]: s["spec"] for s in by_kind(base, "Service")}
+    assert services["omnigen2-headless"]["clusterIP"] == "None"
+    assert services["omnigen2"]["type"] == "ClusterIP"
+    assert all(spec["ports"] == [{**spec["ports"][0], "targetPort": "api"}] for spec in services.values())
+    labels = base[0]["metadata"]["labels"]
+    (pdb,) = by_kind(base, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    (policy,) = by_kind(base, "NetworkPolicy")
+    open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == ["api"]
+    named = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} <= named
+    for selector in (pdb["spec"]["selector"], policy["spec"]["podSelector"]):
+        assert selector["matchLabels"].items() <= {**pod_labels(base), **labels}.items()
+
+
+def pod_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
+    (deployment,) = by_kind(objects, "Deployment")
+    return dict(deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def test_autoscaler_reads_queue_time_and_in_flight_through_the_adapter(base: list[dict[str, Any]]) -> None:
+    (hpa,) = by_kind(base, "HorizontalPodAutoscaler")
+    (adapter,) = [c for c in by_kind(base, "ConfigMap") if "adapter" in c["metadata"]["name"]]
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    served = {rule["name"]["as"]: rule for rule in rules}
+    wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert wanted <= served.keys()
+    assert "nv_inference_queue_duration_us" in served["omnigen2_queue_seconds"]["metricsQuery"]
+    in_flight = Metrics().in_flight._name  # the front end's own gauge, as it exports it
+    assert in_flight in served["omnigen2_in_flight_requests"]["seriesQuery"]
+
+
+def test_gpu_overlay_asks_for_a_gpu_and_builds_engines() -> None:
+    objects = render("overlays/gpu")
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    for c in (container(pod, "triton"), container(pod, "prepare-repository", init=True)):
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert env(container(pod, "prepare-repository", init=True))["OMNIGEN2_BACKEND"] == "tensorrt"
+
+
+def test_s3_overlay_lets_triton_read_the_repository() -> None:
+    objects = render("overlays/s3")
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert env(container(pod, "triton"))["MODEL_REPOSITORY"].startswith("s3://")
+    assert not pod.get("initContainers") and not by_kind(objects, "PersistentVolumeClaim")
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / name).read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+@pytest.mark.parametrize(
+    ("name", "base_image", "ports"),
+    [
+        ("frontend.Dockerfile", r"python:3\.11\.\d+-slim-\w+", {"50051", "9464"}),
+        ("triton.Dockerfile", r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", {"8000", "8001", "8002"}),
+    ],
+)
+def test_dockerfiles(name: str, base_image: str, ports: set[str]) -> None:
+    steps = dockerfile(name)
+    bases = [args.split()[0] for kind, args in steps if kind == "FROM"]
+    assert bases and all(re.fullmatch(base_image, image) for image in bases)  # pinned by tag, never latest
+    users = [args for kind, args in steps if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert {p for kind, args in steps if kind == "EXPOSE" for p in args.split()} == ports
+    (healthcheck,) = [args for kind, args in steps if kind == "HEALTHCHECK"]
+    assert "serving.health_probe" in healthcheck
+
+
+def test_the_front_end_image_installs_no_model_library() -> None:
+    installs = [args for kind, args in dockerfile("frontend.Dockerfile") if kind == "RUN" and "pip install" in args]
+    assert installs and all("[" not in args for args in installs)  # the plain install: no extras
+    triton = [args for kind, args in dockerfile("triton.Dockerfile") if kind == "RUN" and "pip install" in args]
+    assert any("'.[model]'" in args for args in triton)
+
+
+def test_the_front_ends_install_covers_what_it_imports_and_no_model_library() -> None:
+    """What `pip install ./client .` brings (the project's plain dependencies and the SDK's, with theirs) is every
+    distribution the front end imports, and none of the model libraries."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    sdk = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    closure = _closure([Requirement(r) for r in project["dependencies"] + sdk["dependencies"]])
+    assert not closure & HEAVY, closure & HEAVY
+    probe = "import sys, serving.frontend.server; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    modules = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    owners = metadata.packages_distributions()
+    imported = {_norm(d) for m in modules for d in owners.get(m, [])} - {"omnigen2-serving", "omnigen2-client"}
+    # Imported only because they are installed here: grpc looks for grpcio-tools, setuptools has a start-up hook.
+    assert imported - {"grpcio-tools", "setuptools"} <= closure, imported - closure
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(requirements: list[Requirement]) -> set[str]:
+    seen: set[str] = set()
+    todo = [(r, frozenset(r.extras)) for r in requirements]
+    while todo:
+        requirement, extras = todo.pop()
+        name = _norm(requirement.name)
+        key = f"{name}[{','.join(sorted(extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in metadata.requires(requirement.name) or []:
+            child = Requirement(line)
+            environments = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if child.marker is None or any(child.marker.evaluate(e) for e in environments):
+                todo.append((child, frozenset(child.extras)))
+    return {key.split("[")[0] for key in seen}
+
+
+def test_compose_runs_the_pair_over_loopback() -> None:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    assert services["frontend"]["network_mode"] == "service:triton"  # one network namespace, as in a pod
+    assert services["frontend"]["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert services["triton"]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    assert "serving.build.repository" in services["prepare"]["command"]
+    for name in ("triton", "frontend"):
+        assert "serving.health_probe" in services[name]["healthcheck"]["test"]
+    assert {"50051:50051"} <= set(services["triton"]["ports"])
