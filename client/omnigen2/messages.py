@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 # A PIL image, a path to an image file, or the encoded bytes of one.
 ImageInput = Union[Image.Image, str, os.PathLike[str], bytes]  # noqa: UP007 (a runtime alias)
 SchedulerName = Literal["euler", "dpmsolver"]
+CacheName = Literal["none", "teacache", "taylorseer"]
 FormatName = Literal["png", "jpeg", "webp"]
 
-_Enum = TypeVar("_Enum", pb.Scheduler, pb.ImageFormat, pb.Role)
+_Enum = TypeVar("_Enum", pb.Scheduler, pb.ImageFormat, pb.Role, pb.StepCache)
 _SCHEDULERS = {"euler": pb.SCHEDULER_EULER, "dpmsolver": pb.SCHEDULER_DPMSOLVER}
+_CACHES = {"none": pb.STEP_CACHE_NONE, "teacache": pb.STEP_CACHE_TEACACHE, "taylorseer": pb.STEP_CACHE_TAYLORSEER}
+_CACHE_NAMES = {value: name for name, value in _CACHES.items()} | {pb.STEP_CACHE_UNSPECIFIED: "none"}
 _FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
 
 
@@ -46,6 +49,8 @@ class GenerationOptions(TypedDict, total=False):
     quality: int
     return_latents: bool
     preview_every: int  # with previews: one every this many steps, and on the last (default 1)
+    cache: CacheName  # step caching (default none): faster, drifting a little from the uncached image
+    teacache_threshold: float  # TeaCache's threshold in (0, 1] (default 0.05): larger is faster
 
 
 def encode_image(image: ImageInput) -> pb.Image:
@@ -66,6 +71,7 @@ def build_request(
     cfg_range = fields.pop("cfg_range", None)
     scheduler = fields.pop("scheduler", None)
     output_format = fields.pop("output_format", None)
+    cache = fields.pop("cache", None)
     request = pb.GenerateRequest(
         prompt=prompt, input_images=[encode_image(i) for i in images], previews=previews, **fields
     )
@@ -75,6 +81,8 @@ def build_request(
         request.scheduler = _choice(_SCHEDULERS, scheduler, "scheduler")
     if output_format is not None:
         request.output_format = _choice(_FORMATS, output_format, "output_format")
+    if cache is not None:
+        request.cache = _choice(_CACHES, cache, "cache")
     return request
 
 
@@ -96,16 +104,41 @@ class Latents:
 
 
 @dataclass(frozen=True)
+class SafetyFinding:
+    """A class the server's safety classifier scored at or over the operator's threshold."""
+
+    label: str
+    score: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class WithheldImage:
+    """A generated image the server kept back, and why (highest score first)."""
+
+    index: int  # among the request's generated images, 0-based
+    findings: list[SafetyFinding]
+
+    @classmethod
+    def from_proto(cls, withheld: pb.WithheldImage) -> WithheldImage:
+        findings = [SafetyFinding(f.label, f.score, f.threshold) for f in withheld.findings]
+        return cls(index=withheld.index, findings=findings)
+
+
+@dataclass(frozen=True)
 class GenerationResult:
-    images: list[Image.Image]
+    images: list[Image.Image]  # the generated images, less any withheld ones
     seed: int  # pass it back to reproduce the images
     timings: dict[str, float]  # seconds per stage: queue, text_encode, vae_encode, denoise, vae_decode, total
     latents: Latents | None = None
     encoded: list[bytes] = field(default_factory=list, repr=False)  # the images as the server encoded them
     truncated_prompt_tokens: int = 0  # tokens cut from the prompt at max_sequence_length
     truncated_negative_prompt_tokens: int = 0
+    withheld: list[WithheldImage] = field(default_factory=list)  # kept back by the server's safety classifier
     served_by: str = ""  # the replica that served the call (its x-served-by; with several, which one it was)
     request_id: str = ""  # the call's x-request-id, as the server logs it
+    cache: CacheName = "none"  # the step caching that ran
+    cache_note: str = ""  # why it is not the one asked for (e.g. the server was short of cache memory)
 
     @classmethod
     def from_proto(cls, response: pb.GenerateResponse) -> GenerationResult:
@@ -121,6 +154,9 @@ class GenerationResult:
             encoded=[image.data for image in response.images],
             truncated_prompt_tokens=response.truncated_prompt_tokens,
             truncated_negative_prompt_tokens=response.truncated_negative_prompt_tokens,
+            withheld=[WithheldImage.from_proto(w) for w in response.withheld],
+            cache=_CACHE_NAMES[response.cache],  # type: ignore[arg-type]
+            cache_note=response.cache_note,
         )
 
 
@@ -129,11 +165,12 @@ class Progress:
     step: int  # steps done, 1..total
     total: int
     preview: Image.Image | None = None
+    preview_withheld: bool = False  # the server's safety classifier kept this preview back
 
     @classmethod
     def from_proto(cls, progress: pb.Progress) -> Progress:
         preview = _decode(progress.preview.data) if progress.HasField("preview") else None
-        return cls(step=progress.step, total=progress.total_steps, preview=preview)
+        return cls(progress.step, progress.total_steps, preview, progress.preview_withheld)
 
 
 def _decode(data: bytes) -> Image.Image:

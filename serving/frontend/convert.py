@@ -15,15 +15,29 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from serving.errors import InvalidArgumentError
 from serving.frontend.status import invalid_argument
 from serving.pipeline.chat_request import ChatLimits, ChatMessage, ChatPart, ChatRequest
-from serving.pipeline.cost import GenerationCost, generation_cost
+from serving.pipeline.cost import ChatCost, GenerationCost, chat_cost, generation_cost
 from serving.pipeline.images import open_image, to_pil
-from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest, Limits, SchedulerKind, random_seed
+from serving.pipeline.request import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    CacheKind,
+    GenerationRequest,
+    Limits,
+    SchedulerKind,
+    random_seed,
+)
 
 SCHEDULERS = {
     pb.SCHEDULER_UNSPECIFIED: SchedulerKind.EULER,
     pb.SCHEDULER_EULER: SchedulerKind.EULER,
     pb.SCHEDULER_DPMSOLVER: SchedulerKind.DPMSOLVER,
 }
+STEP_CACHES = {
+    pb.STEP_CACHE_UNSPECIFIED: CacheKind.NONE,
+    pb.STEP_CACHE_NONE: CacheKind.NONE,
+    pb.STEP_CACHE_TEACACHE: CacheKind.TEACACHE,
+    pb.STEP_CACHE_TAYLORSEER: CacheKind.TAYLORSEER,
+}
+API_STEP_CACHES = {kind: value for value, kind in STEP_CACHES.items() if value != pb.STEP_CACHE_UNSPECIFIED}
 FORMATS = {
     pb.IMAGE_FORMAT_UNSPECIFIED: "PNG",
     pb.IMAGE_FORMAT_PNG: "PNG",
@@ -45,6 +59,7 @@ _OPTIONAL = (
     "max_pixels",
     "max_input_image_side_length",
     "max_sequence_length",
+    "teacache_threshold",
 )
 
 
@@ -92,6 +107,9 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
     scheduler = SCHEDULERS.get(request.scheduler)
     if scheduler is None:
         violations.append(("scheduler", f"unknown value {request.scheduler}"))
+    cache = STEP_CACHES.get(request.cache)
+    if cache is None:
+        violations.append(("cache", f"unknown value {request.cache}"))
     values = {name: getattr(request, name) if request.HasField(name) else getattr(DEFAULTS, name) for name in _OPTIONAL}
     cfg_range = (
         (request.cfg_range.start, request.cfg_range.end) if request.HasField("cfg_range") else DEFAULTS.cfg_range
@@ -102,6 +120,7 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         cfg_range=cfg_range,
         seed=request.seed if request.HasField("seed") else random_seed(),
         scheduler=(scheduler or SchedulerKind.EULER).value,
+        cache=(cache or CacheKind.NONE).value,
         **values,
     )
     violations += [(API_FIELD.get(e.field, e.field), e.description) for e in generation.violations(limits)]
@@ -177,6 +196,8 @@ def request_defaults(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> 
         max_pixels=DEFAULTS.max_pixels,
         max_input_image_side_length=DEFAULTS.max_input_image_side_length,
         max_sequence_length=min(DEFAULT_MAX_SEQUENCE_LENGTH, max_sequence_length),
+        cache=pb.STEP_CACHE_NONE,
+        teacache_threshold=DEFAULTS.teacache_threshold,
         output_format=pb.IMAGE_FORMAT_PNG,
         quality=DEFAULT_QUALITY,
     )
@@ -220,6 +241,7 @@ class ChatForward:
     params: dict[str, Any]
     images: list[bytes]
     input_pixels: int  # decoded pixels of the images, as their headers state
+    cost: ChatCost  # the answer's tokens, an upper bound from the request and the images' headers
 
     @property
     def seed(self) -> int:
@@ -234,7 +256,7 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
     violations: list[tuple[str, str]] = []
     messages: list[ChatMessage] = []
     blobs: list[bytes] = []
-    pixels = 0
+    sizes: list[tuple[int, int]] = []
     for i, message in enumerate(request.messages):
         role = ROLES.get(message.role)
         if role is None:
@@ -251,7 +273,7 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
                         height, width = _header_size(
                             part.image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes
                         )
-                        pixels += height * width
+                        sizes.append((height, width))
                     except InvalidArgumentError as exc:
                         violations.append((exc.field, exc.description))
                 parts.append(ChatPart(image=len(blobs)))
@@ -274,7 +296,9 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
         {"role": m.role, "content": [{"text": p.text} if p.image is None else {"image": p.image} for p in m.parts]}
         for m in messages
     ]
-    return ChatForward(params=params, images=blobs, input_pixels=pixels)
+    texts = [p.text for m in messages for p in m.parts if p.text is not None]
+    cost = chat_cost(texts, len(messages), sizes, chat.max_pixels, chat.max_new_tokens, limits.max_prompt_tokens)
+    return ChatForward(params=params, images=blobs, input_pixels=sum(h * w for h, w in sizes), cost=cost)
 
 
 def _header_size(data: bytes, field: str, max_pixels: int, max_bytes: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from serving.frontend.auth import TokenRegistry
 from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import (
+    API_STEP_CACHES,
     Forward,
     api_limits,
     chat_result,
@@ -38,25 +39,38 @@ from serving.frontend.convert import (
 )
 from serving.frontend.malformed import Malformed
 from serving.frontend.metrics import Metrics
-from serving.frontend.status import ApiError, invalid_argument, plain
+from serving.frontend.outbox import Outbox
+from serving.frontend.policy import PolicyFile, request_texts
+from serving.frontend.status import ApiError, invalid_argument
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
+from serving.pipeline.request import CacheKind
 
 log = logging.getLogger(__name__)
-STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode")
+STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode", "safety")
 T = TypeVar("T")
 
 
 class OmniGen2Service(pb_grpc.OmniGen2Servicer):
     def __init__(
-        self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics, tokens: TokenRegistry | None = None
+        self,
+        config: FrontendConfig,
+        backend: TritonBackend,
+        metrics: Metrics,
+        tokens: TokenRegistry | None = None,
+        prompt_policy: PolicyFile | None = None,
     ) -> None:
         self.config = config
         self.tokens = tokens
+        self.prompt_policy = prompt_policy
         self.backend = backend
         self.metrics = metrics
         self.admission = Admission(
             config.max_in_flight,
-            Load(pixels=config.max_inflight_input_pixels, step_tokens=config.max_inflight_step_tokens),
+            Load(
+                pixels=config.max_inflight_input_pixels,
+                step_tokens=config.max_inflight_step_tokens,
+                chat_tokens=config.max_inflight_chat_tokens,
+            ),
             config.retry_after_s,
             metrics,
         )
@@ -76,28 +90,37 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._call("GenerateStream", context, request):
-            events = self._generate(request, context, previews=request.previews)
+            outbox = self._outbox()
+            events = self._generate(request, context, previews=request.previews, outbox=outbox)
             async with contextlib.aclosing(events):
                 async for event in events:
-                    await self._write(context, event)
+                    await outbox.write(context, event)
 
     async def Understand(self, request: pb.UnderstandRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._call("Understand", context, request):
             start = time.perf_counter()
+            token = self._token_name(context)
+            answer = ""
             with self.admission.slot():
                 await self._off_loop(check_request_size, request, self.config.max_request_bytes)
                 forward = await self._off_loop(to_chat_forward, request, self.config.chat_limits)
                 check_chat_budgets(forward, self.config)
-                with self.admission.reserve(Load(pixels=forward.input_pixels)):
-                    events = self.backend.understand(forward, self._run_time(context))
+                with self.admission.reserve(Load(pixels=forward.input_pixels, chat_tokens=forward.cost.total_tokens)):
+                    outbox = self._outbox()
+                    events = self.backend.understand(forward, self._run_time(context), outbox)
                     async with contextlib.aclosing(events):
                         async for payload in events:
                             if payload["type"] == "delta":
-                                await self._write(context, pb.UnderstandEvent(delta=payload["text"]))
+                                # The whole answer so far: a term may straddle deltas. The delta that completes a
+                                # match is not sent; the stream ends with the rule's id instead.
+                                answer += payload["text"]
+                                self._check_answer(answer, token)
+                                await outbox.write(context, pb.UnderstandEvent(delta=payload["text"]))
                             else:
                                 seconds = time.perf_counter() - start
                                 result = chat_result(payload, forward.seed, seconds)
-                                await self._write(context, pb.UnderstandEvent(result=result))
+                                self._check_answer(result.text, token)
+                                await outbox.write(context, pb.UnderstandEvent(result=result))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async with self._call("GetModelInfo", context, request):
@@ -113,6 +136,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                 ),
                 defaults=request_defaults(max_sequence_length),
                 schedulers=[pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER],
+                step_caches=list(API_STEP_CACHES.values()),
                 output_formats=[pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP],
                 understand_limits=understand_limits(self.config.chat_limits),
                 understand_defaults=understand_defaults(),
@@ -138,6 +162,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             await context.send_initial_metadata(((request_id.HEADER, call_id), (request_id.SERVED_BY, self.server_id)))
             if isinstance(request, Malformed):
                 raise invalid_argument([("request", f"not a valid {method} request: {request.reason}")])
+            self._check_request(request, policy.name if policy else None)  # before admission: no model time
             yield
         except ApiError as exc:
             code = exc.code
@@ -157,9 +182,35 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, request, call_id)
             request_id.end(token)
 
+    def _token_name(self, context: grpc.aio.ServicerContext) -> str | None:
+        policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
+        return policy.name if policy else None
+
+    def _check_request(self, request: Message, token: str | None) -> None:
+        if self.prompt_policy is None:
+            return
+        violation = self.prompt_policy.policy.check(request_texts(request), token)
+        if violation is not None:
+            self.metrics.policy_blocked.labels(violation.rule, "request").inc()
+            raise violation.error()
+
+    def _check_answer(self, answer: str, token: str | None) -> None:
+        if self.prompt_policy is None:
+            return
+        violation = self.prompt_policy.policy.check([("answer", answer)], token)
+        if violation is not None:
+            self.metrics.policy_blocked.labels(violation.rule, "answer").inc()
+            raise violation.error("answer")
+
     async def _generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, previews: bool
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        previews: bool,
+        outbox: Outbox | None = None,
     ) -> AsyncGenerator[pb.GenerateEvent, None]:
+        """The admission slot and reservation are held until the BLS has stopped, however the call ends: closing
+        the Triton stream's generator waits for that (serving/frontend/triton_call.py)."""
         start = time.perf_counter()
         with self.admission.slot():
             # Off the loop: sizing a message of millions of fields took seconds, and health waited with it.
@@ -169,7 +220,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             forward = dataclasses.replace(forward, previews=previews)
             last_step = time.perf_counter()
             with self.admission.reserve(Load(pixels=forward.cost.input_pixels, step_tokens=forward.cost.step_tokens)):
-                events = self.backend.generate(forward, self._run_time(context))
+                events = self.backend.generate(forward, self._run_time(context), outbox)
                 async with contextlib.aclosing(events):
                     async for event in events:
                         if isinstance(event, ProgressEvent):
@@ -180,17 +231,10 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                         elif isinstance(event, ResultEvent):
                             yield pb.GenerateEvent(result=await self._result(event, forward, start))
 
-    async def _write(self, context: grpc.aio.ServicerContext, message: Message) -> None:
-        """A caller that stops reading would hold its slot, and Triton would buffer its output, for as long as it
-        liked: a write that waits longer than the timeout ends the call (and so the work)."""
-        timeout = self.config.stream_write_timeout_s
-        try:
-            # In this task, not a wait_for task: when the caller cancels, this task is cancelled (CANCELLED), where a
-            # separate write task failed with grpcio's ExecuteBatchError and the call was logged as INTERNAL.
-            async with asyncio.timeout(timeout):
-                await context.write(message)
-        except TimeoutError:
-            raise plain(grpc.StatusCode.CANCELLED, f"the caller read nothing for {timeout:g} s") from None
+    def _outbox(self) -> Outbox:
+        """A streaming caller that stops reading would hold its slot, and its output would pile up, for as long as
+        it liked: a stalled write, or too much output waiting behind it, ends the call (and so the work)."""
+        return Outbox(self.config.max_buffered_stream_bytes, self.config.stream_write_timeout_s)
 
     def _run_time(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's deadline or the server's maximum run time, whichever comes first."""
@@ -201,14 +245,16 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(function, *args))
 
     async def _progress(self, event: ProgressEvent) -> pb.Progress:
-        progress = pb.Progress(step=event.step, total_steps=event.total)
+        progress = pb.Progress(step=event.step, total_steps=event.total, preview_withheld=event.preview_withheld)
         if event.preview is not None:
             (preview,) = await self._off_loop(encode_images, event.preview[:1], "PNG", 100)
             progress.preview.CopyFrom(preview)
         return progress
 
     async def _result(self, event: ResultEvent, forward: Forward, start: float) -> pb.GenerateResponse:
-        images = await self._off_loop(encode_images, event.images, forward.output_format, forward.quality)
+        withheld = {entry["index"] for entry in event.withheld}
+        kept = [i for i in range(len(event.images)) if i not in withheld]
+        images = await self._off_loop(encode_images, event.images[kept], forward.output_format, forward.quality)
         total = time.perf_counter() - start
         stages = {name: float(event.timings.get(name, 0.0)) for name in STAGES}
         timings = pb.StageTimings(total=total, queue=max(0.0, total - sum(stages.values())), **stages)
@@ -218,7 +264,14 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             timings=timings,
             truncated_prompt_tokens=event.truncated_prompt_tokens,
             truncated_negative_prompt_tokens=event.truncated_negative_prompt_tokens,
+            cache=API_STEP_CACHES[CacheKind(event.cache)],
+            cache_note=event.cache_note,
+            withheld=[
+                pb.WithheldImage(index=entry["index"], findings=[pb.SafetyFinding(**f) for f in entry["findings"]])
+                for entry in event.withheld
+            ],
         )
+        self.metrics.images_withheld.inc(len(withheld))
         if forward.return_latents:
             response.latents.CopyFrom(tensor(event.latents))
         self.metrics.images.inc(len(images))

@@ -6,11 +6,9 @@ code ("CODE: field: detail", serving/triton/wire.py), and transport failures map
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +21,17 @@ from tritonclient.utils import InferenceServerException
 from serving.frontend import request_id
 from serving.frontend.convert import API_FIELD, ChatForward, Forward
 from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
+from serving.frontend.triton_call import Buffer, TritonCall, Unbuffered
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
 from serving.triton.wire import WireError
-
-FINAL_EVENTS = ("result", "done")
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
     step: int
     total: int
-    preview: np.ndarray | None  # uint8 NHWC, when asked for
+    preview: np.ndarray | None  # uint8 NHWC, when asked for and not withheld
+    preview_withheld: bool = False  # the safety classifier kept this step's preview back
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,9 @@ class ResultEvent:
     latents: np.ndarray
     truncated_prompt_tokens: int  # cut at max_sequence_length
     truncated_negative_prompt_tokens: int
+    withheld: list[dict[str, Any]]  # safety: [{"index", "findings": [{"label", "score", "threshold"}]}]
+    cache: str = "none"  # the step caching that ran
+    cache_note: str = ""  # why not the one asked for
 
 
 Event = ProgressEvent | ResultEvent
@@ -88,9 +89,20 @@ def _status_code(text: str | None) -> grpc.StatusCode | None:
 
 
 class TritonBackend:
-    def __init__(self, url: str, max_message_bytes: int, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_message_bytes: int,
+        retry_after_s: float,
+        stop_grace_s: float = 10.0,
+        on_grace_expired: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`stop_grace_s`: how long a call that ends early waits for its model to confirm the stop (the call's slot
+        is held meanwhile); `on_grace_expired` counts the calls that waited that long."""
         self.url = url
         self.retry_after_s = retry_after_s
+        self.stop_grace_s = stop_grace_s
+        self.on_grace_expired = on_grace_expired
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -122,49 +134,38 @@ class TritonBackend:
         return {name: value["string_value"] for name, value in parameters.items()}
 
     async def _stream(
-        self, model: str, request: bytes, images: list[bytes], timeout_s: float | None
+        self, model: str, request: bytes, images: list[bytes], run_s: float, buffer: Buffer
     ) -> AsyncGenerator[tuple[dict[str, Any], InferResult], None]:
-        """(event JSON, response) pairs up to the final event; the Triton request is cancelled if the caller
-        stops early (an exception, a cancelled task, or closing this generator)."""
-        finished = asyncio.Event()
-        # Triton's own request id: the models log failures with it, as the access log does. Read here, in the
-        # call's task: grpc consumes `requests()` in a task of its own.
-        call_id = request_id.current()
+        """(event JSON, response) pairs up to the final event; if the caller stops early (an exception, a
+        cancelled task, or closing this generator), the model is asked to stop, and this ends once it has."""
+        # Triton's own request id: the models log failures with it, as the access log does.
+        call = TritonCall(
+            self.client,
+            model,
+            _inputs(request, images),
+            request_id.current(),
+            lambda message: _stream_error(message, self.retry_after_s),
+            transport_error,
+        )
+        events = call.responses(run_s, self.stop_grace_s, buffer, self.on_grace_expired)
+        async with contextlib.aclosing(events):
+            async for pair in events:
+                yield pair
 
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": model, "inputs": _inputs(request, images), "request_id": call_id}
-            await finished.wait()  # keep the stream open until the final response: closing it ends the request
-
-        call = self.client.stream_infer(requests(), stream_timeout=timeout_s)
-        completed = False
-        try:
-            async for result, error in call:
-                if error is not None:
-                    completed = True
-                    raise _stream_error(error.message(), self.retry_after_s)
-                payload = json.loads(result.as_numpy("event")[0])
-                yield payload, result
-                if payload["type"] in FINAL_EVENTS:
-                    completed = True
-                    return
-            raise plain(grpc.StatusCode.UNAVAILABLE, "the inference server closed the stream before the result")
-        except grpc.RpcError as exc:
-            raise transport_error(exc) from exc
-        finally:
-            finished.set()
-            if not completed:
-                call.cancel()  # the model sees the cancellation and stops within one step / token
-
-    async def generate(self, forward: Forward, timeout_s: float | None) -> AsyncGenerator[Event, None]:
+    async def generate(
+        self, forward: Forward, run_s: float, buffer: Buffer | None = None
+    ) -> AsyncGenerator[Event, None]:
         """Progress events, then one result, from the `omnigen2` BLS."""
-        events = self._stream(BLS_MODEL, forward.request_json(), forward.images, timeout_s)
+        events = self._stream(BLS_MODEL, forward.request_json(), forward.images, run_s, buffer or Unbuffered())
         async with contextlib.aclosing(events):
             async for payload, result in events:
                 yield _generation_event(payload, result)
 
-    async def understand(self, forward: ChatForward, timeout_s: float | None) -> AsyncGenerator[dict[str, Any], None]:
+    async def understand(
+        self, forward: ChatForward, run_s: float, buffer: Buffer | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """`delta` events, then one `done`, from the `mllm` model."""
-        events = self._stream(MLLM_MODEL, forward.request_json(), forward.images, timeout_s)
+        events = self._stream(MLLM_MODEL, forward.request_json(), forward.images, run_s, buffer or Unbuffered())
         async with contextlib.aclosing(events):
             async for payload, _ in events:
                 yield payload
@@ -183,7 +184,12 @@ def _inputs(request: bytes, images: list[bytes]) -> list[InferInput]:
 
 def _generation_event(payload: dict[str, Any], result: InferResult) -> Event:
     if payload["type"] == "progress":
-        return ProgressEvent(step=payload["step"], total=payload["total"], preview=result.as_numpy("preview"))
+        return ProgressEvent(
+            step=payload["step"],
+            total=payload["total"],
+            preview=result.as_numpy("preview"),
+            preview_withheld=payload.get("preview_withheld", False),
+        )
     return ResultEvent(
         seed=payload["seed"],
         timings=payload["timings"],
@@ -191,4 +197,7 @@ def _generation_event(payload: dict[str, Any], result: InferResult) -> Event:
         latents=result.as_numpy("latents"),
         truncated_prompt_tokens=payload["truncated_prompt_tokens"],
         truncated_negative_prompt_tokens=payload["truncated_negative_prompt_tokens"],
+        withheld=payload.get("withheld", []),
+        cache=payload.get("cache", "none"),
+        cache_note=payload.get("cache_note", ""),
     )

@@ -107,6 +107,18 @@ def test_long_prompt_is_truncated_end_to_end(client: OmniGen2Client, cases: dict
     assert fits.truncated_prompt_tokens == fits.truncated_negative_prompt_tokens == 0
 
 
+@pytest.mark.parametrize("name", ["f_teacache_t2i", "f_taylorseer_edit"])
+def test_step_caching_end_to_end(client: OmniGen2Client, cases: dict[str, Any], golden: Path, name: str) -> None:
+    """The SDK's cache options reach the BLS, and the result says which caching ran."""
+    case = next(c for c in cases["feature_cases"] if c["name"] == name)
+    options = _case_options(case) | {"cache": case["cache"]}
+    if "teacache_rel_l1_thresh" in case:
+        options["teacache_threshold"] = case["teacache_rel_l1_thresh"]
+    result = client.generate(case["prompt"], [golden / f for f in case["images"]], **options)
+    assert result.latents is not None and (result.cache, result.cache_note) == (case["cache"], "")
+    assert relative_error(result.latents.numpy(), np.load(golden / case["final_latents"])) <= 1e-5
+
+
 def test_stream_is_ordered_and_complete(client: OmniGen2Client) -> None:
     events = list(client.stream("A lighthouse at dusk", **(SMALL | {"steps": 5})))
     assert [e.step for e in events[:-1] if isinstance(e, Progress)] == [1, 2, 3, 4, 5]
@@ -202,6 +214,8 @@ def test_model_info(client: OmniGen2Client, model_repository: Path) -> None:
     assert info.defaults.steps == 50 and info.defaults.text_guidance_scale == 5.0
     assert info.limits.max_sequence_length == info.defaults.max_sequence_length == 512  # the tiny checkpoint's
     assert list(info.schedulers) == [pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER]
+    assert list(info.step_caches) == [pb.STEP_CACHE_NONE, pb.STEP_CACHE_TEACACHE, pb.STEP_CACHE_TAYLORSEER]
+    assert info.defaults.cache == pb.STEP_CACHE_NONE and info.defaults.teacache_threshold == 0.05
 
 
 def _bomb() -> bytes:
@@ -239,6 +253,9 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"max_sequence_length": DEFAULT_LIMITS.max_sequence_length + 1}, "max_sequence_length"),  # the front end's
     ({"max_sequence_length": 513}, "max_sequence_length"),  # the BLS's: the tiny checkpoint has 512 text positions
     ({"output_format": 9}, "output_format"),
+    ({"cache": 9}, "cache"),
+    ({"teacache_threshold": 0.0}, "teacache_threshold"),
+    ({"teacache_threshold": 1.5}, "teacache_threshold"),
     ({"quality": 0}, "quality"),
     ({"quality": 101}, "quality"),
 ]
