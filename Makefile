@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	# torch first and by exact version: the CPU build comes from the local disk, not a multi-GB download.
 	$(PY) -m pip install --quiet torch==2.13.0
 	# The SDK (client/) generates its gRPC stubs from proto/ as it is built; the server imports them too.
-	$(PY) -m pip install --quiet -e ./client -e '.[test]'
+	# The safety extra (nudenet, AGPL-3.0) is installed here for the tests only: a deployment leaves it out unless it
+	# means to run the safety stage (README, content safety).
+	$(PY) -m pip install --quiet -e ./client -e '.[test,safety]'
 	touch $(STAMP)
 
 STUBS := client/omnigen2/v1/omnigen2_pb2.py

@@ -15,7 +15,14 @@ import logging
 import os
 from pathlib import Path
 
-from serving.build.repository import BACKENDS, add_bls_arguments, bls_settings, prepare_repository
+from serving.build.repository import (
+    BACKENDS,
+    add_bls_arguments,
+    add_safety_arguments,
+    bls_settings,
+    prepare_repository,
+    safety_from_args,
+)
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.model.devices import DEVICES
@@ -43,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")
     )
     add_bls_arguments(parser)
+    add_safety_arguments(parser)
     args, frontend_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
@@ -57,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         bls=bls_settings(args.backend, args.precision, args.max_call_tokens),
         device=args.device,
         limits=frontend.limits,
+        safety=safety_from_args(args),
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)

@@ -13,6 +13,7 @@ from omnigen2.errors import (
     InternalError,
     InvalidArgumentError,
     OmniGen2Error,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -23,8 +24,10 @@ from omnigen2.messages import (
     ImageInput,
     Latents,
     Progress,
+    SafetyFinding,
     UnderstandOptions,
     UnderstandResult,
+    WithheldImage,
 )
 
 __all__ = [
@@ -41,9 +44,12 @@ __all__ = [
     "Latents",
     "OmniGen2Client",
     "OmniGen2Error",
+    "PermissionDeniedError",
     "Progress",
     "ResourceExhaustedError",
+    "SafetyFinding",
     "UnavailableError",
     "UnderstandOptions",
     "UnderstandResult",
+    "WithheldImage",
 ]

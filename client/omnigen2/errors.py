@@ -40,6 +40,16 @@ class ResourceExhaustedError(OmniGen2Error):
         self.retry_after = retry_after
 
 
+class PermissionDeniedError(OmniGen2Error):
+    """The caller may not make this call: outside its token's scope, or refused by the server's content policy, in
+    which case `reason` is the policy rule's id and `field` the request field (or "answer") it matched in."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, field: str) -> None:
+        super().__init__(code, message)
+        self.reason = reason
+        self.field = field
+
+
 class UnavailableError(OmniGen2Error):
     """The server or its inference backend is down; the client already retried with backoff."""
 
@@ -84,4 +94,11 @@ def from_rpc_error(error: grpc.RpcError) -> OmniGen2Error:
             if detail.Unpack(retry):
                 retry_after = retry.retry_delay.ToNanoseconds() / 1e9
         return ResourceExhaustedError(code, message, retry_after)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        reason, field = "", ""
+        for detail in details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason, field = info.reason, info.metadata.get("field", "")
+        return PermissionDeniedError(code, message, reason, field)
     return _BY_CODE.get(code, OmniGen2Error)(code, message)

@@ -30,6 +30,7 @@ class FrontendConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key the API port speaks TLS only
     tls_key: str = ""  # PEM private key
     auth_tokens: str = ""  # JSON file of token digests, scopes and rate limits (serving/frontend/auth.py); "" = open
+    policy: str = ""  # prompt policy file, JSON or YAML (serving/frontend/policy.py), re-read on SIGHUP; "" = none
     # Budgets (serving/frontend/budgets.py, reported in GetModelInfo). The token defaults keep the default stack
     # inside a 24 GB machine: attention memory grows with the square of a sample's tokens (the measurements behind
     # them are in docs/reliability.md, admission by cost).

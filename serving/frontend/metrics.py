@@ -21,6 +21,18 @@ class Metrics:
             "omnigen2_in_flight_requests", "Admitted Generate and Understand calls", registry=self.registry
         )
         self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
+        self.policy_blocked = Counter(
+            "omnigen2_policy_blocked",
+            "Requests (stage=request) and answers (stage=answer) refused by the prompt policy, by rule id",
+            ["rule", "stage"],
+            registry=self.registry,
+        )
+        self.policy_reloads = Counter(
+            "omnigen2_policy_reloads", "Policy file reloads on SIGHUP, by result", ["result"], registry=self.registry
+        )
+        self.images_withheld = Counter(
+            "omnigen2_images_withheld", "Images kept back by the safety classifier", registry=self.registry
+        )
         self.step = Histogram(
             "omnigen2_denoise_step_seconds",
             "Seconds between consecutive progress events of one generation",

@@ -24,6 +24,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
 from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
+from serving.frontend.policy import PolicyFile
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.triton_backend import TritonBackend
 
@@ -39,6 +40,7 @@ class Frontend:
         self.backend = TritonBackend(config.triton_url, config.max_response_bytes, config.retry_after_s)
         self.health = TritonHealth(self.backend, config.health_interval_s)
         self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
+        self.policy = PolicyFile(Path(config.policy)) if config.policy else None
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(f"/{SERVICE}/")]
         if self.tokens:
             interceptors.append(AuthInterceptor(self.tokens, self._denied))
@@ -51,12 +53,19 @@ class Frontend:
                 ("grpc.max_send_message_length", config.max_response_bytes),
             ],
         )
-        self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens)
+        self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens, self.policy)
         pb_grpc.add_OmniGen2Servicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
         self.port = 0
         self._watch: asyncio.Task[None] | None = None
+
+    def reload_policy(self) -> None:
+        """SIGHUP: re-read the policy file; one that does not load leaves the policy as it was."""
+        if self.policy is None:
+            log.warning("SIGHUP: no --policy file to reload")
+            return
+        self.metrics.policy_reloads.labels("ok" if self.policy.reload() else "failed").inc()
 
     def _denied(self, method: str, code: grpc.StatusCode) -> None:
         name = method.rpartition("/")[2]
@@ -108,6 +117,7 @@ async def serve(config: FrontendConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, frontend.reload_policy)
     await stop.wait()
     log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
     await frontend.stop()

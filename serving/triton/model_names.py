@@ -9,3 +9,4 @@ VAE_ENCODER = "vae_encoder"
 TRANSFORMER = "transformer"
 VAE_DECODER = "vae_decoder"
 COMPONENT_MODELS = (VAE_ENCODER, TRANSFORMER, VAE_DECODER)
+SAFETY_CLASSIFIER = "safety_classifier"  # the optional output-image classifier (docs/tensor_contract.md)

@@ -1,0 +1,117 @@
+"""`make bench BENCH_ARGS='--profile cpu-small-safety'`: what the output-image safety stage costs per request.
+
+The `small` checkpoint at 256x256, 8 steps, text-to-image, served twice at once from two repositories that differ
+only in the stage (off / on with the default thresholds); requests alternate between the two stacks so that the
+machine's drift falls on both alike. Reported: p50 and p90 latency of each at concurrency 1 and 4, their
+difference, and the BLS's own `safety` stage time per request (classifying its one finished image).
+Results: benchmarks/results/cpu-small-safety/{results.json, results.md}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from grpc_health.v1 import health_pb2
+from omnigen2 import AsyncOmniGen2Client
+
+from benchmarks.machine import machine_info
+from benchmarks.workloads import Workload, standard_mixes
+from serving.build.repository import prepare_repository
+from serving.frontend.process import FrontendProcess
+from serving.safety.settings import SafetySettings
+from serving.triton.launcher import Ports, TritonServer
+
+SIZE, STEPS = 256, 8
+CONCURRENCY = (1, 4)
+ROUNDS = 6  # per concurrency: each round sends `concurrency` requests to one stack, then to the other
+
+
+async def _round(address: str, workload: Workload, concurrency: int, seed: int) -> list[tuple[float, float]]:
+    """`concurrency` requests at once: (latency, safety stage seconds) of each."""
+
+    async def one(client: AsyncOmniGen2Client, i: int) -> tuple[float, float]:
+        started = asyncio.get_running_loop().time()
+        result = await client.generate(workload.prompt, workload.images, **workload.sdk_options(seed=seed + i))
+        return asyncio.get_running_loop().time() - started, result.timings["safety"]
+
+    async with AsyncOmniGen2Client(address, timeout=3600) as client:
+        return list(await asyncio.gather(*(one(client, i) for i in range(concurrency))))
+
+
+def _summary(samples: list[tuple[float, float]]) -> dict[str, float]:
+    latencies = [latency for latency, _ in samples]
+    return {
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p90_s": float(np.percentile(latencies, 90)),
+        "safety_stage_ms_p50": 1000 * statistics.median(stage for _, stage in samples),
+        "requests": len(samples),
+    }
+
+
+def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
+    variants = {"without": None, "with": SafetySettings()}
+    workload = standard_mixes(SIZE, STEPS)[0]  # t2i
+    points: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        addresses = {}
+        for name, safety in variants.items():
+            repository = prepare_repository(
+                checkpoint, work / name / "model_repository", onnx_cache=work.parent / "onnx", safety=safety
+            )
+            triton = stack.enter_context(TritonServer(repository, Ports.free(), build_dir=work / name))
+            api = stack.enter_context(
+                FrontendProcess(triton.grpc_url, work / name / "frontend.log", "--max-in-flight=64", "--metrics-port=0")
+            )
+            api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
+            addresses[name] = api.address
+            asyncio.run(_round(api.address, workload, 1, seed=0))  # warm-up: sessions, caches
+        for concurrency in CONCURRENCY:
+            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+            for r in range(ROUNDS):
+                order = list(variants) if r % 2 == 0 else list(reversed(variants))
+                for name in order:
+                    samples[name] += asyncio.run(_round(addresses[name], workload, concurrency, seed=100 * r))
+            for name in variants:
+                point = {"safety": name, "concurrency": concurrency} | _summary(samples[name])
+                points.append(point)
+                print(json.dumps(point), flush=True)
+    results = {
+        "profile": "cpu-small-safety",
+        "settings": {"checkpoint": "small", "size": SIZE, "steps": STEPS, "rounds": ROUNDS, "workload": "t2i"},
+        "machine": machine_info(),
+        "points": points,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        "# Benchmark `cpu-small-safety`: the output-image safety stage, off and on",
+        "",
+        f"Machine: {machine.get('cpu')} ({machine.get('bf16_isa')}), {machine['cpus']} CPUs, "
+        f"{machine['memory_gib']} GiB, {machine['platform']}. Settings: `{results['settings']}`.",
+        "",
+        "| concurrency | p50 without (s) | p50 with (s) | p50 difference (ms) | p90 without (s) | p90 with (s) "
+        "| safety stage per request, p50 (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for concurrency in sorted({p["concurrency"] for p in results["points"]}):
+        off, on = (
+            next(p for p in results["points"] if p["concurrency"] == concurrency and p["safety"] == name)
+            for name in ("without", "with")
+        )
+        lines.append(
+            f"| {concurrency} | {off['p50_s']:.3f} | {on['p50_s']:.3f} | {1000 * (on['p50_s'] - off['p50_s']):+.0f} "
+            f"| {off['p90_s']:.3f} | {on['p90_s']:.3f} | {on['safety_stage_ms_p50']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

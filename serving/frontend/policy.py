@@ -1,0 +1,193 @@
+"""The operator's prompt policy: rules checked in the front end before a request reaches Triton, and on answers.
+
+The policy file (`--policy`, JSON, or YAML when it ends in .yaml / .yml) holds rules with ids and per-token
+overrides, the tokens named as in the `--auth-tokens` file (serving/frontend/auth.py):
+
+    {"rules": [{"id": "weapons", "terms": ["pipe bomb", "nerve agent"]},
+               {"id": "card-number", "regexes": ["\\b(?:\\d[ -]?){13,16}\\b"]}],
+     "overrides": {"red-team": {"exempt": ["weapons"]}, "kids-app": {"rules": [{"id": "gore", "terms": ["gore"]}]}}}
+
+A term matches case-insensitively, as whole words (Unicode-normalised, NFKC, so full-width letters do not slip
+through; spaces in a term match any run of white space); a regular expression is Python `re` syntax, applied to
+the NFKC-normalised text as written (`(?i)` makes it case-insensitive). `exempt` lists rule ids the token skips
+("*": all of the file's rules); an override's `rules` apply to that token only. Prompts, negative prompts, chat
+text and Understand answers are checked. A refusal names the rule's id and the field, never the matched text.
+SIGHUP re-reads the file; a file that does not load leaves the policy in force as it was (and is logged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from google.rpc import error_details_pb2
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+from serving.errors import SettingError
+from serving.frontend.status import ApiError, make_status
+
+log = logging.getLogger(__name__)
+ERROR_DOMAIN = "policy.omnigen2.v1"
+_RULE_KEYS = {"id", "terms", "regexes"}
+_OVERRIDE_KEYS = {"exempt", "rules"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    patterns: tuple[re.Pattern[str], ...]
+
+    def matches(self, text: str) -> bool:
+        return any(pattern.search(text) for pattern in self.patterns)
+
+
+@dataclass(frozen=True)
+class Override:
+    exempt: frozenset[str] = frozenset()  # rule ids, or "*"
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    field: str
+
+    def error(self, what: str = "request") -> ApiError:
+        """PERMISSION_DENIED with a google.rpc.ErrorInfo whose reason is the rule's id."""
+        info = error_details_pb2.ErrorInfo(reason=self.rule, domain=ERROR_DOMAIN, metadata={"field": self.field})
+        message = f"the {what} is refused by the content policy (rule {self.rule!r}, field {self.field})"
+        return ApiError(make_status(grpc.StatusCode.PERMISSION_DENIED, message, info))
+
+
+def normalise(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
+
+
+def _term_pattern(term: str) -> re.Pattern[str]:
+    words = normalise(term).split()
+    return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise SettingError("policy", f"{where}: a list of non-empty strings")
+    return value
+
+
+def _rule(entry: Any, where: str) -> Rule:
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+        raise SettingError("policy", f"{where}: a rule is an object with a non-empty string `id`")
+    rule_id = entry["id"]
+    if unknown := set(entry) - _RULE_KEYS:
+        raise SettingError("policy", f"rule {rule_id!r}: unknown keys {sorted(unknown)}")
+    patterns = [_term_pattern(t) for t in _strings(entry.get("terms", []), f"rule {rule_id!r} terms")]
+    for expression in _strings(entry.get("regexes", []), f"rule {rule_id!r} regexes"):
+        try:
+            patterns.append(re.compile(expression))
+        except re.error as exc:
+            raise SettingError("policy", f"rule {rule_id!r}: bad regular expression ({exc})") from exc
+    if not patterns:
+        raise SettingError("policy", f"rule {rule_id!r}: needs `terms` or `regexes`")
+    return Rule(rule_id, tuple(patterns))
+
+
+def _rules(entries: Any, where: str, taken: set[str]) -> tuple[Rule, ...]:
+    if not isinstance(entries, list):
+        raise SettingError("policy", f"{where}: a list of rules")
+    rules = tuple(_rule(entry, f"{where}[{i}]") for i, entry in enumerate(entries))
+    for rule in rules:
+        if rule.id in taken:
+            raise SettingError("policy", f"rule id {rule.id!r} is used twice")
+        taken.add(rule.id)
+    return rules
+
+
+@dataclass(frozen=True)
+class PromptPolicy:
+    rules: tuple[Rule, ...] = ()
+    overrides: Mapping[str, Override] = field(default_factory=dict)  # by token name
+
+    @classmethod
+    def from_dict(cls, document: Any) -> PromptPolicy:
+        if not isinstance(document, dict) or set(document) - {"rules", "overrides"}:
+            raise SettingError("policy", "an object with `rules` and optionally `overrides`")
+        taken: set[str] = set()
+        rules = _rules(document.get("rules", []), "rules", taken)
+        overrides = {}
+        for token, entry in (document.get("overrides") or {}).items():
+            if not isinstance(entry, dict) or set(entry) - _OVERRIDE_KEYS:
+                raise SettingError("policy", f"overrides[{token!r}]: an object with `exempt` and/or `rules`")
+            exempt = frozenset(_strings(entry.get("exempt", []), f"overrides[{token!r}].exempt"))
+            if unknown := exempt - {rule.id for rule in rules} - {"*"}:
+                raise SettingError("policy", f"overrides[{token!r}].exempt: no rules {sorted(unknown)}")
+            overrides[str(token)] = Override(exempt, _rules(entry.get("rules", []), f"overrides[{token!r}]", taken))
+        return cls(rules, overrides)
+
+    @classmethod
+    def from_file(cls, path: Path) -> PromptPolicy:
+        try:
+            text = path.read_text()
+            document = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise SettingError("policy", f"{path}: {exc}") from exc
+        return cls.from_dict(document)
+
+    def rules_for(self, token: str | None) -> list[Rule]:
+        override = self.overrides.get(token, Override()) if token is not None else Override()
+        if "*" in override.exempt:
+            return list(override.rules)
+        return [rule for rule in self.rules if rule.id not in override.exempt] + list(override.rules)
+
+    def check(self, texts: Iterable[tuple[str, str]], token: str | None) -> Violation | None:
+        """The first rule that one of the (field, text) pairs breaks, for the caller's token; None when clean."""
+        rules = self.rules_for(token)
+        for name, text in texts:
+            if not text:
+                continue
+            normalised = normalise(text)
+            for rule in rules:
+                if rule.matches(normalised):
+                    return Violation(rule.id, name)
+        return None
+
+
+class PolicyFile:
+    """The policy in force, read from `path`; `reload` (on SIGHUP) swaps it for the file's new content."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.policy = PromptPolicy.from_file(path)  # a bad file at start-up stops the server: fail loudly
+
+    def reload(self) -> bool:
+        try:
+            policy = PromptPolicy.from_file(self.path)
+        except SettingError as exc:
+            log.error("policy reload failed, the previous policy stays in force: %s", exc)
+            return False
+        self.policy = policy
+        log.info(
+            "policy reloaded from %s: %d rules, %d token overrides", self.path, len(policy.rules), len(policy.overrides)
+        )
+        return True
+
+
+def request_texts(request: Any) -> list[tuple[str, str]]:
+    """The (field, text) pairs of a Generate or Understand request that the policy reads."""
+    if isinstance(request, pb.GenerateRequest):
+        return [("prompt", request.prompt), ("negative_prompt", request.negative_prompt)]
+    if isinstance(request, pb.UnderstandRequest):
+        return [
+            (f"messages[{i}].content[{j}].text", part.text)
+            for i, message in enumerate(request.messages)
+            for j, part in enumerate(message.content)
+            if part.HasField("text")
+        ]
+    return []

@@ -1,0 +1,1 @@
+"""The output-image safety stage: letterboxing, the detector's decoding, and the operator's thresholds."""

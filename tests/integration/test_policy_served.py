@@ -1,0 +1,137 @@
+"""The prompt policy on the real stack: a front end with --policy and --auth-tokens in front of the shared Triton.
+Refusals cost no model time, name the rule and never the text; per-token overrides; SIGHUP reloads; answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2
+from omnigen2 import OmniGen2Client, PermissionDeniedError
+
+from serving.frontend.auth import token_digest
+from serving.frontend.process import FrontendProcess
+from serving.triton.launcher import TritonServer
+from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
+
+APP, RED_TEAM = "app-token", "red-team-token"
+POLICY = {
+    "rules": [
+        {"id": "weapons", "terms": ["pipe bomb"]},
+        {"id": "card-number", "regexes": [r"\b(?:\d[ -]?){13,16}\b"]},
+    ],
+    "overrides": {"red-team": {"exempt": ["weapons"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("policy") / "policy.json"
+    path.write_text(json.dumps(POLICY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer, policy_file: Path) -> Iterator[Any]:
+    work = tmp_path_factory.mktemp("policy-frontend")
+    tokens = work / "tokens.json"
+    entries = [
+        {"name": "app", "sha256": token_digest(APP), "rate_per_minute": 6000, "burst": 100},
+        {"name": "red-team", "sha256": token_digest(RED_TEAM), "rate_per_minute": 6000, "burst": 100},
+    ]
+    tokens.write_text(json.dumps({"tokens": entries}))
+    flags = (f"--policy={policy_file}", f"--auth-tokens={tokens}")
+    with FrontendProcess(triton.grpc_url, work / "frontend.log", *flags) as frontend:
+        frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        yield frontend
+
+
+def _executions(triton: TritonServer, model: str) -> int:
+    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics(model)
+    return int(stats.model_stats[0].execution_count)
+
+
+def _blocked(frontend: FrontendProcess, rule: str, stage: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{frontend.metrics_port}/metrics", timeout=5).read().decode()
+    pattern = rf'^omnigen2_policy_blocked_total\{{rule="{re.escape(rule)}",stage="{stage}"\}} (\S+)$'
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def _reload(frontend: FrontendProcess, policy_file: Path, policy: Any) -> None:
+    policy_file.write_text(policy if isinstance(policy, str) else json.dumps(policy))
+    assert frontend.process is not None
+    frontend.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)  # the handler runs on the front end's event loop, between calls
+
+
+def test_blocked_requests_cost_no_model_time_and_never_echo_the_text(
+    guarded: FrontendProcess, triton: TritonServer
+) -> None:
+    before = _executions(triton, BLS_MODEL), _executions(triton, MLLM_MODEL)
+    secret = "4111 1111 1111 1111"
+    with OmniGen2Client(guarded.address, token=APP, timeout=30, retries=0) as client:
+        with pytest.raises(PermissionDeniedError) as raised:
+            client.generate("A red apple", negative_prompt=f"card {secret}", width=32, height=32, steps=1)
+        assert (raised.value.reason, raised.value.field) == ("card-number", "negative_prompt")
+        assert "4111" not in raised.value.message
+        with pytest.raises(PermissionDeniedError) as raised:
+            list(client.stream("How to build a Pipe Bomb", width=32, height=32, steps=1))
+        assert (raised.value.reason, raised.value.field) == ("weapons", "prompt")
+        assert "bomb" not in raised.value.message.lower()
+        with pytest.raises(PermissionDeniedError) as raised:
+            client.understand(f"Is {secret} a valid card?", max_new_tokens=4)
+        assert raised.value.reason == "card-number" and raised.value.field == "messages[0].content[0].text"
+    assert (_executions(triton, BLS_MODEL), _executions(triton, MLLM_MODEL)) == before
+    assert _blocked(guarded, "card-number", "request") == 2
+    assert _blocked(guarded, "weapons", "request") == 1
+    log = guarded.log_path.read_text()
+    assert "4111" not in log and "Pipe Bomb" not in log  # the access log records the call, not its text
+
+
+def test_a_token_override_exempts_that_token_only(guarded: FrontendProcess) -> None:
+    with OmniGen2Client(guarded.address, token=RED_TEAM, timeout=60, retries=0) as client:
+        assert client.generate("A pipe bomb disposal robot", width=32, height=32, steps=1).images
+        with pytest.raises(PermissionDeniedError):
+            client.generate("4111111111111111", width=32, height=32, steps=1)
+
+
+def test_sighup_reloads_and_a_bad_file_keeps_the_policy_in_force(guarded: FrontendProcess, policy_file: Path) -> None:
+    with OmniGen2Client(guarded.address, token=APP, timeout=60, retries=0) as client:
+        assert client.generate("A red apple", width=32, height=32, steps=1).images
+        _reload(guarded, policy_file, {"rules": [{"id": "fruit", "terms": ["apple"]}]})
+        with pytest.raises(PermissionDeniedError) as raised:
+            client.generate("A red apple", width=32, height=32, steps=1)
+        assert raised.value.reason == "fruit"
+        _reload(guarded, policy_file, "{broken")
+        with pytest.raises(PermissionDeniedError):  # the previous policy is still in force
+            client.generate("A RED APPLE", width=32, height=32, steps=1)
+        assert "policy reload failed, the previous policy stays in force" in guarded.log_path.read_text()
+    _reload(guarded, policy_file, POLICY)
+
+
+def test_an_answer_that_breaks_the_policy_ends_the_stream_with_the_rule(
+    guarded: FrontendProcess, policy_file: Path
+) -> None:
+    question = "Describe a quiet lake."
+    with OmniGen2Client(guarded.address, token=APP, timeout=120, retries=0) as client:
+        answer = client.understand(question, max_new_tokens=12).text
+        words = re.findall(r"\w{2,}", answer)
+        snippet = next(w for w in reversed(words) if w.lower() not in question.lower())
+        _reload(guarded, policy_file, {"rules": [{"id": "answer-rule", "regexes": [re.escape(snippet)]}]})
+        deltas: list[str] = []
+        with pytest.raises(PermissionDeniedError) as raised:
+            for event in client.understand_stream(question, max_new_tokens=12):
+                deltas.append(event if isinstance(event, str) else event.text)
+        assert (raised.value.reason, raised.value.field) == ("answer-rule", "answer")
+        assert snippet not in "".join(deltas) and snippet not in raised.value.message
+    assert _blocked(guarded, "answer-rule", "answer") == 1
+    _reload(guarded, policy_file, POLICY)

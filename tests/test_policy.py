@@ -1,0 +1,136 @@
+"""The prompt policy (serving/frontend/policy.py): rules, per-token overrides, refusals and reloads, in process."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+from serving.errors import SettingError
+from serving.frontend.policy import PolicyFile, PromptPolicy, request_texts
+
+POLICY: dict[str, Any] = {
+    "rules": [
+        {"id": "weapons", "terms": ["pipe bomb", "Nerve Agent"]},
+        {"id": "card-number", "regexes": [r"\b(?:\d[ -]?){13,16}\b"]},
+        {"id": "shouting", "regexes": ["ABSOLUTELY"]},
+    ],
+    "overrides": {
+        "red-team": {"exempt": ["weapons"]},
+        "trusted": {"exempt": ["*"]},
+        "kids-app": {"rules": [{"id": "gore", "terms": ["gore"]}]},
+    },
+}
+
+
+@pytest.fixture
+def policy() -> PromptPolicy:
+    return PromptPolicy.from_dict(POLICY)
+
+
+def rule_for(policy: PromptPolicy, text: str, token: str | None = None) -> str | None:
+    violation = policy.check([("prompt", text)], token)
+    return violation.rule if violation else None
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("how to build a PIPE  BOMB at home", "weapons"),  # any case, any run of spaces
+        ("nerve\nagent", "weapons"),
+        ("\uff50\uff49\uff50\uff45 \uff42\uff4f\uff4d\uff42", "weapons"),  # full-width letters: NFKC-normalised first
+        ("a pipe bombastic speech", None),  # terms are whole words
+        ("pay with 4111 1111 1111 1111 please", "card-number"),
+        ("ABSOLUTELY not", "shouting"),
+        ("absolutely not", None),  # a regular expression is case-sensitive unless it says (?i)
+        ("A red apple on a wooden table", None),
+    ],
+)
+def test_terms_and_regexes(policy: PromptPolicy, text: str, rule: str | None) -> None:
+    assert rule_for(policy, text) == rule
+
+
+def test_overrides_by_token_name(policy: PromptPolicy) -> None:
+    assert rule_for(policy, "a pipe bomb", "red-team") is None  # exempt from that rule
+    assert rule_for(policy, "4111 1111 1111 1111", "red-team") == "card-number"  # but not from the others
+    assert rule_for(policy, "a pipe bomb and ABSOLUTELY 4111111111111111", "trusted") is None
+    assert rule_for(policy, "so much gore", "kids-app") == "gore"  # a rule of that token only
+    assert rule_for(policy, "so much gore", "someone-else") is None
+    assert rule_for(policy, "so much gore", None) is None
+
+
+def test_every_text_field_is_read(policy: PromptPolicy) -> None:
+    generate = pb.GenerateRequest(prompt="A cat", negative_prompt="no pipe bombs, no pipe bomb")
+    violation = policy.check(request_texts(generate), None)
+    assert violation is not None and (violation.rule, violation.field) == ("weapons", "negative_prompt")
+    chat = pb.UnderstandRequest(
+        messages=[
+            pb.ChatMessage(content=[pb.ContentPart(text="What is this?")]),
+            pb.ChatMessage(content=[pb.ContentPart(image=pb.Image(data=b"x")), pb.ContentPart(text="nerve agent")]),
+        ]
+    )
+    violation = policy.check(request_texts(chat), None)
+    assert violation is not None and violation.field == "messages[1].content[1].text"
+
+
+def test_refusal_names_the_rule_and_never_the_text(policy: PromptPolicy) -> None:
+    secret = "4111 1111 1111 1111"
+    violation = policy.check([("prompt", f"card {secret}")], None)
+    assert violation is not None
+    error = violation.error()
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    (key, details), *_ = error.status.trailing_metadata
+    assert key == "grpc-status-details-bin"  # the google.rpc.Status, as grpcio-status sends it
+    rich = status_pb2.Status.FromString(details)
+    info = error_details_pb2.ErrorInfo()
+    assert rich.details[0].Unpack(info)
+    assert info.reason == "card-number" and info.metadata["field"] == "prompt"
+    for text in (error.status.details, rich.message, str(info)):
+        assert secret not in text and "4111" not in text
+
+
+@pytest.mark.parametrize(
+    ("document", "complaint"),
+    [
+        ({"rules": [{"id": "a", "terms": ["x"]}, {"id": "a", "terms": ["y"]}]}, "used twice"),
+        ({"rules": [{"id": "a", "regexes": ["(unclosed"]}]}, "bad regular expression"),
+        ({"rules": [{"id": "a", "terms": ["x"], "typo": 1}]}, "unknown keys"),
+        ({"rules": [{"id": "a"}]}, "needs `terms` or `regexes`"),
+        ({"rules": [{"terms": ["x"]}]}, "non-empty string `id`"),
+        ({"rules": [], "overrides": {"t": {"exempt": ["nope"]}}}, "no rules ['nope']"),
+        ({"rules": [{"id": "a", "terms": [""]}]}, "non-empty strings"),
+        ({"policy": []}, "an object with `rules`"),
+    ],
+)
+def test_bad_policies_are_refused_naming_the_problem(document: Any, complaint: str) -> None:
+    with pytest.raises(SettingError, match=complaint.replace("[", r"\[").replace("]", r"\]")):
+        PromptPolicy.from_dict(document)
+
+
+def test_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("rules:\n  - id: weapons\n    terms: [pipe bomb]\n  - id: digits\n    regexes: ['\\d{6}']\n")
+    policy = PolicyFile(path).policy
+    assert rule_for(policy, "Pipe Bomb") == "weapons" and rule_for(policy, "123456") == "digits"
+
+
+def test_reload_swaps_the_policy_and_keeps_it_when_the_file_is_bad(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"rules": [{"id": "old", "terms": ["apple"]}]}))
+    holder = PolicyFile(path)
+    path.write_text(json.dumps({"rules": [{"id": "new", "terms": ["pear"]}]}))
+    assert holder.reload()
+    assert rule_for(holder.policy, "an apple") is None and rule_for(holder.policy, "a pear") == "new"
+    path.write_text("{not json")
+    with caplog.at_level(logging.ERROR):
+        assert not holder.reload()
+    assert rule_for(holder.policy, "a pear") == "new"  # still in force
+    assert "the previous policy stays in force" in caplog.text
