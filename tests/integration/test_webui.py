@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,13 +39,14 @@ from serving.triton.launcher import LOOPBACK, free_port
 # The UI's starting values: small and fast on the tiny checkpoint.
 UI_ARGS = ("--width", "64", "--height", "48", "--steps", "4")
 PROMPT = "A red apple on a wooden table"
-# Records every text the page's progress bars show, so a fast generation's progress is not missed between polls.
-WATCH_PROGRESS = """
-window.progressSeen = [];
+# Records every text that elements matching a selector show, so what a fast generation shows is not missed between
+# polls.
+WATCH = """
+window.seen = [];
 new MutationObserver(() => {
-  for (const bar of document.querySelectorAll('.progress-level, .progress-text')) {
-    const text = bar.textContent.trim();
-    if (text && window.progressSeen.at(-1) !== text) window.progressSeen.push(text);
+  for (const element of document.querySelectorAll(arguments[0])) {
+    const text = element.textContent.trim();
+    if (text && !window.seen.includes(text)) window.seen.push(text);
   }
 }).observe(document.body, {subtree: true, childList: true, characterData: true});
 """
@@ -159,7 +161,7 @@ def test_generate_in_the_browser_shows_the_served_image(
     page.find_element(By.CSS_SELECTOR, "#generate-prompt textarea").send_keys(PROMPT)
     page.find_element(By.CSS_SELECTOR, "#generate-settings button").click()  # open the accordion
     type_into(wait_for(page, "#generate-seed input"), "7")
-    page.execute_script(WATCH_PROGRESS)
+    page.execute_script(WATCH, ".progress-level, .progress-text")
     page.find_element(By.ID, "generate-button").click()
 
     shown = wait_for(page, "#generate-gallery img")
@@ -169,11 +171,27 @@ def test_generate_in_the_browser_shows_the_served_image(
     if target := os.environ.get("OMNIGEN2_WEBUI_SCREENSHOT"):
         shutil.copyfile(screenshot, target)
 
-    progress = page.execute_script("return window.progressSeen")
+    progress = page.execute_script("return window.seen")
     assert any("Denoising" in text for text in progress), progress
     assert any("/4 steps" in text for text in progress), progress  # the bar counts the request's 4 steps
     expected = client.generate(PROMPT, width=64, height=48, steps=4, seed=7).images[0]
     assert np.array_equal(np.asarray(fetch_image(shown).convert("RGB")), np.asarray(expected))
+
+
+def test_previews_every_n_steps(page: WebDriver) -> None:
+    """With previews on, the gallery shows the estimate on the steps asked for (and the last), then the result."""
+    page.find_element(By.CSS_SELECTOR, "#generate-prompt textarea").send_keys(PROMPT)
+    page.find_element(By.CSS_SELECTOR, "#generate-settings button").click()
+    wait_for(page, "#generate-previews input[type=checkbox]").click()
+    type_into(page.find_element(By.CSS_SELECTOR, "#generate-preview_every input"), "3")
+    page.execute_script(WATCH, "#generate-status")
+    page.find_element(By.ID, "generate-button").click()
+    WebDriverWait(page, 60).until(lambda _: "Seed" in page.find_element(By.ID, "generate-status").text)
+    shown = " ".join(page.execute_script("return window.seen"))  # the block's texts, its progress bar's included
+    assert sorted(set(re.findall(r"Step \d+ of \d+ \(preview\)", shown))) == [
+        "Step 3 of 4 (preview)",
+        "Step 4 of 4 (preview)",
+    ]
 
 
 def test_server_refusal_shows_on_the_page(page: WebDriver) -> None:
@@ -193,6 +211,17 @@ def test_edit_uploads_an_image_and_keeps_its_size(page: WebDriver, golden: Path)
     shown = wait_for(page, "#edit-gallery img")
     with Image.open(source) as original:
         assert fetch_image(shown).size == original.size  # no size set: the edited image's own
+
+
+def test_compose_takes_several_images(page: WebDriver, golden: Path) -> None:
+    page.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Compose')]").click()
+    for slot, name in ((1, "edit_one_image_input0.png"), (3, "in_context_two_images_input1.png")):
+        page.find_element(By.CSS_SELECTOR, f"#compose-image-{slot} input[type=file]").send_keys(str(golden / name))
+        wait_for(page, f"#compose-image-{slot} img")
+    page.find_element(By.CSS_SELECTOR, "#compose-prompt textarea").send_keys("The first image inside the second")
+    page.find_element(By.ID, "compose-button").click()
+    shown = wait_for(page, "#compose-gallery img")
+    assert fetch_image(shown).size == (64, 48)  # the panel's starting size
 
 
 def test_chat_streams_an_answer_about_an_image(page: WebDriver, client: OmniGen2Client, golden: Path) -> None:
