@@ -25,6 +25,7 @@ from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, ChatSettings, G
 
 Values = dict[Any, Any]  # what Gradio hands a handler whose inputs are a set: component -> value
 GalleryUpdate = tuple[list[Image.Image], str]
+STARTUP_TIMEOUT_S = 15.0  # reading the served defaults at start: a missing server is said within this
 
 
 @dataclass
@@ -253,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("OMNIGEN2_TOKEN"), help="bearer token (env OMNIGEN2_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="TLS, verifying the server against the system's CAs")
     parser.add_argument("--tls-ca", type=Path, help="TLS, trusting this PEM root certificate")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per generation or answer")
     parser.add_argument("--host", default="127.0.0.1", help="address the page is served on")
     parser.add_argument("--port", type=int, default=7860)
     # Starting values of the panels (the server's defaults otherwise), e.g. small and fast on a CPU.
@@ -265,13 +267,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     tls: bool | bytes = args.tls_ca.read_bytes() if args.tls_ca else args.tls
-    client = OmniGen2Client(args.server, token=args.token, tls=tls)
+    connection: dict[str, Any] = {"token": args.token, "tls": tls}
     try:
-        info = client.info()
+        with OmniGen2Client(args.server, timeout=STARTUP_TIMEOUT_S, **connection) as probe:
+            info = probe.info()
     except OmniGen2Error as exc:
-        raise SystemExit(
-            f"omnigen2-webui: no OmniGen2 API at {args.server} ({exc}); start one with `make serve`"
-        ) from None
+        message = f"omnigen2-webui: no OmniGen2 API at {args.server} ({exc}); start one with `make serve`"
+        raise SystemExit(message) from None
+    client = OmniGen2Client(args.server, timeout=args.timeout, **connection)
     app = build_app(client, info, args.server, width=args.width, height=args.height, steps=args.steps)
     print(f"OmniGen2 web UI on http://{args.host}:{args.port} (API {args.server})", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, quiet=True)
