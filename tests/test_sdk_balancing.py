@@ -4,6 +4,7 @@ UNAVAILABLE is tried again on another replica, with the same request id."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from omnigen2 import OmniGen2Client, UnavailableError
+from omnigen2 import AsyncOmniGen2Client, GenerationResult, OmniGen2Client, UnavailableError
 from omnigen2.client import SERVICE, channel_target
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
@@ -43,6 +44,9 @@ class Replica(pb_grpc.OmniGen2Servicer):
         if self.unavailable:
             context.abort(grpc.StatusCode.UNAVAILABLE, "Triton is not ready")
         return pb.GenerateResponse(seed=request.seed)
+
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateEvent]:  # noqa: N802
+        yield pb.GenerateEvent(result=self.Generate(request, context))
 
 
 @pytest.fixture
@@ -107,3 +111,17 @@ def test_no_replica_left_is_unavailable(replicas: tuple[Replica, Replica]) -> No
     with OmniGen2Client([a.address, b.address], timeout=10, retries=2) as client, pytest.raises(UnavailableError):
         client.generate("x", seed=1)
     assert len(a.request_ids) + len(b.request_ids) == 3
+
+
+def test_streams_and_the_asyncio_client_fail_over_too(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    a.unavailable = True  # fails before the first event: the stream may be repeated elsewhere
+    with OmniGen2Client([a.address, b.address], timeout=10) as client:
+        streamed = [list(client.stream("x", seed=i))[-1] for i in range(4)]
+    assert all(isinstance(r, GenerationResult) and r.served_by == "b" for r in streamed)
+
+    async def generate() -> list[GenerationResult]:
+        async with AsyncOmniGen2Client([a.address, b.address], timeout=10) as client:
+            return [await client.generate("x", seed=i) for i in range(4)]
+
+    assert {r.served_by for r in asyncio.run(generate())} == {"b"}
