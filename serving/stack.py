@@ -49,13 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")
     )
+    parser.add_argument(
+        "--http-listen",
+        default=os.environ.get("OMNIGEN2_HTTP_LISTEN", "127.0.0.1:8080"),
+        help="the OpenAI-compatible HTTP API beside the gRPC one; '' turns it off (env OMNIGEN2_HTTP_LISTEN)",
+    )
     add_bls_arguments(parser)
     add_safety_arguments(parser)
     args, frontend_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
-    frontend = FrontendConfig.from_args(frontend_args)  # its limits also bound the BLS and the engine profiles
+    # Its limits also bound the BLS and the engine profiles.
+    frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args), http_listen=args.http_listen)
     repository = prepare_repository(
         args.checkpoint,
         args.model_repository,
@@ -76,15 +82,18 @@ def main(argv: list[str] | None = None) -> None:
 def usage(config: FrontendConfig, triton: TritonServer) -> str:
     metrics = f"http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else "off"
     server = f"--server {config.listen}"
+    http = f"http://{config.http_listen}/v1" if config.http_listen else "off"
+    curl = f"\n  curl -s {http}/models" if config.http_listen else ""
     return f"""
 OmniGen2 is serving (Ctrl-C stops it):
   API      {config.listen}  gRPC omnigen2.v1.OmniGen2, with health checking and reflection
+  HTTP     {http}  OpenAI-compatible: /v1/images/generations, /v1/images/edits, /v1/chat/completions
   metrics  {metrics}
   Triton   {triton.grpc_url}  log: {triton.log_path}
 Try:
   .venv/bin/omnigen2 {server} info
   .venv/bin/omnigen2 {server} generate "A red apple on a wooden table" --steps 20 -o apple.png
-  .venv/bin/omnigen2 {server} edit apple.png "Make the apple green" -o green.png
+  .venv/bin/omnigen2 {server} edit apple.png "Make the apple green" -o green.png{curl}
 """
 
 

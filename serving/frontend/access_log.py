@@ -44,3 +44,9 @@ def record(
         request_id,
         describe(request),
     )
+
+
+def record_http(method: str, route: str, peer: str, status: int, seconds: float, request_id: str) -> None:
+    """One line per OpenAI-compatible HTTP request; the gRPC call it made has its own line, with the same id."""
+    line = "HTTP %s %s peer=%s status=%d seconds=%.3f request_id=%s"
+    log.info(line, method, route, peer, status, seconds, request_id)

@@ -16,6 +16,7 @@ MiB = 1024 * 1024
 class FrontendConfig:
     listen: str = "127.0.0.1:50051"  # loopback unless the operator opens it on purpose
     triton_url: str = "127.0.0.1:8001"
+    http_listen: str = ""  # the OpenAI-compatible HTTP API (serving/frontend/openai_http.py); "" = off
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9464  # Prometheus text format on http://metrics_address:metrics_port/metrics; 0 = off
     max_in_flight: int = 16  # admitted Generate + Understand calls at once; beyond: RESOURCE_EXHAUSTED

@@ -20,6 +20,12 @@ class Metrics:
         self.in_flight = Gauge(
             "omnigen2_in_flight_requests", "Admitted Generate and Understand calls", registry=self.registry
         )
+        self.http_requests = Counter(
+            "omnigen2_http_requests",
+            "OpenAI-compatible HTTP requests by method, route and HTTP status (each also counts as its gRPC call)",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
         self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
         self.policy_blocked = Counter(
             "omnigen2_policy_blocked",

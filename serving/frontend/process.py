@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +17,13 @@ from serving.triton.launcher import LOOPBACK, free_port
 
 
 class FrontendProcess:
-    def __init__(self, triton_url: str, log_path: Path, *flags: str, tls_root: bytes | None = None) -> None:
+    def __init__(
+        self, triton_url: str, log_path: Path, *flags: str, tls_root: bytes | None = None, http: bool = False
+    ) -> None:
         self.tls_root = tls_root  # the server's certificate, when it speaks TLS
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port() if http else 0  # the OpenAI-compatible HTTP API, when asked for
         self.log_path = log_path
         self.command = [
             sys.executable,
@@ -29,6 +33,7 @@ class FrontendProcess:
             f"--triton-url={triton_url}",
             f"--metrics-port={self.metrics_port}",
             "--health-interval-s=0.2",
+            *([f"--http-listen={LOOPBACK}:{self.http_port}"] if http else []),
             *flags,
         ]
         self.process: subprocess.Popen[bytes] | None = None
@@ -36,6 +41,11 @@ class FrontendProcess:
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL, as OpenAI clients take it."""
+        return f"http://{LOOPBACK}:{self.http_port}/v1"
 
     def health(self, service: str = "") -> int:
         channel = (
@@ -56,8 +66,10 @@ class FrontendProcess:
                 raise RuntimeError(f"front end exited with {self.process.returncode}:\n{self.log_path.read_text()}")
             try:
                 self.health()
+                if self.http_port:  # it listens right after the gRPC server has started
+                    socket.create_connection((LOOPBACK, self.http_port), timeout=2.0).close()
                 return self
-            except grpc.RpcError:
+            except (grpc.RpcError, OSError):
                 time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"front end not answering after {timeout:.0f} s:\n{self.log_path.read_text()}")

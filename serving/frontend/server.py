@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
 from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
+from serving.frontend.openai_http import OpenAIGateway
 from serving.frontend.policy import PolicyFile
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.triton_backend import TritonBackend
@@ -64,7 +67,14 @@ class Frontend:
         """SIGHUP: re-read the policy file; one that does not load leaves the policy as it was."""
         if self.policy is None:
             log.warning("SIGHUP: no --policy file to reload")
+        self.http_port = 0
             return
+        # The OpenAI-compatible HTTP API calls this server over a Unix socket in a folder only this user can open.
+        self.gateway: OpenAIGateway | None = None
+        self._socket_dir = ""
+        if config.http_listen:
+            self._socket_dir = tempfile.mkdtemp(prefix="omnigen2-frontend-")
+            self.gateway = OpenAIGateway(config, f"unix:{self._socket_dir}/grpc.sock", self.metrics)
         self.metrics.policy_reloads.labels("ok" if self.policy.reload() else "failed").inc()
 
     def _denied(self, method: str, code: grpc.StatusCode) -> None:
@@ -87,6 +97,8 @@ class Frontend:
                 log.warning("the API listens on %s without TLS: set --tls-cert and --tls-key", config.listen)
             if not self.tokens:
                 log.warning("the API listens on %s without --auth-tokens: every caller is served", config.listen)
+        if self.gateway is not None and self.server.add_insecure_port(self.gateway.target) == 0:
+            raise OSError(f"cannot listen on {self.gateway.target}")
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         await self.health.refresh()
@@ -98,10 +110,16 @@ class Frontend:
         """Health turns NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish."""
         await self.health.shutdown()
         if self._watch is not None:
+        if self.gateway is not None:
+            self.http_port = await self.gateway.start(config.http_listen)
+            if not config.http_listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")) and not config.tls_cert:
+                log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        await self.server.stop(self.config.shutdown_grace_s)
+        # HTTP requests in flight are calls in flight: both drain together, within the grace period.
+        gateway = self.gateway.stop() if self.gateway is not None else asyncio.sleep(0)
+        await asyncio.gather(gateway, self.server.stop(self.config.shutdown_grace_s))
         await self.backend.close()
 
 
@@ -109,6 +127,8 @@ async def serve(config: FrontendConfig) -> None:
     frontend = Frontend(config)
     port = await frontend.start()
     host = config.listen.rpartition(":")[0]
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
     metrics = (
         f", metrics on http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else ""
     )
@@ -119,6 +139,9 @@ async def serve(config: FrontendConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, frontend.reload_policy)
     await stop.wait()
+    if frontend.gateway is not None:
+        http_host = config.http_listen.rpartition(":")[0]
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", http_host, frontend.http_port)
     log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
     await frontend.stop()
 

@@ -27,8 +27,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> 
 
 @pytest.fixture(scope="session")
 def api(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
-    """The gRPC front end (its own process) on loopback, in front of the shared Triton server."""
+    """The front end (its own process) on loopback, in front of the shared Triton server: the gRPC API, and the
+    OpenAI-compatible HTTP API that calls it."""
     log = tmp_path_factory.mktemp("frontend") / "frontend.log"
-    with FrontendProcess(triton.grpc_url, log, "--max-in-flight=8") as frontend:
+    with FrontendProcess(triton.grpc_url, log, "--max-in-flight=8", http=True) as frontend:
         frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
         yield frontend

@@ -1,0 +1,299 @@
+"""The OpenAI-compatible HTTP API: a gateway in the front end's process that calls the gRPC service.
+
+Each HTTP request becomes one call of the OmniGen2 gRPC service over a Unix socket that only this process can
+open, with the caller's `Authorization` header as the call's metadata: authentication, scopes, rate limits,
+admission, validation, budgets, metrics and the access log are the gRPC service's, one implementation for both
+APIs, and the gateway only translates (serving/frontend/openai_requests.py) and maps statuses
+(serving/frontend/openai_errors.py). Routes (docs/api.md):
+
+    GET  /v1/models                  GetModelInfo
+    POST /v1/images/generations      Generate (JSON)
+    POST /v1/images/edits            Generate with 1-5 input images (multipart: `image` or `image[]`)
+    POST /v1/chat/completions        Understand; `stream: true` answers as server-sent events
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from serving.frontend import access_log, request_id
+from serving.frontend.config import FrontendConfig
+from serving.frontend.metrics import Metrics
+from serving.frontend.openai_errors import OpenAIError, bad_request, from_rpc
+from serving.frontend.openai_requests import (
+    MODEL_ID,
+    ChatCall,
+    Names,
+    chat_answer,
+    chat_call,
+    chat_chunk,
+    image_answer,
+    image_call,
+)
+
+log = logging.getLogger("omnigen2.http")
+T = TypeVar("T")
+MiB = 1024 * 1024
+_REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
+_NO_NAMES = Names()
+
+
+def body_limit(max_request_bytes: int) -> int:
+    """The largest HTTP body read: a request at the gRPC limit, base64-encoded (4/3) as data URLs are, plus room
+    for the JSON around it. Within it, the gRPC service refuses what is over its limit naming the field."""
+    return max_request_bytes * 4 // 3 + MiB
+
+
+class OpenAIGateway:
+    def __init__(self, config: FrontendConfig, target: str, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.target = target  # the gRPC service, on a Unix socket of this process
+        self.limit = body_limit(config.max_request_bytes)
+        app = web.Application(client_max_size=self.limit, middlewares=[self._middleware])
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/images/generations", self.generations)
+        app.router.add_post("/v1/images/edits", self.edits)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.on_response_prepare.append(self._add_request_id)
+        self.runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=config.shutdown_grace_s
+        )
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: pb_grpc.OmniGen2Stub | None = None
+
+    async def start(self, listen: str) -> int:
+        """Serve on `listen` (host:port, port 0 for any free one); returns the port."""
+        self.channel = grpc.aio.insecure_channel(
+            self.target,
+            options=[
+                ("grpc.max_send_message_length", -1),  # the service itself refuses requests over its limit
+                ("grpc.max_receive_message_length", self.config.max_response_bytes),
+            ],
+        )
+        self.stub = pb_grpc.OmniGen2Stub(self.channel)
+        await self.runner.setup()
+        host, _, port = listen.rpartition(":")
+        context = None
+        if self.config.tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        site = web.TCPSite(self.runner, host.strip("[]"), int(port), ssl_context=context)
+        await site.start()
+        return int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stops listening, then gives requests in flight the grace period to finish."""
+        await self.runner.cleanup()
+        if self.channel is not None:
+            await self.channel.close()
+
+    # Routes
+
+    async def models(self, request: web.Request) -> web.Response:
+        info = await self._unary(request, self._stub.GetModelInfo, pb.GetModelInfoRequest(), _NO_NAMES)
+        model = {"id": info.model or MODEL_ID, "object": "model", "created": 0, "owned_by": "omnigen2"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def generations(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        call = await self._off_loop(image_call, body, [])
+        response = await self._unary(request, self._stub.Generate, call.request, call.names)
+        return web.json_response(await self._off_loop(image_answer, response))
+
+    async def edits(self, request: web.Request) -> web.Response:
+        fields, images = await self._form(request)
+        if not images:
+            raise bad_request("image", "required: 1 image to edit, or up to 5 to compose from", "missing_required")
+        call = await self._off_loop(functools.partial(image_call, form=True), fields, images)
+        response = await self._unary(request, self._stub.Generate, call.request, call.names)
+        return web.json_response(await self._off_loop(image_answer, response))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        call = await self._off_loop(chat_call, body)
+        stream = self._stub.Understand(call.request, metadata=self._metadata(request))
+        try:
+            events = aiter(stream)
+            try:  # the HTTP status waits for the first event: a refused call is still an HTTP error
+                first = await anext(events)
+            except grpc.RpcError as error:
+                raise from_rpc(error, call.names.param) from None
+            if not call.stream:
+                event = first
+                while not event.HasField("result"):
+                    event = await anext(events)
+                return web.json_response(chat_answer(event.result, request[_REQUEST_ID]))
+            return await self._sse(request, call, first, events)
+        except grpc.RpcError as error:
+            raise from_rpc(error, call.names.param) from None
+        finally:
+            stream.cancel()  # a no-op once the call is done; otherwise the work stops
+
+    async def _sse(
+        self, request: web.Request, call: ChatCall, first: pb.UnderstandEvent, events: Any
+    ) -> web.StreamResponse:
+        """The answer as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; an error after
+        the first event is sent as an `error` event (the status line has gone)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        rid = request[_REQUEST_ID]
+
+        async def send(payload: Mapping[str, Any]) -> None:
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+        await send(chat_chunk(rid, {"role": "assistant", "content": ""}))
+        event = first
+        try:
+            while True:
+                if event.HasField("result"):
+                    await send(chat_chunk(rid, None, finish=event.result))
+                    if call.include_usage:
+                        await send(chat_chunk(rid, None, with_usage=event.result))
+                    break
+                await send(chat_chunk(rid, {"content": event.delta}))
+                event = await anext(events)
+        except grpc.RpcError as error:
+            failure = from_rpc(error, call.names.param)
+            request["status"] = failure.status
+            await send(failure.body())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # Reading requests
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            raise OpenAIError(415, f"the body must be application/json, got {request.content_type or 'none'}")
+        raw = await self._body(request, request.read)
+        try:
+            body = await self._off_loop(json.loads, raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise OpenAIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    async def _form(self, request: web.Request) -> tuple[dict[str, Any], list[bytes]]:
+        """Multipart fields (text values as strings; `name[]` or a repeated `name` as a list for the list fields
+        image and cfg_range) and the image files in order."""
+        if request.content_type != "multipart/form-data":
+            raise OpenAIError(415, f"the body must be multipart/form-data, got {request.content_type or 'none'}")
+        form = await self._body(request, request.post)
+        fields: dict[str, Any] = {}
+        images: list[bytes] = []
+        for key, value in form.items():
+            name = key.removesuffix("[]")
+            if name == "image":
+                if not isinstance(value, web.FileField):
+                    raise bad_request(f"image[{len(images)}]", "must be a file part", "invalid_type")
+                images.append(await self._off_loop(value.file.read))
+            elif isinstance(value, web.FileField):
+                raise bad_request(name, "a file where text belongs (mask is not taken: edits follow the prompt)")
+            elif name == "cfg_range":
+                fields.setdefault(name, []).append(value)
+            elif name in fields or name != key:
+                raise bad_request(name, "given more than once")
+            else:
+                fields[name] = value
+        return fields, images
+
+    async def _body(self, request: web.Request, read: Callable[[], Awaitable[T]]) -> T:
+        """Refuses a body over the limit by its Content-Length before reading it; one that states none is cut off
+        as it passes the limit."""
+        if request.content_length is not None and request.content_length > self.limit:
+            raise self._too_large(request.content_length)
+        try:
+            return await read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large(None) from None
+        except (ValueError, RuntimeError, AssertionError, HttpProcessingError) as exc:  # aiohttp's multipart parser
+            raise OpenAIError(400, f"the body does not parse: {exc}", code="invalid_body") from None
+
+    def _too_large(self, size: int | None) -> OpenAIError:
+        stated = f"{size} bytes" if size is not None else "more"
+        return OpenAIError(413, f"the body is {stated}, the limit is {self.limit} bytes", code="request_too_large")
+
+    # Calling the service
+
+    @property
+    def _stub(self) -> pb_grpc.OmniGen2Stub:
+        assert self.stub is not None, "start() first"
+        return self.stub
+
+    def _metadata(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        metadata = [(request_id.HEADER, request[_REQUEST_ID])]
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            if not (authorization.isascii() and authorization.isprintable()):
+                raise OpenAIError(401, "the Authorization header is not a bearer token", "authentication_error")
+            metadata.append(("authorization", authorization))
+        return tuple(metadata)
+
+    async def _unary(self, request: web.Request, method: Any, message: Any, names: Names) -> Any:
+        try:
+            return await method(message, metadata=self._metadata(request))
+        except grpc.RpcError as error:
+            raise from_rpc(error, names.param) from None
+
+    async def _off_loop(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Parsing, decoding and base64 of bodies of many megabytes run on a worker thread, not the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(function, *args, **kwargs))
+
+    # Every request: an id, the OpenAI error shape, one access-log line, the metrics
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        start = time.perf_counter()
+        request[_REQUEST_ID] = request_id.from_metadata([(request_id.HEADER, request.headers.get("x-request-id", ""))])
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+        except OpenAIError as exc:
+            response = _error_response(exc)
+        except web.HTTPException as exc:  # no such route, method not allowed, ...
+            response = _error_response(OpenAIError(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")))
+        except asyncio.CancelledError:
+            request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
+            raise
+        except Exception:
+            log.exception("%s %s failed (request_id=%s)", request.method, request.path, request[_REQUEST_ID])
+            failure = OpenAIError(500, "internal error; the server log has the details", "server_error")
+            response = _error_response(failure)
+        finally:
+            route = request.match_info.route.resource
+            path = route.canonical if route is not None else "unmatched"
+            status = request.get("status") or (response.status if response is not None else 499)
+            seconds = time.perf_counter() - start
+            self.metrics.http_requests.labels(request.method, path, str(status)).inc()
+            access_log.record_http(request.method, path, request.remote or "-", status, seconds, request[_REQUEST_ID])
+        return response
+
+    @staticmethod
+    async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+        if _REQUEST_ID in request:
+            response.headers[request_id.HEADER] = request[_REQUEST_ID]
+
+
+def _error_response(error: OpenAIError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,398 @@
+"""OpenAI request bodies -> the API's protobuf messages, and the answers back.
+
+Only shapes and JSON types are checked here (a string where a number belongs, a field the route does not take):
+every limit (sizes, steps, counts, guidance, image headers, request bytes) is the gRPC service's, and the fields
+its refusals name are renamed back to the HTTP caller's names by `Names`. The OmniGen2 settings go by their gRPC
+names, found from the message descriptors, so a field added to the proto is taken without a change here;
+`num_inference_steps` and `guidance_scale` are accepted for `steps` and `text_guidance_scale` as diffusers names them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+from serving.frontend.openai_errors import OpenAIError, bad_request
+
+MODEL_ID = "OmniGen2"  # the one model served, as GetModelInfo names it
+
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+}
+_FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+_FORM_INT = re.compile(r"[+-]?\d{1,20}")
+_INT32 = pb.GenerateRequest.DESCRIPTOR.fields_by_name["steps"]  # how `n` is typed
+_DOUBLE = pb.GenerateRequest.DESCRIPTOR.fields_by_name["text_guidance_scale"]  # how cfg_range's ends are typed
+
+
+@dataclass
+class Names:
+    """The request fields the HTTP caller named differently: gRPC name -> HTTP name."""
+
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def param(self, grpc_field: str) -> str:
+        if grpc_field in self.renamed:
+            return self.renamed[grpc_field]
+        image = re.fullmatch(r"input_images(\[\d+\])?(\.data)?", grpc_field)
+        if image:  # the multipart parts are `image`, in order
+            return "image" + (image.group(1) or "")
+        # An Understand image is the content part's image_url.
+        return re.sub(r"\.image(\.data)?$", ".image_url", grpc_field)
+
+
+@dataclass
+class ImageCall:
+    request: pb.GenerateRequest
+    names: Names
+
+
+@dataclass
+class ChatCall:
+    request: pb.UnderstandRequest
+    names: Names
+    stream: bool
+    include_usage: bool
+
+
+def enum_names(enum: EnumDescriptor) -> dict[str, int]:
+    """IMAGE_FORMAT_PNG -> "png": a value's name without its enum's prefix, lowercase; UNSPECIFIED is no choice."""
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    return {
+        value.name.removeprefix(prefix).lower(): value.number
+        for value in enum.values
+        if not value.name.endswith("_UNSPECIFIED")
+    }
+
+
+def _settable(descriptor: Descriptor, excluded: Iterable[str]) -> dict[str, FieldDescriptor]:
+    """The fields a caller may set by their gRPC name: scalars, enums and cfg_range (a [start, end] pair)."""
+    return {
+        f.name: f
+        for f in descriptor.fields
+        if f.name not in excluded and not f.is_repeated and (f.message_type is None or f.name == "cfg_range")
+    }
+
+
+# GenerateRequest fields the images routes set from OpenAI's own fields, or do not offer (no previews or latents:
+# the answer is one JSON body).
+_GENERATE_FIELDS = _settable(
+    pb.GenerateRequest.DESCRIPTOR,
+    ("prompt", "width", "height", "num_images_per_prompt", "previews", "return_latents", "preview_every"),
+)
+_GENERATE_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "text_guidance_scale"}
+_UNDERSTAND_FIELDS = _settable(pb.UnderstandRequest.DESCRIPTOR, ("messages", "stop"))
+_UNDERSTAND_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+_FORMAT_ALIASES = {"jpg": "jpeg"}
+
+
+def _value(descriptor: FieldDescriptor, name: str, value: Any, form: bool) -> Any:
+    """A JSON (or, with `form`, a multipart text) value as the field's protobuf type; 400 naming `name` if not."""
+    kind = descriptor.type
+    if kind in _INT_RANGES:
+        if form and isinstance(value, str) and _FORM_INT.fullmatch(value.strip()):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_request(name, f"must be an integer, got {_shown(value)}", "invalid_type")
+        low, high = _INT_RANGES[kind]
+        if not low <= value <= high:
+            raise bad_request(name, f"must be in [{low}, {high}], got {value}")
+        return value
+    if kind in _FLOATS:
+        if form and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # not a number: refused below
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad_request(name, f"must be a number, got {_shown(value)}", "invalid_type")
+        if not math.isfinite(value):
+            raise bad_request(name, f"must be a finite number, got {value}")
+        return float(value)
+    if kind == FieldDescriptor.TYPE_BOOL:
+        if form and isinstance(value, str) and value in ("true", "false"):
+            value = value == "true"
+        if not isinstance(value, bool):
+            raise bad_request(name, f"must be true or false, got {_shown(value)}", "invalid_type")
+        return value
+    if kind == FieldDescriptor.TYPE_ENUM:
+        choices = enum_names(descriptor.enum_type)
+        if not isinstance(value, str) or _FORMAT_ALIASES.get(value, value) not in choices:
+            raise bad_request(name, f"one of {', '.join(choices)}, got {_shown(value)}")
+        return choices[_FORMAT_ALIASES.get(value, value)]
+    if kind == FieldDescriptor.TYPE_STRING:
+        return _string(name, value)
+    raise AssertionError(f"{descriptor.name}: no conversion for field type {kind}")
+
+
+def _string(name: str, value: Any) -> str:
+    """A string protobuf takes: JSON's \\ud800 escapes make strings that are not UTF-8."""
+    if not isinstance(value, str):
+        raise bad_request(name, f"must be a string, got {_shown(value)}", "invalid_type")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise bad_request(name, "not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _set_fields(
+    message: Message,
+    given: Mapping[str, Any],
+    settable: Mapping[str, FieldDescriptor],
+    aliases: Mapping[str, str],
+    names: Names,
+    form: bool,
+) -> None:
+    """Set each given field (null: the server's default); the caller's name of a field is kept for errors."""
+    seen: dict[str, str] = {}  # field -> the name it was given by
+    for name, value in given.items():
+        target = aliases.get(name, name)
+        if value is None:
+            continue
+        if target in seen:
+            raise bad_request(name, f"given together with {seen[target]}")
+        seen[target] = name
+        if target != name:
+            names.renamed[target] = name
+        if target == "cfg_range":
+            start, end = _pair(name, value, form)
+            message.cfg_range.start, message.cfg_range.end = start, end
+        else:
+            setattr(message, target, _value(settable[target], name, value, form))
+
+
+def _pair(name: str, value: Any, form: bool) -> tuple[float, float]:
+    if form and isinstance(value, list) and len(value) == 1:  # one form field holding "[0, 1]"
+        value = value[0]
+    if form and isinstance(value, str):
+        value = value.strip().strip("[]").split(",")
+    if not isinstance(value, list) or len(value) != 2:
+        raise bad_request(name, f"must be [start, end], got {_shown(value)}", "invalid_type")
+    start, end = (_value(_DOUBLE, name, v.strip() if isinstance(v, str) else v, form) for v in value)
+    return start, end
+
+
+def _check_model(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise bad_request("model", f"must be a string, got {_shown(value)}", "invalid_type")
+    if value.lower() != MODEL_ID.lower():
+        message = f"model: {_shown(value)} is not served; GET /v1/models lists {MODEL_ID!r}"
+        raise OpenAIError(404, message, param="model", code="model_not_found")
+
+
+_SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
+_IMAGE_FIELDS = ("prompt", "model", "n", "size", "response_format", "user")
+
+
+def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False) -> ImageCall:
+    """POST /v1/images/generations (JSON) and /v1/images/edits (multipart, `form`): the Generate request."""
+    names = Names()
+    request = pb.GenerateRequest(input_images=[pb.Image(data=data) for data in images])
+    unknown = [k for k in body if k not in _IMAGE_FIELDS and k not in _GENERATE_FIELDS and k not in _GENERATE_ALIASES]
+    if unknown:
+        hint = "OmniGen2 takes its settings by their gRPC names (docs/api.md)"
+        raise bad_request(unknown[0], f"unknown field; {hint}", "unknown_parameter")
+    _check_model(body.get("model"))
+    prompt = body.get("prompt")
+    if prompt is not None:  # missing or empty: refused by the service
+        request.prompt = _value(pb.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"], "prompt", prompt, form)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad_request("user", "must be a string", "invalid_type")
+    response_format = body.get("response_format")
+    if response_format == "url":
+        raise bad_request("response_format", "url is not offered: this server hosts no images; use b64_json")
+    if response_format not in (None, "b64_json"):
+        raise bad_request("response_format", f"must be b64_json, got {_shown(response_format)}")
+    if body.get("n") is not None:
+        names.renamed["num_images_per_prompt"] = "n"
+        request.num_images_per_prompt = _value(_INT32, "n", body["n"], form)
+    size = body.get("size")
+    if size is not None and size != "auto":
+        match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+        if match is None:
+            raise bad_request("size", f'must be "WIDTHxHEIGHT" (e.g. "1024x1024") or "auto", got {_shown(size)}')
+        request.width, request.height = int(match[1]), int(match[2])
+    names.renamed |= {"width": "size", "height": "size"}
+    settings = {k: v for k, v in body.items() if k not in _IMAGE_FIELDS}
+    _set_fields(request, settings, _GENERATE_FIELDS, _GENERATE_ALIASES, names, form)
+    return ImageCall(request, names)
+
+
+def image_answer(response: pb.GenerateResponse) -> dict[str, Any]:
+    """The images response (b64_json), with OmniGen2's seed: pass it back to reproduce the images."""
+    first = response.images[0] if response.images else pb.Image()
+    return {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(image.data).decode()} for image in response.images],
+        "output_format": first.mime_type.removeprefix("image/"),
+        "size": f"{first.width}x{first.height}",
+        "seed": response.seed,
+    }
+
+
+_CHAT_FIELDS = ("model", "messages", "stop", "stream", "stream_options", "n", "user")
+_ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "system": pb.ROLE_SYSTEM, "developer": pb.ROLE_SYSTEM}
+_DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+
+
+def chat_call(body: Mapping[str, Any]) -> ChatCall:
+    """POST /v1/chat/completions: the Understand request."""
+    names = Names()
+    unknown = [
+        k for k in body if k not in _CHAT_FIELDS and k not in _UNDERSTAND_FIELDS and k not in _UNDERSTAND_ALIASES
+    ]
+    if unknown:
+        raise bad_request(unknown[0], "unknown field", "unknown_parameter")
+    _check_model(body.get("model"))
+    if body.get("n") not in (None, 1):
+        raise bad_request("n", f"only 1 choice is offered, got {_shown(body['n'])}")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad_request("stream", "must be true or false", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
+        raise bad_request("stream_options", 'takes only {"include_usage": true|false}')
+    include_usage = options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise bad_request("stream_options.include_usage", "must be true or false", "invalid_type")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, list):
+        raise bad_request("stop", "must be a string or a list of strings", "invalid_type")
+    stops = [_string("stop", s) for s in stops]
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise bad_request("messages", "must be a list of messages", "invalid_type")
+    request = pb.UnderstandRequest(messages=[_message(i, m) for i, m in enumerate(messages)], stop=stops)
+    settings = {k: v for k, v in body.items() if k not in _CHAT_FIELDS}
+    _set_fields(request, settings, _UNDERSTAND_FIELDS, _UNDERSTAND_ALIASES, names, form=False)
+    return ChatCall(request, names, stream, include_usage)
+
+
+def _message(i: int, message: Any) -> pb.ChatMessage:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise bad_request(where, "must be an object with role and content", "invalid_type")
+    extra = set(message) - {"role", "content", "name"}
+    if extra:
+        raise bad_request(f"{where}.{sorted(extra)[0]}", "unknown field", "unknown_parameter")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise bad_request(f"{where}.role", f"one of {', '.join(_ROLES)}, got {_shown(role)}")
+    content = message.get("content")
+    if content is None:
+        parts = []
+    elif isinstance(content, str):
+        parts = [pb.ContentPart(text=_string(f"{where}.content", content))]
+    elif isinstance(content, list):
+        parts = [_part(f"{where}.content[{j}]", part) for j, part in enumerate(content)]
+    else:
+        raise bad_request(f"{where}.content", "must be a string or a list of parts", "invalid_type")
+    return pb.ChatMessage(role=_ROLES[role], content=parts)
+
+
+def _part(where: str, part: Any) -> pb.ContentPart:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
+        return pb.ContentPart(text=_string(f"{where}.text", part["text"]))
+    if kind == "image_url" and set(part) == {"type", "image_url"}:
+        image = part["image_url"]
+        url = image.get("url") if isinstance(image, dict) and set(image) <= {"url", "detail"} else image
+        if isinstance(url, str):
+            return pb.ContentPart(image=pb.Image(data=_data_url(f"{where}.image_url", url)))
+    raise bad_request(
+        where,
+        'must be {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": "data:..."}}',
+        "invalid_type",
+    )
+
+
+def _data_url(where: str, url: str) -> bytes:
+    """The bytes of a base64 data URL; the server fetches nothing, so any other URL is refused."""
+    header = _DATA_URL.match(url)
+    if header is None:
+        raise bad_request(
+            where,
+            "only data URLs are taken (data:image/png;base64,...): the server fetches no remote image",
+            "invalid_image_url",
+        )
+    if "base64" not in header[2].lower().split(";"):
+        raise bad_request(where, "a data URL must be base64-encoded (data:image/png;base64,...)", "invalid_image_url")
+    try:
+        return base64.b64decode(url[header.end() :], validate=True)
+    except binascii.Error as exc:
+        raise bad_request(where, f"not valid base64: {exc}", "invalid_image_url") from None
+
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_STOP_STRING: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+
+
+def completion_id(request_id: str) -> str:
+    return f"chatcmpl-{request_id}"
+
+
+def usage(result: pb.UnderstandResult) -> dict[str, int]:
+    prompt, completion = result.usage.prompt_tokens, result.usage.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_answer(result: pb.UnderstandResult, request_id: str) -> dict[str, Any]:
+    return {
+        "id": completion_id(request_id),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": MODEL_ID,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": _FINISH.get(result.finish_reason, "stop"),
+            }
+        ],
+        "usage": usage(result),
+        "seed": result.seed,
+    }
+
+
+def chat_chunk(
+    request_id: str,
+    delta: dict[str, str] | None,
+    finish: pb.UnderstandResult | None = None,
+    with_usage: pb.UnderstandResult | None = None,
+) -> dict[str, Any]:
+    """One server-sent event of a streamed answer: a delta, the finish reason, or (no choices) the usage."""
+    chunk: dict[str, Any] = {
+        "id": completion_id(request_id),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": MODEL_ID,
+        "choices": [],
+    }
+    if delta is not None or finish is not None:
+        reason = _FINISH.get(finish.finish_reason, "stop") if finish is not None else None
+        chunk["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": reason}]
+    if with_usage is not None:
+        chunk["usage"] = usage(with_usage)
+    return chunk

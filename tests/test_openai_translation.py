@@ -1,0 +1,177 @@
+"""The OpenAI-compatible HTTP API's two pure halves: bodies -> API messages (shapes and types only), and gRPC
+statuses -> HTTP errors. The served routes are tested in tests/integration/test_openai_http.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc.aio import AioRpcError, Metadata
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+from serving.frontend.openai_errors import OpenAIError, from_rpc
+from serving.frontend.openai_requests import chat_call, enum_names, image_call
+from serving.frontend.status import ApiError, invalid_argument, make_status, plain, resource_exhausted
+
+
+def _rpc_error(error: ApiError) -> AioRpcError:
+    """What the gateway's channel raises for a status the service ends a call with."""
+    status = error.status
+    return AioRpcError(status.code, Metadata(), Metadata(*status.trailing_metadata), status.details)
+
+
+def test_image_fields_by_their_grpc_and_diffusers_names() -> None:
+    body = {
+        "prompt": "a cat",
+        "n": 2,
+        "size": "64x48",
+        "num_inference_steps": 3,
+        "guidance_scale": 4,
+        "image_guidance_scale": 1.5,
+        "cfg_range": [0, 0.5],
+        "scheduler": "dpmsolver",
+        "output_format": "jpg",
+        "negative_prompt": "blur",
+        "seed": 2**40,
+        "max_sequence_length": 128,
+    }
+    call = image_call(body, [b"png"])
+    request = call.request
+    assert (request.width, request.height, request.num_images_per_prompt, request.steps) == (64, 48, 2, 3)
+    assert (request.text_guidance_scale, request.image_guidance_scale) == (4.0, 1.5)
+    assert (request.cfg_range.start, request.cfg_range.end) == (0.0, 0.5)
+    assert request.scheduler == pb.SCHEDULER_DPMSOLVER and request.output_format == pb.IMAGE_FORMAT_JPEG
+    assert (request.seed, request.max_sequence_length, request.negative_prompt) == (2**40, 128, "blur")
+    assert [image.data for image in request.input_images] == [b"png"]
+    names = call.names
+    assert [names.param(f) for f in ("steps", "num_images_per_prompt", "height", "input_images[1].data")] == [
+        "num_inference_steps",
+        "n",
+        "size",
+        "image[1]",
+    ]
+    unset = image_call({"prompt": "x", "size": "auto", "seed": None}, []).request
+    assert not unset.HasField("width") and not unset.HasField("seed")
+
+
+def test_multipart_text_values_take_the_field_types() -> None:
+    fields = {"prompt": "x", "n": "2", "cfg_range": ["0", "0.5"], "seed": "-1", "text_guidance_scale": "3.5"}
+    request = image_call(fields, [], form=True).request
+    assert (request.num_images_per_prompt, request.seed, request.text_guidance_scale) == (2, -1, 3.5)
+    assert (request.cfg_range.start, request.cfg_range.end) == (0.0, 0.5)
+    assert image_call({"cfg_range": ["[0.1, 0.9]"]}, [], form=True).request.cfg_range.end == 0.9
+
+
+def test_enum_names_come_from_the_proto() -> None:
+    assert enum_names(pb.ImageFormat.DESCRIPTOR) == {"png": 1, "jpeg": 2, "webp": 3}
+    assert enum_names(pb.Scheduler.DESCRIPTOR) == {"euler": 1, "dpmsolver": 2}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"prompt": "x", "foo": 1}, 400, "foo", "unknown_parameter"),
+        ({"prompt": "x", "steps": 2, "num_inference_steps": 2}, 400, "num_inference_steps", "invalid_value"),
+        ({"prompt": "x", "n": True}, 400, "n", "invalid_type"),
+        ({"prompt": "x", "n": 2**31}, 400, "n", "invalid_value"),
+        ({"prompt": "x", "size": "1024"}, 400, "size", "invalid_value"),
+        ({"prompt": "x", "size": 1024}, 400, "size", "invalid_value"),
+        ({"prompt": "x", "response_format": "url"}, 400, "response_format", "invalid_value"),
+        ({"prompt": "x", "model": "dall-e-3"}, 404, "model", "model_not_found"),
+        ({"prompt": "x", "cfg_range": [0]}, 400, "cfg_range", "invalid_type"),
+        ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale", "invalid_type"),
+        ({"prompt": "x", "scheduler": "ddim"}, 400, "scheduler", "invalid_value"),
+        ({"prompt": "x", "previews": True}, 400, "previews", "unknown_parameter"),
+        ({"prompt": ["x"]}, 400, "prompt", "invalid_type"),
+        ({"prompt": "\ud800"}, 400, "prompt", "invalid_value"),  # what JSON's "\ud800" escape decodes to
+    ],
+)
+def test_image_bodies_refused_naming_the_field(body: dict[str, Any], status: int, param: str, code: str) -> None:
+    with pytest.raises(OpenAIError) as refused:
+        image_call(body, [])
+    assert (refused.value.status, refused.value.param, refused.value.code) == (status, param, code)
+
+
+def test_chat_messages_become_an_understand_request() -> None:
+    url = "data:image/png;base64,aGVsbG8="
+    body = {
+        "model": "omnigen2",
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            },
+            {"role": "assistant", "content": None},
+        ],
+        "max_completion_tokens": 5,
+        "stop": "\n",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    call = chat_call(body)
+    request = call.request
+    assert [m.role for m in request.messages] == [pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT]
+    assert request.messages[1].content[0].image.data == b"hello"
+    assert (request.max_new_tokens, list(request.stop), call.stream, call.include_usage) == (5, ["\n"], True, True)
+    assert call.names.param("max_new_tokens") == "max_completion_tokens"
+    assert call.names.param("messages[1].content[0].image.data") == "messages[1].content[0].image_url"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/a.png"}]}]},
+            "messages[0].content[0].image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png,raw"}]}]},
+            "messages[0].content[0].image_url",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+        ({"messages": [], "n": 2}, "n"),
+        ({"messages": [], "max_tokens": 1, "max_completion_tokens": 1}, "max_completion_tokens"),
+        ({"messages": [], "stop": [1]}, "stop"),
+        ({"messages": [], "stream": "yes"}, "stream"),
+        ({"messages": {}}, "messages"),
+    ],
+)
+def test_chat_bodies_refused_naming_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(OpenAIError) as refused:
+        chat_call(body)
+    assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_grpc_statuses_become_http_statuses() -> None:
+    same = str
+    violations = [("num_images_per_prompt", "must be in [1, 4]"), ("steps", "at least 1")]
+    bad = from_rpc(_rpc_error(invalid_argument(violations)), lambda f: {"num_images_per_prompt": "n"}.get(f, f))
+    assert (bad.status, bad.param, bad.message) == (400, "n", "n: must be in [1, 4]; steps: at least 1")
+    busy = from_rpc(_rpc_error(resource_exhausted("busy", 1.5)), same)
+    assert (busy.status, busy.headers, busy.body()["error"]["code"]) == (
+        429,
+        {"Retry-After": "2"},
+        "rate_limit_exceeded",
+    )
+    for code, status in [
+        (grpc.StatusCode.UNAUTHENTICATED, 401),
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        (grpc.StatusCode.INTERNAL, 500),
+    ]:
+        assert from_rpc(_rpc_error(plain(code, "m")), same).status == status
+    policy = ApiError(
+        make_status(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "refused by rule r1",
+            error_details_pb2.ErrorInfo(reason="r1", metadata={"field": "text_guidance_scale"}),
+        )
+    )
+    refused = from_rpc(_rpc_error(policy), lambda f: {"text_guidance_scale": "guidance_scale"}.get(f, f))
+    assert (refused.status, refused.code, refused.param) == (400, "content_policy_violation", "guidance_scale")
