@@ -61,20 +61,20 @@ class Frontend:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
         self.port = 0
-        self._watch: asyncio.Task[None] | None = None
-
-    def reload_policy(self) -> None:
-        """SIGHUP: re-read the policy file; one that does not load leaves the policy as it was."""
-        if self.policy is None:
-            log.warning("SIGHUP: no --policy file to reload")
         self.http_port = 0
-            return
+        self._watch: asyncio.Task[None] | None = None
         # The OpenAI-compatible HTTP API calls this server over a Unix socket in a folder only this user can open.
         self.gateway: OpenAIGateway | None = None
         self._socket_dir = ""
         if config.http_listen:
             self._socket_dir = tempfile.mkdtemp(prefix="omnigen2-frontend-")
             self.gateway = OpenAIGateway(config, f"unix:{self._socket_dir}/grpc.sock", self.metrics)
+
+    def reload_policy(self) -> None:
+        """SIGHUP: re-read the policy file; one that does not load leaves the policy as it was."""
+        if self.policy is None:
+            log.warning("SIGHUP: no --policy file to reload")
+            return
         self.metrics.policy_reloads.labels("ok" if self.policy.reload() else "failed").inc()
 
     def _denied(self, method: str, code: grpc.StatusCode) -> None:
@@ -91,29 +91,29 @@ class Frontend:
             self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.listen}")
+        if self.gateway is not None and self.server.add_insecure_port(self.gateway.target) == 0:
+            raise OSError(f"cannot listen on {self.gateway.target}")
         self.service.server_id = config.server_id or f"{socket.gethostname()}:{self.port}"
         if not config.listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
             if not config.tls_cert:
                 log.warning("the API listens on %s without TLS: set --tls-cert and --tls-key", config.listen)
             if not self.tokens:
                 log.warning("the API listens on %s without --auth-tokens: every caller is served", config.listen)
-        if self.gateway is not None and self.server.add_insecure_port(self.gateway.target) == 0:
-            raise OSError(f"cannot listen on {self.gateway.target}")
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         await self.health.refresh()
         self._watch = asyncio.create_task(self.health.watch())
         await self.server.start()
+        if self.gateway is not None:
+            self.http_port = await self.gateway.start(config.http_listen)
+            if not config.http_listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")) and not config.tls_cert:
+                log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
         return self.port
 
     async def stop(self) -> None:
         """Health turns NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish."""
         await self.health.shutdown()
         if self._watch is not None:
-        if self.gateway is not None:
-            self.http_port = await self.gateway.start(config.http_listen)
-            if not config.http_listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")) and not config.tls_cert:
-                log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
@@ -121,27 +121,27 @@ class Frontend:
         gateway = self.gateway.stop() if self.gateway is not None else asyncio.sleep(0)
         await asyncio.gather(gateway, self.server.stop(self.config.shutdown_grace_s))
         await self.backend.close()
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 async def serve(config: FrontendConfig) -> None:
     frontend = Frontend(config)
     port = await frontend.start()
     host = config.listen.rpartition(":")[0]
-        if self._socket_dir:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
     metrics = (
         f", metrics on http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else ""
     )
     log.info("OmniGen2 API on %s:%d (Triton at %s)%s", host, port, config.triton_url, metrics)
+    if frontend.gateway is not None:
+        http_host = config.http_listen.rpartition(":")[0]
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", http_host, frontend.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, frontend.reload_policy)
     await stop.wait()
-    if frontend.gateway is not None:
-        http_host = config.http_listen.rpartition(":")[0]
-        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", http_host, frontend.http_port)
     log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
     await frontend.stop()
 
