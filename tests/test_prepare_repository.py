@@ -125,7 +125,7 @@ def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpo
 
 def test_the_call_token_cap_follows_the_backend_unless_the_operator_sets_it() -> None:
     assert bls_settings("pytorch", "bf16").max_call_tokens == 8192
-    assert bls_settings("onnxruntime", "bf16").max_call_tokens == 0  # precision means nothing to ORT: no cap
+    assert bls_settings("onnxruntime", "bf16").max_call_tokens == 17_408  # the default: precision means nothing to ORT
     assert bls_settings("pytorch", "bf16", max_call_tokens=0).max_call_tokens == 0
     config = bls_config({}, "sha", "pytorch-bf16", bls_settings("pytorch", "bf16", max_call_tokens=4096))
     assert config.parameters["max_call_tokens"].string_value == "4096"

@@ -147,8 +147,9 @@ def component_config(
 
 BLS = BlsSettings()
 # Where a backend's calls differ. bf16 PyTorch on CPU: calls past about 8k tokens cost more per token (activations
-# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. ONNX Runtime is left
-# uncapped: not measured with calls that large. The default call cost fits bf16 calls (benchmarks/README.md).
+# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. Every other backend keeps
+# the default cap, which bounds a call's attention memory (BlsSettings). The default call cost fits bf16 calls
+# (benchmarks/README.md).
 BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
 
 

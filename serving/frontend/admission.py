@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 
 from serving.frontend.metrics import Metrics
 from serving.frontend.status import resource_exhausted
@@ -20,6 +20,14 @@ from serving.frontend.status import resource_exhausted
 class Load:
     pixels: int = 0  # decoded input pixels
     step_tokens: int = 0  # transformer tokens of a step
+    chat_tokens: int = 0  # an answer's sequence: prompt and image tokens, and the tokens it may add
+
+
+NAMES = {
+    "pixels": "decoded input pixels",
+    "step_tokens": "transformer tokens per step",
+    "chat_tokens": "answer tokens",
+}
 
 
 class Admission:
@@ -29,8 +37,7 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.calls = 0
-        self.pixels = 0
-        self.step_tokens = 0
+        self.held = Load()
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -48,19 +55,23 @@ class Admission:
 
     @contextlib.contextmanager
     def reserve(self, load: Load) -> Iterator[None]:
-        for name, held, asked, budget in (
-            ("decoded input pixels", self.pixels, load.pixels, self.capacity.pixels),
-            ("transformer tokens per step", self.step_tokens, load.step_tokens, self.capacity.step_tokens),
+        """Held until the call's work has stopped (the caller exits this once its model confirmed the end)."""
+        for field, held, asked, budget in zip(
+            fields(Load), astuple(self.held), astuple(load), astuple(self.capacity), strict=True
         ):
-            if held and held + asked > budget:
+            if held and asked and held + asked > budget:
                 raise resource_exhausted(
-                    f"{held} {name} in flight and this request needs {asked}, the budget is {budget}; retry later",
+                    f"{held} {NAMES[field.name]} in flight and this request needs {asked}, the budget is {budget}; "
+                    "retry later",
                     self.retry_after_s,
                 )
-        self.pixels += load.pixels
-        self.step_tokens += load.step_tokens
+        self._add(load, 1)
         try:
             yield
         finally:
-            self.pixels -= load.pixels
-            self.step_tokens -= load.step_tokens
+            self._add(load, -1)
+
+    def _add(self, load: Load, sign: int) -> None:
+        self.held = Load(*(held + sign * asked for held, asked in zip(astuple(self.held), astuple(load), strict=True)))
+        for field, held in zip(fields(Load), astuple(self.held), strict=True):
+            self.metrics.admitted.labels(field.name).set(held)

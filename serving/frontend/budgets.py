@@ -53,11 +53,26 @@ def api_budgets(config: FrontendConfig) -> pb.Budgets:
         max_inflight_input_pixels=config.max_inflight_input_pixels,
         max_inflight_step_tokens=config.max_inflight_step_tokens,
         max_run_seconds=config.max_run_s,
+        max_chat_tokens=config.max_chat_tokens,
+        max_inflight_chat_tokens=config.max_inflight_chat_tokens,
+        max_buffered_stream_bytes=config.max_buffered_stream_bytes,
+        stop_grace_seconds=config.stop_grace_s,
     )
 
 
 def check_chat_budgets(forward: ChatForward, config: FrontendConfig) -> None:
+    violations = []
     budget = config.max_request_input_pixels
     if forward.input_pixels > budget:
         description = f"needs {forward.input_pixels} decoded input pixels, over the budget of {budget}"
-        raise invalid_argument([("messages", f"{description} (--max-request-input-pixels)")])
+        violations.append(("messages", f"{description} (--max-request-input-pixels)"))
+    cost, budget = forward.cost, config.max_chat_tokens
+    if cost.total_tokens > budget:
+        field = "max_new_tokens" if cost.new_tokens >= cost.prompt_tokens else "messages"
+        description = (
+            f"needs {cost.total_tokens} answer tokens ({cost.prompt_tokens} of prompt and images at most, "
+            f"{cost.new_tokens} new), over the budget of {budget} (--max-chat-tokens)"
+        )
+        violations.append((field, description))
+    if violations:
+        raise invalid_argument(violations)

@@ -37,13 +37,28 @@ class FrontendConfig:
     # them are in docs/reliability.md, admission by cost).
     max_request_input_pixels: int = 64_000_000  # decoded pixels of one request's input images
     max_inflight_input_pixels: int = 128_000_000  # the same, summed over the admitted requests
-    max_sample_tokens: int = 12_288  # one sample: text + references + image tokens
-    max_step_tokens: int = 24_576  # one request's step: samples x CFG branches x tokens
-    max_inflight_step_tokens: int = 32_768  # the same, summed over the admitted generations
+    # One sample: text + references + image tokens. 17 408 = 16 384 image tokens (three 1024x1024 references and
+    # a 1024x1024 output, or one 2048x2048 image) + 1024 of text (max_sequence_length); such a sample takes the
+    # transformer about 10 GB above idle (35 bytes x n^2, measured), and the BLS's call cap (the same number)
+    # keeps a call from holding more than one of them.
+    max_sample_tokens: int = 17_408
+    max_step_tokens: int = 52_224  # one request's step: samples x CFG branches x tokens (three at the sample budget)
+    max_inflight_step_tokens: int = 65_536  # the same, summed over the admitted generations (their step time)
     max_request_tokens: int = 2_500_000  # one request's tokens over all its steps (about its compute time)
     max_run_s: float = 600.0  # a generation running longer ends with DEADLINE_EXCEEDED
+    # Understand: prompt (bounded as in serving/pipeline/cost.py) + max_new_tokens. 10 240 is what the request
+    # limits allow (8192 prompt tokens + 2048 new); the `mllm` model answers one call at a time, so the in-flight
+    # sum bounds the queue's wait rather than memory.
+    max_chat_tokens: int = 10_240
+    max_inflight_chat_tokens: int = 40_960
     worker_threads: int = 4  # image header checks and output encoding, off the event loop
     stream_write_timeout_s: float = 30.0  # a streaming caller that reads nothing this long is cancelled
+    # Output waiting for a streaming caller behind the write in progress (previews, deltas); past it the call ends
+    # RESOURCE_EXHAUSTED. 64 MiB: about 20 previews at 1024x1024.
+    max_buffered_stream_bytes: int = 64 * MiB
+    # A call that ends early (caller gone, run time over, slow reader) holds its slot until its model confirms the
+    # stop; past this the Triton stream is cancelled and omnigen2_stop_grace_expired counts it.
+    stop_grace_s: float = 10.0
     limits: Limits = field(default=DEFAULT_LIMITS)
     chat_limits: ChatLimits = field(default=DEFAULT_CHAT_LIMITS)
 

@@ -27,6 +27,17 @@ class Metrics:
             registry=self.registry,
         )
         self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
+        self.stop_grace_expired = Counter(
+            "omnigen2_stop_grace_expired",
+            "Calls ended early whose model did not confirm the stop within --stop-grace-s (slot given back anyway)",
+            registry=self.registry,
+        )
+        self.admitted = Gauge(
+            "omnigen2_admitted_cost",
+            "Cost the admitted calls hold, by in-flight budget",
+            ["budget"],
+            registry=self.registry,
+        )
         self.policy_blocked = Counter(
             "omnigen2_policy_blocked",
             "Requests (stage=request) and answers (stage=answer) refused by the prompt policy, by rule id",

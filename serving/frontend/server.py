@@ -40,7 +40,13 @@ class Frontend:
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.backend = TritonBackend(config.triton_url, config.max_response_bytes, config.retry_after_s)
+        self.backend = TritonBackend(
+            config.triton_url,
+            config.max_response_bytes,
+            config.retry_after_s,
+            config.stop_grace_s,
+            self.metrics.stop_grace_expired.inc,
+        )
         self.health = TritonHealth(self.backend, config.health_interval_s)
         self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
         self.policy = PolicyFile(Path(config.policy)) if config.policy else None

@@ -78,3 +78,43 @@ def _branches(request: GenerationRequest, step: int, has_refs: bool) -> tuple[Br
         step, request.steps, request.text_guidance_scale, request.image_guidance_scale, request.cfg_range, has_refs
     )
     return guidance.branches
+
+
+# Understand (Qwen2.5-VL): an image becomes one token per 28x28 pixels (14-px patches merged 2x2) after resizing
+# into [MIN_VISION_PIXELS, max_pixels], plus its start and end markers; each message adds its role markers, and
+# the template a default system message.
+VISION_PATCH = 28
+MIN_VISION_PIXELS = 56 * 56
+IMAGE_MARKER_TOKENS = 2
+MESSAGE_TEMPLATE_TOKENS = 8
+SYSTEM_TEMPLATE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class ChatCost:
+    prompt_tokens: int  # an upper bound, at most the prompt-token limit (the model refuses longer prompts first)
+    new_tokens: int  # max_new_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        """The answer's whole sequence, what its key-value cache grows to."""
+        return self.prompt_tokens + self.new_tokens
+
+
+def chat_cost(
+    texts: Sequence[str],
+    messages: int,
+    image_sizes: Sequence[tuple[int, int]],
+    max_pixels: int,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+) -> ChatCost:
+    """`image_sizes` are (height, width) from the images' headers; text is bounded by its UTF-8 bytes."""
+    text = sum(len(t.encode()) for t in texts) + messages * MESSAGE_TEMPLATE_TOKENS + SYSTEM_TEMPLATE_TOKENS
+    images = sum(_vision_tokens(h, w, max_pixels) + IMAGE_MARKER_TOKENS for h, w in image_sizes)
+    return ChatCost(prompt_tokens=min(text + images, max_prompt_tokens), new_tokens=max_new_tokens)
+
+
+def _vision_tokens(height: int, width: int, max_pixels: int) -> int:
+    cells = -(-height // VISION_PATCH) * -(-width // VISION_PATCH)  # sides rounded up: never fewer than resized
+    return max(MIN_VISION_PIXELS, min(max_pixels, cells * VISION_PATCH**2)) // VISION_PATCH**2

@@ -11,7 +11,10 @@ class BlsSettings:
     max_samples: int = 24  # transformer samples per step-batched call (requests x CFG branches x images)
     text_multiple: int = 16  # padded text lengths are rounded up to this (shape bucketing)
     call_overhead_ms: float = 10.0  # a transformer call's fixed cost: shapes share a call below it (grouping.py)
-    max_call_tokens: int = 0  # padded tokens per transformer call at most (0: no cap); bigger calls are cut
+    # Padded tokens per transformer call at most (0: no cap); bigger calls are cut. Attention memory grows with a
+    # call's padded tokens times its longest sample (ONNX Runtime float32 on the CPU: about 35 bytes x n x tokens,
+    # docs/reliability.md), so at the front end's sample budget no call holds more than one largest sample does.
+    max_call_tokens: int = 17_408
     instances: int = 1  # one event loop serves every request concurrently
     image_workers: int = 2  # input images decoded / outputs resized at once, off the event loop
     vae_tile: int = 128  # latent cells per side of a VAE-decoder tile (1024 px); larger outputs decode in tiles

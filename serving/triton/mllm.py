@@ -36,7 +36,9 @@ from serving.runtime.torch_backend import run_graph
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
 from serving.triton.model_config import model_config, parameters
+from serving.triton.model_names import MLLM_MODEL
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
+from serving.triton.stops import Stops
 from serving.triton.tensors import from_triton, instance_placement, to_triton
 
 # Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
@@ -55,6 +57,7 @@ class TritonPythonModel:
         self.lane.around_forward(self.understander.model)  # each token takes its turn with the image components
         self.limits = DEFAULT_CHAT_LIMITS
         self.workers: set[threading.Thread] = set()
+        self.stops = Stops(MLLM_MODEL)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -67,21 +70,26 @@ class TritonPythonModel:
         if pb_utils.get_input_tensor_by_name(request, "input_ids") is not None:
             self._encode(request)
             return
-        sender = request.get_response_sender()
-        try:
-            result: ChatResult | None = None
-            for item in self.understander.stream(self._parse(request), request.is_cancelled):
-                if isinstance(item, str):
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[event({"type": "delta", "text": item})]))
-                else:
-                    result = item
-            if result is None or result.finish_reason == "cancelled":
-                raise CancelledByCallerError
-            response = pb_utils.InferenceResponse(output_tensors=[event(_done(result))])
-        except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
-            response = error_response(exc, request)
-        finally:
+        if self.stops.answer(request):  # the front end asks another request of this stream to stop
             self.workers.discard(threading.current_thread())
+            return
+        sender = request.get_response_sender()
+        with self.stops.running(request) as request:  # its work ends before its final response is sent
+            try:
+                result: ChatResult | None = None
+                for item in self.understander.stream(self._parse(request), request.is_cancelled):
+                    if isinstance(item, str):
+                        delta = event({"type": "delta", "text": item})
+                        sender.send(pb_utils.InferenceResponse(output_tensors=[delta]))
+                    else:
+                        result = item
+                if result is None or result.finish_reason == "cancelled":
+                    raise CancelledByCallerError
+                response = pb_utils.InferenceResponse(output_tensors=[event(_done(result))])
+            except Exception as exc:  # the caller gets the status and the reason; the model keeps serving
+                response = error_response(exc, request)
+            finally:
+                self.workers.discard(threading.current_thread())
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _encode(self, request: Any) -> None:

@@ -6,6 +6,7 @@ import io
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -89,6 +90,9 @@ BUDGETS = (
     "--max-step-tokens=2500",
     "--max-inflight-step-tokens=3000",
     "--max-request-tokens=400000",
+    # Understand: "Talk for a long time" with 240 new tokens is 20 + 8 + 32 + 240 = 300.
+    "--max-chat-tokens=300",
+    "--max-inflight-chat-tokens=400",
 )
 
 
@@ -164,6 +168,43 @@ def test_model_info_reports_the_budgets(budgeted: FrontendProcess) -> None:
         3000,
     )
     assert budgets.max_output_bytes == 512 * MiB and budgets.max_run_seconds == 600
+    assert (budgets.max_chat_tokens, budgets.max_inflight_chat_tokens) == (300, 400)
+    assert budgets.max_buffered_stream_bytes == 64 * MiB and budgets.stop_grace_seconds == 10
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_new_tokens", "field"),
+    [
+        ("Describe", 290, "max_new_tokens"),  # 8 + 8 + 32 of prompt, 290 new: 338
+        ("word " * 100, 8, "messages"),  # 500 + 8 + 32 of prompt, 8 new: 548
+    ],
+)
+def test_an_answer_over_the_token_budget_is_refused_naming_the_field(
+    budgeted: FrontendProcess, triton: TritonServer, prompt: str, max_new_tokens: int, field: str
+) -> None:
+    """Understand used to be costed by its pixels only: an answer's tokens (prompt, images, new) were unbounded."""
+    before = _executions(triton, "mllm")
+    with pytest.raises(InvalidArgumentError) as raised:
+        OmniGen2Client(budgeted.address, timeout=60).understand(prompt, max_new_tokens=max_new_tokens)
+    assert [v.field for v in raised.value.violations] == [field]
+    assert "answer tokens" in raised.value.violations[0].description
+    assert "over the budget of 300 (--max-chat-tokens)" in raised.value.violations[0].description
+    assert _executions(triton, "mllm") == before  # the model saw nothing
+
+
+def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess) -> None:
+    client = OmniGen2Client(budgeted.address, timeout=60, retries=0)
+    talk = client.understand_stream("Talk for a long time", max_new_tokens=240)  # 300 tokens; about 4 s here
+    next(talk)
+    with pytest.raises(ResourceExhaustedError) as raised:
+        client.understand("Another", max_new_tokens=200)  # 247 more: over 400
+    assert "answer tokens in flight" in str(raised.value) and raised.value.retry_after == 1.0
+    talk.close()
+    deadline = time.monotonic() + 10
+    while _frontend_metric(budgeted, 'omnigen2_admitted_cost{budget="chat_tokens"}') > 0:
+        assert time.monotonic() < deadline, "the cancelled answer kept its tokens"
+        time.sleep(0.05)
+    assert client.understand("Another", max_new_tokens=200).completion_tokens >= 1
 
 
 def test_the_front_end_reads_image_headers_and_never_decodes(api: FrontendProcess) -> None:
@@ -189,11 +230,10 @@ def test_runaway_requests_end_at_the_maximum_run_time(tmp_path: Path, triton: Tr
         assert _executions(triton) == settled, "the runaway generation kept running"
 
 
-def _in_flight(frontend: FrontendProcess) -> float:
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{frontend.metrics_port}/metrics", timeout=5).read().decode()
-    return float(
-        next(line for line in metrics.splitlines() if line.startswith("omnigen2_in_flight_requests ")).split()[1]
-    )
+def _fixed_window_channel(address: str) -> grpc.Channel:
+    """Without bandwidth probing the caller's receive window stays at 64 KiB, so writes to a caller that reads
+    nothing stall after one preview (with it, grpc grows the window to megabytes)."""
+    return grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
 
 
 def test_a_stream_nobody_reads_is_cancelled_and_gives_its_slot_back(tmp_path: Path, triton: TritonServer) -> None:
@@ -202,10 +242,10 @@ def test_a_stream_nobody_reads_is_cancelled_and_gives_its_slot_back(tmp_path: Pa
     flags = ("--max-in-flight=1", "--stream-write-timeout-s=1")
     with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", *flags) as frontend:
         frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
-        stub = pb_grpc.OmniGen2Stub(grpc.insecure_channel(frontend.address))
+        stub = pb_grpc.OmniGen2Stub(_fixed_window_channel(frontend.address))
         request = pb.GenerateRequest(prompt="Never read", width=256, height=256, steps=200, seed=1, previews=True)
         unread = stub.GenerateStream(request, timeout=120)
-        while _in_flight(frontend) < 1:
+        while _frontend_metric(frontend, "omnigen2_in_flight_requests") < 1:
             time.sleep(0.05)
         client = OmniGen2Client(frontend.address, timeout=60, retries=0)
         started = time.monotonic()
@@ -267,3 +307,132 @@ def test_idle_memory_comes_back_after_a_burst(tmp_path: Path, model_repository: 
 def _tree_rss_mb(pid: int) -> float:
     process = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+
+
+def _metric(url: str, name: str) -> float:
+    """One sample of a Prometheus text page (0 when it has none yet: a labelled series appears on first use)."""
+    metrics = urllib.request.urlopen(url, timeout=5).read().decode()
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")), 0.0)
+
+
+def _frontend_metric(frontend: FrontendProcess, name: str) -> float:
+    return _metric(f"http://127.0.0.1:{frontend.metrics_port}/metrics", name)
+
+
+def _bls_running(triton: TritonServer, model: str = "omnigen2") -> float:
+    return _metric(f"http://127.0.0.1:{triton.ports.metrics}/metrics", f'omnigen2_requests_running{{model="{model}"}}')
+
+
+STEP_TOKENS = 'omnigen2_admitted_cost{budget="step_tokens"}'
+
+
+def _released_after_the_bls_stopped(frontend: FrontendProcess, triton: TritonServer, timeout_s: float = 20) -> int:
+    """Waits for the front end to give the call's slot back; the BLS must have stopped by then. Returns the samples
+    in which the front end still held the call while the BLS worked on it."""
+    held_while_running = 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        held = _frontend_metric(frontend, "omnigen2_in_flight_requests"), _frontend_metric(frontend, STEP_TOKENS)
+        running = _bls_running(triton)  # read after the front end: a release it saw happened before this read
+        if held == (0, 0):
+            assert running == 0, "the front end gave the slot back while the BLS still worked on the request"
+            return held_while_running
+        held_while_running += running > 0
+        time.sleep(0.01)
+    raise AssertionError("the slot was never given back")
+
+
+def _stream_until_step(frontend: FrontendProcess, request: pb.GenerateRequest, step: int) -> grpc.Future:
+    stub = pb_grpc.OmniGen2Stub(grpc.insecure_channel(frontend.address))
+    call = stub.GenerateStream(request, timeout=120)
+    for event in call:
+        if event.progress.step >= step:
+            return call
+    raise AssertionError("the generation ended before it was cancelled")
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
+    log = tmp_path_factory.mktemp("one-slot") / "frontend.log"
+    with FrontendProcess(triton.grpc_url, log, "--max-in-flight=1") as frontend:
+        frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        yield frontend
+
+
+def test_a_cancelled_call_holds_its_slot_until_the_bls_has_stopped(
+    one_slot: FrontendProcess, triton: TritonServer
+) -> None:
+    """Cancelled mid-denoise, with a preview (a VAE decode) in every step: the front end used to give the slot and
+    the reservation back when it cancelled the Triton stream, while the BLS finished the step it was in."""
+    request = pb.GenerateRequest(prompt="Cancel me", width=384, height=384, steps=200, seed=1, previews=True)
+    call = _stream_until_step(one_slot, request, 2)
+    assert _bls_running(triton) == 1 and _frontend_metric(one_slot, STEP_TOKENS) > 0
+    call.cancel()
+    _released_after_the_bls_stopped(one_slot, triton)
+    settled = _executions(triton)
+    time.sleep(1.0)
+    assert _executions(triton) == settled, "a step ran after the slot was given back"
+    assert _frontend_metric(one_slot, "omnigen2_stop_grace_expired_total") == 0  # the BLS confirmed the stop
+    assert OmniGen2Client(one_slot.address, timeout=60, retries=0).generate("Next", width=64, height=64, steps=1)
+
+
+def test_a_stop_not_confirmed_within_the_grace_period_ends_the_stream(tmp_path: Path, triton: TritonServer) -> None:
+    """No grace at all: the front end cannot wait for the BLS, so it cancels the Triton stream (counted), and the
+    BLS stops on Triton's cancellation instead."""
+    with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--stop-grace-s=0") as frontend:
+        frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        request = pb.GenerateRequest(prompt="Cancel me", width=256, height=256, steps=200, seed=1)
+        _stream_until_step(frontend, request, 2).cancel()
+        deadline = time.monotonic() + 10
+        while _frontend_metric(frontend, "omnigen2_stop_grace_expired_total") < 1:
+            assert time.monotonic() < deadline, "the expired grace period was not counted"
+            time.sleep(0.05)
+        while _bls_running(triton) > 0:
+            assert time.monotonic() < deadline, "the BLS kept running"
+            time.sleep(0.05)
+        settled = _executions(triton)
+        time.sleep(1.0)
+        assert _executions(triton) == settled
+
+
+def test_a_stream_whose_output_piles_up_is_ended_at_the_byte_cap(tmp_path: Path, triton: TritonServer) -> None:
+    """Previews nobody reads, a write timeout far away: the output waiting behind the stalled write reaches the
+    cap (each 256x256 preview is 196 KB) and the call ends RESOURCE_EXHAUSTED, its slot back once the BLS stopped."""
+    flags = ("--max-in-flight=1", "--stream-write-timeout-s=100", "--max-buffered-stream-bytes=400000")
+    with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", *flags) as frontend:
+        frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        stub = pb_grpc.OmniGen2Stub(_fixed_window_channel(frontend.address))
+        request = pb.GenerateRequest(prompt="Never read", width=256, height=256, steps=200, seed=1, previews=True)
+        started = time.monotonic()
+        unread = stub.GenerateStream(request, timeout=120)
+        while _frontend_metric(frontend, "omnigen2_in_flight_requests") < 1:
+            time.sleep(0.01)
+        _released_after_the_bls_stopped(frontend, triton, timeout_s=60)
+        assert time.monotonic() - started < 60, "ended by something other than the byte cap"
+        assert OmniGen2Client(frontend.address, timeout=60, retries=0).generate("Next", width=64, height=64, steps=1)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(unread)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-buffered-stream-bytes" in (raised.value.details() or "")
+
+
+def test_calls_past_their_deadline_hold_their_slots_until_the_bls_stops(
+    api: FrontendProcess, triton: TritonServer
+) -> None:
+    """The issue's 40 calls with a 0.5 s deadline: the front end gave their slots back at the deadline while the
+    BLS went on decoding their images for 18 s. Now each image waits its turn to decode where cancellation is seen,
+    and the slots come back only once the BLS has let go of every call."""
+    grey = _png(4000, 4000, "I;16")  # 60 KB on the wire, 16 M pixels to decode
+
+    def call() -> None:
+        with pytest.raises(DeadlineExceededError):
+            OmniGen2Client(api.address, timeout=0.5, retries=0).compose(
+                [grey], "Late", width=64, height=64, steps=1, max_pixels=65536, seed=1
+            )
+
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(call) for _ in range(6)]:
+            future.result()
+    ended = time.monotonic()
+    _released_after_the_bls_stopped(api, triton)
+    assert time.monotonic() - ended < 10, "the BLS went on with calls whose callers had left"
