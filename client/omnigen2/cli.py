@@ -114,7 +114,7 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
             bar.close()
     assert result is not None  # a stream ends with its result or raises
     outputs = [args.output]
-    if len(result.encoded) > 1:
+    if len(result.encoded) != 1:  # several, or none when the server withheld them
         outputs = [
             args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(len(result.encoded))
         ]
@@ -125,6 +125,9 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
     if result.truncated_prompt_tokens or result.truncated_negative_prompt_tokens:
         cut = f"{result.truncated_prompt_tokens} prompt, {result.truncated_negative_prompt_tokens} negative prompt"
         print(f"tokens cut at --max-sequence-length: {cut}", file=sys.stderr)
+    for withheld in result.withheld:
+        why = ", ".join(f"{f.label} {f.score:.2f} (threshold {f.threshold:g})" for f in withheld.findings)
+        print(f"image {withheld.index} withheld by the server's safety classifier: {why}", file=sys.stderr)
     return 0
 
 

@@ -123,9 +123,9 @@ def test_an_answer_that_breaks_the_policy_ends_the_stream_with_the_rule(
 ) -> None:
     question = "Describe a quiet lake."
     with OmniGen2Client(guarded.address, token=APP, timeout=120, retries=0) as client:
-        answer = client.understand(question, max_new_tokens=12).text
-        words = re.findall(r"\w{2,}", answer)
-        snippet = next(w for w in reversed(words) if w.lower() not in question.lower())
+        answer = client.understand(question, max_new_tokens=12).text  # the tiny model's answer: 12 new lines
+        snippet = answer[len(answer) // 2 :]  # a rule only the answer's second half breaks
+        assert snippet and snippet not in question
         _reload(guarded, policy_file, {"rules": [{"id": "answer-rule", "regexes": [re.escape(snippet)]}]})
         deltas: list[str] = []
         with pytest.raises(PermissionDeniedError) as raised:
