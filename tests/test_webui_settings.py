@@ -21,6 +21,8 @@ def _info() -> pb.ModelInfo:
         max_pixels=512 * 512,
         max_input_image_side_length=768,
         max_sequence_length=256,
+        cache=pb.STEP_CACHE_TAYLORSEER,
+        teacache_threshold=0.1,
     )
     return pb.ModelInfo(defaults=defaults, understand_defaults=pb.UnderstandRequest(max_new_tokens=64, top_p=0.9))
 
@@ -30,6 +32,7 @@ def test_panel_starts_at_the_served_defaults_and_the_operators_overrides() -> No
     assert (settings.steps, settings.width, settings.height) == (8, 256, 0)  # None: not overridden
     assert settings.scheduler == "dpmsolver" and (settings.cfg_start, settings.cfg_end) == (0.0, 0.6)
     assert (settings.negative_prompt, settings.max_sequence_length, settings.max_pixels) == ("blurry", 256, 512 * 512)
+    assert (settings.cache, settings.teacache_threshold) == ("taylorseer", 0.1)
     chat = ChatSettings.from_model_info(_info())
     assert (chat.max_new_tokens, chat.top_p, chat.seed) == (64, 0.9, -1)
 
@@ -40,6 +43,7 @@ def test_server_default_values_stay_unset_in_the_request() -> None:
     request = build_request("a cat", [], GenerationSettings.from_values(values).options())
     assert not request.HasField("width") and not request.HasField("height") and not request.HasField("seed")
     assert not request.HasField("preview_every") and request.steps == 4
+    assert request.cache == pb.STEP_CACHE_NONE and not request.HasField("teacache_threshold")
     assert request.output_format == pb.IMAGE_FORMAT_PNG  # lossless, so the page shows the server's pixels
 
 
@@ -48,8 +52,8 @@ def test_every_setting_reaches_the_request() -> None:
     chosen = GenerationSettings(
         negative_prompt="dark", width=320.0, height=240.0, steps=12.0, text_guidance_scale=3, image_guidance_scale=1,
         cfg_start=0.1, cfg_end=0.9, scheduler="dpmsolver", seed=42.0, num_images_per_prompt=2.0,
-        max_sequence_length=128.0, max_pixels=65536.0, max_input_image_side_length=512.0, previews=True,
-        preview_every=3.0,
+        max_sequence_length=128.0, max_pixels=65536.0, max_input_image_side_length=512.0, cache="teacache",
+        teacache_threshold=0.2, previews=True, preview_every=3.0,
     )  # fmt: skip
     settings = GenerationSettings.from_values(astuple(chosen))
     request = build_request("a cat", [], settings.options(), previews=settings.previews)
@@ -60,6 +64,7 @@ def test_every_setting_reaches_the_request() -> None:
     assert (request.num_images_per_prompt, request.max_sequence_length) == (2, 128)
     assert (request.max_pixels, request.max_input_image_side_length) == (65536, 512)
     assert request.previews and request.preview_every == 3
+    assert request.cache == pb.STEP_CACHE_TEACACHE and request.teacache_threshold == 0.2
 
 
 def test_chat_settings_reach_the_options() -> None:

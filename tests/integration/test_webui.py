@@ -194,6 +194,16 @@ def test_previews_every_n_steps(page: WebDriver) -> None:
     ]
 
 
+def test_step_cache_is_asked_for_and_reported(page: WebDriver) -> None:
+    page.find_element(By.CSS_SELECTOR, "#generate-prompt textarea").send_keys(PROMPT)
+    page.find_element(By.CSS_SELECTOR, "#generate-settings button").click()
+    wait_for(page, "#generate-cache input").click()
+    wait_for(page, "li[role=option][aria-label=taylorseer]").click()
+    page.find_element(By.ID, "generate-button").click()
+    WebDriverWait(page, 60).until(lambda _: "Seed" in page.find_element(By.ID, "generate-status").text)
+    assert "step cache taylorseer" in page.find_element(By.ID, "generate-status").text
+
+
 def test_server_refusal_shows_on_the_page(page: WebDriver) -> None:
     """The server's validation is the page's: an empty prompt comes back as INVALID_ARGUMENT naming the field."""
     page.find_element(By.ID, "generate-button").click()

@@ -21,7 +21,7 @@ from omnigen2.client import DEFAULT_SERVER, OmniGen2Client
 from omnigen2.errors import OmniGen2Error
 from omnigen2.messages import ChatTurn, GenerationResult, Progress
 from omnigen2.v1 import omnigen2_pb2 as pb
-from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, ChatSettings, GenerationSettings
+from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, STEP_CACHES, ChatSettings, GenerationSettings
 
 Values = dict[Any, Any]  # what Gradio hands a handler whose inputs are a set: component -> value
 GalleryUpdate = tuple[list[Image.Image], str]
@@ -65,8 +65,15 @@ def run_generation(
 def describe(result: GenerationResult) -> str:
     timings = result.timings
     text = f"Seed **{result.seed}** · {timings['total']:.2f} s (denoise {timings['denoise']:.2f} s)"
+    if result.cache != "none":
+        text += f" · step cache {result.cache}"
+    if result.cache_note:
+        text += f" ({result.cache_note})"
     if result.truncated_prompt_tokens:
         text += f" · prompt cut by {result.truncated_prompt_tokens} tokens at max_sequence_length"
+    for withheld in result.withheld:
+        reasons = ", ".join(f"{f.label} {f.score:.2f}" for f in withheld.findings)
+        text += f" · image {withheld.index + 1} withheld by the server's safety check ({reasons})"
     return text
 
 
@@ -114,6 +121,12 @@ def _settings_panel(info: pb.ModelInfo, start: GenerationSettings, key: str) -> 
             add("max_sequence_length", gr.Number, "Max sequence length", precision=0, minimum=1)
             add("max_pixels", gr.Number, "Max pixels", precision=0, minimum=1)
             add("max_input_image_side_length", gr.Number, "Max input image side", precision=0, minimum=1)
+        with gr.Row():
+            # The modes the server offers (one without step caching lists none: only "none" then).
+            served = {STEP_CACHES.get(mode, "none") for mode in info.step_caches}
+            caches = [mode for mode in ("none", "teacache", "taylorseer") if mode == "none" or mode in served]
+            add("cache", gr.Dropdown, "Step cache (faster, drifts a little)", choices=caches)
+            add("teacache_threshold", gr.Slider, "TeaCache threshold", minimum=0.01, maximum=1.0, step=0.01)
         with gr.Row():
             add("previews", gr.Checkbox, "Show previews (one VAE decode each)")
             add("preview_every", gr.Number, "Preview every n steps", precision=0, minimum=1)

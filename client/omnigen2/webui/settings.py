@@ -6,13 +6,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from omnigen2.messages import GenerationOptions, SchedulerName, UnderstandOptions
+from omnigen2.messages import CacheName, GenerationOptions, SchedulerName, UnderstandOptions
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 SCHEDULERS: dict[int, SchedulerName] = {
     pb.SCHEDULER_UNSPECIFIED: "euler",
     pb.SCHEDULER_EULER: "euler",
     pb.SCHEDULER_DPMSOLVER: "dpmsolver",
+}
+STEP_CACHES: dict[int, CacheName] = {
+    pb.STEP_CACHE_UNSPECIFIED: "none",
+    pb.STEP_CACHE_NONE: "none",
+    pb.STEP_CACHE_TEACACHE: "teacache",
+    pb.STEP_CACHE_TAYLORSEER: "taylorseer",
 }
 RANDOM_SEED = -1  # the UI's "no seed": the server picks one and returns it
 SERVER_DEFAULT = 0  # width, height: unset (1024, or an edited image's own size)
@@ -36,6 +42,8 @@ class GenerationSettings:
     max_sequence_length: int = 1024
     max_pixels: int = 1024 * 1024
     max_input_image_side_length: int = 1024
+    cache: CacheName = "none"
+    teacache_threshold: float = 0.05
     previews: bool = False
     preview_every: int = 1
 
@@ -55,6 +63,8 @@ class GenerationSettings:
             max_sequence_length=d.max_sequence_length,
             max_pixels=d.max_pixels,
             max_input_image_side_length=d.max_input_image_side_length,
+            cache=STEP_CACHES.get(d.cache, "none"),
+            teacache_threshold=d.teacache_threshold or 0.05,
         )
         return cls(**{**asdict(served), **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -80,8 +90,11 @@ class GenerationSettings:
             max_sequence_length=self.max_sequence_length,
             max_pixels=self.max_pixels,
             max_input_image_side_length=self.max_input_image_side_length,
+            cache=self.cache,
             output_format="png",  # lossless, so the page shows the server's pixels
         )
+        if self.cache == "teacache":
+            options["teacache_threshold"] = float(self.teacache_threshold)
         if self.width != SERVER_DEFAULT:
             options["width"] = self.width
         if self.height != SERVER_DEFAULT:
