@@ -57,6 +57,8 @@ def _optional_settings() -> dict[str, tuple[Any, ...]]:
         "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
         "scheduler": (["euler", "dpmsolver"], {"default": "euler"}),
         "max_sequence_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "0: the server's default"}),
+        "cache": (["none", "teacache", "taylorseer"], {"default": "none", "tooltip": "step caching: faster, drifts"}),
+        "teacache_threshold": ("FLOAT", {"default": 0.05, "min": 0.01, "max": 1.0, "step": 0.01}),
         **_token(),
     }
 
@@ -72,6 +74,7 @@ def _options(settings: dict[str, Any]) -> GenerationOptions:
         image_guidance_scale=settings.get("image_guidance_scale", 2.0),
         cfg_range=(settings.get("cfg_start", 0.0), settings.get("cfg_end", 1.0)),
         scheduler=settings.get("scheduler", "euler"),
+        cache=settings.get("cache", "none"),
         seed=settings["seed"],
         num_images_per_prompt=settings["num_images"],
         output_format="png",  # lossless: the tensor holds the server's pixels
@@ -79,6 +82,8 @@ def _options(settings: dict[str, Any]) -> GenerationOptions:
     for name in ("width", "height", "max_sequence_length"):
         if settings.get(name):
             options[name] = settings[name]
+    if options["cache"] == "teacache":
+        options["teacache_threshold"] = settings.get("teacache_threshold", 0.05)
     if settings.get("negative_prompt"):
         options["negative_prompt"] = settings["negative_prompt"]
     return options

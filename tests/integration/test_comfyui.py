@@ -97,6 +97,12 @@ def test_generate_gives_comfyui_images_equal_to_the_sdk(
     )
     assert np.array_equal(pixels(images), np.stack([np.asarray(image) for image in sdk.images]))
 
+    cached, _ = run(nodes["OmniGen2Generate"], server=api.address, prompt="A red apple", cache="teacache",
+                    teacache_threshold=0.3, **SMALL)  # fmt: skip
+    sdk = client.generate("A red apple", width=64, height=48, steps=3, text_guidance_scale=4.0, seed=11,
+                          cache="teacache", teacache_threshold=0.3)  # fmt: skip
+    assert sdk.cache == "teacache" and np.array_equal(pixels(cached)[0], np.asarray(sdk.images[0]))
+
 
 def test_edit_and_compose_take_up_to_five_images(
     api: FrontendProcess, nodes: dict[str, Any], client: OmniGen2Client, golden: Path
