@@ -3,7 +3,8 @@
 The `small` checkpoint at 256x256, 8 steps, text-to-image, served twice at once from two repositories that differ
 only in the stage (off / on with the default thresholds); requests alternate between the two stacks so that the
 machine's drift falls on both alike. Reported: p50 and p90 latency of each at concurrency 1 and 4, their
-difference, and the BLS's own `safety` stage time per request (classifying its one finished image).
+difference, and the BLS's own `safety` stage time per request (classifying its one finished image); and, in this
+process, the classifier alone (letterbox, ONNX Runtime, decoding) per image at batch 1 and 8.
 Results: benchmarks/results/cpu-small-safety/{results.json, results.md}.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,10 @@ from benchmarks.machine import machine_info
 from benchmarks.workloads import Workload, standard_mixes
 from serving.build.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
-from serving.safety.settings import SafetySettings
+from serving.runtime.ort_session import cpu_session
+from serving.safety.detections import class_scores, decode, graph_input
+from serving.safety.letterbox import letterbox
+from serving.safety.settings import SIDE, SafetySettings, nudenet_graph
 from serving.triton.launcher import Ports, TritonServer
 
 SIZE, STEPS = 256, 8
@@ -54,10 +60,28 @@ def _summary(samples: list[tuple[float, float]]) -> dict[str, float]:
     }
 
 
+def classifier_ms_per_image(batch: int, repeats: int = 20) -> float:
+    """The stage's work on `batch` 256x256 images in this process (what the component does, plus the BLS's
+    letterbox), median milliseconds per image."""
+    session = cpu_session(nudenet_graph())
+    images = np.random.default_rng(0).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms the session up
+        started = time.perf_counter()
+        boxed = np.stack([letterbox(image, SIDE) for image in images])
+        (output,) = session.run(None, {"images": graph_input(boxed)})
+        _ = class_scores(output), [decode(o, SIZE, SIZE, SIDE, 32) for o in output]
+        times.append((time.perf_counter() - started) / batch)
+    return 1000 * statistics.median(times[1:])
+
+
 def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
     variants = {"without": None, "with": SafetySettings()}
     workload = standard_mixes(SIZE, STEPS)[0]  # t2i
     points: list[dict[str, Any]] = []
+    load = {"start": os.getloadavg()[0]}  # the 1-minute load: on a shared machine, other jobs' share of the cores
+    in_process = {f"batch_{n}_ms_per_image": classifier_ms_per_image(n) for n in (1, 8)}
+    print(json.dumps(in_process), flush=True)
     with ExitStack() as stack:
         addresses = {}
         for name, safety in variants.items():
@@ -81,16 +105,23 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
                 point = {"safety": name, "concurrency": concurrency} | _summary(samples[name])
                 points.append(point)
                 print(json.dumps(point), flush=True)
+        load["end"] = os.getloadavg()[0]
     results = {
         "profile": "cpu-small-safety",
         "settings": {"checkpoint": "small", "size": SIZE, "steps": STEPS, "rounds": ROUNDS, "workload": "t2i"},
-        "machine": machine_info(),
+        "machine": machine_info() | {"load_average": load},
         "points": points,
+        "classifier_in_process": in_process,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     return results
+
+
+def _load(machine: dict[str, Any]) -> str:
+    load = machine.get("load_average")
+    return f"; 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end" if load else ""
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -99,7 +130,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# Benchmark `cpu-small-safety`: the output-image safety stage, off and on",
         "",
         f"Machine: {machine.get('cpu')} ({machine.get('bf16_isa')}), {machine['cpus']} CPUs, "
-        f"{machine['memory_gib']} GiB, {machine['platform']}. Settings: `{results['settings']}`.",
+        f"{machine['memory_gib']} GiB, {machine['platform']}{_load(machine)}. Settings: `{results['settings']}`.",
         "",
         "| concurrency | p50 without (s) | p50 with (s) | p50 difference (ms) | p90 without (s) | p90 with (s) "
         "| safety stage per request, p50 (ms) |",
@@ -114,4 +145,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {concurrency} | {off['p50_s']:.3f} | {on['p50_s']:.3f} | {1000 * (on['p50_s'] - off['p50_s']):+.0f} "
             f"| {off['p90_s']:.3f} | {on['p90_s']:.3f} | {on['safety_stage_ms_p50']:.1f} |"
         )
+    alone = results.get("classifier_in_process")
+    if alone:
+        lines += [
+            "",
+            f"The classifier alone, in process (letterbox + ONNX Runtime + decoding, 256x256 images): "
+            f"{alone['batch_1_ms_per_image']:.1f} ms per image at batch 1, {alone['batch_8_ms_per_image']:.1f} ms at "
+            "batch 8.",
+        ]
     return "\n".join(lines) + "\n"
