@@ -152,6 +152,8 @@ def test_grpc_statuses_become_http_statuses() -> None:
     violations = [("num_images_per_prompt", "must be in [1, 4]"), ("steps", "at least 1")]
     bad = from_rpc(_rpc_error(invalid_argument(violations)), lambda f: {"num_images_per_prompt": "n"}.get(f, f))
     assert (bad.status, bad.param, bad.message) == (400, "n", "n: must be in [1, 4]; steps: at least 1")
+    slow_reader = from_rpc(_rpc_error(plain(grpc.StatusCode.RESOURCE_EXHAUSTED, "buffered too much")), same)
+    assert (slow_reader.status, slow_reader.headers) == (429, {})  # no RetryInfo: no Retry-After
     busy = from_rpc(_rpc_error(resource_exhausted("busy", 1.5)), same)
     assert (busy.status, busy.headers, busy.body()["error"]["code"]) == (
         429,

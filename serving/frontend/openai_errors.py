@@ -64,9 +64,7 @@ def from_rpc(error: grpc.RpcError, param: Callable[[str], str]) -> OpenAIError:
         named = [(param(v.field), v.description) for v in typed.violations]
         message = "; ".join(f"{name}: {description}" for name, description in named)
         return OpenAIError(status, message, kind, named[0][0], code)
-    if isinstance(typed, ResourceExhaustedError):
-        if typed.retry_after is None:  # the transport refused the message unread: too large, not too busy
-            return OpenAIError(413, typed.message, "invalid_request_error", None, "request_too_large")
+    if isinstance(typed, ResourceExhaustedError) and typed.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(typed.retry_after)))}
         return OpenAIError(status, typed.message, kind, None, code, headers)
     info = _error_info(error) if typed.code == grpc.StatusCode.PERMISSION_DENIED else None
