@@ -43,9 +43,9 @@ class TritonPythonModel(ComponentModel):
         return to_triton(name, value)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
         if self.stages is None:
-            return [run_graph(self.graph, **inputs).numpy()]
+            return [run_graph(self.graph, **{name: torch.from_numpy(value) for name, value in feed.items()}).numpy()]
         controls = decode_controls(*(feed.pop(name) for name in CACHE_INPUTS))
+        inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
         velocity, _ = transformer_call(self.stages, inputs, controls, self.step_cache)
         return [velocity.numpy()]

@@ -8,6 +8,7 @@ differ from it: a bf16 run that matched float32 exactly would mean the bf16 weig
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ def bf16_triton(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_onnx: Path
 ) -> Iterator[TritonServer]:
     """bf16 components, and a BLS that cuts every step into one transformer call per sample (a 1-token cap): the
-    golden cases then also check that cut calls come back in order (a swapped CFG branch is far off tolerance)."""
+    golden cases then also check that cut calls come back in order (a swapped CFG branch is far off tolerance).
+    The step-cache budget is 1 MiB: the golden cases fit, a few 384x384 images do not."""
     work = tmp_path_factory.mktemp("pytorch-bf16")
-    bls = bls_settings("pytorch", "bf16", max_call_tokens=1)
+    bls = replace(bls_settings("pytorch", "bf16", max_call_tokens=1), max_step_cache_mib=1)
     repository = prepare_repository(
         tiny_checkpoint, work / "model_repository", "pytorch", onnx_cache=tiny_onnx.parent, precision="bf16", bls=bls
     )
@@ -53,6 +55,27 @@ def test_bf16_components_stay_near_the_golden_result(
     error = relative_error(out.latents, np.load(golden / case["final_latents"]))
     # bf16 lands near 4-5e-3 here; cond and uncond velocities swapped by a misordered cut read 5.4e-2 and 2.2e-1.
     assert 1e-5 < error <= 2e-2, f"bf16 latents relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", ["f_teacache_t2i", "f_taylorseer_edit"])
+def test_step_caching_on_bf16_components(
+    bf16_triton: TritonServer, cases: dict[str, Any], golden: Path, name: str
+) -> None:
+    """The PyTorch transformer keeps the cache state in bf16, each branch in its own call here."""
+    case = next(c for c in cases["feature_cases"] if c["name"] == name)
+    out = GenerationStream(bf16_triton.grpc_url, case_params(case), [(golden / f).read_bytes() for f in case["images"]])
+    result = out.wait()
+    assert result.error is None, result.error
+    assert (result.result["cache"], result.result["cache_note"]) == (case["cache"], "")
+    assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 2e-2
+
+
+def test_step_caching_past_the_budget_runs_uncached(bf16_triton: TritonServer) -> None:
+    """Four 384x384 images hold about 1.8 MiB of TeaCache state in bf16, past the 1 MiB budget: uncached, said so."""
+    params = {"prompt": "a red car", "width": 384, "height": 384, "steps": 2, "seed": 3, "num_images_per_prompt": 4}
+    result = GenerationStream(bf16_triton.grpc_url, params | {"cache": "teacache"}).wait()
+    assert result.error is None, result.error
+    assert result.result["cache"] == "none" and "1 MiB" in result.result["cache_note"]
 
 
 def test_single_graph_loader_matches_the_pipeline_graphs(tiny_checkpoint: Path) -> None:
