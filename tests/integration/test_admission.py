@@ -192,6 +192,19 @@ def test_an_answer_over_the_token_budget_is_refused_naming_the_field(
     assert _executions(triton, "mllm") == before  # the model saw nothing
 
 
+def test_an_answer_over_the_pixel_budget_is_refused_before_decoding(
+    budgeted: FrontendProcess, triton: TritonServer
+) -> None:
+    """The issue's four Understand calls with 6324x6324 PNGs took the `mllm` stub to 6.8 GB; here a 400x400 image
+    passes a 90 000-pixel budget, read from its header (its 276 tokens fit the token budget)."""
+    before = _executions(triton, "mllm")
+    with pytest.raises(InvalidArgumentError) as raised:
+        OmniGen2Client(budgeted.address, timeout=60).understand("Compare", [_png(400, 400)], max_new_tokens=2)
+    assert [v.field for v in raised.value.violations] == ["messages"]
+    assert "(--max-request-input-pixels)" in raised.value.violations[0].description
+    assert _executions(triton, "mllm") == before
+
+
 def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess) -> None:
     client = OmniGen2Client(budgeted.address, timeout=60, retries=0)
     talk = client.understand_stream("Talk for a long time", max_new_tokens=240)  # 300 tokens; about 4 s here
