@@ -4,6 +4,7 @@
     python -m benchmarks.harness --profile cpu-small-bf16  # the same, served by the pytorch-bf16 repository
     python -m benchmarks.harness --profile overhead-tiny   # what the API + Triton add per request, on `tiny`
     python -m benchmarks.harness --profile cpu-small-safety  # p50 with and without the safety stage, on `small`
+    python -m benchmarks.harness --profile cpu-small-cache  # step caching (TeaCache, TaylorSeer) at concurrency 8
 
 Each point sends `requests` generations with `concurrency` of them in flight, and records p50/p90/p99 latency,
 images per second, time per denoising step and the peak memory of the processes involved. The eager pipeline
@@ -31,7 +32,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from omnigen2 import AsyncOmniGen2Client
 
-from benchmarks import full_smoke, safety_cost
+from benchmarks import full_smoke, safety_cost, step_cache
 from benchmarks.machine import machine_info
 from benchmarks.memory import PeakMemory
 from benchmarks.plots import plot_sweep
@@ -67,6 +68,7 @@ PROFILES = {
 }
 FULL_SMOKE = "cpu-full-smoke"
 SAFETY_COST = "cpu-small-safety"  # benchmarks/safety_cost.py; needs the `safety` extra
+STEP_CACHE = "cpu-small-cache"  # benchmarks/step_cache.py
 
 
 @dataclass
@@ -196,18 +198,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--profile",
-        choices=[*sorted(PROFILES), FULL_SMOKE, SAFETY_COST],
+        choices=[*sorted(PROFILES), FULL_SMOKE, SAFETY_COST, STEP_CACHE],
         action="append",
         help=f"default: all but {FULL_SMOKE} (benchmarks/full_smoke.py: 16 GB of weights)",
     )
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    for name in args.profile or [*sorted(PROFILES), SAFETY_COST]:
+    for name in args.profile or [*sorted(PROFILES), SAFETY_COST, STEP_CACHE]:
         if name == FULL_SMOKE:
             full_smoke.main(["--work", str(args.work / name), "--out", str(args.out / name)])
         elif name == SAFETY_COST:
             safety_cost.run(checkpoint_for("small", args.work), args.work / name, args.out / name)
+        elif name == STEP_CACHE:
+            step_cache.run(checkpoint_for("small", args.work), args.work / name, args.out / name)
         else:
             run(name, PROFILES[name], args.work, args.out / name)
 
