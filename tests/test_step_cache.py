@@ -101,9 +101,10 @@ def test_cached_and_uncached_requests_share_one_call(
     ]
     expected = [np.load(golden / _feature(cases, n)["final_latents"]) for n in ("f_teacache_t2i", "f_taylorseer_edit")]
     denoisers = [_denoiser(golden_pipeline, r, key) for key, r in enumerate(requests, start=1)]
-    backend, passes, rows = golden_pipeline.backend, 0, 0
+    backend, passes, rows, peak_bytes = golden_pipeline.backend, 0, 0, 0
     with torch.no_grad():
         while not all(d.done for d in denoisers):
+            peak_bytes = max(peak_bytes, backend.step_cache.nbytes)
             live = [d for d in denoisers if not d.done]
             samples = [d.samples() for d in live]
             flat = [s for group in samples for s in group]
@@ -124,6 +125,14 @@ def test_cached_and_uncached_requests_share_one_call(
     uncached = golden_pipeline(requests[2])
     assert relative_error(spec.unscale(denoisers[2].latents), uncached.latents) <= 1e-6
     assert rows == 12 + 42 + 12 and passes == 5 + 24 + 12
+    # The state held matches what the BLS reserves: TaylorSeer exactly (5 derivatives of the image tokens of 3
+    # branches), TeaCache at most (modulated input over the longest text, image residual, 2 branches); float32.
+    hidden = golden_pipeline.spec.hidden_size
+    tokens = [d.latents.shape[-1] * d.latents.shape[-2] // 4 for d in denoisers]
+    taylor = state_values(Mode.TAYLORSEER, 3, 1, 0, tokens[1], hidden) * 4
+    text = max(t.shape[0] for t, _ in denoisers[0]._inputs.values())
+    tea = state_values(Mode.TEACACHE, 2, 1, text + tokens[0], tokens[0], hidden) * 4
+    assert taylor < peak_bytes <= taylor + tea, (peak_bytes, taylor, tea)
 
 
 def test_controls_round_trip_the_wire() -> None:
