@@ -73,6 +73,25 @@ def test_golden_feature_case_through_triton(
     assert out.result["cache"] == case.get("cache", "none") and out.result["cache_note"] == ""
 
 
+def test_cached_and_uncached_generations_share_steps(triton: TritonServer, cases: dict[str, Any], golden: Path) -> None:
+    """TeaCache, TaylorSeer and uncached requests at once: the step batcher merges them, each keeps its own state."""
+    tea, taylor = _feature_case(cases, "f_teacache_t2i"), _feature_case(cases, "f_taylorseer_edit")
+    taylor_images = [(golden / f).read_bytes() for f in taylor["images"]]
+    start = _transformer_counts(triton)
+    streams = [
+        GenerationStream(triton.grpc_url, case_params(tea)),
+        GenerationStream(triton.grpc_url, case_params(taylor), taylor_images),
+        GenerationStream(triton.grpc_url, case_params(tea, cache="none")),
+    ]
+    results = [s.wait() for s in streams]
+    end = _transformer_counts(triton)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    for result, case in zip(results, (tea, taylor), strict=False):
+        assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 1e-5
+    assert relative_error(results[2].latents, np.load(golden / tea["final_latents"])) > 1e-5
+    assert end[0] - start[0] < 6 + 14 + 6  # fewer executions than the three alone (two RELEASE calls included)
+
+
 def test_text_features_are_cached_per_truncation_length(
     triton: TritonServer, cases: dict[str, Any], golden: Path
 ) -> None:
