@@ -126,6 +126,16 @@ class _TaylorEntry:
 
 
 @dataclass
+class _TeaGroup:
+    """A request branch's TeaCache decision: the accumulated change, and what was decided at which call (a branch
+    that a token cap split over several calls decides once per step, in its first call)."""
+
+    accumulated: float = 0.0
+    step: int = -1
+    skip: bool = False
+
+
+@dataclass
 class _Entry:
     tea: _TeaEntry = field(default_factory=_TeaEntry)
     taylor: _TaylorEntry = field(default_factory=_TaylorEntry)
@@ -138,11 +148,11 @@ class _Entry:
 
 
 class CacheStore:
-    """Cache state by (request key, slot), with the TeaCache accumulators by (request key, branch)."""
+    """Cache state by (request key, slot), with the TeaCache decisions by (request key, branch)."""
 
     def __init__(self, idle_evict_s: float = DEFAULT_IDLE_EVICT_S) -> None:
         self.entries: dict[tuple[int, int], _Entry] = {}
-        self.accumulated: dict[tuple[int, int], float] = {}
+        self.groups: dict[tuple[int, int], _TeaGroup] = {}
         self.idle_evict_s = idle_evict_s
 
     def entry(self, control: Control) -> _Entry:
@@ -151,7 +161,7 @@ class CacheStore:
         return found
 
     def release(self, key: int) -> None:
-        for store in (self.entries, self.accumulated):
+        for store in (self.entries, self.groups):
             for k in [k for k in store if k[0] == key]:
                 del store[k]
 
@@ -315,23 +325,33 @@ def _teacache_skips(
     for group, members in groups.items():
         entries = [store.entry(controls[i]) for i, _ in members]
         control = controls[members[0][0]]
-        previous = [e.tea.modulated for e in entries]
-        known = all(p is not None and p.shape == m.shape for p, (_, m) in zip(previous, members, strict=True))
-        known = known and all(e.tea.residual is not None for e in entries)
-        if control.force or not known:
-            store.accumulated[group] = 0.0
-        else:
-            change = sum(float(abs(m - p).sum()) for p, (_, m) in zip(previous, members, strict=True))
-            scale = sum(float(abs(p).sum()) for p in previous)
-            accumulated = store.accumulated.get(group, 0.0) + teacache_rescale(change / scale)
-            if accumulated < control.threshold:
-                skip.update(i for i, _ in members)
-                store.accumulated[group] = accumulated
-            else:
-                store.accumulated[group] = 0.0
+        decision = store.groups.setdefault(group, _TeaGroup())
+        if decision.step != control.step:
+            decision.step, decision.skip = control.step, _teacache_skip(decision, control, entries, members)
+        if decision.skip:
+            skip.update(i for i, _ in members)
         for entry, (_, m) in zip(entries, members, strict=True):
             entry.tea.modulated = m
     return skip
+
+
+def _teacache_skip(
+    decision: _TeaGroup, control: Control, entries: list[_Entry], members: list[tuple[int, Any]]
+) -> bool:
+    """The official rule: accumulate the rescaled relative L1 change of the modulated input; skip while the sum
+    stays under the threshold, compute (and start over) otherwise, and always on the first and last steps."""
+    previous = [e.tea.modulated for e in entries]
+    known = all(p is not None and p.shape == m.shape for p, (_, m) in zip(previous, members, strict=True))
+    if control.force or not known or any(e.tea.residual is None for e in entries):
+        decision.accumulated = 0.0
+        return False
+    change = sum(float(abs(m - p).sum()) for p, (_, m) in zip(previous, members, strict=True))
+    scale = sum(float(abs(p).sum()) for p in previous)
+    decision.accumulated += teacache_rescale(change / scale)
+    if decision.accumulated < control.threshold:
+        return True
+    decision.accumulated = 0.0
+    return False
 
 
 def state_values(mode: Mode, branches: int, images: int, joint_tokens: int, image_tokens: int, hidden: int) -> int:
