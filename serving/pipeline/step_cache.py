@@ -269,6 +269,8 @@ def cached_transformer(
         if compute:
             rows = [embed_rows[j] for j in compute]
             out = stages.layers(stages.take(hidden, compute), stages.take(temb, compute), inputs, rows)
+        if out is not None and len(compute) == batch and all(c.mode == Mode.NONE for c in controls):
+            return stages.head(out[:, start:], inputs, embed_rows), stats  # no row cached: nothing to gather
         position = {j: k for k, j in enumerate(compute)}
         for j, i in enumerate(embed_rows):
             c, n = controls[i], stages.image_count(inputs, i)
