@@ -205,7 +205,7 @@ def test_an_answer_over_the_pixel_budget_is_refused_before_decoding(
     assert _executions(triton, "mllm") == before
 
 
-def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess) -> None:
+def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess, triton: TritonServer) -> None:
     client = OmniGen2Client(budgeted.address, timeout=60, retries=0)
     talk = client.understand_stream("Talk for a long time", max_new_tokens=240)  # 300 tokens; about 4 s here
     next(talk)
@@ -217,6 +217,7 @@ def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess
     while _frontend_metric(budgeted, 'omnigen2_admitted_cost{budget="chat_tokens"}') > 0:
         assert time.monotonic() < deadline, "the cancelled answer kept its tokens"
         time.sleep(0.05)
+    assert _bls_running(triton, "mllm") == 0  # the tokens came back once the model had stopped
     assert client.understand("Another", max_new_tokens=200).completion_tokens >= 1
 
 
