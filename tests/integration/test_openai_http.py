@@ -11,6 +11,7 @@ import io
 import json
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from omnigen2 import OmniGen2Client
+from omnigen2 import ChatTurn, OmniGen2Client, Progress
 from PIL import Image
 
 from serving.frontend.process import FrontendProcess
@@ -164,8 +165,6 @@ def test_chat_completion_equals_understand(http_client: openai.OpenAI, client: O
         max_tokens=6,
         seed=3,
     )
-    from omnigen2 import ChatTurn
-
     expected = client.understand(
         [ChatTurn("system", ["Answer briefly."]), ChatTurn("user", [image, "What is in the picture?"])],
         max_new_tokens=6,
@@ -425,6 +424,28 @@ def test_auth_statuses(guarded: FrontendProcess) -> None:
     assert int(limited.value.response.headers["Retry-After"]) >= 1
 
 
+def test_http_and_grpc_share_one_admission(tmp_path: Path, triton: TritonServer) -> None:
+    """One slot: while a gRPC stream holds it, an HTTP request is refused 429 with the RetryInfo delay as
+    Retry-After (2.5 s -> 3), and served once the stream has gone."""
+    flags = ("--max-in-flight=1", "--retry-after-s=2.5")
+    with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", *flags, http=True) as frontend:
+        http_client = openai.OpenAI(base_url=frontend.http_url, api_key="unused", max_retries=0, timeout=60)
+        long_run = OmniGen2Client(frontend.address, timeout=60).stream("Busy", width=256, height=256, steps=200)
+        assert isinstance(next(long_run), Progress)  # admitted and running
+        with pytest.raises(openai.RateLimitError) as refused:
+            http_client.images.generate(prompt="One too many", size="16x16", extra_body=SMALL)
+        assert refused.value.response.headers["Retry-After"] == "3"
+        long_run.close()
+        deadline = time.monotonic() + 30
+        while True:  # the slot comes back once the BLS has stopped the cancelled run
+            try:
+                assert http_client.images.generate(prompt="Room again", size="16x16", extra_body=SMALL).data
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+
 def test_a_stopped_triton_is_503(tmp_path: Path) -> None:
     with FrontendProcess(f"127.0.0.1:{free_port()}", tmp_path / "frontend.log", http=True) as frontend:
         status, _, answer = _post_json(frontend, "/v1/images/generations", {"prompt": "x", "size": "16x16"})
@@ -447,6 +468,6 @@ def test_the_curl_lines_in_the_docs_run(api: FrontendProcess, tmp_path: Path) ->
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert Image.open(tmp_path / "apple.png").size == (512, 512)
-    assert Image.open(tmp_path / "green.png").size == (512, 512)
+    assert Image.open(tmp_path / "apple.png").size == (256, 256)
+    assert Image.open(tmp_path / "green.png").size == (256, 256)  # one input image, no size: the input's size
     assert result.stdout.rstrip().endswith("data: [DONE]")
