@@ -59,18 +59,27 @@ def _executions(triton: TritonServer, model: str) -> int:
     return int(stats.model_stats[0].execution_count)
 
 
-def _blocked(frontend: FrontendProcess, rule: str, stage: str) -> float:
+def _metric(frontend: FrontendProcess, pattern: str) -> float:
+    """The sum of the samples whose line matches `pattern` (name and labels)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{frontend.metrics_port}/metrics", timeout=5).read().decode()
-    pattern = rf'^omnigen2_policy_blocked_total\{{rule="{re.escape(rule)}",stage="{stage}"\}} (\S+)$'
-    found = re.search(pattern, text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern} (\S+)$", text, re.MULTILINE))
+
+
+def _blocked(frontend: FrontendProcess, rule: str, stage: str) -> float:
+    return _metric(frontend, rf'omnigen2_policy_blocked_total\{{rule="{re.escape(rule)}",stage="{stage}"\}}')
 
 
 def _reload(frontend: FrontendProcess, policy_file: Path, policy: Any) -> None:
+    """Rewrite the file, SIGHUP, and wait until the front end has read it (its reload counter moves)."""
+    reloads = r"omnigen2_policy_reloads_total\{[^}]*\}"
+    before = _metric(frontend, reloads)
     policy_file.write_text(policy if isinstance(policy, str) else json.dumps(policy))
     assert frontend.process is not None
     frontend.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)  # the handler runs on the front end's event loop, between calls
+    deadline = time.monotonic() + 10
+    while _metric(frontend, reloads) == before:
+        assert time.monotonic() < deadline, "the front end did not reload its policy"
+        time.sleep(0.05)
 
 
 def test_blocked_requests_cost_no_model_time_and_never_echo_the_text(
