@@ -385,6 +385,8 @@ def test_property_json_bodies_get_2xx_or_openai_shaped_4xx(api: FrontendProcess,
 def test_still_serving_and_counted_after_the_search(api: FrontendProcess) -> None:
     status, _, answer = _request(api, "GET", "/v1/models")
     assert status == 200 and answer["data"][0]["id"] == "OmniGen2"
+    assert _post_json(api, "/v1/images/generations", {"prompt": "x", "n": 0})[0] == 400
+    assert _post_json(api, "/v1/images/generations", {"prompt": "x", "size": "16x16", **SMALL})[0] == 200
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
     assert re.search(
         r'omnigen2_http_requests_total\{method="POST",route="/v1/images/generations",status="400"\}', metrics
