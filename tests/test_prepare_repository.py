@@ -25,6 +25,7 @@ from serving.errors import CheckpointError, SettingError
 from serving.model.checkpoint import GRAPH_PARTS, read_spec, text_feature_dim
 from serving.model.contract import dims_only, graph_contracts
 from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
+from serving.runtime.onnx_stages import TRANSFORMER_STAGES
 from serving.triton.bls_settings import BlsSettings
 
 
@@ -43,7 +44,9 @@ def test_every_component_has_config_and_artifacts(repository: Path) -> None:
         assert config.name == name and config.backend == "python" and config.max_batch_size > 0
         assert config.HasField("dynamic_batching")
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-        assert (repository / name / "1" / config.parameters["onnx_file"].string_value).is_file()
+        files = [f"{stage}.onnx" for stage in TRANSFORMER_STAGES] if name == "transformer" else []
+        for file in files or [config.parameters["onnx_file"].string_value]:
+            assert (repository / name / "1" / file).is_file()
         assert "serving.triton.onnx_model" in (repository / name / "1" / "model.py").read_text()
 
 
@@ -51,7 +54,8 @@ def test_transformer_config_follows_the_contract(repository: Path) -> None:
     config = _config(repository, "transformer")
     inputs = {i.name: i for i in config.input}
     names = "img_tokens img_mask timestep text_feats text_mask ref_tokens ref_mask rope_cos rope_sin"
-    assert list(inputs) == names.split()
+    assert list(inputs) == [*names.split(), "cache_control", "cache_threshold"]  # + the step-cache controls
+    assert list(inputs["cache_control"].dims) == [5] and inputs["cache_threshold"].data_type == mc.TYPE_FP64
     assert inputs["img_mask"].data_type == mc.TYPE_BOOL
     assert list(inputs["ref_tokens"].dims) == [-1, -1, 64]
     assert list(inputs["timestep"].dims) == [1] and inputs["timestep"].HasField("reshape")
@@ -105,7 +109,8 @@ def test_static_contract_is_the_exported_one(tiny_checkpoint: Path, tiny_onnx: P
     """The pytorch backend's contract (from the configs) is what ONNX export traces from the graphs."""
     exported = read_manifest(tiny_onnx)["graphs"]
     static = graph_contracts(read_spec(tiny_checkpoint), text_feature_dim(tiny_checkpoint))
-    for name in GRAPH_NAMES:
+    assert set(static) < set(GRAPH_NAMES)  # the stage graphs are ONNX Runtime's only
+    for name in static:
         assert dims_only(static[name]) == dims_only(exported[name]), name
 
 

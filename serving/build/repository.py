@@ -131,9 +131,9 @@ def component_config(
         config.parameters["intra_op_threads"].string_value = str(settings.intra_op_threads)
         # CPU components take turns on the cores (cpu_lane.py); GPU ones queue on the device instead.
         config.parameters["cpu_lane"].string_value = "0" if on_gpu else "1"
-        if backend == "onnxruntime":
+        if backend == "onnxruntime" and name != TRANSFORMER:  # the transformer: its stage graphs (onnx_model.py)
             config.parameters["onnx_file"].string_value = contract["file"]
-        else:
+        elif backend == "pytorch":
             config.parameters["precision"].string_value = precision
         if name == TRANSFORMER:  # per-sample step-cache controls (serving/pipeline/step_cache.py)
             config.input.add(name="cache_control", data_type=mc.TYPE_INT64, dims=[CONTROL_WIDTH])
