@@ -268,7 +268,7 @@ def cached_transformer(
         out = None
         if compute:
             rows = [embed_rows[j] for j in compute]
-            out = stages.layers(stages.take(hidden, compute), stages.take(temb, compute), inputs, rows)
+            out = stages.layers(_take(stages, hidden, compute), _take(stages, temb, compute), inputs, rows)
         if out is not None and len(compute) == batch and all(c.mode == Mode.NONE for c in controls):
             return stages.head(out[:, start:], inputs, embed_rows), stats  # no row cached: nothing to gather
         position = {j: k for k, j in enumerate(compute)}
@@ -305,6 +305,11 @@ def cached_transformer(
     return full, stats
 
 
+def _take(stages: Stages, array: Any, rows: list[int]) -> Any:
+    """`rows` of `array`, without a copy when they are all of it, in order."""
+    return array if rows == list(range(len(array))) else stages.take(array, rows)
+
+
 def _teacache_skips(
     stages: Stages,
     inputs: Mapping[str, Any],
@@ -318,7 +323,7 @@ def _teacache_skips(
     tea = [j for j, i in enumerate(embed_rows) if controls[i].mode == Mode.TEACACHE]
     if not tea:
         return set()
-    modulated = stages.modulate(stages.take(hidden, tea), stages.take(temb, tea))
+    modulated = stages.modulate(_take(stages, hidden, tea), _take(stages, temb, tea))
     groups: dict[tuple[int, int], list[tuple[int, Any]]] = {}
     for k, j in enumerate(tea):
         i = embed_rows[j]
