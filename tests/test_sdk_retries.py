@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from omnigen2 import OmniGen2Client, UnavailableError
+from omnigen2 import AsyncOmniGen2Client, OmniGen2Client, UnavailableError
+from omnigen2.cli import main
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
@@ -47,3 +48,24 @@ def test_no_retries_when_disabled(flaky: tuple[Flaky, str]) -> None:
     with OmniGen2Client(address, timeout=30, retries=0) as client, pytest.raises(UnavailableError, match="warming up"):
         client.info()
     assert servicer.calls == 1
+
+
+def test_attempts_are_bounded_by_retries(flaky: tuple[Flaky, str]) -> None:
+    """No gRPC retry policy under the SDK's loop: a server that is always UNAVAILABLE sees retries + 1 calls."""
+    servicer, address = flaky
+    servicer.failures = 100
+    with OmniGen2Client(address, timeout=30, retries=2) as client, pytest.raises(UnavailableError):
+        client.info()
+    assert servicer.calls == 3
+
+
+@pytest.mark.parametrize("client_class", [OmniGen2Client, AsyncOmniGen2Client])
+def test_negative_retries_are_refused(client_class: type[OmniGen2Client | AsyncOmniGen2Client]) -> None:
+    with pytest.raises(ValueError, match="retries"):
+        client_class("127.0.0.1:1", retries=-1)
+
+
+def test_cli_refuses_negative_retries(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--retries", "-1", "info"])
+    assert exited.value.code == 2 and "--retries: must be 0 or more" in capsys.readouterr().err

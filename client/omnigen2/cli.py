@@ -23,6 +23,14 @@ from omnigen2.errors import InvalidArgumentError, OmniGen2Error
 from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Progress, UnderstandOptions
 
 
+def _count(text: str) -> int:
+    """An integer 0 or more (argparse names the option in its error)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnigen2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -33,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         help="host:port; several replicas as host:port,host:port or dns:///name:port, balanced round-robin with "
         "failover of UNAVAILABLE (env OMNIGEN2_SERVER)",
     )
-    parser.add_argument("--retries", type=int, default=4, help="attempts after UNAVAILABLE, on another replica")
+    parser.add_argument(
+        "--retries", type=_count, default=4, help="attempts after UNAVAILABLE, on another replica (0: none)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
     parser.add_argument("--token", default=os.environ.get("OMNIGEN2_TOKEN"), help="bearer token (env OMNIGEN2_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="TLS, verifying the server against the system's CAs")

@@ -98,31 +98,19 @@ def _address(endpoint: str) -> tuple[str, str]:
     return ("ipv4", f"{ip}:{port}") if ip.version == 4 else ("ipv6", f"[{ip}]:{port}")
 
 
-def channel_options(retries: int, balanced: bool = False) -> list[tuple[str, Any]]:
-    """Message sizes, and gRPC's own retry policy: UNAVAILABLE before the server answers (a refused connection) is
-    retried with exponential backoff. Balanced channels add round_robin and client-side health checking.
+def channel_options(balanced: bool = False) -> list[tuple[str, Any]]:
+    """Message sizes; balanced channels add round_robin and client-side health checking. No gRPC retry policy: the
+    SDK's own loop retries UNAVAILABLE through the picker, and a channel policy under it would multiply the attempts
+    (up to 5 per SDK attempt), so a call makes at most `retries` + 1 attempts. gRPC's transparent retries (a call
+    that never left the client) stay, as they reach no server.
     """
-    policy: dict[str, Any] = {
-        "methodConfig": [
-            {
-                "name": [{"service": "omnigen2.v1.OmniGen2"}],
-                "retryPolicy": {
-                    "maxAttempts": max(2, min(retries + 1, 5)),  # gRPC caps attempts at 5
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+    policy: dict[str, Any] = {}
     if balanced:
         policy["loadBalancingConfig"] = [{"round_robin": {}}]
         policy["healthCheckConfig"] = {"serviceName": SERVICE}
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.enable_retries", 1 if retries > 0 else 0),
         ("grpc.service_config", json.dumps(policy)),
     ]
 
@@ -134,10 +122,10 @@ def _credentials(tls: bool | bytes) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
 
 
-def _open_channel(module: Any, server: Servers, retries: int, tls: bool | bytes) -> Any:
+def _open_channel(module: Any, server: Servers, tls: bool | bytes) -> Any:
     """A channel from `grpc` or `grpc.aio` (the same two functions in each)."""
     target = channel_target(server)
-    options = channel_options(retries, target.balanced)
+    options = channel_options(target.balanced)
     if target.authority:
         options.append(("grpc.default_authority", target.authority))
     credentials = _credentials(tls)
@@ -186,6 +174,8 @@ class _Calls:
     """What every call carries: the default deadline, the bearer token when there is one, and a request id."""
 
     def __init__(self, timeout: float | None, token: str | None, retries: int) -> None:
+        if retries < 0:
+            raise ValueError(f"retries: 0 or more further attempts after UNAVAILABLE, got {retries}")
         self.timeout = timeout
         self.retries = retries
         self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
@@ -235,7 +225,7 @@ class OmniGen2Client(_Calls):
         tls: bool | bytes = False,
     ) -> None:
         super().__init__(timeout, token, retries)
-        self._channel = _open_channel(grpc, server, retries, tls)
+        self._channel = _open_channel(grpc, server, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
 
     def generate(
@@ -364,7 +354,7 @@ class AsyncOmniGen2Client(_Calls):
         tls: bool | bytes = False,
     ) -> None:
         super().__init__(timeout, token, retries)
-        self._channel = _open_channel(grpc.aio, server, retries, tls)
+        self._channel = _open_channel(grpc.aio, server, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
 
     async def generate(
