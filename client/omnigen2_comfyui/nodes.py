@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omnigen2 import OmniGen2Client
 from omnigen2.client import DEFAULT_SERVER
-from omnigen2.messages import GenerationOptions
+from omnigen2.messages import GenerationOptions, GenerationResult
 
 from .tensors import from_pil, to_pil
 
@@ -93,7 +93,19 @@ def _run(server: str, prompt: str, images: list[torch.Tensor], settings: dict[st
     inputs = [frame for batch in images for frame in to_pil(batch)]
     with _client(server, settings.get("token", ""), settings.get("tls", False)) as client:
         result = client.generate(prompt, inputs, **_options(settings))
-    return from_pil(result.images), result.seed
+    return result_images(result), result.seed
+
+
+def result_images(result: GenerationResult) -> torch.Tensor:
+    """The images as one IMAGE batch; when the server's safety classifier withheld every one, an error that says so
+    (ComfyUI shows it as the node's error) rather than an empty batch no node can take."""
+    if not result.images:
+        reasons = "; ".join(
+            f"image {w.index}: " + ", ".join(f"{f.label} {f.score:.2f} (threshold {f.threshold:g})" for f in w.findings)
+            for w in result.withheld
+        )
+        raise RuntimeError(f"the server's safety classifier withheld every image ({reasons or 'no reason given'})")
+    return from_pil(result.images)
 
 
 class OmniGen2Generate:

@@ -18,5 +18,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def from_pil(images: list[Image.Image]) -> torch.Tensor:
     """One batch [B, H, W, 3] float32 in 0..1; ComfyUI batches hold images of one size, as one request returns."""
+    if not images:
+        raise ValueError("IMAGE: no images to make a batch of")
     frames = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
     return torch.from_numpy(np.stack(frames))

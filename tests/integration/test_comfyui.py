@@ -4,6 +4,7 @@ folder (ComfyUI itself is not installed): the IMAGE convention in and out, and t
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import inspect
 import json
@@ -19,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client
 from omnigen2.errors import InvalidArgumentError, OmniGen2Error
+from omnigen2.messages import GenerationResult, SafetyFinding, WithheldImage
 from PIL import Image
 
 from serving.frontend.process import FrontendProcess
@@ -82,6 +84,21 @@ def test_nodes_follow_comfyui_conventions() -> None:
     edit = module.NODE_CLASS_MAPPINGS["OmniGen2EditCompose"].INPUT_TYPES()
     images = [name for group in edit.values() for name, spec in group.items() if spec[0] == "IMAGE"]
     assert images == ["image", "image_2", "image_3", "image_4", "image_5"]
+
+
+def test_every_image_withheld_is_a_clear_error() -> None:
+    """The safety stage kept back every image: the node's error names them and why, not numpy's empty stack."""
+    load_custom_node(PACKAGE)
+    nodes = importlib.import_module(f"{PACKAGE.name}.nodes")
+    withheld = [
+        WithheldImage(0, [SafetyFinding("nsfw", 0.93, 0.5)]),
+        WithheldImage(1, [SafetyFinding("gore", 0.8, 0.6)]),
+    ]
+    result = GenerationResult(images=[], seed=5, timings={}, withheld=withheld)
+    with pytest.raises(
+        RuntimeError, match=r"withheld every image \(image 0: nsfw 0\.93 \(threshold 0\.5\); image 1: gore"
+    ):
+        nodes.result_images(result)
 
 
 def test_generate_gives_comfyui_images_equal_to_the_sdk(
