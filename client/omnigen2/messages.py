@@ -155,7 +155,7 @@ class GenerationResult:
             truncated_prompt_tokens=response.truncated_prompt_tokens,
             truncated_negative_prompt_tokens=response.truncated_negative_prompt_tokens,
             withheld=[WithheldImage.from_proto(w) for w in response.withheld],
-            cache=_CACHE_NAMES[response.cache],  # type: ignore[arg-type]
+            cache=_CACHE_NAMES.get(response.cache, "none"),  # type: ignore[arg-type]
             cache_note=response.cache_note,
         )
 

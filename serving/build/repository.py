@@ -135,9 +135,11 @@ def component_config(
             config.parameters["onnx_file"].string_value = contract["file"]
         elif backend == "pytorch":
             config.parameters["precision"].string_value = precision
-        if name == TRANSFORMER:  # per-sample step-cache controls (serving/pipeline/step_cache.py)
-            config.input.add(name="cache_control", data_type=mc.TYPE_INT64, dims=[CONTROL_WIDTH])
-            config.input.add(name="cache_threshold", data_type=mc.TYPE_FP64, dims=[1])
+        if name == TRANSFORMER:  # per-sample step-cache controls (serving/pipeline/step_cache.py); absent: uncached
+            if settings.instances != 1:  # the cache state lives in one process: a request's steps must meet it there
+                raise SettingError("instances", "the transformer keeps step-cache state: one instance per stack")
+            config.input.add(name="cache_control", data_type=mc.TYPE_INT64, dims=[CONTROL_WIDTH], optional=True)
+            config.input.add(name="cache_threshold", data_type=mc.TYPE_FP64, dims=[1], optional=True)
     else:
         config.platform = "tensorrt_plan"
         config.default_model_filename = "model.plan"

@@ -181,6 +181,14 @@ def served_sequence_length(model_parameters: Mapping[str, str], limits: Limits) 
     return min(int(spec.get("text_positions", limits.max_sequence_length)), limits.max_sequence_length)
 
 
+def served_step_caches(model_parameters: dict[str, str]) -> list[pb.StepCache]:
+    """The cache modes a request may ask for: all of them where the transformer keeps cache state (the BLS's
+    `step_cache_value_bytes`), only NONE where it does not (TensorRT engines: a cache request runs uncached)."""
+    if int(model_parameters.get("step_cache_value_bytes", "0")):
+        return list(API_STEP_CACHES.values())
+    return [pb.STEP_CACHE_NONE]
+
+
 def request_defaults(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> pb.GenerateRequest:
     """The values unset fields take (width/height stay unset: they depend on the input images).
 

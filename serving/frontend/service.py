@@ -31,6 +31,7 @@ from serving.frontend.convert import (
     encode_images,
     request_defaults,
     served_sequence_length,
+    served_step_caches,
     tensor,
     to_chat_forward,
     to_forward,
@@ -40,7 +41,7 @@ from serving.frontend.convert import (
 from serving.frontend.malformed import Malformed
 from serving.frontend.metrics import Metrics
 from serving.frontend.outbox import Outbox
-from serving.frontend.policy import PolicyFile, request_texts
+from serving.frontend.policy import AnswerScan, PolicyFile, request_texts
 from serving.frontend.status import ApiError, invalid_argument
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
 from serving.pipeline.request import CacheKind
@@ -100,7 +101,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         async with self._call("Understand", context, request):
             start = time.perf_counter()
             token = self._token_name(context)
-            answer = ""
+            scan = AnswerScan()
             with self.admission.slot():
                 await self._off_loop(check_request_size, request, self.config.max_request_bytes)
                 forward = await self._off_loop(to_chat_forward, request, self.config.chat_limits)
@@ -111,10 +112,10 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                     async with contextlib.aclosing(events):
                         async for payload in events:
                             if payload["type"] == "delta":
-                                # The whole answer so far: a term may straddle deltas. The delta that completes a
-                                # match is not sent; the stream ends with the rule's id instead.
-                                answer += payload["text"]
-                                self._check_answer(answer, token)
+                                # The delta with the answer's last ANSWER_WINDOW characters: a term may straddle
+                                # deltas, and re-reading the whole answer each time would be quadratic. The delta
+                                # that completes a match is not sent; the stream ends with the rule's id instead.
+                                self._check_answer(scan.window(payload["text"]), token)
                                 await outbox.write(context, pb.UnderstandEvent(delta=payload["text"]))
                             else:
                                 seconds = time.perf_counter() - start
@@ -136,7 +137,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
                 ),
                 defaults=request_defaults(max_sequence_length),
                 schedulers=[pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER],
-                step_caches=list(API_STEP_CACHES.values()),
+                step_caches=served_step_caches(self._model_parameters),
                 output_formats=[pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP],
                 understand_limits=understand_limits(self.config.chat_limits),
                 understand_defaults=understand_defaults(),

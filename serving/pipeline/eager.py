@@ -6,6 +6,7 @@ branches and requests instead, and is measured against this class.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     truncated_prompt_tokens: int = 0  # tokens cut at max_sequence_length (chat template included)
     truncated_negative_prompt_tokens: int = 0
-    main_layer_passes: int = 0  # transformer calls that ran the main layers, counted per image (step caching)
+    main_layer_passes: int = 0  # rows (branch x image) that ran the main layers over all steps (step caching)
 
 
 class OmniGen2Pipeline:
@@ -91,7 +92,8 @@ class OmniGen2Pipeline:
         watch.lap("vae_encode")
 
         gen_size, (out_h, out_w) = plan_sizes(request, ref_latents, spec)
-        denoiser = Denoiser(request, texts, ref_latents, gen_size, spec)
+        # A key of its own: calls sharing this pipeline (and its backend's cache store) keep their states apart.
+        denoiser = Denoiser(request, texts, ref_latents, gen_size, spec, cache_key=secrets.randbits(62))
         passes = 0
         try:
             while not denoiser.done:

@@ -85,6 +85,13 @@ def encode_controls(controls: Sequence[Control]) -> tuple[np.ndarray, np.ndarray
     return control, threshold
 
 
+def controls_of(feed: dict[str, Any]) -> list[Control]:
+    """Takes a served call's controls out of its feed; a caller that sent none gets every row uncached."""
+    if CACHE_INPUTS[0] not in feed:
+        return [UNCACHED] * len(feed["img_tokens"])
+    return decode_controls(*(np.asarray(feed.pop(name)) for name in CACHE_INPUTS))
+
+
 def decode_controls(control: np.ndarray, threshold: np.ndarray) -> list[Control]:
     return [
         Control(int(k), int(s), Mode(int(m)), int(st), bool(f), float(t))
@@ -354,6 +361,9 @@ def _teacache_skip(
         return False
     change = sum(float(abs(m - p).sum()) for p, (_, m) in zip(previous, members, strict=True))
     scale = sum(float(abs(p).sum()) for p in previous)
+    if scale == 0.0:  # nothing to compare against: compute
+        decision.accumulated = 0.0
+        return False
     decision.accumulated += teacache_rescale(change / scale)
     if decision.accumulated < control.threshold:
         return True

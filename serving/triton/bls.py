@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +158,6 @@ class TritonPythonModel:
         # Step caching: the transformer component keeps each request's state under its key (step_cache.py).
         self.cache_value_bytes = settings.step_cache_value_bytes
         self.cache_budget = CacheBudget(settings.max_step_cache_mib * 2**20)
-        self.cache_keys = itertools.count(1)
         self.safety = SafetySettings.from_json(params["safety"]) if "safety" in params else None
         self.trimmer = IdleTrimmer()
         self.stops = Stops(BLS_MODEL)
@@ -238,7 +237,12 @@ class TritonPythonModel:
 
         gen_size, (out_h, out_w) = plan_sizes(generation, ref_latents, spec)
         cache, cache_note, cache_bytes = self._plan_cache(generation, texts, ref_latents, gen_size)
-        denoiser = Denoiser(generation, texts, ref_latents, gen_size, spec, next(self.cache_keys), cache)
+        try:
+            # Random keys: the transformer's state outlives a restarted BLS, and several BLS instances share it.
+            denoiser = Denoiser(generation, texts, ref_latents, gen_size, spec, secrets.randbits(62), cache)
+        except BaseException:
+            self.cache_budget.release(cache_bytes)
+            raise
         self.batcher.register()
         preview_withheld = False  # once a preview is withheld, no later one of this request is shown
         try:
@@ -248,10 +252,11 @@ class TritonPythonModel:
                 progress = {"type": "progress", "step": denoiser.step, "total": generation.steps}
                 outputs: list[Any] = []
                 if preview and (denoiser.step % preview == 0 or denoiser.done):
-                    decoded = await self._vae_decode(denoiser.x0)
-                    # At the output size, as the final image will be (not the generation size).
-                    preview_image = await self._off_loop(_output_images, decoded, out_h, out_w)
-                    preview_withheld = preview_withheld or bool(await self._withheld(preview_image))
+                    if not preview_withheld:  # once withheld, no preview is sent: nothing to decode or classify
+                        decoded = await self._vae_decode(denoiser.x0)
+                        # At the output size, as the final image will be (not the generation size).
+                        preview_image = await self._off_loop(_output_images, decoded, out_h, out_w)
+                        preview_withheld = bool(await self._withheld(preview_image))
                     if preview_withheld:
                         progress["preview_withheld"] = True
                     else:

@@ -57,13 +57,11 @@ class ComponentModel:
         return pb_utils.Tensor(name, value)
 
     def _execute(self, requests: list[Any]) -> list[Any]:
-        feeds = [
-            {n: self.to_array(pb_utils.get_input_tensor_by_name(r, n)) for n in self.input_names} for r in requests
-        ]
+        feeds = [self._feed(r) for r in requests]
         responses: list[Any] = [None] * len(requests)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, feed in enumerate(feeds):
-            key = tuple((name, feed[name].shape[1:] if self.batched else feed[name].shape) for name in self.input_names)
+            key = tuple((name, value.shape[1:] if self.batched else value.shape) for name, value in feed.items())
             groups.setdefault(key, []).append(index)
         for members in groups.values():
             try:
@@ -81,11 +79,16 @@ class ComponentModel:
                     )
         return responses
 
+    def _feed(self, request: Any) -> dict[str, np.ndarray]:
+        """A request's inputs by name; optional ones it left out are absent."""
+        tensors = {n: pb_utils.get_input_tensor_by_name(request, n) for n in self.input_names}
+        return {n: self.to_array(t) for n, t in tensors.items() if t is not None}
+
     def _run_group(self, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         """One runtime call for same-shaped requests; split the outputs back along the batch axis."""
         if len(feeds) == 1 or not self.batched:
             return [self._run_in_lane(feed) for feed in feeds]
-        merged = {name: np.concatenate([f[name] for f in feeds]) for name in self.input_names}
+        merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
         outputs = self._run_in_lane(merged)
         bounds = np.cumsum([len(f[self.input_names[0]]) for f in feeds])[:-1]
         per_output = [np.split(out, bounds) for out in outputs]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.pipeline.step_cache import CACHE_INPUTS, CacheStore, cached_transformer, decode_controls
+from serving.pipeline.step_cache import CacheStore, cached_transformer, controls_of
 from serving.runtime.onnx_stages import TRANSFORMER_STAGES, OnnxStages
 from serving.runtime.ort_session import cpu_session
 from serving.triton.component_model import ComponentModel
@@ -33,8 +33,7 @@ class TritonPythonModel(ComponentModel):
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.stages is not None:
-            controls = decode_controls(*(feed.pop(name) for name in CACHE_INPUTS))
-            velocity, _ = cached_transformer(self.stages, feed, controls, self.step_cache)
+            velocity, _ = cached_transformer(self.stages, feed, controls_of(feed), self.step_cache)
             return [velocity]
         outputs: list[np.ndarray] = self.session.run(self.output_names, feed)
         return outputs

@@ -16,7 +16,7 @@ import torch
 
 from serving.model.checkpoint import load_graph
 from serving.model.transformer import OmniGen2Transformer
-from serving.pipeline.step_cache import CACHE_INPUTS, CacheStore, decode_controls
+from serving.pipeline.step_cache import CacheStore, controls_of
 from serving.runtime.torch_backend import run_graph, transformer_call
 from serving.runtime.torch_stages import TorchStages
 from serving.triton.component_model import ComponentModel
@@ -45,7 +45,7 @@ class TritonPythonModel(ComponentModel):
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.stages is None:
             return [run_graph(self.graph, **{name: torch.from_numpy(value) for name, value in feed.items()}).numpy()]
-        controls = decode_controls(*(feed.pop(name) for name in CACHE_INPUTS))
+        controls = controls_of(feed)
         inputs = {name: torch.from_numpy(value) for name, value in feed.items()}
         velocity, _ = transformer_call(self.stages, inputs, controls, self.step_cache)
         return [velocity.numpy()]

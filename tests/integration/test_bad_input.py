@@ -220,6 +220,10 @@ def test_server_still_healthy_after_the_search(api: FrontendProcess) -> None:
     assert api.health() == health_pb2.HealthCheckResponse.SERVING
 
 
+def _metrics(api: FrontendProcess) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
+
+
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Understand", "GetModelInfo"])
 def test_garbage_request_bytes_are_invalid_argument(api: FrontendProcess, method: str) -> None:
     """grpcio's own answer to bytes that do not parse is UNKNOWN, with a traceback in the log and no count."""
@@ -234,8 +238,11 @@ def test_garbage_request_bytes_are_invalid_argument(api: FrontendProcess, method
             list(response)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith("request: not a valid")
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
-    assert f'omnigen2_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}' in metrics
+    counted = f'omnigen2_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}'
+    deadline = time.monotonic() + 5  # the count lands as the call's handler finishes, maybe just after the reply
+    while counted not in (metrics := _metrics(api)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted in metrics
     with api.log_path.open() as log:
         log.seek(logged_before)
         assert "Traceback" not in log.read()
