@@ -23,11 +23,20 @@ class TritonPythonModel(ComponentModel):
         self.session = cpu_session(self.version_dir / self.params["onnx_file"], int(self.params["intra_op_threads"]))
         self.graph_input_name = self.session.get_inputs()[0].name
         self.max_detections = int(self.params["max_detections"])
+        self.detections_wanted = True
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        # Box decoding and suppression run in Python: only when a request of this batch asks for the detections (the
+        # BLS asks for class_scores alone). Triton's Python backend drops the outputs a request did not ask for.
+        self.detections_wanted = any("detections" in r.requested_output_names() for r in requests)
+        return super().execute(requests)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         letterboxed, sizes = feed["image"], feed["image_size"]
         side = letterboxed.shape[1]
         (output,) = self.session.run(None, {self.graph_input_name: graph_input(letterboxed)})
+        if not self.detections_wanted:  # a placeholder that splits along the batch axis; never sent
+            return [class_scores(output), np.empty((len(output), 0, 6), dtype=np.float32)]
         found = [
             decode(out, int(h), int(w), side, self.max_detections) for out, (h, w) in zip(output, sizes, strict=True)
         ]

@@ -49,7 +49,9 @@ def safety_api(tmp_path_factory: pytest.TempPathFactory, safety_triton: TritonSe
         yield frontend
 
 
-def _classify(server: TritonServer, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _classify(
+    server: TritonServer, images: list[np.ndarray], outputs: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The served component on letterboxed images, straight through Triton's gRPC API."""
     boxed = np.stack([letterbox(image, SIDE) for image in images])
     sizes = np.array([image.shape[:2] for image in images], dtype=np.int32)
@@ -59,7 +61,8 @@ def _classify(server: TritonServer, images: list[np.ndarray]) -> tuple[np.ndarra
     ]
     inputs[0].set_data_from_numpy(boxed)
     inputs[1].set_data_from_numpy(sizes)
-    result = triton_grpc.InferenceServerClient(server.grpc_url).infer(SAFETY_CLASSIFIER, inputs)
+    wanted = None if outputs is None else [triton_grpc.InferRequestedOutput(name) for name in outputs]
+    result = triton_grpc.InferenceServerClient(server.grpc_url).infer(SAFETY_CLASSIFIER, inputs, outputs=wanted)
     return result.as_numpy("class_scores"), result.as_numpy("detections")
 
 
@@ -80,6 +83,15 @@ def test_served_classifier_equals_the_package_in_process(safety_triton: TritonSe
             assert np.all(np.abs(np.array(reference["box"]) - np.trunc(row[:4])) <= 1)
             compared += 1
     assert compared >= 1
+
+
+def test_scores_alone_skip_the_detections(safety_triton: TritonServer, golden: Path) -> None:
+    """The BLS asks for class_scores only: the same scores, and no detections decoded or sent."""
+    images = benign_images(golden)
+    scores, detections = _classify(safety_triton, images)
+    alone, none = _classify(safety_triton, images, ["class_scores"])
+    assert detections is not None and none is None
+    np.testing.assert_array_equal(alone, scores)
 
 
 def _assert_withheld(result: GenerationResult, count: int) -> None:
