@@ -229,3 +229,26 @@ def test_compose_runs_the_pair_over_loopback() -> None:
     for name in ("triton", "frontend"):
         assert "serving.health_probe" in services[name]["healthcheck"]["test"]
     assert {"50051:50051"} <= set(services["triton"]["ports"])
+
+
+def test_the_front_ends_metrics_have_a_scrape_job(base: list[dict[str, Any]], pod: dict[str, Any]) -> None:
+    """The pod's annotations send the kubernetes-pods job to Triton's port only; the front end's in-flight gauge (the
+    HPA's main signal) needs the job in prometheus-scrape-frontend.yaml, with the labels the adapter's rules key on."""
+    annotations = pod_annotations(base)
+    assert annotations["prometheus.io/port"] == "8002"
+    (job,) = yaml.safe_load((DEPLOY / "k8s" / "prometheus-scrape-frontend.yaml").read_text())
+    (keep,) = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+    assert keep["source_labels"][-1] == "__meta_kubernetes_pod_container_port_name"
+    app, port_name = keep["regex"].split(";")
+    assert app == base[0]["metadata"]["labels"]["app.kubernetes.io/name"]
+    assert {"containerPort": 9464, "name": port_name} in container(pod, "frontend")["ports"]
+    assert {r.get("target_label") for r in job["relabel_configs"]} >= {"namespace", "pod"}
+    (adapter,) = [c for c in by_kind(base, "ConfigMap") if "adapter" in c["metadata"]["name"]]
+    in_flight = Metrics().in_flight._name
+    (rule,) = [r for r in yaml.safe_load(adapter["data"]["config.yaml"])["rules"] if in_flight in r["seriesQuery"]]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def pod_annotations(objects: list[dict[str, Any]]) -> dict[str, str]:
+    (deployment,) = by_kind(objects, "Deployment")
+    return dict(deployment["spec"]["template"]["metadata"]["annotations"])
