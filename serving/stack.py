@@ -19,7 +19,8 @@ from serving.build.repository import (
     BACKENDS,
     add_bls_arguments,
     add_safety_arguments,
-    bls_settings,
+    add_step_cache_arguments,
+    bls_from_args,
     prepare_repository,
     safety_from_args,
 )
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the OpenAI-compatible HTTP API beside the gRPC one; '' turns it off (env OMNIGEN2_HTTP_LISTEN)",
     )
     add_bls_arguments(parser)
+    add_step_cache_arguments(parser)
     add_safety_arguments(parser)
     args, frontend_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         args.backend,
         onnx_cache=args.build_dir / "onnx",
         precision=args.precision,
-        bls=bls_settings(args.backend, args.precision, args.max_call_tokens),
+        bls=bls_from_args(args),
         device=args.device,
         limits=frontend.limits,
         safety=safety_from_args(args),

@@ -91,6 +91,8 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input-image-side-length", type=int)
     parser.add_argument("--max-sequence-length", type=int, help="prompt tokens kept, chat template included")
     parser.add_argument("--quality", type=int, help="JPEG / WEBP quality (the format follows --output's suffix)")
+    parser.add_argument("--cache", choices=("none", "teacache", "taylorseer"), help="step caching (default none)")
+    parser.add_argument("--teacache-threshold", type=float, help="TeaCache: in (0, 1], default 0.05; larger is faster")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -138,6 +140,8 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
     for withheld in result.withheld:
         why = ", ".join(f"{f.label} {f.score:.2f} (threshold {f.threshold:g})" for f in withheld.findings)
         print(f"image {withheld.index} withheld by the server's safety classifier: {why}", file=sys.stderr)
+    if result.cache_note:
+        print(f"step caching: {result.cache_note}", file=sys.stderr)
     return 0
 
 

@@ -380,8 +380,25 @@ def add_bls_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-call-tokens",
         type=int,
         default=None,
-        help="padded tokens per transformer call at most, 0 for no cap (default: the backend's; pytorch-bf16: 8192)",
+        help="padded tokens per transformer call at most, 0 for no cap (default: the backend's; pytorch-bf16: 8192, "
+        "the others: 17408)",
     )
+
+
+def add_step_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-step-cache-mib",
+        type=int,
+        default=BlsSettings.max_step_cache_mib,
+        help="TeaCache / TaylorSeer state of the requests in flight at most; past it a request runs uncached "
+        f"(default {BlsSettings.max_step_cache_mib})",
+    )
+
+
+def bls_from_args(args: argparse.Namespace) -> BlsSettings:
+    """The BLS settings of the backend, with the operator's flags (add_bls_arguments, add_step_cache_arguments)."""
+    settings = bls_settings(args.backend, args.precision, args.max_call_tokens)
+    return replace(settings, max_step_cache_mib=args.max_step_cache_mib)
 
 
 def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
@@ -416,10 +433,11 @@ def main(argv: list[str] | None = None) -> None:
         "--device", choices=DEVICES, default="cpu", help="pytorch components and mllm (auto: CUDA if any)"
     )
     add_bls_arguments(parser)
+    add_step_cache_arguments(parser)
     add_safety_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bls = bls_settings(args.backend, args.precision, args.max_call_tokens)
+    bls = bls_from_args(args)
     prepare_repository(
         args.checkpoint,
         args.out,

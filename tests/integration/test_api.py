@@ -26,6 +26,7 @@ from omnigen2 import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from omnigen2.cli import main as cli_main
 from omnigen2.errors import from_rpc_error
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
@@ -117,6 +118,13 @@ def test_step_caching_end_to_end(client: OmniGen2Client, cases: dict[str, Any], 
     result = client.generate(case["prompt"], [golden / f for f in case["images"]], **options)
     assert result.latents is not None and (result.cache, result.cache_note) == (case["cache"], "")
     assert relative_error(result.latents.numpy(), np.load(golden / case["final_latents"])) <= 1e-5
+
+
+def test_cli_asks_for_step_caching(api: FrontendProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cached.png"
+    argv = ["--server", api.address, "generate", "A red car", "-o", str(out), "--width", "64", "--height", "64"]
+    assert cli_main([*argv, "--steps", "3", "--cache", "taylorseer", "--quiet"]) == 0
+    assert Image.open(out).size == (64, 64) and "step caching" not in capsys.readouterr().err
 
 
 def test_stream_is_ordered_and_complete(client: OmniGen2Client) -> None:
