@@ -40,6 +40,18 @@ TAYLOR_FIRST_FULL = 5
 TAYLOR_INTERVAL = 3
 TAYLOR_ORDER = 4
 
+# The packed inputs of a transformer call (serving/pipeline/packing.py), in the graphs' order.
+PACKED_INPUTS = (
+    "img_tokens",
+    "img_mask",
+    "timestep",
+    "text_feats",
+    "text_mask",
+    "ref_tokens",
+    "ref_mask",
+    "rope_cos",
+    "rope_sin",
+)
 # The transformer component's extra inputs, per sample: INT64 [5] and FP64 [1] (`encode_controls`).
 CACHE_INPUTS = ("cache_control", "cache_threshold")
 SLOTS_PER_BRANCH = 16  # slot = branch index * SLOTS_PER_BRANCH + image index (at most 8 images per prompt)

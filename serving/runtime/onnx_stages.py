@@ -10,18 +10,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serving.pipeline.step_cache import PACKED_INPUTS
+
 TRANSFORMER_STAGES = ("transformer_embed", "transformer_modulate", "transformer_layers", "transformer_head")
-TRANSFORMER_INPUTS = (
-    "img_tokens",
-    "img_mask",
-    "timestep",
-    "text_feats",
-    "text_mask",
-    "ref_tokens",
-    "ref_mask",
-    "rope_cos",
-    "rope_sin",
-)
 
 
 def joint_mask(inputs: Mapping[str, np.ndarray], rows: list[int]) -> np.ndarray:
@@ -43,7 +34,7 @@ class OnnxStages:
         return outputs
 
     def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
-        hidden, temb = self._run("transformer_embed", {n: inputs[n][rows] for n in TRANSFORMER_INPUTS})
+        hidden, temb = self._run("transformer_embed", {n: inputs[n][rows] for n in PACKED_INPUTS})
         return hidden, temb
 
     def modulate(self, hidden: Any, temb: Any) -> Any:

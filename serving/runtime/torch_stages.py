@@ -10,18 +10,7 @@ from typing import Any
 import torch
 
 from serving.model.transformer import OmniGen2Transformer
-
-EMBED_INPUTS = (
-    "img_tokens",
-    "img_mask",
-    "timestep",
-    "text_feats",
-    "text_mask",
-    "ref_tokens",
-    "ref_mask",
-    "rope_cos",
-    "rope_sin",
-)
+from serving.pipeline.step_cache import PACKED_INPUTS
 
 
 class TorchStages:
@@ -33,7 +22,7 @@ class TorchStages:
         return torch.as_tensor(inputs[name])[rows].to(self.device)
 
     def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
-        return self.model.embed(*(self._rows(inputs, name, rows) for name in EMBED_INPUTS))
+        return self.model.embed(*(self._rows(inputs, name, rows) for name in PACKED_INPUTS))
 
     def modulate(self, hidden: Any, temb: Any) -> Any:
         return self.model.modulate(hidden, temb)
