@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import SettingError
-from serving.frontend.policy import PolicyFile, PromptPolicy, request_texts
+from serving.frontend.policy import ANSWER_WINDOW, AnswerScan, PolicyFile, PromptPolicy, request_texts
 
 POLICY: dict[str, Any] = {
     "rules": [
@@ -46,6 +46,8 @@ def rule_for(policy: PromptPolicy, text: str, token: str | None = None) -> str |
         ("nerve\nagent", "weapons"),
         ("\uff50\uff49\uff50\uff45 \uff42\uff4f\uff4d\uff42", "weapons"),  # full-width letters: NFKC-normalised first
         ("a pipe bombastic speech", None),  # terms are whole words
+        ("pi\u200bpe bo\u00admb", "weapons"),  # zero-width space, soft hyphen: format characters are dropped
+        ("nerve\u2060 agent", "weapons"),  # word joiner
         ("pay with 4111 1111 1111 1111 please", "card-number"),
         ("ABSOLUTELY not", "shouting"),
         ("absolutely not", None),  # a regular expression is case-sensitive unless it says (?i)
@@ -106,6 +108,8 @@ def test_refusal_names_the_rule_and_never_the_text(policy: PromptPolicy) -> None
         ({"rules": [], "overrides": {"t": {"exempt": ["nope"]}}}, "no rules ['nope']"),
         ({"rules": [{"id": "a", "terms": [""]}]}, "non-empty strings"),
         ({"policy": []}, "an object with `rules`"),
+        ({"rules": [], "overrides": [{"t": {"exempt": ["*"]}}]}, "overrides: an object"),
+        ({"rules": {"id": "a", "terms": ["x"]}}, "rules: a list of rules"),
     ],
 )
 def test_bad_policies_are_refused_naming_the_problem(document: Any, complaint: str) -> None:
@@ -134,3 +138,23 @@ def test_reload_swaps_the_policy_and_keeps_it_when_the_file_is_bad(
         assert not holder.reload()
     assert rule_for(holder.policy, "a pear") == "new"  # still in force
     assert "the previous policy stays in force" in caplog.text
+    path.write_text("[" * 100_000)  # json.loads: RecursionError, not a SettingError
+    with caplog.at_level(logging.ERROR):
+        assert not holder.reload()
+    path.write_text(json.dumps({"rules": [], "overrides": ["red-team"]}))
+    assert not holder.reload()
+    assert rule_for(holder.policy, "a pear") == "new"
+
+
+def test_streamed_answer_checked_in_a_bounded_window(policy: PromptPolicy) -> None:
+    """Each delta is checked with at most ANSWER_WINDOW characters before it: a term that straddles deltas is
+    found, the window stays bounded however long the answer, and its cut never makes a word's tail a whole word."""
+    scan = AnswerScan()
+    windows = [scan.window(f"word{i} ") for i in range(2000)]
+    assert max(map(len, windows)) <= ANSWER_WINDOW + len("word1999 ")
+    assert rule_for(policy, scan.window("a pi")) is None
+    assert rule_for(policy, scan.window("pe\u200b bo")) is None
+    assert rule_for(policy, scan.window("mb!")) == "weapons"
+    cut = AnswerScan()
+    cut.window("spipe" + " " * (ANSWER_WINDOW - 4))  # the last ANSWER_WINDOW characters start inside "spipe"
+    assert rule_for(policy, cut.window("bomb")) is None

@@ -7,11 +7,13 @@ overrides, the tokens named as in the `--auth-tokens` file (serving/frontend/aut
                {"id": "card-number", "regexes": ["\\b(?:\\d[ -]?){13,16}\\b"]}],
      "overrides": {"red-team": {"exempt": ["weapons"]}, "kids-app": {"rules": [{"id": "gore", "terms": ["gore"]}]}}}
 
-A term matches case-insensitively, as whole words (Unicode-normalised, NFKC, so full-width letters do not slip
-through; spaces in a term match any run of white space); a regular expression is Python `re` syntax, applied to
-the NFKC-normalised text as written (`(?i)` makes it case-insensitive). `exempt` lists rule ids the token skips
+A term matches case-insensitively, as whole words (Unicode-normalised: format characters such as zero-width
+spaces and soft hyphens dropped, then NFKC, so full-width letters do not slip through; spaces in a term match any
+run of white space); a regular expression is Python `re` syntax, applied to the normalised text as written (`(?i)`
+makes it case-insensitive). `exempt` lists rule ids the token skips
 ("*": all of the file's rules); an override's `rules` apply to that token only. Prompts, negative prompts, chat
-text and Understand answers are checked. A refusal names the rule's id and the field, never the matched text.
+text and Understand answers are checked (a streamed answer delta by delta, in a bounded window: `AnswerScan`). A
+refusal names the rule's id and the field, never the matched text.
 SIGHUP re-reads the file; a file that does not load leaves the policy in force as it was (and is logged).
 """
 
@@ -68,7 +70,9 @@ class Violation:
 
 
 def normalise(text: str) -> str:
-    return unicodedata.normalize("NFKC", text)
+    """Format characters (category Cf: U+200B, U+00AD, U+2060, ...) dropped, as a reader does not see them
+    ("pi\u200bpe" is "pipe", "pipe\u200bbomb" is "pipebomb"), then NFKC."""
+    return unicodedata.normalize("NFKC", "".join(c for c in text if unicodedata.category(c) != "Cf"))
 
 
 def _term_pattern(term: str) -> re.Pattern[str]:
@@ -122,7 +126,10 @@ class PromptPolicy:
         taken: set[str] = set()
         rules = _rules(document.get("rules", []), "rules", taken)
         overrides = {}
-        for token, entry in (document.get("overrides") or {}).items():
+        entries = document.get("overrides") or {}
+        if not isinstance(entries, dict):
+            raise SettingError("policy", "overrides: an object of token name -> {`exempt`, `rules`}")
+        for token, entry in entries.items():
             if not isinstance(entry, dict) or set(entry) - _OVERRIDE_KEYS:
                 raise SettingError("policy", f"overrides[{token!r}]: an object with `exempt` and/or `rules`")
             exempt = frozenset(_strings(entry.get("exempt", []), f"overrides[{token!r}].exempt"))
@@ -159,6 +166,36 @@ class PromptPolicy:
         return None
 
 
+ANSWER_WINDOW = 1024  # characters before a streamed delta that are checked again with it
+
+
+class AnswerScan:
+    """A streamed answer checked delta by delta in time linear in its length: each check reads the new delta and at
+    most ANSWER_WINDOW (normalised) characters before it, not the whole answer again.
+
+    A match that straddles deltas is found while it is shorter than the window: every term of a sensible policy.
+    A regular expression's match has no bound (nor has a term's run of white space); one longer than the window is
+    found only by the check of the whole answer at its end, after its deltas went out. The window starts at a
+    non-word character, so its cut never makes a word's tail read as a whole word; `^` in a regex means the
+    window's start."""
+
+    def __init__(self) -> None:
+        self.tail = ""
+
+    def window(self, delta: str) -> str:
+        """The text to check with `delta`: the new delta and the window before it."""
+        text = normalise(self.tail + delta)  # together: a combining mark may open the delta
+        tail = text[-ANSWER_WINDOW:]
+        if len(text) > ANSWER_WINDOW:
+            cut = _NON_WORD.search(tail)
+            tail = tail[cut.start() :] if cut else tail  # one word longer than the window: kept whole
+        self.tail = tail
+        return text
+
+
+_NON_WORD = re.compile(r"\W")
+
+
 class PolicyFile:
     """The policy in force, read from `path`; `reload` (on SIGHUP) swaps it for the file's new content."""
 
@@ -171,6 +208,9 @@ class PolicyFile:
             policy = PromptPolicy.from_file(self.path)
         except SettingError as exc:
             log.error("policy reload failed, the previous policy stays in force: %s", exc)
+            return False
+        except Exception:  # a case from_dict does not know yet must not end the SIGHUP handler
+            log.exception("policy reload failed, the previous policy stays in force")
             return False
         self.policy = policy
         log.info(
