@@ -12,7 +12,7 @@ from grpc.aio import AioRpcError, Metadata
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.frontend.openai_errors import OpenAIError, from_rpc
-from serving.frontend.openai_requests import chat_call, enum_names, image_call
+from serving.frontend.openai_requests import chat_call, enum_names, image_answer, image_call
 from serving.frontend.status import ApiError, invalid_argument, make_status, plain, resource_exhausted
 
 
@@ -92,6 +92,25 @@ def test_image_bodies_refused_naming_the_field(body: dict[str, Any], status: int
     with pytest.raises(OpenAIError) as refused:
         image_call(body, [])
     assert (refused.value.status, refused.value.param, refused.value.code) == (status, param, code)
+
+
+def test_image_answer_keeps_the_seed_the_withheld_images_and_the_cache_that_ran() -> None:
+    finding = pb.SafetyFinding(label="FEMALE_BREAST_EXPOSED", score=0.9, threshold=0.5)
+    response = pb.GenerateResponse(
+        images=[pb.Image(data=b"png", mime_type="image/png", width=16, height=8)],
+        seed=42,
+        withheld=[pb.WithheldImage(index=1, findings=[finding])],
+        cache=pb.STEP_CACHE_NONE,
+        cache_note="the tensorrt backend runs uncached",
+    )
+    answer = image_answer(response)
+    assert (answer["seed"], answer["size"], answer["output_format"]) == (42, "16x8", "png")
+    assert answer["withheld"] == [
+        {"index": 1, "findings": [{"label": "FEMALE_BREAST_EXPOSED", "score": 0.9, "threshold": 0.5}]}
+    ]
+    assert (answer["cache"], answer["cache_note"]) == ("none", "the tensorrt backend runs uncached")
+    taylor = image_answer(pb.GenerateResponse(cache=pb.STEP_CACHE_TAYLORSEER))
+    assert (taylor["withheld"], taylor["cache"], taylor["cache_note"]) == ([], "taylorseer", "")
 
 
 def test_chat_messages_become_an_understand_request() -> None:

@@ -4,7 +4,8 @@ Each HTTP request becomes one call of the OmniGen2 gRPC service over a Unix sock
 open, with the caller's `Authorization` header as the call's metadata: authentication, scopes, rate limits,
 admission, validation, budgets, metrics and the access log are the gRPC service's, one implementation for both
 APIs, and the gateway only translates (serving/frontend/openai_requests.py) and maps statuses
-(serving/frontend/openai_errors.py). Routes (docs/api.md):
+(serving/frontend/openai_errors.py). Two checks come first, so that no body is read for nothing: an unknown bearer
+token is refused 401, and past max_in_flight requests with bodies in the gateway, 429. Routes (docs/api.md):
 
     GET  /v1/models                  GetModelInfo
     POST /v1/images/generations      Generate (JSON)
@@ -18,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +32,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend import access_log, request_id
+from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_errors import OpenAIError, bad_request, from_rpc
@@ -58,11 +61,18 @@ def body_limit(max_request_bytes: int) -> int:
 
 
 class OpenAIGateway:
-    def __init__(self, config: FrontendConfig, target: str, metrics: Metrics) -> None:
+    def __init__(
+        self, config: FrontendConfig, target: str, metrics: Metrics, tokens: TokenRegistry | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.target = target  # the gRPC service, on a Unix socket of this process
         self.limit = body_limit(config.max_request_bytes)
+        # Before a body (up to `limit` bytes, and its decoded copies) is read: the caller's token is one the service
+        # knows (the service still checks scope and rate), and at most max_in_flight requests with bodies are in
+        # the gateway at once, as many as the service admits; beyond, 429 unread.
+        self.tokens = tokens
+        self.bodies = asyncio.Semaphore(config.max_in_flight)
         app = web.Application(client_max_size=self.limit, middlewares=[self._middleware])
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/images/generations", self.generations)
@@ -206,7 +216,11 @@ class OpenAIGateway:
                 raise bad_request(name, "a file where text belongs (mask is not taken: edits follow the prompt)")
             elif name == "cfg_range":
                 fields.setdefault(name, []).append(value)
-            elif name in fields or name != key:
+            elif name != key:
+                raise bad_request(
+                    name, f"takes one value: send it as `{name}`, not `{key}` (only image and cfg_range are lists)"
+                )
+            elif name in fields:
                 raise bad_request(name, "given more than once")
             else:
                 fields[name] = value
@@ -244,6 +258,17 @@ class OpenAIGateway:
             metadata.append(("authorization", authorization))
         return tuple(metadata)
 
+    def _authenticate(self, request: web.Request) -> None:
+        """A missing or unknown bearer token is refused before the body is read, as the service would refuse it."""
+        if self.tokens is not None and self.tokens.identify(self._metadata(request)) is None:
+            raise OpenAIError(
+                401,
+                "a valid bearer token is required (Authorization: Bearer <token>)",
+                "authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
     async def _unary(self, request: web.Request, method: Any, message: Any, names: Names) -> Any:
         try:
             return await method(message, metadata=self._metadata(request))
@@ -264,7 +289,18 @@ class OpenAIGateway:
         request[_REQUEST_ID] = request_id.from_metadata([(request_id.HEADER, request.headers.get("x-request-id", ""))])
         response: web.StreamResponse | None = None
         try:
-            response = await handler(request)
+            self._authenticate(request)
+            if request.method != "POST":
+                response = await handler(request)
+            elif self.bodies.locked():
+                retry = str(max(1, math.ceil(self.config.retry_after_s)))
+                message = f"{self.config.max_in_flight} requests in flight here, the limit; retry later"
+                raise OpenAIError(
+                    429, message, "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": retry}
+                )
+            else:
+                async with self.bodies:
+                    response = await handler(request)
         except OpenAIError as exc:
             response = _error_response(exc)
         except web.HTTPException as exc:  # no such route, method not allowed, ...

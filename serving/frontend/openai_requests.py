@@ -236,15 +236,33 @@ def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False)
     return ImageCall(request, names)
 
 
+_CACHE_NAMES = {number: name for name, number in enum_names(pb.StepCache.DESCRIPTOR).items()}
+
+
 def image_answer(response: pb.GenerateResponse) -> dict[str, Any]:
-    """The images response (b64_json), with OmniGen2's seed: pass it back to reproduce the images."""
+    """The images response (b64_json), with OmniGen2's seed (pass it back to reproduce the images), the images the
+    safety classifier withheld (not in `data`), and the step caching that ran (`cache_note`: why it is not the one
+    asked for). OpenAI's clients ignore the fields they do not know."""
     first = response.images[0] if response.images else pb.Image()
+    withheld = [
+        {
+            "index": image.index,
+            "findings": [  # float32 on the wire: 0.9, not 0.8999999761581543
+                {"label": f.label, "score": round(f.score, 6), "threshold": round(f.threshold, 6)}
+                for f in image.findings
+            ],
+        }
+        for image in response.withheld
+    ]
     return {
         "created": int(time.time()),
         "data": [{"b64_json": base64.b64encode(image.data).decode()} for image in response.images],
         "output_format": first.mime_type.removeprefix("image/"),
         "size": f"{first.width}x{first.height}",
         "seed": response.seed,
+        "withheld": withheld,
+        "cache": _CACHE_NAMES.get(response.cache, "none"),
+        "cache_note": response.cache_note,
     }
 
 

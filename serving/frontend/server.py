@@ -74,7 +74,7 @@ class Frontend:
         self._socket_dir = ""
         if config.http_listen:
             self._socket_dir = tempfile.mkdtemp(prefix="omnigen2-frontend-")
-            self.gateway = OpenAIGateway(config, f"unix:{self._socket_dir}/grpc.sock", self.metrics)
+            self.gateway = OpenAIGateway(config, f"unix:{self._socket_dir}/grpc.sock", self.metrics, self.tokens)
 
     def reload_policy(self) -> None:
         """SIGHUP: re-read the policy file; one that does not load leaves the policy as it was."""

@@ -297,6 +297,17 @@ def test_edits_without_an_image_name_it(api: FrontendProcess) -> None:
     _assert_error(answer, "image")
 
 
+def test_a_text_field_sent_as_a_list_says_so(api: FrontendProcess) -> None:
+    boundary = "b0undary"
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="prompt[]"\r\n\r\nx\r\n--{boundary}--\r\n'.encode()
+    status, _, answer = _request(
+        api, "POST", "/v1/images/edits", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert status == 400
+    _assert_error(answer, "prompt")
+    assert "takes one value: send it as `prompt`, not `prompt[]`" in answer["error"]["message"]
+
+
 def test_oversize_body_is_refused_before_it_is_read(api: FrontendProcess) -> None:
     """The Content-Length alone is over the limit: 413 comes back though no byte of the body was sent."""
     connection = http.client.HTTPConnection("127.0.0.1", api.http_port, timeout=30)
@@ -426,6 +437,29 @@ def test_auth_statuses(guarded: FrontendProcess) -> None:
     assert int(limited.value.response.headers["Retry-After"]) >= 1
 
 
+def _hold_a_body(port: int, headers: dict[str, str]) -> http.client.HTTPConnection:
+    """A POST whose headers promise 32 MiB of JSON and whose body never comes: read, it would hang."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.putrequest("POST", "/v1/images/generations")
+    for key, value in {"Content-Type": "application/json", "Content-Length": str(32 * 2**20), **headers}.items():
+        connection.putheader(key, value)
+    connection.endheaders()
+    return connection
+
+
+def test_an_unknown_token_is_refused_before_the_body_is_read(guarded: FrontendProcess) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        connection = _hold_a_body(guarded.http_port, headers)
+        try:
+            response = connection.getresponse()  # the socket's 10 s timeout, had the body been waited for
+            assert response.status == 401 and response.getheader("WWW-Authenticate") == "Bearer"
+            answer = json.loads(response.read())
+            _assert_error(answer, None)
+            assert answer["error"]["type"] == "authentication_error"
+        finally:
+            connection.close()
+
+
 def test_http_and_grpc_share_one_admission(tmp_path: Path, triton: TritonServer) -> None:
     """One slot: while a gRPC stream holds it, an HTTP request is refused 429 with the RetryInfo delay as
     Retry-After (2.5 s -> 3), and served once the stream has gone."""
@@ -446,6 +480,21 @@ def test_http_and_grpc_share_one_admission(tmp_path: Path, triton: TritonServer)
             except openai.RateLimitError:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
+        # The gateway itself holds at most max_in_flight requests with bodies: one whose body is still coming
+        # holds the only place, and the next is refused unread.
+        holder = _hold_a_body(frontend.http_port, {})
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                status, headers, answer = _post_json(frontend, "/v1/images/generations", {"prompt": "x", "n": "2"})
+                if status == 429:
+                    break
+                assert status == 400 and time.monotonic() < deadline  # until the held request is in
+                time.sleep(0.05)
+            assert headers["Retry-After"] == "3" and "requests in flight here" in answer["error"]["message"]
+            _assert_error(answer, None)
+        finally:
+            holder.close()
 
 
 def test_a_stopped_triton_is_503(tmp_path: Path) -> None:
