@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Unpack
 
@@ -52,6 +52,7 @@ SERVED_BY = "x-served-by"  # the replica that served the call, in the server's i
 Event = Progress | GenerationResult
 Servers = str | Sequence[str]
 _Result = TypeVar("_Result", GenerationResult, UnderstandResult)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -233,13 +234,21 @@ class OmniGen2Client(_Calls):
     ) -> GenerationResult:
         """Text-to-image, or with `images` any of the image tasks; returns when the images are done."""
         request = build_request(prompt, list(images), _seeded(options))
+
+        def once(attempts: _Attempts) -> GenerationResult:
+            response, call = self._stub.Generate.with_call(
+                request, timeout=attempts.timeout(), metadata=attempts.metadata
+            )
+            return attempts.served(call.initial_metadata(), GenerationResult.from_proto(response))
+
+        return self._unary(once)
+
+    def _unary(self, once: Callable[[_Attempts], _T]) -> _T:
+        """An idempotent unary call; UNAVAILABLE is tried again through the picker, up to `retries` more times."""
         attempts = self._attempts(idempotent=True)
         for attempt in range(attempts.retries + 1):
             try:
-                response, call = self._stub.Generate.with_call(
-                    request, timeout=attempts.timeout(), metadata=attempts.metadata
-                )
-                return attempts.served(call.initial_metadata(), GenerationResult.from_proto(response))
+                return once(attempts)
             except grpc.RpcError as exc:
                 delay = attempts.again(exc, attempt)
                 if delay is None:
@@ -317,19 +326,14 @@ class OmniGen2Client(_Calls):
 
     def info(self) -> pb.ModelInfo:
         """The served model: limits, defaults, schedulers, formats, backend and checkpoint hash."""
-        attempts = self._attempts(idempotent=True)
-        for attempt in range(attempts.retries + 1):
-            try:
-                info: pb.ModelInfo = self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=attempts.timeout(), metadata=attempts.metadata
-                )
-                return info
-            except grpc.RpcError as exc:
-                delay = attempts.again(exc, attempt)
-                if delay is None:
-                    raise from_rpc_error(exc) from None
-                time.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+        def once(attempts: _Attempts) -> pb.ModelInfo:
+            info: pb.ModelInfo = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=attempts.timeout(), metadata=attempts.metadata
+            )
+            return info
+
+        return self._unary(once)
 
     def close(self) -> None:
         self._channel.close()
@@ -361,12 +365,20 @@ class AsyncOmniGen2Client(_Calls):
         self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
     ) -> GenerationResult:
         request = build_request(prompt, list(images), _seeded(options))
+
+        async def once(attempts: _Attempts) -> GenerationResult:
+            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=attempts.metadata)
+            response = await call
+            return attempts.served(await call.initial_metadata(), GenerationResult.from_proto(response))
+
+        return await self._unary(once)
+
+    async def _unary(self, once: Callable[[_Attempts], Awaitable[_T]]) -> _T:
+        """An idempotent unary call; UNAVAILABLE is tried again through the picker, up to `retries` more times."""
         attempts = self._attempts(idempotent=True)
         for attempt in range(attempts.retries + 1):
-            call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=attempts.metadata)
             try:
-                response = await call
-                return attempts.served(await call.initial_metadata(), GenerationResult.from_proto(response))
+                return await once(attempts)
             except grpc.RpcError as exc:
                 delay = attempts.again(exc, attempt)
                 if delay is None:
@@ -439,19 +451,13 @@ class AsyncOmniGen2Client(_Calls):
         return result
 
     async def info(self) -> pb.ModelInfo:
-        attempts = self._attempts(idempotent=True)
-        for attempt in range(attempts.retries + 1):
-            try:
-                info: pb.ModelInfo = await self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=attempts.timeout(), metadata=attempts.metadata
-                )
-                return info
-            except grpc.RpcError as exc:
-                delay = attempts.again(exc, attempt)
-                if delay is None:
-                    raise from_rpc_error(exc) from None
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        async def once(attempts: _Attempts) -> pb.ModelInfo:
+            info: pb.ModelInfo = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=attempts.timeout(), metadata=attempts.metadata
+            )
+            return info
+
+        return await self._unary(once)
 
     async def close(self) -> None:
         await self._channel.close()
