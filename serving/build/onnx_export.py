@@ -38,6 +38,7 @@ from serving.model.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
+from serving.model.transformer import joint_mask
 from serving.pipeline.packing import pack_batch
 from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
 
@@ -90,7 +91,7 @@ def _stage_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
     inputs = _transformer_example(modules)
     with torch.no_grad():
         hidden, temb = TransformerEmbedGraph(modules.transformer)(**inputs)
-    mask = torch.cat([inputs["text_mask"], inputs["ref_mask"].flatten(1), inputs["img_mask"]], dim=1)
+    mask = joint_mask(inputs["text_mask"], inputs["ref_mask"], inputs["img_mask"])
     rope = {"rope_cos": inputs["rope_cos"], "rope_sin": inputs["rope_sin"]}
     return {"hidden": hidden, "temb": temb, "joint_mask": mask, **rope}
 

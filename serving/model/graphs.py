@@ -81,12 +81,16 @@ class VaeDecoderGraph(nn.Module):
 TransformerGraph = OmniGen2Transformer
 
 
-class TransformerEmbedGraph(nn.Module):
-    """The transformer's inputs -> the joint sequence before the main layers (B, L, D) and the conditioning."""
+class _TransformerStage(nn.Module):
+    """One stage of the transformer as a graph of its own, on the transformer's weights (no copy)."""
 
     def __init__(self, transformer: OmniGen2Transformer) -> None:
         super().__init__()
         self.transformer = transformer
+
+
+class TransformerEmbedGraph(_TransformerStage):
+    """The transformer's inputs -> the joint sequence before the main layers (B, L, D) and the conditioning."""
 
     def forward(
         self,
@@ -106,24 +110,16 @@ class TransformerEmbedGraph(nn.Module):
         return hidden.float(), temb.float()
 
 
-class TransformerModulateGraph(nn.Module):
+class TransformerModulateGraph(_TransformerStage):
     """(hidden, temb) -> the first main layer's modulated input, which TeaCache compares from step to step."""
-
-    def __init__(self, transformer: OmniGen2Transformer) -> None:
-        super().__init__()
-        self.transformer = transformer
 
     def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         dtype = weight_dtype(self.transformer)
         return self.transformer.modulate(hidden.to(dtype), temb.to(dtype)).float()
 
 
-class TransformerLayersGraph(nn.Module):
+class TransformerLayersGraph(_TransformerStage):
     """The main layers: (hidden, temb, joint_mask, rope_cos, rope_sin) -> hidden."""
-
-    def __init__(self, transformer: OmniGen2Transformer) -> None:
-        super().__init__()
-        self.transformer = transformer
 
     def forward(
         self,
@@ -138,12 +134,8 @@ class TransformerLayersGraph(nn.Module):
         return out.float()
 
 
-class TransformerHeadGraph(nn.Module):
+class TransformerHeadGraph(_TransformerStage):
     """(image tokens after the main layers (B, Li, D), timestep (B,)) -> velocity tokens (B, Li, P)."""
-
-    def __init__(self, transformer: OmniGen2Transformer) -> None:
-        super().__init__()
-        self.transformer = transformer
 
     def forward(self, hidden_img: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         model = self.transformer

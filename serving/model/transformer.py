@@ -36,6 +36,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 MASK_BIAS = -1e4
 
 
+def joint_mask(text_mask: torch.Tensor, ref_mask: torch.Tensor, img_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the valid tokens of the joint sequence [text | ref slots | image] from the packed masks."""
+    return torch.cat([text_mask, ref_mask.flatten(1), img_mask], dim=1)
+
+
 def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) bool key mask -> additive (B, 1, 1, L) bias."""
     bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, MASK_BIAS)
@@ -220,8 +225,7 @@ class OmniGen2Transformer(nn.Module):
         hidden, temb = self.embed(
             img_tokens, img_mask, timestep, text_feats, text_mask, ref_tokens, ref_mask, rope_cos, rope_sin
         )
-        joint_mask = torch.cat([text_mask, ref_mask.flatten(1), img_mask], dim=1)
-        hidden = self.run_layers(hidden, temb, joint_mask, rope_cos, rope_sin)
+        hidden = self.run_layers(hidden, temb, joint_mask(text_mask, ref_mask, img_mask), rope_cos, rope_sin)
         return self.head(hidden[:, hidden.shape[1] - img_tokens.shape[1] :], temb)
 
     def time_embedding(self, timestep: torch.Tensor) -> torch.Tensor:

@@ -124,10 +124,6 @@ def taylor_full_call(step: int) -> bool:
     return step < TAYLOR_FIRST_FULL or (step - TAYLOR_FIRST_FULL) % TAYLOR_INTERVAL == TAYLOR_INTERVAL - 1
 
 
-def taylor_full_calls(calls: int) -> int:
-    return sum(taylor_full_call(step) for step in range(calls))
-
-
 def _nbytes(arrays: Sequence[Any]) -> int:
     return sum(int(a.nbytes) for a in arrays)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from serving.model.transformer import OmniGen2Transformer
+from serving.model.transformer import OmniGen2Transformer, joint_mask
 from serving.pipeline.step_cache import PACKED_INPUTS
 
 
@@ -19,7 +19,11 @@ class TorchStages:
         self.device = next(model.parameters()).device
 
     def _rows(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor:
-        return torch.as_tensor(inputs[name])[rows].to(self.device)
+        tensor = torch.as_tensor(inputs[name])
+        return (tensor if rows == list(range(len(tensor))) else tensor[rows]).to(self.device)
+
+    def _masks(self, inputs: Mapping[str, Any], rows: list[int]) -> torch.Tensor:
+        return joint_mask(*(self._rows(inputs, name, rows) for name in ("text_mask", "ref_mask", "img_mask")))
 
     def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
         return self.model.embed(*(self._rows(inputs, name, rows) for name in PACKED_INPUTS))
@@ -28,10 +32,8 @@ class TorchStages:
         return self.model.modulate(hidden, temb)
 
     def layers(self, hidden: Any, temb: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
-        masks = [self._rows(inputs, name, rows) for name in ("text_mask", "ref_mask", "img_mask")]
-        mask = torch.cat([masks[0], masks[1].flatten(1), masks[2]], dim=1)
         cos, sin = self._rows(inputs, "rope_cos", rows), self._rows(inputs, "rope_sin", rows)
-        return self.model.run_layers(hidden, temb, mask, cos, sin)
+        return self.model.run_layers(hidden, temb, self._masks(inputs, rows), cos, sin)
 
     def head(self, hidden_img: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
         temb = self.model.time_embedding(self._rows(inputs, "timestep", rows))
@@ -50,8 +52,7 @@ class TorchStages:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     def joint_mask(self, inputs: Mapping[str, Any], row: int) -> Any:
-        text, ref, img = (self._rows(inputs, n, [row])[0] for n in ("text_mask", "ref_mask", "img_mask"))
-        return torch.cat([text, ref.flatten(), img]).bool()
+        return self._masks(inputs, [row])[0]
 
     def image_count(self, inputs: Mapping[str, Any], row: int) -> int:
         return int(torch.as_tensor(inputs["img_mask"][row]).sum())
