@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 from serving.build.repository import (
@@ -24,10 +25,11 @@ from serving.build.repository import (
     prepare_repository,
     safety_from_args,
 )
+from serving.errors import OmniGen2Error
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.model.devices import DEVICES
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import Ports, TritonInstall, TritonServer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
 
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     add_step_cache_arguments(parser)
     add_safety_arguments(parser)
     args, frontend_args = parser.parse_known_args(argv)
+    if args.backend == "tensorrt":  # refused at once, not after an ONNX export and an engine build
+        TritonInstall.find().require_backend("tensorrt")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
@@ -100,4 +104,7 @@ Try:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OmniGen2Error as exc:  # a setting or a checkpoint to fix: one line, not a traceback
+        sys.exit(f"serving.stack: {exc}")

@@ -1,10 +1,12 @@
-"""Start, watch and stop the embedded `tritonserver` (from the nvidia-pytriton wheel) on loopback.
+"""Start, watch and stop a `tritonserver` on loopback.
 
     python -m serving.triton.launcher --model-repository model_repository
 
-The wheel ships the server binary, its libraries, the Python backend and one backend stub per Python version.
-Triton wants the stub next to `libtriton_python.so`, so the launcher assembles a backend folder of its own
-(links only, under the build directory) for the running interpreter, and never writes into site-packages.
+The server is the first of: the install that env OMNIGEN2_TRITONSERVER names, the NGC container's
+/opt/tritonserver, the nvidia-pytriton wheel's. The wheel ships the server binary, its libraries, the Python backend
+only and one backend stub per Python version; Triton wants the stub next to `libtriton_python.so`, so the launcher
+assembles a backend folder of its own (links only, under the build directory) for the running interpreter, and never
+writes into the install. The install's other backends (the NGC one's `tensorrt`, ...) are linked into it as they are.
 """
 
 from __future__ import annotations
@@ -24,47 +26,102 @@ from types import TracebackType
 
 import tritonclient.grpc as triton_grpc
 
+from serving.errors import SettingError
 from serving.triton.watchdog import StubWatchdog
 
 LOOPBACK = "127.0.0.1"
+TRITONSERVER_ENV = "OMNIGEN2_TRITONSERVER"  # the root of a Triton install (bin/, lib/, backends/) to use
+SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
+STUB = "triton_python_backend_stub"
 
 
 @dataclass(frozen=True)
 class TritonInstall:
     binary: Path
     libs: Path
-    python_backend: Path
-    stub: Path
+    backends: Path  # one folder per backend, holding libtriton_<name>.so
+    stub: Path  # the Python backend's stub for this interpreter
+
+    @property
+    def python_backend(self) -> Path:
+        return self.backends / "python"
 
     @classmethod
     def find(cls) -> TritonInstall:
-        import pytriton
+        """The install named by env OMNIGEN2_TRITONSERVER, else /opt/tritonserver, else the nvidia-pytriton wheel's."""
+        named = os.environ.get(TRITONSERVER_ENV)
+        if named:
+            return cls.at(Path(named))
+        if (SYSTEM_INSTALL / "bin" / "tritonserver").is_file():
+            return cls.at(SYSTEM_INSTALL)
+        return cls.wheel()
 
-        root = Path(pytriton.__file__).resolve().parent
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        install = cls(
-            binary=root / "tritonserver" / "bin" / "tritonserver",
-            libs=root.parent / "nvidia_pytriton.libs",
-            python_backend=root / "tritonserver" / "backends" / "python",
-            stub=root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+    @classmethod
+    def at(cls, root: Path) -> TritonInstall:
+        """An install in Triton's layout; its Python backend carries the stub built for the install's Python."""
+        backends = root / "backends"
+        return cls(root / "bin" / "tritonserver", root / "lib", backends, backends / "python" / STUB).checked(
+            f"is {root} a Triton install ({TRITONSERVER_ENV})?"
         )
-        for path in (install.binary, install.python_backend, install.stub):
+
+    @classmethod
+    def wheel(cls) -> TritonInstall:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        hint = f"is nvidia-pytriton installed for Python {version}?"
+        try:
+            import pytriton
+        except ImportError as exc:
+            raise FileNotFoundError(f"no tritonserver found: {hint} (or set {TRITONSERVER_ENV})") from exc
+        root = Path(pytriton.__file__).resolve().parent
+        server = root / "tritonserver"
+        return cls(
+            binary=server / "bin" / "tritonserver",
+            libs=root.parent / "nvidia_pytriton.libs",
+            backends=server / "backends",
+            stub=server / "python_backend_stubs" / version / STUB,
+        ).checked(hint)
+
+    def checked(self, hint: str) -> TritonInstall:
+        for path in (self.binary, self.python_backend, self.stub):
             if not path.exists():
-                raise FileNotFoundError(f"{path}: not found; is nvidia-pytriton installed for Python {version}?")
-        return install
+                raise FileNotFoundError(f"{path}: not found; {hint}")
+        return self
+
+    def has_backend(self, name: str) -> bool:
+        return (self.backends / name / f"libtriton_{name}.so").is_file()
+
+    def require_backend(self, name: str) -> None:
+        """Refuse, before anything is built for it, a backend this server cannot load."""
+        if self.has_backend(name):
+            return
+        present = ", ".join(sorted(p.name for p in self.backends.iterdir() if p.is_dir()))
+        raise SettingError(
+            "backend",
+            f"{name}: the tritonserver at {self.binary} has no {name} backend (no backends/{name}/libtriton_{name}.so; "
+            f"it has: {present}). The NGC Triton container has it: deploy/triton.Dockerfile, or set "
+            f"{TRITONSERVER_ENV} to a Triton install with it",
+        )
 
     def backend_directory(self, build_dir: Path) -> Path:
-        """A backends/ folder whose python/ holds links to the backend files and this Python's stub."""
-        python_dir = build_dir / "triton-backends" / "python"
+        """A backends/ folder whose python/ holds links to the backend files and this Python's stub, beside links to
+        the install's other backends."""
+        directory = build_dir / "triton-backends"
+        python_dir = directory / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         for source in [*self.python_backend.iterdir(), self.stub]:
-            link = python_dir / source.name
-            if link.is_symlink() or link.exists():
-                if link.resolve() == source.resolve():
-                    continue
-                link.unlink()
-            link.symlink_to(source)
-        return python_dir.parent
+            _link(python_dir / source.name, source)
+        for source in self.backends.iterdir():
+            if source.is_dir() and source.name != "python":
+                _link(directory / source.name, source)
+        return directory
+
+
+def _link(link: Path, source: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.resolve() == source.resolve():
+            return
+        link.unlink()
+    link.symlink_to(source)
 
 
 def free_port() -> int:
