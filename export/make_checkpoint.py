@@ -28,7 +28,7 @@ from huggingface_hub import save_torch_state_dict
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from serving.model.checkpoint import copy_processor
+from serving.model.checkpoint import CheckpointModules, copy_processor, spec_from_configs
 from serving.model.config import TransformerConfig
 from serving.model.transformer import WEIGHTS_STEM, OmniGen2Transformer
 
@@ -223,15 +223,16 @@ def _on_meta(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def materialize(model: nn.Module, init: Callable[[nn.Module], None]) -> None:
-    """Give a meta-device model storage one leaf module at a time, each initialised by `init` in its own dtype.
+def materialize(model: nn.Module, init: Callable[[nn.Module], None], device: torch.device | str = "cpu") -> None:
+    """Give a meta-device model storage on `device` one leaf module at a time, each initialised by `init` in its
+    own dtype.
 
     Unlike building on the CPU and casting, no float32 copy of the component ever exists.
     """
     for module in model.modules():
         if next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None:
             continue
-        module.to_empty(device="cpu", recurse=False)
+        module.to_empty(device=device, recurse=False)
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             tensor.data.zero_()  # a parameter that `init` leaves alone is zero, never uninitialised memory
         with torch.no_grad():
@@ -247,10 +248,31 @@ def _torch_init(module: nn.Module) -> None:
         nn.init.normal_(module.image_index_embedding, std=0.02)
 
 
-def _save_transformer(config: TransformerConfig, dtype: torch.dtype, directory: Path) -> None:
+def _build_transformer(
+    config: TransformerConfig, dtype: torch.dtype, device: torch.device | str
+) -> OmniGen2Transformer:
     with _on_meta(dtype):
         model = OmniGen2Transformer(config)
-    materialize(model, _torch_init)
+    materialize(model, _torch_init, device)
+    return model.eval()
+
+
+def _build_vae(config: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> Any:
+    with _on_meta(dtype):
+        vae = cast(Any, AutoencoderKL(**copy.deepcopy(config)))
+    materialize(vae, _torch_init, device)
+    return vae.eval()
+
+
+def _build_mllm(config: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> Any:
+    with _on_meta(dtype):
+        mllm = cast(Any, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(config))))
+    materialize(mllm, mllm._init_weights, device)  # transformers' own initialisation, layer by layer
+    mllm.tie_weights()
+    return mllm.eval()
+
+
+def _save_transformer(model: OmniGen2Transformer, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict(
         model.state_dict(),
@@ -258,43 +280,66 @@ def _save_transformer(config: TransformerConfig, dtype: torch.dtype, directory: 
         filename_pattern=WEIGHTS_STEM + "{suffix}.safetensors",
         max_shard_size=MAX_SHARD_SIZE,
     )
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
 
 
-def _save_vae(config: dict[str, Any], dtype: torch.dtype, directory: Path) -> None:
-    with _on_meta(dtype):
-        vae = cast(Any, AutoencoderKL(**copy.deepcopy(config)))
-    materialize(vae, _torch_init)
-    vae.save_pretrained(directory, max_shard_size=MAX_SHARD_SIZE)
+def _save_layout(out: Path, processor: Path) -> None:
+    """What is not weights: tokenizer files, scheduler config and model index."""
+    copy_processor(processor, out / "processor")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
 
 
-def _save_mllm(config: dict[str, Any], dtype: torch.dtype, directory: Path) -> None:
-    with _on_meta(dtype):
-        mllm = cast(Any, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(config))))
-    materialize(mllm, mllm._init_weights)  # transformers' own initialisation, layer by layer
-    mllm.tie_weights()
-    mllm.save_pretrained(directory, max_shard_size=MAX_SHARD_SIZE)
+def _check(size: str, processor: Path) -> None:
+    if size not in TRANSFORMERS:
+        raise ValueError(f"unknown size {size!r}; one of {', '.join(TRANSFORMERS)}")
+    if not (processor / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{processor / 'tokenizer.json'}: processor files to copy not found")
 
 
 def make_checkpoint(
     size: str, out: Path, seed: int = 0, dtype: torch.dtype | None = None, processor: Path = DEFAULT_PROCESSOR
 ) -> Path:
     """Random weights in the official layout; `dtype` defaults to bf16 for `full` (as published), else float32."""
-    if size not in TRANSFORMERS:
-        raise ValueError(f"unknown size {size!r}; one of {', '.join(TRANSFORMERS)}")
-    if not (processor / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{processor / 'tokenizer.json'}: processor files to copy not found")
+    _check(size, processor)
     dtype = dtype or (torch.bfloat16 if size == "full" else torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     # One component at a time: each is freed before the next is built, so the peak is the largest one.
-    _save_transformer(TRANSFORMERS[size], dtype, out / "transformer")
-    _save_vae(VAES[size], dtype, out / "vae")
-    _save_mllm(MLLMS[size], dtype, out / "mllm")
-    copy_processor(processor, out / "processor")
-    (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    _save_transformer(_build_transformer(TRANSFORMERS[size], dtype, "cpu"), out / "transformer")
+    _build_vae(VAES[size], dtype, "cpu").save_pretrained(out / "vae", max_shard_size=MAX_SHARD_SIZE)
+    _build_mllm(MLLMS[size], dtype, "cpu").save_pretrained(out / "mllm", max_shard_size=MAX_SHARD_SIZE)
+    _save_layout(out, processor)
+    return out
+
+
+def random_modules(
+    size: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+    processor: Path = DEFAULT_PROCESSOR,
+) -> CheckpointModules:
+    """The same random model as make_checkpoint, built straight on `device` (a GPU: seconds, no file written)."""
+    _check(size, processor)
+    torch.manual_seed(seed)
+    return CheckpointModules(
+        transformer=_build_transformer(TRANSFORMERS[size], dtype, device),
+        vae=_build_vae(VAES[size], dtype, device),
+        mllm=_build_mllm(MLLMS[size], dtype, device),
+        processor_dir=processor,
+        spec=spec_from_configs(TRANSFORMERS[size], VAES[size], SCHEDULER),
+    )
+
+
+def save_modules(modules: CheckpointModules, out: Path) -> Path:
+    """Write modules (random_modules' or loaded ones) as a checkpoint in the official layout, in their dtype."""
+    out.mkdir(parents=True, exist_ok=True)
+    _save_transformer(modules.transformer, out / "transformer")
+    modules.vae.save_pretrained(out / "vae", max_shard_size=MAX_SHARD_SIZE)
+    modules.mllm.save_pretrained(out / "mllm", max_shard_size=MAX_SHARD_SIZE)
+    _save_layout(out, modules.processor_dir)
     return out
 
 

@@ -81,6 +81,11 @@ def read_spec(checkpoint: Path) -> ModelSpec:
     vae = _json(checkpoint / "vae" / "config.json")
     scheduler_path = checkpoint / SCHEDULER_CONFIG
     scheduler = _json(scheduler_path) if scheduler_path.is_file() else {}
+    return spec_from_configs(transformer, vae, scheduler)
+
+
+def spec_from_configs(transformer: TransformerConfig, vae: dict[str, Any], scheduler: dict[str, Any]) -> ModelSpec:
+    """read_spec's facts from configs already in memory (a model built without a checkpoint on disk)."""
     return ModelSpec(
         patch_size=transformer.patch_size,
         axes_dim_rope=transformer.axes_dim_rope,
