@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from serving.build.engines import ProfileBounds, cache_key, main, profiles
+from serving.build.repository import main as repository_main
 from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Sample, plan_sizes, sample_shape
 from serving.pipeline.guidance import Branch
@@ -73,6 +74,18 @@ def test_without_tensorrt_or_a_gpu_it_reports_clearly(
     err = capsys.readouterr().err
     assert err.startswith("build_engines: ") and message in err
     assert not any(tmp_path.iterdir())  # nothing half-built
+
+
+def test_the_repository_generator_refuses_tensorrt_before_exporting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """`python -m serving.build.repository --backend tensorrt` starts no server, so it checks what it needs itself:
+    without TensorRT (simulated, as above) it stops in one line before the ONNX export, not minutes after it."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    argv = ["--checkpoint", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path / "repo")]
+    with pytest.raises(SystemExit, match=r"^prepare_repository: backend: TensorRT is not installed"):
+        repository_main([*argv, "--onnx-cache", str(tmp_path / "onnx")])
+    assert not any(tmp_path.iterdir())
 
 
 def _admitted_corners() -> list[GenerationRequest]:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.errors import SettingError
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 from serving.runtime.onnx_backend import read_manifest
 
@@ -31,8 +32,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 Shape = tuple[int, ...]
 
 
-class GpuUnavailableError(RuntimeError):
-    pass
+class GpuUnavailableError(SettingError):
+    """TensorRT or a CUDA device is missing: the `tensorrt` backend cannot be chosen on this machine."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("backend", message)
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def cache_key(checkpoint_sha256: str, gpu: str, trt_version: str, precision: str
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def _tensorrt() -> Any:
+def require_tensorrt() -> Any:
     """Import TensorRT and check for a CUDA device, or explain why engines cannot be built here."""
     try:
         import tensorrt as trt
@@ -148,11 +152,14 @@ def build_engine(trt: Any, onnx_path: Path, plan: Path, precision: str, shapes: 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
-    plan.write_bytes(bytes(serialized))
+    # Written aside and renamed: a build killed while writing leaves no truncated plan for the cache to take.
+    partial = plan.with_suffix(".partial")
+    partial.write_bytes(bytes(serialized))
+    partial.replace(plan)
 
 
 def build_engines(onnx_dir: Path, out: Path, precision: str, bounds: ProfileBounds) -> Path:
-    trt = _tensorrt()
+    trt = require_tensorrt()
     import torch
 
     manifest = read_manifest(onnx_dir)
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = build_engines(args.onnx, args.out, args.precision, ProfileBounds.from_limits(max_batch=args.max_batch))
     except GpuUnavailableError as exc:
-        print(f"build_engines: {exc}", file=sys.stderr)
+        print(f"build_engines: {exc.description}", file=sys.stderr)
         return 2
     print(f"TensorRT engines in {target}")
     return 0

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serving.build.engines import ProfileBounds, build_engines, engine_max_batch, manifest_profiles
+from serving.build.engines import ProfileBounds, build_engines, engine_max_batch, manifest_profiles, require_tensorrt
 from serving.build.onnx_export import cached_export, checkpoint_hash
-from serving.errors import SettingError
+from serving.errors import OmniGen2Error, SettingError
 from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
 from serving.model.contract import graph_contracts
 from serving.model.devices import DEVICES, TORCH_DTYPES, check_dtype, resolve_device
@@ -294,6 +295,8 @@ def prepare_repository(
         check_dtype(where, TORCH_DTYPES[precision])  # e.g. bf16 on a GPU without it: refused before Triton starts
     if backend in PRECISIONS and precision not in PRECISIONS[backend]:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
+    if backend == "tensorrt":
+        require_tensorrt()  # TensorRT and a GPU, before an ONNX export that could not be used here
     verify_checkpoint(checkpoint)  # before anything is written or served
     source_hash = checkpoint_hash(checkpoint)
     served_by = served_name(backend, precision)
@@ -438,16 +441,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bls = bls_from_args(args)
-    prepare_repository(
-        args.checkpoint,
-        args.out,
-        args.backend,
-        args.onnx_cache,
-        precision=args.precision,
-        bls=bls,
-        device=args.device,
-        safety=safety_from_args(args),
-    )
+    try:
+        prepare_repository(
+            args.checkpoint,
+            args.out,
+            args.backend,
+            args.onnx_cache,
+            precision=args.precision,
+            bls=bls,
+            device=args.device,
+            safety=safety_from_args(args),
+        )
+    except OmniGen2Error as exc:  # a setting or a checkpoint to fix: one line, not a traceback
+        sys.exit(f"prepare_repository: {exc}")
     print(f"Triton model repository in {args.out}")
 
 
