@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -68,11 +69,11 @@ class TritonInstall:
     def wheel(cls) -> TritonInstall:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         hint = f"is nvidia-pytriton installed for Python {version}?"
-        try:
-            import pytriton
-        except ImportError as exc:
-            raise FileNotFoundError(f"no tritonserver found: {hint} (or set {TRITONSERVER_ENV})") from exc
-        root = Path(pytriton.__file__).resolve().parent
+        # Found, not imported: the package's own modules need gevent, zmq, ... (its Python API), the server not.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"no tritonserver found: {hint} (or set {TRITONSERVER_ENV})")
+        root = Path(spec.origin).resolve().parent
         server = root / "tritonserver"
         return cls(
             binary=server / "bin" / "tritonserver",
