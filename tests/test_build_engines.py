@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from serving.build import repository
 from serving.build.engines import ProfileBounds, cache_key, main, profiles
-from serving.build.repository import main as repository_main
 from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Sample, plan_sizes, sample_shape
 from serving.pipeline.guidance import Branch
@@ -84,8 +84,41 @@ def test_the_repository_generator_refuses_tensorrt_before_exporting(
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     argv = ["--checkpoint", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path / "repo")]
     with pytest.raises(SystemExit, match=r"^prepare_repository: backend: TensorRT is not installed"):
-        repository_main([*argv, "--onnx-cache", str(tmp_path / "onnx")])
+        repository.main([*argv, "--onnx-cache", str(tmp_path / "onnx")])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_tensorrt_repository_is_rebuilt_for_another_gpu_or_tensorrt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path, tiny_onnx: Path
+) -> None:
+    """A kept model volume (compose) must not serve engines built for another GPU model or TensorRT version: those
+    are part of the repository's key, so only an unchanged platform makes a rerun a no-op. No engine is built here
+    (no GPU): the build writes placeholder plans."""
+    builds: list[str] = []
+
+    def build(onnx_dir: Path, out: Path, precision: str, bounds: ProfileBounds) -> Path:
+        builds.append(platform["gpu"])
+        for name in repository.SERVED_GRAPHS:
+            (out / f"{name}.plan").parent.mkdir(parents=True, exist_ok=True)
+            (out / f"{name}.plan").write_bytes(b"plan")
+        return out
+
+    platform = {"gpu": "NVIDIA H100 80GB HBM3", "tensorrt": "10.14.1"}
+    monkeypatch.setattr(repository, "engine_platform", lambda: dict(platform))
+    monkeypatch.setattr(repository, "build_engines", build)
+
+    def prepare() -> None:
+        repository.prepare_repository(
+            tiny_checkpoint, tmp_path / "repo", "tensorrt", tiny_onnx.parent, tmp_path / "engines", precision="bf16"
+        )
+
+    prepare()
+    prepare()
+    assert builds == ["NVIDIA H100 80GB HBM3"]
+    assert (tmp_path / "repo" / "transformer" / "1" / "model.plan").read_bytes() == b"plan"
+    platform["gpu"] = "NVIDIA H200"
+    prepare()
+    assert builds == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
 
 
 def _admitted_corners() -> list[GenerationRequest]:

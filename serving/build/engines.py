@@ -133,6 +133,14 @@ def require_tensorrt() -> Any:
     return trt
 
 
+def engine_platform() -> dict[str, str]:
+    """What engines are built for besides their graphs: the GPU model and the TensorRT version (both must exist)."""
+    trt = require_tensorrt()
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0), "tensorrt": trt.__version__}
+
+
 def build_engine(trt: Any, onnx_path: Path, plan: Path, precision: str, shapes: dict[str, tuple[Shape, ...]]) -> None:
     logger = trt.Logger(trt.Logger.INFO)
     builder = trt.Builder(logger)

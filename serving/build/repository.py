@@ -29,7 +29,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serving.build.engines import ProfileBounds, build_engines, engine_max_batch, manifest_profiles, require_tensorrt
+from serving.build.engines import ProfileBounds, build_engines, engine_max_batch, engine_platform, manifest_profiles
 from serving.build.onnx_export import cached_export, checkpoint_hash
 from serving.errors import OmniGen2Error, SettingError
 from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
@@ -38,6 +38,7 @@ from serving.model.devices import DEVICES, TORCH_DTYPES, check_dtype, resolve_de
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 from serving.pipeline.step_cache import CONTROL_WIDTH
 from serving.runtime.onnx_backend import MANIFEST
+from serving.runtime.fast_path import FastPath, add_fast_path_arguments, fast_path_from_args
 from serving.runtime.onnx_stages import TRANSFORMER_STAGES
 from serving.safety.settings import SafetySettings, nudenet_graph
 from serving.triton.bls_settings import BlsSettings
@@ -120,7 +121,9 @@ def component_config(
     settings: ComponentSettings,
     precision: str = "fp32",
     on_gpu: bool = False,
+    fast: FastPath | None = None,
 ) -> Any:
+    """`fast`: the PyTorch transformer's fast path (serving/runtime/fast_path.py), as model parameters."""
     config = mc.ModelConfig(name=name, max_batch_size=settings.max_batch_size)
     config.input.extend(_tensor(t, mc.ModelInput) for t in contract["inputs"])
     config.output.extend(_tensor(t, mc.ModelOutput) for t in contract["outputs"])
@@ -136,6 +139,9 @@ def component_config(
             config.parameters["onnx_file"].string_value = contract["file"]
         elif backend == "pytorch":
             config.parameters["precision"].string_value = precision
+            if name == TRANSFORMER and fast is not None:
+                for key, value in fast.to_params().items():
+                    config.parameters[key].string_value = value
         if name == TRANSFORMER:  # per-sample step-cache controls (serving/pipeline/step_cache.py); absent: uncached
             if settings.instances != 1:  # the cache state lives in one process: a request's steps must meet it there
                 raise SettingError("instances", "the transformer keeps step-cache state: one instance per stack")
@@ -150,9 +156,9 @@ def component_config(
 
 BLS = BlsSettings()
 # Where a backend's calls differ. bf16 PyTorch on CPU: calls past about 8k tokens cost more per token (activations
-# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. Every other backend keeps
-# the default cap, which bounds a call's attention memory (BlsSettings). The default call cost fits bf16 calls
-# (benchmarks/README.md).
+# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there; a GPU has no such knee and
+# keeps the default. Every other backend keeps the default cap, which bounds a call's attention memory
+# (BlsSettings). The default call cost fits bf16 calls (benchmarks/README.md).
 BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
 
 
@@ -161,9 +167,12 @@ def served_name(backend: str, precision: str) -> str:
     return f"{backend}-{precision}" if backend in PRECISIONS else backend
 
 
-def bls_settings(backend: str, precision: str, max_call_tokens: int | None = None) -> BlsSettings:
-    """The BLS settings a backend gets (BLS_BY_BACKEND), with an operator's per-call token cap where given."""
-    settings = BLS_BY_BACKEND.get(served_name(backend, precision), BLS)
+def bls_settings(
+    backend: str, precision: str, max_call_tokens: int | None = None, device: str = "cpu"
+) -> BlsSettings:
+    """The BLS settings a backend gets (BLS_BY_BACKEND, on the CPU), with an operator's per-call token cap."""
+    on_cpu = resolve_device(device).type == "cpu"
+    settings = BLS_BY_BACKEND.get(served_name(backend, precision), BLS) if on_cpu else BLS
     return settings if max_call_tokens is None else replace(settings, max_call_tokens=max_call_tokens)
 
 
@@ -282,10 +291,11 @@ def prepare_repository(
     device: str = "cpu",
     limits: Limits = DEFAULT_LIMITS,
     safety: SafetySettings | None = None,
+    fast: FastPath | None = None,
 ) -> Path:
     """`bls` overrides the BLS settings the backend gets by default (`bls_settings`); `device` places the `pytorch`
     components and the `mllm` model (`auto`: CUDA when present); `safety` adds the output-image classifier (off
-    when None)."""
+    when None); `fast` is the `pytorch` transformer's fast path (default: the device's, FastPath.default_for)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if precision in NOT_IMPLEMENTED:
@@ -295,17 +305,22 @@ def prepare_repository(
         check_dtype(where, TORCH_DTYPES[precision])  # e.g. bf16 on a GPU without it: refused before Triton starts
     if backend in PRECISIONS and precision not in PRECISIONS[backend]:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
-    if backend == "tensorrt":
-        require_tensorrt()  # TensorRT and a GPU, before an ONNX export that could not be used here
+    platform = engine_platform() if backend == "tensorrt" else {}  # TensorRT and a GPU, before an ONNX export
     verify_checkpoint(checkpoint)  # before anything is written or served
     source_hash = checkpoint_hash(checkpoint)
     served_by = served_name(backend, precision)
-    bls = bls or bls_settings(backend, precision)
+    bls = bls or bls_settings(backend, precision, device=device)
+    if backend == "pytorch":
+        fast = fast or FastPath.default_for(where, TORCH_DTYPES[precision])
     if backend in ("onnxruntime", "pytorch"):  # the Python transformer components keep step-cache state
         bls = replace(bls, step_cache_value_bytes=2 if backend == "pytorch" and precision == "bf16" else 4)
     extra = {"bls": asdict(bls), "device": where.type, "limits": asdict(limits)} | (
         {"precision": precision} if backend in PRECISIONS else {}
     )
+    if backend == "pytorch" and fast is not None:
+        extra["fast_path"] = fast.to_params()
+    if platform:  # engines fit one GPU model and TensorRT version: another one rebuilds them
+        extra["engines"] = platform
     if safety is not None:
         extra["safety"] = asdict(safety) | {"graph": hashlib.sha256(nudenet_graph().read_bytes()).hexdigest()}
     key = repository_key(source_hash, backend, extra)
@@ -350,7 +365,8 @@ def prepare_repository(
                 assert engine_dir is not None
                 shutil.copyfile(engine_dir / f"{name}.plan", version_dir / "model.plan")
             settings = engine_settings(COMPONENTS[name], engine_shapes[name]) if engine_dir else COMPONENTS[name]
-            config = component_config(name, contract, backend, settings, precision, on_gpu=where.type == "cuda")
+            on_gpu = where.type == "cuda"
+            config = component_config(name, contract, backend, settings, precision, on_gpu, fast)
             (out / name / "config.pbtxt").write_text(text_format.MessageToString(config))
         bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
         copy_processor(checkpoint / "processor", bls_dir / "processor")
@@ -400,8 +416,15 @@ def add_step_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bls_from_args(args: argparse.Namespace) -> BlsSettings:
     """The BLS settings of the backend, with the operator's flags (add_bls_arguments, add_step_cache_arguments)."""
-    settings = bls_settings(args.backend, args.precision, args.max_call_tokens)
+    settings = bls_settings(args.backend, args.precision, args.max_call_tokens, args.device)
     return replace(settings, max_step_cache_mib=args.max_step_cache_mib)
+
+
+def fast_from_args(args: argparse.Namespace, build_dir: Path) -> FastPath | None:
+    """The `pytorch` transformer's fast path from the flags (None for the other backends)."""
+    if args.backend != "pytorch":
+        return None
+    return fast_path_from_args(args, resolve_device(args.device), TORCH_DTYPES[args.precision], build_dir)
 
 
 def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
@@ -438,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     add_bls_arguments(parser)
     add_step_cache_arguments(parser)
     add_safety_arguments(parser)
+    add_fast_path_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bls = bls_from_args(args)
@@ -451,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             bls=bls,
             device=args.device,
             safety=safety_from_args(args),
+            fast=fast_from_args(args, args.onnx_cache.parent),
         )
     except OmniGen2Error as exc:  # a setting or a checkpoint to fix: one line, not a traceback
         sys.exit(f"prepare_repository: {exc}")
