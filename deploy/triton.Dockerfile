@@ -2,10 +2,13 @@
 # Triton with the project's Python models: the NGC release (Triton, its Python and TensorRT backends, CUDA,
 # TensorRT) plus this package with its `model` extra (the BLS, the mllm and component models, the repository
 # generator and the engine builder). The model repository is generated from a checkpoint volume when a pod or
-# container starts (deploy/k8s: the init container; deploy/compose.yaml: the `prepare` service):
+# container starts (deploy/k8s: the init container; deploy/compose.yaml: the `prepare` service), in /models:
 #   python3 -m serving.build.repository --checkpoint /checkpoints/OmniGen2 --out /models/model_repository --backend tensorrt
-# The `tensorrt` backend builds the engines there, on the GPU that will run them. Not built where it was written
-# (no Docker engine there): tests/test_deploy.py checks what matters in it.
+# The `tensorrt` backend exports ONNX graphs and builds the engines from them with export/build_engines.py's library
+# (serving/build/engines.py), on the GPU that will run them, into /models/build/engines (cached by checkpoint, GPU,
+# TensorRT version, precision and profiles: a kept /models volume makes a restart a no-op); the CMD serves the
+# result. `python3 -m serving.stack` run in this image starts its /opt/tritonserver, TensorRT backend included.
+# Not built where it was written (no Docker engine there): tests/test_deploy.py checks what matters in it.
 #   docker build -f deploy/triton.Dockerfile -t omnigen2/triton:0.1.0 .
 
 FROM nvcr.io/nvidia/tritonserver:25.11-py3
@@ -23,10 +26,12 @@ COPY export/ export/
 COPY benchmarks/ benchmarks/
 # The Python backend's stub runs the image's python3, so the packages go into its site-packages. The TensorRT
 # Python bindings must match the libnvinfer Triton's tensorrt backend loads: the version is read from the image.
+# The last step fails the build if the launcher would not find this Triton with its TensorRT backend.
 RUN python3 -m pip install --extra-index-url "${TORCH_INDEX}" ./client '.[model]' \
     && trt="$(ls /usr/lib/*-linux-gnu/libnvinfer.so.10.*.* | head -n1 | sed 's/.*libnvinfer\.so\.//')" \
     && python3 -m pip install "tensorrt-cu${CUDA_VERSION%%.*}==${trt}.*" \
-    && python3 -c "import serving.triton.bls, serving.build.engines, tensorrt"
+    && python3 -c "import serving.triton.bls, serving.build.engines, tensorrt" \
+    && python3 -c "from serving.triton.launcher import TritonInstall; TritonInstall.find().require_backend('tensorrt')"
 # The NGC image's unprivileged user (uid 1000); /models is where the generated repository goes (a volume).
 RUN mkdir -p /models && chown 1000:1000 /models
 USER 1000:1000

@@ -6,6 +6,8 @@ their ports and check health over gRPC; and the front end's install leaves the m
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +23,8 @@ from packaging.requirements import Requirement
 
 from serving.frontend.health import LIVENESS, SERVICE
 from serving.frontend.metrics import Metrics
+from serving.triton.launcher import TRITONSERVER_ENV
+from tests.test_triton_install import fake_install
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -140,7 +144,11 @@ def test_gpu_overlay_asks_for_a_gpu_and_builds_engines() -> None:
     pod = deployment["spec"]["template"]["spec"]
     for c in (container(pod, "triton"), container(pod, "prepare-repository", init=True)):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert env(container(pod, "prepare-repository", init=True))["OMNIGEN2_BACKEND"] == "tensorrt"
+    prepare = container(pod, "prepare-repository", init=True)
+    assert env(prepare)["OMNIGEN2_BACKEND"] == "tensorrt"
+    # Engines land under the working directory (build/engines) on the volume Triton serves the repository from.
+    assert {"name": "models", "mountPath": prepare["workingDir"]} in prepare["volumeMounts"]
+    assert env(container(pod, "triton"))["MODEL_REPOSITORY"] == flag(prepare["command"], "--out")
 
 
 def test_s3_overlay_lets_triton_read_the_repository() -> None:
@@ -218,6 +226,42 @@ def _closure(requirements: list[Requirement]) -> set[str]:
             if child.marker is None or any(child.marker.evaluate(e) for e in environments):
                 todo.append((child, frozenset(child.extras)))
     return {key.split("[")[0] for key in seen}
+
+
+def flag(command: list[str], name: str) -> str:
+    (value,) = [arg.split("=", 1)[1] for arg in command if arg.startswith(f"{name}=")]
+    return value
+
+
+def test_the_triton_image_serves_what_the_gpu_prepare_step_builds() -> None:
+    """compose.gpu.yaml generates the `tensorrt` repository on a GPU (engines and ONNX cache under /models/build, on
+    the kept `models` volume); the image's CMD serves that repository."""
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]
+    prepare = gpu["prepare"]["command"]
+    assert prepare[:3] == ["python3", "-m", "serving.build.repository"] and flag(prepare, "--backend") == "tensorrt"
+    for name in ("prepare", "triton"):
+        (device,) = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"]
+    assert services["prepare"]["working_dir"] == "/models" and "models:/models" in services["prepare"]["volumes"]
+    (cmd,) = [args for kind, args in dockerfile("triton.Dockerfile") if kind == "CMD"]
+    assert f"--model-repository={flag(prepare, '--out')}" in json.loads(cmd)
+
+
+@pytest.mark.parametrize("backends", [("tensorrt",), ()])
+def test_the_triton_image_build_fails_without_a_tensorrt_backend(tmp_path: Path, backends: tuple[str, ...]) -> None:
+    """The image's build runs the launcher's own check against its Triton: run here against a fake install in
+    Triton's layout, with and without the backend."""
+    (check,) = [
+        code
+        for kind, args in dockerfile("triton.Dockerfile")
+        if kind == "RUN"
+        for code in re.findall(r'python3 -c "([^"]+)"', args)
+        if "require_backend" in code
+    ]
+    environ = os.environ | {TRITONSERVER_ENV: str(fake_install(tmp_path / "opt-tritonserver", backends))}
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=environ, capture_output=True, text=True)
+    assert (done.returncode == 0) == bool(backends), done.stderr
 
 
 def test_compose_runs_the_pair_over_loopback() -> None:
