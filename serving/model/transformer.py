@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from serving.model.config import TransformerConfig
 from serving.model.weights import load_weights, weight_files
@@ -43,8 +44,26 @@ def joint_mask(text_mask: torch.Tensor, ref_mask: torch.Tensor, img_mask: torch.
 
 def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) bool key mask -> additive (B, 1, 1, L) bias."""
-    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, MASK_BIAS)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, MASK_BIAS)
     return bias[:, None, None, :]
+
+
+# How attention skips padded keys (serving/runtime/fast_path.py chooses): `dense` adds a (B, 1, 1, L) bias and
+# repeats the key/value heads, as the reference and the exported graphs do; `sdpa` gives the kernel no mask at all
+# when no key of the call is padded (so flash / cuDNN kernels qualify) and the grouped heads as they are; `flex`
+# hands padded calls to FlexAttention as a block mask, which skips the padded blocks instead of adding -1e4 to them.
+ATTENTION_MODES = ("dense", "sdpa", "flex")
+KeyMask = torch.Tensor | BlockMask | None  # a bias, a block mask, or nothing to mask
+
+
+def flex_key_mask(mask: torch.Tensor) -> BlockMask:
+    """(B, L) bool key mask -> a FlexAttention block mask for self-attention over those L tokens."""
+    batch, length = mask.shape
+
+    def valid_key(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return mask[b, kv]
+
+    return create_block_mask(valid_key, batch, None, length, length, device=mask.device)
 
 
 class Attention(nn.Module):
@@ -59,20 +78,26 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(self.head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(self.head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * self.head_dim, dim, bias=False)])
+        self.grouped_kernel = False  # the kernel reads the shared key/value heads itself (not in exported graphs)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: KeyMask, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.norm_q(self.to_q(x).view(b, n, self.heads, self.head_dim))
         k = self.norm_k(self.to_k(x).view(b, n, self.kv_heads, self.head_dim))
         v = self.to_v(x).view(b, n, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Query head h reads key/value head h // (heads / kv_heads), as the reference's repeat_interleave.
-        groups = self.heads // self.kv_heads
-        k = k.repeat_interleave(groups, dim=2)
-        v = v.repeat_interleave(groups, dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=self.head_dim**-0.5
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scale = self.head_dim**-0.5
+        if isinstance(mask, BlockMask):
+            out = flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+        elif self.grouped_kernel:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            # Query head h reads key/value head h // (heads / kv_heads), as the reference's repeat_interleave.
+            groups = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        assert isinstance(out, torch.Tensor)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
@@ -123,17 +148,17 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        bias: torch.Tensor,
+        mask: KeyMask,
         cos: torch.Tensor,
         sin: torch.Tensor,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not self.modulated:
-            x = x + self.norm2(self.attn(self.norm1(x), bias, cos, sin))
+            x = x + self.norm2(self.attn(self.norm1(x), mask, cos, sin))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         assert temb is not None
         normed, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)
-        x = x + gate_msa.unsqueeze(1).tanh() * self.norm2(self.attn(normed, bias, cos, sin))
+        x = x + gate_msa.unsqueeze(1).tanh() * self.norm2(self.attn(normed, mask, cos, sin))
         ff = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp.unsqueeze(1)))
         return x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(ff)
 
@@ -165,7 +190,8 @@ class TimeCaptionEmbedding(nn.Module):
 
     def timestep_features(self, timestep: torch.Tensor) -> torch.Tensor:
         half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        steps = torch.arange(half, dtype=torch.float32, device=timestep.device)
+        freqs = torch.exp(-math.log(10000.0) * steps / half)
         angles = (timestep.float()[:, None] * freqs[None, :]) * self.timestep_scale
         return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
@@ -203,6 +229,27 @@ class OmniGen2Transformer(nn.Module):
         self.norm_out = OutputNorm(dim, config.cond_dim, config.patch_size**2 * config.output_channels)
         # One learned embedding per input-image index: the model supports at most 5 reference images.
         self.image_index_embedding = nn.Parameter(torch.zeros(5, dim))
+        self.attention = "dense"
+
+    def blocks(self) -> list[TransformerBlock]:
+        """Every attention block: refiners and main layers (what the fast path compiles, region by region)."""
+        lists = (self.context_refiner, self.noise_refiner, self.ref_image_refiner, self.layers)
+        return [block for blocks in lists for block in blocks if isinstance(block, TransformerBlock)]
+
+    def set_attention(self, mode: str) -> None:
+        """One of ATTENTION_MODES; `dense` (the default) is the only one the ONNX export traces."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
+        self.attention = mode
+        for block in self.blocks():
+            block.attn.grouped_kernel = mode != "dense"
+
+    def key_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> KeyMask:
+        """What attention takes for a (B, L) key mask; None (no key padded) only outside the dense mode."""
+        if mask is None:
+            return None
+        mask = mask.bool()
+        return flex_key_mask(mask) if self.attention == "flex" else key_mask_bias(mask, dtype)
 
     def forward(
         self,
@@ -237,21 +284,21 @@ class OmniGen2Transformer(nn.Module):
     def embed(
         self,
         img_tokens: torch.Tensor,
-        img_mask: torch.Tensor,
+        img_mask: torch.Tensor | None,
         timestep: torch.Tensor,
         text_feats: torch.Tensor,
-        text_mask: torch.Tensor,
+        text_mask: torch.Tensor | None,
         ref_tokens: torch.Tensor,
-        ref_mask: torch.Tensor,
+        ref_mask: torch.Tensor | None,
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and refiners: the joint sequence (B, L, D) the main layers take, and the conditioning."""
+        """Embeddings and refiners: the joint sequence (B, L, D) the main layers take, and the conditioning.
+        A mask may be None where none of its tokens is padding (see `key_mask`)."""
         dtype = self.x_embedder.weight.dtype
         img_tokens, text_feats, ref_tokens = (t.to(dtype) for t in (img_tokens, text_feats, ref_tokens))
         batch, slots, ref_len, _ = ref_tokens.shape
         text_len = text_feats.shape[1]
-        img_mask, text_mask, ref_mask = img_mask.bool(), text_mask.bool(), ref_mask.bool()
 
         temb = self.time_embedding(timestep)
         text = self.time_caption_embed.caption_embedder(text_feats)
@@ -259,24 +306,26 @@ class OmniGen2Transformer(nn.Module):
         text_cos, text_sin = rope_cos[:, :ref_start], rope_sin[:, :ref_start]
         img_cos, img_sin = rope_cos[:, img_start:], rope_sin[:, img_start:]
 
-        text_bias = key_mask_bias(text_mask, dtype)
+        text_bias = self.key_mask(text_mask, dtype)
         for block in self.context_refiner:
             text = block(text, text_bias, text_cos, text_sin)
 
         img = self.x_embedder(img_tokens)
-        img_bias = key_mask_bias(img_mask, dtype)
+        img_bias = self.key_mask(img_mask, dtype)
         for block in self.noise_refiner:
             img = block(img, img_bias, img_cos, img_sin, temb)
 
+        if slots * ref_len == 0:  # no reference at all (a trimmed text-to-image call): nothing to refine
+            return torch.cat([text, img], dim=1), temb
         # Each reference image is refined on its own: fold the slots into the batch axis.
         refs = self.ref_image_patch_embedder(ref_tokens) + self.image_index_embedding[:slots, None, :]
         dim, half = self.config.hidden_size, rope_cos.shape[-1]
         refs = refs.reshape(batch * slots, ref_len, dim)
-        ref_flat_mask = ref_mask.reshape(batch * slots, ref_len)
+        ref_flat_mask = None if ref_mask is None else ref_mask.reshape(batch * slots, ref_len)
         ref_cos = rope_cos[:, ref_start:img_start].reshape(batch * slots, ref_len, half)
         ref_sin = rope_sin[:, ref_start:img_start].reshape(batch * slots, ref_len, half)
         ref_temb = temb[:, None].expand(batch, slots, temb.shape[-1]).reshape(batch * slots, temb.shape[-1])
-        ref_bias = key_mask_bias(ref_flat_mask, dtype)
+        ref_bias = self.key_mask(ref_flat_mask, dtype)
         for block in self.ref_image_refiner:
             refs = block(refs, ref_bias, ref_cos, ref_sin, ref_temb)
         refs = refs.reshape(batch, slots * ref_len, dim)
@@ -292,12 +341,13 @@ class OmniGen2Transformer(nn.Module):
         self,
         hidden: torch.Tensor,
         temb: torch.Tensor,
-        joint_mask: torch.Tensor,
+        joint_mask: torch.Tensor | None,
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
     ) -> torch.Tensor:
-        """The main (joint) layers over [text | refs | image]; `joint_mask` (B, L) marks the valid tokens."""
-        joint_bias = key_mask_bias(joint_mask.bool(), hidden.dtype)
+        """The main (joint) layers over [text | refs | image]; `joint_mask` (B, L) marks the valid tokens (None:
+        all are)."""
+        joint_bias = self.key_mask(joint_mask, hidden.dtype)
         for block in self.layers:
             hidden = block(hidden, joint_bias, rope_cos, rope_sin, temb)
         return hidden

@@ -1,7 +1,8 @@
 """The eager in-process pipeline: the correctness reference and the performance baseline.
 
-Like the reference scripts it runs each CFG branch as its own transformer call; the served stack batches
-branches and requests instead, and is measured against this class.
+Like the reference scripts it runs each CFG branch as its own transformer call (`batch_branches=False`); the
+served stack batches branches and requests instead, and is measured against this class. `batch_branches=True`
+runs all branches of a step in one call, as the BLS does, for in-process measurements of that change alone.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ from serving.pipeline.prompts import PromptTokenizer
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, Limits
 from serving.pipeline.timing import Stopwatch
 from serving.runtime.base import ComponentBackend
+
+if TYPE_CHECKING:
+    from serving.runtime.fast_path import FastPath
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -37,11 +42,18 @@ class GenerationResult:
 
 
 class OmniGen2Pipeline:
-    def __init__(self, tokenizer: PromptTokenizer, backend: ComponentBackend, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        backend: ComponentBackend,
+        limits: Limits = DEFAULT_LIMITS,
+        batch_branches: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
         self.spec = backend.spec
         self.limits = limits
+        self.batch_branches = batch_branches
 
     @classmethod
     def from_pretrained(
@@ -50,18 +62,21 @@ class OmniGen2Pipeline:
         limits: Limits = DEFAULT_LIMITS,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        fast: FastPath | None = None,
+        batch_branches: bool = False,
     ) -> OmniGen2Pipeline:
         """PyTorch components from a checkpoint in the official layout, weights in `dtype` (bf16 as served) on
-        `device` (`auto`: CUDA when present). Latents, noise and the solver stay on the CPU in float32, as the
-        contract says, so a seed gives the same noise on any device."""
+        `device` (`auto`: CUDA when present), the transformer on the `fast` path (default: the reference's way).
+        Latents, noise and the solver stay on the CPU in float32, as the contract says, so a seed gives the same
+        noise on any device."""
         from serving.model.devices import check_dtype, resolve_device
         from serving.runtime.torch_backend import TorchBackend
 
         checkpoint = Path(checkpoint)
         where = resolve_device(device)
         check_dtype(where, dtype)
-        backend = TorchBackend.from_checkpoint(checkpoint, dtype, where)
-        return cls(PromptTokenizer.from_dir(checkpoint / "processor"), backend, limits)
+        backend = TorchBackend.from_checkpoint(checkpoint, dtype, where, fast)
+        return cls(PromptTokenizer.from_dir(checkpoint / "processor"), backend, limits, batch_branches)
 
     @classmethod
     def from_onnx(cls, export_dir: Path | str, limits: Limits = DEFAULT_LIMITS, threads: int = 0) -> OmniGen2Pipeline:
@@ -100,8 +115,15 @@ class OmniGen2Pipeline:
                 samples = denoiser.samples()
                 velocities: list[torch.Tensor] = []
                 # Like the reference: one transformer call per CFG branch (the served stack batches them all).
-                for branch in dict.fromkeys(s.branch for s in samples):
-                    rows = [s for s in samples if s.branch == branch]
+                groups = (
+                    [samples]
+                    if self.batch_branches
+                    else [
+                        [s for s in samples if s.branch == branch]
+                        for branch in dict.fromkeys(s.branch for s in samples)
+                    ]
+                )
+                for rows in groups:
                     packed = pack_samples(rows, spec)
                     velocity, stats = backend.transformer_cached(packed.as_inputs(), [s.cache for s in rows])
                     passes += stats.main_layer_rows

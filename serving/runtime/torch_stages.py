@@ -1,39 +1,78 @@
 """The transformer module's stages in PyTorch: step caching's `Stages` for the eager pipeline and the PyTorch
 component. Hidden states stay on the model's device and in its dtype between stages (and in the cache state:
-bf16 weights keep bf16 state); inputs and the velocity keep the float32 CPU tensor contract."""
+bf16 weights keep bf16 state); inputs and the velocity keep the float32 CPU tensor contract. The fast path
+(serving/runtime/fast_path.py) is applied here: padding trimmed, masks dropped where nothing is padded."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from serving.model.transformer import OmniGen2Transformer, joint_mask
-from serving.pipeline.step_cache import PACKED_INPUTS
+from serving.pipeline.step_cache import UNCACHED, CacheStore, cached_transformer
+from serving.runtime.fast_path import FastPath, configure, trim_padding, warmup_inputs
 
 
 class TorchStages:
-    def __init__(self, model: OmniGen2Transformer) -> None:
+    def __init__(self, model: OmniGen2Transformer, fast: FastPath | None = None) -> None:
         self.model = model
+        self.fast = fast or FastPath.off()
         self.device = next(model.parameters()).device
+        configure(model, self.fast)
+
+    def prepare(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Called once per transformer call, before its stages."""
+        if self.fast.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last call's graph outputs were copied out
+        return trim_padding(inputs) if self.fast.trim_padding else inputs
+
+    def _cpu_rows(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor:
+        tensor = torch.as_tensor(inputs[name])
+        return tensor if rows == list(range(len(tensor))) else tensor[rows]
 
     def _rows(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor:
-        tensor = torch.as_tensor(inputs[name])
-        return (tensor if rows == list(range(len(tensor))) else tensor[rows]).to(self.device)
+        return self._cpu_rows(inputs, name, rows).to(self.device)
 
-    def _masks(self, inputs: Mapping[str, Any], rows: list[int]) -> torch.Tensor:
-        return joint_mask(*(self._rows(inputs, name, rows) for name in ("text_mask", "ref_mask", "img_mask")))
+    def _unpadded(self, mask: torch.Tensor) -> bool:
+        """Whether attention may go without this (CPU) mask: nothing padded, and a mode that allows it."""
+        return self.model.attention != "dense" and bool(mask.all())
+
+    def _mask(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor | None:
+        mask = self._cpu_rows(inputs, name, rows)
+        return None if self._unpadded(mask) else mask.to(self.device)
+
+    def _joint(self, inputs: Mapping[str, Any], rows: list[int]) -> torch.Tensor:
+        return joint_mask(*(self._cpu_rows(inputs, name, rows) for name in ("text_mask", "ref_mask", "img_mask")))
 
     def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
-        return self.model.embed(*(self._rows(inputs, name, rows) for name in PACKED_INPUTS))
+        def tensor(name: str) -> torch.Tensor:
+            return self._rows(inputs, name, rows)
+
+        def mask(name: str) -> torch.Tensor | None:
+            return self._mask(inputs, name, rows)
+
+        return self.model.embed(
+            tensor("img_tokens"),
+            mask("img_mask"),
+            tensor("timestep"),
+            tensor("text_feats"),
+            mask("text_mask"),
+            tensor("ref_tokens"),
+            mask("ref_mask"),
+            tensor("rope_cos"),
+            tensor("rope_sin"),
+        )
 
     def modulate(self, hidden: Any, temb: Any) -> Any:
         return self.model.modulate(hidden, temb)
 
     def layers(self, hidden: Any, temb: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
         cos, sin = self._rows(inputs, "rope_cos", rows), self._rows(inputs, "rope_sin", rows)
-        return self.model.run_layers(hidden, temb, self._masks(inputs, rows), cos, sin)
+        mask = self._joint(inputs, rows)
+        return self.model.run_layers(hidden, temb, None if self._unpadded(mask) else mask.to(self.device), cos, sin)
 
     def head(self, hidden_img: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
         temb = self.model.time_embedding(self._rows(inputs, "timestep", rows))
@@ -52,7 +91,34 @@ class TorchStages:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
     def joint_mask(self, inputs: Mapping[str, Any], row: int) -> Any:
-        return self._masks(inputs, [row])[0]
+        return self._joint(inputs, [row])[0].to(self.device)
 
     def image_count(self, inputs: Mapping[str, Any], row: int) -> int:
         return int(torch.as_tensor(inputs["img_mask"][row]).sum())
+
+
+# Calls a request makes at each warmed size: one branch alone, two CFG branches, an edit's three with a reference.
+WARMUP_CALLS = ((1, 0), (2, 0), (3, 1))
+
+
+@torch.no_grad()
+def warm_up(stages: TorchStages) -> dict[str, float]:
+    """Compile (or load from the disk cache) and, with CUDA graphs, record the calls of the warm-up sizes, so the
+    first requests do not pay for it. Returns what the load report shows."""
+    fast = stages.fast
+    if not fast.compile:
+        return {}
+    started = time.perf_counter()
+    store = CacheStore()
+    # A CUDA graph is recorded on a shape's second run and replayed from its third.
+    repeats = 3 if fast.cuda_graphs and stages.device.type == "cuda" else 1
+    calls = 0
+    for width, height in fast.warmup:
+        for batch, refs in WARMUP_CALLS:
+            inputs = warmup_inputs(stages.model, width, height, batch, refs)
+            for _ in range(repeats):
+                cached_transformer(stages, stages.prepare(inputs), [UNCACHED] * batch, store)
+                calls += 1
+    if stages.device.type == "cuda":
+        torch.cuda.synchronize(stages.device)
+    return {"warmup_seconds": time.perf_counter() - started, "warmup_calls": float(calls)}

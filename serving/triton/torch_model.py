@@ -9,6 +9,7 @@ the float32 tensor contract.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch
 from serving.model.checkpoint import load_graph
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.step_cache import CacheStore, controls_of
+from serving.runtime.fast_path import FastPath
 from serving.runtime.torch_backend import run_graph, transformer_call
-from serving.runtime.torch_stages import TorchStages
-from serving.triton.component_model import ComponentModel
+from serving.runtime.torch_stages import TorchStages, warm_up
+from serving.triton.component_model import ComponentModel, log
 from serving.triton.tensors import from_triton, instance_placement, to_triton
 
 
@@ -27,14 +29,28 @@ class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         # Inputs and outputs stay float32 CPU tensors whatever the device (run_graph moves them).
+        started = time.perf_counter()
         device, dtype = instance_placement(args, self.params["precision"])
-        self.graph = load_graph(args["model_name"], self.version_dir, dtype, device)
-        # The transformer keeps the step-cache state of the requests in flight (serving/pipeline/step_cache.py).
-        self.stages = TorchStages(self.graph) if isinstance(self.graph, OmniGen2Transformer) else None
-        self.step_cache = CacheStore()
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
+        self.graph = load_graph(args["model_name"], self.version_dir, dtype, device)
+        # The transformer keeps the step-cache state of the requests in flight (serving/pipeline/step_cache.py),
+        # and takes the fast path its parameters name (compiled and warmed now, before the model is ready).
+        self.stages = None
+        if isinstance(self.graph, OmniGen2Transformer):
+            fast = FastPath.from_params(self.params)
+            self.stages = TorchStages(self.graph, fast)
+            report = warm_up(self.stages)
+            log.info(
+                "%s on %s: loaded in %.1f s (fast path %s; warm-up %s)",
+                args["model_name"],
+                device,
+                time.perf_counter() - started,
+                fast.to_params(),
+                report or "none",
+            )
+        self.step_cache = CacheStore()
 
     def to_array(self, tensor: Any) -> np.ndarray:
         return from_triton(tensor).numpy()

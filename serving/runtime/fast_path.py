@@ -1,0 +1,213 @@
+"""The PyTorch transformer's fast path: what `--backend pytorch --precision bf16 --device cuda` turns on.
+
+Each mechanism is a switch of its own, so `make ablations` and the GPU check can measure it alone:
+- `trim_padding`: a call drops the text, reference-slot and reference-token columns that are padding in every one
+  of its rows, before anything runs. A single-row call then has no padded key at all.
+- `attention` (serving/model/transformer.py, ATTENTION_MODES): `sdpa` passes no mask where no key is padded, which
+  lets SDPA pick its flash or cuDNN kernels, and the grouped key/value heads as they are; `flex` also hands the
+  calls that do have padding (CFG branches with prompts of different lengths) to FlexAttention as a block mask.
+- `compile`: every attention block is compiled (torch.compile, regional: one block's code serves all of them)
+  with dynamic shapes, so a new prompt length or resolution does not compile again; `cuda_graphs` adds CUDA graph
+  replay (torch.compile's `reduce-overhead`). The compilation happens at load time, over `warmup` resolutions,
+  and Inductor's cache lives in `cache_dir`, so a restart reuses it.
+The exported graphs keep the dense attention: the fast path is PyTorch's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._dynamo import config as dynamo_config
+
+from serving.errors import SettingError
+from serving.model.transformer import ATTENTION_MODES, OmniGen2Transformer
+
+# Warmed at load when compiling: the official default, and the usual square sizes below it.
+DEFAULT_WARMUP = ((1024, 1024), (768, 768), (512, 512))
+WARMUP_TEXT = 128  # tokens of a typical templated prompt; other lengths reuse the dynamic-shape kernels
+# Each mask kind, batch of 1 or more, and block type is a graph of its own: far more than dynamo's default of 8
+# per function, past which it would silently run the blocks eagerly.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class FastPath:
+    attention: str = "dense"
+    trim_padding: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+    warmup: tuple[tuple[int, int], ...] = ()
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise SettingError("attention", f"{self.attention!r} is not one of {', '.join(ATTENTION_MODES)}")
+        if self.cuda_graphs and not self.compile:
+            raise SettingError("cuda_graphs", "CUDA graphs come with compilation: turn --compile on as well")
+
+    @classmethod
+    def off(cls) -> FastPath:
+        """The reference's way: dense masks, padded shapes as packed, no compilation."""
+        return cls()
+
+    @classmethod
+    def default_for(cls, device: torch.device, dtype: torch.dtype) -> FastPath:
+        """Everything on for bf16 on a GPU; elsewhere the reference's way (compiling for the CPU pays only on
+        long runs, and the CPU tests hold the eager path to the golden outputs)."""
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            return cls("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=DEFAULT_WARMUP)
+        return cls.off()
+
+    def to_params(self) -> dict[str, str]:
+        """As Triton model-config parameters (string values), read back by `from_params`."""
+        return {
+            "attention": self.attention,
+            "trim_padding": str(int(self.trim_padding)),
+            "compile": str(int(self.compile)),
+            "cuda_graphs": str(int(self.cuda_graphs)),
+            "warmup": format_resolutions(self.warmup),
+            "compile_cache_dir": str(self.cache_dir or ""),
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> FastPath:
+        """A model's parameters -> its fast path; a model configured without one runs the reference's way."""
+        if "attention" not in params:
+            return cls.off()
+        return cls(
+            attention=params["attention"],
+            trim_padding=params.get("trim_padding") == "1",
+            compile=params.get("compile") == "1",
+            cuda_graphs=params.get("cuda_graphs") == "1",
+            warmup=parse_resolutions(params.get("warmup", "")),
+            cache_dir=Path(params["compile_cache_dir"]) if params.get("compile_cache_dir") else None,
+        )
+
+
+def format_resolutions(resolutions: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{w}x{h}" for w, h in resolutions)
+
+
+def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """'1024x1024,768x1344' -> ((1024, 1024), (768, 1344)); '' -> ()."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            width, height = (int(side) for side in item.lower().split("x"))
+        except ValueError:
+            raise SettingError("warmup_resolutions", f"{item!r} is not WIDTHxHEIGHT") from None
+        if width <= 0 or height <= 0:
+            raise SettingError("warmup_resolutions", f"{item!r}: sides must be positive")
+        out.append((width, height))
+    return tuple(out)
+
+
+def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("PyTorch fast path (defaults: all on for --device cuda with bf16, else off)")
+    group.add_argument("--attention", choices=ATTENTION_MODES, default=None, help="how attention skips padding")
+    group.add_argument("--trim-padding", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument(
+        "--warmup-resolutions",
+        default=None,
+        help=f"WxH,... compiled and warmed at load (default {format_resolutions(DEFAULT_WARMUP)} when compiling)",
+    )
+    group.add_argument("--compile-cache-dir", type=Path, default=None, help="Inductor's cache (default: build dir)")
+
+
+def fast_path_from_args(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, build_dir: Path
+) -> FastPath:
+    """The device's default fast path with the flags given on top of it."""
+    base = FastPath.default_for(device, dtype)
+    chosen: dict[str, Any] = {
+        "attention": args.attention,
+        "trim_padding": args.trim_padding,
+        "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
+    }
+    fast = replace(base, **{key: value for key, value in chosen.items() if value is not None})
+    if args.compile is False and args.cuda_graphs is None:
+        fast = replace(fast, cuda_graphs=False)
+    if args.warmup_resolutions is not None:
+        fast = replace(fast, warmup=parse_resolutions(args.warmup_resolutions))
+    elif fast.compile and not fast.warmup:
+        fast = replace(fast, warmup=DEFAULT_WARMUP)
+    if fast.compile:
+        fast = replace(fast, cache_dir=(args.compile_cache_dir or build_dir / "torch-compile").resolve())
+    return fast
+
+
+def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
+    """Set the attention mode and wrap every block in torch.compile (compiled on first use: see `warm_up`)."""
+    model.set_attention(fast.attention)
+    if not fast.compile:
+        return
+    if fast.cache_dir is not None:
+        fast.cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(fast.cache_dir)  # read when Inductor first writes
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    mode = "reduce-overhead" if fast.cuda_graphs else None
+    for block in model.blocks():
+        block.compile(dynamic=True, fullgraph=True, mode=mode)
+
+
+def trim_padding(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Packed inputs without the columns that are padding in every row: text past the longest prompt, reference
+    slots no row uses, reference tokens past the longest reference. Valid tokens come first in each row and slot
+    (serving/pipeline/packing.py) and keep their RoPE rows, so the result is the same arithmetic on fewer tokens.
+    Image tokens stay: the velocity keeps the packed shape."""
+    text_mask = torch.as_tensor(inputs["text_mask"]).bool()
+    ref_mask = torch.as_tensor(inputs["ref_mask"]).bool()
+    text_len, (slots, ref_len) = text_mask.shape[1], ref_mask.shape[1:]
+    text_keep = int(text_mask.sum(1).max())
+    used = ref_mask.any(dim=2).any(dim=0).nonzero()
+    slots_keep = int(used.max()) + 1 if len(used) else 0
+    ref_keep = int(ref_mask.sum(2).max()) if slots_keep else 0
+    if (text_keep, slots_keep, ref_keep) == (text_len, slots, ref_len):
+        return dict(inputs)
+    img_start = text_len + slots * ref_len
+    img_len = torch.as_tensor(inputs["rope_cos"]).shape[1] - img_start
+    ref_positions = text_len + (torch.arange(slots_keep)[:, None] * ref_len + torch.arange(ref_keep)).flatten()
+    positions = torch.cat([torch.arange(text_keep), ref_positions, img_start + torch.arange(img_len)])
+    out = dict(inputs)
+    out["text_feats"] = torch.as_tensor(inputs["text_feats"])[:, :text_keep]
+    out["text_mask"] = text_mask[:, :text_keep]
+    out["ref_tokens"] = torch.as_tensor(inputs["ref_tokens"])[:, :slots_keep, :ref_keep]
+    out["ref_mask"] = ref_mask[:, :slots_keep, :ref_keep]
+    for name in ("rope_cos", "rope_sin"):
+        out[name] = torch.as_tensor(inputs[name])[:, positions]
+    return out
+
+
+def warmup_inputs(
+    model: OmniGen2Transformer, width: int, height: int, batch: int, refs: int, vae_scale: int = 8
+) -> dict[str, torch.Tensor]:
+    """Packed inputs of the shapes a request at this size makes (values do not matter): `batch` rows whose
+    prompts differ in length when there are several, as CFG branches' do, each with `refs` full references."""
+    config = model.config
+    img_len = (height // vae_scale // config.patch_size) * (width // vae_scale // config.patch_size)
+    half = sum(config.axes_dim_rope) // 2
+    text_mask = torch.ones(batch, WARMUP_TEXT, dtype=torch.bool)
+    for row in range(1, batch):
+        text_mask[row, WARMUP_TEXT - 16 * row :] = False
+    total = WARMUP_TEXT + refs * img_len + img_len
+    return {
+        "img_tokens": torch.randn(batch, img_len, config.patch_dim),
+        "img_mask": torch.ones(batch, img_len, dtype=torch.bool),
+        "timestep": torch.full((batch,), 0.5),
+        "text_feats": torch.randn(batch, WARMUP_TEXT, config.text_feat_dim),
+        "text_mask": text_mask,
+        "ref_tokens": torch.randn(batch, refs, img_len, config.patch_dim),
+        "ref_mask": torch.ones(batch, refs, img_len, dtype=torch.bool),
+        "rope_cos": torch.ones(batch, total, half),
+        "rope_sin": torch.zeros(batch, total, half),
+    }
