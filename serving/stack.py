@@ -22,6 +22,7 @@ from serving.build.repository import (
     add_safety_arguments,
     add_step_cache_arguments,
     bls_from_args,
+    fast_from_args,
     prepare_repository,
     safety_from_args,
 )
@@ -29,6 +30,7 @@ from serving.errors import OmniGen2Error
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.model.devices import DEVICES
+from serving.runtime.fast_path import add_fast_path_arguments
 from serving.triton.launcher import Ports, TritonInstall, TritonServer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     add_bls_arguments(parser)
     add_step_cache_arguments(parser)
     add_safety_arguments(parser)
+    add_fast_path_arguments(parser)
     args, frontend_args = parser.parse_known_args(argv)
     if args.backend == "tensorrt":  # refused at once, not after an ONNX export and an engine build
         TritonInstall.find().require_backend("tensorrt")
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         limits=frontend.limits,
         safety=safety_from_args(args),
+        fast=fast_from_args(args, args.build_dir),
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
