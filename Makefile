@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
 
-.PHONY: install proto test lint typecheck unit browser serve demo bench ablations clean
+.PHONY: install proto test lint typecheck unit browser serve demo bench ablations gpu-check clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,17 @@ bench: $(STAMP)
 ablations: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.ablations $(BENCH_ARGS)
+
+# The GPU check (benchmarks/README.md). Here: the wheels and files the GPU machine lacks into .whl/ and .gpu-check/
+# (git-ignored, 64 MiB with the tree at most), then the device command to run there and what it carries.
+# SMOKE=1 runs the check itself on this CPU with the tiny model instead (tests/test_gpu_check.py does too).
+gpu-check: $(STAMP) $(STUBS)
+ifeq ($(SMOKE),1)
+	$(PY) -m benchmarks.gpu_check --smoke --out build/gpu-check/smoke --work build/gpu-check/smoke-work \
+		--processor $(GOLDEN)/tiny-omnigen2/processor
+else
+	$(PY) -m benchmarks.gpu_carry
+endif
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

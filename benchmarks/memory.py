@@ -42,3 +42,36 @@ class PeakMemory:
     ) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class GpuPeakMemory:
+    """`with GpuPeakMemory() as peak: ...` then `peak.bytes`: the most memory in use on GPU 0 by every process on it
+    (Triton's stubs are processes of their own), sampled in the background; None without a GPU."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        import torch
+
+        self.bytes: int | None = 0 if torch.cuda.is_available() else None
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info(0)
+            self.bytes = max(self.bytes or 0, total - free)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> GpuPeakMemory:
+        if self.bytes is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -1,0 +1,185 @@
+"""`make gpu-check` on the dev machine: what the GPU check needs beside the tree, and the one command to run there.
+
+    python -m benchmarks.gpu_carry
+
+The GPU machine (Python 3.12, torch, transformers; no diffusers, tritonclient or tritonserver; no network) gets
+the pinned wheels it lacks in `.whl/` and the tokenizer files in `.gpu-check/`, both git-ignored and carried with
+the tree, which may not pass 64 MiB in all. nvidia-pytriton is trimmed to the one Python-backend stub that runs
+there (3.12): the other stubs and the libpython the 3.13 one brings are 16 MB of the 55. The generated gRPC stubs
+are git-ignored too, so they are carried as files. Prints the device command, its `carry` list and a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from serving.model.checkpoint import copy_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEELS = ROOT / ".whl"
+CARRIED = ROOT / ".gpu-check"
+DOWNLOADS = ROOT / "build" / "gpu-check" / "downloads"
+PROCESSOR = ROOT.parent / "shared" / "golden" / "tiny-omnigen2" / "processor"
+STUBS = ("client/omnigen2/v1/omnigen2_pb2.py", "client/omnigen2/v1/omnigen2_pb2_grpc.py")
+LIMIT = 64 * 2**20  # what may travel to the device machine: tree + carried paths
+DEVICE_PYTHON = "3.12"
+PLATFORMS = (
+    "manylinux_2_35_x86_64",  # nvidia-pytriton's
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
+# Pinned in pyproject.toml: the server side the GPU image lacks, and grpcio/protobuf at the versions the generated
+# stubs and grpcio's health/reflection packages were made for (the image's own may be older).
+PINNED = (
+    "nvidia-pytriton",
+    "diffusers",
+    "tritonclient",
+    "grpcio",
+    "grpcio-status",
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "protobuf",
+)
+# Imported by those and absent from the GPU image, not pinned in pyproject.toml: the dev environment's versions.
+UNPINNED = {"googleapis-common-protos": "1.76.0", "python-rapidjson": "1.25"}
+TIMEOUT_S = 540  # gpu_check's own total (TOTAL_S) plus the install and the interpreter's start
+
+
+def pins() -> dict[str, str]:
+    """name -> version for every `==` pin in pyproject.toml's dependency lists."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found: dict[str, str] = {}
+    for entry in [*project["dependencies"], *(e for group in project["optional-dependencies"].values() for e in group)]:
+        requirement = Requirement(entry)
+        specs = list(requirement.specifier)
+        if len(specs) == 1 and specs[0].operator == "==":
+            found[requirement.name.lower()] = specs[0].version
+    return found
+
+
+def wanted() -> dict[str, str]:
+    pinned = pins()
+    missing = [name for name in PINNED if name not in pinned]
+    if missing:
+        raise SystemExit(f"pyproject.toml no longer pins {', '.join(missing)}")
+    return {name: pinned[name] for name in PINNED} | UNPINNED
+
+
+def download(versions: dict[str, str]) -> list[Path]:
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+    subprocess.run(
+        [
+            sys.executable,
+            *("-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"),
+            *("--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms),
+            *("-d", str(DOWNLOADS)),
+            *(f"{name}=={version}" for name, version in versions.items()),
+        ],
+        check=True,
+    )
+    wheels = []
+    for name, version in versions.items():
+        stem = f"{name.replace('-', '_')}-{version}-".lower()
+        matches = [p for p in DOWNLOADS.glob("*.whl") if p.name.lower().startswith(stem)]
+        if len(matches) != 1:
+            raise SystemExit(f"expected one wheel of {name}=={version} in {DOWNLOADS}, found {len(matches)}")
+        wheels.append(matches[0])
+    return wheels
+
+
+def _dropped(member: str) -> bool:
+    """nvidia-pytriton's files that the GPU machine's Python never loads."""
+    stubs = "pytriton/tritonserver/python_backend_stubs/"
+    if member.startswith(stubs):
+        return not member.startswith(f"{stubs}{DEVICE_PYTHON}/")
+    return member.startswith("nvidia_pytriton.libs/libpython3")  # linked by the 3.13 stub only
+
+
+def trim_pytriton(source: Path, target: Path) -> None:
+    """The wheel without `_dropped` files; RECORD lists what is left, so pip installs it as any other."""
+    with zipfile.ZipFile(source) as whole, zipfile.ZipFile(target, "w") as trimmed:
+        for info in whole.infolist():
+            if _dropped(info.filename):
+                continue
+            data = whole.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if not _dropped(line.split(",", 1)[0])).encode()
+            trimmed.writestr(info, data)  # the entry's own compression and mode bits (executables stay executable)
+
+
+def carried_bytes(paths: list[str]) -> int:
+    total = 0
+    for relative in paths:
+        path = ROOT / relative
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        total += sum(f.stat().st_size for f in files)
+    return total
+
+
+def tree_bytes() -> int:
+    """Tracked files and untracked ones git does not ignore: what travels without `carry`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    paths = [ROOT / name.decode() for name in listed if name]
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def device_command() -> str:
+    install = (
+        "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+        ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
+    )
+    check = "python3 -m benchmarks.gpu_check --out $OUT --processor .gpu-check/processor 2>&1 | tee $OUT/check.log"
+    return f"set -o pipefail; {install} {check}"
+
+
+def main() -> None:
+    for stub in STUBS:
+        if not (ROOT / stub).is_file():
+            raise SystemExit(f"{stub} missing: run `make proto` first")
+    wheels = download(wanted())
+    shutil.rmtree(WHEELS, ignore_errors=True)
+    WHEELS.mkdir()
+    for wheel in wheels:
+        if wheel.name.startswith("nvidia_pytriton-"):
+            trim_pytriton(wheel, WHEELS / wheel.name)
+        else:
+            shutil.copyfile(wheel, WHEELS / wheel.name)
+    shutil.rmtree(CARRIED, ignore_errors=True)
+    copy_processor(PROCESSOR, CARRIED / "processor")
+
+    carry = [WHEELS.name, CARRIED.name, *STUBS]
+    tree, carried = tree_bytes(), carried_bytes(carry)
+    for wheel in sorted(WHEELS.iterdir()):
+        print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  .whl/{wheel.name}")
+    mib = (tree + carried) / 2**20
+    print(f"tree {tree / 2**20:.2f} MiB + carried {carried / 2**20:.2f} MiB = {mib:.2f} MiB of {LIMIT / 2**20:.0f}")
+    if tree + carried > LIMIT:
+        raise SystemExit(f"over the device machine's {LIMIT / 2**20:.0f} MiB: carry less")
+    command = device_command()
+    if len(command) > 2000:
+        raise SystemExit(f"the device command is {len(command)} characters, over 2000")
+    print("\nIn a session with a GPU machine, call the device tool's `run` with:")
+    print(json.dumps({"command": command, "carry": carry, "timeout_s": TIMEOUT_S}, indent=2))
+    print("then copy $OUT's files to benchmarks/results/gpu-h100/ and name the reply's machine (benchmarks/README.md).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""`make gpu-check`: the full-size model on one GPU, in process and served, in one run of at most 8 minutes.
+
+    python -m benchmarks.gpu_check --out DIR [--processor DIR]   # on the GPU machine (`make gpu-check` prints how)
+    python -m benchmarks.gpu_check --out DIR --smoke             # the same stages on the CPU, tiny model (CI)
+    python -m benchmarks.gpu_check --render DIR --device-reply "one NVIDIA H100 GPU ..."   # name the machine
+
+Stages, each with a wall-clock budget (BUDGETS); results.json and results.md are rewritten after every one, so a
+stage that fails or runs out of time still leaves what the others measured:
+  probe            GPU, driver, torch/CUDA, which SDPA kernels run the model's attention shape, tritonserver starts
+  build            the full-size random model straight on the GPU in bf16 (no checkpoint read)
+  checkpoint       that model written to local disk, for the served stack
+  reference_*      (a) the reference's way: each CFG branch a transformer pass of its own, dense masks
+  batched_*        (b) this project's: every branch of a step in one call, SDPA without padding masks
+  compiled_*       (c) (b) compiled per block with CUDA graphs: the served default on a GPU (`_load` = compiling)
+  served_*         `serving.stack --backend pytorch --precision bf16` on the device: one request, concurrency 1/2/4
+Each in-process stage runs text-to-image (`_t2i`) or a one-image edit (`_edit`) at 1024x1024, 50 steps, after a
+short warm-up request, and records its seconds, its seconds per step and the peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from benchmarks.gpu_report import write_markdown
+from benchmarks.harness import served_point
+from benchmarks.machine import machine_info
+from benchmarks.memory import GpuPeakMemory
+from benchmarks.stages import Record, StageRunner
+from benchmarks.workloads import Workload
+from export.make_checkpoint import DEFAULT_PROCESSOR, TRANSFORMERS, random_modules, save_modules
+from serving.model.checkpoint import CheckpointModules
+from serving.pipeline.eager import OmniGen2Pipeline
+from serving.pipeline.prompts import PromptTokenizer
+from serving.runtime.fast_path import FastPath
+from serving.runtime.torch_backend import TorchBackend
+from serving.triton.launcher import LOOPBACK, Ports, TritonInstall, TritonServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1024**3
+DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: str  # export/make_checkpoint.py's
+    device: str
+    side: int  # width = height, pixels
+    steps: int
+    warm_steps: int  # the untimed request before each timed one
+    concurrency: tuple[int, ...]
+    requests_per_slot: int  # served requests per point = concurrency x this
+    total_s: float  # the whole run's budget; each stage also has its own (BUDGETS)
+
+
+DEVICE = Settings("full", "cuda", 1024, 50, 2, (1, 2, 4), 2, 450)
+SMOKE = Settings("tiny", "cpu", 64, 3, 1, (1, 2, 4), 1, 300)
+
+# Seconds per stage: (GPU machine, smoke). The device run's must add up to at most DEVICE.total_s, which with the
+# wheels' install and the interpreter's start stays inside the 8 minutes the check may take there.
+BUDGETS: dict[str, tuple[float, float]] = {
+    "probe": (20, 40),
+    "build": (35, 30),
+    "checkpoint": (30, 20),
+    "reference_t2i": (25, 20),
+    "reference_edit": (40, 20),
+    "batched_t2i": (20, 20),
+    "batched_edit": (35, 20),
+    "compiled_load": (70, 30),
+    "compiled_t2i": (15, 20),
+    "compiled_edit": (25, 20),
+    "served_load": (90, 120),
+    "served_requests": (45, 60),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    batch_branches: bool
+    fast: Callable[[Settings, torch.device, Path], FastPath]
+
+
+def _compiled(settings: Settings, device: torch.device, cache: Path) -> FastPath:
+    """The device's default fast path, warmed at the check's one resolution only (the others cost load time)."""
+    fast = FastPath.default_for(device, DTYPE)
+    return replace(fast, warmup=((settings.side, settings.side),) if fast.compile else (), cache_dir=cache)
+
+
+VARIANTS = (
+    Variant("reference", "(a) each CFG branch its own pass, dense masks", False, lambda s, d, c: FastPath.off()),
+    Variant(
+        "batched",
+        "(b) branches in one call, SDPA without padding masks",
+        True,
+        lambda s, d, c: FastPath(attention="sdpa", trim_padding=True),
+    ),
+    Variant("compiled", "(c) (b) compiled per block, CUDA graphs", True, _compiled),
+)
+PROMPT = "A red apple on a wooden table"
+EDIT = "Make the sky stormy"
+
+
+def _versions() -> dict[str, str | None]:
+    names = ("numpy", "transformers", "diffusers", "tritonclient", "grpcio", "protobuf", "nvidia-pytriton", "triton")
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def sdpa_kernels(device: torch.device, size: str) -> dict[str, str]:
+    """Which SDPA kernels run the model's attention (its heads, grouped kv heads and head size, one 1024x1024
+    sample's tokens, bf16), and in how many ms; or why not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = TRANSFORMERS[size]
+    tokens = 4096 + 128 if device.type == "cuda" else 256
+    q = torch.randn(1, config.num_attention_heads, tokens, config.head_dim, device=device, dtype=DTYPE)
+    kv = torch.randn(1, config.num_kv_heads, tokens, config.head_dim, device=device, dtype=DTYPE)
+    found = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+                _sync(device)
+                started = time.perf_counter()
+                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+                _sync(device)
+            found[backend.name] = f"ok, {1000 * (time.perf_counter() - started):.2f} ms"
+        except RuntimeError as exc:
+            found[backend.name] = f"no: {str(exc).splitlines()[0][:160]}"
+    return found
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+PROBE_MODEL = """
+class TritonPythonModel:
+    def execute(self, requests):
+        return []
+"""
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input [{ name: "x", data_type: TYPE_FP32, dims: [1] }]
+output [{ name: "y", data_type: TYPE_FP32, dims: [1] }]
+"""
+
+
+def tritonserver_starts(work: Path) -> dict[str, Any]:
+    """Start the carried tritonserver with one Python-backend model: its stub must load this Python's libpython."""
+    install = TritonInstall.find()
+    found: dict[str, Any] = {"binary": str(install.binary), "stub": str(install.stub)}
+    with contextlib.suppress(OSError):
+        ldd = subprocess.run(["ldd", str(install.stub)], capture_output=True, text=True).stdout
+        found["stub_libs_missing"] = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
+    repository = work / "probe-repository"
+    (repository / "probe" / "1").mkdir(parents=True, exist_ok=True)
+    (repository / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    (repository / "probe" / "1" / "model.py").write_text(PROBE_MODEL)
+    started = time.perf_counter()
+    with TritonServer(repository, Ports.free(), build_dir=work / "probe"):
+        found["ready_s"] = time.perf_counter() - started
+    return found
+
+
+class ServedStack:
+    """`python -m serving.stack` as a child process, as `make serve` runs it: the front end in it, Triton below."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.address = f"{LOOPBACK}:{self.port}"
+        self.log = log
+        self.command = [*command, f"--listen={self.address}", "--metrics-port=0", "--http-listen="]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+
+    def serving(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"serving.stack exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                request = health_pb2.HealthCheckRequest()
+                status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=2.0).status
+        except grpc.RpcError:
+            return False
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.is_file() else ""
+
+    def stop(self) -> None:
+        """SIGTERM (it drains, then stops Triton); what is left after a minute is killed, Triton's tree too."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        tree = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+class Check:
+    def __init__(self, settings: Settings, out: Path, work: Path, processor: Path, smoke: bool) -> None:
+        self.settings, self.out, self.work, self.processor = settings, out, work, processor
+        self.device = torch.device(settings.device)
+        self.budgets = {name: budget[1 if smoke else 0] for name, budget in BUDGETS.items()}
+        self.results: dict[str, Any] = {
+            "check": "gpu-check",
+            "smoke": smoke,
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "settings": dataclasses.asdict(settings),
+            "machine": machine_info(),
+            "device_reply": None,
+            "variants": {v.name: v.label for v in VARIANTS},
+            "stages": {},
+        }
+        self.runner = StageRunner(self.results["stages"], self.write, settings.total_s)
+        side, steps = settings.side, settings.steps
+        self.workloads = {
+            "t2i": Workload.make("t2i", PROMPT, side, steps),
+            "edit": Workload.make("edit", EDIT, side, steps, inputs=1),
+        }
+        self.modules: CheckpointModules | None = None
+        self.tokenizer: PromptTokenizer | None = None
+        self.pipe: OmniGen2Pipeline | None = None
+        self.pipe_variant = ""
+        self.stack: ServedStack | None = None
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+        write_markdown(self.results, self.out / "results.md")
+
+    def run(self) -> None:
+        stage = self.runner.run
+        try:
+            stage("probe", self.budgets["probe"], self.probe)
+            stage("build", self.budgets["build"], self.build)
+            stage("checkpoint", self.budgets["checkpoint"], self.save, needs=("build",))
+            for variant in VARIANTS:
+                if variant.name == "compiled":
+                    stage("compiled_load", self.budgets["compiled_load"], self.loader(variant), needs=("build",))
+                    needs = ("compiled_load",)
+                else:
+                    needs = ("build",)
+                for key in self.workloads:
+                    name = f"{variant.name}_{key}"
+                    stage(name, self.budgets[name], self.generation(variant, key), needs=needs)
+            self.release()
+            stage("served_load", self.budgets["served_load"], self.serve, needs=("checkpoint",))
+            stage("served_requests", self.budgets["served_requests"], self.requests, needs=("served_load",))
+        finally:
+            if self.stack is not None:
+                self.stack.stop()
+            self.results["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            self.write()
+
+    def probe(self, record: Record) -> None:
+        record["torch"] = torch.__version__
+        record["cuda"] = torch.version.cuda
+        record["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            record["gpu"] = {
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / GiB, 1),
+                "multiprocessors": props.multi_processor_count,
+                "driver": _driver(),
+            }
+        record["packages"] = _versions()
+        record["libpython"] = {
+            "shared": bool(sysconfig.get_config_var("Py_ENABLE_SHARED")),
+            "libdir": sysconfig.get_config_var("LIBDIR"),
+        }
+        record["sdpa"] = sdpa_kernels(self.device, self.settings.size)
+        record["flex_attention"] = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+        self.write()  # what is known so far, should the server hang
+        record["tritonserver"] = tritonserver_starts(self.work)
+
+    def build(self, record: Record) -> None:
+        started = time.perf_counter()
+        self.modules = random_modules(self.settings.size, DTYPE, self.device, processor=self.processor)
+        _sync(self.device)
+        record["seconds"] = time.perf_counter() - started
+        parts = {"transformer": self.modules.transformer, "vae": self.modules.vae, "mllm": self.modules.mllm}
+        record["parameters_b"] = {name: sum(p.numel() for p in part.parameters()) / 1e9 for name, part in parts.items()}
+        if self.device.type == "cuda":
+            record["gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / GiB
+        self.tokenizer = PromptTokenizer.from_dir(self.processor)
+
+    def save(self, record: Record) -> None:
+        assert self.modules is not None
+        started = time.perf_counter()
+        save_modules(self.modules, self.work / "checkpoint")
+        record["seconds"] = time.perf_counter() - started
+        files = [p for p in (self.work / "checkpoint").rglob("*") if p.is_file()]
+        record["gib"] = sum(p.stat().st_size for p in files) / GiB
+
+    def _pipeline(self, variant: Variant) -> OmniGen2Pipeline:
+        """A variant's pipeline over the one model; made when first used, since a backend sets the model's
+        attention mode (and compiling wraps its blocks) as it is made."""
+        if self.pipe is None or self.pipe_variant != variant.name:
+            assert self.modules is not None and self.tokenizer is not None
+            self.pipe = None
+            fast = variant.fast(self.settings, self.device, self.work / "torch-compile")
+            backend = TorchBackend(self.modules, fast)
+            self.pipe = OmniGen2Pipeline(self.tokenizer, backend, batch_branches=variant.batch_branches)
+            self.pipe_variant = variant.name
+        return self.pipe
+
+    def loader(self, variant: Variant) -> Callable[[Record], None]:
+        def load(record: Record) -> None:
+            self._reset_peak()
+            started = time.perf_counter()
+            backend = self._pipeline(variant).backend
+            record["seconds"] = time.perf_counter() - started
+            assert isinstance(backend, TorchBackend)
+            record["fast_path"] = {k: str(v) for k, v in dataclasses.asdict(backend.stages.fast).items()}
+            record["load_report"] = backend.load_report
+            self._peak(record)
+
+        return load
+
+    def generation(self, variant: Variant, key: str) -> Callable[[Record], None]:
+        def generate(record: Record) -> None:
+            pipe = self._pipeline(variant)
+            workload = self.workloads[key]
+            self._reset_peak()
+            started = time.perf_counter()
+            warm = pipe(replace(workload, steps=self.settings.warm_steps).eager_request(seed=0))
+            record["warmup_s"] = time.perf_counter() - started
+            record["warmup_stages_s"] = warm.timings
+            step_s: list[float] = record.setdefault("step_s", [])
+            last = time.perf_counter()
+
+            def progress(step: int, total: int) -> None:
+                nonlocal last
+                now = time.perf_counter()
+                step_s.append(now - last)  # the first also holds the prompt's and the input image's encoding
+                last = now
+
+            started = time.perf_counter()
+            try:
+                result = pipe(workload.eager_request(seed=0), progress)
+                record["seconds"] = time.perf_counter() - started
+                record["stages_s"] = result.timings
+            finally:
+                self._peak(record)
+                if "seconds" not in record and len(step_s) > 1:  # cut short: what the whole request would take
+                    left = workload.steps - len(step_s)
+                    decode = warm.timings.get("vae_decode", 0.0)
+                    record["extrapolated_s"] = sum(step_s) + left * statistics.median(step_s[1:]) + decode
+                if len(step_s) > 1:
+                    record["step_s_median"] = statistics.median(step_s[1:])
+
+        return generate
+
+    def release(self) -> None:
+        """Free the in-process model before the served stack loads its own copy on the same GPU."""
+        self.pipe = None
+        self.modules = None
+        gc.collect()
+        torch._dynamo.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def serve(self, record: Record) -> None:
+        settings = self.settings
+        command = [
+            sys.executable,
+            *("-m", "serving.stack", "--checkpoint", str(self.work / "checkpoint")),
+            *("--backend", "pytorch", "--precision", "bf16", "--device", settings.device),
+            *("--model-repository", str(self.work / "model_repository"), "--build-dir", str(self.work / "stack")),
+            *("--triton-ports", *(str(p) for p in dataclasses.astuple(Ports.free()))),
+            f"--warmup-resolutions={settings.side}x{settings.side}",
+            f"--compile-cache-dir={self.work / 'torch-compile'}",  # the in-process compile's: its cache is warm
+        ]
+        self.stack = ServedStack(command, self.work / "stack.log")
+        record["command"] = " ".join(command[1:])
+        started = time.perf_counter()
+        with GpuPeakMemory() as peak:
+            self.stack.start()
+            try:
+                while not self.stack.serving():
+                    time.sleep(0.5)
+            finally:
+                record["log_tail"] = self.stack.log_tail()
+                record["peak_gpu_used_gib"] = peak.bytes / GiB if peak.bytes is not None else None
+        record["seconds"] = time.perf_counter() - started
+
+    def requests(self, record: Record) -> None:
+        assert self.stack is not None and self.stack.process is not None
+        pids = [self.stack.process.pid]
+        workload = self.workloads["t2i"]
+        started = time.perf_counter()
+        asyncio.run(served_point(self.stack.address, workload, 1, 1, pids))  # warm-up: first shapes, caches
+        record["warmup_s"] = time.perf_counter() - started
+        points: list[dict[str, Any]] = record.setdefault("points", [])
+        with GpuPeakMemory() as peak:
+            try:
+                for concurrency in self.settings.concurrency:
+                    count = concurrency * self.settings.requests_per_slot
+                    point = asyncio.run(served_point(self.stack.address, workload, concurrency, count, pids))
+                    points.append(point.summary() | {"latencies_s": point.latencies_s})
+                    self.write()
+            finally:
+                record["peak_gpu_used_gib"] = peak.bytes / GiB if peak.bytes is not None else None
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak(self, record: Record) -> None:
+        if self.device.type == "cuda":
+            record["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / GiB
+
+
+def render(directory: Path, device_reply: str) -> None:
+    """Name the device reply's machine in a finished run's results (it is known only once the reply is back)."""
+    path = directory / "results.json"
+    results = json.loads(path.read_text())
+    results["device_reply"] = device_reply
+    path.write_text(json.dumps(results, indent=2))
+    write_markdown(results, directory / "results.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="results.json and results.md go here")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: the stages, not the numbers")
+    parser.add_argument("--work", type=Path, help="checkpoint, repository, logs (default: a folder beside --out)")
+    parser.add_argument("--processor", type=Path, default=DEFAULT_PROCESSOR, help="tokenizer files (processor/)")
+    parser.add_argument("--render", type=Path, help="rewrite a finished run's results naming --device-reply")
+    parser.add_argument("--device-reply", help="the machine the device tool's reply names")
+    args = parser.parse_args(argv)
+    if args.render:
+        if not args.device_reply:
+            parser.error("--render needs --device-reply")
+        render(args.render, args.device_reply)
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --smoke here, or on the GPU machine (benchmarks/README.md)")
+    # Not under --out: the device machine sends back only a few small files from there, and this holds 16 GB.
+    work = args.work or Path(tempfile.gettempdir()) / "omnigen2-gpu-check"
+    Check(SMOKE if args.smoke else DEVICE, args.out, work, args.processor, args.smoke).run()
+    print(f"results in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

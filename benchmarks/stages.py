@@ -1,0 +1,73 @@
+"""Benchmark stages with wall-clock budgets, for a run that must end in time and keep what it measured.
+
+A stage gets a record (a dict in the results) to write its numbers into as it goes. It ends `ok`, `over budget`
+(interrupted by SIGALRM when its budget ran out), `failed` (its exception's traceback tail is kept) or `skipped`
+(a stage it needs did not end `ok`, or no time was left); either way the results are written out again and the
+run goes on with the next stage.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+Record = dict[str, Any]
+
+
+class StageTimeout(BaseException):
+    """Raised in the main thread when a stage's budget runs out. A BaseException, so that `except Exception`
+    inside the stage (a poll loop, a retry) does not swallow it."""
+
+
+def _expire(signum: int, frame: FrameType | None) -> None:
+    raise StageTimeout
+
+
+class StageRunner:
+    def __init__(self, stages: Record, write: Callable[[], None], total_s: float) -> None:
+        self.stages = stages  # name -> record, inside the results that `write` saves
+        self.write = write
+        self.deadline = time.monotonic() + total_s
+
+    def ok(self, name: str) -> bool:
+        return bool(self.stages.get(name, {}).get("status") == "ok")
+
+    def run(self, name: str, budget_s: float, fn: Callable[[Record], None], needs: tuple[str, ...] = ()) -> bool:
+        record: Record = {"status": "running", "budget_s": budget_s}
+        self.stages[name] = record
+        missing = [need for need in needs if not self.ok(need)]
+        limit = min(budget_s, self.deadline - time.monotonic())
+        if missing or limit <= 0:
+            record["status"] = "skipped"
+            record["reason"] = f"needs {', '.join(missing)}" if missing else "no time left in the run's total budget"
+            self._report(name, record)
+            return False
+        previous = signal.signal(signal.SIGALRM, _expire)
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        started = time.perf_counter()
+        try:
+            fn(record)
+            record["status"] = "ok"
+        except StageTimeout:
+            record["status"] = "over budget"
+            record["error"] = f"stopped after {limit:.0f} s"
+        except Exception:
+            record["status"] = "failed"
+            record["error"] = traceback.format_exc()[-3000:]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            record["wall_s"] = time.perf_counter() - started
+        self._report(name, record)
+        return record["status"] == "ok"
+
+    def _report(self, name: str, record: Record) -> None:
+        self.write()
+        wall = f" in {record['wall_s']:.1f} s" if "wall_s" in record else ""
+        print(f"[stage] {name}: {record['status']}{wall} (budget {record['budget_s']:.0f} s)", flush=True)
+        if "error" in record or "reason" in record:
+            print(record.get("error") or record["reason"], flush=True)

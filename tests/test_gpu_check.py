@@ -1,0 +1,150 @@
+"""The GPU check (benchmarks/gpu_check.py) in its smoke mode, end to end on the CPU with the tiny model, so the script
+cannot rot between GPU sessions; its budgeted stages and what `make gpu-check` carries to the GPU machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import gpu_carry
+from benchmarks.gpu_check import BUDGETS, SMOKE, main
+from benchmarks.stages import StageRunner
+from export.make_checkpoint import random_modules, save_modules
+from serving.model.checkpoint import load_checkpoint, read_spec
+
+GENERATIONS = [f"{v}_{k}" for v in ("reference", "batched", "compiled") for k in ("t2i", "edit")]
+
+
+def test_the_smoke_run_leaves_every_stage_ok_with_numbers(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "out"
+    main(
+        [
+            "--smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--processor",
+            str(tiny_checkpoint / "processor"),
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    stages = results["stages"]
+    assert list(stages) == list(BUDGETS)
+    for name, record in stages.items():
+        assert record["status"] == "ok", (name, record.get("error") or record.get("reason"))
+        assert 0 < record["wall_s"] <= record["budget_s"]
+    assert stages["probe"]["tritonserver"]["ready_s"] > 0
+    assert stages["build"]["parameters_b"]["transformer"] > 0
+    assert stages["checkpoint"]["gib"] > 0
+    for name in GENERATIONS:
+        assert stages[name]["seconds"] > 0 and len(stages[name]["step_s"]) == SMOKE.steps, name
+    assert stages["served_load"]["seconds"] > 0
+    points = stages["served_requests"]["points"]
+    assert [p["concurrency"] for p in points] == list(SMOKE.concurrency)
+    assert all(p["images_per_s"] > 0 and p["requests"] == p["concurrency"] * SMOKE.requests_per_slot for p in points)
+    markdown = (out / "results.md").read_text()
+    assert "not judged (smoke)" in markdown and all(f"| {name} | ok |" in markdown for name in stages)
+
+    main(["--render", str(out), "--device-reply", "one test machine"])
+    assert json.loads((out / "results.json").read_text())["device_reply"] == "one test machine"
+    assert "Device reply's machine: one test machine." in (out / "results.md").read_text()
+
+
+def test_a_stage_over_budget_or_failing_is_recorded_and_the_run_goes_on() -> None:
+    stages: dict[str, Any] = {}
+    writes = []
+    runner = StageRunner(stages, lambda: writes.append(len(stages)), total_s=60)
+
+    def slow(record: dict[str, Any]) -> None:
+        record["steps"] = 1  # numbers written before the budget ran out stay
+        while True:
+            with contextlib.suppress(Exception):  # a stage's own handlers do not swallow the timeout
+                time.sleep(0.05)
+
+    assert not runner.run("slow", 0.3, slow)
+
+    def broken(record: dict[str, Any]) -> None:
+        raise ZeroDivisionError
+
+    assert not runner.run("broken", 5, broken)
+    assert not runner.run("after", 5, lambda record: None, needs=("slow",))
+    assert runner.run("fine", 5, lambda record: record.update(seconds=1.0))
+    assert stages["slow"]["status"] == "over budget" and stages["slow"]["steps"] == 1
+    assert stages["broken"]["status"] == "failed" and "ZeroDivisionError" in stages["broken"]["error"]
+    assert stages["after"] == {"status": "skipped", "budget_s": 5, "reason": "needs slow"}
+    assert stages["fine"]["status"] == "ok" and len(writes) == 4
+
+
+def test_no_stage_starts_past_the_total_budget() -> None:
+    stages: dict[str, Any] = {}
+    runner = StageRunner(stages, lambda: None, total_s=0)
+    assert not runner.run("late", 5, lambda record: None)
+    assert stages["late"]["reason"] == "no time left in the run's total budget"
+
+
+def test_the_device_run_fits_its_eight_minutes() -> None:
+    assert sum(budget for budget, _ in BUDGETS.values()) <= gpu_carry.TIMEOUT_S - 60
+    assert len(gpu_carry.device_command()) <= 2000
+
+
+def test_the_carried_pins_are_pyproject_s() -> None:
+    versions = gpu_carry.wanted()
+    assert versions["nvidia-pytriton"] == "0.7.0" and versions["diffusers"] == "0.42.1"
+    assert versions["protobuf"] == gpu_carry.pins()["protobuf"]
+
+
+def test_the_trimmed_pytriton_keeps_one_stub_and_its_record(tmp_path: Path) -> None:
+    members = {
+        "pytriton/tritonserver/bin/tritonserver": b"server",
+        "pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub": b"312",
+        "pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub": b"311",
+        "nvidia_pytriton.libs/libpython3-abc.13.so.1.0": b"lib",
+        "nvidia_pytriton.libs/libtritonserver-abc.so": b"lib",
+    }
+    record = "".join(f"{name},sha256=x,3\n" for name in members) + "nvidia_pytriton-0.7.0.dist-info/RECORD,,\n"
+    source, target = tmp_path / "in.whl", tmp_path / "out.whl"
+    with zipfile.ZipFile(source, "w") as wheel:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o755 << 16
+            wheel.writestr(info, data)
+        wheel.writestr("nvidia_pytriton-0.7.0.dist-info/RECORD", record)
+    gpu_carry.trim_pytriton(source, target)
+    with zipfile.ZipFile(target) as wheel:
+        kept = {info.filename: info for info in wheel.infolist()}
+        assert set(kept) == {
+            "pytriton/tritonserver/bin/tritonserver",
+            "pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub",
+            "nvidia_pytriton.libs/libtritonserver-abc.so",
+            "nvidia_pytriton-0.7.0.dist-info/RECORD",
+        }
+        assert kept["pytriton/tritonserver/bin/tritonserver"].external_attr >> 16 == 0o755
+        listed = [line.split(",")[0] for line in wheel.read("nvidia_pytriton-0.7.0.dist-info/RECORD").decode().split()]
+    assert set(listed) == set(kept)
+
+
+def test_random_modules_are_what_their_saved_checkpoint_loads(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    modules = random_modules("tiny", torch.bfloat16, "cpu", processor=tiny_checkpoint / "processor")
+    save_modules(modules, tmp_path / "checkpoint")
+    loaded = load_checkpoint(tmp_path / "checkpoint", torch.bfloat16)
+    assert read_spec(tmp_path / "checkpoint") == modules.spec
+    for part in ("transformer", "vae", "mllm"):
+        saved, read = getattr(modules, part).state_dict(), getattr(loaded, part).state_dict()
+        assert saved.keys() == read.keys(), part
+        assert all(torch.equal(saved[k], read[k]) for k in saved), part
+
+
+def test_random_modules_follow_the_seed(tiny_checkpoint: Path) -> None:
+    first, second = (
+        random_modules("tiny", torch.float32, "cpu", processor=tiny_checkpoint / "processor") for _ in "ab"
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.transformer.parameters(), second.transformer.parameters(), strict=True)
+    )
