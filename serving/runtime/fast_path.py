@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,23 +126,20 @@ def fast_path_from_args(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, build_dir: Path
 ) -> FastPath:
     """The device's default fast path with the flags given on top of it."""
-    base = FastPath.default_for(device, dtype)
-    chosen: dict[str, Any] = {
-        "attention": args.attention,
-        "trim_padding": args.trim_padding,
-        "compile": args.compile,
-        "cuda_graphs": args.cuda_graphs,
-    }
-    fast = replace(base, **{key: value for key, value in chosen.items() if value is not None})
-    if args.compile is False and args.cuda_graphs is None:
-        fast = replace(fast, cuda_graphs=False)
+    fields = asdict(FastPath.default_for(device, dtype))
+    flags = {"attention": args.attention, "trim_padding": args.trim_padding, "compile": args.compile}
+    fields |= {key: value for key, value in flags.items() if value is not None}
+    # Turning compilation off turns its CUDA graphs off too, unless they are asked for (and then refused).
+    fields["cuda_graphs"] = (
+        fields["compile"] and fields["cuda_graphs"] if args.cuda_graphs is None else args.cuda_graphs
+    )
     if args.warmup_resolutions is not None:
-        fast = replace(fast, warmup=parse_resolutions(args.warmup_resolutions))
-    elif fast.compile and not fast.warmup:
-        fast = replace(fast, warmup=DEFAULT_WARMUP)
-    if fast.compile:
-        fast = replace(fast, cache_dir=(args.compile_cache_dir or build_dir / "torch-compile").resolve())
-    return fast
+        fields["warmup"] = parse_resolutions(args.warmup_resolutions)
+    elif fields["compile"] and not fields["warmup"]:
+        fields["warmup"] = DEFAULT_WARMUP
+    if fields["compile"]:
+        fields["cache_dir"] = (args.compile_cache_dir or build_dir / "torch-compile").resolve()
+    return FastPath(**fields)
 
 
 def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
@@ -155,9 +152,13 @@ def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(fast.cache_dir)  # read when Inductor first writes
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    mode = "reduce-overhead" if fast.cuda_graphs else None
     for block in model.blocks():
-        block.compile(dynamic=True, fullgraph=True, mode=mode)
+        block.compile(**compile_options(fast))
+
+
+def compile_options(fast: FastPath) -> dict[str, Any]:
+    """torch.compile's arguments for every block: Inductor (Triton kernels on a GPU), one graph per block."""
+    return {"dynamic": True, "fullgraph": True, "mode": "reduce-overhead" if fast.cuda_graphs else None}
 
 
 def trim_padding(inputs: Mapping[str, Any]) -> dict[str, Any]:

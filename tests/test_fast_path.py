@@ -1,0 +1,218 @@
+"""The PyTorch fast path (serving/runtime/fast_path.py) on the CPU: every switch against the golden transformer
+outputs, packed as the BLS packs (text rounded up to 16 tokens, an empty reference slot for text-to-image), in
+batched calls and in single-row calls, where the mask-free path must be the one taken. Compiled blocks run here
+with Inductor's CPU code; CUDA graphs and the GPU kernels run only on a GPU (tests/test_gpu.py, make gpu-check)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving.errors import SettingError
+from serving.model import transformer
+from serving.model.transformer import OmniGen2Transformer
+from serving.pipeline.eager import OmniGen2Pipeline
+from serving.pipeline.packing import pack_batch, unpack_output
+from serving.pipeline.step_cache import UNCACHED, CacheStore
+from serving.runtime import fast_path as fp
+from serving.runtime.fast_path import DEFAULT_WARMUP, FastPath, trim_padding
+from serving.runtime.torch_backend import transformer_call
+from serving.runtime.torch_stages import TorchStages, warm_up
+from tests.golden import relative_error, request_from_case, transformer_case_inputs
+
+TOLERANCE = 1e-4  # as tests/test_transformer_parity.py
+TEXT_MULTIPLE = 16  # as the BLS pads text
+
+
+@pytest.fixture
+def model(tiny_checkpoint: Path) -> Iterator[OmniGen2Transformer]:
+    """A model of its own: the fast path changes its attention mode and may compile its blocks."""
+    yield OmniGen2Transformer.from_pretrained(tiny_checkpoint / "transformer")
+
+
+def _calls(case: dict[str, Any], golden: Path) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """The case's samples in one call, then each alone."""
+    inputs = transformer_case_inputs(case, golden)
+    count = len(inputs["latents"])
+    for rows in [list(range(count))] + [[i] for i in range(count)]:
+        yield rows, inputs
+
+
+def _worst_error(stages: TorchStages, cases: dict[str, Any], golden: Path) -> float:
+    worst = 0.0
+    model = stages.model
+    for case in cases["transformer_cases"]:
+        for rows, inputs in _calls(case, golden):
+            refs = inputs["refs"]
+            text_mask = inputs["text_mask"][rows]
+            padded = -(-text_mask.shape[1] // TEXT_MULTIPLE) * TEXT_MULTIPLE
+            pad = padded - text_mask.shape[1]
+            packed = pack_batch(
+                [inputs["latents"][i] for i in rows],
+                inputs["timestep"][rows],
+                F.pad(inputs["text_feats"][rows], (0, 0, 0, pad)),
+                F.pad(text_mask, (0, pad)),
+                [refs[i] for i in rows],
+                patch_size=model.config.patch_size,
+                axes_dim=model.config.axes_dim_rope,
+                min_ref_slots=1,
+            )
+            velocity, _ = transformer_call(stages, packed.as_inputs(), [UNCACHED] * len(rows), CacheStore())
+            outputs = unpack_output(velocity, packed.latent_sizes, model.config.patch_size)
+            for out, i in zip(outputs, rows, strict=True):
+                worst = max(worst, relative_error(out, inputs["expected"][i]))
+    return worst
+
+
+class AttentionSpy:
+    """Records what each attention call was given: a bias, a block mask or nothing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.masks: list[str] = []
+        sdpa, real_flex = F.scaled_dot_product_attention, transformer.flex_attention
+
+        def spy_sdpa(*args: Any, attn_mask: Any = None, **kwargs: Any) -> Any:
+            self.masks.append("none" if attn_mask is None else "bias")
+            return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+        def spy_flex(*args: Any, **kwargs: Any) -> Any:
+            self.masks.append("block")
+            return real_flex(*args, **kwargs)
+
+        monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy_sdpa)
+        monkeypatch.setattr(transformer, "flex_attention", spy_flex)
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [FastPath.off(), FastPath("sdpa"), FastPath("sdpa", trim_padding=True), FastPath("flex", trim_padding=True)],
+    ids=["dense", "sdpa", "sdpa-trim", "flex-trim"],
+)
+def test_every_attention_mode_matches_the_golden_outputs(
+    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, fast: FastPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = AttentionSpy(monkeypatch)
+    assert _worst_error(TorchStages(model, fast), cases, golden) <= TOLERANCE
+    kinds = set(spy.masks)
+    if fast.attention == "dense":
+        assert kinds == {"bias"}
+    elif fast.trim_padding:  # single rows lose every mask; batches with padding keep theirs
+        assert "none" in kinds and ("block" if fast.attention == "flex" else "bias") in kinds
+    else:  # untrimmed, text padding to 16 and the empty reference slot leave few calls unmasked
+        assert "bias" in kinds
+
+
+def test_parity_fails_when_padding_is_attended(
+    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: dropping the mask of a padded call must miss the tolerance, or the test above proves
+    nothing about the masks it drops."""
+    monkeypatch.setattr(TorchStages, "_unpadded", lambda self, mask: True)
+    assert _worst_error(TorchStages(model, FastPath("sdpa")), cases, golden) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_blocks_match_after_warming_up_at_load(
+    model: OmniGen2Transformer,
+    cases: dict[str, Any],
+    golden: Path,
+    tmp_path: Path,
+    attention: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every block captured whole (fullgraph) with dynamic shapes, for each mask kind, warmed at load. Inductor's
+    CPU code generation takes a minute per test here and is not what a GPU runs (Triton kernels), so the blocks go
+    through aot_eager: the capture, its guards and the decompositions are what is checked."""
+    options = fp.compile_options(FastPath.off())
+    assert options == {"dynamic": True, "fullgraph": True, "mode": None}
+    monkeypatch.setattr(fp, "compile_options", lambda fast: options | {"mode": None, "backend": "aot_eager"})
+    cache = tmp_path / "inductor"
+    fast = FastPath(attention, trim_padding=True, compile=True, warmup=((64, 64),), cache_dir=cache)
+    stages = TorchStages(model, fast)
+    report = warm_up(stages)
+    assert report["warmup_calls"] == 3 and report["warmup_seconds"] > 0 and cache.is_dir()
+    assert _worst_error(stages, cases, golden) <= TOLERANCE
+
+
+def test_trimming_keeps_the_valid_tokens_and_their_positions() -> None:
+    text_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    ref_mask = torch.zeros(2, 2, 3, dtype=torch.bool)
+    ref_mask[0, 0, :2] = True  # one reference of 2 tokens in row 0; slot 1 unused
+    total = 4 + 2 * 3 + 5
+    rope = torch.arange(total, dtype=torch.float32)[None, :, None].expand(2, total, 1)
+    inputs = {
+        "text_feats": torch.zeros(2, 4, 8),
+        "text_mask": text_mask,
+        "ref_tokens": torch.zeros(2, 2, 3, 4),
+        "ref_mask": ref_mask,
+        "rope_cos": rope,
+        "rope_sin": rope,
+        "img_tokens": torch.zeros(2, 5, 4),
+    }
+    out = trim_padding(inputs)
+    assert out["text_feats"].shape == (2, 3, 8) and out["ref_tokens"].shape == (2, 1, 2, 4)
+    assert out["rope_cos"][0, :, 0].tolist() == [0, 1, 2, 4, 5, 10, 11, 12, 13, 14]
+    assert out["img_tokens"] is inputs["img_tokens"]
+    no_refs = trim_padding(inputs | {"ref_mask": torch.zeros(2, 2, 3, dtype=torch.bool)})
+    assert no_refs["ref_tokens"].shape == (2, 0, 0, 4) and no_refs["rope_cos"].shape[1] == 3 + 5
+
+
+def test_batched_branches_in_the_eager_pipeline_match_the_golden_case(
+    tiny_checkpoint: Path, cases: dict[str, Any], golden: Path
+) -> None:
+    """All CFG branches of a step in one call, on the fast path: the same pixels as the reference's call per branch."""
+    import numpy as np
+
+    pipeline = OmniGen2Pipeline.from_pretrained(
+        tiny_checkpoint, fast=FastPath("sdpa", trim_padding=True), batch_branches=True
+    )
+    for name in ("t2i_euler", "edit_one_image"):
+        case = next(c for c in cases["pipeline_cases"] if c["name"] == name)
+        result = pipeline(request_from_case(case, golden))
+        assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 1e-4, name
+
+
+def _args(**flags: Any) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    fp.add_fast_path_arguments(parser)
+    argv = []
+    for key, value in flags.items():
+        name = "--" + key.replace("_", "-")
+        argv += [name] if value is True else [f"--no-{name[2:]}"] if value is False else [name, str(value)]
+    return parser.parse_args(argv)
+
+
+def test_flags_on_top_of_the_devices_defaults(tmp_path: Path) -> None:
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    on_gpu = fp.fast_path_from_args(_args(), cuda, bf16, tmp_path)
+    assert (on_gpu.attention, on_gpu.trim_padding, on_gpu.compile, on_gpu.cuda_graphs) == ("sdpa", True, True, True)
+    assert on_gpu.warmup == DEFAULT_WARMUP and on_gpu.cache_dir == (tmp_path / "torch-compile").resolve()
+    assert fp.fast_path_from_args(_args(), cpu, bf16, tmp_path) == FastPath.off()
+    assert fp.fast_path_from_args(_args(), cuda, torch.float32, tmp_path) == FastPath.off()
+    no_compile = fp.fast_path_from_args(_args(compile=False), cuda, bf16, tmp_path)
+    assert (no_compile.compile, no_compile.cuda_graphs, no_compile.attention) == (False, False, "sdpa")
+    chosen = fp.fast_path_from_args(_args(attention="flex", warmup_resolutions="1344x768"), cuda, bf16, tmp_path)
+    assert (chosen.attention, chosen.warmup) == ("flex", ((1344, 768),))
+    assert FastPath.from_params(chosen.to_params()) == chosen
+    assert FastPath.from_params({}) == FastPath.off()
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [({"attention": "fast"}, "attention"), ({"cuda_graphs": True}, "cuda_graphs")],
+)
+def test_inconsistent_settings_are_refused_naming_the_setting(settings: dict[str, Any], field: str) -> None:
+    with pytest.raises(SettingError, match=field):
+        FastPath(**settings)
+
+
+@pytest.mark.parametrize("text", ["1024", "1024x", "0x512", "axb"])
+def test_bad_warmup_resolutions_are_refused(text: str) -> None:
+    with pytest.raises(SettingError, match="warmup_resolutions"):
+        fp.parse_resolutions(text)
