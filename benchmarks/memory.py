@@ -6,6 +6,7 @@ import threading
 from types import TracebackType
 
 import psutil
+import torch
 
 
 def tree_rss(pid: int, children: bool = True) -> int:
@@ -49,16 +50,12 @@ class GpuPeakMemory:
     (Triton's stubs are processes of their own), sampled in the background; None without a GPU."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
-        import torch
-
         self.bytes: int | None = 0 if torch.cuda.is_available() else None
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        import torch
-
         while not self._stop.is_set():
             free, total = torch.cuda.mem_get_info(0)
             self.bytes = max(self.bytes or 0, total - free)
