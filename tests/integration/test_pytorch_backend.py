@@ -18,6 +18,7 @@ import torch
 
 from serving.build.repository import bls_settings, prepare_repository
 from serving.model.checkpoint import load_graph
+from serving.runtime.fast_path import FastPath
 from serving.runtime.torch_backend import TorchBackend, run_graph
 from serving.triton.launcher import TritonServer
 from tests.golden import relative_error
@@ -34,12 +35,20 @@ def bf16_triton(
 ) -> Iterator[TritonServer]:
     """bf16 components, and a BLS that cuts every step into one transformer call per sample (a 1-token cap): the
     golden cases then also check that cut calls come back in order (a swapped CFG branch is far off tolerance).
-    The step-cache budget is 1 MiB: the golden cases fit, a few 384x384 images do not."""
+    The step-cache budget is 1 MiB: the golden cases fit, a few 384x384 images do not. The transformer takes the
+    GPU's fast path but for compilation (trimmed padding, mask-free attention: each call here has one sample)."""
     work = tmp_path_factory.mktemp("pytorch-bf16")
     bls = replace(bls_settings("pytorch", "bf16", max_call_tokens=1), max_step_cache_mib=1)
     repository = prepare_repository(
-        tiny_checkpoint, work / "model_repository", "pytorch", onnx_cache=tiny_onnx.parent, precision="bf16", bls=bls
+        tiny_checkpoint,
+        work / "model_repository",
+        "pytorch",
+        onnx_cache=tiny_onnx.parent,
+        precision="bf16",
+        bls=bls,
+        fast=FastPath("sdpa", trim_padding=True),
     )
+    assert 'key: "attention"' in (repository / "transformer" / "config.pbtxt").read_text()
     with TritonServer(repository, build_dir=work) as server:
         yield server
 
