@@ -63,10 +63,12 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.harness $(BENCH_ARGS)
 
-# One performance change at a time, on the transformer in process (benchmarks/README.md).
+# One performance change at a time, on the transformer in process (benchmarks/README.md): the serving mechanisms,
+# then the PyTorch fast path's switches (on CUDA when there is a GPU).
 ablations: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.ablations $(BENCH_ARGS)
+	$(PY) -m benchmarks.fast_path_ablations $(BENCH_ARGS)
 
 # The GPU check (benchmarks/README.md). Here: the wheels and files the GPU machine lacks into .whl/ and .gpu-check/
 # (git-ignored, 64 MiB with the tree at most), then the device command to run there and what it carries.

@@ -1,0 +1,158 @@
+"""The PyTorch fast path taken apart (serving/runtime/fast_path.py): each switch measured alone, on one device.
+
+    python -m benchmarks.fast_path_ablations [--checkpoint small] [--size 256] [--device cpu|cuda]
+    make ablations                      # runs this after benchmarks/ablations.py, on CUDA when there is one
+
+Rows, each one change on the bf16 transformer (transformer calls as the BLS packs them: text rounded up to 16
+tokens, an empty reference slot for text-to-image): trimmed padding and mask-free attention on a branch called
+alone (the reference's way of calling); then on a CFG pair in one call, whose prompts differ in length, the
+FlexAttention block mask, compiled blocks and CUDA graphs. The compiled rows need a GPU (Inductor's CPU code is
+slow to build and is not what serving compiles for), so on the CPU they are left out and the table says so. The
+compile time (warm-up) is reported beside the rows, not in them. Results:
+benchmarks/results/fast-path-<checkpoint>-<device>/{results.json, results.md, ablations.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.ablations import Row, plot_rows
+from benchmarks.harness import ROOT, checkpoint_for
+from benchmarks.machine import machine_info
+from benchmarks.timing import best_ms
+from serving.model.checkpoint import load_graph, read_spec
+from serving.model.spec import ModelSpec
+from serving.model.transformer import OmniGen2Transformer
+from serving.pipeline.denoise import Sample, pack_samples
+from serving.pipeline.guidance import Branch
+from serving.pipeline.step_cache import UNCACHED, CacheStore
+from serving.runtime.fast_path import FastPath
+from serving.runtime.torch_backend import transformer_call
+from serving.runtime.torch_stages import TorchStages
+
+TEXT_MULTIPLE = 16  # as the BLS pads text
+PROMPT_TOKENS, NEGATIVE_TOKENS = 40, 12
+
+
+def cfg_step(model: OmniGen2Transformer, spec: ModelSpec, size: int) -> list[Sample]:
+    """A text-to-image step's two branches: the prompt's and the (shorter) negative prompt's."""
+    generator = torch.Generator().manual_seed(0)
+    side = size // spec.vae_scale
+    latent = torch.randn(spec.latent_channels, side, side, generator=generator)
+    t = torch.tensor(0.3)
+    width = model.config.text_feat_dim
+    return [
+        Sample(branch, latent, t, torch.randn(tokens, width, generator=generator), ())
+        for branch, tokens in ((Branch.COND, PROMPT_TOKENS), (Branch.UNCOND, NEGATIVE_TOKENS))
+    ]
+
+
+def timed(
+    model: OmniGen2Transformer, fast: FastPath, samples: list[Sample], spec: ModelSpec, repeats: int
+) -> tuple[float, float]:
+    """(seconds of the first call, which compiles when `fast` does; best ms of the calls after it) for one
+    transformer call of `samples`. The model is configured for `fast` here: its attention mode is the last one set."""
+    stages = TorchStages(model, fast)
+    inputs = pack_samples(samples, spec, TEXT_MULTIPLE).as_inputs()
+    store = CacheStore()
+
+    def call() -> None:
+        transformer_call(stages, inputs, [UNCACHED] * len(samples), store)  # the velocity comes back to the CPU
+
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started, best_ms(call, repeats)
+
+
+def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int) -> tuple[list[Row], dict[str, float]]:
+    """The rows, and the seconds of each compiled variant's first call (compiling it)."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    pair = cfg_step(model, spec, size)
+    alone = pair[:1]
+    rows: list[Row] = []
+    compile_seconds: dict[str, float] = {}
+
+    def row(change: str, before: str, after: str, slow: FastPath, fast: FastPath, samples: list[Sample]) -> None:
+        _, slow_ms = timed(model, slow, samples, spec, repeats)
+        first_s, fast_ms = timed(model, fast, samples, spec, repeats)
+        if fast.compile:
+            compile_seconds[after] = first_s
+        rows.append(Row(change, before, after, slow_ms, fast_ms))
+        print(json.dumps(asdict(rows[-1]) | {"speedup": round(rows[-1].speedup, 2)}), flush=True)
+
+    dense, trimmed = FastPath.off(), FastPath("dense", trim_padding=True)
+    sdpa = FastPath("sdpa", trim_padding=True)
+    row("trimmed padding (T2I branch alone)", "text to 16, empty ref slot", "trimmed", dense, trimmed, alone)
+    row("mask-free attention (T2I branch alone, trimmed)", "dense bias", "no mask, grouped heads", trimmed, sdpa, alone)
+    if on_gpu:
+        warm = ((size, size),)
+        compiled = FastPath("sdpa", trim_padding=True, compile=True, warmup=warm)
+        flex = FastPath("flex", trim_padding=True, compile=True, warmup=warm)
+        graphs = FastPath("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=warm)
+        row("compiled blocks (T2I CFG pair)", "eager", "compiled", sdpa, compiled, pair)
+        row("block-mask attention (T2I CFG pair, compiled)", "dense bias", "FlexAttention", compiled, flex, pair)
+        row("CUDA graphs (T2I CFG pair, compiled)", "launches", "graph replay", compiled, graphs, pair)
+    return rows, compile_seconds
+
+
+def write_results(rows: list[Row], settings: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    data = {"settings": settings, "machine": machine, "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['bf16_isa']})"
+    lines = [
+        f"# Fast path, one switch at a time: `{settings['checkpoint']}` at {settings['size']}x{settings['size']}",
+        "",
+        f"On {hardware} ({settings['device']}), bf16 weights; best of {settings['repeats']} per cell, one run.",
+        "",
+        "| change | before | after | before ms | after ms | speedup |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.change} | {r.before} | {r.after} | {r.before_ms:.2f} | {r.after_ms:.2f} | {r.speedup:.2f}x |"
+        for r in rows
+    ]
+    if settings["compile_seconds"]:
+        spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in settings["compile_seconds"].items())
+        lines += ["", f"First call, compiling (once per process, at load when serving; not in the rows): {spent}."]
+    if settings["device"] == "cpu":
+        lines += ["", "Compiled blocks, FlexAttention and CUDA graphs are measured on a GPU only (module docstring)."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_rows(rows, settings, out / "ablations.png")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", choices=("small", "tiny", "full"), default="small")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    checkpoint = checkpoint_for(args.checkpoint, args.work)
+    model = load_graph("transformer", checkpoint, torch.bfloat16, args.device)
+    assert isinstance(model, OmniGen2Transformer)
+    with torch.no_grad():
+        rows, compile_seconds = measure(model, read_spec(checkpoint), args.size, args.repeats)
+    settings = {
+        "checkpoint": args.checkpoint,
+        "size": args.size,
+        "repeats": args.repeats,
+        "device": torch.device(args.device).type,
+        "compile_seconds": compile_seconds,
+    }
+    write_results(rows, settings, args.out / f"fast-path-{args.checkpoint}-{settings['device']}")
+
+
+if __name__ == "__main__":
+    main()
