@@ -58,8 +58,9 @@ class FastPath:
 
     @classmethod
     def default_for(cls, device: torch.device, dtype: torch.dtype) -> FastPath:
-        """Everything on for bf16 on a GPU; elsewhere the reference's way (compiling for the CPU pays only on
-        long runs, and the CPU tests hold the eager path to the golden outputs)."""
+        """For bf16 on a GPU: trimming, `sdpa` attention, compilation and CUDA graphs (`flex` stays a choice until
+        a GPU run has measured it against `sdpa`). Elsewhere the reference's way: compiling for the CPU pays only
+        on long runs, and the CPU tests hold the eager path to the golden outputs."""
         if device.type == "cuda" and dtype == torch.bfloat16:
             return cls("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=DEFAULT_WARMUP)
         return cls.off()
