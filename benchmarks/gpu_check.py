@@ -59,8 +59,8 @@ from serving.runtime.fast_path import FastPath
 from serving.runtime.torch_backend import TorchBackend
 from serving.triton.launcher import LOOPBACK, Ports, TritonInstall, TritonServer, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
+LOG_BYTES = 256 * 1024
 DTYPE = torch.bfloat16
 
 
@@ -76,7 +76,7 @@ class Settings:
     total_s: float  # the whole run's budget; each stage also has its own (BUDGETS)
 
 
-DEVICE = Settings("full", "cuda", 1024, 50, 2, (1, 2, 4), 2, 450)
+DEVICE = Settings("full", "cuda", 1024, 50, 2, (1, 2, 4), 2, 440)
 SMOKE = Settings("tiny", "cpu", 64, 3, 1, (1, 2, 4), 1, 300)
 
 # Seconds per stage: (GPU machine, smoke). The device run's must add up to at most DEVICE.total_s, which with the
@@ -183,21 +183,24 @@ class TritonPythonModel:
 PROBE_CONFIG = """name: "probe"
 backend: "python"
 max_batch_size: 0
-input [{ name: "x", data_type: TYPE_FP32, dims: [1] }]
-output [{ name: "y", data_type: TYPE_FP32, dims: [1] }]
+input [{{ name: "x", data_type: TYPE_FP32, dims: [1] }}]
+output [{{ name: "y", data_type: TYPE_FP32, dims: [1] }}]
+instance_group [{{ kind: {kind} }}]
 """
 
 
-def tritonserver_starts(work: Path) -> dict[str, Any]:
-    """Start the carried tritonserver with one Python-backend model: its stub must load this Python's libpython."""
+def tritonserver_starts(work: Path, device: torch.device) -> dict[str, Any]:
+    """Start the carried tritonserver with one Python-backend model placed as the served components are (a GPU
+    instance on a GPU): its stub must load this Python's libpython, and the server must take GPU instances."""
     install = TritonInstall.find()
-    found: dict[str, Any] = {"binary": str(install.binary), "stub": str(install.stub)}
+    kind = "KIND_GPU" if device.type == "cuda" else "KIND_CPU"
+    found: dict[str, Any] = {"binary": str(install.binary), "stub": str(install.stub), "instance": kind}
     with contextlib.suppress(OSError):
         ldd = subprocess.run(["ldd", str(install.stub)], capture_output=True, text=True).stdout
         found["stub_libs_missing"] = [line.split()[0] for line in ldd.splitlines() if "not found" in line]
     repository = work / "probe-repository"
     (repository / "probe" / "1").mkdir(parents=True, exist_ok=True)
-    (repository / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    (repository / "probe" / "config.pbtxt").write_text(PROBE_CONFIG.format(kind=kind))
     (repository / "probe" / "1" / "model.py").write_text(PROBE_MODEL)
     started = time.perf_counter()
     with TritonServer(repository, Ports.free(), build_dir=work / "probe"):
@@ -303,6 +306,9 @@ class Check:
         finally:
             if self.stack is not None:
                 self.stack.stop()
+            for log in (self.work / "stack.log", self.work / "stack" / "tritonserver.log"):
+                if log.is_file():  # the tail: what comes back from the device machine is limited
+                    (self.out / log.name).write_bytes(log.read_bytes()[-LOG_BYTES:])
             self.results["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             self.write()
 
@@ -327,7 +333,7 @@ class Check:
         record["sdpa"] = sdpa_kernels(self.device, self.settings.size)
         record["flex_attention"] = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
         self.write()  # what is known so far, should the server hang
-        record["tritonserver"] = tritonserver_starts(self.work)
+        record["tritonserver"] = tritonserver_starts(self.work, self.device)
 
     def build(self, record: Record) -> None:
         started = time.perf_counter()

@@ -49,6 +49,7 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(tmp_path: Path, tiny_c
     points = stages["served_requests"]["points"]
     assert [p["concurrency"] for p in points] == list(SMOKE.concurrency)
     assert all(p["images_per_s"] > 0 and p["requests"] == max(SMOKE.min_requests, p["concurrency"]) for p in points)
+    assert (out / "stack.log").is_file() and (out / "tritonserver.log").is_file()  # tails, for a failed device run
     markdown = (out / "results.md").read_text()
     assert "not judged (smoke)" in markdown and all(f"| {name} | ok |" in markdown for name in stages)
 
