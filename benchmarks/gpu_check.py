@@ -165,8 +165,8 @@ def sdpa_kernels(device: torch.device, size: str) -> dict[str, str]:
                 torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
                 _sync(device)
             found[backend.name] = f"ok, {1000 * (time.perf_counter() - started):.2f} ms"
-        except RuntimeError as exc:
-            found[backend.name] = f"no: {str(exc).splitlines()[0][:160]}"
+        except Exception as exc:  # whatever a kernel refuses with, the other kernels and the probe go on
+            found[backend.name] = f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return found
 
 
