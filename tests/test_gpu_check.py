@@ -14,6 +14,7 @@ import torch
 
 from benchmarks import gpu_carry
 from benchmarks.gpu_check import BUDGETS, SMOKE, main
+from benchmarks.gpu_report import write_markdown
 from benchmarks.stages import StageRunner
 from export.make_checkpoint import random_modules, save_modules
 from serving.model.checkpoint import load_checkpoint, read_spec
@@ -52,6 +53,15 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(tmp_path: Path, tiny_c
     assert (out / "stack.log").is_file() and (out / "tritonserver.log").is_file()  # tails, for a failed device run
     markdown = (out / "results.md").read_text()
     assert "not judged (smoke)" in markdown and all(f"| {name} | ok |" in markdown for name in stages)
+
+    # results.md is rewritten after every stage: it renders whatever the stages so far have left, cut-short ones too
+    for done in range(len(stages) + 1):
+        write_markdown(results | {"stages": dict(list(stages.items())[:done])}, tmp_path / "partial.md")
+    cut = {"status": "over budget", "budget_s": 1, "wall_s": 1, "error": "stopped", "step_s": [2, 1, 1]}
+    write_markdown(
+        results | {"stages": stages | {"reference_t2i": cut | {"extrapolated_s": 51.0}}}, tmp_path / "cut.md"
+    )
+    assert "| ~51.00 (3 steps run) |" in (tmp_path / "cut.md").read_text()
 
     main(["--render", str(out), "--device-reply", "one test machine"])
     assert json.loads((out / "results.json").read_text())["device_reply"] == "one test machine"
