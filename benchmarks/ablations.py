@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.harness import ROOT, checkpoint_for
+from benchmarks.machine import machine_info
 from benchmarks.timing import best_ms
 from serving.build.onnx_export import cached_export
 from serving.model.checkpoint import load_graph
@@ -282,16 +282,17 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
     return rows
 
 
-def write_results(rows: list[Row], settings: dict[str, Any], out: Path) -> None:
+def write_results(rows: list[Row], settings: dict[str, Any], out: Path, title: str, notes: Sequence[str] = ()) -> None:
+    """results.json, results.md (the rows under `title`, on the hardware that ran them, then `notes`) and a plot."""
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    machine = machine_info()
     data = {"settings": settings, "machine": machine, "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}
     (out / "results.json").write_text(json.dumps(data, indent=2))
+    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['bf16_isa']}, {machine['cpus']} CPUs)"
     lines = [
-        f"# Ablations on `{settings['checkpoint']}` at {settings['size']}x{settings['size']}",
+        f"# {title}",
         "",
-        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
-        f"Best of {settings['repeats']} per cell, one run.",
+        f"On {hardware}, torch {machine['torch']}; best of {settings['repeats']} per cell, one run.",
         "",
         "| change | before | after | before ms | after ms | speedup |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -300,6 +301,7 @@ def write_results(rows: list[Row], settings: dict[str, Any], out: Path) -> None:
         f"| {r.change} | {r.before} | {r.after} | {r.before_ms:.2f} | {r.after_ms:.2f} | {r.speedup:.2f}x |"
         for r in rows
     ]
+    lines += [line for note in notes for line in ("", note)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_rows(rows, settings, out / "ablations.png")
 
@@ -330,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench = Workbench(checkpoint, cached_export(checkpoint, args.work / "onnx"), args.size)
     rows = measure(bench, checkpoint, args.repeats)
     settings = {"checkpoint": args.checkpoint, "size": args.size, "repeats": args.repeats}
-    write_results(rows, settings, args.out / f"ablations-{args.checkpoint}")
+    title = f"Ablations on `{args.checkpoint}` at {args.size}x{args.size}"
+    write_results(rows, settings, args.out / f"ablations-{args.checkpoint}", title)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from benchmarks.ablations import Row, plot_rows
+from benchmarks.ablations import Row, write_results
 from benchmarks.harness import ROOT, checkpoint_for
-from benchmarks.machine import machine_info
 from benchmarks.timing import best_ms
 from serving.model.checkpoint import load_graph, read_spec
 from serving.model.spec import ModelSpec
@@ -103,33 +101,6 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
     return rows, compile_seconds
 
 
-def write_results(rows: list[Row], settings: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    data = {"settings": settings, "machine": machine, "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}
-    (out / "results.json").write_text(json.dumps(data, indent=2))
-    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['bf16_isa']})"
-    lines = [
-        f"# Fast path, one switch at a time: `{settings['checkpoint']}` at {settings['size']}x{settings['size']}",
-        "",
-        f"On {hardware} ({settings['device']}), bf16 weights; best of {settings['repeats']} per cell, one run.",
-        "",
-        "| change | before | after | before ms | after ms | speedup |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r.change} | {r.before} | {r.after} | {r.before_ms:.2f} | {r.after_ms:.2f} | {r.speedup:.2f}x |"
-        for r in rows
-    ]
-    if settings["compile_seconds"]:
-        spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in settings["compile_seconds"].items())
-        lines += ["", f"First call, compiling (once per process, at load when serving; not in the rows): {spent}."]
-    if settings["device"] == "cpu":
-        lines += ["", "Compiled blocks, FlexAttention and CUDA graphs are measured on a GPU only (module docstring)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_rows(rows, settings, out / "ablations.png")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", choices=("small", "tiny", "full"), default="small")
@@ -151,7 +122,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "device": torch.device(args.device).type,
         "compile_seconds": compile_seconds,
     }
-    write_results(rows, settings, args.out / f"fast-path-{args.checkpoint}-{settings['device']}")
+    notes = []
+    if compile_seconds:
+        spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items())
+        notes.append(f"First call, compiling (once per process, at load when serving; not in the rows): {spent}.")
+    if settings["device"] == "cpu":
+        notes.append("Compiled blocks, FlexAttention and CUDA graphs are measured on a GPU only (module docstring).")
+    title = f"Fast path, one switch at a time: `{args.checkpoint}` at {args.size}x{args.size}, bf16"
+    write_results(rows, settings, args.out / f"fast-path-{args.checkpoint}-{settings['device']}", title, notes)
 
 
 if __name__ == "__main__":
