@@ -80,8 +80,9 @@ class Settings:
 DEVICE = Settings("full", "cuda", 1024, 50, 2, (1, 2, 4), 2, 440)
 SMOKE = Settings("tiny", "cpu", 64, 3, 1, (1, 2, 4), 1, 300)
 
-# Seconds per stage: (GPU machine, smoke). The device run's must add up to at most DEVICE.total_s, which with the
-# wheels' install and the interpreter's start stays inside the 8 minutes the check may take there.
+# Seconds per stage: (GPU machine, smoke). With the wheels' install and the interpreter's start, DEVICE.total_s stays
+# inside the 8 minutes the check may take there. compiled_load and served_load may also borrow what the stages before
+# them left unused (their cost is the least predictable: compiling, and loading five model processes).
 BUDGETS: dict[str, tuple[float, float]] = {
     "probe": (15, 40),
     "build": (25, 30),
@@ -295,7 +296,8 @@ class Check:
             stage("checkpoint", self.budgets["checkpoint"], self.save, needs=("build",))
             for variant in VARIANTS:
                 if variant.name == "compiled":
-                    stage("compiled_load", self.budgets["compiled_load"], self.loader(variant), needs=("build",))
+                    load = self.loader(variant)
+                    stage("compiled_load", self.budgets["compiled_load"], load, needs=("build",), borrow=True)
                     needs = ("compiled_load",)
                 else:
                     needs = ("build",)
@@ -303,7 +305,7 @@ class Check:
                     name = f"{variant.name}_{key}"
                     stage(name, self.budgets[name], self.generation(variant, key), needs=needs)
             stage("release", self.budgets["release"], self.release)
-            stage("served_load", self.budgets["served_load"], self.serve, needs=("checkpoint",))
+            stage("served_load", self.budgets["served_load"], self.serve, needs=("checkpoint",), borrow=True)
             stage("served_requests", self.budgets["served_requests"], self.requests, needs=("served_load",))
         finally:
             if self.stack is not None:

@@ -124,7 +124,10 @@ def stage_table(results: dict[str, Any]) -> list[str]:
     errors = []
     for name, record in results["stages"].items():
         wall = f"{record['wall_s']:.1f}" if "wall_s" in record else "-"
-        lines.append(f"| {name} | {record['status']} | {wall} | {record['budget_s']:.0f} |")
+        budget = f"{record['budget_s']:.0f}"
+        if record.get("limit_s", 0) > record["budget_s"]:
+            budget += f" (+{record['limit_s'] - record['budget_s']:.0f} unused by earlier stages)"
+        lines.append(f"| {name} | {record['status']} | {wall} | {budget} |")
         if "error" in record or "reason" in record:
             errors += ["", f"`{name}`:", "```", (record.get("error") or record["reason"]).rstrip(), "```"]
     return lines + errors

@@ -1,7 +1,8 @@
 """Benchmark stages with wall-clock budgets, for a run that must end in time and keep what it measured.
 
-A stage gets a record (a dict in the results) to write its numbers into as it goes. It ends `ok`, `over budget`
-(interrupted by SIGALRM when its budget ran out), `failed` (its exception's traceback tail is kept) or `skipped`
+A stage gets a record (a dict in the results) to write its numbers into as it goes. A stage whose cost cannot be
+known beforehand (compiling, loading) may `borrow` the time earlier stages left unused. It ends `ok`, `over budget`
+(interrupted by SIGALRM when its time ran out), `failed` (its exception's traceback tail is kept) or `skipped`
 (a stage it needs did not end `ok`, or no time was left); either way the results are written out again and the
 run goes on with the next stage.
 """
@@ -32,20 +33,30 @@ class StageRunner:
         self.stages = stages  # name -> record, inside the results that `write` saves
         self.write = write
         self.deadline = time.monotonic() + total_s
+        self.unused_s = 0.0  # what finished and skipped stages left of their budgets
 
     def ok(self, name: str) -> bool:
         return bool(self.stages.get(name, {}).get("status") == "ok")
 
-    def run(self, name: str, budget_s: float, fn: Callable[[Record], None], needs: tuple[str, ...] = ()) -> bool:
+    def run(
+        self,
+        name: str,
+        budget_s: float,
+        fn: Callable[[Record], None],
+        needs: tuple[str, ...] = (),
+        borrow: bool = False,
+    ) -> bool:
         record: Record = {"status": "running", "budget_s": budget_s}
         self.stages[name] = record
         missing = [need for need in needs if not self.ok(need)]
-        limit = min(budget_s, self.deadline - time.monotonic())
+        limit = min(budget_s + (self.unused_s if borrow else 0.0), self.deadline - time.monotonic())
         if missing or limit <= 0:
             record["status"] = "skipped"
             record["reason"] = f"needs {', '.join(missing)}" if missing else "no time left in the run's total budget"
+            self.unused_s += budget_s
             self._report(name, record)
             return False
+        record["limit_s"] = limit
         previous = signal.signal(signal.SIGALRM, _expire)
         signal.setitimer(signal.ITIMER_REAL, limit)
         started = time.perf_counter()
@@ -62,12 +73,16 @@ class StageRunner:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
             record["wall_s"] = time.perf_counter() - started
+            self.unused_s = max(0.0, self.unused_s + budget_s - record["wall_s"])
         self._report(name, record)
         return record["status"] == "ok"
 
     def _report(self, name: str, record: Record) -> None:
         self.write()
         wall = f" in {record['wall_s']:.1f} s" if "wall_s" in record else ""
-        print(f"[stage] {name}: {record['status']}{wall} (budget {record['budget_s']:.0f} s)", flush=True)
+        limit = (
+            f", {record['limit_s']:.0f} s with borrowed time" if record.get("limit_s", 0) > record["budget_s"] else ""
+        )
+        print(f"[stage] {name}: {record['status']}{wall} (budget {record['budget_s']:.0f} s{limit})", flush=True)
         if "error" in record or "reason" in record:
             print(record.get("error") or record["reason"], flush=True)

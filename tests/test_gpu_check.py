@@ -93,6 +93,16 @@ def test_a_stage_over_budget_or_failing_is_recorded_and_the_run_goes_on() -> Non
     assert stages["fine"]["status"] == "ok" and len(writes) == 4
 
 
+def test_a_borrowing_stage_may_use_what_earlier_stages_left() -> None:
+    stages: dict[str, Any] = {}
+    runner = StageRunner(stages, lambda: None, total_s=60)
+    assert runner.run("quick", 1.0, lambda record: None)
+    assert runner.run("compile", 0.1, lambda record: time.sleep(0.4), borrow=True)
+    assert 1.0 < stages["compile"]["limit_s"] <= 1.1
+    assert not runner.run("strict", 0.1, lambda record: time.sleep(0.4))  # not borrowing: its own budget alone
+    assert stages["strict"]["status"] == "over budget"
+
+
 def test_no_stage_starts_past_the_total_budget() -> None:
     stages: dict[str, Any] = {}
     runner = StageRunner(stages, lambda: None, total_s=0)
