@@ -1,7 +1,10 @@
 """The PyTorch fast path taken apart (serving/runtime/fast_path.py): each switch measured alone, on one device.
 
-    python -m benchmarks.fast_path_ablations [--checkpoint small] [--size 256] [--device cpu|cuda]
+    python -m benchmarks.fast_path_ablations [--checkpoint small] [--size 256] [--device cpu|cuda] [--random]
     make ablations                      # runs this after benchmarks/ablations.py, on CUDA when there is one
+
+`--random` builds the checkpoint size's random transformer straight on the device instead of reading one (on the
+GPU machine: `--checkpoint full --size 1024 --random`, the second command `make gpu-check` prints).
 
 Rows, each one change on the bf16 transformer (transformer calls as the BLS packs them: text rounded up to 16
 tokens, an empty reference slot for text-to-image): trimmed padding and mask-free attention on a branch called
@@ -26,6 +29,7 @@ import torch
 from benchmarks.ablations import Row, write_results
 from benchmarks.harness import ROOT, checkpoint_for
 from benchmarks.timing import best_ms
+from export.make_checkpoint import random_transformer
 from serving.model.checkpoint import load_graph, read_spec
 from serving.model.spec import ModelSpec
 from serving.model.transformer import OmniGen2Transformer
@@ -107,14 +111,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--random", action="store_true", help="build the random transformer on the device")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    checkpoint = checkpoint_for(args.checkpoint, args.work)
-    model = load_graph("transformer", checkpoint, torch.bfloat16, args.device)
-    assert isinstance(model, OmniGen2Transformer)
+    if args.random:
+        model, spec = random_transformer(args.checkpoint, torch.bfloat16, args.device)
+    else:
+        checkpoint = checkpoint_for(args.checkpoint, args.work)
+        graph, spec = load_graph("transformer", checkpoint, torch.bfloat16, args.device), read_spec(checkpoint)
+        assert isinstance(graph, OmniGen2Transformer)
+        model = graph
     with torch.no_grad():
-        rows, compile_seconds = measure(model, read_spec(checkpoint), args.size, args.repeats)
+        rows, compile_seconds = measure(model, spec, args.size, args.repeats)
     settings = {
         "checkpoint": args.checkpoint,
         "size": args.size,

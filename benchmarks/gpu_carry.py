@@ -1,4 +1,4 @@
-"""`make gpu-check` on the dev machine: what the GPU check needs beside the tree, and the one command to run there.
+"""`make gpu-check` on the dev machine: what the GPU check needs beside the tree, and the commands to run there.
 
     python -m benchmarks.gpu_carry
 
@@ -6,7 +6,8 @@ The GPU machine (Python 3.12, torch, transformers; no diffusers, tritonclient or
 the pinned wheels it lacks in `.whl/` and the tokenizer files in `.gpu-check/`, both git-ignored and carried with
 the tree, which may not pass 64 MiB in all. nvidia-pytriton is trimmed to the one Python-backend stub that runs
 there (3.12): the other stubs and the libpython the 3.13 one brings are 16 MB of the 55. The generated gRPC stubs
-are git-ignored too, so they are carried as files. Prints the device command, its `carry` list and a timeout.
+are git-ignored too, so they are carried as files. Prints each device command (RUNS: the check, then what to run
+while device time is left), its `carry` list and a timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -26,8 +28,10 @@ from serving.model.checkpoint import copy_processor
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".whl"
 CARRIED = ROOT / ".gpu-check"
+GPU_TESTS = ROOT / ".gpu-tests"  # the golden cases and tiny checkpoint the gpu-marked tests read
+GOLDEN = ROOT.parent / "shared" / "golden"
 DOWNLOADS = ROOT / "build" / "gpu-check" / "downloads"
-PROCESSOR = ROOT.parent / "shared" / "golden" / "tiny-omnigen2" / "processor"
+PROCESSOR = GOLDEN / "tiny-omnigen2" / "processor"
 STUBS = ("client/omnigen2/v1/omnigen2_pb2.py", "client/omnigen2/v1/omnigen2_pb2_grpc.py")
 LIMIT = 64 * 2**20  # what may travel to the device machine: tree + carried paths
 DEVICE_PYTHON = "3.12"
@@ -141,13 +145,46 @@ def tree_bytes() -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
-def device_command() -> str:
-    install = (
-        "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-        ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
-    )
-    check = "python3 -m benchmarks.gpu_check --out $OUT --processor .gpu-check/processor 2>&1 | tee $OUT/check.log"
-    return f"set -o pipefail; {install} {check}"
+@dataclass(frozen=True)
+class DeviceRun:
+    """One device command: what it runs after installing the wheels, what it carries, its time limit."""
+
+    purpose: str
+    run: str
+    carried: tuple[str, ...]
+    timeout_s: int
+
+    def command(self) -> str:
+        install = (
+            "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+            ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
+        )
+        return f"set -o pipefail; {install} {self.run}"
+
+
+# The check first (it must fit one session's device time with a start); the others only while time is left.
+RUNS = (
+    DeviceRun(
+        "the GPU check (always first)",
+        "python3 -m benchmarks.gpu_check --out $OUT --processor .gpu-check/processor 2>&1 | tee $OUT/check.log",
+        (WHEELS.name, CARRIED.name, *STUBS),
+        TIMEOUT_S,
+    ),
+    DeviceRun(
+        "the fast path's switches one at a time (make ablations' GPU rows), full size at 1024x1024",
+        "python3 -m benchmarks.fast_path_ablations --checkpoint full --random --size 1024 --out $OUT 2>&1"
+        " | tee $OUT/ablations.log",
+        (WHEELS.name, *STUBS),
+        420,
+    ),
+    DeviceRun(
+        "the gpu-marked tests (pytest -m gpu) on the golden tiny checkpoint",
+        "OMNIGEN2_GOLDEN=.gpu-tests/golden python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1"
+        " | tee $OUT/gpu-tests.log",
+        (WHEELS.name, GPU_TESTS.name, *STUBS),
+        300,
+    ),
+)
 
 
 def main() -> None:
@@ -164,21 +201,26 @@ def main() -> None:
             shutil.copyfile(wheel, WHEELS / wheel.name)
     shutil.rmtree(CARRIED, ignore_errors=True)
     copy_processor(PROCESSOR, CARRIED / "processor")
-
-    carry = [WHEELS.name, CARRIED.name, *STUBS]
-    tree, carried = tree_bytes(), carried_bytes(carry)
+    shutil.rmtree(GPU_TESTS, ignore_errors=True)
+    shutil.copytree(GOLDEN / "tiny-omnigen2", GPU_TESTS / "golden" / "tiny-omnigen2")
+    shutil.copyfile(GOLDEN / "cases.json", GPU_TESTS / "golden" / "cases.json")
     for wheel in sorted(WHEELS.iterdir()):
         print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  .whl/{wheel.name}")
-    mib = (tree + carried) / 2**20
-    print(f"tree {tree / 2**20:.2f} MiB + carried {carried / 2**20:.2f} MiB = {mib:.2f} MiB of {LIMIT / 2**20:.0f}")
-    if tree + carried > LIMIT:
-        raise SystemExit(f"over the device machine's {LIMIT / 2**20:.0f} MiB: carry less")
-    command = device_command()
-    if len(command) > 2000:
-        raise SystemExit(f"the device command is {len(command)} characters, over 2000")
-    print("\nIn a session with a GPU machine, call the device tool's `run` with:")
-    print(json.dumps({"command": command, "carry": carry, "timeout_s": TIMEOUT_S}, indent=2))
-    print("then copy $OUT's files to benchmarks/results/gpu-h100/ and name the reply's machine (benchmarks/README.md).")
+
+    tree = tree_bytes()
+    for number, run in enumerate(RUNS, 1):
+        carried = carried_bytes(list(run.carried))
+        mib = (tree + carried) / 2**20
+        if tree + carried > LIMIT:
+            raise SystemExit(f"{run.purpose}: {mib:.2f} MiB, over the device machine's {LIMIT / 2**20:.0f} MiB")
+        command = run.command()
+        if len(command) > 2000:
+            raise SystemExit(f"{run.purpose}: the device command is {len(command)} characters, over 2000")
+        print(f"\n{number}. {run.purpose}: tree {tree / 2**20:.2f} MiB + carried {carried / 2**20:.2f} MiB = {mib:.2f}")
+        print(json.dumps({"command": command, "carry": list(run.carried), "timeout_s": run.timeout_s}, indent=2))
+    print("\nIn a session with a GPU machine, call the device tool's `run` with the first; the others while device")
+    print("time is left. Copy $OUT's files to benchmarks/results/gpu-h100/ and name the reply's machine")
+    print("(benchmarks/README.md).")
 
 
 if __name__ == "__main__":

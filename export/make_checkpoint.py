@@ -30,6 +30,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from serving.model.checkpoint import CheckpointModules, copy_processor, spec_from_configs
 from serving.model.config import TransformerConfig
+from serving.model.spec import ModelSpec
 from serving.model.transformer import WEIGHTS_STEM, OmniGen2Transformer
 
 DEFAULT_PROCESSOR = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2" / "processor"
@@ -331,6 +332,16 @@ def random_modules(
         processor_dir=processor,
         spec=spec_from_configs(TRANSFORMERS[size], VAES[size], SCHEDULER),
     )
+
+
+def random_transformer(
+    size: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> tuple[OmniGen2Transformer, ModelSpec]:
+    """random_modules' transformer alone, and the spec that goes with it (the in-process transformer benchmarks)."""
+    _check(size, DEFAULT_PROCESSOR)
+    torch.manual_seed(seed)
+    spec = spec_from_configs(TRANSFORMERS[size], VAES[size], SCHEDULER)
+    return _build_transformer(TRANSFORMERS[size], dtype, device), spec
 
 
 def save_modules(modules: CheckpointModules, out: Path) -> Path:
