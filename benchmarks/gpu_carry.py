@@ -57,7 +57,8 @@ PINNED = (
 )
 # Imported by those and absent from the GPU image, not pinned in pyproject.toml: the dev environment's versions.
 UNPINNED = {"googleapis-common-protos": "1.76.0", "python-rapidjson": "1.25"}
-TIMEOUT_S = 540  # gpu_check's own total (TOTAL_S) plus the install and the interpreter's start
+# gpu_check's own total (DEVICE.total_s, 440 s), a last stage's overrun, the install and the interpreter's start
+TIMEOUT_S = 540
 
 
 def pins() -> dict[str, str]:
@@ -162,7 +163,8 @@ class DeviceRun:
         return f"set -o pipefail; {install} {self.run}"
 
 
-# The check first (it must fit one session's device time with a start); the others only while time is left.
+# The check first: with a machine's start it takes most of a session's 15 minutes of device time. The other two fit
+# a session alone (with a start), so they are for a later GPU session, or for one whose check ended early.
 RUNS = (
     DeviceRun(
         "the GPU check (always first)",
@@ -171,14 +173,14 @@ RUNS = (
         TIMEOUT_S,
     ),
     DeviceRun(
-        "the fast path's switches one at a time (make ablations' GPU rows), full size at 1024x1024",
+        "the fast path's switches one at a time (make ablations' GPU rows), full size at 1024x1024; a later session",
         "python3 -m benchmarks.fast_path_ablations --checkpoint full --random --size 1024 --out $OUT 2>&1"
         " | tee $OUT/ablations.log",
         (WHEELS.name, *STUBS),
         420,
     ),
     DeviceRun(
-        "the gpu-marked tests (pytest -m gpu) on the golden tiny checkpoint",
+        "the gpu-marked tests (pytest -m gpu) on the golden tiny checkpoint; a later session",
         "OMNIGEN2_GOLDEN=.gpu-tests/golden python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1"
         " | tee $OUT/gpu-tests.log",
         (WHEELS.name, GPU_TESTS.name, *STUBS),
@@ -218,9 +220,9 @@ def main() -> None:
             raise SystemExit(f"{run.purpose}: the device command is {len(command)} characters, over 2000")
         print(f"\n{number}. {run.purpose}: tree {tree / 2**20:.2f} MiB + carried {carried / 2**20:.2f} MiB = {mib:.2f}")
         print(json.dumps({"command": command, "carry": list(run.carried), "timeout_s": run.timeout_s}, indent=2))
-    print("\nIn a session with a GPU machine, call the device tool's `run` with the first; the others while device")
-    print("time is left. Copy $OUT's files to benchmarks/results/gpu-h100/ and name the reply's machine")
-    print("(benchmarks/README.md).")
+    print("\nIn a session with a GPU machine, call the device tool's `run` with the first (about 11 of the 15 minutes")
+    print("with the start); the others in a later session. Copy $OUT's files to benchmarks/results/gpu-h100/ and name")
+    print("the reply's machine (benchmarks/README.md).")
 
 
 if __name__ == "__main__":

@@ -292,9 +292,13 @@ def _save_layout(out: Path, processor: Path) -> None:
     (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
 
 
-def _check(size: str, processor: Path) -> None:
+def _check_size(size: str) -> None:
     if size not in TRANSFORMERS:
         raise ValueError(f"unknown size {size!r}; one of {', '.join(TRANSFORMERS)}")
+
+
+def _check(size: str, processor: Path) -> None:
+    _check_size(size)
     if not (processor / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{processor / 'tokenizer.json'}: processor files to copy not found")
 
@@ -338,7 +342,7 @@ def random_transformer(
     size: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
 ) -> tuple[OmniGen2Transformer, ModelSpec]:
     """random_modules' transformer alone, and the spec that goes with it (the in-process transformer benchmarks)."""
-    _check(size, DEFAULT_PROCESSOR)
+    _check_size(size)  # no processor: the device machine running this has none
     torch.manual_seed(seed)
     spec = spec_from_configs(TRANSFORMERS[size], VAES[size], SCHEDULER)
     return _build_transformer(TRANSFORMERS[size], dtype, device), spec

@@ -78,7 +78,7 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(self.head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(self.head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * self.head_dim, dim, bias=False)])
-        self.grouped_kernel = False  # the kernel reads the shared key/value heads itself (not in exported graphs)
+        self.grouped_kernel = False  # unmasked calls give SDPA the shared key/value heads (not in exported graphs)
 
     def forward(self, x: torch.Tensor, mask: KeyMask, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -90,8 +90,11 @@ class Attention(nn.Module):
         scale = self.head_dim**-0.5
         if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-        elif self.grouped_kernel:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        elif self.grouped_kernel and mask is None:
+            # Flash and cuDNN read the shared heads themselves. With a bias the heads are repeated instead: the
+            # memory-efficient kernel, the one that takes a bias, may not take grouped heads, and SDPA would then
+            # fall back to the math kernel, which materialises every score in float32.
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
         else:
             # Query head h reads key/value head h // (heads / kv_heads), as the reference's repeat_interleave.
             groups = self.heads // self.kv_heads

@@ -147,19 +147,25 @@ def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
     """Set the attention mode and wrap every block in torch.compile (compiled on first use: see `warm_up`)."""
     model.set_attention(fast.attention)
     if not fast.compile:
+        for block in model.blocks():
+            block._compiled_call_impl = None  # a model compiled for an earlier setting runs eagerly again
         return
     if fast.cache_dir is not None:
         fast.cache_dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(fast.cache_dir)  # read when Inductor first writes
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT)
     for block in model.blocks():
         block.compile(**compile_options(fast))
 
 
 def compile_options(fast: FastPath) -> dict[str, Any]:
-    """torch.compile's arguments for every block: Inductor (Triton kernels on a GPU), one graph per block."""
-    return {"dynamic": True, "fullgraph": True, "mode": "reduce-overhead" if fast.cuda_graphs else None}
+    """torch.compile's arguments for every block: one graph per block, by Inductor (Triton kernels on a GPU) unless
+    OMNIGEN2_COMPILE_BACKEND names another, e.g. `aot_eager` to check the capture without generating code (the CPU
+    rehearsals: Inductor's CPU code takes minutes to build here and is not what a GPU runs)."""
+    backend = os.environ.get("OMNIGEN2_COMPILE_BACKEND", "inductor")
+    graphs = fast.cuda_graphs and backend == "inductor"  # a mode is Inductor's: other backends take none
+    return {"backend": backend, "dynamic": True, "fullgraph": True, "mode": "reduce-overhead" if graphs else None}
 
 
 def trim_padding(inputs: Mapping[str, Any]) -> dict[str, Any]:

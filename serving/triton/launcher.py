@@ -196,7 +196,11 @@ class TritonServer:
             self.process = subprocess.Popen(
                 self.command(install), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # an interrupt or a caller's own time limit too: no server left behind
+            self.stop()
+            raise
         if self.watchdog is not None:
             self.watchdog.stop()  # the previous server's, on a restart
         self.watchdog = StubWatchdog(self.process.pid, self.grpc_url).start()
