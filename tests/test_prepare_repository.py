@@ -10,6 +10,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serving.build import repository as repository_module
 from serving.build.engines import ProfileBounds, engine_max_batch, manifest_profiles
 from serving.build.repository import (
     BLS,
@@ -22,6 +23,7 @@ from serving.build.repository import (
     prepare_repository,
 )
 from serving.errors import CheckpointError, SettingError
+from serving.frontend.config import FrontendConfig
 from serving.model.checkpoint import GRAPH_PARTS, read_spec, text_feature_dim
 from serving.model.contract import dims_only, graph_contracts
 from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
@@ -132,6 +134,14 @@ def test_the_call_token_cap_follows_the_backend_unless_the_operator_sets_it() ->
     assert bls_settings("pytorch", "bf16").max_call_tokens == 8192
     assert bls_settings("onnxruntime", "bf16").max_call_tokens == 17_408  # the default: precision means nothing to ORT
     assert bls_settings("pytorch", "bf16", max_call_tokens=0).max_call_tokens == 0
+    assert bls_settings("pytorch", "fp32").max_call_tokens == 17_408
+
+
+def test_pytorch_on_a_gpu_batches_every_admitted_step_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CUDA here: the device is what the GPU check would resolve (the cap itself is measured there)."""
+    monkeypatch.setattr(repository_module, "resolve_device", lambda name: torch.device("cuda"))
+    assert bls_settings("pytorch", "bf16", device="cuda").max_call_tokens == FrontendConfig().max_inflight_step_tokens
+    assert bls_settings("pytorch", "bf16", max_call_tokens=4096, device="cuda").max_call_tokens == 4096
     config = bls_config({}, "sha", "pytorch-bf16", bls_settings("pytorch", "bf16", max_call_tokens=4096))
     assert config.parameters["max_call_tokens"].string_value == "4096"
 

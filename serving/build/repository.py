@@ -156,10 +156,14 @@ def component_config(
 
 BLS = BlsSettings()
 # Where a backend's calls differ. bf16 PyTorch on CPU: calls past about 8k tokens cost more per token (activations
-# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there; a GPU has no such knee and
-# keeps the default. Every other backend keeps the default cap, which bounds a call's attention memory
-# (BlsSettings). The default call cost fits bf16 calls (benchmarks/README.md).
+# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. Every other CPU backend keeps
+# the default cap, which bounds a call's attention memory (BlsSettings). The default call cost fits bf16 calls
+# (benchmarks/README.md).
 BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
+# PyTorch on a GPU: its attention kernels (flash, cuDNN, memory-efficient) hold no score matrix, so a call's memory
+# grows with its tokens, not their square, and the cap is the front end's in-flight step budget (65 536 tokens by
+# default): the steps of every admitted generation share one call. Not yet measured on a GPU.
+BLS_ON_GPU = BlsSettings(max_call_tokens=65_536)
 
 
 def served_name(backend: str, precision: str) -> str:
@@ -167,12 +171,13 @@ def served_name(backend: str, precision: str) -> str:
     return f"{backend}-{precision}" if backend in PRECISIONS else backend
 
 
-def bls_settings(
-    backend: str, precision: str, max_call_tokens: int | None = None, device: str = "cpu"
-) -> BlsSettings:
-    """The BLS settings a backend gets (BLS_BY_BACKEND, on the CPU), with an operator's per-call token cap."""
-    on_cpu = resolve_device(device).type == "cpu"
-    settings = BLS_BY_BACKEND.get(served_name(backend, precision), BLS) if on_cpu else BLS
+def bls_settings(backend: str, precision: str, max_call_tokens: int | None = None, device: str = "cpu") -> BlsSettings:
+    """The BLS settings a backend gets (BLS_BY_BACKEND on the CPU, BLS_ON_GPU for PyTorch on a GPU), with an
+    operator's per-call token cap."""
+    if backend == "pytorch" and resolve_device(device).type == "cuda":
+        settings = BLS_ON_GPU
+    else:
+        settings = BLS_BY_BACKEND.get(served_name(backend, precision), BLS)
     return settings if max_call_tokens is None else replace(settings, max_call_tokens=max_call_tokens)
 
 
@@ -399,8 +404,8 @@ def add_bls_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-call-tokens",
         type=int,
         default=None,
-        help="padded tokens per transformer call at most, 0 for no cap (default: the backend's; pytorch-bf16: 8192, "
-        "the others: 17408)",
+        help="padded tokens per transformer call at most, 0 for no cap (default: the backend's; pytorch-bf16 on the "
+        "CPU: 8192, pytorch on a GPU: 65536, the others: 17408)",
     )
 
 
