@@ -455,7 +455,7 @@ class Check:
                     time.sleep(0.5)
             finally:
                 record["log_tail"] = self.stack.log_tail()
-                record["peak_gpu_used_gib"] = peak.bytes / GiB if peak.bytes is not None else None
+                record["peak_gpu_used_gib"] = None if peak.gpu_bytes is None else peak.gpu_bytes / GiB
         record["seconds"] = time.perf_counter() - started
 
     def requests(self, record: Record) -> None:
@@ -478,7 +478,7 @@ class Check:
                     points.append(point.summary() | {"latencies_s": point.latencies_s})
                     self.write()
             finally:
-                record["peak_gpu_used_gib"] = peak.bytes / GiB if peak.bytes is not None else None
+                record["peak_gpu_used_gib"] = None if peak.gpu_bytes is None else peak.gpu_bytes / GiB
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":

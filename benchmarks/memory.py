@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
+from typing import Self
 
 import psutil
 import torch
@@ -18,23 +19,24 @@ def tree_rss(pid: int, children: bool = True) -> int:
         return 0
 
 
-class PeakMemory:
-    """`with PeakMemory([pid, ...]) as peak: ...` then `peak.bytes`: the largest summed RSS seen."""
+class _PeakSampler:
+    """The largest of `sample()`'s readings, taken every `interval_s` in a background thread while inside `with`."""
 
-    def __init__(self, pids: list[int], children: bool = True, interval_s: float = 0.05) -> None:
-        self.pids = pids
-        self.children = children
-        self.interval_s = interval_s
+    def __init__(self, interval_s: float) -> None:
         self.bytes = 0
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> int:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.bytes = max(self.bytes, sum(tree_rss(pid, self.children) for pid in self.pids))
+            self.bytes = max(self.bytes, self.sample())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -45,30 +47,39 @@ class PeakMemory:
         self._thread.join()
 
 
-class GpuPeakMemory:
-    """`with GpuPeakMemory() as peak: ...` then `peak.bytes`: the most memory in use on GPU 0 by every process on it
-    (Triton's stubs are processes of their own), sampled in the background; None without a GPU."""
+class PeakMemory(_PeakSampler):
+    """`with PeakMemory([pid, ...]) as peak: ...` then `peak.bytes`: the largest summed RSS seen."""
+
+    def __init__(self, pids: list[int], children: bool = True, interval_s: float = 0.05) -> None:
+        super().__init__(interval_s)
+        self.pids = pids
+        self.children = children
+
+    def sample(self) -> int:
+        return sum(tree_rss(pid, self.children) for pid in self.pids)
+
+
+class GpuPeakMemory(_PeakSampler):
+    """`with GpuPeakMemory() as peak: ...` then `peak.gpu_bytes`: the most memory in use on GPU 0 by every process
+    on it (Triton's stubs are processes of their own); None without a GPU."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
-        self.bytes: int | None = 0 if torch.cuda.is_available() else None
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval_s)
+        self.on_gpu = torch.cuda.is_available()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info(0)
-            self.bytes = max(self.bytes or 0, total - free)
-            self._stop.wait(self.interval_s)
+    def sample(self) -> int:
+        free, total = torch.cuda.mem_get_info(0)
+        return total - free
 
-    def __enter__(self) -> GpuPeakMemory:
-        if self.bytes is not None:
-            self._thread.start()
-        return self
+    @property
+    def gpu_bytes(self) -> int | None:
+        return self.bytes if self.on_gpu else None
+
+    def __enter__(self) -> Self:
+        return super().__enter__() if self.on_gpu else self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        if self.on_gpu:
+            super().__exit__(exc_type, exc, traceback)
