@@ -189,6 +189,15 @@ def served_step_caches(model_parameters: dict[str, str]) -> list[pb.StepCache]:
     return [pb.STEP_CACHE_NONE]
 
 
+def served_safety(model_parameters: Mapping[str, str], prompt_policy: bool) -> pb.SafetyInfo:
+    """The safety stages in force: the front end's prompt policy, and the output classifier the BLS runs when its
+    `safety` parameter holds the operator's settings (serving/safety/settings.py, as JSON)."""
+    thresholds = json.loads(model_parameters["safety"])["thresholds"] if "safety" in model_parameters else {}
+    return pb.SafetyInfo(
+        prompt_policy=prompt_policy, output_classifier="safety" in model_parameters, output_thresholds=thresholds
+    )
+
+
 def request_defaults(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> pb.GenerateRequest:
     """The values unset fields take (width/height stay unset: they depend on the input images).
 

@@ -224,6 +224,7 @@ def test_model_info(client: OmniGen2Client, model_repository: Path) -> None:
     assert list(info.schedulers) == [pb.SCHEDULER_EULER, pb.SCHEDULER_DPMSOLVER]
     assert list(info.step_caches) == [pb.STEP_CACHE_NONE, pb.STEP_CACHE_TEACACHE, pb.STEP_CACHE_TAYLORSEER]
     assert info.defaults.cache == pb.STEP_CACHE_NONE and info.defaults.teacache_threshold == 0.05
+    assert not info.safety.prompt_policy and not info.safety.output_classifier  # both off unless turned on
 
 
 def _bomb() -> bytes:

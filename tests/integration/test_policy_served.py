@@ -88,6 +88,8 @@ def test_blocked_requests_cost_no_model_time_and_never_echo_the_text(
     before = _executions(triton, BLS_MODEL), _executions(triton, MLLM_MODEL)
     secret = "4111 1111 1111 1111"
     with OmniGen2Client(guarded.address, token=APP, timeout=30, retries=0) as client:
+        safety = client.info().safety
+        assert (safety.prompt_policy, safety.output_classifier, dict(safety.output_thresholds)) == (True, False, {})
         with pytest.raises(PermissionDeniedError) as raised:
             client.generate("A red apple", negative_prompt=f"card {secret}", width=32, height=32, steps=1)
         assert (raised.value.reason, raised.value.field) == ("card-number", "negative_prompt")

@@ -103,6 +103,9 @@ def _assert_withheld(result: GenerationResult, count: int) -> None:
 
 def test_images_over_a_threshold_are_withheld_with_the_reason(safety_api: FrontendProcess) -> None:
     with OmniGen2Client(safety_api.address, timeout=120) as client:
+        safety = client.info().safety  # what a caller can know before an image goes missing
+        assert (safety.output_classifier, safety.prompt_policy) == (True, False)
+        assert safety.output_thresholds["BELLY_EXPOSED"] == 0 and safety.output_thresholds["ANUS_EXPOSED"] == 0.5
         result = client.generate(
             "A red apple", width=48, height=32, steps=2, num_images_per_prompt=2, seed=3, return_latents=True
         )
