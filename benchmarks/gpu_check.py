@@ -160,18 +160,27 @@ def sdpa_kernels(device: torch.device, size: str) -> dict[str, str]:
     tokens = 4096 + 128 if device.type == "cuda" else 256
     q = torch.randn(1, config.num_attention_heads, tokens, config.head_dim, device=device, dtype=DTYPE)
     kv = torch.randn(1, config.num_kv_heads, tokens, config.head_dim, device=device, dtype=DTYPE)
+    # A padded call's way (model/transformer.py): the heads repeated and a (B, 1, 1, L) bias.
+    repeated = kv.repeat_interleave(config.num_attention_heads // config.num_kv_heads, dim=1)
+    bias = torch.zeros(1, 1, 1, tokens, device=device, dtype=DTYPE)
+    unmasked = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+    cases: list[tuple[str, Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]] = [
+        (backend.name, backend, (q, kv, kv), {"enable_gqa": True}) for backend in unmasked
+    ]
+    padded = (q, repeated, repeated)
+    cases.append(("EFFICIENT_ATTENTION with a bias", SDPBackend.EFFICIENT_ATTENTION, padded, {"attn_mask": bias}))
     found = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+    for name, backend, tensors, kwargs in cases:
         try:
             with sdpa_kernel(backend):
-                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+                torch.nn.functional.scaled_dot_product_attention(*tensors, **kwargs)
                 _sync(device)
                 started = time.perf_counter()
-                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+                torch.nn.functional.scaled_dot_product_attention(*tensors, **kwargs)
                 _sync(device)
-            found[backend.name] = f"ok, {1000 * (time.perf_counter() - started):.2f} ms"
+            found[name] = f"ok, {1000 * (time.perf_counter() - started):.2f} ms"
         except Exception as exc:  # whatever a kernel refuses with, the other kernels and the probe go on
-            found[backend.name] = f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            found[name] = f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return found
 
 
