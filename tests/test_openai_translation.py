@@ -84,6 +84,13 @@ def test_enum_names_come_from_the_proto() -> None:
         ({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale", "invalid_type"),
         ({"prompt": "x", "scheduler": "ddim"}, 400, "scheduler", "invalid_value"),
         ({"prompt": "x", "previews": True}, 400, "previews", "unknown_parameter"),
+        ({"prompt": "x", "preview_every": 2}, 400, "preview_every", "unknown_parameter"),
+        ({"prompt": "x", "stream": "yes"}, 400, "stream", "invalid_type"),
+        ({"prompt": "x", "stream": True, "partial_images": 4}, 400, "partial_images", "invalid_value"),
+        ({"prompt": "x", "stream": True, "partial_images": -1}, 400, "partial_images", "invalid_value"),
+        ({"prompt": "x", "stream": True, "partial_images": 1.5}, 400, "partial_images", "invalid_type"),
+        ({"prompt": "x", "partial_images": 2}, 400, "partial_images", "invalid_value"),
+        ({"prompt": "x", "stream": True, "partial_images": 1, "n": 2}, 400, "n", "invalid_value"),
         ({"prompt": ["x"]}, 400, "prompt", "invalid_type"),
         ({"prompt": "\ud800"}, 400, "prompt", "invalid_value"),  # what JSON's "\ud800" escape decodes to
     ],
@@ -92,6 +99,25 @@ def test_image_bodies_refused_naming_the_field(body: dict[str, Any], status: int
     with pytest.raises(OpenAIError) as refused:
         image_call(body, [])
     assert (refused.value.status, refused.value.param, refused.value.code) == (status, param, code)
+
+
+@pytest.mark.parametrize(
+    ("steps", "partial_images", "every"), [(None, 3, 16), (50, 1, 49), (3, 2, 1), (2, 3, 1), (1, 1, 1)]
+)
+def test_partial_images_spread_the_previews_over_the_steps(steps: int | None, partial_images: int, every: int) -> None:
+    """At least `partial_images` previews before the last step when the steps allow (the default is 50 steps)."""
+    body = {"prompt": "x", "stream": True, "partial_images": partial_images, "steps": steps}
+    call = image_call(body, [])
+    assert (call.stream, call.partial_images) == (True, partial_images)
+    assert call.request.previews and call.request.preview_every == every
+    total = steps or 50
+    assert len(range(every, total, every)) >= min(partial_images, total - 1)
+
+
+def test_streaming_without_partial_images_asks_no_previews() -> None:
+    call = image_call({"prompt": "x", "stream": "true", "partial_images": "0", "n": "2"}, [], form=True)
+    assert call.stream and call.partial_images == 0 and call.request.num_images_per_prompt == 2
+    assert not call.request.previews and not call.request.HasField("preview_every")
 
 
 def test_image_answer_keeps_the_seed_the_withheld_images_and_the_cache_that_ran() -> None:

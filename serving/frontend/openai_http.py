@@ -8,8 +8,8 @@ APIs, and the gateway only translates (serving/frontend/openai_requests.py) and 
 token is refused 401, and past max_in_flight requests with bodies in the gateway, 429. Routes (docs/api.md):
 
     GET  /v1/models                  GetModelInfo
-    POST /v1/images/generations      Generate (JSON)
-    POST /v1/images/edits            Generate with 1-5 input images (multipart: `image` or `image[]`)
+    POST /v1/images/generations      Generate (JSON); `stream: true`: GenerateStream as server-sent events
+    POST /v1/images/edits            the same with 1-5 input images (multipart: `image` or `image[]`)
     POST /v1/chat/completions        Understand; `stream: true` answers as server-sent events
 """
 
@@ -22,7 +22,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -39,12 +39,14 @@ from serving.frontend.openai_errors import OpenAIError, bad_request, from_rpc
 from serving.frontend.openai_requests import (
     MODEL_ID,
     ChatCall,
+    ImageCall,
     Names,
     chat_answer,
     chat_call,
     chat_chunk,
     image_answer,
     image_call,
+    image_event,
 )
 
 log = logging.getLogger("omnigen2.http")
@@ -118,69 +120,124 @@ class OpenAIGateway:
         model = {"id": info.model or MODEL_ID, "object": "model", "created": 0, "owned_by": "omnigen2"}
         return web.json_response({"object": "list", "data": [model]})
 
-    async def generations(self, request: web.Request) -> web.Response:
+    async def generations(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
         call = await self._off_loop(image_call, body, [])
-        response = await self._unary(request, self._stub.Generate, call.request, call.names)
-        return web.json_response(await self._off_loop(image_answer, response))
+        return await self._images(request, call, "image_generation")
 
-    async def edits(self, request: web.Request) -> web.Response:
+    async def edits(self, request: web.Request) -> web.StreamResponse:
         fields, images = await self._form(request)
         if not images:
             raise bad_request("image", "required: 1 image to edit, or up to 5 to compose from", "missing_required")
         call = await self._off_loop(functools.partial(image_call, form=True), fields, images)
-        response = await self._unary(request, self._stub.Generate, call.request, call.names)
-        return web.json_response(await self._off_loop(image_answer, response))
+        return await self._images(request, call, "image_edit")
+
+    async def _images(self, request: web.Request, call: ImageCall, route: str) -> web.StreamResponse:
+        """One JSON answer, or with `stream: true` server-sent events: a partial image per preview before the last
+        step (up to `partial_images`), then a completed event per image."""
+        if not call.stream:
+            response = await self._unary(request, self._stub.Generate, call.request, call.names)
+            return web.json_response(await self._off_loop(image_answer, response))
+
+        async def answer(first: pb.GenerateEvent, events: AsyncIterator[pb.GenerateEvent]) -> web.StreamResponse:
+            sent = self._image_events(call, route, first, events)
+            return await self._sse(request, call.names, sent, error_event="error", done=False)
+
+        return await self._call_stream(request, self._stub.GenerateStream, call.request, call.names, answer)
+
+    async def _image_events(
+        self, call: ImageCall, route: str, first: pb.GenerateEvent, events: AsyncIterator[pb.GenerateEvent]
+    ) -> AsyncIterator[tuple[str | None, dict[str, Any]]]:
+        """OpenAI's image stream events; base64 of megabytes runs off the event loop."""
+        event, partials = first, 0
+        while event.HasField("progress"):
+            progress = event.progress  # the last step's preview is the final image: not a partial one
+            last = progress.step == progress.total_steps
+            if progress.HasField("preview") and not last and partials < call.partial_images:
+                partial = await self._off_loop(image_event, route, progress.preview, partial_index=partials)
+                yield partial["type"], partial
+                partials += 1
+            event = await anext(events)
+        for image in event.result.images:
+            completed = await self._off_loop(image_event, route, image, seed=event.result.seed)
+            yield completed["type"], completed
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
         call = await self._off_loop(chat_call, body)
-        stream = self._stub.Understand(call.request, metadata=self._metadata(request))
+
+        async def answer(first: pb.UnderstandEvent, events: AsyncIterator[pb.UnderstandEvent]) -> web.StreamResponse:
+            if call.stream:
+                return await self._sse(request, call.names, self._chunks(request, call, first, events))
+            event = first
+            while not event.HasField("result"):
+                event = await anext(events)
+            return web.json_response(chat_answer(event.result, request[_REQUEST_ID]))
+
+        return await self._call_stream(request, self._stub.Understand, call.request, call.names, answer)
+
+    async def _chunks(
+        self, request: web.Request, call: ChatCall, first: pb.UnderstandEvent, events: AsyncIterator[pb.UnderstandEvent]
+    ) -> AsyncIterator[tuple[str | None, dict[str, Any]]]:
+        """The answer in OpenAI's chunk format."""
+        rid = request[_REQUEST_ID]
+        yield None, chat_chunk(rid, {"role": "assistant", "content": ""})
+        event = first
+        while not event.HasField("result"):
+            yield None, chat_chunk(rid, {"content": event.delta})
+            event = await anext(events)
+        yield None, chat_chunk(rid, None, finish=event.result)
+        if call.include_usage:
+            yield None, chat_chunk(rid, None, with_usage=event.result)
+
+    async def _call_stream(
+        self,
+        request: web.Request,
+        method: Any,
+        message: Any,
+        names: Names,
+        answer: Callable[[Any, AsyncIterator[Any]], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Calls a streaming RPC and answers from its events. The HTTP status waits for the first event, so a
+        refused call is still an HTTP error. When the answer ends early (the caller disconnected: aiohttp cancels
+        the handler; an error) the call is cancelled, which stops the work."""
+        stream = method(message, metadata=self._metadata(request))
         try:
             events = aiter(stream)
-            try:  # the HTTP status waits for the first event: a refused call is still an HTTP error
-                first = await anext(events)
-            except grpc.RpcError as error:
-                raise from_rpc(error, call.names.param) from None
-            if not call.stream:
-                event = first
-                while not event.HasField("result"):
-                    event = await anext(events)
-                return web.json_response(chat_answer(event.result, request[_REQUEST_ID]))
-            return await self._sse(request, call, first, events)
+            first = await anext(events)
+            return await answer(first, events)
         except grpc.RpcError as error:
-            raise from_rpc(error, call.names.param) from None
+            raise from_rpc(error, names.param) from None
         finally:
-            stream.cancel()  # a no-op once the call is done; otherwise the work stops
+            stream.cancel()  # a no-op once the call is done
 
     async def _sse(
-        self, request: web.Request, call: ChatCall, first: pb.UnderstandEvent, events: Any
+        self,
+        request: web.Request,
+        names: Names,
+        events: AsyncIterator[tuple[str | None, dict[str, Any]]],
+        error_event: str | None = None,
+        done: bool = True,
     ) -> web.StreamResponse:
-        """The answer as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; an error after
-        the first event is sent as an `error` event (the status line has gone)."""
+        """Server-sent events (`event:` lines where a name is given), ending with `data: [DONE]` if `done`. An error
+        after the first event is sent as an event with OpenAI's error body (the status line has gone)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        rid = request[_REQUEST_ID]
 
-        async def send(payload: Mapping[str, Any]) -> None:
-            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+        async def send(name: str | None, payload: Mapping[str, Any]) -> None:
+            line = f"event: {name}\n" if name else ""
+            await response.write(f"{line}data: {json.dumps(payload)}\n\n".encode())
 
-        await send(chat_chunk(rid, {"role": "assistant", "content": ""}))
-        event = first
         try:
-            while True:
-                if event.HasField("result"):
-                    await send(chat_chunk(rid, None, finish=event.result))
-                    if call.include_usage:
-                        await send(chat_chunk(rid, None, with_usage=event.result))
-                    break
-                await send(chat_chunk(rid, {"content": event.delta}))
-                event = await anext(events)
+            async for name, payload in events:
+                await send(name, payload)
         except grpc.RpcError as error:
-            failure = from_rpc(error, call.names.param)
+            failure = from_rpc(error, names.param)
             request["status"] = failure.status
-            await send(failure.body())
-        await response.write(b"data: [DONE]\n\n")
+            body = failure.body()
+            await send(error_event, {"type": error_event, **body} if error_event else body)
+        if done:
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 

@@ -23,6 +23,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
+from serving.frontend.convert import DEFAULTS
 from serving.frontend.openai_errors import OpenAIError, bad_request
 
 MODEL_ID = "OmniGen2"  # the one model served, as GetModelInfo names it
@@ -57,6 +58,8 @@ class Names:
 class ImageCall:
     request: pb.GenerateRequest
     names: Names
+    stream: bool = False
+    partial_images: int = 0
 
 
 @dataclass
@@ -86,8 +89,8 @@ def _settable(descriptor: Descriptor, excluded: Iterable[str]) -> dict[str, Fiel
     }
 
 
-# GenerateRequest fields the images routes set from OpenAI's own fields, or do not offer (no previews or latents:
-# the answer is one JSON body).
+# GenerateRequest fields the images routes set from OpenAI's own fields (`stream` and `partial_images` set the
+# previews), or do not offer (latents: the answer is JSON).
 _GENERATE_FIELDS = _settable(
     pb.GenerateRequest.DESCRIPTOR,
     ("prompt", "width", "height", "num_images_per_prompt", "previews", "return_latents", "preview_every"),
@@ -199,7 +202,9 @@ def _check_model(value: Any) -> None:
 
 
 _SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
-_IMAGE_FIELDS = ("prompt", "model", "n", "size", "response_format", "user")
+_IMAGE_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "stream", "partial_images")
+_BOOL = pb.GenerateRequest.DESCRIPTOR.fields_by_name["previews"]  # how `stream` is typed
+MAX_PARTIAL_IMAGES = 3  # OpenAI's range of partial_images is 0-3
 
 
 def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False) -> ImageCall:
@@ -233,7 +238,29 @@ def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False)
     names.renamed |= {"width": "size", "height": "size"}
     settings = {k: v for k, v in body.items() if k not in _IMAGE_FIELDS}
     _set_fields(request, settings, _GENERATE_FIELDS, _GENERATE_ALIASES, names, form)
-    return ImageCall(request, names)
+    stream = body.get("stream") is not None and _value(_BOOL, "stream", body["stream"], form)
+    partial_images = 0
+    if body.get("partial_images") is not None:
+        partial_images = _value(_INT32, "partial_images", body["partial_images"], form)
+        if not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+            raise bad_request("partial_images", f"must be in [0, {MAX_PARTIAL_IMAGES}], got {partial_images}")
+        if partial_images and not stream:
+            raise bad_request("partial_images", "partial images are sent only with stream: true")
+    if partial_images:
+        _ask_previews(request, names, partial_images)
+    return ImageCall(request, names, stream, partial_images)
+
+
+def _ask_previews(request: pb.GenerateRequest, names: Names, partial_images: int) -> None:
+    """Previews `partial_images` times before the last step, evenly spaced: every (steps - 1) // partial_images
+    steps (the gateway forwards the first `partial_images` before the last step; the last is the final image).
+    Previews are of the first image only, so they are refused with more than one."""
+    if request.HasField("num_images_per_prompt") and request.num_images_per_prompt > 1:
+        raise bad_request("n", "partial_images previews one image: stream n > 1 with partial_images 0")
+    steps = request.steps if request.HasField("steps") else DEFAULTS.steps
+    names.renamed["preview_every"] = "partial_images"  # set from it; out of range only when steps is too
+    request.previews = True
+    request.preview_every = max(1, (steps - 1) // partial_images)
 
 
 _CACHE_NAMES = {number: name for name, number in enum_names(pb.StepCache.DESCRIPTOR).items()}
@@ -264,6 +291,28 @@ def image_answer(response: pb.GenerateResponse) -> dict[str, Any]:
         "cache": _CACHE_NAMES.get(response.cache, "none"),
         "cache_note": response.cache_note,
     }
+
+
+def image_event(
+    route: str, image: pb.Image, partial_index: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """One server-sent event of a streamed image answer: `route` is image_generation or image_edit; a partial image
+    (a preview, PNG) with its index, or a completed image with OmniGen2's seed. There is no token usage: OmniGen2
+    does not count image tokens."""
+    event: dict[str, Any] = {
+        "type": f"{route}.partial_image" if partial_index is not None else f"{route}.completed",
+        "b64_json": base64.b64encode(image.data).decode(),
+        "created_at": int(time.time()),
+        "size": f"{image.width}x{image.height}",
+        "quality": "auto",
+        "background": "opaque",
+        "output_format": image.mime_type.removeprefix("image/"),
+    }
+    if partial_index is not None:
+        event["partial_image_index"] = partial_index
+    if seed is not None:
+        event["seed"] = seed
+    return event
 
 
 _CHAT_FIELDS = ("model", "messages", "stop", "stream", "stream_options", "n", "user")

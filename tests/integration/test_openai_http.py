@@ -215,6 +215,92 @@ def test_stream_ends_with_done_and_keeps_the_request_id(api: FrontendProcess) ->
     assert json.loads(events[0].removeprefix("data: "))["id"] == "chatcmpl-http-test-1"
 
 
+# Streamed images: partial images (the gRPC previews), then the completed images
+
+
+def test_images_generate_streams_partial_images_then_the_same_image(http_client: openai.OpenAI) -> None:
+    settings = {"size": "32x32", "extra_body": {"num_inference_steps": 3, "seed": 7}}
+    events = list(http_client.images.generate(prompt="A lighthouse", stream=True, partial_images=2, **settings))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    partials, completed = events[:2], events[2]
+    assert [getattr(e, "partial_image_index", None) for e in partials] == [0, 1]
+    for event in events:
+        assert (event.size, event.output_format) == ("32x32", "png") and event.created_at > 0
+        assert _pixels(base64.b64decode(event.b64_json)).shape == (32, 32, 3)
+    assert completed.model_extra is not None and completed.model_extra["seed"] == 7
+    plain = http_client.images.generate(prompt="A lighthouse", **settings)
+    assert plain.data is not None and plain.data[0].b64_json is not None
+    expected = _pixels(base64.b64decode(plain.data[0].b64_json))
+    np.testing.assert_array_equal(_pixels(base64.b64decode(completed.b64_json)), expected)
+    assert not np.array_equal(_pixels(base64.b64decode(partials[0].b64_json)), expected)  # an earlier estimate
+
+
+def test_images_edit_streams_and_n_images_complete_one_by_one(http_client: openai.OpenAI) -> None:
+    source = ("source.png", _png((32, 32), 1), "image/png")
+    events = list(
+        http_client.images.edit(image=source, prompt="Make it blue", stream=True, partial_images=1, extra_body=SMALL)
+    )
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    plain = http_client.images.edit(image=source, prompt="Make it blue", extra_body=SMALL)
+    assert plain.data is not None and plain.data[0].b64_json is not None
+    np.testing.assert_array_equal(
+        _pixels(base64.b64decode(events[1].b64_json)), _pixels(base64.b64decode(plain.data[0].b64_json))
+    )
+    # n > 1 streams without partial images (the previews show the first image only): one completed event each.
+    both = list(http_client.images.generate(prompt="Two cats", n=2, size="16x16", stream=True, extra_body=SMALL))
+    assert [e.type for e in both] == ["image_generation.completed"] * 2
+
+
+def test_streamed_images_refused_before_the_stream_are_http_errors(api: FrontendProcess) -> None:
+    http_client = openai.OpenAI(base_url=api.http_url, api_key="unused", max_retries=0, timeout=60)
+    for extra, param in [
+        ({"partial_images": 4}, "partial_images"),
+        ({"partial_images": 1, "n": 2}, "n"),
+        ({"extra_body": {"steps": 0}}, "steps"),  # refused by the service: still before the first event
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            list(http_client.images.generate(prompt="x", size="16x16", stream=True, **extra))  # type: ignore[call-overload]
+        assert refused.value.param == param
+    status, _, answer = _post_json(api, "/v1/images/generations", {"prompt": "x", "partial_images": 1})
+    assert status == 400 and answer["error"]["param"] == "partial_images"  # only with stream: true
+
+
+def test_a_streamed_image_that_fails_midway_ends_with_an_error_event(tmp_path: Path, triton: TritonServer) -> None:
+    """--max-run-s ends the run after its first events: the status line has gone, so an SSE error event carries
+    the error, which the openai package raises."""
+    with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--max-run-s=1", http=True) as frontend:
+        body = {"prompt": "Slow", "size": "256x256", "steps": 200, "stream": True}
+        status, headers, raw = _post_json(frontend, "/v1/images/generations", body)
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        name, data = raw.decode().strip().split("\n")
+        assert name == "event: error"
+        answer = json.loads(data.removeprefix("data: "))
+        assert answer["type"] == "error" and answer["error"]["code"] == "timeout"
+        http_client = openai.OpenAI(base_url=frontend.http_url, api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIError) as raised:
+            list(http_client.images.generate(prompt="Slow", size="256x256", stream=True, extra_body={"steps": 200}))
+        assert isinstance(raised.value.body, dict) and raised.value.body["code"] == "timeout"
+
+
+def _cancelled_streams(api: FrontendProcess) -> float:
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
+    found = re.search(r'omnigen2_requests_total\{code="CANCELLED",method="GenerateStream"\} (\S+)', metrics)
+    return float(found[1]) if found else 0.0
+
+
+def test_a_caller_that_disconnects_from_a_stream_cancels_its_call(api: FrontendProcess) -> None:
+    before = _cancelled_streams(api)
+    body = {"prompt": "Slow", "size": "256x256", "steps": 200, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", api.http_port, timeout=60)
+    connection.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
+    assert connection.getresponse().status == 200  # sent after the first step
+    connection.close()
+    deadline = time.monotonic() + 30
+    while _cancelled_streams(api) == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 # Bad input: OpenAI-shaped 4xx naming the field, and the server keeps serving
 
 
