@@ -436,6 +436,8 @@ _image_bodies = st.fixed_dictionaries(
         "scheduler": st.sampled_from(["euler", "dpmsolver", "ddim"]) | _json_values,
         "output_format": st.sampled_from(["png", "jpeg", "webp", "gif"]) | _json_values,
         "response_format": st.sampled_from(["b64_json", "url"]) | _json_values,
+        "stream": st.booleans() | _json_values,
+        "partial_images": st.integers(-1, 4) | _json_values,
         "seed": st.integers(-(2**64), 2**64) | _json_values,
         "max_sequence_length": st.integers(-1, 300),
         "model": st.sampled_from(["OmniGen2", "x"]) | _json_values,
