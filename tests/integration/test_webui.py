@@ -39,6 +39,7 @@ from serving.triton.launcher import LOOPBACK, free_port
 # The UI's starting values: small and fast on the tiny checkpoint.
 UI_ARGS = ("--width", "64", "--height", "48", "--steps", "4")
 PROMPT = "A red apple on a wooden table"
+PROGRESS_STEPS = 24
 # Records every text that elements matching a selector show, so what a fast generation shows is not missed between
 # polls.
 WATCH = """
@@ -156,11 +157,14 @@ def fetch_image(element: WebElement) -> Image.Image:
 def test_generate_in_the_browser_shows_the_served_image(
     page: WebDriver, client: OmniGen2Client, tmp_path: Path
 ) -> None:
-    """Type a prompt, set a seed in the advanced settings, click Generate: the progress bar follows the denoising
-    steps and the gallery shows the image the SDK gets for the same request, pixel for pixel."""
+    """Type a prompt, set a seed and the steps in the advanced settings, click Generate: the progress bar follows
+    the denoising steps and the gallery shows the image the SDK gets for the same request, pixel for pixel. Enough
+    steps that the run outlasts Gradio's progress updates (the UI's default 4 on the tiny model can end before the
+    first one reaches the page)."""
     page.find_element(By.CSS_SELECTOR, "#generate-prompt textarea").send_keys(PROMPT)
     page.find_element(By.CSS_SELECTOR, "#generate-settings button").click()  # open the accordion
     type_into(wait_for(page, "#generate-seed input"), "7")
+    type_into(wait_for(page, "#generate-steps input"), str(PROGRESS_STEPS))
     page.execute_script(WATCH, ".progress-level, .progress-text")
     page.find_element(By.ID, "generate-button").click()
 
@@ -173,8 +177,8 @@ def test_generate_in_the_browser_shows_the_served_image(
 
     progress = page.execute_script("return window.seen")
     assert any("Denoising" in text for text in progress), progress
-    assert any("/4 steps" in text for text in progress), progress  # the bar counts the request's 4 steps
-    expected = client.generate(PROMPT, width=64, height=48, steps=4, seed=7).images[0]
+    assert any(f"/{PROGRESS_STEPS} steps" in text for text in progress), progress  # the request's steps
+    expected = client.generate(PROMPT, width=64, height=48, steps=PROGRESS_STEPS, seed=7).images[0]
     assert np.array_equal(np.asarray(fetch_image(shown).convert("RGB")), np.asarray(expected))
 
 
