@@ -40,8 +40,8 @@ class TorchStages:
         """Whether attention may go without this (CPU) mask: nothing padded, and a mode that allows it."""
         return self.model.attention != "dense" and bool(mask.all())
 
-    def _mask(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor | None:
-        mask = self._cpu_rows(inputs, name, rows)
+    def _device_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """A CPU mask on the model's device, or None where attention may go without it (`_unpadded`)."""
         return None if self._unpadded(mask) else mask.to(self.device)
 
     def _joint(self, inputs: Mapping[str, Any], rows: list[int]) -> torch.Tensor:
@@ -52,7 +52,7 @@ class TorchStages:
             return self._rows(inputs, name, rows)
 
         def mask(name: str) -> torch.Tensor | None:
-            return self._mask(inputs, name, rows)
+            return self._device_mask(self._cpu_rows(inputs, name, rows))
 
         return self.model.embed(
             tensor("img_tokens"),
@@ -71,8 +71,7 @@ class TorchStages:
 
     def layers(self, hidden: Any, temb: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
         cos, sin = self._rows(inputs, "rope_cos", rows), self._rows(inputs, "rope_sin", rows)
-        mask = self._joint(inputs, rows)
-        return self.model.run_layers(hidden, temb, None if self._unpadded(mask) else mask.to(self.device), cos, sin)
+        return self.model.run_layers(hidden, temb, self._device_mask(self._joint(inputs, rows)), cos, sin)
 
     def head(self, hidden_img: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
         temb = self.model.time_embedding(self._rows(inputs, "timestep", rows))
