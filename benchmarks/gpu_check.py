@@ -388,7 +388,7 @@ class Check:
             backend = self._pipeline(variant).backend
             record["seconds"] = time.perf_counter() - started
             assert isinstance(backend, TorchBackend)
-            record["fast_path"] = {k: str(v) for k, v in dataclasses.asdict(backend.stages.fast).items()}
+            record["fast_path"] = backend.stages.fast.to_params()
             record["load_report"] = backend.load_report
             self._peak(record)
 
