@@ -373,22 +373,24 @@ def test_bad_bodies_are_4xx_naming_the_field(
     _assert_error(answer, param)
 
 
-def test_edits_without_an_image_name_it(api: FrontendProcess) -> None:
+def _edit_with_one_field(api: FrontendProcess, name: str) -> tuple[int, Any]:
+    """An edits request whose multipart form holds the one text field `name` (value "x"), and no image."""
     boundary = "b0undary"
-    body = f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--{boundary}--\r\n'.encode()
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\nx\r\n--{boundary}--\r\n'.encode()
     status, _, answer = _request(
         api, "POST", "/v1/images/edits", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
+    return status, answer
+
+
+def test_edits_without_an_image_name_it(api: FrontendProcess) -> None:
+    status, answer = _edit_with_one_field(api, "prompt")
     assert status == 400
     _assert_error(answer, "image")
 
 
 def test_a_text_field_sent_as_a_list_says_so(api: FrontendProcess) -> None:
-    boundary = "b0undary"
-    body = f'--{boundary}\r\nContent-Disposition: form-data; name="prompt[]"\r\n\r\nx\r\n--{boundary}--\r\n'.encode()
-    status, _, answer = _request(
-        api, "POST", "/v1/images/edits", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    status, answer = _edit_with_one_field(api, "prompt[]")
     assert status == 400
     _assert_error(answer, "prompt")
     assert "takes one value: send it as `prompt`, not `prompt[]`" in answer["error"]["message"]
