@@ -80,3 +80,15 @@ def run_transformer(
     with torch.no_grad():
         out = model(**packed.as_inputs())
     return unpack_output(out, packed.latent_sizes, model.config.patch_size)
+
+
+def templated_tokens(checkpoint: Path, prompt: str, cut: int = 512) -> int:
+    """A prompt's tokens as the model reads it (the system message and the prompt through the checkpoint's chat
+    template), at most `cut`: the served default on the tiny checkpoint, whose text positions are 512."""
+    from transformers import AutoTokenizer
+
+    from serving.pipeline.prompts import SYSTEM_PROMPT
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "processor")
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+    return min(len(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]), cut)

@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP API's two pure halves: bodies -> API messages (shapes and types only), and gRPC
-statuses -> HTTP errors. The served routes are tested in tests/integration/test_openai_http.py."""
+statuses -> HTTP errors; and the streamed image events for results a served test cannot force (some of n images
+withheld). The served routes are tested in tests/integration/test_openai_http.py."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -11,8 +15,11 @@ from google.rpc import error_details_pb2
 from grpc.aio import AioRpcError, Metadata
 from omnigen2.v1 import omnigen2_pb2 as pb
 
+from serving.frontend.config import FrontendConfig
+from serving.frontend.metrics import Metrics
 from serving.frontend.openai_errors import OpenAIError, from_rpc
-from serving.frontend.openai_requests import chat_call, enum_names, image_answer, image_call
+from serving.frontend.openai_http import OpenAIGateway
+from serving.frontend.openai_requests import chat_call, enum_names, image_answer, image_call, image_usage
 from serving.frontend.status import ApiError, invalid_argument, make_status, plain, resource_exhausted
 
 
@@ -137,6 +144,60 @@ def test_image_answer_keeps_the_seed_the_withheld_images_and_the_cache_that_ran(
     assert (answer["cache"], answer["cache_note"]) == ("none", "the tensorrt backend runs uncached")
     taylor = image_answer(pb.GenerateResponse(cache=pb.STEP_CACHE_TAYLORSEER))
     assert (taylor["withheld"], taylor["cache"], taylor["cache_note"]) == ([], "taylorseer", "")
+
+
+def test_image_usage_adds_text_and_image_tokens_as_input_and_shares_the_output_per_image() -> None:
+    usage = pb.GenerateUsage(text_tokens=110, image_tokens=12, output_tokens=36)
+    assert image_answer(pb.GenerateResponse(usage=usage))["usage"] == {
+        "total_tokens": 158,
+        "input_tokens": 122,
+        "output_tokens": 36,
+        "input_tokens_details": {"text_tokens": 110, "image_tokens": 12},
+    }
+    one_of_three = image_usage(usage, 3)  # a completed event: one image of 3, the whole request's input
+    assert (one_of_three["output_tokens"], one_of_three["input_tokens"], one_of_three["total_tokens"]) == (12, 122, 134)
+
+
+def _streamed(response: pb.GenerateResponse) -> list[tuple[str | None, dict[str, Any]]]:
+    """The gateway's events for a GenerateStream whose first event is already the result."""
+    gateway = OpenAIGateway(FrontendConfig(), "unix:unused", Metrics())
+    call = image_call({"prompt": "x", "stream": True}, [])
+
+    async def no_more() -> AsyncIterator[pb.GenerateEvent]:
+        return
+        yield
+
+    async def collect() -> list[tuple[str | None, dict[str, Any]]]:
+        first = pb.GenerateEvent(result=response)
+        return [event async for event in gateway._image_events(call, "image_generation", first, no_more())]
+
+    return asyncio.run(collect())
+
+
+def test_a_streamed_image_the_safety_classifier_withheld_completes_without_pixels() -> None:
+    finding = pb.SafetyFinding(label="BELLY_EXPOSED", score=0.25, threshold=0.0)
+    kept = [pb.Image(data=data, mime_type="image/png", width=16, height=16) for data in (b"first", b"third")]
+    usage = pb.GenerateUsage(text_tokens=50, output_tokens=3)
+    response = pb.GenerateResponse(
+        images=kept, seed=5, usage=usage, withheld=[pb.WithheldImage(index=1, findings=[finding])]
+    )
+    events = _streamed(response)
+    assert [name for name, _ in events] == ["image_generation.completed"] * 3  # one per image, in order
+    (_, first), (_, withheld), (_, third) = events
+    assert [base64.b64decode(e["b64_json"]) for e in (first, third)] == [b"first", b"third"]
+    assert "b64_json" not in withheld and withheld["seed"] == 5
+    assert withheld["withheld"] == {"index": 1, "findings": [{"label": "BELLY_EXPOSED", "score": 0.25, "threshold": 0}]}
+    for _, event in events:
+        assert event["usage"]["output_tokens"] == 1 and event["usage"]["input_tokens"] == 50
+
+
+def test_a_stream_whose_every_image_is_withheld_ends_with_a_content_policy_error() -> None:
+    finding = pb.SafetyFinding(label="BELLY_EXPOSED", score=0.25, threshold=0.0)
+    withheld = [pb.WithheldImage(index=i, findings=[finding]) for i in range(2)]
+    ((name, event),) = _streamed(pb.GenerateResponse(seed=5, withheld=withheld))
+    assert name == event["type"] == "error"
+    assert event["error"]["code"] == "content_policy_violation" and event["error"]["param"] is None
+    assert [w["index"] for w in event["withheld"]] == [0, 1]
 
 
 def test_chat_messages_become_an_understand_request() -> None:

@@ -126,6 +126,19 @@ class WithheldImage:
 
 
 @dataclass(frozen=True)
+class GenerationUsage:
+    """A generation's tokens, each counted once (GenerateUsage in the proto says exactly what counts)."""
+
+    text_tokens: int = 0  # the templated prompt, and the negative prompt when text guidance uses it
+    image_tokens: int = 0  # the input images' 16x16-pixel patches
+    output_tokens: int = 0  # the generated images' 16x16-pixel patches, all images (withheld ones too)
+
+    @classmethod
+    def from_proto(cls, usage: pb.GenerateUsage) -> GenerationUsage:
+        return cls(usage.text_tokens, usage.image_tokens, usage.output_tokens)
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     images: list[Image.Image]  # the generated images, less any withheld ones
     seed: int  # pass it back to reproduce the images
@@ -139,6 +152,7 @@ class GenerationResult:
     request_id: str = ""  # the call's x-request-id, as the server logs it
     cache: CacheName = "none"  # the step caching that ran
     cache_note: str = ""  # why it is not the one asked for (e.g. the server was short of cache memory)
+    usage: GenerationUsage = field(default_factory=GenerationUsage)
 
     @classmethod
     def from_proto(cls, response: pb.GenerateResponse) -> GenerationResult:
@@ -157,6 +171,7 @@ class GenerationResult:
             withheld=[WithheldImage.from_proto(w) for w in response.withheld],
             cache=_CACHE_NAMES.get(response.cache, "none"),  # type: ignore[arg-type]
             cache_note=response.cache_note,
+            usage=GenerationUsage.from_proto(response.usage),
         )
 
 

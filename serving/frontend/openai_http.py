@@ -41,12 +41,15 @@ from serving.frontend.openai_requests import (
     ChatCall,
     ImageCall,
     Names,
+    all_withheld_error,
     chat_answer,
     chat_call,
     chat_chunk,
     image_answer,
     image_call,
     image_event,
+    image_usage,
+    withheld_event,
 )
 
 log = logging.getLogger("omnigen2.http")
@@ -148,7 +151,8 @@ class OpenAIGateway:
     async def _image_events(
         self, call: ImageCall, route: str, first: pb.GenerateEvent, events: AsyncIterator[pb.GenerateEvent]
     ) -> AsyncIterator[tuple[str | None, dict[str, Any]]]:
-        """OpenAI's image stream events; base64 of megabytes runs off the event loop."""
+        """OpenAI's image stream events; base64 of megabytes runs off the event loop. Then a completed event per
+        generated image, in order: a withheld one's says so in place of the image; with none left, an error event."""
         event, partials = first, 0
         while event.HasField("progress"):
             progress = event.progress  # the last step's preview is the final image: not a partial one
@@ -158,8 +162,19 @@ class OpenAIGateway:
                 yield partial["type"], partial
                 partials += 1
             event = await anext(events)
-        for image in event.result.images:
-            completed = await self._off_loop(image_event, route, image, seed=event.result.seed)
+        result = event.result
+        if result.withheld and not result.images:
+            yield "error", all_withheld_error(result)
+            return
+        withheld = {image.index: image for image in result.withheld}
+        count = len(result.images) + len(withheld)
+        usage = image_usage(result.usage, count)
+        kept = iter(result.images)
+        for index in range(count):
+            if index in withheld:
+                completed = withheld_event(route, withheld[index], result.seed, usage)
+            else:
+                completed = await self._off_loop(image_event, route, next(kept), seed=result.seed, usage=usage)
             yield completed["type"], completed
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

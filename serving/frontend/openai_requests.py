@@ -267,38 +267,74 @@ _CACHE_NAMES = {number: name for name, number in enum_names(pb.StepCache.DESCRIP
 
 
 def image_answer(response: pb.GenerateResponse) -> dict[str, Any]:
-    """The images response (b64_json), with OmniGen2's seed (pass it back to reproduce the images), the images the
-    safety classifier withheld (not in `data`), and the step caching that ran (`cache_note`: why it is not the one
-    asked for). OpenAI's clients ignore the fields they do not know."""
+    """The images response (b64_json) with the request's token `usage`, OmniGen2's seed (pass it back to reproduce
+    the images), the images the safety classifier withheld (not in `data`), and the step caching that ran
+    (`cache_note`: why it is not the one asked for). OpenAI's clients ignore the fields they do not know."""
     first = response.images[0] if response.images else pb.Image()
-    withheld = [
-        {
-            "index": image.index,
-            "findings": [  # float32 on the wire: 0.9, not 0.8999999761581543
-                {"label": f.label, "score": round(f.score, 6), "threshold": round(f.threshold, 6)}
-                for f in image.findings
-            ],
-        }
-        for image in response.withheld
-    ]
     return {
         "created": int(time.time()),
         "data": [{"b64_json": base64.b64encode(image.data).decode()} for image in response.images],
         "output_format": first.mime_type.removeprefix("image/"),
         "size": f"{first.width}x{first.height}",
+        "usage": image_usage(response.usage),
         "seed": response.seed,
-        "withheld": withheld,
+        "withheld": [withheld_entry(image) for image in response.withheld],
         "cache": _CACHE_NAMES.get(response.cache, "none"),
         "cache_note": response.cache_note,
     }
 
 
+def image_usage(usage: pb.GenerateUsage, images: int = 1) -> dict[str, Any]:
+    """OpenAI's image `usage`; input tokens are the text's and the input images'. With `images` > 1, one image's
+    share of the output (a completed event is one image's), beside the whole request's input."""
+    text, reference, output = usage.text_tokens, usage.image_tokens, usage.output_tokens // images
+    return {
+        "total_tokens": text + reference + output,
+        "input_tokens": text + reference,
+        "output_tokens": output,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": reference},
+    }
+
+
+def withheld_entry(image: pb.WithheldImage) -> dict[str, Any]:
+    return {
+        "index": image.index,
+        "findings": [  # float32 on the wire: 0.9, not 0.8999999761581543
+            {"label": f.label, "score": round(f.score, 6), "threshold": round(f.threshold, 6)} for f in image.findings
+        ],
+    }
+
+
+def withheld_event(route: str, image: pb.WithheldImage, seed: int, usage: dict[str, Any]) -> dict[str, Any]:
+    """A streamed image's completed event in the place of one the safety classifier withheld: no b64_json, and
+    `withheld` says which image and why, so a streaming caller sees each of the n images accounted for."""
+    return {
+        "type": f"{route}.completed",
+        "created_at": int(time.time()),
+        "usage": usage,
+        "seed": seed,
+        "withheld": withheld_entry(image),
+    }
+
+
+def all_withheld_error(response: pb.GenerateResponse) -> dict[str, Any]:
+    """The stream's `error` event when the safety classifier withheld every image: there is no image to complete,
+    and OpenAI's clients raise it (as OpenAI's own image streams end on a refusal)."""
+    failure = OpenAIError(
+        400, "the safety classifier withheld every image (see `withheld`)", code="content_policy_violation"
+    )
+    return {"type": "error", **failure.body(), "withheld": [withheld_entry(image) for image in response.withheld]}
+
+
 def image_event(
-    route: str, image: pb.Image, partial_index: int | None = None, seed: int | None = None
+    route: str,
+    image: pb.Image,
+    partial_index: int | None = None,
+    seed: int | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One server-sent event of a streamed image answer: `route` is image_generation or image_edit; a partial image
-    (a preview, PNG) with its index, or a completed image with OmniGen2's seed. There is no token usage: OmniGen2
-    does not count image tokens."""
+    (a preview, PNG) with its index, or a completed image with its token `usage` and OmniGen2's seed."""
     event: dict[str, Any] = {
         "type": f"{route}.partial_image" if partial_index is not None else f"{route}.completed",
         "b64_json": base64.b64encode(image.data).decode(),
@@ -310,6 +346,8 @@ def image_event(
     }
     if partial_index is not None:
         event["partial_image_index"] = partial_index
+    if usage is not None:
+        event["usage"] = usage
     if seed is not None:
         event["seed"] = seed
     return event

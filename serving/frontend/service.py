@@ -269,6 +269,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             truncated_negative_prompt_tokens=event.truncated_negative_prompt_tokens,
             cache=API_STEP_CACHES[CacheKind(event.cache)],
             cache_note=event.cache_note,
+            usage=pb.GenerateUsage(**event.usage),
             withheld=[
                 pb.WithheldImage(index=entry["index"], findings=[pb.SafetyFinding(**f) for f in entry["findings"]])
                 for entry in event.withheld

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -45,6 +45,7 @@ class ResultEvent:
     withheld: list[dict[str, Any]]  # safety: [{"index", "findings": [{"label", "score", "threshold"}]}]
     cache: str = "none"  # the step caching that ran
     cache_note: str = ""  # why not the one asked for
+    usage: dict[str, int] = field(default_factory=dict)  # GenerateUsage's fields; absent from an older BLS
 
 
 Event = ProgressEvent | ResultEvent
@@ -200,4 +201,5 @@ def _generation_event(payload: dict[str, Any], result: InferResult) -> Event:
         withheld=payload.get("withheld", []),
         cache=payload.get("cache", "none"),
         cache_note=payload.get("cache_note", ""),
+        usage=payload.get("usage", {}),
     )

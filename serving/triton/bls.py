@@ -6,7 +6,8 @@ Wire format (all requests and responses of model `omnigen2`):
            images   BYTES [-1]  optional: encoded input images (PNG/JPEG/WEBP...), at most 5
   outputs  event    BYTES [1]   JSON: {"type": "progress", "step", "total"} per step, then {"type": "result",
                                 "seed", "width", "height", "timings", "truncated_prompt_tokens",
-                                "truncated_negative_prompt_tokens"} in the final response
+                                "truncated_negative_prompt_tokens", "usage": {"text_tokens", "image_tokens",
+                                "output_tokens"} (GenerateUsage in the proto)} in the final response
            preview  UINT8 [n, H, W, 3]  with a progress event when a preview is due, at the output size
            images   UINT8 [n, H, W, 3]  final response: 8-bit RGB images (the front end encodes them)
            latents  FP32 [n, 16, h, w] final response: latents as handed to the VAE decoder
@@ -58,6 +59,7 @@ from serving.pipeline.step_cache import MODE_OF_KIND, CacheBudget, Control, Mode
 from serving.pipeline.text_cache import PromptFeatures, TextFeatureCache
 from serving.pipeline.tiling import decode_tiled
 from serving.pipeline.timing import Stopwatch
+from serving.pipeline.usage import generation_usage
 from serving.safety.letterbox import letterbox
 from serving.safety.settings import Finding, SafetySettings
 from serving.triton.bls_settings import BlsSettings
@@ -281,6 +283,8 @@ class TritonPythonModel:
             latents[index] = 0
         if self.safety is not None:
             watch.lap("safety")
+        n = generation.num_images_per_prompt
+        usage = generation_usage(texts.values(), ref_latents, gen_size, n, spec.vae_scale, spec.patch_size)
         result = {
             "type": "result",
             "seed": generation.seed,
@@ -292,6 +296,7 @@ class TritonPythonModel:
             "cache": cache,
             "cache_note": cache_note,
             "withheld": [{"index": i, "findings": [asdict(f) for f in found]} for i, found in withheld.items()],
+            "usage": asdict(usage),
         }
         return pb_utils.InferenceResponse(
             output_tensors=[

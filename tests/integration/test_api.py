@@ -20,6 +20,7 @@ from omnigen2 import (
     DeadlineExceededError,
     GenerationOptions,
     GenerationResult,
+    GenerationUsage,
     InvalidArgumentError,
     OmniGen2Client,
     Progress,
@@ -35,7 +36,7 @@ from PIL import Image
 from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer, free_port
-from tests.golden import relative_error
+from tests.golden import relative_error, templated_tokens
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
 SMALL: GenerationOptions = {"width": 64, "height": 64, "steps": 3, "seed": 1}
@@ -118,6 +119,38 @@ def test_step_caching_end_to_end(client: OmniGen2Client, cases: dict[str, Any], 
     result = client.generate(case["prompt"], [golden / f for f in case["images"]], **options)
     assert result.latents is not None and (result.cache, result.cache_note) == (case["cache"], "")
     assert relative_error(result.latents.numpy(), np.load(golden / case["final_latents"])) <= 1e-5
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_usage_counts_text_input_image_and_output_tokens(client: OmniGen2Client, tiny_checkpoint: Path) -> None:
+    """Counted here from the request alone: text through the checkpoint's tokenizer and chat template, images as
+    16x16-pixel patches (every size below is a multiple of 16 within the default pixel budget)."""
+
+    def tokens(prompt: str, cut: int = 512) -> int:
+        return templated_tokens(tiny_checkpoint, prompt, cut)
+
+    options: GenerationOptions = {"negative_prompt": "blurry", "num_images_per_prompt": 2, "steps": 2, "seed": 1}
+    two = client.generate("A red apple", width=64, height=48, **options)
+    assert two.usage == GenerationUsage(tokens("A red apple") + tokens("blurry"), 0, 2 * (64 // 16) * (48 // 16))
+    # No text guidance: the negative prompt is not read. 40x24 is generated at 32x16 and resized.
+    unguided = client.generate(
+        "A red apple", negative_prompt="blurry", text_guidance_scale=1.0, width=40, height=24, steps=2
+    )
+    assert unguided.usage == GenerationUsage(tokens("A red apple"), 0, (32 // 16) * (16 // 16))
+    cut = client.generate("A red apple", max_sequence_length=20, **SMALL)
+    assert cut.usage.text_tokens == tokens("A red apple", 20) + tokens("", 20) == 40
+    # One input image and no size: generated at the input's size.
+    edited = client.edit(_png(64, 48), "Make it blue", steps=2, seed=3)
+    assert edited.usage == GenerationUsage(tokens("Make it blue") + tokens(""), 4 * 3, 4 * 3)
+    composed = client.compose([_png(64, 48), _png(32, 32)], "Both", width=48, height=32, steps=2, seed=3)
+    assert composed.usage == GenerationUsage(tokens("Both") + tokens(""), 4 * 3 + 2 * 2, 3 * 2)
+    streamed = list(client.stream("A red apple", width=64, height=48, **options))[-1]
+    assert isinstance(streamed, GenerationResult) and streamed.usage == two.usage
 
 
 def test_cli_asks_for_step_caching(api: FrontendProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

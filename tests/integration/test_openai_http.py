@@ -27,6 +27,7 @@ from PIL import Image
 
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer, free_port
+from tests.golden import templated_tokens
 
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 SMALL = {"num_inference_steps": 2, "seed": 7}
@@ -84,7 +85,9 @@ def test_models_lists_omnigen2(http_client: openai.OpenAI) -> None:
     assert [model.id for model in http_client.models.list()] == ["OmniGen2"]
 
 
-def test_images_generate_equals_the_grpc_generate(http_client: openai.OpenAI, client: OmniGen2Client) -> None:
+def test_images_generate_equals_the_grpc_generate(
+    http_client: openai.OpenAI, client: OmniGen2Client, tiny_checkpoint: Path
+) -> None:
     answer = http_client.images.generate(
         model="OmniGen2",
         prompt="A red apple on a wooden table",
@@ -111,6 +114,15 @@ def test_images_generate_equals_the_grpc_generate(http_client: openai.OpenAI, cl
         assert got.shape == (48, 64, 3)
         np.testing.assert_array_equal(got, _pixels(encoded))
     assert answer.model_extra is not None and answer.model_extra["seed"] == 7
+    # Text guidance reads the templated prompt and the (empty) negative prompt; 2 images of 4 x 3 16-px patches.
+    text = templated_tokens(tiny_checkpoint, "A red apple on a wooden table") + templated_tokens(tiny_checkpoint, "")
+    assert answer.usage is not None and answer.usage.model_dump(exclude_none=True) == {
+        "total_tokens": text + 24,
+        "input_tokens": text,
+        "output_tokens": 2 * (64 // 16) * (48 // 16),
+        "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+    }
+    assert (expected.usage.text_tokens, expected.usage.output_tokens) == (text, 24)
 
 
 @pytest.mark.parametrize("output_format", ["jpeg", "webp"])
@@ -228,14 +240,19 @@ def test_images_generate_streams_partial_images_then_the_same_image(http_client:
         assert (event.size, event.output_format) == ("32x32", "png") and event.created_at > 0
         assert _pixels(base64.b64decode(event.b64_json)).shape == (32, 32, 3)
     assert completed.model_extra is not None and completed.model_extra["seed"] == 7
+    assert all(getattr(e, "usage", None) is None for e in partials)
     plain = http_client.images.generate(prompt="A lighthouse", **settings)
+    assert plain.usage is not None and plain.usage.output_tokens == 2 * 2  # one 32x32 image: 2 x 2 patches of 16 px
+    assert completed.usage.model_dump() == plain.usage.model_dump(exclude_none=True)
     assert plain.data is not None and plain.data[0].b64_json is not None
     expected = _pixels(base64.b64decode(plain.data[0].b64_json))
     np.testing.assert_array_equal(_pixels(base64.b64decode(completed.b64_json)), expected)
     assert not np.array_equal(_pixels(base64.b64decode(partials[0].b64_json)), expected)  # an earlier estimate
 
 
-def test_images_edit_streams_and_n_images_complete_one_by_one(http_client: openai.OpenAI) -> None:
+def test_images_edit_streams_and_n_images_complete_one_by_one(
+    http_client: openai.OpenAI, tiny_checkpoint: Path
+) -> None:
     source = ("source.png", _png((32, 32), 1), "image/png")
     events = list(
         http_client.images.edit(image=source, prompt="Make it blue", stream=True, partial_images=1, extra_body=SMALL)
@@ -246,9 +263,18 @@ def test_images_edit_streams_and_n_images_complete_one_by_one(http_client: opena
     np.testing.assert_array_equal(
         _pixels(base64.b64decode(events[1].b64_json)), _pixels(base64.b64decode(plain.data[0].b64_json))
     )
-    # n > 1 streams without partial images (the previews show the first image only): one completed event each.
+    text = templated_tokens(tiny_checkpoint, "Make it blue") + templated_tokens(tiny_checkpoint, "")
+    usage = events[1].usage  # the 32x32 input and output are 2 x 2 patches of 16 px each
+    assert usage is not None and usage.input_tokens_details.model_dump() == {"text_tokens": text, "image_tokens": 4}
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (text + 4, 4, text + 8)
+    assert plain.usage is not None and usage.model_dump() == plain.usage.model_dump(exclude_none=True)
+    # n > 1 streams without partial images (the previews show the first image only): one completed event each,
+    # whose usage is that image's output beside the request's whole input.
     both = list(http_client.images.generate(prompt="Two cats", n=2, size="16x16", stream=True, extra_body=SMALL))
     assert [e.type for e in both] == ["image_generation.completed"] * 2
+    text = templated_tokens(tiny_checkpoint, "Two cats") + templated_tokens(tiny_checkpoint, "")
+    for event in both:
+        assert event.usage is not None and (event.usage.input_tokens, event.usage.output_tokens) == (text, 1)
 
 
 def test_streamed_images_refused_before_the_stream_are_http_errors(api: FrontendProcess) -> None:

@@ -4,11 +4,14 @@ against the `nudenet` package run in process, on benign images."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
@@ -44,7 +47,7 @@ def safety_triton(
 @pytest.fixture(scope="module")
 def safety_api(tmp_path_factory: pytest.TempPathFactory, safety_triton: TritonServer) -> Iterator[FrontendProcess]:
     log = tmp_path_factory.mktemp("safety-frontend") / "frontend.log"
-    with FrontendProcess(safety_triton.grpc_url, log) as frontend:
+    with FrontendProcess(safety_triton.grpc_url, log, http=True) as frontend:
         frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
         yield frontend
 
@@ -112,6 +115,7 @@ def test_images_over_a_threshold_are_withheld_with_the_reason(safety_api: Fronte
     _assert_withheld(result, 2)
     assert result.latents is not None and not result.latents.numpy().any()  # nothing of a withheld image leaves
     assert result.timings["safety"] > 0
+    assert result.usage.output_tokens == 2 * (48 // 16) * (32 // 16)  # generated, then withheld: still counted
 
 
 def test_stream_previews_are_withheld_too(safety_api: FrontendProcess) -> None:
@@ -121,3 +125,30 @@ def test_stream_previews_are_withheld_too(safety_api: FrontendProcess) -> None:
     assert len(progress) == 3 and all(isinstance(p, Progress) for p in progress)
     assert all(p.preview is None and p.preview_withheld for p in progress)
     _assert_withheld(result, 1)
+
+
+def test_openai_answers_say_which_images_were_withheld(safety_api: FrontendProcess) -> None:
+    """Unstreamed: `data` lacks them and `withheld` lists them. Streamed, with no image left to complete: an `error`
+    event (content_policy_violation, the `withheld` list beside it), which the openai package raises. (A stream
+    with only some images withheld, which a threshold of 0 cannot give, is in tests/test_openai_translation.py.)"""
+    http_client = openai.OpenAI(base_url=safety_api.http_url, api_key="unused", max_retries=0, timeout=120)
+    extra = {"steps": 2, "seed": 3}
+    answer = http_client.images.generate(prompt="A red apple", n=2, size="32x32", extra_body=extra)
+    assert answer.data == [] and answer.model_extra is not None
+    assert [w["index"] for w in answer.model_extra["withheld"]] == [0, 1]
+    assert answer.usage is not None and answer.usage.output_tokens == 2 * 2 * 2
+    body = json.dumps({"prompt": "A red apple", "size": "32x32", "stream": True, **extra}).encode()
+    request = urllib.request.Request(
+        f"{safety_api.http_url}/images/generations", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+        name, data = response.read().decode().strip().split("\n")
+    event = json.loads(data.removeprefix("data: "))
+    assert name == "event: error" and event["type"] == "error"
+    assert event["error"]["code"] == "content_policy_violation"
+    (withheld,) = event["withheld"]
+    assert withheld["index"] == 0 and withheld["findings"][0]["label"] == "BELLY_EXPOSED"
+    with pytest.raises(openai.APIError) as raised:
+        list(http_client.images.generate(prompt="A red apple", size="32x32", stream=True, extra_body=extra))
+    assert isinstance(raised.value.body, dict) and raised.value.body["code"] == "content_policy_violation"
