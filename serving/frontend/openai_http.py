@@ -151,8 +151,9 @@ class OpenAIGateway:
     async def _image_events(
         self, call: ImageCall, route: str, first: pb.GenerateEvent, events: AsyncIterator[pb.GenerateEvent]
     ) -> AsyncIterator[tuple[str | None, dict[str, Any]]]:
-        """OpenAI's image stream events; base64 of megabytes runs off the event loop. Then a completed event per
-        generated image, in order: a withheld one's says so in place of the image; with none left, an error event."""
+        """OpenAI's image stream events: partial images, then a completed event per generated image, in order (a
+        withheld image's in its place, saying so; with every image withheld, an error event instead). Base64 of
+        megabytes runs off the event loop."""
         event, partials = first, 0
         while event.HasField("progress"):
             progress = event.progress  # the last step's preview is the final image: not a partial one
