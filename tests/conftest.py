@@ -37,8 +37,11 @@ def tiny_checkpoint(golden: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ONNX export of the golden checkpoint per test session (it takes about 30 s on 2 cores)."""
-    return tmp_path_factory.mktemp("onnx-cache")
+    """One ONNX export of the golden checkpoint per test session (it takes about 45 s on 2 cores), or one kept
+    between sessions in OMNIGEN2_ONNX_CACHE (a folder of the developer's: the export is keyed by checkpoint and
+    settings, so a stale one is never reused)."""
+    kept = os.environ.get("OMNIGEN2_ONNX_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("onnx-cache")
 
 
 @pytest.fixture(scope="session")

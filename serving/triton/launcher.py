@@ -28,12 +28,14 @@ from types import TracebackType
 import tritonclient.grpc as triton_grpc
 
 from serving.errors import SettingError
-from serving.triton.watchdog import StubWatchdog
+from serving.triton.watchdog import StubWatchdog, stub_shm_regions
 
 LOOPBACK = "127.0.0.1"
 TRITONSERVER_ENV = "OMNIGEN2_TRITONSERVER"  # the root of a Triton install (bin/, lib/, backends/) to use
 SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
 STUB = "triton_python_backend_stub"
+SHM = Path("/dev/shm")
+UNLOADING = b"All models are stopped, unloading models"  # Triton's log line once nothing is in flight
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class TritonServer:
         self.log_path = log_path or build_dir / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
+        self._regions: set[str] = set()  # the stubs' shared memory, noted at start and stop
 
     @property
     def grpc_url(self) -> str:
@@ -184,6 +187,7 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> TritonServer:
         install = TritonInstall.find()
+        self._remove_regions()  # a previous server's, if it was killed
         env = dict(os.environ)
         # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
         # libpython (not another 3.11 the system may have: its extension modules would not link), and the
@@ -203,6 +207,7 @@ class TritonServer:
             raise
         if self.watchdog is not None:
             self.watchdog.stop()  # the previous server's, on a restart
+        self._regions = stub_shm_regions(self.process.pid)
         self.watchdog = StubWatchdog(self.process.pid, self.grpc_url).start()
         return self
 
@@ -224,18 +229,51 @@ class TritonServer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL the process group if it hangs."""
+    def stop(self, timeout: float = 30.0, unload_grace_s: float = 5.0) -> None:
+        """SIGTERM: Triton drains the requests in flight (up to `timeout`), then unloads its models; the process
+        group is killed if it is still there after either.
+
+        Unloading a Python-backend model can hang until Triton's own exit timeout (30 s) with its stub idle, a
+        deadlock in Triton (triton-inference-server/server#8755; seen here after concurrent decoupled requests).
+        Nothing is in flight by then, so unloading gets `unload_grace_s` (it takes 1-2 s) before the kill.
+        """
         if self.watchdog is not None:
             self.watchdog.stop()  # stubs end with the server: not a failure to repair
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self._regions |= stub_shm_regions(self.process.pid)
+            logged = self.log_path.stat().st_size if self.log_path.is_file() else 0
+            self.process.send_signal(signal.SIGTERM)
+            if not self._exited(timeout, logged, unload_grace_s):
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._remove_regions()
+
+    def _exited(self, timeout: float, logged: int, unload_grace_s: float) -> bool:
+        """Waits for the process to end after SIGTERM; False once `timeout` passed, or `unload_grace_s` after the
+        log (from byte `logged` on) says the models are unloading."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.process.wait(0.2)
+                return True
+            except subprocess.TimeoutExpired:
+                pass
+            with self.log_path.open("rb") as log:
+                log.seek(logged)
+                unloading = UNLOADING in log.read()
+            if unloading:
+                deadline = min(deadline, time.monotonic() + unload_grace_s)
+        return False
+
+    def _remove_regions(self) -> None:
+        """The shared-memory regions of stubs that ended without the server's clean-up (it was killed, here or by
+        someone else): each holds memory (`/dev/shm` is RAM) until it is unlinked."""
+        for region in self._regions:
+            (SHM / region).unlink(missing_ok=True)
+        self._regions = set()
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import tritonclient.grpc as triton_grpc
@@ -20,9 +21,9 @@ from tritonclient.utils import InferenceServerException
 log = logging.getLogger(__name__)
 
 
-def stub_processes(server_pid: int) -> dict[str, set[int]]:
-    """Model name -> pids of its live stub processes, read from /proc."""
-    found: dict[str, set[int]] = defaultdict(set)
+def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of the server's live stub processes, read from /proc. A stub's argv is its `model.py`, then
+    the name of the shared-memory region it talks to the server through."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -32,9 +33,21 @@ def stub_processes(server_pid: int) -> dict[str, set[int]]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
-        if parent == server_pid and len(argv) > 1 and argv[1].endswith(b"model.py"):
-            found[Path(argv[1].decode()).parents[1].name].add(int(proc.name))
+        if parent == server_pid and len(argv) > 2 and argv[1].endswith(b"model.py"):
+            yield int(proc.name), argv
+
+
+def stub_processes(server_pid: int) -> dict[str, set[int]]:
+    """Model name -> pids of its live stub processes."""
+    found: dict[str, set[int]] = defaultdict(set)
+    for pid, argv in _stubs(server_pid):
+        found[Path(argv[1].decode()).parents[1].name].add(pid)
     return found
+
+
+def stub_shm_regions(server_pid: int) -> set[str]:
+    """The names (in /dev/shm) of the shared-memory regions of the server's live stubs."""
+    return {argv[2].decode() for _, argv in _stubs(server_pid)}
 
 
 class StubWatchdog:

@@ -24,8 +24,8 @@ from omnigen2 import (
 )
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import Ports, TritonServer
-from serving.triton.watchdog import stub_processes
+from serving.triton.launcher import SHM, Ports, TritonServer
+from serving.triton.watchdog import stub_processes, stub_shm_regions
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}
@@ -45,6 +45,8 @@ def test_triton_killed_mid_request_then_back(own_triton: TritonServer, tmp_path:
         stream = client.stream("A long one", **LONG)
         assert isinstance(next(stream), Progress)
         assert own_triton.process is not None
+        regions = stub_shm_regions(own_triton.process.pid)
+        assert regions and all((SHM / region).exists() for region in regions)
         os.killpg(own_triton.process.pid, signal.SIGKILL)  # the server and its model stubs, without warning
         started = time.monotonic()
         with pytest.raises(UnavailableError):
@@ -56,6 +58,7 @@ def test_triton_killed_mid_request_then_back(own_triton: TritonServer, tmp_path:
 
         own_triton.process.wait()
         own_triton.start()  # same ports: the front end reconnects by itself
+        assert not any((SHM / region).exists() for region in regions)  # the killed server's memory is given back
         api.wait_health(SERVING, timeout=20)
         assert client.generate("Back again", width=32, height=32, steps=1).images
 
@@ -138,3 +141,6 @@ def test_a_dead_component_stub_turns_health_not_serving_then_is_brought_back(
         api.wait_health(SERVING, timeout=30)
         assert stub not in stub_processes(own_triton.process.pid)["vae_decoder"]  # a new stub
         assert client.generate("After", width=32, height=32, steps=1).images
+        regions = stub_shm_regions(own_triton.process.pid)
+    own_triton.stop()
+    assert regions and not any((SHM / region).exists() for region in regions)
