@@ -23,7 +23,7 @@ from serving.frontend.convert import API_FIELD, ChatForward, Forward
 from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
 from serving.frontend.triton_call import Buffer, TritonCall, Unbuffered
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
-from serving.triton.wire import WireError
+from serving.triton.wire import RECONNECT_OPTIONS, WireError
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class TritonBackend:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *RECONNECT_OPTIONS,
         ]
         self.client = triton_aio.InferenceServerClient(url, channel_args=options)
 

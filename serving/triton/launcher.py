@@ -29,6 +29,7 @@ import tritonclient.grpc as triton_grpc
 
 from serving.errors import SettingError
 from serving.triton.watchdog import StubWatchdog, stub_shm_regions
+from serving.triton.wire import RECONNECT_OPTIONS
 
 LOOPBACK = "127.0.0.1"
 TRITONSERVER_ENV = "OMNIGEN2_TRITONSERVER"  # the root of a Triton install (bin/, lib/, backends/) to use
@@ -212,7 +213,7 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        client = triton_grpc.InferenceServerClient(self.grpc_url, channel_args=RECONNECT_OPTIONS)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:

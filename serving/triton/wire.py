@@ -9,6 +9,15 @@ CODES = ("INVALID_ARGUMENT", "CANCELLED", "RESOURCE_EXHAUSTED", "INTERNAL")
 # Request parameters: a request's random key, and a stop request naming it (serving/triton/stops.py).
 CALL_PARAMETER = "omnigen2_call"
 STOP_PARAMETER = "omnigen2_stop"
+# gRPC channel options for Triton's callers. Triton runs beside them (loopback, or the pod's other container), so a
+# connection lost or not yet there is tried again every half second at most, not after gRPC's default backoff,
+# which grows to two minutes: the front end is back within a second of a restarted Triton, and a starting server
+# is seen ready when it is.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 @dataclass(frozen=True)
