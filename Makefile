@@ -42,7 +42,8 @@ browser:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 unit: $(STAMP) browser
-	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q
+	# The slowest tests are listed at the end, so a run that grows shows where (make test stays under ~10 min).
+	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q --durations=15
 
 test: lint typecheck unit
 

@@ -157,7 +157,9 @@ def test_cli_asks_for_step_caching(api: FrontendProcess, tmp_path: Path, capsys:
     out = tmp_path / "cached.png"
     argv = ["--server", api.address, "generate", "A red car", "-o", str(out), "--width", "64", "--height", "64"]
     assert cli_main([*argv, "--steps", "3", "--cache", "taylorseer", "--quiet"]) == 0
-    assert Image.open(out).size == (64, 64) and "step caching" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert Image.open(out).size == (64, 64) and "step caching" not in printed.err
+    assert "-> 16 output tokens" in printed.out  # 64x64 pixels: 4x4 patches of 16 px
 
 
 def test_stream_is_ordered_and_complete(client: OmniGen2Client) -> None:

@@ -170,6 +170,7 @@ def test_generate_in_the_browser_shows_the_served_image(
 
     shown = wait_for(page, "#generate-gallery img")
     WebDriverWait(page, 30).until(lambda _: "Seed 7" in page.find_element(By.ID, "generate-status").text)
+    assert "12 output tokens" in page.find_element(By.ID, "generate-status").text  # 64x48 px: 4x3 patches
     screenshot = tmp_path / "webui-generate.png"
     assert page.save_screenshot(str(screenshot)) and Image.open(screenshot).size[0] > 0
     if target := os.environ.get("OMNIGEN2_WEBUI_SCREENSHOT"):
