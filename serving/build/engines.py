@@ -4,7 +4,9 @@
 
 Optimisation profiles (min/opt/max per dynamic axis) come from the serving limits, so an engine accepts every
 request the front end admits. Engines are cached under a key made of the checkpoint hash, the GPU name, the
-TensorRT version, the precision and the profiles: a rebuild happens only when one of them changes.
+TensorRT version, the precision and the profiles: a rebuild happens only when one of them changes. The cache may
+be shared by pods starting together (a ReadWriteMany volume): one of them builds each engine while the others wait
+for it, at most --wait seconds (serving/build/cache_lock.py).
 TensorRT needs an NVIDIA GPU; elsewhere this command says so and exits with status 2.
 
 Precision: fp16 / bf16 let TensorRT pick reduced-precision kernels. fp8 is refused: it needs graphs with Q/DQ
@@ -14,21 +16,28 @@ quantisation (e.g. made with NVIDIA ModelOpt), which this project does not make 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.build.cache_lock import CacheLockTimeoutError, build_once
 from serving.errors import SettingError
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 from serving.runtime.onnx_backend import read_manifest
 
 log = logging.getLogger("export.engines")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# How long a pod waits for another one's build of an engine before giving up: a full-size transformer takes many
+# minutes, and a dead builder frees its lock at once (a vanished node: within the NFS lease).
+BUILD_WAIT_S = 3600.0
 Shape = tuple[int, ...]
 
 
@@ -160,13 +169,21 @@ def build_engine(trt: Any, onnx_path: Path, plan: Path, precision: str, shapes: 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
-    # Written aside and renamed: a build killed while writing leaves no truncated plan for the cache to take.
-    partial = plan.with_suffix(".partial")
-    partial.write_bytes(bytes(serialized))
-    partial.replace(plan)
+    plan.write_bytes(bytes(serialized))  # the aside path of build_once: renamed into place once written
 
 
-def build_engines(onnx_dir: Path, out: Path, precision: str, bounds: ProfileBounds) -> Path:
+def _write_aside(path: Path, text: str) -> None:
+    """Replace `path` whole: pods sharing the cache write the same file, and a reader must never see half of it."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep it from a pod running as another user
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(temp, path)
+
+
+def build_engines(
+    onnx_dir: Path, out: Path, precision: str, bounds: ProfileBounds, wait_s: float = BUILD_WAIT_S
+) -> Path:
     trt = require_tensorrt()
     import torch
 
@@ -177,15 +194,15 @@ def build_engines(onnx_dir: Path, out: Path, precision: str, bounds: ProfileBoun
     target = out / key
     target.mkdir(parents=True, exist_ok=True)
     for name in shapes:
-        plan = target / f"{name}.plan"
-        if plan.is_file():
-            log.info("%s: cached in %s", name, target)
-            continue
+        onnx_path = onnx_dir / manifest["graphs"][name]["file"]
+        build = functools.partial(build_engine, trt, onnx_path, precision=precision, shapes=shapes[name])
         started = time.perf_counter()
-        build_engine(trt, onnx_dir / manifest["graphs"][name]["file"], plan, precision, shapes[name])
-        log.info("%s: built in %.0f s", name, time.perf_counter() - started)
+        if build_once(target / f"{name}.plan", build, wait_s, what=name):
+            log.info("%s: built in %.0f s", name, time.perf_counter() - started)
+        else:
+            log.info("%s: cached in %s", name, target)
     info = {"key": key, "gpu": gpu, "tensorrt": trt.__version__, "precision": precision, "bounds": asdict(bounds)}
-    (target / "engines.json").write_text(json.dumps({**info, "profiles": shapes}, indent=2))
+    _write_aside(target / "engines.json", json.dumps({**info, "profiles": shapes}, indent=2))
     return target
 
 
@@ -195,13 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/engines"))
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--max-batch", type=int, default=24, help="samples per transformer call")
+    parser.add_argument(
+        "--wait", type=float, default=BUILD_WAIT_S, help="seconds to wait for another builder of the same engine"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bounds = ProfileBounds.from_limits(max_batch=args.max_batch)
     try:
-        target = build_engines(args.onnx, args.out, args.precision, ProfileBounds.from_limits(max_batch=args.max_batch))
+        target = build_engines(args.onnx, args.out, args.precision, bounds, args.wait)
     except GpuUnavailableError as exc:
         print(f"build_engines: {exc.description}", file=sys.stderr)
         return 2
+    except CacheLockTimeoutError as exc:
+        print(f"build_engines: {exc}", file=sys.stderr)
+        return 1
     print(f"TensorRT engines in {target}")
     return 0
 
