@@ -188,6 +188,8 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> TritonServer:
         install = TritonInstall.find()
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("tritonserver is running already: stop() it first")
         self._remove_regions()  # a previous server's, if it was killed
         env = dict(os.environ)
         # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
