@@ -146,9 +146,33 @@ def test_gpu_overlay_asks_for_a_gpu_and_builds_engines() -> None:
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     prepare = container(pod, "prepare-repository", init=True)
     assert env(prepare)["OMNIGEN2_BACKEND"] == "tensorrt"
-    # Engines land under the working directory (build/engines) on the volume Triton serves the repository from.
+    # The repository lands under the working directory, on the volume Triton serves it from (engines: below).
     assert {"name": "models", "mountPath": prepare["workingDir"]} in prepare["volumeMounts"]
     assert env(container(pod, "triton"))["MODEL_REPOSITORY"] == flag(prepare["command"], "--out")
+
+
+def test_gpu_pods_share_one_build_cache(pod: dict[str, Any]) -> None:
+    """Engines and the compile cache go to one ReadWriteMany claim, mounted read-write by the init container (which
+    builds them) and by Triton (the `pytorch` backend compiles at load) at the paths the generator's flags name.
+    The CPU base builds neither and keeps no such claim."""
+    objects = render("overlays/gpu")
+    (claim,) = [c for c in by_kind(objects, "PersistentVolumeClaim") if c["metadata"]["name"] == "omnigen2-build-cache"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (deployment,) = by_kind(objects, "Deployment")
+    gpu_pod = deployment["spec"]["template"]["spec"]
+    shared = {"claimName": "omnigen2-build-cache"}
+    (volume,) = [v["name"] for v in gpu_pod["volumes"] if v.get("persistentVolumeClaim") == shared]
+    prepare, triton = container(gpu_pod, "prepare-repository", init=True), container(gpu_pod, "triton")
+    mounts = [[m for m in c["volumeMounts"] if m["name"] == volume] for c in (prepare, triton)]
+    assert [len(m) for m in mounts] == [1, 1] and not any(m.get("readOnly") for (m,) in mounts)
+    (root,) = {m["mountPath"] for (m,) in mounts}
+    for name in ("--engines", "--compile-cache-dir"):
+        assert flag(prepare["command"], name).startswith(f"{root}/"), name
+    usage = subprocess.run(
+        [sys.executable, "-m", "serving.build.repository", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--engines" in usage and "--compile-cache-dir" in usage  # flags the generator takes
+    assert "omnigen2-build-cache" not in json.dumps(pod)
 
 
 def test_s3_overlay_lets_triton_read_the_repository() -> None:
