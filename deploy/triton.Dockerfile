@@ -5,8 +5,9 @@
 # container starts (deploy/k8s: the init container; deploy/compose.yaml: the `prepare` service), in /models:
 #   python3 -m serving.build.repository --checkpoint /checkpoints/OmniGen2 --out /models/model_repository --backend tensorrt
 # The `tensorrt` backend exports ONNX graphs and builds the engines from them with export/build_engines.py's library
-# (serving/build/engines.py), on the GPU that will run them, into /models/build/engines (cached by checkpoint, GPU,
-# TensorRT version, precision and profiles: a kept /models volume makes a restart a no-op); the CMD serves the
+# (serving/build/engines.py), on the GPU that will run them, into /models/build/engines or --engines (cached by
+# checkpoint, GPU, TensorRT version, precision and profiles: a kept /models volume makes a restart a no-op; on
+# deploy/k8s/overlays/gpu one volume shared by the pods, each engine built once under a file lock); the CMD serves the
 # result. `python3 -m serving.stack` run in this image starts its /opt/tritonserver, TensorRT backend included.
 # Not built where it was written (no Docker engine there): tests/test_deploy.py checks what matters in it.
 #   docker build -f deploy/triton.Dockerfile -t omnigen2/triton:0.1.0 .
