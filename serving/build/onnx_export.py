@@ -14,7 +14,6 @@ an unchanged checkpoint with the same settings is a no-op.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from serving.build.checkpoint_hash import checkpoint_hash
 from serving.model.checkpoint import CheckpointModules, check_layout, copy_processor, load_checkpoint
 from serving.model.graphs import (
     TextEncoderGraph,
@@ -210,17 +210,6 @@ GRAPHS: dict[str, GraphExport] = {
 }
 
 
-def checkpoint_hash(checkpoint: Path) -> str:
-    """sha256 over every file's relative path and bytes: the key of exported graphs and engine caches."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(checkpoint)).encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
     shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
@@ -283,11 +272,13 @@ def export_onnx(
     slim: bool = True,
     force: bool = False,
     dtype: torch.dtype = torch.float32,
+    key: str | None = None,
 ) -> Path:
     """Export all graphs unless `out` already holds them for this checkpoint and settings.
 
     The weights are loaded, and exported, in `dtype` (bf16 for a full-size checkpoint: no float32 copy); the
-    graphs' inputs and outputs stay float32 either way (the tensor contract).
+    graphs' inputs and outputs stay float32 either way (the tensor contract). `key`: the checkpoint's hash when the
+    caller has it (otherwise read from every byte of the checkpoint).
     """
     check_layout(checkpoint)
     settings = {
@@ -297,7 +288,7 @@ def export_onnx(
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    key = checkpoint_hash(checkpoint)
+    key = key or checkpoint_hash(checkpoint)
     manifest_path = out / MANIFEST
     if not force and manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -322,10 +313,12 @@ def export_onnx(
     return out
 
 
-def cached_export(checkpoint: Path, cache_root: Path) -> Path:
-    """Export into `cache_root/<checkpoint hash prefix>`, reusing an up-to-date export there."""
+def cached_export(checkpoint: Path, cache_root: Path, key: str | None = None) -> Path:
+    """Export into `cache_root/<checkpoint hash prefix>`, reusing an up-to-date export there. `key`: the checkpoint's
+    hash when the caller has it; otherwise taken with its memo in `cache_root` (checkpoint_hash.HASH_MEMO)."""
     check_layout(checkpoint)
-    return export_onnx(checkpoint, cache_root / checkpoint_hash(checkpoint)[:16])
+    key = key or checkpoint_hash(checkpoint, cache_root)
+    return export_onnx(checkpoint, cache_root / key[:16], key=key)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,8 +29,9 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serving.build.checkpoint_hash import checkpoint_hash
 from serving.build.engines import ProfileBounds, build_engines, engine_max_batch, engine_platform, manifest_profiles
-from serving.build.onnx_export import cached_export, checkpoint_hash
+from serving.build.onnx_export import cached_export
 from serving.errors import OmniGen2Error, SettingError
 from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
 from serving.model.contract import graph_contracts
@@ -312,7 +313,7 @@ def prepare_repository(
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
     platform = engine_platform() if backend == "tensorrt" else {}  # TensorRT and a GPU, before an ONNX export
     verify_checkpoint(checkpoint)  # before anything is written or served
-    source_hash = checkpoint_hash(checkpoint)
+    source_hash = checkpoint_hash(checkpoint, onnx_cache)  # memoised there: a 16 GB checkpoint is read once
     served_by = served_name(backend, precision)
     bls = bls or bls_settings(backend, precision, device=device)
     if backend == "pytorch":
@@ -340,7 +341,7 @@ def prepare_repository(
         model_spec = read_spec(checkpoint)
         spec, contracts = model_spec.to_dict(), graph_contracts(model_spec, text_dim)
     else:
-        onnx_dir = cached_export(checkpoint, onnx_cache)
+        onnx_dir = cached_export(checkpoint, onnx_cache, source_hash)
         onnx_manifest = json.loads((onnx_dir / MANIFEST).read_text())
         spec, contracts = onnx_manifest["spec"], onnx_manifest["graphs"]
     engine_dir: Path | None = None
