@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2
 from omnigen2 import AsyncOmniGen2Client
 
 from benchmarks import full_smoke, safety_cost, step_cache
@@ -37,12 +36,11 @@ from benchmarks.machine import machine_info
 from benchmarks.memory import PeakMemory
 from benchmarks.plots import plot_sweep
 from benchmarks.report import write_markdown
+from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
 from export.make_checkpoint import make_checkpoint
 from serving.build.repository import prepare_repository
-from serving.frontend.process import FrontendProcess
 from serving.pipeline.eager import OmniGen2Pipeline
-from serving.triton.launcher import Ports, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_TINY = ROOT.parent / "shared" / "golden" / "tiny-omnigen2"
@@ -158,20 +156,18 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
     size, steps = profile.size, profile.steps
     workloads = standard_mixes(size, steps) if profile.mixes else standard_mixes(size, steps)[:1]
     points: list[Point] = []
-    with TritonServer(repository, Ports.free(), build_dir=work / name) as triton:
-        log = work / name / "frontend.log"
-        with FrontendProcess(triton.grpc_url, log, "--max-in-flight=256", "--metrics-port=0") as api:
-            api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
-            assert triton.process is not None and api.process is not None
-            pids = [triton.process.pid, api.process.pid]
-            for i, workload in enumerate(workloads):
-                sweep = profile.concurrency if i == 0 else sorted({profile.concurrency[0], profile.concurrency[-1]})
-                asyncio.run(served_point(api.address, workload, 1, 1, pids))  # warm-up: sessions, caches
-                for concurrency in sweep:
-                    requests = max(profile.min_requests, concurrency * profile.requests_per_slot)
-                    point = asyncio.run(served_point(api.address, workload, concurrency, requests, pids))
-                    points.append(point)
-                    print(json.dumps(point.summary()), flush=True)
+    with served(repository, work / name, "--max-in-flight=256", "--metrics-port=0") as (triton, api):
+        assert triton.process is not None and api.process is not None
+        pids = [triton.process.pid, api.process.pid]
+        for i, workload in enumerate(workloads):
+            sweep = profile.concurrency if i == 0 else sorted({profile.concurrency[0], profile.concurrency[-1]})
+            asyncio.run(served_point(api.address, workload, 1, 1, pids))  # warm-up: sessions, caches
+            for concurrency in sweep:
+                requests = max(profile.min_requests, concurrency * profile.requests_per_slot)
+                point = asyncio.run(served_point(api.address, workload, concurrency, requests, pids))
+                points.append(point)
+                print(json.dumps(point.summary()), flush=True)
+        api.stop()  # the eager baselines run beside an idle Triton, without the front end (as they always have)
         baselines = {"eager": torch.float32} | ({"eager-bf16": torch.bfloat16} if profile.precision == "bf16" else {})
         for mode, dtype in baselines.items():
             pipe = OmniGen2Pipeline.from_pretrained(checkpoint, dtype=dtype)

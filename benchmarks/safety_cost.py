@@ -20,18 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from grpc_health.v1 import health_pb2
 from omnigen2 import AsyncOmniGen2Client
 
 from benchmarks.machine import machine_info
+from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
 from serving.build.repository import prepare_repository
-from serving.frontend.process import FrontendProcess
 from serving.runtime.ort_session import cpu_session
 from serving.safety.detections import class_scores, decode, graph_input
 from serving.safety.letterbox import letterbox
 from serving.safety.settings import SIDE, SafetySettings, nudenet_graph
-from serving.triton.launcher import Ports, TritonServer
 
 SIZE, STEPS = 256, 8
 CONCURRENCY = (1, 4)
@@ -88,11 +86,7 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
             repository = prepare_repository(
                 checkpoint, work / name / "model_repository", onnx_cache=work.parent / "onnx", safety=safety
             )
-            triton = stack.enter_context(TritonServer(repository, Ports.free(), build_dir=work / name))
-            api = stack.enter_context(
-                FrontendProcess(triton.grpc_url, work / name / "frontend.log", "--max-in-flight=64", "--metrics-port=0")
-            )
-            api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
+            _, api = stack.enter_context(served(repository, work / name, "--max-in-flight=64", "--metrics-port=0"))
             addresses[name] = api.address
             asyncio.run(_round(api.address, workload, 1, seed=0))  # warm-up: sessions, caches
         for concurrency in CONCURRENCY:

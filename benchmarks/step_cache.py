@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from grpc_health.v1 import health_pb2
 from omnigen2 import AsyncOmniGen2Client, GenerationResult
 
 from benchmarks.machine import machine_info
+from benchmarks.served import served
 from benchmarks.workloads import Workload
 from serving.build.repository import prepare_repository
-from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import Ports, TritonServer
 
 SIZE = 256
 STEPS = (28, 50)
@@ -79,29 +77,26 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
     repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=work.parent / "onnx")
     load = {"start": os.getloadavg()[0]}
     points: list[dict[str, Any]] = []
-    with TritonServer(repository, Ports.free(), build_dir=work) as triton:
-        api = FrontendProcess(triton.grpc_url, work / "frontend.log", "--max-in-flight=64", "--metrics-port=0")
-        with api:
-            api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
-            for steps in STEPS:
-                workload = Workload.make("t2i", "A red apple on a wooden table", SIZE, steps)
-                asyncio.run(_batch(api.address, Workload.make("t2i", "warm", SIZE, 2), {}))  # sessions, caches
-                reference: list[GenerationResult] = []
-                for mode, options in MODES.items():
-                    timed, wall = asyncio.run(_batch(api.address, workload, options))
-                    generated = [result for result, _ in timed]
-                    reference = reference or generated
-                    latencies = [latency for _, latency in timed]
-                    point = {
-                        "steps": steps,
-                        "mode": mode,
-                        "requests": len(generated),
-                        "p50_s": statistics.median(latencies),
-                        "images_per_s": len(generated) / wall,
-                        "cache_ran": sorted({r.cache for r in generated}),
-                    } | _drift(generated, reference)
-                    points.append(point)
-                    print(json.dumps(point), flush=True)
+    with served(repository, work, "--max-in-flight=64", "--metrics-port=0") as (_, api):
+        for steps in STEPS:
+            workload = Workload.make("t2i", "A red apple on a wooden table", SIZE, steps)
+            asyncio.run(_batch(api.address, Workload.make("t2i", "warm", SIZE, 2), {}))  # sessions, caches
+            reference: list[GenerationResult] = []
+            for mode, options in MODES.items():
+                timed, wall = asyncio.run(_batch(api.address, workload, options))
+                generated = [result for result, _ in timed]
+                reference = reference or generated
+                latencies = [latency for _, latency in timed]
+                point = {
+                    "steps": steps,
+                    "mode": mode,
+                    "requests": len(generated),
+                    "p50_s": statistics.median(latencies),
+                    "images_per_s": len(generated) / wall,
+                    "cache_ran": sorted({r.cache for r in generated}),
+                } | _drift(generated, reference)
+                points.append(point)
+                print(json.dumps(point), flush=True)
     load["end"] = os.getloadavg()[0]
     for point in points:
         base = next(p for p in points if p["steps"] == point["steps"] and p["mode"] == "none")

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client
 
 from benchmarks.machine import machine_info
+from benchmarks.served import served
 from serving.build.repository import prepare_repository
-from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024**2
@@ -44,35 +43,33 @@ def _status_kib(pid: int, field: str) -> int:
 def measure(checkpoint: Path, sides: list[int], work: Path) -> list[dict[str, Any]]:
     repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=work / "onnx")
     points = []
-    with TritonServer(repository, Ports.free(), build_dir=work / "triton") as triton:
-        # Budgets out of the way: this measures what they are set from.
-        flags = ("--max-sample-tokens=1000000", "--max-step-tokens=1000000", "--max-request-tokens=100000000")
-        with FrontendProcess(triton.grpc_url, work / "frontend.log", *flags) as api:
-            api.wait_health(health_pb2.HealthCheckResponse.SERVING)
-            client = OmniGen2Client(api.address, timeout=3600, retries=0)
-            stub = _stub(triton, "transformer")
-            for side in sides:
-                time.sleep(2)  # the stub trims its heap a second after its last call
-                idle = _status_kib(stub.pid, "VmRSS")
-                Path(f"/proc/{stub.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-                started = time.perf_counter()
-                client.generate(
-                    "A measured cat", width=side, height=side, steps=1, text_guidance_scale=1.0, seed=1,
-                    max_pixels=side * side,
-                )  # fmt: skip
-                peak = _status_kib(stub.pid, "VmHWM")
-                tokens = (side // 16) ** 2
-                points.append(
-                    {
-                        "side": side,
-                        "image_tokens": tokens,
-                        "seconds": time.perf_counter() - started,
-                        "idle_mib": idle / 1024,
-                        "peak_above_idle_mib": (peak - idle) / 1024,
-                        "bytes_per_token_squared": (peak - idle) * 1024 / tokens**2,
-                    }
-                )
-                print(json.dumps(points[-1]), flush=True)
+    # Budgets out of the way: this measures what they are set from.
+    flags = ("--max-sample-tokens=1000000", "--max-step-tokens=1000000", "--max-request-tokens=100000000")
+    with served(repository, work / "triton", *flags) as (triton, api):
+        client = OmniGen2Client(api.address, timeout=3600, retries=0)
+        stub = _stub(triton, "transformer")
+        for side in sides:
+            time.sleep(2)  # the stub trims its heap a second after its last call
+            idle = _status_kib(stub.pid, "VmRSS")
+            Path(f"/proc/{stub.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            started = time.perf_counter()
+            client.generate(
+                "A measured cat", width=side, height=side, steps=1, text_guidance_scale=1.0, seed=1,
+                max_pixels=side * side,
+            )  # fmt: skip
+            peak = _status_kib(stub.pid, "VmHWM")
+            tokens = (side // 16) ** 2
+            points.append(
+                {
+                    "side": side,
+                    "image_tokens": tokens,
+                    "seconds": time.perf_counter() - started,
+                    "idle_mib": idle / 1024,
+                    "peak_above_idle_mib": (peak - idle) / 1024,
+                    "bytes_per_token_squared": (peak - idle) * 1024 / tokens**2,
+                }
+            )
+            print(json.dumps(points[-1]), flush=True)
     return points
 
 
