@@ -38,8 +38,8 @@ def tiny_checkpoint(golden: Path) -> Path:
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ONNX export of the golden checkpoint per test session (it takes about 45 s on 2 cores), or one kept
-    between sessions in OMNIGEN2_ONNX_CACHE (a folder of the developer's: the export is keyed by checkpoint and
-    settings, so a stale one is never reused)."""
+    between sessions in OMNIGEN2_ONNX_CACHE (a developer's folder, for quick reruns). The export is keyed by the
+    checkpoint and the export settings, not by the graph code: after changing serving/model/, empty the folder."""
     kept = os.environ.get("OMNIGEN2_ONNX_CACHE")
     return Path(kept) if kept else tmp_path_factory.mktemp("onnx-cache")
 

@@ -43,12 +43,14 @@ def test_profiles_are_ordered_and_cover_the_limits() -> None:
 
 def test_cache_key_changes_with_what_changes_the_engine() -> None:
     shapes = profiles(ProfileBounds.from_limits(), SPEC, 2048)
+    export = {"format_version": 3, "opset": 20, "torch": "2.13.0", "dtype": "bfloat16"}
     variants = [
-        ("abc", "H100", "10.9", "bf16"),
-        ("abd", "H100", "10.9", "bf16"),
-        ("abc", "H200", "10.9", "bf16"),
-        ("abc", "H100", "10.10", "bf16"),
-        ("abc", "H100", "10.9", "fp16"),
+        ("abc", export, "H100", "10.9", "bf16"),
+        ("abd", export, "H100", "10.9", "bf16"),
+        ("abc", export | {"format_version": 4}, "H100", "10.9", "bf16"),  # another image's graphs
+        ("abc", export, "H200", "10.9", "bf16"),
+        ("abc", export, "H100", "10.10", "bf16"),
+        ("abc", export, "H100", "10.9", "fp16"),
     ]
     keys = [cache_key(*v, shapes) for v in variants]
     assert keys[0] == cache_key(*variants[0], shapes)

@@ -154,8 +154,9 @@ def test_image_usage_adds_text_and_image_tokens_as_input_and_shares_the_output_p
         "output_tokens": 36,
         "input_tokens_details": {"text_tokens": 110, "image_tokens": 12},
     }
-    one_of_three = image_usage(usage, 3)  # a completed event: one image of 3, the whole request's input
-    assert (one_of_three["output_tokens"], one_of_three["input_tokens"], one_of_three["total_tokens"]) == (12, 122, 134)
+    first, second = image_usage(usage, 3), image_usage(usage, 3, with_input=False)  # completed events of 3 images
+    assert (first["output_tokens"], first["input_tokens"], first["total_tokens"]) == (12, 122, 134)
+    assert (second["output_tokens"], second["input_tokens"], second["total_tokens"]) == (12, 0, 12)
 
 
 def _streamed(response: pb.GenerateResponse) -> list[tuple[str | None, dict[str, Any]]]:
@@ -187,8 +188,8 @@ def test_a_streamed_image_the_safety_classifier_withheld_completes_without_pixel
     assert [base64.b64decode(e["b64_json"]) for e in (first, third)] == [b"first", b"third"]
     assert "b64_json" not in withheld and withheld["seed"] == 5
     assert withheld["withheld"] == {"index": 1, "findings": [{"label": "BELLY_EXPOSED", "score": 0.25, "threshold": 0}]}
-    for _, event in events:
-        assert event["usage"]["output_tokens"] == 1 and event["usage"]["input_tokens"] == 50
+    assert [event["usage"]["output_tokens"] for _, event in events] == [1, 1, 1]
+    assert [event["usage"]["input_tokens"] for _, event in events] == [50, 0, 0]  # the input counted once
 
 
 def test_a_stream_whose_every_image_is_withheld_ends_with_a_content_policy_error() -> None:

@@ -134,9 +134,9 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
         path.write_bytes(data)  # the server's encoding, byte for byte
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v)
     usage = result.usage
-    tokens = f"{usage.text_tokens} text + {usage.image_tokens} image -> {usage.output_tokens} output tokens"
-    where = f"served by {result.served_by}"
-    print(f"wrote {', '.join(map(str, outputs))} (seed {result.seed}; {tokens}; {timings}; {where})")
+    tokens = f"{usage.text_tokens} text + {usage.image_tokens} image -> {usage.output_tokens} output tokens; "
+    tokens = tokens if usage.output_tokens else ""  # a server older than usage counts none
+    print(f"wrote {', '.join(map(str, outputs))} (seed {result.seed}; {tokens}{timings}; served by {result.served_by})")
     if result.truncated_prompt_tokens or result.truncated_negative_prompt_tokens:
         cut = f"{result.truncated_prompt_tokens} prompt, {result.truncated_negative_prompt_tokens} negative prompt"
         print(f"tokens cut at --max-sequence-length: {cut}", file=sys.stderr)

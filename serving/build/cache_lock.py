@@ -2,12 +2,12 @@
 
 `build_once(target, build)` checks for `target`, and when it is missing takes an exclusive advisory lock on
 `<target>.lock` beside it, checks again (another holder may have built it meanwhile), builds into
-`<target>.partial` and renames that into place. Readers never see a half-written file: `target` only ever appears
-whole, by rename.
+`<target>.partial.<host>.<pid>` and renames that into place. Readers never see a half-written file: `target` only
+ever appears whole, by rename.
 
 The lock is flock(2). The kernel drops it when its holder dies, however it dies, so a pod killed mid-build frees the
-next one, which finds no `target` and builds again (over the dead one's `.partial`). On NFS, Linux emulates flock
-with NFSv4 byte-range locks: a holder's own death releases them at once; a node that vanishes keeps them until the
+next one, which finds no `target`, removes the dead one's `.partial.*` and builds again. On NFS, Linux emulates
+flock with NFSv4 byte-range locks: a holder's own death releases them at once; a node that vanishes keeps them until the
 server's lease runs out (90 s by default). A wait is bounded all the same (a build hung on a live pod holds its lock
 indefinitely): past `timeout_s` the waiter gives up with CacheLockTimeoutError instead of waiting forever.
 """
@@ -15,8 +15,10 @@ indefinitely): past `timeout_s` the waiter gives up with CacheLockTimeoutError i
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,8 +89,11 @@ def build_once(target: Path, build: Callable[[Path], object], timeout_s: float, 
         if _present(target):
             log.info("%s: built by another builder meanwhile, reused", what)
             return False
-        partial = target.with_name(target.name + ".partial")
-        partial.unlink(missing_ok=True)  # a dead builder's leftover
+        # Leftovers of builders that lost the lock (dead, or cut off past the NFS lease) go; this builder's own
+        # aside name means such a builder, still running, can never rename a file of this one into place.
+        for leftover in target.parent.glob(f"{glob.escape(target.name)}.partial.*"):
+            leftover.unlink(missing_ok=True)
+        partial = target.with_name(f"{target.name}.partial.{socket.gethostname()}.{os.getpid()}")
         try:
             build(partial)
             with open(partial, "rb") as written:  # on the server before the name appears (NFS: close-to-open)

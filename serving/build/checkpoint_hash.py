@@ -9,6 +9,8 @@ Not seen: a file rewritten in place with the same size and its old mtime_ns put 
 `touch -d`, `os.utime` onto a file of the same size). That is no accident of serving or of downloading a
 checkpoint, so it is accepted; `checkpoint_hash` without a memo reads every byte. A file changed within
 `RACY_S` of hashing is not memoised: a second write in the same clock tick could leave its mtime_ns as it was.
+On a network file system that guard compares the server's file times with this machine's clock, so it holds only
+while the two clocks agree within `RACY_S`.
 ctime is left out on purpose: hard-linking the checkpoint into a repository (`link_or_copy`) changes it.
 
 The value is the one of a plain read (paths and bytes in path order), so caches keyed by it stay valid.

@@ -3,8 +3,9 @@
     python -m export.build_engines --onnx build/onnx/full --out build/engines --precision bf16
 
 Optimisation profiles (min/opt/max per dynamic axis) come from the serving limits, so an engine accepts every
-request the front end admits. Engines are cached under a key made of the checkpoint hash, the GPU name, the
-TensorRT version, the precision and the profiles: a rebuild happens only when one of them changes. The cache may
+request the front end admits. Engines are cached under a key made of the checkpoint hash, the ONNX export's
+settings, the GPU name, the TensorRT version, the precision and the profiles: a rebuild happens only when one of
+them changes. The cache may
 be shared by pods starting together (a ReadWriteMany volume): one of them builds each engine while the others wait
 for it, at most --wait seconds (serving/build/cache_lock.py).
 TensorRT needs an NVIDIA GPU; elsewhere this command says so and exits with status 2.
@@ -123,8 +124,17 @@ def engine_max_batch(shapes: dict[str, tuple[Shape, ...]]) -> int:
     return min(high[0] for _low, _opt, high in shapes.values())
 
 
-def cache_key(checkpoint_sha256: str, gpu: str, trt_version: str, precision: str, shapes: dict[str, Any]) -> str:
-    material = json.dumps([checkpoint_sha256, gpu, trt_version, precision, shapes], sort_keys=True)
+def cache_key(
+    checkpoint_sha256: str,
+    export_settings: dict[str, Any],
+    gpu: str,
+    trt_version: str,
+    precision: str,
+    shapes: dict[str, Any],
+) -> str:
+    """Everything an engine is built from. The export's settings (format version, opset, torch, dtype) are in it:
+    a cache that outlives the image (the shared volume) must not serve engines built from an older image's graphs."""
+    material = json.dumps([checkpoint_sha256, export_settings, gpu, trt_version, precision, shapes], sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -190,7 +200,7 @@ def build_engines(
     manifest = read_manifest(onnx_dir)
     shapes = manifest_profiles(manifest, bounds)
     gpu = torch.cuda.get_device_name(0)
-    key = cache_key(manifest["checkpoint_sha256"], gpu, trt.__version__, precision, shapes)
+    key = cache_key(manifest["checkpoint_sha256"], manifest["settings"], gpu, trt.__version__, precision, shapes)
     target = out / key
     target.mkdir(parents=True, exist_ok=True)
     for name in shapes:

@@ -169,9 +169,9 @@ class OpenAIGateway:
             return
         withheld = {image.index: image for image in result.withheld}
         count = len(result.images) + len(withheld)
-        usage = image_usage(result.usage, count)
         kept = iter(result.images)
         for index in range(count):
+            usage = image_usage(result.usage, count, with_input=index == 0)
             if index in withheld:
                 completed = withheld_event(route, withheld[index], result.seed, usage)
             else:

@@ -284,10 +284,12 @@ def image_answer(response: pb.GenerateResponse) -> dict[str, Any]:
     }
 
 
-def image_usage(usage: pb.GenerateUsage, images: int = 1) -> dict[str, Any]:
+def image_usage(usage: pb.GenerateUsage, images: int = 1, with_input: bool = True) -> dict[str, Any]:
     """OpenAI's image `usage`; input tokens are the text's and the input images'. With `images` > 1, one image's
-    share of the output (a completed event is one image's), beside the whole request's input."""
-    text, reference, output = usage.text_tokens, usage.image_tokens, usage.output_tokens // images
+    share of the output (a completed event is one image's), beside the request's input where `with_input` (the
+    first event only, so that the events add up to the request's usage)."""
+    text, reference = (usage.text_tokens, usage.image_tokens) if with_input else (0, 0)
+    output = usage.output_tokens // max(images, 1)
     return {
         "total_tokens": text + reference + output,
         "input_tokens": text + reference,

@@ -47,6 +47,8 @@ from serving.frontend.status import ApiError, invalid_argument
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
 from serving.pipeline.request import CacheKind
 
+# What this front end's GenerateUsage knows: a newer BLS's further counts are left out, not an error.
+USAGE_FIELDS = frozenset(pb.GenerateUsage.DESCRIPTOR.fields_by_name)
 log = logging.getLogger(__name__)
 STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode", "safety")
 T = TypeVar("T")
@@ -269,7 +271,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             truncated_negative_prompt_tokens=event.truncated_negative_prompt_tokens,
             cache=API_STEP_CACHES[CacheKind(event.cache)],
             cache_note=event.cache_note,
-            usage=pb.GenerateUsage(**event.usage),
+            usage=pb.GenerateUsage(**{k: v for k, v in event.usage.items() if k in USAGE_FIELDS}),
             withheld=[
                 pb.WithheldImage(index=entry["index"], findings=[pb.SafetyFinding(**f) for f in entry["findings"]])
                 for entry in event.withheld

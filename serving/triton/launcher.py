@@ -248,9 +248,14 @@ class TritonServer:
             self._regions |= stub_shm_regions(self.process.pid)
             logged = self.log_path.stat().st_size if self.log_path.is_file() else 0
             self.process.send_signal(signal.SIGTERM)
-            if not self._exited(timeout, logged, unload_grace_s):
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            exited = False
+            try:
+                exited = self._exited(timeout, logged, unload_grace_s)
+            finally:
+                if not exited:
+                    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
         self._remove_regions()
 
     def _exited(self, timeout: float, logged: int, unload_grace_s: float) -> bool:
@@ -264,12 +269,17 @@ class TritonServer:
                 return True
             except subprocess.TimeoutExpired:
                 pass
-            with self.log_path.open("rb") as log:
-                log.seek(logged)
-                unloading = UNLOADING in log.read()
-            if unloading:
+            if self._logged_since(logged, UNLOADING):
                 deadline = min(deadline, time.monotonic() + unload_grace_s)
         return False
+
+    def _logged_since(self, offset: int, line: bytes) -> bool:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return line in log.read()
+        except OSError:  # a log moved away: the wait falls back to the whole timeout
+            return False
 
     def _remove_regions(self) -> None:
         """The shared-memory regions of stubs that ended without the server's clean-up (it was killed, here or by

@@ -13,11 +13,8 @@ STOP_PARAMETER = "omnigen2_stop"
 # connection lost or not yet there is tried again every half second at most, not after gRPC's default backoff,
 # which grows to two minutes: the front end is back within a second of a restarted Triton, and a starting server
 # is seen ready when it is.
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
+# (Not grpc.min_reconnect_backoff_ms: it is the time a connection attempt is allowed, 20 s by default.)
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def describe(result: GenerationResult) -> str:
     timings = result.timings
     text = f"Seed **{result.seed}** · {timings['total']:.2f} s (denoise {timings['denoise']:.2f} s)"
     usage = result.usage
-    text += f" · {usage.text_tokens + usage.image_tokens} input, {usage.output_tokens} output tokens"
+    if usage.output_tokens:  # a server older than usage counts none
+        text += f" · {usage.text_tokens + usage.image_tokens} input, {usage.output_tokens} output tokens"
     if result.cache != "none":
         text += f" · step cache {result.cache}"
     if result.cache_note:
