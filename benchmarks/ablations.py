@@ -33,7 +33,7 @@ import torch
 from benchmarks.harness import ROOT, checkpoint_for
 from benchmarks.machine import machine_info
 from benchmarks.timing import best_ms
-from serving.build.onnx_export import cached_export
+from serving.artifacts.onnx_export import cached_export
 from serving.model.checkpoint import load_graph
 from serving.model.config import TransformerConfig
 from serving.model.spec import ModelSpec

@@ -29,7 +29,7 @@ from omnigen2 import OmniGen2Client
 from PIL import Image
 
 from benchmarks.machine import machine_info
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.model.checkpoint import GRAPH_PARTS, WEIGHT_STEMS
 from serving.model.weights import weight_files

@@ -39,7 +39,7 @@ from benchmarks.report import write_markdown
 from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
 from export.make_checkpoint import make_checkpoint
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.pipeline.eager import OmniGen2Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ class Profile:
     requests_per_slot: int  # requests per point = max(min_requests, concurrency * this)
     min_requests: int
     mixes: bool  # all four request mixes, or text-to-image only
-    backend: str = "onnxruntime"  # the repository backend (serving/build/repository.py)
+    backend: str = "onnxruntime"  # the repository backend (serving/artifacts/repository.py)
     precision: str = "fp32"
 
 

@@ -25,7 +25,7 @@ from omnigen2 import AsyncOmniGen2Client
 from benchmarks.machine import machine_info
 from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.runtime.ort_session import cpu_session
 from serving.safety.detections import class_scores, decode, graph_input
 from serving.safety.letterbox import letterbox

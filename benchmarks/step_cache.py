@@ -25,7 +25,7 @@ from omnigen2 import AsyncOmniGen2Client, GenerationResult
 from benchmarks.machine import machine_info
 from benchmarks.served import served
 from benchmarks.workloads import Workload
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 
 SIZE = 256
 STEPS = (28, 50)

@@ -22,7 +22,7 @@ from omnigen2 import OmniGen2Client
 
 from benchmarks.machine import machine_info
 from benchmarks.served import served
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.triton.launcher import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,9 +3,9 @@
 # TensorRT) plus this package with its `model` extra (the BLS, the mllm and component models, the repository
 # generator and the engine builder). The model repository is generated from a checkpoint volume when a pod or
 # container starts (deploy/k8s: the init container; deploy/compose.yaml: the `prepare` service), in /models:
-#   python3 -m serving.build.repository --checkpoint /checkpoints/OmniGen2 --out /models/model_repository --backend tensorrt
+#   python3 -m serving.artifacts.repository --checkpoint /checkpoints/OmniGen2 --out /models/model_repository --backend tensorrt
 # The `tensorrt` backend exports ONNX graphs and builds the engines from them with export/build_engines.py's library
-# (serving/build/engines.py), on the GPU that will run them, into /models/build/engines or --engines (cached by
+# (serving/artifacts/engines.py), on the GPU that will run them, into /models/build/engines or --engines (cached by
 # checkpoint, GPU, TensorRT version, precision and profiles: a kept /models volume makes a restart a no-op; on
 # deploy/k8s/overlays/gpu one volume shared by the pods, each engine built once under a file lock); the CMD serves the
 # result. `python3 -m serving.stack` run in this image starts its /opt/tritonserver, TensorRT backend included.
@@ -31,7 +31,7 @@ COPY benchmarks/ benchmarks/
 RUN python3 -m pip install --extra-index-url "${TORCH_INDEX}" ./client '.[model]' \
     && trt="$(ls /usr/lib/*-linux-gnu/libnvinfer.so.10.*.* | head -n1 | sed 's/.*libnvinfer\.so\.//')" \
     && python3 -m pip install "tensorrt-cu${CUDA_VERSION%%.*}==${trt}.*" \
-    && python3 -c "import serving.triton.bls, serving.build.engines, tensorrt" \
+    && python3 -c "import serving.triton.bls, serving.artifacts.engines, tensorrt" \
     && python3 -c "from serving.triton.launcher import TritonInstall; TritonInstall.find().require_backend('tensorrt')"
 # The NGC image's unprivileged user (uid 1000); /models is where the generated repository goes (a volume).
 RUN mkdir -p /models && chown 1000:1000 /models

@@ -1,9 +1,9 @@
 """Command line: ONNX graphs -> TensorRT engines (exits 2 where there is no GPU or TensorRT). The library is
-serving/build/engines.py."""
+serving/artifacts/engines.py."""
 
 import sys
 
-from serving.build.engines import main
+from serving.artifacts.engines import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
-"""Command line: checkpoint -> ONNX graphs + manifest. The library is serving/build/onnx_export.py."""
+"""Command line: checkpoint -> ONNX graphs + manifest. The library is serving/artifacts/onnx_export.py."""
 
-from serving.build.onnx_export import main
+from serving.artifacts.onnx_export import main
 
 if __name__ == "__main__":
     main()

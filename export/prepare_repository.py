@@ -1,6 +1,6 @@
-"""Command line: checkpoint -> Triton model repository. The library is serving/build/repository.py."""
+"""Command line: checkpoint -> Triton model repository. The library is serving/artifacts/repository.py."""
 
-from serving.build.repository import main
+from serving.artifacts.repository import main
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from serving.build.repository import (
+from serving.artifacts.repository import (
     BACKENDS,
     add_bls_arguments,
     add_safety_arguments,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from serving.build.onnx_export import cached_export
+from serving.artifacts.onnx_export import cached_export
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.eager import OmniGen2Pipeline
 

@@ -1,4 +1,4 @@
-"""The engine cache shared by pods (serving/build/cache_lock.py): real processes race on one cache folder, as pods
+"""The engine cache shared by pods (serving/artifacts/cache_lock.py): real processes race on one cache folder, as pods
 starting together on a ReadWriteMany volume do. No TensorRT here: stand-in build functions write the "engines"
 (slowly, so that the races are real) and log every build to a file, which counts them across processes."""
 
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from serving.build import engines
-from serving.build.cache_lock import CacheLockTimeoutError, build_once, exclusive_lock
+from serving.artifacts import engines
+from serving.artifacts.cache_lock import CacheLockTimeoutError, build_once, exclusive_lock
 from tests.test_build_engines import SPEC
 
 CTX = multiprocessing.get_context("fork")  # the children inherit the test's stand-ins

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.build import repository
-from serving.build.engines import ProfileBounds, cache_key, main, profiles
+from serving.artifacts import repository
+from serving.artifacts.engines import ProfileBounds, cache_key, main, profiles
 from serving.model.spec import ModelSpec
 from serving.pipeline.denoise import Sample, plan_sizes, sample_shape
 from serving.pipeline.guidance import Branch
@@ -81,7 +81,7 @@ def test_without_tensorrt_or_a_gpu_it_reports_clearly(
 def test_the_repository_generator_refuses_tensorrt_before_exporting(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    """`python -m serving.build.repository --backend tensorrt` starts no server, so it checks what it needs itself:
+    """`python -m serving.artifacts.repository --backend tensorrt` starts no server, so it checks what it needs itself:
     without TensorRT (simulated, as above) it stops in one line before the ONNX export, not minutes after it."""
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     argv = ["--checkpoint", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path / "repo")]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.build import checkpoint_hash as hashing
-from serving.build.checkpoint_hash import HASH_MEMO, checkpoint_hash
+from serving.artifacts import checkpoint_hash as hashing
+from serving.artifacts.checkpoint_hash import HASH_MEMO, checkpoint_hash
 
 # The golden checkpoint's hash before the memo existed: exports, engines and repositories keyed by it stay valid.
 TINY_SHA256 = "df5447fe859f68601f82a299e677d69aef9f221141d9f895f7cf6b4529ba1d2c"
@@ -112,7 +112,7 @@ def test_a_repository_build_reads_the_checkpoint_once_then_never(
     tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, reads: list[Path]
 ) -> None:
     """The ONNX Runtime build used to hash it three times (repository, cached_export, export_onnx)."""
-    from serving.build.repository import prepare_repository
+    from serving.artifacts.repository import prepare_repository
 
     cache = tmp_path / "onnx"
     shutil.copytree(tiny_onnx, cache / tiny_onnx.name)  # the export, without its cache's memo

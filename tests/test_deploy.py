@@ -169,7 +169,7 @@ def test_gpu_pods_share_one_build_cache(pod: dict[str, Any]) -> None:
     for name in ("--engines", "--compile-cache-dir"):
         assert flag(prepare["command"], name).startswith(f"{root}/"), name
     usage = subprocess.run(
-        [sys.executable, "-m", "serving.build.repository", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "serving.artifacts.repository", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--engines" in usage and "--compile-cache-dir" in usage  # flags the generator takes
     assert "omnigen2-build-cache" not in json.dumps(pod)
@@ -263,7 +263,7 @@ def test_the_triton_image_serves_what_the_gpu_prepare_step_builds() -> None:
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]
     prepare = gpu["prepare"]["command"]
-    assert prepare[:3] == ["python3", "-m", "serving.build.repository"] and flag(prepare, "--backend") == "tensorrt"
+    assert prepare[:3] == ["python3", "-m", "serving.artifacts.repository"] and flag(prepare, "--backend") == "tensorrt"
     for name in ("prepare", "triton"):
         (device,) = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"]
@@ -293,7 +293,7 @@ def test_compose_runs_the_pair_over_loopback() -> None:
     assert services["frontend"]["network_mode"] == "service:triton"  # one network namespace, as in a pod
     assert services["frontend"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert services["triton"]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
-    assert "serving.build.repository" in services["prepare"]["command"]
+    assert "serving.artifacts.repository" in services["prepare"]["command"]
     for name in ("triton", "frontend"):
         assert "serving.health_probe" in services[name]["healthcheck"]["test"]
     assert {"50051:50051"} <= set(services["triton"]["ports"])

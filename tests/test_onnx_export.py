@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.build.onnx_export import export_onnx
+from serving.artifacts.onnx_export import export_onnx
 from serving.errors import CheckpointError
 from serving.model.checkpoint import load_checkpoint
 from serving.pipeline.eager import OmniGen2Pipeline
@@ -158,7 +158,7 @@ def test_large_graphs_keep_their_weights_as_external_data(
     data and load back in ONNX Runtime; the threshold is lowered so the tiny VAE decoder takes that path."""
     import onnxruntime as ort
 
-    from serving.build import onnx_export
+    from serving.artifacts import onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1024)
     modules = load_checkpoint(tiny_checkpoint)

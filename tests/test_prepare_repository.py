@@ -10,10 +10,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serving.build import repository as repository_module
-from serving.build.checkpoint_hash import HASH_MEMO
-from serving.build.engines import ProfileBounds, engine_max_batch, manifest_profiles
-from serving.build.repository import (
+from serving.artifacts import repository as repository_module
+from serving.artifacts.checkpoint_hash import HASH_MEMO
+from serving.artifacts.engines import ProfileBounds, engine_max_batch, manifest_profiles
+from serving.artifacts.repository import (
     BLS,
     COMPONENTS,
     SERVED_GRAPHS,
@@ -93,7 +93,7 @@ def test_a_failure_midway_leaves_no_repository(
     def broken_link(source: Path, target: Path) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("serving.build.repository.link_or_copy", broken_link)
+    monkeypatch.setattr("serving.artifacts.repository.link_or_copy", broken_link)
     with pytest.raises(OSError, match="disk full"):
         prepare_repository(tiny_checkpoint, tmp_path / "out", backend="pytorch", precision="fp32")
     assert list(tmp_path.iterdir()) == []

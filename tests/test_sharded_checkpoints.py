@@ -137,7 +137,7 @@ def test_a_config_that_does_not_match_the_tensors_is_refused_before_serving(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     """prepare_repository checks the transformer's shapes from the file headers: nothing is written."""
-    from serving.build.repository import prepare_repository
+    from serving.artifacts.repository import prepare_repository
 
     broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
     config = json.loads((broken / "transformer" / "config.json").read_text())

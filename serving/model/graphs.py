@@ -1,6 +1,6 @@
 """The four component graphs as modules with the served tensor contract (see docs/tensor_contract.md).
 
-The same modules run eagerly (the PyTorch backend) and are what `serving/build/onnx_export.py` traces, so the
+The same modules run eagerly (the PyTorch backend) and are what `serving/artifacts/onnx_export.py` traces, so the
 PyTorch and ONNX Runtime / TensorRT backends compute one function.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
 

@@ -20,7 +20,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import TritonServer

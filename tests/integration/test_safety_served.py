@@ -17,7 +17,7 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 from omnigen2 import GenerationResult, OmniGen2Client, Progress
 
-from serving.build.repository import prepare_repository
+from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.safety.detections import NUDENET_LABELS
 from serving.safety.letterbox import letterbox

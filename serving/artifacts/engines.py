@@ -7,7 +7,7 @@ request the front end admits. Engines are cached under a key made of the checkpo
 settings, the GPU name, the TensorRT version, the precision and the profiles: a rebuild happens only when one of
 them changes. The cache may
 be shared by pods starting together (a ReadWriteMany volume): one of them builds each engine while the others wait
-for it, at most --wait seconds (serving/build/cache_lock.py).
+for it, at most --wait seconds (serving/artifacts/cache_lock.py).
 TensorRT needs an NVIDIA GPU; elsewhere this command says so and exits with status 2.
 
 Precision: fp16 / bf16 let TensorRT pick reduced-precision kernels. fp8 is refused: it needs graphs with Q/DQ
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.build.cache_lock import CacheLockTimeoutError, build_once
+from serving.artifacts.cache_lock import CacheLockTimeoutError, build_once
 from serving.errors import SettingError
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 from serving.runtime.onnx_backend import read_manifest

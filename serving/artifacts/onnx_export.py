@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from serving.build.checkpoint_hash import checkpoint_hash
+from serving.artifacts.checkpoint_hash import checkpoint_hash
 from serving.model.checkpoint import CheckpointModules, check_layout, copy_processor, load_checkpoint
 from serving.model.graphs import (
     TextEncoderGraph,
