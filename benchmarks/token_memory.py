@@ -17,22 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from omnigen2 import OmniGen2Client
 
 from benchmarks.machine import machine_info
 from benchmarks.served import served
 from serving.artifacts.repository import prepare_repository
 from serving.triton.launcher import TritonServer
+from serving.triton.watchdog import stub_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024**2
 
 
-def _stub(triton: TritonServer, model: str) -> psutil.Process:
+def _stub_pid(triton: TritonServer, model: str) -> int:
     assert triton.process is not None
-    children = psutil.Process(triton.process.pid).children()
-    return next(p for p in children if f"/{model}/1/model.py" in " ".join(p.cmdline()))
+    (pid,) = stub_processes(triton.process.pid)[model]  # one instance: the transformer keeps step-cache state
+    return pid
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -47,17 +47,17 @@ def measure(checkpoint: Path, sides: list[int], work: Path) -> list[dict[str, An
     flags = ("--max-sample-tokens=1000000", "--max-step-tokens=1000000", "--max-request-tokens=100000000")
     with served(repository, work / "triton", *flags) as (triton, api):
         client = OmniGen2Client(api.address, timeout=3600, retries=0)
-        stub = _stub(triton, "transformer")
+        stub = _stub_pid(triton, "transformer")
         for side in sides:
             time.sleep(2)  # the stub trims its heap a second after its last call
-            idle = _status_kib(stub.pid, "VmRSS")
-            Path(f"/proc/{stub.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            idle = _status_kib(stub, "VmRSS")
+            Path(f"/proc/{stub}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             started = time.perf_counter()
             client.generate(
                 "A measured cat", width=side, height=side, steps=1, text_guidance_scale=1.0, seed=1,
                 max_pixels=side * side,
             )  # fmt: skip
-            peak = _status_kib(stub.pid, "VmHWM")
+            peak = _status_kib(stub, "VmHWM")
             tokens = (side // 16) ** 2
             points.append(
                 {
