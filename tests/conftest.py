@@ -13,6 +13,8 @@ import torch
 from serving.artifacts.onnx_export import cached_export
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.eager import OmniGen2Pipeline
+from serving.runtime.onnx_backend import COMPONENT_GRAPHS, GRAPH_NAMES
+from serving.runtime.onnx_stages import TRANSFORMER_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ def tiny_checkpoint(golden: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ONNX export of the golden checkpoint per test session (it takes about 45 s on 2 cores), or one kept
+    """One ONNX export folder of the golden checkpoint per test session (graphs added as tests ask), or one kept
     between sessions in OMNIGEN2_ONNX_CACHE (a developer's folder, for quick reruns). The export is keyed by the
     checkpoint and the export settings, not by the graph code: after changing serving/model/, empty the folder."""
     kept = os.environ.get("OMNIGEN2_ONNX_CACHE")
@@ -46,7 +48,16 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(onnx_cache: Path, tiny_checkpoint: Path) -> Path:
-    return cached_export(tiny_checkpoint, onnx_cache)
+    """The graphs ONNX Runtime runs (OnnxBackend: the components and the transformer's stages), which the
+    `onnxruntime` repository is made from too."""
+    return cached_export(tiny_checkpoint, onnx_cache, graphs=(*COMPONENT_GRAPHS, *TRANSFORMER_STAGES))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_whole(tiny_onnx: Path, tiny_checkpoint: Path) -> Path:
+    """The same export with the whole transformer added (TensorRT's graph; a third of the export's time, so only the
+    tests that read it pay for it)."""
+    return cached_export(tiny_checkpoint, tiny_onnx.parent, graphs=GRAPH_NAMES)
 
 
 @pytest.fixture(scope="session")

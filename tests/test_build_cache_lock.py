@@ -1,6 +1,7 @@
-"""The engine cache shared by pods (serving/artifacts/cache_lock.py): real processes race on one cache folder, as pods
-starting together on a ReadWriteMany volume do. No TensorRT here: stand-in build functions write the "engines"
-(slowly, so that the races are real) and log every build to a file, which counts them across processes."""
+"""The engine and ONNX caches shared by pods (serving/artifacts/cache_lock.py): real processes race on one cache
+folder, as pods starting together on a ReadWriteMany volume do. No TensorRT here, and no real export: stand-in build
+functions write the "engines" and "graphs" (slowly, so that the races are real) and log every build to a file, which
+counts them across processes."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 import pytest
 import torch
 
-from serving.artifacts import engines
+from serving.artifacts import engines, onnx_export
 from serving.artifacts.cache_lock import CacheLockTimeoutError, build_once, exclusive_lock
+from serving.runtime.onnx_backend import read_manifest
 from tests.test_build_engines import SPEC
 
 CTX = multiprocessing.get_context("fork")  # the children inherit the test's stand-ins
@@ -160,3 +162,119 @@ def test_pods_sharing_the_engine_cache_build_each_engine_once(monkeypatch: pytes
     assert (target / "transformer.plan").read_bytes() == b"transformer bf16"
     assert json.loads((target / "engines.json").read_text())["gpu"] == "Stand-in GPU"
     assert not list(target.glob("*.partial")) and not list(target.glob(".engines.json.*"))
+
+
+def stand_in_export(builds: Path, delay: float = 0.5) -> Callable[..., dict[str, Any]]:
+    """export_graph's stand-in: a graph file written in two steps, slowly, each export logged to `builds`."""
+
+    def export(name: str, modules: Any, path: Path, opset: int, slim: bool) -> dict[str, Any]:
+        with builds.open("a") as log:
+            log.write(f"{name}\n")
+        path.write_bytes(b"half")
+        time.sleep(delay)
+        with path.open("ab") as out:
+            out.write(b"-graph")
+        return {"file": path.name, "inputs": [], "outputs": []}
+
+    return export
+
+
+def export_and_report(checkpoint: Path, out: Path, graphs: tuple[str, ...], results: Any, start: Any = None) -> None:
+    if start is not None:
+        start.wait()
+    onnx_export.export_onnx(checkpoint, out, key="abc", graphs=graphs, wait_s=60)
+    results.put((graphs, sorted(read_manifest(out)["graphs"])))
+
+
+def test_pods_sharing_the_onnx_cache_export_each_graph_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Three processes ask one empty export folder for graphs: two for the same ones, one for one more. Each graph
+    is exported once, by whichever holds the lock when it is missing, and every process finds what it asked for."""
+    out, builds = tmp_path / "onnx" / "abc", tmp_path / "builds.log"
+    monkeypatch.setattr(onnx_export, "export_graph", stand_in_export(builds))
+    asks = [("vae_encoder", "vae_decoder"), ("vae_encoder", "vae_decoder"), ("vae_encoder", "transformer")]
+    start, results = CTX.Barrier(3), CTX.Queue()
+    pods = [CTX.Process(target=export_and_report, args=(tiny_checkpoint, out, ask, results, start)) for ask in asks]
+    for pod in pods:
+        pod.start()
+    found = [results.get(timeout=120) for _ in pods]
+    for pod in pods:
+        pod.join(10)
+        assert pod.exitcode == 0
+    assert all(set(asked) <= set(held) for asked, held in found)
+    assert sorted(builds.read_text().splitlines()) == ["transformer", "vae_decoder", "vae_encoder"]
+    manifest = read_manifest(out)
+    assert list(manifest["graphs"]) == ["vae_encoder", "vae_decoder", "transformer"]  # GRAPH_NAMES' order
+    assert {p.name: p.read_bytes() for p in out.glob("*.onnx")} == {
+        f"{name}.onnx": b"half-graph" for name in manifest["graphs"]
+    }
+    assert (out / "processor").is_dir()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["abc", "abc.lock"]
+
+
+def export_hanging(checkpoint: Path, out: Path, writing: Any) -> None:
+    def export(name: str, modules: Any, path: Path, opset: int, slim: bool) -> dict[str, Any]:
+        path.write_bytes(b"half")
+        writing.set()
+        time.sleep(600)
+        raise AssertionError("not reached")
+
+    onnx_export.export_graph = export  # this child's own module
+    onnx_export.export_onnx(checkpoint, out, key="abc", graphs=("vae_decoder",), wait_s=60)
+
+
+def test_an_exporter_killed_mid_export_frees_the_waiter_which_exports_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Readers never see the dying exporter's folder: it is written aside, under its own name, and the waiter that
+    takes the lock removes it and exports whole."""
+    out, builds = tmp_path / "abc", tmp_path / "builds.log"
+    monkeypatch.setattr(onnx_export, "export_graph", stand_in_export(builds))
+    writing, results = CTX.Event(), CTX.Queue()
+    dying = CTX.Process(target=export_hanging, args=(tiny_checkpoint, out, writing))
+    dying.start()
+    assert writing.wait(60)
+    waiter = CTX.Process(target=export_and_report, args=(tiny_checkpoint, out, ("vae_decoder",), results))
+    waiter.start()
+    time.sleep(1.5)  # the waiter polls the lock meanwhile
+    assert waiter.is_alive() and results.empty() and not out.exists()
+    (leftover,) = tmp_path.glob("abc.partial.*")
+    assert leftover.name.endswith(f".{dying.pid}") and (leftover / "vae_decoder.onnx").read_bytes() == b"half"
+    assert dying.pid is not None
+    os.kill(dying.pid, signal.SIGKILL)
+    dying.join(10)
+    assert results.get(timeout=60) == (("vae_decoder",), ["vae_decoder"])
+    waiter.join(10)
+    assert waiter.exitcode == 0
+    assert builds.read_text().splitlines() == ["vae_decoder"]
+    assert (out / "vae_decoder.onnx").read_bytes() == b"half-graph"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc", "abc.lock", "builds.log"]
+
+
+def test_a_hung_exporter_bounds_the_wait(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "abc"
+    held = exclusive_lock(tmp_path / "abc.lock", 1, "holder")  # as a live exporter that never finishes would
+    with held, pytest.raises(CacheLockTimeoutError, match=r"ONNX export abc: another builder held .*abc\.lock"):
+        onnx_export.export_onnx(tiny_checkpoint, out, key="abc", graphs=("vae_decoder",), wait_s=1)
+    assert not out.exists()
+
+
+def test_an_export_replaces_another_checkpoints_export_but_never_other_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A fixed --out holding another checkpoint's export gets the new one whole (no graph of the old one stays); a
+    folder that is no export is refused, untouched."""
+    monkeypatch.setattr(onnx_export, "export_graph", stand_in_export(tmp_path / "builds.log", delay=0))
+    out = tmp_path / "abc"
+    onnx_export.export_onnx(tiny_checkpoint, out, key="abc", graphs=("vae_decoder",))
+    onnx_export.export_onnx(tiny_checkpoint, out, key="abd", graphs=("vae_encoder",))
+    assert read_manifest(out)["checkpoint_sha256"] == "abd"
+    assert [p.name for p in out.glob("*.onnx")] == ["vae_encoder.onnx"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not an export folder"):
+        onnx_export.export_onnx(tiny_checkpoint, mine, key="abc", graphs=("vae_decoder",))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc", "abc.lock", "builds.log", "mine", "mine.lock"]

@@ -91,7 +91,7 @@ def test_the_repository_generator_refuses_tensorrt_before_exporting(
 
 
 def test_a_tensorrt_repository_is_rebuilt_for_another_gpu_or_tensorrt(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path, tiny_onnx: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path, tiny_onnx_whole: Path
 ) -> None:
     """A kept model volume (compose) must not serve engines built for another GPU model or TensorRT version: those
     are part of the repository's key, so only an unchanged platform makes a rerun a no-op. No engine is built here
@@ -110,8 +110,9 @@ def test_a_tensorrt_repository_is_rebuilt_for_another_gpu_or_tensorrt(
     monkeypatch.setattr(repository, "build_engines", build)
 
     def prepare() -> None:
+        onnx = tiny_onnx_whole.parent  # holds the whole transformer, which the engines are built from
         repository.prepare_repository(
-            tiny_checkpoint, tmp_path / "repo", "tensorrt", tiny_onnx.parent, tmp_path / "engines", precision="bf16"
+            tiny_checkpoint, tmp_path / "repo", "tensorrt", onnx, tmp_path / "engines", precision="bf16"
         )
 
     prepare()

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from serving.artifacts.onnx_export import export_onnx
+from serving.artifacts.onnx_export import cached_export, export_onnx
+from serving.artifacts.repository import staged_contract
 from serving.errors import CheckpointError
 from serving.model.checkpoint import load_checkpoint
 from serving.pipeline.eager import OmniGen2Pipeline
 from serving.pipeline.packing import pack_batch, unpack_output
 from serving.pipeline.prompts import PromptTokenizer
-from serving.runtime.onnx_backend import MANIFEST, OnnxBackend
+from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST, OnnxBackend, OnnxGraph, read_manifest
+from serving.runtime.ort_session import session_options
 from serving.runtime.torch_backend import TorchBackend
 from tests.golden import relative_error, request_from_case, transformer_case_inputs
 
@@ -121,7 +123,38 @@ def test_golden_feature_case_through_onnx_runtime(
     assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= 1e-4
 
 
-def test_manifest_records_the_contract_and_a_rerun_is_a_no_op(exported: Path, tiny_checkpoint: Path) -> None:
+def test_the_whole_transformer_is_added_on_demand_and_computes_what_its_stages_do(
+    tiny_onnx: Path, tiny_checkpoint: Path, ort_backend: OnnxBackend, torch_backend: TorchBackend
+) -> None:
+    """TensorRT's graph is exported only when asked for, into the export that holds the stages, leaving the graphs it
+    held as they were. It takes the first stage's inputs and gives the last one's outputs (the contract the
+    `onnxruntime` repository serves its staged transformer with), and computes the same velocity."""
+    held = read_manifest(tiny_onnx)["graphs"]
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_onnx.glob("*.onnx") if p.stem in held}
+    assert cached_export(tiny_checkpoint, tiny_onnx.parent, graphs=GRAPH_NAMES) == tiny_onnx  # adds what it lacks
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_onnx.glob("*.onnx") if p.stem in held} == before
+    graphs = read_manifest(tiny_onnx)["graphs"]
+    assert list(graphs) == list(GRAPH_NAMES) and all(graphs[name] == held[name] for name in held)
+    whole = {k: v for k, v in graphs["transformer"].items() if k != "file"}
+    assert whole == staged_contract(graphs)
+    torch.manual_seed(5)
+    packed = pack_batch(
+        [torch.randn(16, 8, 8), torch.randn(16, 4, 12)],
+        torch.tensor([0.1, 0.8]),
+        torch.randn(2, 9, 64),
+        torch.tensor([[1] * 9, [1] * 3 + [0] * 6]),
+        [[torch.randn(16, 4, 4)], None],
+        patch_size=2,
+        axes_dim=ort_backend.spec.axes_dim_rope,
+    )
+    session = OnnxGraph(tiny_onnx / graphs["transformer"]["file"], session_options(2), ["CPUExecutionProvider"])
+    ours, valid = session(packed.as_inputs()), packed.img_mask
+    assert relative_error(ours[valid], ort_backend.transformer(packed.as_inputs())[valid]) <= GRAPH_TOLERANCE
+    assert relative_error(ours[valid], torch_backend.transformer(packed.as_inputs())[valid]) <= GRAPH_TOLERANCE
+
+
+def test_manifest_records_the_contract_and_a_rerun_is_a_no_op(tiny_onnx_whole: Path, tiny_checkpoint: Path) -> None:
+    exported = tiny_onnx_whole
     manifest = json.loads((exported / MANIFEST).read_text())
     assert manifest["settings"]["opset"] == 20
     assert manifest["spec"]["text_positions"] == 512  # axes_lens[0] of the tiny checkpoint
@@ -134,11 +167,11 @@ def test_manifest_records_the_contract_and_a_rerun_is_a_no_op(exported: Path, ti
     assert {p.name: p.stat().st_mtime_ns for p in exported.glob("*.onnx")} == before
 
 
-def test_tensor_contract_doc_lists_every_exported_tensor(exported: Path) -> None:
+def test_tensor_contract_doc_lists_every_exported_tensor(tiny_onnx_whole: Path) -> None:
     """docs/tensor_contract.md is the users' reference: it must name every input/output with its dtype."""
     doc = (REPO / "docs" / "tensor_contract.md").read_text()
     rows = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", doc, flags=re.M))
-    manifest = json.loads((exported / MANIFEST).read_text())
+    manifest = json.loads((tiny_onnx_whole / MANIFEST).read_text())
     for graph, contract in manifest["graphs"].items():
         for tensor in contract["inputs"] + contract["outputs"]:
             assert (graph, tensor["name"], tensor["dtype"]) in rows, f"{graph}.{tensor['name']} missing from the doc"

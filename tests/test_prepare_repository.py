@@ -108,9 +108,9 @@ def test_one_language_model_serves_prompts_and_understanding(repository: Path) -
     assert config.model_transaction_policy.decoupled
 
 
-def test_static_contract_is_the_exported_one(tiny_checkpoint: Path, tiny_onnx: Path) -> None:
+def test_static_contract_is_the_exported_one(tiny_checkpoint: Path, tiny_onnx_whole: Path) -> None:
     """The pytorch backend's contract (from the configs) is what ONNX export traces from the graphs."""
-    exported = read_manifest(tiny_onnx)["graphs"]
+    exported = read_manifest(tiny_onnx_whole)["graphs"]
     static = graph_contracts(read_spec(tiny_checkpoint), text_feature_dim(tiny_checkpoint))
     assert set(static) < set(GRAPH_NAMES)  # the stage graphs are ONNX Runtime's only
     for name in static:
@@ -147,10 +147,10 @@ def test_pytorch_on_a_gpu_batches_every_admitted_step_in_one_call(monkeypatch: p
     assert config.parameters["max_call_tokens"].string_value == "4096"
 
 
-def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onnx: Path) -> None:
+def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onnx_whole: Path) -> None:
     """Triton refuses a `tensorrt_plan` model whose max_batch_size passes its engine's profile. No engine is built
     here (that needs a GPU): the configs come from the profiles the engines would be built with."""
-    manifest = read_manifest(tiny_onnx)
+    manifest = read_manifest(tiny_onnx_whole)
     shapes = manifest_profiles(manifest, ProfileBounds.from_limits())
     # The profiles' batch bounds (24 samples per call, 5 references, 24 / 3 images of one request) under the
     # ONNX configs' own caps (8, 64, 16). Prompts are encoded by the `mllm` model, not a text_encoder engine.

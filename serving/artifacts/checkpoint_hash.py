@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,9 @@ def _load(memo: Path) -> dict[str, Any]:
 
 
 def _save(memo: Path, entries: dict[str, Any]) -> None:
-    """Written aside and renamed: concurrent builds never read half a memo (the last writer's entries win)."""
-    temp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+    """Written aside and renamed: concurrent builds never read half a memo (the last writer's entries win). The
+    aside name holds the host too: pods sharing the cache may run the builder under the same pid."""
+    temp = memo.with_name(f"{memo.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         temp.write_text(json.dumps(entries, indent=1))

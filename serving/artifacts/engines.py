@@ -114,8 +114,11 @@ def profiles(bounds: ProfileBounds, spec: dict[str, Any], text_dim: int) -> dict
 
 
 def manifest_profiles(manifest: dict[str, Any], bounds: ProfileBounds) -> dict[str, dict[str, tuple[Shape, ...]]]:
-    """`profiles` for the graphs an ONNX export's manifest describes."""
-    text_dim = next(o for o in manifest["graphs"]["text_encoder"]["outputs"] if o["name"] == "text_feats")["shape"][-1]
+    """`profiles` for the graphs an ONNX export's manifest describes. The text features' width: the text encoder's
+    output, or the transformer's input where the export holds no text encoder (TensorRT's needs none)."""
+    graphs = manifest["graphs"]
+    tensors = graphs["text_encoder"]["outputs"] if "text_encoder" in graphs else graphs["transformer"]["inputs"]
+    text_dim = next(t for t in tensors if t["name"] == "text_feats")["shape"][-1]
     return profiles(bounds, manifest["spec"], int(text_dim))
 
 

@@ -8,16 +8,23 @@ serves the stages; TensorRT engines are built from the whole `transformer`.
 
 Each graph has named inputs/outputs and dynamic axes (docs/tensor_contract.md). The manifest records the
 opset, the checkpoint hash, the graph contracts and the few model facts the pipeline needs; a second run on
-an unchanged checkpoint with the same settings is a no-op.
+an unchanged checkpoint with the same settings is a no-op. A caller may ask for some graphs only (a backend's
+repository asks for those it serves): the manifest lists what the folder holds, and a later request for more adds
+them. Pods may share the folder: one exports while the others wait (`export_onnx`).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import logging
+import os
+import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from serving.artifacts.cache_lock import exclusive_lock
 from serving.artifacts.checkpoint_hash import checkpoint_hash
 from serving.model.checkpoint import CheckpointModules, check_layout, copy_processor, load_checkpoint
 from serving.model.graphs import (
@@ -45,6 +53,9 @@ from serving.runtime.onnx_backend import GRAPH_NAMES, MANIFEST
 OPSET = 20
 FORMAT_VERSION = 3  # 2: the manifest's spec carries text_positions; 3: the transformer stage graphs
 log = logging.getLogger("export.onnx")
+# How long a pod waits for another one's export before giving up: a full-size checkpoint takes many minutes, and a
+# dead builder frees its lock at once (a vanished node: within the NFS lease).
+EXPORT_WAIT_S = 3600.0
 
 # Upper bounds of the dynamic axes. They bound what the graphs accept, not what a request may ask: the
 # serving limits (serving/pipeline/request.py) are tighter. Minimums of 2 keep torch.export from
@@ -265,6 +276,57 @@ def export_graph(name: str, modules: CheckpointModules, path: Path, opset: int, 
     }
 
 
+def export_settings(opset: int, slim: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """What, besides the checkpoint, decides the graphs' bytes (and so TensorRT engines built from them)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "opset": opset,
+        "slim": slim,
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _held(out: Path, key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the export in `out` when it is of this checkpoint with these settings, else None. The
+    folders are listed first: an NFS client may keep a name's stale lookup until its folder is read again."""
+    try:
+        if out.name not in os.listdir(out.parent) or MANIFEST not in os.listdir(out):
+            return None
+        manifest: dict[str, Any] = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    same = manifest.get("checkpoint_sha256") == key and manifest.get("settings") == settings
+    return manifest if same else None
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether a new export may take `out`'s place: it is missing, empty, or an export (of another checkpoint or
+    other settings, or forced); never a file or a folder of other files (a mistyped --out)."""
+    if not out.exists():
+        return True
+    return out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))
+
+
+def _install(partial: Path, out: Path, held: dict[str, Any] | None, builder: str) -> None:
+    """Make the export in `partial` what readers of `out` see. A whole export takes `out`'s name by rename; graphs
+    added to a held one move in beside it under names its manifest does not list, then the manifest that lists them
+    replaces the old one: a reader of either manifest finds every graph it lists, and none of them changes."""
+    if held is not None:
+        for path in partial.iterdir():
+            if path.name != MANIFEST:
+                path.replace(out / path.name)
+        (partial / MANIFEST).replace(out / MANIFEST)
+        partial.rmdir()
+    elif out.exists():  # another checkpoint's or settings' export (a fixed --out), or --force
+        stale = out.with_name(f"{out.name}.stale.{builder}")
+        out.rename(stale)
+        partial.rename(out)
+        shutil.rmtree(stale)
+    else:
+        partial.rename(out)
+
+
 def export_onnx(
     checkpoint: Path,
     out: Path,
@@ -273,52 +335,78 @@ def export_onnx(
     force: bool = False,
     dtype: torch.dtype = torch.float32,
     key: str | None = None,
+    graphs: Sequence[str] = GRAPH_NAMES,
+    wait_s: float = EXPORT_WAIT_S,
 ) -> Path:
-    """Export all graphs unless `out` already holds them for this checkpoint and settings.
+    """Export `graphs` unless `out` already holds them for this checkpoint and settings; graphs it lacks are added.
 
     The weights are loaded, and exported, in `dtype` (bf16 for a full-size checkpoint: no float32 copy); the
     graphs' inputs and outputs stay float32 either way (the tensor contract). `key`: the checkpoint's hash when the
     caller has it (otherwise read from every byte of the checkpoint).
+
+    `out` may be shared by pods (a ReadWriteMany volume): one exports under an exclusive lock on `<out>.lock` while
+    the others wait for it, at most `wait_s` seconds (serving/artifacts/cache_lock.py). The export is written into
+    `<out>.partial.<host>.<pid>` and moved into place whole; a dead builder's leftovers are removed by the next one.
     """
     check_layout(checkpoint)
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "opset": opset,
-        "slim": slim,
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown:
+        raise ValueError(f"unknown graphs {unknown}; known: {', '.join(GRAPH_NAMES)}")
+    settings = export_settings(opset, slim, dtype)
     key = key or checkpoint_hash(checkpoint)
-    manifest_path = out / MANIFEST
-    if not force and manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("checkpoint_sha256") == key and old.get("settings") == settings:
-            log.info("%s is up to date for checkpoint %s", out, key[:12])
+    held = None if force else _held(out, key, settings)
+    if held is not None and set(graphs) <= held["graphs"].keys():
+        log.info("%s is up to date for checkpoint %s", out, key[:12])
+        return out
+    with exclusive_lock(out.with_name(out.name + ".lock"), wait_s, f"ONNX export {out.name}"):
+        held = None if force else _held(out, key, settings)  # another builder may have exported meanwhile
+        missing = [name for name in GRAPH_NAMES if name in graphs and (held is None or name not in held["graphs"])]
+        if not missing:
+            log.info("%s: exported by another builder meanwhile, reused", out)
             return out
-    out.mkdir(parents=True, exist_ok=True)
-    modules = load_checkpoint(checkpoint, dtype)
-    graphs = {}
-    for name in GRAPH_NAMES:
-        started = time.perf_counter()
-        graphs[name] = export_graph(name, modules, out / f"{name}.onnx", opset, slim)
-        log.info("exported %s in %.1f s", name, time.perf_counter() - started)
-    copy_processor(checkpoint / "processor", out / "processor")
-    manifest = {
-        "checkpoint_sha256": key,
-        "settings": settings,
-        "spec": modules.spec.to_dict(),
-        "graphs": graphs,
-    }
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+        # Leftovers of builders that lost the lock (dead, or cut off past the NFS lease); this builder's own names
+        # mean such a builder, still running, can never move its files into this one's export.
+        for aside in ("partial", "stale"):
+            for leftover in out.parent.glob(f"{glob.escape(out.name)}.{aside}.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        if held is None and not _replaceable(out):
+            raise FileExistsError(f"{out} is not an export folder (no {MANIFEST}): not replaced")
+        builder = f"{socket.gethostname()}.{os.getpid()}"
+        partial = out.with_name(f"{out.name}.partial.{builder}")
+        try:
+            partial.mkdir(parents=True)
+            modules = load_checkpoint(checkpoint, dtype)
+            exported = {}
+            for name in missing:
+                started = time.perf_counter()
+                exported[name] = export_graph(name, modules, partial / f"{name}.onnx", opset, slim)
+                log.info("exported %s in %.1f s", name, time.perf_counter() - started)
+            if held is None:
+                copy_processor(checkpoint / "processor", partial / "processor")
+                spec = modules.spec.to_dict()
+                manifest = {"checkpoint_sha256": key, "settings": settings, "spec": spec, "graphs": exported}
+            else:
+                every = held["graphs"] | exported
+                manifest = held | {"graphs": {name: every[name] for name in GRAPH_NAMES if name in every}}
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _install(partial, out, held, builder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return out
 
 
-def cached_export(checkpoint: Path, cache_root: Path, key: str | None = None) -> Path:
-    """Export into `cache_root/<checkpoint hash prefix>`, reusing an up-to-date export there. `key`: the checkpoint's
-    hash when the caller has it; otherwise taken with its memo in `cache_root` (checkpoint_hash.HASH_MEMO)."""
+def cached_export(
+    checkpoint: Path, cache_root: Path, key: str | None = None, graphs: Sequence[str] = GRAPH_NAMES
+) -> Path:
+    """Export into `cache_root/<checkpoint hash prefix>-<settings hash prefix>`, reusing (or adding to) an export
+    there: pods of different images may share the cache, and each keeps its own. `key`: the checkpoint's hash when
+    the caller has it; otherwise taken with its memo in `cache_root` (checkpoint_hash.HASH_MEMO)."""
     check_layout(checkpoint)
     key = key or checkpoint_hash(checkpoint, cache_root)
-    return export_onnx(checkpoint, cache_root / key[:16], key=key)
+    settings = json.dumps(export_settings(OPSET, True, torch.float32), sort_keys=True)  # export_onnx's defaults
+    folder = f"{key[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+    return export_onnx(checkpoint, cache_root / folder, key=key, graphs=graphs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,10 +417,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-slim", action="store_true", help="skip the onnxslim clean-up")
     parser.add_argument("--force", action="store_true", help="export even if the output is up to date")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights in the graphs")
+    parser.add_argument(
+        "--graphs", nargs="+", choices=GRAPH_NAMES, default=GRAPH_NAMES, help="graphs to export (default: all)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = getattr(torch, args.dtype)
-    export_onnx(args.checkpoint, args.out, args.opset, slim=not args.no_slim, force=args.force, dtype=dtype)
+    export_onnx(args.checkpoint, args.out, args.opset, not args.no_slim, args.force, dtype, graphs=tuple(args.graphs))
     print(f"ONNX graphs in {args.out}")
 
 

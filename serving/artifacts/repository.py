@@ -99,6 +99,18 @@ MAX_DETECTIONS = 32  # detection rows per image in the classifier's output
 # The component models of a served stack. Prompts are encoded by the `mllm` model, on the Qwen2.5-VL it also
 # answers with: a separate `text_encoder` model would hold a second copy of the language model.
 SERVED_GRAPHS = COMPONENT_MODELS
+# The ONNX graphs a backend's repository is made from: ONNX Runtime serves the transformer in stages (step caching),
+# TensorRT builds its engine from the whole graph. Neither needs the text encoder's (a language model's worth).
+EXPORTED_GRAPHS = {
+    "onnxruntime": (VAE_ENCODER, VAE_DECODER, *TRANSFORMER_STAGES),
+    "tensorrt": SERVED_GRAPHS,
+}
+
+
+def staged_contract(graphs: dict[str, Any]) -> dict[str, Any]:
+    """The transformer served in stages: the first stage's inputs, the last one's outputs (the whole graph's contract,
+    tests/test_onnx_export.py)."""
+    return {"inputs": graphs[TRANSFORMER_STAGES[0]]["inputs"], "outputs": graphs[TRANSFORMER_STAGES[-1]]["outputs"]}
 
 
 def engine_settings(settings: ComponentSettings, shapes: dict[str, Any]) -> ComponentSettings:
@@ -342,9 +354,11 @@ def prepare_repository(
         model_spec = read_spec(checkpoint)
         spec, contracts = model_spec.to_dict(), graph_contracts(model_spec, text_dim)
     else:
-        onnx_dir = cached_export(checkpoint, onnx_cache, source_hash)
+        onnx_dir = cached_export(checkpoint, onnx_cache, source_hash, EXPORTED_GRAPHS[backend])
         onnx_manifest = json.loads((onnx_dir / MANIFEST).read_text())
         spec, contracts = onnx_manifest["spec"], onnx_manifest["graphs"]
+        if backend == "onnxruntime":
+            contracts = contracts | {TRANSFORMER: staged_contract(contracts)}
     engine_dir: Path | None = None
     engine_shapes: dict[str, Any] = {}
     if backend == "tensorrt":
@@ -458,7 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint in the official layout")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     parser.add_argument("--out", type=Path, default=Path("model_repository"))
-    parser.add_argument("--onnx-cache", type=Path, default=Path("build/onnx"))
+    parser.add_argument(
+        "--onnx-cache", type=Path, default=Path("build/onnx"), help="ONNX export cache (may be shared by pods)"
+    )
     parser.add_argument(
         "--engines", type=Path, default=Path("build/engines"), help="TensorRT engine cache (may be shared by pods)"
     )
