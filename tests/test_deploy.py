@@ -152,9 +152,9 @@ def test_gpu_overlay_asks_for_a_gpu_and_builds_engines() -> None:
 
 
 def test_gpu_pods_share_one_build_cache(pod: dict[str, Any]) -> None:
-    """Engines and the compile cache go to one ReadWriteMany claim, mounted read-write by the init container (which
-    builds them) and by Triton (the `pytorch` backend compiles at load) at the paths the generator's flags name.
-    The CPU base builds neither and keeps no such claim."""
+    """The ONNX export, engines and the compile cache go to one ReadWriteMany claim, mounted read-write by the init
+    container (which builds them) and by Triton (the `pytorch` backend compiles at load) at the paths the generator's
+    flags name. The CPU base builds none of them there and keeps no such claim."""
     objects = render("overlays/gpu")
     (claim,) = [c for c in by_kind(objects, "PersistentVolumeClaim") if c["metadata"]["name"] == "omnigen2-build-cache"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -166,13 +166,14 @@ def test_gpu_pods_share_one_build_cache(pod: dict[str, Any]) -> None:
     mounts = [[m for m in c["volumeMounts"] if m["name"] == volume] for c in (prepare, triton)]
     assert [len(m) for m in mounts] == [1, 1] and not any(m.get("readOnly") for (m,) in mounts)
     (root,) = {m["mountPath"] for (m,) in mounts}
-    for name in ("--engines", "--compile-cache-dir"):
+    for name in ("--onnx-cache", "--engines", "--compile-cache-dir"):
         assert flag(prepare["command"], name).startswith(f"{root}/"), name
     usage = subprocess.run(
         [sys.executable, "-m", "serving.artifacts.repository", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--engines" in usage and "--compile-cache-dir" in usage  # flags the generator takes
     assert "omnigen2-build-cache" not in json.dumps(pod)
+    assert not flag(container(pod, "prepare-repository", init=True)["command"], "--onnx-cache").startswith(root)
 
 
 def test_s3_overlay_lets_triton_read_the_repository() -> None:
