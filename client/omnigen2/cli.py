@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. a --server that is not host:port
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an input image or --tls-ca that cannot be read, an output that cannot be written
+        print(f"omnigen2: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("omnigen2: cancelled", file=sys.stderr)
         return 130

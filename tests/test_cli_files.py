@@ -1,0 +1,21 @@
+"""The CLI names a file it cannot read or write instead of printing a traceback (no server needed: the channel
+is lazy and the input is read before the first call)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omnigen2.cli import main
+
+
+def test_a_missing_input_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere.png"
+    assert main(["--server", "127.0.0.1:1", "edit", str(missing), "Make it green", "-o", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err.startswith(f"omnigen2: [Errno 2] No such file or directory: '{missing}'")
+
+
+def test_a_missing_tls_root_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "ca.pem"
+    assert main(["--tls-ca", str(missing), "info"]) == 2
+    assert str(missing) in capsys.readouterr().err
