@@ -312,8 +312,8 @@ class OpenAIGateway:
             raise OpenAIError(400, f"the body does not parse: {exc}", code="invalid_body") from None
 
     def _too_large(self, size: int | None) -> OpenAIError:
-        stated = f"{size} bytes" if size is not None else "more"
-        return OpenAIError(413, f"the body is {stated}, the limit is {self.limit} bytes", code="request_too_large")
+        stated = f"{size} bytes, " if size is not None else ""  # without a Content-Length: cut off at the limit
+        return OpenAIError(413, f"the body is {stated}over the limit of {self.limit} bytes", code="request_too_large")
 
     # Calling the service
 

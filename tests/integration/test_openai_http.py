@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from omnigen2 import ChatTurn, OmniGen2Client, Progress
 from PIL import Image
 
+from serving.frontend.openai_http import body_limit
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer, free_port
 from tests.golden import templated_tokens
@@ -431,7 +432,33 @@ def test_oversize_body_is_refused_before_it_is_read(api: FrontendProcess) -> Non
         connection.endheaders()
         response = connection.getresponse()
         assert response.status == 413
-        _assert_error(json.loads(response.read()), None)
+        answer = json.loads(response.read())
+        _assert_error(answer, None)
+        assert answer["error"]["message"].startswith(f"the body is {10**12} bytes, over the limit of ")
+    finally:
+        connection.close()
+
+
+def test_oversize_body_without_a_length_is_cut_off_at_the_limit(api: FrontendProcess) -> None:
+    """A chunked body states no size: it is refused as it passes the limit, and the message says only that."""
+    limit = body_limit(64 * 1024 * 1024)  # the front end's default --max-request-bytes
+    chunk = b"0" * (1024 * 1024)
+    connection = http.client.HTTPConnection("127.0.0.1", api.http_port, timeout=60)
+    try:
+        connection.putrequest("POST", "/v1/images/generations")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        try:
+            for _ in range(limit // len(chunk) + 2):
+                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while the body was still coming
+        response = connection.getresponse()
+        assert response.status == 413
+        answer = json.loads(response.read())
+        _assert_error(answer, None)
+        assert answer["error"]["message"] == f"the body is over the limit of {limit} bytes"
     finally:
         connection.close()
 
