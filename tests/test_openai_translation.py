@@ -259,6 +259,12 @@ def test_grpc_statuses_become_http_statuses() -> None:
     violations = [("num_images_per_prompt", "must be in [1, 4]"), ("steps", "at least 1")]
     bad = from_rpc(_rpc_error(invalid_argument(violations)), lambda f: {"num_images_per_prompt": "n"}.get(f, f))
     assert (bad.status, bad.param, bad.message) == (400, "n", "n: must be in [1, 4]; steps: at least 1")
+    both_sides = [("width", "must be in [1, 4096], got 5000"), ("height", "must be in [1, 4096], got 6000")]
+    size = from_rpc(_rpc_error(invalid_argument(both_sides)), lambda f: {"width": "size", "height": "size"}.get(f, f))
+    assert (size.param, size.message) == (
+        "size",
+        "size (width): must be in [1, 4096], got 5000; size (height): must be in [1, 4096], got 6000",
+    )
     slow_reader = from_rpc(_rpc_error(plain(grpc.StatusCode.RESOURCE_EXHAUSTED, "buffered too much")), same)
     assert (slow_reader.status, slow_reader.headers) == (429, {})  # no RetryInfo: no Retry-After
     busy = from_rpc(_rpc_error(resource_exhausted("busy", 1.5)), same)

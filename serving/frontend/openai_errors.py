@@ -61,9 +61,16 @@ def from_rpc(error: grpc.RpcError, param: Callable[[str], str]) -> OpenAIError:
     typed = decode_rpc_error(error)  # the SDK's decoding of the google.rpc details
     status, kind, code = _BY_CODE.get(typed.code, (500, "server_error", None))
     if isinstance(typed, InvalidArgumentError) and typed.violations:
-        named = [(param(v.field), v.description) for v in typed.violations]
-        message = "; ".join(f"{name}: {description}" for name, description in named)
-        return OpenAIError(status, message, kind, named[0][0], code)
+        named = [(param(v.field), v.field, v.description) for v in typed.violations]
+        names = [name for name, _, _ in named]
+        # Fields the caller sent as one (width and height as `size`) say which of them each violation is about.
+        message = "; ".join(
+            f"{name} ({grpc_field}): {description}"
+            if names.count(name) > 1 and name != grpc_field
+            else f"{name}: {description}"
+            for name, grpc_field, description in named
+        )
+        return OpenAIError(status, message, kind, names[0], code)
     if isinstance(typed, ResourceExhaustedError) and typed.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(typed.retry_after)))}
         return OpenAIError(status, typed.message, kind, None, code, headers)
