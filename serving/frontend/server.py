@@ -12,6 +12,7 @@ import logging
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from serving.errors import OmniGen2Error, SettingError
 from serving.frontend import access_log
 from serving.frontend.auth import AuthInterceptor, TokenRegistry
 from serving.frontend.config import FrontendConfig
@@ -60,6 +62,8 @@ class Frontend:
                 # transport refuses it unread (RESOURCE_EXHAUSTED).
                 ("grpc.max_receive_message_length", 2 * config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_response_bytes),
+                # A port another server holds is refused: gRPC's default would share it, splitting the callers.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens, self.policy)
@@ -90,13 +94,16 @@ class Frontend:
 
     async def start(self) -> int:
         config = self.config
-        if config.tls_cert or config.tls_key:
-            key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-            self.port = self.server.add_secure_port(config.listen, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = self.server.add_insecure_port(config.listen)
+        try:
+            if config.tls_cert or config.tls_key:
+                key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+                self.port = self.server.add_secure_port(config.listen, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.port = self.server.add_insecure_port(config.listen)
+        except RuntimeError:  # grpcio raises when the bind fails (older versions returned 0)
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            raise SettingError("--listen", f"cannot listen on {config.listen}: the port is in use or the host not ours")
         if self.gateway is not None and self.server.add_insecure_port(self.gateway.target) == 0:
             raise OSError(f"cannot listen on {self.gateway.target}")
         self.service.server_id = config.server_id or f"{socket.gethostname()}:{self.port}"
@@ -106,12 +113,20 @@ class Frontend:
             if not self.tokens:
                 log.warning("the API listens on %s without --auth-tokens: every caller is served", config.listen)
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+            try:
+                self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+            except OSError as exc:
+                where = f"{self.config.metrics_address}:{self.config.metrics_port}"
+                raise SettingError("--metrics-port", f"cannot serve metrics on {where}: {exc.strerror}") from None
         await self.health.refresh()
         self._watch = asyncio.create_task(self.health.watch())
         await self.server.start()
         if self.gateway is not None:
-            self.http_port = await self.gateway.start(config.http_listen)
+            try:
+                self.http_port = await self.gateway.start(config.http_listen)
+            except OSError as exc:
+                await self.stop()  # the gRPC server is up already
+                raise SettingError("--http-listen", f"cannot listen on {config.http_listen}: {exc.strerror}") from None
             if not config.http_listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")) and not config.tls_cert:
                 log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
         return self.port
@@ -154,7 +169,10 @@ async def serve(config: FrontendConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(FrontendConfig.from_args(argv)))
+    try:
+        asyncio.run(serve(FrontendConfig.from_args(argv)))
+    except OmniGen2Error as exc:  # a setting to fix (a port in use, ...): one line, not a traceback
+        sys.exit(f"serving.frontend: {exc}")
 
 
 if __name__ == "__main__":

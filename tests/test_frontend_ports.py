@@ -1,0 +1,77 @@
+"""A front end whose port is taken stops with the flag to change, instead of sharing the port with the server
+that holds it (gRPC's default SO_REUSEPORT would split the callers between the two) or ending in a traceback.
+No Triton is needed: the ports are bound before anything calls it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from serving.errors import SettingError
+from serving.frontend.config import FrontendConfig
+from serving.frontend.server import Frontend
+from serving.triton.launcher import free_port
+
+
+@contextlib.contextmanager
+def grpc_server_on(port: int) -> Iterator[None]:
+    """Another gRPC server with gRPC's default options, as a first `make serve` would hold the port."""
+    server = grpc.server(ThreadPoolExecutor(1))
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop(0)
+
+
+@contextlib.contextmanager
+def listener_on(port: int) -> Iterator[None]:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield
+
+
+def _start(config: FrontendConfig) -> None:
+    async def run() -> None:
+        frontend = Frontend(config)
+        await frontend.start()
+        await frontend.stop()
+
+    asyncio.run(run())
+
+
+def _config(**changes: object) -> FrontendConfig:
+    unused = f"127.0.0.1:{free_port()}"  # health polls it; nothing answers
+    fields = {"listen": f"127.0.0.1:{free_port()}", "triton_url": unused, "metrics_port": 0, "shutdown_grace_s": 1.0}
+    return FrontendConfig(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def test_a_grpc_port_held_by_another_server_is_refused_not_shared() -> None:
+    port = free_port()
+    with grpc_server_on(port), pytest.raises(SettingError, match=r"cannot listen on 127\.0\.0\.1:") as refused:
+        _start(_config(listen=f"127.0.0.1:{port}"))
+    assert refused.value.setting == "--listen"
+
+
+def test_a_metrics_port_in_use_names_the_flag() -> None:
+    port = free_port()
+    with listener_on(port), pytest.raises(SettingError, match="Address already in use") as refused:
+        _start(_config(metrics_port=port))
+    assert refused.value.setting == "--metrics-port"
+
+
+def test_an_http_port_in_use_names_the_flag_and_stops_the_grpc_server() -> None:
+    port, listen = free_port(), free_port()
+    with listener_on(port), pytest.raises(SettingError, match="in use") as refused:
+        _start(_config(listen=f"127.0.0.1:{listen}", http_listen=f"127.0.0.1:{port}"))
+    assert refused.value.setting == "--http-listen"
+    with grpc_server_on(listen):  # the refused front end let its gRPC port go
+        pass
