@@ -2,12 +2,17 @@
 
     python -m benchmarks.gpu_carry
 
-The GPU machine (Python 3.12, torch, transformers; no diffusers, tritonclient or tritonserver; no network) gets
-the pinned wheels it lacks in `.whl/` and the tokenizer files in `.gpu-check/`, both git-ignored and carried with
-the tree, which may not pass 64 MiB in all. nvidia-pytriton is trimmed to the one Python-backend stub that runs
-there (3.12): the other stubs and the libpython the 3.13 one brings are 16 MB of the 55. The generated gRPC stubs
-are git-ignored too, so they are carried as files. Prints each device command (RUNS: the check, then what to run
-while device time is left), its `carry` list and a timeout.
+The GPU machine (Python 3.12 in a venv, torch, transformers, numpy 2.5; no diffusers, tritonclient or
+tritonserver; no network) gets the pinned wheels it lacks in `.whl/` and the tokenizer files in `.gpu-check/`, both
+git-ignored and carried with the tree, which may not pass 64 MiB in all. The wheels are installed into that
+interpreter's own environment, not a --target folder: Triton's Python-backend stub embeds an isolated interpreter,
+which sees that environment's site-packages but not PYTHONPATH. The stub was built for numpy 1 (with numpy 2 a BYTES
+input, the BLS's request, kills it), so the image's numpy is replaced by the pinned 1.26.4, with ml_dtypes at the
+pinned 0.5.4 (0.6 needs numpy 2; onnx imports it). nvidia-pytriton is trimmed to the one stub that runs there (3.12):
+the other stubs and the libpython the 3.13 one brings are 16 MB of the 55. Every wheel is rewritten with LZMA
+compression (zipfile's, which pip reads): about 52 MiB instead of 75. The generated gRPC stubs are git-ignored
+too, so they are carried as files. Prints each device command (RUNS: the check, then what to run while device time
+is left), its `carry` list and a timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +49,13 @@ PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux1_x86_64",
 )
-# Pinned in pyproject.toml: the server side the GPU image lacks, and grpcio/protobuf at the versions the generated
-# stubs and grpcio's health/reflection packages were made for (the image's own may be older).
+# Pinned in pyproject.toml: the server side the GPU image lacks, grpcio/protobuf at the versions the generated
+# stubs and grpcio's health/reflection packages were made for (the image's own may be older), and numpy/ml_dtypes
+# at the versions the Triton stub works with (module docstring).
 PINNED = (
     "nvidia-pytriton",
+    "numpy",
+    "ml_dtypes",
     "diffusers",
     "tritonclient",
     "grpcio",
@@ -112,17 +121,23 @@ def _dropped(member: str) -> bool:
     return member.startswith("nvidia_pytriton.libs/libpython3")  # linked by the 3.13 stub only
 
 
-def trim_pytriton(source: Path, target: Path) -> None:
-    """The wheel without `_dropped` files; RECORD lists what is left, so pip installs it as any other."""
-    with zipfile.ZipFile(source) as whole, zipfile.ZipFile(target, "w") as trimmed:
+def repack(source: Path, target: Path, dropped: Callable[[str], bool] = lambda member: False) -> None:
+    """The wheel LZMA-compressed, without `dropped` files; RECORD lists what is left, so pip installs it as any
+    other."""
+    with zipfile.ZipFile(source) as whole, zipfile.ZipFile(target, "w") as packed:
         for info in whole.infolist():
-            if _dropped(info.filename):
+            if dropped(info.filename):
                 continue
             data = whole.read(info)
             if info.filename.endswith(".dist-info/RECORD"):
                 lines = data.decode().splitlines(keepends=True)
-                data = "".join(line for line in lines if not _dropped(line.split(",", 1)[0])).encode()
-            trimmed.writestr(info, data)  # the entry's own compression and mode bits (executables stay executable)
+                data = "".join(line for line in lines if not dropped(line.split(",", 1)[0])).encode()
+            info.compress_type = zipfile.ZIP_LZMA
+            packed.writestr(info, data)  # the entry's own mode bits: executables stay executable
+
+
+def trim_pytriton(source: Path, target: Path) -> None:
+    repack(source, target, _dropped)
 
 
 def carried_bytes(paths: list[str]) -> int:
@@ -156,9 +171,9 @@ class DeviceRun:
     timeout_s: int
 
     def command(self) -> str:
-        install = (
-            "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-            ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
+        install = (  # into python3's own venv, where the Triton stubs look (module docstring)
+            "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl"
+            " && export PYTHONPATH=$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
         )
         return f"set -o pipefail; {install} {self.run}"
 
@@ -200,7 +215,7 @@ def main() -> None:
         if wheel.name.startswith("nvidia_pytriton-"):
             trim_pytriton(wheel, WHEELS / wheel.name)
         else:
-            shutil.copyfile(wheel, WHEELS / wheel.name)
+            repack(wheel, WHEELS / wheel.name)
     shutil.rmtree(CARRIED, ignore_errors=True)
     copy_processor(PROCESSOR, CARRIED / "processor")
     shutil.rmtree(GPU_TESTS, ignore_errors=True)

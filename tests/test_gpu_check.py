@@ -126,9 +126,17 @@ def test_the_carried_pins_are_pyproject_s() -> None:
     versions = gpu_carry.wanted()
     assert versions["nvidia-pytriton"] == "0.7.0" and versions["diffusers"] == "0.42.1"
     assert versions["protobuf"] == gpu_carry.pins()["protobuf"]
+    assert versions["numpy"] == "1.26.4"  # the Triton stub's numpy 1: the image's 2.5 kills it on a BYTES input
 
 
-def test_the_trimmed_pytriton_keeps_one_stub_and_its_record(tmp_path: Path) -> None:
+def test_the_device_runs_install_where_the_triton_stubs_look() -> None:
+    """The stub's embedded interpreter ignores PYTHONPATH: a --target install would hide diffusers from the VAE
+    models and leave them the image's numpy 2."""
+    for run in gpu_carry.RUNS:
+        assert "--target" not in run.command() and "/tmp/site" not in run.command()
+
+
+def test_the_trimmed_pytriton_keeps_one_stub_and_its_record_lzma_compressed(tmp_path: Path) -> None:
     members = {
         "pytriton/tritonserver/bin/tritonserver": b"server",
         "pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub": b"312",
@@ -154,6 +162,7 @@ def test_the_trimmed_pytriton_keeps_one_stub_and_its_record(tmp_path: Path) -> N
             "nvidia_pytriton-0.7.0.dist-info/RECORD",
         }
         assert kept["pytriton/tritonserver/bin/tritonserver"].external_attr >> 16 == 0o755
+        assert {info.compress_type for info in kept.values()} == {zipfile.ZIP_LZMA}
         listed = [line.split(",")[0] for line in wheel.read("nvidia_pytriton-0.7.0.dist-info/RECORD").decode().split()]
     assert set(listed) == set(kept)
 
