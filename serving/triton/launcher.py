@@ -134,6 +134,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    """Whether a server listens on the loopback port (one in TIME_WAIT is free: servers reuse those)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return True
+        return False
+
+
 @dataclass(frozen=True)
 class Ports:
     http: int
@@ -190,6 +201,15 @@ class TritonServer:
         install = TritonInstall.find()
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("tritonserver is running already: stop() it first")
+        # Another server on these ports would answer the readiness checks below (a second `make serve` would then
+        # use the first one's Triton, its models and checkpoint) while this one fails to bind.
+        taken = [port for port in (self.ports.http, self.ports.grpc, self.ports.metrics) if port_in_use(port)]
+        if taken:
+            raise SettingError(
+                "--triton-ports",
+                f"{', '.join(map(str, taken))} on {LOOPBACK} in use (another tritonserver?): choose three free ports, "
+                "e.g. make serve SERVE_ARGS='--triton-ports 8100 8101 8102'",
+            )
         self._remove_regions()  # a previous server's, if it was killed
         env = dict(os.environ)
         # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
