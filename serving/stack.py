@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
-        print(usage(config, triton), flush=True)
-        asyncio.run(serve(config))
+        # The banner once the front end has bound its ports: a port in use stops it with one line instead.
+        asyncio.run(serve(config, ready=lambda: print(usage(config, triton), flush=True)))
 
 
 def usage(config: FrontendConfig, triton: TritonServer) -> str:

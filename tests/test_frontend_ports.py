@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ import pytest
 
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
-from serving.frontend.server import Frontend
+from serving.frontend.server import Frontend, serve
 from serving.triton.launcher import free_port
 
 
@@ -75,3 +77,18 @@ def test_an_http_port_in_use_names_the_flag_and_stops_the_grpc_server() -> None:
     assert refused.value.setting == "--http-listen"
     with grpc_server_on(listen):  # the refused front end let its gRPC port go
         pass
+
+
+def test_ready_is_called_once_the_ports_are_bound_and_never_when_one_is_taken() -> None:
+    calls: list[str] = []
+    port = free_port()
+    with grpc_server_on(port), pytest.raises(SettingError):
+        asyncio.run(serve(_config(listen=f"127.0.0.1:{port}"), ready=lambda: calls.append("taken")))
+    assert calls == []  # make serve prints its banner from here: not for a front end that did not start
+
+    def ready() -> None:
+        calls.append("bound")
+        os.kill(os.getpid(), signal.SIGTERM)  # serve() drains and returns
+
+    asyncio.run(serve(_config(), ready=ready))
+    assert calls == ["bound"]

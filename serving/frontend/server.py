@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -146,7 +147,8 @@ class Frontend:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
-async def serve(config: FrontendConfig) -> None:
+async def serve(config: FrontendConfig, ready: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; `ready` is called once every port is bound."""
     frontend = Frontend(config)
     port = await frontend.start()
     host = config.listen.rpartition(":")[0]
@@ -162,6 +164,8 @@ async def serve(config: FrontendConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, frontend.reload_policy)
+    if ready is not None:
+        ready()
     await stop.wait()
     log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
     await frontend.stop()
