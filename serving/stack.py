@@ -29,7 +29,7 @@ from serving.artifacts.repository import (
 from serving.errors import OmniGen2Error
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
-from serving.model.devices import DEVICES
+from serving.model.devices import DEVICES, resolve_device
 from serving.runtime.fast_path import add_fast_path_arguments
 from serving.triton.launcher import Ports, TritonInstall, TritonServer
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
+    triton_ports = Ports(*args.triton_ports)
+    triton_ports.check_free()  # before the repository build, which can take minutes, not after it
     # Its limits also bound the BLS and the engine profiles.
     frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args), http_listen=args.http_listen)
     repository = prepare_repository(
@@ -83,17 +85,20 @@ def main(argv: list[str] | None = None) -> None:
         safety=safety_from_args(args),
         fast=fast_from_args(args, args.build_dir),
     )
-    with TritonServer(repository, Ports(*args.triton_ports), build_dir=args.build_dir) as triton:
+    with TritonServer(repository, triton_ports, build_dir=args.build_dir) as triton:
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
         # The banner once the front end has bound its ports: a port in use stops it with one line instead.
-        asyncio.run(serve(config, ready=lambda: print(usage(config, triton), flush=True)))
+        on_gpu = args.backend == "tensorrt" or resolve_device(args.device).type == "cuda"
+        asyncio.run(serve(config, ready=lambda: print(usage(config, triton, on_gpu), flush=True)))
 
 
-def usage(config: FrontendConfig, triton: TritonServer) -> str:
+def usage(config: FrontendConfig, triton: TritonServer, on_gpu: bool) -> str:
     metrics = f"http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else "off"
     server = f"--server {config.listen}"
     http = f"http://{config.http_listen}/v1" if config.http_listen else "off"
     curl = f"\n  curl -s {http}/models" if config.http_listen else ""
+    # On a CPU the default 1024 x 1024 takes minutes even for the tiny model; the edit keeps its input's size.
+    size = "" if on_gpu else " --width 128 --height 128"
     return f"""
 OmniGen2 is serving (Ctrl-C stops it):
   API      {config.listen}  gRPC omnigen2.v1.OmniGen2, with health checking and reflection
@@ -102,7 +107,7 @@ OmniGen2 is serving (Ctrl-C stops it):
   Triton   {triton.grpc_url}  log: {triton.log_path}
 Try:
   .venv/bin/omnigen2 {server} info
-  .venv/bin/omnigen2 {server} generate "A red apple on a wooden table" --steps 20 -o apple.png
+  .venv/bin/omnigen2 {server} generate "A red apple on a wooden table"{size} --steps 20 -o apple.png
   .venv/bin/omnigen2 {server} edit apple.png "Make the apple green" -o green.png{curl}
 """
 

@@ -155,6 +155,17 @@ class Ports:
     def free(cls) -> Ports:
         return cls(free_port(), free_port(), free_port())
 
+    def check_free(self) -> None:
+        """Refuse ports another server listens on: it would answer the readiness checks (a second `make serve`
+        would then use the first one's Triton, its models and checkpoint) while this one fails to bind."""
+        taken = [port for port in (self.http, self.grpc, self.metrics) if port_in_use(port)]
+        if taken:
+            raise SettingError(
+                "--triton-ports",
+                f"{', '.join(map(str, taken))} on {LOOPBACK} in use (another tritonserver?): choose three free ports, "
+                "e.g. make serve SERVE_ARGS='--triton-ports 8100 8101 8102'",
+            )
+
 
 class TritonServer:
     """One `tritonserver` process bound to loopback; a context manager that always stops it."""
@@ -201,15 +212,7 @@ class TritonServer:
         install = TritonInstall.find()
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("tritonserver is running already: stop() it first")
-        # Another server on these ports would answer the readiness checks below (a second `make serve` would then
-        # use the first one's Triton, its models and checkpoint) while this one fails to bind.
-        taken = [port for port in (self.ports.http, self.ports.grpc, self.ports.metrics) if port_in_use(port)]
-        if taken:
-            raise SettingError(
-                "--triton-ports",
-                f"{', '.join(map(str, taken))} on {LOOPBACK} in use (another tritonserver?): choose three free ports, "
-                "e.g. make serve SERVE_ARGS='--triton-ports 8100 8101 8102'",
-            )
+        self.ports.check_free()
         self._remove_regions()  # a previous server's, if it was killed
         env = dict(os.environ)
         # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
