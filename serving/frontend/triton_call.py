@@ -32,6 +32,7 @@ FINAL_EVENTS = ("result", "done")
 # Triton's own timeout on the stream, past the call's run time and grace: the front end ends calls itself, so
 # that the stream is still open to carry the model's confirmation.
 STREAM_MARGIN_S = 5.0
+DRAIN_S = 2.0  # how long a call waits for Triton to end its finished stream before dropping it
 
 Response = tuple[dict[str, Any], InferResult, int]  # event, response, bytes held for the caller
 
@@ -72,6 +73,7 @@ class TritonCall:
         self._requests: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._responses: asyncio.Queue[Response | ApiError] = asyncio.Queue()
         self._stopping = False
+        self._cancelled = False  # the stream was cancelled: nothing left to wait for
 
     async def responses(
         self, run_s: float, grace_s: float, buffer: Buffer, on_grace_expired: Callable[[], None]
@@ -110,6 +112,8 @@ class TritonCall:
                     await self._stop(stream, reader, grace_s, on_grace_expired)
             finally:
                 self._requests.put_nowait(None)  # closes the request side: Triton ends the stream
+                if not self._cancelled:
+                    await _drain(stream)
 
     async def _outgoing(self) -> AsyncIterator[dict[str, Any]]:
         while (request := await self._requests.get()) is not None:
@@ -159,6 +163,7 @@ class TritonCall:
             except TimeoutError:
                 on_grace_expired()
                 stream.cancel()  # Triton cancels the request; the model still stops at its next check
+                self._cancelled = True
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
@@ -171,6 +176,17 @@ class TritonCall:
                     task.uncancel()
         if cancelled:
             raise asyncio.CancelledError
+
+
+async def _drain(stream: Any) -> None:
+    """Waits, briefly, for Triton to end the stream after the request side closed. A stream dropped before its
+    end is cancelled by gRPC, and Triton 2.51 then sometimes waits forever for a response callback of a request
+    that has already ended: that model never unloads, and a stopping Triton hangs until its exit timeout
+    (docs/reliability.md)."""
+    with contextlib.suppress(TimeoutError, grpc.RpcError, InferenceServerException):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in stream:  # nothing follows a final response; an error is already reported
+                pass
 
 
 def _payload_bytes(result: InferResult) -> int:
