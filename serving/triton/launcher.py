@@ -259,9 +259,10 @@ class TritonServer:
         """SIGTERM: Triton drains the requests in flight (up to `timeout`), then unloads its models; the process
         group is killed if it is still there after either.
 
-        Unloading a Python-backend model can hang until Triton's own exit timeout (30 s) with its stub idle, a
-        deadlock in Triton (triton-inference-server/server#8755; seen here after concurrent decoupled requests).
-        Nothing is in flight by then, so unloading gets `unload_grace_s` (it takes 1-2 s) before the kill.
+        Unloading a model can hang until Triton's own exit timeout (30 s) with its stub idle: Triton 2.51 waits
+        forever on a cancellation it issued for a request already answered when a caller cancelled its stream late
+        (docs/reliability.md). The front end no longer does that, but another Triton client may, so the hang stays
+        bounded: nothing is in flight by then, and unloading gets `unload_grace_s` (it takes 1-2 s) before the kill.
         """
         if self.watchdog is not None:
             self.watchdog.stop()  # stubs end with the server: not a failure to repair
