@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from serving.frontend import request_id
 from serving.frontend.convert import API_FIELD, ChatForward, Forward
 from serving.frontend.status import ApiError, invalid_argument, plain, resource_exhausted
-from serving.frontend.triton_call import Buffer, TritonCall, Unbuffered
+from serving.frontend.triton_call import Buffer, StreamDrains, TritonCall, Unbuffered
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
 from serving.triton.wire import RECONNECT_OPTIONS, WireError
 
@@ -110,8 +110,10 @@ class TritonBackend:
             *RECONNECT_OPTIONS,
         ]
         self.client = triton_aio.InferenceServerClient(url, channel_args=options)
+        self.drains = StreamDrains()
 
     async def close(self) -> None:
+        await self.drains.close()
         await self.client.close()
 
     async def ready(self, timeout_s: float = 2.0) -> bool:
@@ -148,6 +150,7 @@ class TritonBackend:
             request_id.current(),
             lambda message: _stream_error(message, self.retry_after_s),
             transport_error,
+            self.drains,
         )
         events = call.responses(run_s, self.stop_grace_s, buffer, self.on_grace_expired)
         async with contextlib.aclosing(events):

@@ -32,7 +32,7 @@ FINAL_EVENTS = ("result", "done")
 # Triton's own timeout on the stream, past the call's run time and grace: the front end ends calls itself, so
 # that the stream is still open to carry the model's confirmation.
 STREAM_MARGIN_S = 5.0
-DRAIN_S = 2.0  # how long a call waits for Triton to end its finished stream before dropping it
+DRAIN_S = 2.0  # how long a finished stream is read, in the background, for Triton to end it before it is dropped
 
 Response = tuple[dict[str, Any], InferResult, int]  # event, response, bytes held for the caller
 
@@ -62,6 +62,7 @@ class TritonCall:
         request_id: str,
         stream_error: Callable[[str], ApiError],
         transport_error: Callable[[grpc.RpcError | InferenceServerException], ApiError],
+        drains: StreamDrains,
     ) -> None:
         self.client = client
         self.model = model
@@ -70,6 +71,7 @@ class TritonCall:
         self.key = uuid.uuid4().hex  # names the request to a stop request; unguessable by other callers
         self.stream_error = stream_error
         self.transport_error = transport_error
+        self.drains = drains
         self._requests: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._responses: asyncio.Queue[Response | ApiError] = asyncio.Queue()
         self._stopping = False
@@ -113,7 +115,7 @@ class TritonCall:
             finally:
                 self._requests.put_nowait(None)  # closes the request side: Triton ends the stream
                 if not self._cancelled:
-                    await _drain(stream)
+                    self.drains.add(stream)
 
     async def _outgoing(self) -> AsyncIterator[dict[str, Any]]:
         while (request := await self._requests.get()) is not None:
@@ -178,15 +180,31 @@ class TritonCall:
             raise asyncio.CancelledError
 
 
-async def _drain(stream: Any) -> None:
-    """Waits, briefly, for Triton to end the stream after the request side closed. A stream dropped before its
-    end is cancelled by gRPC, and Triton 2.51 then sometimes waits forever for a response callback of a request
-    that has already ended: that model never unloads, and a stopping Triton hangs until its exit timeout
-    (docs/reliability.md)."""
-    with contextlib.suppress(TimeoutError, grpc.RpcError, InferenceServerException):
-        async with asyncio.timeout(DRAIN_S):
-            async for _ in stream:  # nothing follows a final response; an error is already reported
-                pass
+class StreamDrains:
+    """Finished streams read to their end in the background, for at most `limit_s` each, after the request side
+    closed. A stream dropped before its end is cancelled by gRPC, and Triton 2.51 then sometimes waits forever for
+    a response callback of a request that has already ended: that model never unloads, and a stopping Triton hangs
+    until its exit timeout (docs/reliability.md). In the background, so that neither the caller's answer nor the
+    call's admission slot waits for Triton's end of the stream."""
+
+    def __init__(self, limit_s: float = DRAIN_S) -> None:
+        self.limit_s = limit_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, stream: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Waits for the streams still being read (each bounded by `limit_s`): before the client closes."""
+        await asyncio.gather(*self._tasks)
+
+    async def _drain(self, stream: Any) -> None:
+        with contextlib.suppress(TimeoutError, grpc.RpcError, InferenceServerException):
+            async with asyncio.timeout(self.limit_s):
+                async for _ in stream:  # nothing follows a final response; an error is already reported
+                    pass
 
 
 def _payload_bytes(result: InferResult) -> int:
