@@ -171,8 +171,15 @@ class DeviceRun:
     timeout_s: int
 
     def command(self) -> str:
+        # Where pip would install must be writable, said in one line before pip's own error: the machine's start
+        # has cost minutes by then, and the next session should know at once why the run stopped.
+        writable = (
+            "python3 -c \"import os, sys, sysconfig; p = sysconfig.get_path('purelib'); os.access(p, os.W_OK)"
+            " or sys.exit(f'gpu-check: {p} is not writable; the wheels must go into python3s own environment')\""
+        )
         install = (  # into python3's own venv, where the Triton stubs look (module docstring)
-            "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl"
+            f"{writable} && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+            " .whl/*.whl"
             " && export PYTHONPATH=$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
         )
         return f"set -o pipefail; {install} {self.run}"

@@ -404,9 +404,10 @@ def cached_export(
     the caller has it; otherwise taken with its memo in `cache_root` (checkpoint_hash.HASH_MEMO)."""
     check_layout(checkpoint)
     key = key or checkpoint_hash(checkpoint, cache_root)
-    settings = json.dumps(export_settings(OPSET, True, torch.float32), sort_keys=True)  # export_onnx's defaults
+    opset, slim, dtype = OPSET, True, torch.float32
+    settings = json.dumps(export_settings(opset, slim, dtype), sort_keys=True)
     folder = f"{key[:16]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
-    return export_onnx(checkpoint, cache_root / folder, key=key, graphs=graphs)
+    return export_onnx(checkpoint, cache_root / folder, opset=opset, slim=slim, dtype=dtype, key=key, graphs=graphs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,7 +424,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = getattr(torch, args.dtype)
-    export_onnx(args.checkpoint, args.out, args.opset, not args.no_slim, args.force, dtype, graphs=tuple(args.graphs))
+    export_onnx(
+        args.checkpoint,
+        args.out,
+        opset=args.opset,
+        slim=not args.no_slim,
+        force=args.force,
+        dtype=dtype,
+        graphs=tuple(args.graphs),
+    )
     print(f"ONNX graphs in {args.out}")
 
 
