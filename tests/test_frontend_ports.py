@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,11 +57,17 @@ def _config(**changes: object) -> FrontendConfig:
     return FrontendConfig(**{**fields, **changes})  # type: ignore[arg-type]
 
 
+def _socket_folders() -> set[str]:
+    """The folders of the HTTP API's Unix socket (serving/frontend/server.py) in this machine's temp folder."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("omnigen2-frontend-")}
+
+
 def test_a_grpc_port_held_by_another_server_is_refused_not_shared() -> None:
-    port = free_port()
+    port, before = free_port(), _socket_folders()
     with grpc_server_on(port), pytest.raises(SettingError, match=r"cannot listen on 127\.0\.0\.1:") as refused:
-        _start(_config(listen=f"127.0.0.1:{port}"))
+        _start(_config(listen=f"127.0.0.1:{port}", http_listen=f"127.0.0.1:{free_port()}"))
     assert refused.value.setting == "--listen"
+    assert _socket_folders() <= before  # the refused front end left no socket folder behind
 
 
 def test_a_metrics_port_in_use_names_the_flag() -> None:

@@ -182,10 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except OmniGen2Error as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # e.g. a --server that is not host:port
-        print(f"omnigen2: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an input image or --tls-ca that cannot be read, an output that cannot be written
+    # A --server that is not host:port; an input image or --tls-ca that cannot be read, an output not written.
+    except (ValueError, OSError) as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -94,6 +94,13 @@ class Frontend:
         access_log.record(name, "-", "-", code.name, 0.0, None)
 
     async def start(self) -> int:
+        try:
+            return await self._start()
+        except BaseException:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)  # stop() is not called for one that did not start
+            raise
+
+    async def _start(self) -> int:
         config = self.config
         try:
             if config.tls_cert or config.tls_key:
