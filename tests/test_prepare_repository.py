@@ -165,6 +165,9 @@ def test_tensorrt_configs_promise_no_more_batch_than_their_engines_take(tiny_onn
         assert [i.name for i in config.input] == list(shapes[name]), name
     # One step of the largest request (8 images x 3 CFG branches) fits one transformer engine call.
     assert BLS.max_samples == 24
+    # A TensorRT repository's export holds no text encoder: the text width then comes from the transformer.
+    without = {**manifest, "graphs": {k: v for k, v in manifest["graphs"].items() if k != "text_encoder"}}
+    assert "text_encoder" in manifest["graphs"] and manifest_profiles(without, ProfileBounds.from_limits()) == shapes
 
 
 def test_the_bls_reads_back_every_setting_the_generator_writes() -> None:
