@@ -26,12 +26,12 @@ from serving.artifacts.repository import (
     prepare_repository,
     safety_from_args,
 )
-from serving.errors import OmniGen2Error
+from serving.errors import OmniGen2Error, SettingError
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.model.devices import DEVICES, resolve_device
 from serving.runtime.fast_path import add_fast_path_arguments
-from serving.triton.launcher import Ports, TritonInstall, TritonServer
+from serving.triton.launcher import Ports, TritonInstall, TritonServer, port_in_use
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
 
@@ -69,10 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
-    triton_ports = Ports(*args.triton_ports)
-    triton_ports.check_free()  # before the repository build, which can take minutes, not after it
     # Its limits also bound the BLS and the engine profiles.
     frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args), http_listen=args.http_listen)
+    # Ports another server holds are refused before the repository build, which can take minutes, not after it.
+    triton_ports = Ports(*args.triton_ports)
+    triton_ports.check_free()
+    for flag, host, port in frontend.bound_addresses():
+        if port_in_use(port, host):
+            raise SettingError(flag, f"cannot listen on {host}:{port}: the port is in use (another front end?)")
     repository = prepare_repository(
         args.checkpoint,
         args.model_repository,

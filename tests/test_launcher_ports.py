@@ -39,3 +39,22 @@ def test_the_stack_refuses_them_before_building_its_repository(tmp_path: Path) -
         with pytest.raises(SettingError, match=f"{taken} on {LOOPBACK} in use"):
             stack.main([*argv, *ports])
     assert not repository.exists()
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--http-listen", "--metrics-port"])
+def test_the_stack_refuses_a_taken_front_end_port_before_building_too(tmp_path: Path, flag: str) -> None:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as other:
+        other.bind(("0.0.0.0", 0))  # a server on every address holds the port on loopback too
+        other.listen()
+        taken = other.getsockname()[1]
+        value = str(taken) if flag == "--metrics-port" else f"127.0.0.1:{taken}"
+        repository = tmp_path / "repository"
+        triton = [str(free_port()) for _ in range(3)]
+        argv = ["--checkpoint", str(tmp_path / "absent"), "--model-repository", str(repository), flag, value]
+        with pytest.raises(SettingError, match=f"127.0.0.1:{taken}: the port is in use") as refused:
+            stack.main([*argv, "--triton-ports", *triton])
+    assert refused.value.setting == flag and not repository.exists()
+
+
+def test_addresses_that_are_not_this_machines_are_left_to_the_servers_own_bind() -> None:
+    assert not port_in_use(free_port(), "192.0.2.1")  # TEST-NET-1: not bound here, but not in use either

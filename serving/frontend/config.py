@@ -62,6 +62,15 @@ class FrontendConfig:
     limits: Limits = field(default=DEFAULT_LIMITS)
     chat_limits: ChatLimits = field(default=DEFAULT_CHAT_LIMITS)
 
+    def bound_addresses(self) -> list[tuple[str, str, int]]:
+        """(flag, host, port) of each TCP port the front end listens on; port 0 (any free one) left out."""
+        found = [("--listen", *_host_port(self.listen))]
+        if self.http_listen:
+            found.append(("--http-listen", *_host_port(self.http_listen)))
+        if self.metrics_port:
+            found.append(("--metrics-port", self.metrics_address, self.metrics_port))
+        return [(flag, host, port) for flag, host, port in found if port]
+
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> FrontendConfig:
         parser = argparse.ArgumentParser(
@@ -88,3 +97,9 @@ class FrontendConfig:
         )
         args = parser.parse_args(argv)
         return cls(**vars(args))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)

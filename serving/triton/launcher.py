@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import os
 import signal
@@ -134,14 +135,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def port_in_use(port: int) -> bool:
-    """Whether a server listens on the loopback port (one in TIME_WAIT is free: servers reuse those)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server listens on `host:port` (one in TIME_WAIT is free: servers reuse those). An address this
+    machine cannot bind for another reason (not one of its own) is left for the server's own bind to report."""
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    family, kind, proto, _, address = found[0]
+    with contextlib.closing(socket.socket(family, kind, proto)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return True
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
         return False
 
 
