@@ -19,3 +19,12 @@ def test_a_missing_tls_root_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     missing = tmp_path / "ca.pem"
     assert main(["--tls-ca", str(missing), "info"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_an_output_folder_that_does_not_exist_is_named_before_any_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the call, not after the server has spent its steps: no server listens on port 1."""
+    output = tmp_path / "missing" / "apple.png"
+    assert main(["--server", "127.0.0.1:1", "generate", "A red apple", "-o", str(output)]) == 2
+    assert capsys.readouterr().err.startswith(f"omnigen2: cannot write {output}: {output.parent} is not a folder")

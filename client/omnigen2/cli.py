@@ -112,6 +112,9 @@ def _options(args: argparse.Namespace) -> GenerationOptions:
 
 
 def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], args: argparse.Namespace) -> int:
+    folder = args.output.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # said before the images are paid for, not after
+        raise OSError(f"cannot write {args.output}: {folder} is not a folder this user can write to")
     result: GenerationResult | None = None
     bar: tqdm[None] | None = None
     try:
