@@ -28,14 +28,19 @@ CTX = multiprocessing.get_context("fork")  # the children inherit the test's sta
 ENGINE = b"half-engine"
 
 
+def write_slowly(path: Path, builds: Path, entry: str, rest: bytes, delay: float) -> None:
+    """A slow build's output: `entry` logged to `builds`, then `path` written in two steps `delay` apart."""
+    with builds.open("a") as log:
+        log.write(f"{entry}\n")
+    path.write_bytes(b"half")
+    time.sleep(delay)
+    with path.open("ab") as out:
+        out.write(rest)
+
+
 def slow_build(builds: Path, delay: float = 0.5) -> Callable[[Path], None]:
     def build(partial: Path) -> None:
-        with builds.open("a") as log:
-            log.write(f"{os.getpid()}\n")
-        partial.write_bytes(b"half")
-        time.sleep(delay)
-        with partial.open("ab") as out:
-            out.write(b"-engine")
+        write_slowly(partial, builds, str(os.getpid()), b"-engine", delay)
 
     return build
 
@@ -168,12 +173,7 @@ def stand_in_export(builds: Path, delay: float = 0.5) -> Callable[..., dict[str,
     """export_graph's stand-in: a graph file written in two steps, slowly, each export logged to `builds`."""
 
     def export(name: str, modules: Any, path: Path, opset: int, slim: bool) -> dict[str, Any]:
-        with builds.open("a") as log:
-            log.write(f"{name}\n")
-        path.write_bytes(b"half")
-        time.sleep(delay)
-        with path.open("ab") as out:
-            out.write(b"-graph")
+        write_slowly(path, builds, name, b"-graph", delay)
         return {"file": path.name, "inputs": [], "outputs": []}
 
     return export
