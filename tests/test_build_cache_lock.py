@@ -28,6 +28,20 @@ CTX = multiprocessing.get_context("fork")  # the children inherit the test's sta
 ENGINE = b"half-engine"
 
 
+def race(work: Callable[..., None], calls: list[tuple[Any, ...]], timeout_s: float) -> list[Any]:
+    """Runs `work(*args, results, start)` for each args in a process of its own, released together at a barrier;
+    returns what each put on `results`, once every process has exited with 0."""
+    start, results = CTX.Barrier(len(calls)), CTX.Queue()
+    racers = [CTX.Process(target=work, args=(*args, results, start)) for args in calls]
+    for racer in racers:
+        racer.start()
+    reports = [results.get(timeout=timeout_s) for _ in racers]
+    for racer in racers:
+        racer.join(10)
+        assert racer.exitcode == 0
+    return reports
+
+
 def write_slowly(path: Path, builds: Path, entry: str, rest: bytes, delay: float) -> None:
     """A slow build's output: `entry` logged to `builds`, then `path` written in two steps `delay` apart."""
     with builds.open("a") as log:
@@ -63,14 +77,7 @@ def hang_mid_build(target: Path, writing: Any) -> None:
 
 def test_racing_processes_build_once_and_share_the_file(tmp_path: Path) -> None:
     target, builds = tmp_path / "transformer.plan", tmp_path / "builds.log"
-    start, results = CTX.Barrier(3), CTX.Queue()
-    racers = [CTX.Process(target=build_and_report, args=(target, builds, results, start)) for _ in range(3)]
-    for racer in racers:
-        racer.start()
-    outcomes = [results.get(timeout=60) for _ in racers]
-    for racer in racers:
-        racer.join(10)
-        assert racer.exitcode == 0
+    outcomes = race(build_and_report, [(target, builds)] * 3, timeout_s=60)
     assert len(builds.read_text().splitlines()) == 1
     assert sorted(built for built, _ in outcomes) == [False, False, True]
     assert {data for _, data in outcomes} == {ENGINE}
@@ -154,14 +161,7 @@ def test_pods_sharing_the_engine_cache_build_each_engine_once(monkeypatch: pytes
     monkeypatch.setattr(engines, "require_tensorrt", lambda: SimpleNamespace(__version__="10.0-stand-in"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
     monkeypatch.setattr(engines, "build_engine", stand_in)
-    start, results = CTX.Barrier(2), CTX.Queue()
-    pods = [CTX.Process(target=build_engines_and_report, args=(onnx, cache, results, start)) for _ in range(2)]
-    for pod in pods:
-        pod.start()
-    (folder,) = {results.get(timeout=60) for _ in pods}
-    for pod in pods:
-        pod.join(10)
-        assert pod.exitcode == 0
+    (folder,) = set(race(build_engines_and_report, [(onnx, cache)] * 2, timeout_s=60))
     assert sorted(builds.read_text().splitlines()) == ["transformer", "vae_decoder", "vae_encoder"]
     target = Path(folder)
     assert (target / "transformer.plan").read_bytes() == b"transformer bf16"
@@ -194,14 +194,7 @@ def test_pods_sharing_the_onnx_cache_export_each_graph_once(
     out, builds = tmp_path / "onnx" / "abc", tmp_path / "builds.log"
     monkeypatch.setattr(onnx_export, "export_graph", stand_in_export(builds))
     asks = [("vae_encoder", "vae_decoder"), ("vae_encoder", "vae_decoder"), ("vae_encoder", "transformer")]
-    start, results = CTX.Barrier(3), CTX.Queue()
-    pods = [CTX.Process(target=export_and_report, args=(tiny_checkpoint, out, ask, results, start)) for ask in asks]
-    for pod in pods:
-        pod.start()
-    found = [results.get(timeout=120) for _ in pods]
-    for pod in pods:
-        pod.join(10)
-        assert pod.exitcode == 0
+    found = race(export_and_report, [(tiny_checkpoint, out, ask) for ask in asks], timeout_s=120)
     assert all(set(asked) <= set(held) for asked, held in found)
     assert sorted(builds.read_text().splitlines()) == ["transformer", "vae_decoder", "vae_encoder"]
     manifest = read_manifest(out)
