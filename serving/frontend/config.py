@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from serving.errors import SettingError
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import DEFAULT_LIMITS, Limits, limits_from_json
 
@@ -24,6 +25,13 @@ class FrontendConfig:
     max_request_bytes: int = 64 * MiB  # larger requests: INVALID_ARGUMENT naming the largest field
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
+    # Each time Triton turns ready, a text-to-image, an edit and an Understand call of this size and these steps
+    # run before health says SERVING (serving/frontend/warmup.py): the first callers do not pay the first-call
+    # cost. Past the time limit, or failed, health turns SERVING anyway. --no-warmup (env 0): SERVING at once.
+    warmup: bool = True
+    warmup_size: int = 16  # px, width and height; 16: the smallest input image the pipeline takes
+    warmup_steps: int = 2
+    warmup_timeout_s: float = 120.0
     shutdown_grace_s: float = 30.0  # in-flight calls get this long to finish on SIGTERM
     # The name this replica answers with in every call's initial metadata (x-served-by), so a client that balances
     # over several replicas knows which one served a call; "" = <hostname>:<port> (a pod's hostname is its name).
@@ -53,6 +61,7 @@ class FrontendConfig:
     max_inflight_chat_tokens: int = 40_960
     worker_threads: int = 4  # image header checks and output encoding, off the event loop
     stream_write_timeout_s: float = 30.0  # a streaming caller that reads nothing this long is cancelled
+    http_body_timeout_s: float = 60.0  # an HTTP request's body still arriving after this long is refused (408)
     # Output waiting for a streaming caller behind the write in progress (previews, deltas); past it the call ends
     # RESOURCE_EXHAUSTED. 64 MiB: about 20 previews at 1024x1024.
     max_buffered_stream_bytes: int = 64 * MiB
@@ -84,9 +93,15 @@ class FrontendConfig:
             default = getattr(defaults, f.name)
             kind = type(default)
             env = f"OMNIGEN2_{f.name.upper()}"
+            flag = f"--{f.name.replace('_', '-')}"
+            if kind is bool:  # --flag / --no-flag; env 1/0, true/false, yes/no, on/off
+                if env in os.environ:
+                    default = _switch(env, os.environ[env])
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"env {env}")
+                continue
             if env in os.environ:
                 default = kind(os.environ[env])
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"env {env}")
+            parser.add_argument(flag, type=kind, default=default, help=f"env {env}")
         env = "OMNIGEN2_LIMITS"
         parser.add_argument(
             "--limits",
@@ -97,6 +112,15 @@ class FrontendConfig:
         )
         args = parser.parse_args(argv)
         return cls(**vars(args))
+
+
+def _switch(env: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingError(env, f"{value!r} is not one of 1/0, true/false, yes/no, on/off")
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+WARMUP_OUTCOMES = ("ok", "failed", "timeout", "cancelled")  # serving/frontend/warmup.py
 
 
 class Metrics:
@@ -54,6 +55,21 @@ class Metrics:
             "omnigen2_denoise_step_seconds",
             "Seconds between consecutive progress events of one generation",
             buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.warmups = Counter(
+            "omnigen2_warmups",
+            "Warm-ups run when Triton turned ready, by outcome (ok, failed, timeout, cancelled)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.warmup_seconds = Gauge(
+            "omnigen2_warmup_seconds", "Duration of the last warm-up, whatever its outcome", registry=self.registry
+        )
+        self.warmup_outcome = Gauge(
+            "omnigen2_warmup_last_outcome",
+            "1 for the last warm-up's outcome, 0 for the others",
+            ["outcome"],
             registry=self.registry,
         )
 

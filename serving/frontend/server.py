@@ -1,6 +1,6 @@
 """Run the OmniGen2 gRPC front end: `python -m serving.frontend.server --help`.
 
-It serves the OmniGen2 API, gRPC health checking (SERVING while Triton's `omnigen2` model is ready) and
+It serves the OmniGen2 API, gRPC health checking (SERVING while Triton and its models are ready, once warmed up) and
 server reflection on one port, and Prometheus metrics on another; SIGTERM drains in-flight calls.
 """
 
@@ -33,6 +33,7 @@ from serving.frontend.openai_http import OpenAIGateway
 from serving.frontend.policy import PolicyFile
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.triton_backend import TritonBackend
+from serving.frontend.warmup import Warmup
 
 log = logging.getLogger("omnigen2.frontend")
 
@@ -50,7 +51,8 @@ class Frontend:
             config.stop_grace_s,
             self.metrics.stop_grace_expired.inc,
         )
-        self.health = TritonHealth(self.backend, config.health_interval_s)
+        warm_up = Warmup(config, self.backend, self.metrics).run if config.warmup else None
+        self.health = TritonHealth(self.backend, config.health_interval_s, warm_up)
         self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
         self.policy = PolicyFile(Path(config.policy)) if config.policy else None
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(f"/{SERVICE}/")]
@@ -146,9 +148,10 @@ class Frontend:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        # HTTP requests in flight are calls in flight: both drain together, within the grace period.
+        # HTTP requests in flight are calls in flight: both drain together, within the grace period, and a warm-up
+        # in progress stops meanwhile.
         gateway = self.gateway.stop() if self.gateway is not None else asyncio.sleep(0)
-        await asyncio.gather(gateway, self.server.stop(self.config.shutdown_grace_s))
+        await asyncio.gather(gateway, self.server.stop(self.config.shutdown_grace_s), self.health.wait_closed())
         await self.backend.close()
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)

@@ -61,6 +61,7 @@ def test_triton_killed_mid_request_then_back(own_triton: TritonServer, tmp_path:
         own_triton.start()  # same ports: the front end reconnects by itself
         assert not any((SHM / region).exists() for region in regions)  # the killed server's memory is given back
         api.wait_health(SERVING, timeout=20)
+        assert api.metric("omnigen2_warmups_total", outcome="ok") == 2  # the new Triton was warmed before SERVING
         assert client.generate("Back again", width=32, height=32, steps=1).images
 
 
@@ -140,6 +141,7 @@ def test_a_dead_component_stub_turns_health_not_serving_then_is_brought_back(
         os.kill(stub, signal.SIGKILL)
         api.wait_health(NOT_SERVING, timeout=5)
         api.wait_health(SERVING, timeout=30)
+        assert api.metric("omnigen2_warmups_total", outcome="ok") == 2  # the reloaded model was warmed
         assert stub not in stub_processes(own_triton.process.pid)["vae_decoder"]  # a new stub
         assert client.generate("After", width=32, height=32, steps=1).images
         regions = stub_shm_regions(own_triton.process.pid)
