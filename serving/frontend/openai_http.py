@@ -242,7 +242,7 @@ class OpenAIGateway:
 
         async def send(name: str | None, payload: Mapping[str, Any]) -> None:
             line = f"event: {name}\n" if name else ""
-            await response.write(f"{line}data: {json.dumps(payload)}\n\n".encode())
+            await self._write(request, response.write(f"{line}data: {json.dumps(payload)}\n\n".encode()))
 
         try:
             async for name, payload in events:
@@ -253,9 +253,22 @@ class OpenAIGateway:
             body = failure.body()
             await send(error_event, {"type": error_event, **body} if error_event else body)
         if done:
-            await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            await self._write(request, response.write(b"data: [DONE]\n\n"))
+        await self._write(request, response.write_eof())
         return response
+
+    async def _write(self, request: web.Request, write: Awaitable[None]) -> None:
+        """A caller that takes nothing of its answer for --stream-write-timeout-s is cut off (408 in the log and the
+        metrics): aiohttp's writes wait for as long as the connection stays open, and the request held its place in
+        the gateway, and the answer's bytes, all that time."""
+        try:
+            async with asyncio.timeout(self.config.stream_write_timeout_s):
+                await write
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            message = f"the caller read nothing for {self.config.stream_write_timeout_s:g} s"
+            raise OpenAIError(408, message, code="timeout") from None
 
     # Reading requests
 
@@ -305,7 +318,13 @@ class OpenAIGateway:
         if request.content_length is not None and request.content_length > self.limit:
             raise self._too_large(request.content_length)
         try:
-            return await read()
+            # Bounded in all: a body trickled in forever held one of the gateway's places (16 such connections
+            # refused every other POST with 429 for as long as they stayed open).
+            async with asyncio.timeout(self.config.http_body_timeout_s):
+                return await read()
+        except TimeoutError:
+            timeout = self.config.http_body_timeout_s
+            raise OpenAIError(408, f"the body did not arrive within {timeout:g} s", code="timeout") from None
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large(None) from None
         except (ValueError, RuntimeError, AssertionError, HttpProcessingError) as exc:  # aiohttp's multipart parser
@@ -364,7 +383,7 @@ class OpenAIGateway:
         try:
             self._authenticate(request)
             if request.method != "POST":
-                response = await handler(request)
+                response = await self._answer(request, handler)
             elif self.bodies.locked():
                 retry = str(max(1, math.ceil(self.config.retry_after_s)))
                 message = f"{self.config.max_in_flight} requests in flight here, the limit; retry later"
@@ -373,7 +392,7 @@ class OpenAIGateway:
                 )
             else:
                 async with self.bodies:
-                    response = await handler(request)
+                    response = await self._answer(request, handler)
         except OpenAIError as exc:
             response = _error_response(exc)
         except web.HTTPException as exc:  # no such route, method not allowed, ...
@@ -394,10 +413,24 @@ class OpenAIGateway:
             access_log.record_http(request.method, path, request.remote or "-", status, seconds, request[_REQUEST_ID])
         return response
 
+    async def _answer(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The handler's answer, sent here (a streamed one is already): within the write timeout, and while the
+        request still holds its place in the gateway."""
+        response = await handler(request)
+        await self._write(request, _send(request, response))
+        return response
+
     @staticmethod
     async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
         if _REQUEST_ID in request:
             response.headers[request_id.HEADER] = request[_REQUEST_ID]
+
+
+async def _send(request: web.Request, response: web.StreamResponse) -> None:
+    await response.prepare(request)
+    await response.write_eof()
 
 
 def _error_response(error: OpenAIError) -> web.Response:

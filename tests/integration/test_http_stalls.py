@@ -1,0 +1,95 @@
+"""HTTP callers that stall, sending a body that never ends or reading nothing of their answer, are cut off in
+bounded time: each held one of the gateway's `--max-in-flight` places for as long as it kept its connection open,
+so a few such connections refused every other POST with 429."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from serving.frontend.process import FrontendProcess
+from serving.triton.launcher import LOOPBACK, TritonServer
+
+ROUTE = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def frontend(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
+    log = tmp_path_factory.mktemp("http-stalls") / "frontend.log"
+    flags = ("--max-in-flight=2", "--http-body-timeout-s=2", "--stream-write-timeout-s=2", "--no-warmup")
+    with FrontendProcess(triton.grpc_url, log, *flags, http=True) as started:
+        yield started
+
+
+def _post(frontend: FrontendProcess, body: object) -> int:
+    connection = http.client.HTTPConnection(LOOPBACK, frontend.http_port, timeout=60)
+    try:
+        connection.request("POST", ROUTE, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def _unread(frontend: FrontendProcess, body: bytes, length: int | None = None) -> socket.socket:
+    """A connection that sends a POST (its body up to `length` bytes, the whole of it by default) and reads nothing
+    after it, with a tiny receive window: the answer backs up on the server."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((LOOPBACK, frontend.http_port))
+    head = f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(body) if length is None else length}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _timeouts(frontend: FrontendProcess) -> float:
+    metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{frontend.metrics_port}/metrics", timeout=5).read().decode()
+    found = re.search(r'omnigen2_http_requests_total\{method="POST",route="[^"]+",status="408"\} (\S+)', metrics)
+    return float(found[1]) if found else 0.0
+
+
+def _until_served(frontend: FrontendProcess, timeout_s: float) -> float:
+    start = time.monotonic()
+    while _post(frontend, {"prompt": "x", "size": "16x16", "steps": 1}) == 429:
+        assert time.monotonic() - start < timeout_s, "the stalled callers still hold the gateway's places"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def test_a_body_that_never_ends_is_refused_and_gives_its_place_back(frontend: FrontendProcess) -> None:
+    holders = [_unread(frontend, b"", length=100) for _ in range(2)]  # none of the 100 bytes sent
+    try:
+        for holder in holders:
+            holder.settimeout(20)
+            assert holder.recv(64).startswith(b"HTTP/1.1 408")  # 2 s in; before: never answered
+        _until_served(frontend, 5)
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+def test_answers_nobody_reads_are_cut_off_and_give_their_places_back(frontend: FrontendProcess) -> None:
+    """About 7 MB of noisy PNGs as base64, unstreamed and streamed: more than loopback's socket buffers hold."""
+    before = _timeouts(frontend)
+    request = {"prompt": "noise", "size": "512x512", "steps": 1, "n": 8}
+    readers = [_unread(frontend, json.dumps({**request, "stream": stream}).encode()) for stream in (False, True)]
+    try:
+        deadline = time.monotonic() + 10
+        while _post(frontend, {"prompt": "x", "size": "16x16", "steps": 1}) != 429:  # the two hold both places
+            assert time.monotonic() < deadline
+        deadline = time.monotonic() + 120
+        while _timeouts(frontend) - before < 2:  # before: neither ever ended while its connection stayed open
+            assert time.monotonic() < deadline, "the stalled callers still hold the gateway's places"
+            time.sleep(0.5)
+        assert _post(frontend, {"prompt": "x", "size": "16x16", "steps": 1}) == 200
+    finally:
+        for reader in readers:
+            reader.close()
