@@ -74,6 +74,11 @@ class Warmup:
             else:
                 outcome = "ok"
                 log.info("warm-up done in %.2f s (%s)", seconds, timings)
+        except asyncio.CancelledError:
+            log.info(
+                "warm-up stopped after %.2f s: Triton not ready any more, or shutting down", time.perf_counter() - start
+            )
+            raise
         except TimeoutError:
             outcome = "timeout"
             log.warning(
@@ -97,7 +102,7 @@ class Warmup:
         prompt = "Make it blue" if edit else "A blue square"
         request = pb.GenerateRequest(prompt=prompt, input_images=images, width=size, height=size, steps=steps, seed=0)
         forward = to_forward(request, self.config.limits)
-        events = self.backend.generate(forward, self.config.warmup_timeout_s)
+        events = self.backend.generate(forward, self.config.max_run_s)  # bounded by the warm-up's own timeout
         async with contextlib.aclosing(events):
             async for _ in events:
                 pass
@@ -107,7 +112,7 @@ class Warmup:
         message = pb.ChatMessage(role=pb.ROLE_USER, content=content)
         request = pb.UnderstandRequest(messages=[message], max_new_tokens=ANSWER_TOKENS, seed=0)
         forward = to_chat_forward(request, self.config.chat_limits)
-        events = self.backend.understand(forward, self.config.warmup_timeout_s)
+        events = self.backend.understand(forward, self.config.max_run_s)
         async with contextlib.aclosing(events):
             async for _ in events:
                 pass
