@@ -37,7 +37,11 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "go
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: the flags this parser does not know go to the front end, and a prefix of one of its own would
+    # be taken for it (the front end's --warmup for --warmup-resolutions).
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument(
         "--checkpoint",
         type=Path,

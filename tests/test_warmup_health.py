@@ -12,6 +12,7 @@ from typing import cast
 import pytest
 from grpc_health.v1 import health_pb2
 
+from serving import stack
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import LIVENESS, SERVICE, TritonHealth
@@ -149,3 +150,22 @@ def test_a_warm_up_the_pipeline_would_refuse_is_refused_at_start(change: dict[st
     with pytest.raises(SettingError) as refused:
         Warmup(FrontendConfig(**change), cast(TritonBackend, StandIn()), Metrics())  # type: ignore[arg-type]
     assert refused.value.setting == flag
+
+
+def test_make_serve_hands_the_warmup_flags_to_the_front_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serving.stack` passes the flags it does not know to the front end; `--warmup` is a prefix of its own
+    `--warmup-resolutions`, which argparse's abbreviations took it for."""
+    parse, seen = FrontendConfig.from_args, []
+
+    class ParsedError(Exception):
+        pass
+
+    def record(argv: list[str] | None = None) -> FrontendConfig:
+        seen.append(parse(argv))
+        raise ParsedError  # stop before anything is built
+
+    monkeypatch.setattr(FrontendConfig, "from_args", record)
+    for argv in (["--no-warmup", "--warmup"], ["--warmup-size", "64", "--no-warmup"]):
+        with pytest.raises(ParsedError):
+            stack.main(argv)
+    assert [(c.warmup, c.warmup_size) for c in seen] == [(True, 16), (False, 64)]
