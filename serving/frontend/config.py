@@ -62,6 +62,9 @@ class FrontendConfig:
     worker_threads: int = 4  # image header checks and output encoding, off the event loop
     stream_write_timeout_s: float = 30.0  # a streaming caller that reads nothing this long is cancelled
     http_body_timeout_s: float = 60.0  # an HTTP request's body still arriving after this long is refused (408)
+    # An HTTP connection with no request in progress (idle between requests, or its headers still coming) is
+    # closed after this long: aiohttp's own default kept one for an hour, each holding a file descriptor.
+    http_idle_timeout_s: float = 75.0
     # Output waiting for a streaming caller behind the write in progress (previews, deltas); past it the call ends
     # RESOURCE_EXHAUSTED. 64 MiB: about 20 previews at 1024x1024.
     max_buffered_stream_bytes: int = 64 * MiB

@@ -85,7 +85,11 @@ class OpenAIGateway:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.on_response_prepare.append(self._add_request_id)
         self.runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=config.shutdown_grace_s
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=config.shutdown_grace_s,
+            keepalive_timeout=config.http_idle_timeout_s,  # also bounds a connection whose headers never end
         )
         self.channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.OmniGen2Stub | None = None

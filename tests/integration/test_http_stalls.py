@@ -1,6 +1,7 @@
-"""HTTP callers that stall, sending a body that never ends or reading nothing of their answer, are cut off in
-bounded time: each held one of the gateway's `--max-in-flight` places for as long as it kept its connection open,
-so a few such connections refused every other POST with 429."""
+"""HTTP callers that stall, sending headers or a body that never end or reading nothing of their answer, are cut
+off in bounded time: a stalled body or answer held one of the gateway's `--max-in-flight` places for as long as its
+connection stayed open, so a few such connections refused every other POST with 429; stalled headers held a file
+descriptor for an hour."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ ROUTE = "/v1/images/generations"
 @pytest.fixture(scope="module")
 def frontend(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
     log = tmp_path_factory.mktemp("http-stalls") / "frontend.log"
-    flags = ("--max-in-flight=2", "--http-body-timeout-s=2", "--stream-write-timeout-s=2", "--no-warmup")
+    timeouts = ("--http-body-timeout-s=2", "--stream-write-timeout-s=2", "--http-idle-timeout-s=2")
+    flags = ("--max-in-flight=2", *timeouts, "--no-warmup")
     with FrontendProcess(triton.grpc_url, log, *flags, http=True) as started:
         yield started
 
@@ -93,3 +95,15 @@ def test_answers_nobody_reads_are_cut_off_and_give_their_places_back(frontend: F
     finally:
         for reader in readers:
             reader.close()
+
+
+def test_a_connection_whose_headers_never_end_is_closed(frontend: FrontendProcess) -> None:
+    """Each such connection held a file descriptor for aiohttp's default hour: about 20 000 of them (the process's
+    limit) took the front end down, gRPC included (health DEADLINE_EXCEEDED, accept() failing in a loop)."""
+    quiet = socket.create_connection((LOOPBACK, frontend.http_port))
+    try:
+        quiet.sendall(f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\n".encode())
+        quiet.settimeout(20)
+        assert quiet.recv(64) == b""  # closed 2 s in
+    finally:
+        quiet.close()
