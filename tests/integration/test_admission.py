@@ -81,6 +81,12 @@ def test_triton_never_polls_the_repository(triton: TritonServer) -> None:
     assert "MODE_POLL" not in mode and "MODE_EXPLICIT" in mode  # explicit: the watchdog reloads, nothing polls
 
 
+def test_triton_loads_the_configs_as_generated(triton: TritonServer) -> None:
+    """No auto-complete: it started an extra Python stub per model (importing its module) before the real one."""
+    strict = next(line for line in triton.log_path.read_text().splitlines() if "strict_model_config" in line)
+    assert strict.split("|")[2].strip() == "1"
+
+
 # Budgets scaled down for the tests (text counts as its UTF-8 bytes + 64 template tokens, an image as its 16x16
 # patches). The runner below: an edit of a 256x256 image, 3 CFG branches of about 580 tokens: 1476 a step.
 BUDGETS = (
