@@ -404,6 +404,9 @@ class OpenAIGateway:
         except asyncio.CancelledError:
             request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
             raise
+        except ConnectionResetError:  # the same, seen by a write before aiohttp cancelled the handler
+            request["status"] = 499
+            response = _error_response(OpenAIError(499, "the caller went away", code="cancelled"))
         except Exception:
             log.exception("%s %s failed (request_id=%s)", request.method, request.path, request[_REQUEST_ID])
             failure = OpenAIError(500, "internal error; the server log has the details", "server_error")
