@@ -117,7 +117,8 @@ def _statuses(frontend: FrontendProcess) -> dict[str, float]:
 
 def test_a_caller_that_leaves_mid_stream_is_499_not_a_server_error(frontend: FrontendProcess) -> None:
     """A write that finds the connection closing (the caller gone, and aiohttp not yet told) raised out of the
-    handler: a traceback in the log and a 500 in the metrics, 6 of 30 and 1 of 20 streams in the runs tried (a race, hence 40)."""
+    handler: a traceback in the log and a 500 in the metrics, for 6 of 30 and 1 of 20 streams in the runs tried (a
+    race, hence 40)."""
     body = json.dumps({"prompt": "x", "size": "64x64", "steps": 4, "stream": True, "partial_images": 2}).encode()
     for _ in range(40):
         connection = http.client.HTTPConnection(LOOPBACK, frontend.http_port, timeout=60)
