@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.artifacts.onnx_export import cached_export, export_onnx
+from serving.artifacts.onnx_export import export_onnx
 from serving.artifacts.repository import staged_contract
 from serving.errors import CheckpointError
 from serving.model.checkpoint import load_checkpoint
@@ -124,18 +125,33 @@ def test_golden_feature_case_through_onnx_runtime(
     assert float(np.abs(result.images - np.load(golden / case["output"])).max()) <= 1e-4
 
 
-def test_the_whole_transformer_is_added_on_demand_and_computes_what_its_stages_do(
-    tiny_onnx: Path, tiny_checkpoint: Path, ort_backend: OnnxBackend, torch_backend: TorchBackend
+def test_a_graph_an_export_lacks_is_added_beside_the_held_ones(
+    tiny_onnx: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    """TensorRT's graph is exported only when asked for, into the export that holds the stages, leaving the graphs it
-    held as they were. It takes the first stage's inputs and gives the last one's outputs (the contract the
+    """Asking an export for a graph it lacks exports that graph alone, leaves the held ones as they were and gives
+    the same graph a whole export does (how TensorRT's whole transformer joins an export made for ONNX Runtime). On
+    a copy with one small graph taken out: the session's export may already hold every graph when this runs."""
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_onnx, copy)
+    manifest = read_manifest(copy)
+    taken = manifest["graphs"].pop("transformer_head")
+    (copy / taken["file"]).unlink()
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in copy.glob("*.onnx")}
+    wanted = [*manifest["graphs"], "transformer_head"]
+    assert export_onnx(tiny_checkpoint, copy, key=manifest["checkpoint_sha256"], graphs=wanted) == copy
+    assert {p.name: p.stat().st_mtime_ns for p in copy.glob("*.onnx") if p.name in before} == before
+    graphs = read_manifest(copy)["graphs"]
+    assert list(graphs) == [name for name in GRAPH_NAMES if name in wanted] and graphs["transformer_head"] == taken
+    assert (copy / taken["file"]).read_bytes() == (tiny_onnx / taken["file"]).read_bytes()
+
+
+def test_the_whole_transformer_computes_what_its_stages_do(
+    tiny_onnx_whole: Path, ort_backend: OnnxBackend, torch_backend: TorchBackend
+) -> None:
+    """TensorRT's graph takes the first stage's inputs and gives the last one's outputs (the contract the
     `onnxruntime` repository serves its staged transformer with), and computes the same velocity."""
-    held = read_manifest(tiny_onnx)["graphs"]
-    before = {p.name: p.stat().st_mtime_ns for p in tiny_onnx.glob("*.onnx") if p.stem in held}
-    assert cached_export(tiny_checkpoint, tiny_onnx.parent, graphs=GRAPH_NAMES) == tiny_onnx  # adds what it lacks
-    assert {p.name: p.stat().st_mtime_ns for p in tiny_onnx.glob("*.onnx") if p.stem in held} == before
-    graphs = read_manifest(tiny_onnx)["graphs"]
-    assert list(graphs) == list(GRAPH_NAMES) and all(graphs[name] == held[name] for name in held)
+    graphs = read_manifest(tiny_onnx_whole)["graphs"]
     whole = {k: v for k, v in graphs["transformer"].items() if k != "file"}
     assert whole == staged_contract(graphs)
     torch.manual_seed(5)
@@ -148,7 +164,7 @@ def test_the_whole_transformer_is_added_on_demand_and_computes_what_its_stages_d
         patch_size=2,
         axes_dim=ort_backend.spec.axes_dim_rope,
     )
-    session = OnnxGraph(tiny_onnx / graphs["transformer"]["file"], session_options(2), ["CPUExecutionProvider"])
+    session = OnnxGraph(tiny_onnx_whole / graphs["transformer"]["file"], session_options(2), ["CPUExecutionProvider"])
     ours, valid = session(packed.as_inputs()), packed.img_mask
     assert relative_error(ours[valid], ort_backend.transformer(packed.as_inputs())[valid]) <= GRAPH_TOLERANCE
     assert relative_error(ours[valid], torch_backend.transformer(packed.as_inputs())[valid]) <= GRAPH_TOLERANCE
