@@ -56,6 +56,8 @@ log = logging.getLogger("omnigen2.http")
 T = TypeVar("T")
 MiB = 1024 * 1024
 _REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
+# The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
+FORM_FIELDS = 100
 _NO_NAMES = Names()
 
 
@@ -78,7 +80,7 @@ class OpenAIGateway:
         # the gateway at once, as many as the service admits; beyond, 429 unread.
         self.tokens = tokens
         self.bodies = asyncio.Semaphore(config.max_in_flight)
-        app = web.Application(client_max_size=self.limit, middlewares=[self._middleware])
+        app = web.Application(client_max_size=self.limit, client_max_fields=FORM_FIELDS, middlewares=[self._middleware])
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/images/generations", self.generations)
         app.router.add_post("/v1/images/edits", self.edits)
@@ -329,7 +331,10 @@ class OpenAIGateway:
         except TimeoutError:
             timeout = self.config.http_body_timeout_s
             raise OpenAIError(408, f"the body did not arrive within {timeout:g} s", code="timeout") from None
-        except web.HTTPRequestEntityTooLarge:
+        except web.HTTPRequestEntityTooLarge as exc:
+            # aiohttp raises the same error for a form of more than FORM_FIELDS parts; only its text tells them apart.
+            if (exc.text or "").startswith("Maximum number of form fields"):
+                raise OpenAIError(400, f"the form has more than the {FORM_FIELDS} fields a form may have") from None
             raise self._too_large(None) from None
         except (ValueError, RuntimeError, AssertionError, HttpProcessingError) as exc:  # aiohttp's multipart parser
             raise OpenAIError(400, f"the body does not parse: {exc}", code="invalid_body") from None

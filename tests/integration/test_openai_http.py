@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from omnigen2 import ChatTurn, OmniGen2Client, Progress
 from PIL import Image
 
-from serving.frontend.openai_http import body_limit
+from serving.frontend.openai_http import FORM_FIELDS, body_limit
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer, free_port
 from tests.golden import templated_tokens
@@ -399,10 +399,11 @@ def test_bad_bodies_are_4xx_naming_the_field(
     _assert_error(answer, param)
 
 
-def _edit_with_one_field(api: FrontendProcess, name: str) -> tuple[int, Any]:
-    """An edits request whose multipart form holds the one text field `name` (value "x"), and no image."""
+def _edit_with_one_field(api: FrontendProcess, name: str, copies: int = 1) -> tuple[int, Any]:
+    """An edits request whose multipart form holds the text field `name` (value "x") `copies` times, and no image."""
     boundary = "b0undary"
-    body = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\nx\r\n--{boundary}--\r\n'.encode()
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\nx\r\n'
+    body = (part * copies + f"--{boundary}--\r\n").encode()
     status, _, answer = _request(
         api, "POST", "/v1/images/edits", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
@@ -420,6 +421,14 @@ def test_a_text_field_sent_as_a_list_says_so(api: FrontendProcess) -> None:
     assert status == 400
     _assert_error(answer, "prompt")
     assert "takes one value: send it as `prompt`, not `prompt[]`" in answer["error"]["message"]
+
+
+def test_a_form_with_too_many_fields_says_so_not_too_large(api: FrontendProcess) -> None:
+    """A 400 that says so, not a 413 about a body far under the limit."""
+    status, answer = _edit_with_one_field(api, "cfg_range", copies=FORM_FIELDS + 1)
+    assert status == 400
+    _assert_error(answer, None)
+    assert answer["error"]["message"] == f"the form has more than the {FORM_FIELDS} fields a form may have"
 
 
 def test_oversize_body_is_refused_before_it_is_read(api: FrontendProcess) -> None:
