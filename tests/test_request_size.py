@@ -25,6 +25,19 @@ def _question(text: str) -> pb.ChatMessage:
     return pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(text=text)])
 
 
+def _unknown_field(size: int) -> bytes:
+    """The wire bytes of a message holding only field 1000 (no message here has it), `size` bytes long."""
+
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        return bytes(out) + bytes([value])
+
+    return varint(1000 << 3 | 2) + varint(size) + bytes(size)
+
+
 @pytest.mark.parametrize(
     ("request_", "field"),
     [
@@ -35,6 +48,12 @@ def _question(text: str) -> pb.ChatMessage:
         (pb.GenerateRequest(prompt="x", input_images=[pb.Image(data=bytes(30_000))] * 40), "input_images"),
         (pb.UnderstandRequest(messages=[_question("x" * 1_100_000)]), "messages[0].content[0].text"),
         (pb.UnderstandRequest(messages=[_question("q")], stop=["s" * 20] * 100_000), "stop"),
+        # Text is sized in its UTF-8 bytes: 500 000 characters of 3 bytes each outweigh a 1 MB image.
+        (pb.GenerateRequest(prompt="字" * 500_000, input_images=[pb.Image(data=bytes(1_000_000))]), "prompt"),
+        # Unknown fields only (a newer client's): the message that holds them is named.
+        (pb.GenerateRequest(prompt="x", input_images=[pb.Image.FromString(_unknown_field(1_200_000))]),
+         "input_images[0]"),
+        (pb.GenerateRequest.FromString(_unknown_field(1_200_000)), "request"),
     ],
 )  # fmt: skip
 def test_the_largest_field_is_named(request_: Message, field: str) -> None:
@@ -52,7 +71,7 @@ def _peak_mib() -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) // 1024
 
 
-def test_naming_the_field_copies_nothing_of_the_request() -> None:
+def test_naming_the_field_adds_nothing_to_what_byte_size_holds() -> None:
     """A 100 MiB image over the limit: the check peaked at 4x the message (a copy cleared field by field, a copy of
     the image, its bytes read out), on top of the copies gRPC holds. Now 2x: upb's ByteSize, used for the total,
     serializes (and so does the image's), and the image's bytes are read once."""

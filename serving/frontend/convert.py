@@ -359,17 +359,20 @@ def check_request_size(request: Message, max_bytes: int) -> None:
     messages over twice the limit, with RESOURCE_EXHAUSTED, before reading them)."""
     size = request.ByteSize()
     if size > max_bytes:
-        field, largest = _largest_field(request, "")
+        field, largest = _largest_field(request, "", size)
         message = f"the request is {size} bytes, the limit is {max_bytes}; its largest field holds {largest}"
-        raise invalid_argument([(field, message)])
+        raise invalid_argument([(field or "request", message)])
 
 
-def _largest_field(message: Message, prefix: str) -> tuple[str, int]:
-    """The field that holds most of the bytes, descending while one element of it holds most of them."""
+def _largest_field(message: Message, path: str, size: int) -> tuple[str, int]:
+    """The field that holds most of the bytes, descending while one element of it holds most of them. A message
+    of `size` bytes with no known field set (unknown fields only: a newer client's, or padding) is named itself."""
     sizes = _field_sizes(message)
+    if not sizes:
+        return path, size
     name = max(sizes, key=sizes.__getitem__)
     descriptor = message.DESCRIPTOR.fields_by_name[name]
-    path, value, size = prefix + name, None, sizes[name]
+    path, value, size = f"{path}.{name}" if path else name, None, sizes[name]
     if descriptor.is_repeated:
         values: Any = getattr(message, name)
         if len(values) > MAX_ELEMENTS_TO_SIZE:  # spread over many elements: the field itself is the culprit
@@ -382,7 +385,7 @@ def _largest_field(message: Message, prefix: str) -> tuple[str, int]:
     elif descriptor.message_type is not None:
         value = getattr(message, name)
     if isinstance(value, Message) and size:
-        return _largest_field(value, path + ".")
+        return _largest_field(value, path, size)
     return path, size
 
 
@@ -415,4 +418,6 @@ def _field_sizes(message: Message) -> dict[str, int]:
 def _wire_size(item: object) -> int:
     if isinstance(item, Message):
         return item.ByteSize()
-    return len(item) if isinstance(item, str | bytes) else 8
+    if isinstance(item, str):  # its UTF-8 bytes, as on the wire; an ASCII string's without a copy
+        return len(item) if item.isascii() else len(item.encode())
+    return len(item) if isinstance(item, bytes) else 8
