@@ -1,12 +1,14 @@
 """Health and the warm-up, with a stand-in for Triton's readiness and for the warm-up (no Triton): NOT_SERVING
-while it runs and the poll still answers, SERVING when it ends, again after Triton was away, and a shutdown
-during a warm-up that never ends does not wait for it. Also the settings that turn it off or refuse it."""
+while it runs and the poll still answers, SERVING when it ends, again after Triton was away (but not after one
+poll it did not answer), and a shutdown during a warm-up that never ends does not wait for it. Also the settings
+that turn it off or refuse it, and a warm-up's calls kept out of the callers' metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncGenerator, Callable
 from typing import cast
 
 import pytest
@@ -15,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from serving import stack
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
-from serving.frontend.health import LIVENESS, SERVICE, TritonHealth
+from serving.frontend.health import LIVENESS, SERVICE, UNANSWERED_POLLS, TritonHealth
 from serving.frontend.metrics import Metrics
 from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
@@ -24,15 +26,16 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 class StandIn:
-    """Triton's readiness, set by the test; and a warm-up that ends when the test says so."""
+    """Triton's readiness (True, False: answered not ready, None: no answer), set by the test; and a warm-up that
+    ends when the test says so."""
 
     def __init__(self) -> None:
-        self.is_ready = True
+        self.is_ready: bool | None = True
         self.warm_ups = 0
         self.cancelled = 0
         self.release = asyncio.Event()
 
-    async def ready(self) -> bool:
+    async def ready(self) -> bool | None:
         return self.is_ready
 
     async def warm_up(self) -> None:
@@ -88,6 +91,45 @@ def test_serving_only_once_warmed_and_warmed_again_after_triton_was_away() -> No
     asyncio.run(run())
 
 
+def test_a_poll_triton_does_not_answer_is_not_serving_but_does_not_warm_again() -> None:
+    """A readiness poll timing out under load: NOT_SERVING for that poll only, SERVING at the next answer with no
+    second warm-up (it would queue behind the live work for its whole length, NOT_SERVING meanwhile), and a
+    warm-up in progress goes on. Unanswered UNANSWERED_POLLS times in a row (a restart) warms again."""
+
+    async def run() -> None:
+        triton = StandIn()
+        health = TritonHealth(cast(TritonBackend, triton), 0.01, triton.warm_up)
+        await health.refresh()
+        await _settle()
+        triton.is_ready = None  # one blip while warming: the warm-up is not stopped
+        assert not await health.refresh()
+        triton.is_ready = True
+        assert not await health.refresh()
+        triton.release.set()
+        await _settle()
+        assert health.serving and triton.cancelled == 0 and triton.warm_ups == 1
+
+        for _ in range(UNANSWERED_POLLS - 1):
+            triton.is_ready = None
+            assert not await health.refresh() and await _status(health, SERVICE) == NOT_SERVING
+            triton.is_ready = True
+            assert await health.refresh() and await _status(health, SERVICE) == SERVING
+        await _settle()
+        assert triton.warm_ups == 1
+
+        triton.is_ready = None
+        for _ in range(UNANSWERED_POLLS):
+            assert not await health.refresh()
+        triton.is_ready = True
+        assert not await health.refresh()
+        await _settle()
+        assert triton.warm_ups == 2
+        await health.shutdown()
+        await health.wait_closed()
+
+    asyncio.run(run())
+
+
 def test_without_a_warm_up_serving_follows_triton() -> None:
     async def run() -> None:
         triton = StandIn()
@@ -95,6 +137,10 @@ def test_without_a_warm_up_serving_follows_triton() -> None:
         assert await health.refresh() and await _status(health, "") == SERVING
         triton.is_ready = False
         assert not await health.refresh()
+        triton.is_ready = None
+        assert not await health.refresh()
+        triton.is_ready = True
+        assert await health.refresh()
 
     asyncio.run(run())
 
@@ -138,18 +184,58 @@ def test_the_warmup_flag_and_its_environment_variable(monkeypatch: pytest.Monkey
     monkeypatch.setenv("OMNIGEN2_WARMUP", "off")
     assert not FrontendConfig.from_args([]).warmup
     assert FrontendConfig.from_args(["--warmup"]).warmup
+    monkeypatch.setenv("OMNIGEN2_WARMUP", " ")  # set but empty (`OMNIGEN2_WARMUP=`): the default, not off
+    assert FrontendConfig.from_args([]).warmup
+    assert not FrontendConfig.from_args(["--no-warmup"]).warmup
     monkeypatch.setenv("OMNIGEN2_WARMUP", "maybe")
     with pytest.raises(SettingError, match="OMNIGEN2_WARMUP"):
         FrontendConfig.from_args([])
 
 
 @pytest.mark.parametrize(
-    ("change", "flag"), [({"warmup_size": 8}, "--warmup-size"), ({"warmup_steps": 0}, "--warmup-steps")]
+    ("change", "flag", "detail"),
+    [
+        ({"warmup_size": 8}, "--warmup-size", "at least 16"),
+        ({"warmup_size": 100_000}, "--warmup-size/--warmup-steps", "width: must be in [1, 4096], got 100000"),
+        ({"warmup_steps": 0}, "--warmup-size/--warmup-steps", "steps: must be in [1, 200], got 0"),
+        ({"warmup_steps": 100_000}, "--warmup-size/--warmup-steps", "steps: must be in [1, 200], got 100000"),
+    ],
 )
-def test_a_warm_up_the_pipeline_would_refuse_is_refused_at_start(change: dict[str, int], flag: str) -> None:
+def test_a_warm_up_the_api_would_refuse_is_refused_at_start(change: dict[str, int], flag: str, detail: str) -> None:
+    """Validated as a caller's requests are (100 000 px passed a check of the lower bounds only, then every warm-up
+    failed); the text-to-image first, so no 100 000 px image is made to find out."""
     with pytest.raises(SettingError) as refused:
         Warmup(FrontendConfig(**change), cast(TritonBackend, StandIn()), Metrics())  # type: ignore[arg-type]
-    assert refused.value.setting == flag
+    assert refused.value.setting == flag and detail in refused.value.description
+
+
+class Unconfirmed:
+    """Triton's calls, each running until stopped and then not confirming the stop within the grace period, as
+    TritonCall reports it: the caller's `on_grace_expired`, else the backend's (the callers' counter)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def _events(self, on_grace_expired: Callable[[], None] | None) -> AsyncGenerator[object, None]:
+        try:
+            await asyncio.Event().wait()
+            yield None
+        finally:
+            (on_grace_expired or self.metrics.stop_grace_expired.inc)()
+
+    def generate(self, forward: object, run_s: float, on_grace_expired: Callable[[], None] | None = None) -> object:
+        return self._events(on_grace_expired)
+
+    understand = generate
+
+
+def test_a_warm_up_past_its_time_limit_is_not_counted_as_a_callers_expired_grace() -> None:
+    metrics = Metrics()
+    config = FrontendConfig(warmup_timeout_s=0.05)
+    outcome = asyncio.run(Warmup(config, cast(TritonBackend, Unconfirmed(metrics)), metrics).run())
+    assert outcome == "timeout"
+    assert metrics.registry.get_sample_value("omnigen2_warmups_total", {"outcome": "timeout"}) == 1
+    assert metrics.registry.get_sample_value("omnigen2_stop_grace_expired_total") == 0
 
 
 def test_make_serve_hands_the_warmup_flags_to_the_front_end(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,8 +97,8 @@ class FrontendConfig:
             kind = type(default)
             env = f"OMNIGEN2_{f.name.upper()}"
             flag = f"--{f.name.replace('_', '-')}"
-            if kind is bool:  # --flag / --no-flag; env 1/0, true/false, yes/no, on/off
-                if env in os.environ:
+            if kind is bool:  # --flag / --no-flag; env 1/0, true/false, yes/no, on/off; empty: the default
+                if os.environ.get(env, "").strip():
                     default = _switch(env, os.environ[env])
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"env {env}")
                 continue
@@ -121,7 +121,7 @@ def _switch(env: str, value: str) -> bool:
     text = value.strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
-    if text in ("0", "false", "no", "off", ""):
+    if text in ("0", "false", "no", "off"):
         return False
     raise SettingError(env, f"{value!r} is not one of 1/0, true/false, yes/no, on/off")
 

@@ -2,7 +2,10 @@
 
 Each time Triton turns ready (the first start, a restarted Triton, reloaded models) a warm-up runs as a task of its
 own (serving/frontend/warmup.py), and health turns SERVING when it ends, whatever its outcome: the poll goes on
-meanwhile, and Triton going away cancels the warm-up, so the next ready warms again.
+meanwhile. Only evidence that what was warmed may be gone warms again: Triton answering that it or a model is not
+ready (loading, reloading, stopping), or no answer for UNANSWERED_POLLS polls in a row (a restart); that cancels a
+warm-up in progress. A poll Triton does not answer in time (busy under load) says NOT_SERVING until the next one
+that it answers READY, which says SERVING again at once: a blip neither re-warms nor stops a warm-up.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["OmniGen2"].full_name
 # SERVING while the front end's event loop runs this poll, whatever Triton's state: the liveness probe's service.
 # "" and SERVICE follow Triton, for readiness and for the clients' own health checks.
 LIVENESS = "liveness"
+# Polls in a row without an answer (about 3 to 9 s at the 1 s interval and the 2 s poll timeout) taken as Triton
+# gone rather than slow: a restart loads the models before it answers again, which takes longer than that.
+UNANSWERED_POLLS = 3
 log = logging.getLogger("omnigen2.frontend")
 
 
@@ -35,6 +41,7 @@ class TritonHealth:
         self.serving = False
         self._ready = False
         self._warm = warm_up is None
+        self._unanswered = 0  # polls in a row that Triton did not answer
         self._warming: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled warm-ups whose model calls are stopping
         self._closed = False
@@ -44,11 +51,12 @@ class TritonHealth:
     async def refresh(self) -> bool:
         ready = await self.backend.ready()
         async with self._lock:
-            self._ready = ready
-            if not ready and self.warm_up is not None:
+            self._ready = ready is True
+            self._unanswered = self._unanswered + 1 if ready is None else 0
+            if self.warm_up is not None and (ready is False or self._unanswered >= UNANSWERED_POLLS):
                 self._warm = False
                 self._cancel_warm_up()  # its calls would fail; the next ready warms again
-            elif not self._warm and self._warming is None and not self._closed:
+            elif ready and not self._warm and self._warming is None and not self._closed:
                 self._warming = asyncio.create_task(self._warm_then_serve())
             await self._publish()
         return self.serving

@@ -116,15 +116,17 @@ class TritonBackend:
         await self.drains.close()
         await self.client.close()
 
-    async def ready(self, timeout_s: float = 2.0) -> bool:
+    async def ready(self, timeout_s: float = 2.0) -> bool | None:
         """The server and every model in its repository READY: a component being reloaded (after its stub process
-        died, serving/triton/watchdog.py) fails the calls that need it, so health must not say SERVING then."""
+        died, serving/triton/watchdog.py) fails the calls that need it, so health must not say SERVING then.
+        False: Triton answered that it or a model is not ready; None: no answer within `timeout_s` (Triton gone, or
+        too busy to answer in time)."""
         try:
             if not await self.client.is_server_ready(client_timeout=timeout_s):
                 return False
             index = await self.client.get_model_repository_index(client_timeout=timeout_s)
         except (InferenceServerException, grpc.RpcError):
-            return False
+            return None
         states = {model.name: model.state for model in index.models}
         return {BLS_MODEL, MLLM_MODEL} <= states.keys() and all(state == "READY" for state in states.values())
 
@@ -138,10 +140,17 @@ class TritonBackend:
         return {name: value["string_value"] for name, value in parameters.items()}
 
     async def _stream(
-        self, model: str, request: bytes, images: list[bytes], run_s: float, buffer: Buffer
+        self,
+        model: str,
+        request: bytes,
+        images: list[bytes],
+        run_s: float,
+        buffer: Buffer,
+        on_grace_expired: Callable[[], None] | None,
     ) -> AsyncGenerator[tuple[dict[str, Any], InferResult], None]:
         """(event JSON, response) pairs up to the final event; if the caller stops early (an exception, a
-        cancelled task, or closing this generator), the model is asked to stop, and this ends once it has."""
+        cancelled task, or closing this generator), the model is asked to stop, and this ends once it has.
+        `on_grace_expired`: in place of the backend's (which counts callers' calls)."""
         # Triton's own request id: the models log failures with it, as the access log does.
         call = TritonCall(
             self.client,
@@ -152,25 +161,37 @@ class TritonBackend:
             transport_error,
             self.drains,
         )
-        events = call.responses(run_s, self.stop_grace_s, buffer, self.on_grace_expired)
+        events = call.responses(run_s, self.stop_grace_s, buffer, on_grace_expired or self.on_grace_expired)
         async with contextlib.aclosing(events):
             async for pair in events:
                 yield pair
 
     async def generate(
-        self, forward: Forward, run_s: float, buffer: Buffer | None = None
+        self,
+        forward: Forward,
+        run_s: float,
+        buffer: Buffer | None = None,
+        on_grace_expired: Callable[[], None] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Progress events, then one result, from the `omnigen2` BLS."""
-        events = self._stream(BLS_MODEL, forward.request_json(), forward.images, run_s, buffer or Unbuffered())
+        events = self._stream(
+            BLS_MODEL, forward.request_json(), forward.images, run_s, buffer or Unbuffered(), on_grace_expired
+        )
         async with contextlib.aclosing(events):
             async for payload, result in events:
                 yield _generation_event(payload, result)
 
     async def understand(
-        self, forward: ChatForward, run_s: float, buffer: Buffer | None = None
+        self,
+        forward: ChatForward,
+        run_s: float,
+        buffer: Buffer | None = None,
+        on_grace_expired: Callable[[], None] | None = None,
     ) -> AsyncGenerator[dict[str, Any], None]:
         """`delta` events, then one `done`, from the `mllm` model."""
-        events = self._stream(MLLM_MODEL, forward.request_json(), forward.images, run_s, buffer or Unbuffered())
+        events = self._stream(
+            MLLM_MODEL, forward.request_json(), forward.images, run_s, buffer or Unbuffered(), on_grace_expired
+        )
         async with contextlib.aclosing(events):
             async for payload, _ in events:
                 yield payload

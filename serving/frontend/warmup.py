@@ -3,10 +3,11 @@
 Triton says READY once its models are loaded, but their first calls still pay for what a model does once (ONNX
 Runtime's and TensorRT's first runs, CUDA context and kernel selection, weights paged in): without a warm-up the
 first caller of a new or restarted pod waits for it. Three small requests go through the path real calls take
-(the API's validation and defaults, then the Triton streams): a text-to-image, an edit of one small generated image
-(the VAE encoder) and an Understand call with that image (the mllm and its vision encoder). They run together and
-bypass the API's admission, access log and request metrics: no caller's slot or budget is spent on them, and each
-carries a request id starting `warmup-` (Triton's log names it if it fails).
+(the API's validation and defaults, once at start, then the Triton streams): a text-to-image, an edit of one small
+generated image (the VAE encoder) and an Understand call with that image (the mllm and its vision encoder). They run
+together and bypass the API's admission, access log and request metrics: no caller's slot or budget is spent on them
+(nor counted in omnigen2_stop_grace_expired), and each carries a request id starting `warmup-` (Triton's log names
+it if it fails).
 
 A warm-up that fails or outlasts its time limit is logged once and health turns SERVING anyway: a replica that
 Triton calls ready is likelier to serve than not, and one held NOT_SERVING forever would leave the fleet a pod
@@ -21,7 +22,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 
 from omnigen2.v1 import omnigen2_pb2 as pb
 from PIL import Image
@@ -31,6 +32,7 @@ from serving.frontend import request_id
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import to_chat_forward, to_forward
 from serving.frontend.metrics import WARMUP_OUTCOMES, Metrics
+from serving.frontend.status import ApiError
 from serving.frontend.triton_backend import TritonBackend
 from serving.pipeline.images import SIZE_MULTIPLE
 
@@ -42,21 +44,37 @@ ANSWER_TOKENS = 2
 
 class Warmup:
     def __init__(self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics) -> None:
-        if config.warmup_size < SIZE_MULTIPLE:  # the edit's input image would be refused by the BLS
-            raise SettingError("--warmup-size", f"at least {SIZE_MULTIPLE} (px), got {config.warmup_size}")
-        if config.warmup_steps < 1:
-            raise SettingError("--warmup-steps", f"at least 1, got {config.warmup_steps}")
+        """The three requests are built and validated once, as real requests are: a --warmup-size or
+        --warmup-steps the API refuses stops the front end at start rather than failing every warm-up."""
+        size = config.warmup_size
+        if size < SIZE_MULTIPLE:  # the API leaves an input image's least size to the BLS, which refuses the edit's
+            raise SettingError("--warmup-size", f"at least {SIZE_MULTIPLE} (px), got {size}")
         self.config = config
         self.backend = backend
         self.metrics = metrics
-        self.image = _grey_png(config.warmup_size)
+        try:
+            # The text-to-image first: a size the API refuses is found before an image of that size is made.
+            self.generate = to_forward(_generation("A blue square", [], config), config.limits)
+            image = pb.Image(data=_grey_png(size))
+            self.edit = to_forward(_generation("Make it blue", [image], config), config.limits)
+            content = [pb.ContentPart(image=image), pb.ContentPart(text="What colour is this?")]
+            message = pb.ChatMessage(role=pb.ROLE_USER, content=content)
+            chat = pb.UnderstandRequest(messages=[message], max_new_tokens=ANSWER_TOKENS, seed=0)
+            self.understand = to_chat_forward(chat, config.chat_limits)
+        except ApiError as exc:
+            raise SettingError("--warmup-size/--warmup-steps", f"the warm-up's requests are refused: {exc}") from exc
 
     async def run(self) -> str:
         """One warm-up; its outcome (ok, failed, timeout) is logged and recorded. Cancelled (Triton went away, the
         front end stops): the model calls are stopped, `cancelled` recorded, and the cancellation goes on."""
         timeout_s = self.config.warmup_timeout_s
         start = time.perf_counter()
-        calls = {"generate": self._generate(edit=False), "edit": self._generate(edit=True), "understand": self._chat()}
+        run_s = self.config.max_run_s  # bounded by the warm-up's own timeout
+        calls = {
+            "generate": _drain(self.backend.generate(self.generate, run_s, on_grace_expired=_not_a_caller)),
+            "edit": _drain(self.backend.generate(self.edit, run_s, on_grace_expired=_not_a_caller)),
+            "understand": _drain(self.backend.understand(self.understand, run_s, on_grace_expired=_not_a_caller)),
+        }
         outcome = "cancelled"
         try:
             async with asyncio.timeout(timeout_s):
@@ -96,26 +114,23 @@ class Warmup:
         for name in WARMUP_OUTCOMES:
             self.metrics.warmup_outcome.labels(name).set(1 if name == outcome else 0)
 
-    async def _generate(self, edit: bool) -> None:
-        size, steps = self.config.warmup_size, self.config.warmup_steps
-        images = [pb.Image(data=self.image)] if edit else []
-        prompt = "Make it blue" if edit else "A blue square"
-        request = pb.GenerateRequest(prompt=prompt, input_images=images, width=size, height=size, steps=steps, seed=0)
-        forward = to_forward(request, self.config.limits)
-        events = self.backend.generate(forward, self.config.max_run_s)  # bounded by the warm-up's own timeout
-        async with contextlib.aclosing(events):
-            async for _ in events:
-                pass
 
-    async def _chat(self) -> None:
-        content = [pb.ContentPart(image=pb.Image(data=self.image)), pb.ContentPart(text="What colour is this?")]
-        message = pb.ChatMessage(role=pb.ROLE_USER, content=content)
-        request = pb.UnderstandRequest(messages=[message], max_new_tokens=ANSWER_TOKENS, seed=0)
-        forward = to_chat_forward(request, self.config.chat_limits)
-        events = self.backend.understand(forward, self.config.max_run_s)
-        async with contextlib.aclosing(events):
-            async for _ in events:
-                pass
+def _generation(prompt: str, images: list[pb.Image], config: FrontendConfig) -> pb.GenerateRequest:
+    size = config.warmup_size
+    return pb.GenerateRequest(
+        prompt=prompt, input_images=images, width=size, height=size, steps=config.warmup_steps, seed=0
+    )
+
+
+async def _drain(events: AsyncGenerator[object, None]) -> None:
+    """A call's events read to the end; stopped early, the generator is closed, so its model is asked to stop."""
+    async with contextlib.aclosing(events):
+        async for _ in events:
+            pass
+
+
+def _not_a_caller() -> None:
+    """A warm-up call stopped past --stop-grace-s: omnigen2_stop_grace_expired counts callers' calls only."""
 
 
 async def _timed(name: str, call: Awaitable[None]) -> tuple[str, str, float]:

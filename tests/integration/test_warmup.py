@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 # The BLS, the component only an edit calls, and the Understand model.
 WARMED = ("omnigen2", "vae_encoder", "mllm")
 
@@ -60,7 +60,9 @@ def test_a_warm_up_past_its_time_limit_is_stopped_and_health_turns_serving(
     offset = triton.log_path.stat().st_size
     flags = ("--warmup-size=256", "--warmup-steps=200", "--warmup-timeout-s=1")
     with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", *flags) as api:
-        _wait_serving(api)
+        seen = _wait_serving(api)
+        # The warm-up lasts its 1 s limit at least, and the front end answers health within 0.2 s of listening.
+        assert seen[0] == NOT_SERVING, seen
         assert api.metric("omnigen2_warmup_last_outcome", outcome="timeout") == 1
         assert api.metric("omnigen2_warmups_total", outcome="ok") is None
         assert "warm-up still running after --warmup-timeout-s=1 s" in api.log_path.read_text()
