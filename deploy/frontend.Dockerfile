@@ -30,7 +30,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     OMNIGEN2_TRITON_URL=127.0.0.1:8001
 # 50051: the gRPC API (with gRPC health and reflection); 9464: Prometheus metrics.
 EXPOSE 50051 9464
-# SERVING while Triton and the omnigen2 model are ready (Kubernetes probes the same service natively).
-HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+# SERVING while Triton and every model are ready, once the front end's warm-up has run (Kubernetes probes the same
+# service natively). The start period covers that warm-up (up to --warmup-timeout-s, 120 s) after Triton is ready.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=150s --retries=3 \
     CMD ["python", "-m", "serving.health_probe", "--address", "127.0.0.1:50051", "--service", "omnigen2.v1.OmniGen2"]
 ENTRYPOINT ["python", "-m", "serving.frontend.server"]

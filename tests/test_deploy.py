@@ -21,6 +21,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from serving.frontend.config import FrontendConfig
 from serving.frontend.health import LIVENESS, SERVICE
 from serving.frontend.metrics import Metrics
 from serving.triton.launcher import TRITONSERVER_ENV
@@ -287,6 +288,24 @@ def test_the_triton_image_build_fails_without_a_tensorrt_backend(tmp_path: Path,
     environ = os.environ | {TRITONSERVER_ENV: str(fake_install(tmp_path / "opt-tritonserver", backends))}
     done = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=environ, capture_output=True, text=True)
     assert (done.returncode == 0) == bool(backends), done.stderr
+
+
+def _seconds(text: str) -> float:
+    return float(text.removesuffix("s"))
+
+
+def test_the_front_ends_health_checks_wait_for_its_warm_up(pod: dict[str, Any]) -> None:
+    """NOT_SERVING for up to --warmup-timeout-s once Triton is ready: Docker's start period covers it (it was 20 s).
+    In the pod nothing restarts the front end meanwhile: its liveness is the `liveness` service (SERVING whatever
+    Triton and the warm-up do), and its readiness only keeps it out of the Services."""
+    warm_up = FrontendConfig().warmup_timeout_s
+    (healthcheck,) = [args for kind, args in dockerfile("frontend.Dockerfile") if kind == "HEALTHCHECK"]
+    start_period = re.search(r"--start-period=(\S+)", healthcheck)
+    assert start_period and _seconds(start_period.group(1)) > warm_up
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["frontend"]["healthcheck"]
+    assert _seconds(compose["start_period"]) > warm_up
+    frontend = container(pod, "frontend")
+    assert "startupProbe" not in frontend and frontend["livenessProbe"]["grpc"]["service"] == LIVENESS
 
 
 def test_compose_runs_the_pair_over_loopback() -> None:
