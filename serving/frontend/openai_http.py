@@ -58,6 +58,9 @@ MiB = 1024 * 1024
 _REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
 # The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
 FORM_FIELDS = 100
+# The slowest upload taken (bytes/s, about 0.5 Mbit/s): a body's time is bounded by its size at this rate, or by
+# --http-body-timeout-s where that is longer.
+MIN_BODY_RATE = 64 * 1024
 _NO_NAMES = Names()
 
 
@@ -265,16 +268,17 @@ class OpenAIGateway:
 
     async def _write(self, request: web.Request, write: Awaitable[None]) -> None:
         """A caller that takes nothing of its answer for --stream-write-timeout-s is cut off (408 in the log and the
-        metrics): aiohttp's writes wait for as long as the connection stays open, and the request held its place in
-        the gateway, and the answer's bytes, all that time."""
+        metrics, whatever its call ended with): aiohttp's writes wait for as long as the connection stays open, and
+        the request held its place in the gateway, and the answer's bytes, all that time. Judged by progress, not
+        by the write's length: an answer of megabytes to a slow but steady reader takes as long as it takes."""
+        timeout = self.config.stream_write_timeout_s
         try:
-            async with asyncio.timeout(self.config.stream_write_timeout_s):
-                await write
+            await _unless_stalled(write, lambda: -_unsent(request), timeout)
         except TimeoutError:
+            request["status"] = 408  # not the call's status, when this was the write of its error
             if request.transport is not None:
                 request.transport.abort()
-            message = f"the caller read nothing for {self.config.stream_write_timeout_s:g} s"
-            raise OpenAIError(408, message, code="timeout") from None
+            raise OpenAIError(408, f"the caller took nothing for {timeout:g} s", code="timeout") from None
 
     # Reading requests
 
@@ -323,14 +327,25 @@ class OpenAIGateway:
         as it passes the limit."""
         if request.content_length is not None and request.content_length > self.limit:
             raise self._too_large(request.content_length)
+        # Bounded: a body stalled or trickled in forever held one of the gateway's places (16 such connections
+        # refused every other POST with 429 for as long as they stayed open). A gap of the timeout ends it, and so
+        # does falling below MIN_BODY_RATE over its Content-Length, not a fixed time for any size: a body near the
+        # limit would need 12 Mbit/s to arrive within the 60 s default.
+        timeout = self.config.http_body_timeout_s
+        size = self.limit if request.content_length is None else request.content_length
+        allowed = max(timeout, size / MIN_BODY_RATE)
+        whole = asyncio.timeout(allowed)
         try:
-            # Bounded in all: a body trickled in forever held one of the gateway's places (16 such connections
-            # refused every other POST with 429 for as long as they stayed open).
-            async with asyncio.timeout(self.config.http_body_timeout_s):
-                return await read()
+            async with whole:
+                return await _unless_stalled(read(), lambda: request.content.total_bytes, timeout)
         except TimeoutError:
-            timeout = self.config.http_body_timeout_s
-            raise OpenAIError(408, f"the body did not arrive within {timeout:g} s", code="timeout") from None
+            message = (
+                f"the body did not arrive within {allowed:g} s ({timeout:g} s, or its size at the slowest rate taken,"
+                f" {MIN_BODY_RATE // 1024} KiB/s)"
+                if whole.expired()
+                else f"no bytes of the body arrived for {timeout:g} s"
+            )
+            raise OpenAIError(408, message, code="timeout") from None
         except web.HTTPRequestEntityTooLarge as exc:
             # aiohttp raises the same error for a form of more than FORM_FIELDS parts; only its text tells them apart.
             if (exc.text or "").startswith("Maximum number of form fields"):
@@ -438,6 +453,32 @@ class OpenAIGateway:
     async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
         if _REQUEST_ID in request:
             response.headers[request_id.HEADER] = request[_REQUEST_ID]
+
+
+async def _unless_stalled(work: Awaitable[T], position: Callable[[], int], timeout_s: float) -> T:
+    """`work`'s result, or TimeoutError (the work cancelled) once `position` has not gone up for `timeout_s`, looked
+    at every quarter of it: a transfer is judged by its progress, not by how long all of it takes."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    last, moved_at = position(), loop.time()
+    try:
+        while not (await asyncio.wait({task}, timeout=timeout_s / 4))[0]:
+            now, at = loop.time(), position()
+            if at > last:
+                moved_at = now
+            elif now - moved_at >= timeout_s:
+                raise TimeoutError
+            last = at
+        return task.result()
+    finally:
+        task.cancel()  # a no-op once it is done
+
+
+def _unsent(request: web.Request) -> int:
+    """The answer's bytes not yet taken by the caller's connection: aiohttp writes straight to the transport, whose
+    buffer shrinks as the caller reads (TLS included: its buffer holds what the socket has not taken)."""
+    transport = request.transport
+    return transport.get_write_buffer_size() if transport is not None else 0
 
 
 async def _send(request: web.Request, response: web.StreamResponse) -> None:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from serving.frontend.openai_http import MIN_BODY_RATE
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import LOOPBACK, TritonServer
 
@@ -52,10 +51,10 @@ def _unread(frontend: FrontendProcess, body: bytes, length: int | None = None) -
     return sock
 
 
-def _timeouts(frontend: FrontendProcess) -> float:
-    metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{frontend.metrics_port}/metrics", timeout=5).read().decode()
-    found = re.search(r'omnigen2_http_requests_total\{method="POST",route="[^"]+",status="408"\} (\S+)', metrics)
-    return float(found[1]) if found else 0.0
+def _count(frontend: FrontendProcess, status: int) -> float:
+    """POSTs to ROUTE answered (or cut off) with `status`."""
+    found = frontend.metric("omnigen2_http_requests_total", method="POST", route=ROUTE, status=str(status))
+    return found or 0.0
 
 
 def _until_served(frontend: FrontendProcess, timeout_s: float) -> float:
@@ -80,7 +79,7 @@ def test_a_body_that_never_ends_is_refused_and_gives_its_place_back(frontend: Fr
 
 def test_answers_nobody_reads_are_cut_off_and_give_their_places_back(frontend: FrontendProcess) -> None:
     """About 7 MB of noisy PNGs as base64, unstreamed and streamed: more than loopback's socket buffers hold."""
-    before = _timeouts(frontend)
+    before = _count(frontend, 408)
     request = {"prompt": "noise", "size": "512x512", "steps": 1, "n": 8}
     readers = [_unread(frontend, json.dumps({**request, "stream": stream}).encode()) for stream in (False, True)]
     try:
@@ -88,13 +87,98 @@ def test_answers_nobody_reads_are_cut_off_and_give_their_places_back(frontend: F
         while _post(frontend, {"prompt": "x", "size": "16x16", "steps": 1}) != 429:  # the two hold both places
             assert time.monotonic() < deadline
         deadline = time.monotonic() + 120
-        while _timeouts(frontend) - before < 2:  # before: neither ever ended while its connection stayed open
+        while _count(frontend, 408) - before < 2:  # before: neither ever ended while its connection stayed open
             assert time.monotonic() < deadline, "the stalled callers still hold the gateway's places"
             time.sleep(0.5)
         assert _post(frontend, {"prompt": "x", "size": "16x16", "steps": 1}) == 200
     finally:
         for reader in readers:
             reader.close()
+
+
+def _read_slowly(sock: socket.socket, rate: int) -> tuple[http.client.HTTPResponse, bytes]:
+    """The answer on `sock`, its body taken at about `rate` bytes a second, 64 KiB at a time: slowly but steadily."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = b""
+    while piece := response.read(64 * 1024):
+        body += piece
+        time.sleep(len(piece) / rate)
+    return response, body
+
+
+def test_an_answer_read_slowly_but_steadily_is_sent_whole(frontend: FrontendProcess) -> None:
+    """The write timeout is for callers that take nothing: one taking the 7 MB answer at 1 MB/s (7 s) gets all of
+    it, while one beside it that reads nothing is still cut off. Before, the whole write had to end within the
+    timeout: the slow reader was cut off 2 s into it."""
+    before = _count(frontend, 408)
+    request = json.dumps({"prompt": "noise", "size": "512x512", "steps": 1, "n": 8}).encode()
+    unread, slow = _unread(frontend, request), _unread(frontend, request)
+    try:
+        response, body = _read_slowly(slow, 1 << 20)
+    finally:
+        unread.close()
+        slow.close()
+    assert response.status == 200 and len(body) == int(response.headers["Content-Length"]) > 5_000_000
+    assert len(json.loads(body)["data"]) == 8
+    deadline = time.monotonic() + 20
+    while _count(frontend, 408) - before < 1:
+        assert time.monotonic() < deadline, "the caller that read nothing was not cut off"
+        time.sleep(0.2)
+    assert _count(frontend, 408) - before == 1
+
+
+def test_a_body_sent_slowly_but_steadily_is_taken(frontend: FrontendProcess) -> None:
+    """512 KiB at 160 KiB/s, 3.2 s without a gap: past the 2 s the timeout used to give any body, within the 8 s its
+    size gets at MIN_BODY_RATE (before: 408)."""
+    request = json.dumps({"prompt": "x", "size": "16x16", "steps": 1}).encode().ljust(512 * 1024)  # trailing spaces
+    assert len(request) / MIN_BODY_RATE > 6
+
+    def paced() -> Iterator[bytes]:
+        for start in range(0, len(request), 16 * 1024):
+            time.sleep(0.1)
+            yield request[start : start + 16 * 1024]
+
+    connection = http.client.HTTPConnection(LOOPBACK, frontend.http_port, timeout=60)
+    try:
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(request))}
+        connection.request("POST", ROUTE, paced(), headers)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+    finally:
+        connection.close()
+
+
+def test_a_body_that_stops_midway_is_refused_after_the_timeout(frontend: FrontendProcess) -> None:
+    """A gap of --http-body-timeout-s (2 s) ends a body whose size would get it 16 s at MIN_BODY_RATE."""
+    start = time.monotonic()
+    holder = _unread(frontend, b" " * 65536, length=1 << 20)
+    try:
+        holder.settimeout(20)
+        assert holder.recv(64).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - start < 8
+    finally:
+        holder.close()
+
+
+def test_a_body_trickled_below_the_slowest_rate_is_refused(frontend: FrontendProcess) -> None:
+    """2 KiB/s, never a gap of 2 s, for a body of 192 KiB: 408 once its 3 s at MIN_BODY_RATE have passed."""
+    start = time.monotonic()
+    trickle = _unread(frontend, b"", length=192 * 1024)
+    trickle.settimeout(0.5)
+    try:
+        while True:
+            assert time.monotonic() - start < 20, "the trickled body was never refused"
+            trickle.sendall(b" " * 1024)
+            try:
+                answer = trickle.recv(64)
+                break
+            except TimeoutError:
+                continue
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 8
+    finally:
+        trickle.close()
 
 
 def test_a_connection_whose_headers_never_end_is_closed(frontend: FrontendProcess) -> None:
@@ -109,22 +193,21 @@ def test_a_connection_whose_headers_never_end_is_closed(frontend: FrontendProces
         quiet.close()
 
 
-def _statuses(frontend: FrontendProcess) -> dict[str, float]:
-    metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{frontend.metrics_port}/metrics", timeout=5).read().decode()
-    found = re.findall(r'omnigen2_http_requests_total\{method="POST",route="[^"]+",status="(\d+)"\} (\S+)', metrics)
-    return {status: float(count) for status, count in found}
-
-
 def test_a_caller_that_leaves_mid_stream_is_499_not_a_server_error(frontend: FrontendProcess) -> None:
     """A write that finds the connection closing (the caller gone, and aiohttp not yet told) raised out of the
     handler: a traceback in the log and a 500 in the metrics, for 6 of 30 and 1 of 20 streams in the runs tried (a
     race, hence 40)."""
     body = json.dumps({"prompt": "x", "size": "64x64", "steps": 4, "stream": True, "partial_images": 2}).encode()
+    before = _count(frontend, 200) + _count(frontend, 499)
     for _ in range(40):
         connection = http.client.HTTPConnection(LOOPBACK, frontend.http_port, timeout=60)
         connection.request("POST", ROUTE, body, {"Content-Type": "application/json"})
         assert connection.getresponse().status == 200
         connection.close()
-    time.sleep(1)
-    assert "500" not in _statuses(frontend)
+    deadline = time.monotonic() + 10
+    while _count(frontend, 200) + _count(frontend, 499) - before < 40:  # each either finished or was cut short
+        assert time.monotonic() < deadline, "a stream whose caller left counted as neither 200 nor 499"
+        time.sleep(0.2)
+    assert _count(frontend, 200) + _count(frontend, 499) - before == 40
+    assert _count(frontend, 500) == 0
     assert "failed (request_id=" not in frontend.log_path.read_text()
