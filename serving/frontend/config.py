@@ -61,8 +61,8 @@ class FrontendConfig:
     max_inflight_chat_tokens: int = 40_960
     worker_threads: int = 4  # image header checks and output encoding, off the event loop
     stream_write_timeout_s: float = 30.0  # a streaming caller that reads nothing this long is cancelled
-    # An HTTP request's body of which no byte arrives this long is refused (408), and so is one slower over its
-    # Content-Length than serving/frontend/openai_http.py's MIN_BODY_RATE.
+    # An HTTP request's body of which no byte arrives this long is refused (408), and so is one that, after this
+    # long, has come slower on average than serving/frontend/openai_http.py's MIN_BODY_RATE.
     http_body_timeout_s: float = 60.0
     # An HTTP connection with no request in progress (idle between requests, or its headers still coming) is
     # closed after this long: aiohttp's own default kept one for an hour, each holding a file descriptor.

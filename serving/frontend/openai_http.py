@@ -58,8 +58,8 @@ MiB = 1024 * 1024
 _REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
 # The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
 FORM_FIELDS = 100
-# The slowest upload taken (bytes/s, about 0.5 Mbit/s): a body's time is bounded by its size at this rate, or by
-# --http-body-timeout-s where that is longer.
+# The slowest upload taken (bytes/s, about 0.5 Mbit/s, on average once --http-body-timeout-s has passed): a
+# slow steady sender is taken however large its body, a trickle is not.
 MIN_BODY_RATE = 64 * 1024
 _NO_NAMES = Names()
 
@@ -329,20 +329,15 @@ class OpenAIGateway:
             raise self._too_large(request.content_length)
         # Bounded: a body stalled or trickled in forever held one of the gateway's places (16 such connections
         # refused every other POST with 429 for as long as they stayed open). A gap of the timeout ends it, and so
-        # does falling below MIN_BODY_RATE over its Content-Length, not a fixed time for any size: a body near the
-        # limit would need 12 Mbit/s to arrive within the 60 s default.
+        # does falling behind MIN_BODY_RATE after the timeout's grace; not a fixed time for any size: a body near
+        # the limit would need 12 Mbit/s to arrive within the 60 s default.
         timeout = self.config.http_body_timeout_s
-        size = self.limit if request.content_length is None else request.content_length
-        allowed = max(timeout, size / MIN_BODY_RATE)
-        whole = asyncio.timeout(allowed)
         try:
-            async with whole:
-                return await _unless_stalled(read(), lambda: request.content.total_bytes, timeout)
-        except TimeoutError:
+            return await _unless_stalled(read(), lambda: request.content.total_bytes, timeout, MIN_BODY_RATE)
+        except _StalledError as stalled:
             message = (
-                f"the body did not arrive within {allowed:g} s ({timeout:g} s, or its size at the slowest rate taken,"
-                f" {MIN_BODY_RATE // 1024} KiB/s)"
-                if whole.expired()
+                f"the body arrived slower than {MIN_BODY_RATE // 1024} KiB/s after its first {timeout:g} s"
+                if stalled.slow
                 else f"no bytes of the body arrived for {timeout:g} s"
             )
             raise OpenAIError(408, message, code="timeout") from None
@@ -455,19 +450,31 @@ class OpenAIGateway:
             response.headers[request_id.HEADER] = request[_REQUEST_ID]
 
 
-async def _unless_stalled(work: Awaitable[T], position: Callable[[], int], timeout_s: float) -> T:
-    """`work`'s result, or TimeoutError (the work cancelled) once `position` has not gone up for `timeout_s`, looked
-    at every quarter of it: a transfer is judged by its progress, not by how long all of it takes."""
+class _StalledError(TimeoutError):
+    def __init__(self, slow: bool) -> None:
+        super().__init__("too slow" if slow else "stalled")
+        self.slow = slow
+
+
+async def _unless_stalled(
+    work: Awaitable[T], position: Callable[[], int], timeout_s: float, min_rate: float = 0.0
+) -> T:
+    """`work`'s result, or _StalledError (the work cancelled) once `position` has not gone up for `timeout_s`, or, with
+    `min_rate`, once it is below `min_rate` x the time since the first `timeout_s` (a grace for a slow start);
+    looked at every quarter of `timeout_s`. A transfer is judged by its progress, not by how long all of it takes."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
-    last, moved_at = position(), loop.time()
+    last = position()
+    started = moved_at = loop.time()
     try:
         while not (await asyncio.wait({task}, timeout=timeout_s / 4))[0]:
             now, at = loop.time(), position()
             if at > last:
                 moved_at = now
-            elif now - moved_at >= timeout_s:
-                raise TimeoutError
+            if now - moved_at >= timeout_s:
+                raise _StalledError(slow=False)
+            if min_rate and at < (now - started - timeout_s) * min_rate:
+                raise _StalledError(slow=True)
             last = at
         return task.result()
     finally:

@@ -18,6 +18,7 @@ from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import LOOPBACK, TritonServer
 
 ROUTE = "/v1/images/generations"
+MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +130,10 @@ def test_an_answer_read_slowly_but_steadily_is_sent_whole(frontend: FrontendProc
 
 
 def test_a_body_sent_slowly_but_steadily_is_taken(frontend: FrontendProcess) -> None:
-    """512 KiB at 160 KiB/s, 3.2 s without a gap: past the 2 s the timeout used to give any body, within the 8 s its
-    size gets at MIN_BODY_RATE (before: 408)."""
+    """512 KiB at 160 KiB/s (above MIN_BODY_RATE), 3.2 s without a gap: past the 2 s the timeout used to give any
+    body (before: 408)."""
     request = json.dumps({"prompt": "x", "size": "16x16", "steps": 1}).encode().ljust(512 * 1024)  # trailing spaces
-    assert len(request) / MIN_BODY_RATE > 6
+    assert 2 * MIN_BODY_RATE < 16 * 1024 / 0.1
 
     def paced() -> Iterator[bytes]:
         for start in range(0, len(request), 16 * 1024):
@@ -151,7 +152,7 @@ def test_a_body_sent_slowly_but_steadily_is_taken(frontend: FrontendProcess) -> 
 
 
 def test_a_body_that_stops_midway_is_refused_after_the_timeout(frontend: FrontendProcess) -> None:
-    """A gap of --http-body-timeout-s (2 s) ends a body whose size would get it 16 s at MIN_BODY_RATE."""
+    """64 KiB of a 1 MiB body, then nothing: 408 within seconds."""
     start = time.monotonic()
     holder = _unread(frontend, b" " * 65536, length=1 << 20)
     try:
@@ -163,9 +164,10 @@ def test_a_body_that_stops_midway_is_refused_after_the_timeout(frontend: Fronten
 
 
 def test_a_body_trickled_below_the_slowest_rate_is_refused(frontend: FrontendProcess) -> None:
-    """2 KiB/s, never a gap of 2 s, for a body of 192 KiB: 408 once its 3 s at MIN_BODY_RATE have passed."""
+    """1 KiB every 0.5 s, never a gap of 2 s, of an 8 MiB body: 408 once, past the 2 s grace, it is behind
+    MIN_BODY_RATE; not after the 128 s its size would take at that rate (before), nor never (a gap-only bound)."""
     start = time.monotonic()
-    trickle = _unread(frontend, b"", length=192 * 1024)
+    trickle = _unread(frontend, b"", length=8 * MiB)
     trickle.settimeout(0.5)
     try:
         while True:
