@@ -451,6 +451,8 @@ class Check:
             *("--model-repository", str(self.work / "model_repository"), "--build-dir", str(self.work / "stack")),
             *("--triton-ports", *(str(p) for p in dataclasses.astuple(Ports.free()))),
             f"--warmup-resolutions={settings.side}x{settings.side}",
+            # The front end's warm-up at the compiled size: a 16x16 one would be a new shape, compiled during the load.
+            f"--warmup-size={settings.side}",
             f"--compile-cache-dir={self.work / 'torch-compile'}",  # the in-process compile's: its cache is warm
             "--compile" if compiled else "--no-compile",  # on the CPU (smoke) the default would be off
         ]

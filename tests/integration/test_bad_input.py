@@ -111,6 +111,7 @@ def test_oversize_image_is_refused_before_decoding(client: OmniGen2Client) -> No
 def small_requests(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
     log = tmp_path_factory.mktemp("small-requests") / "frontend.log"
     with FrontendProcess(triton.grpc_url, log, f"--max-request-bytes={2**20}") as api:
+        api.wait_health(health_pb2.HealthCheckResponse.SERVING)  # after its warm-up: the tests check it stays so
         yield api
 
 
