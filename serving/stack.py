@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--device", choices=DEVICES, default="cpu", help="pytorch components and mllm: cpu, cuda or auto (CUDA if any)"
     )
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="where the Triton repository is generated: a new or empty folder, or one an earlier run built (a folder "
+        "of other files is refused, not replaced)",
+    )
     parser.add_argument("--build-dir", type=Path, default=Path("build"))
     parser.add_argument(
         "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")

@@ -131,6 +131,27 @@ def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpo
     assert _config(out, "omnigen2").parameters["backend"].string_value == "pytorch-fp32"
 
 
+def test_a_folder_of_other_files_is_refused_and_a_readme_is_kept(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """A build takes its folder's place whole: a mistyped --model-repository would have lost every file in it, and
+    `make serve` deleted the README the project tracks in model_repository/. Now the first is refused, untouched,
+    and a README beside the models is carried into each build."""
+    cache = tmp_path / "onnx-cache"
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    with pytest.raises(SettingError, match=r"holds files and no repository\.json"):
+        prepare_repository(tiny_checkpoint, elsewhere, "pytorch", onnx_cache=cache, precision="fp32")
+    assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]
+    out = tmp_path / "model_repository"
+    out.mkdir()
+    (out / "README.md").write_text("about this folder")
+    prepare_repository(tiny_checkpoint, out, "pytorch", onnx_cache=cache, precision="fp32")
+    smaller_calls = bls_settings("pytorch", "fp32", max_call_tokens=4096)
+    prepare_repository(tiny_checkpoint, out, "pytorch", onnx_cache=cache, precision="fp32", bls=smaller_calls)
+    assert _config(out, "omnigen2").parameters["max_call_tokens"].string_value == "4096"  # rebuilt, not reused
+    assert (out / "README.md").read_text() == "about this folder"
+
+
 def test_the_call_token_cap_follows_the_backend_unless_the_operator_sets_it() -> None:
     assert bls_settings("pytorch", "bf16").max_call_tokens == 8192
     assert bls_settings("onnxruntime", "bf16").max_call_tokens == 17_408  # the default: precision means nothing to ORT

@@ -36,6 +36,7 @@ from torch.export import Dim
 
 from serving.artifacts.cache_lock import exclusive_lock
 from serving.artifacts.checkpoint_hash import checkpoint_hash
+from serving.artifacts.folders import replaceable
 from serving.model.checkpoint import CheckpointModules, check_layout, copy_processor, load_checkpoint
 from serving.model.graphs import (
     TextEncoderGraph,
@@ -303,14 +304,6 @@ def _held(out: Path, key: str, settings: dict[str, Any]) -> dict[str, Any] | Non
     return manifest if same else None
 
 
-def _replaceable(out: Path) -> bool:
-    """Whether a new export may take `out`'s place: it is missing, empty, or an export (of another checkpoint or
-    other settings, or forced); never a file or a folder of other files (a mistyped --out)."""
-    if not out.exists():
-        return True
-    return out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))
-
-
 def _install(partial: Path, out: Path, held: dict[str, Any] | None, builder: str) -> None:
     """Make the export in `partial` what readers of `out` see. A whole export takes `out`'s name by rename; graphs
     added to a held one move in beside it under names its manifest does not list, then the manifest that lists them
@@ -372,7 +365,7 @@ def export_onnx(
         for aside in ("partial", "stale"):
             for leftover in out.parent.glob(f"{glob.escape(out.name)}.{aside}.*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-        if held is None and not _replaceable(out):
+        if held is None and not replaceable(out, MANIFEST):
             raise FileExistsError(f"{out} is not an export folder (no {MANIFEST}): not replaced")
         builder = f"{socket.gethostname()}.{os.getpid()}"
         partial = out.with_name(f"{out.name}.partial.{builder}")

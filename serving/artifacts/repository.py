@@ -31,6 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.artifacts.checkpoint_hash import checkpoint_hash
 from serving.artifacts.engines import ProfileBounds, build_engines, engine_max_batch, engine_platform, manifest_profiles
+from serving.artifacts.folders import replaceable
 from serving.artifacts.onnx_export import cached_export
 from serving.errors import OmniGen2Error, SettingError
 from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
@@ -55,6 +56,8 @@ from serving.triton.model_names import (
 
 log = logging.getLogger("export.repository")
 REPOSITORY_MANIFEST = "repository.json"
+# A README beside the models (the project's model_repository/ has one, tracked) is carried into each new build.
+KEPT = ("README.md",)
 BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
 PRECISIONS = {"pytorch": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16", "bf16")}
 # Named by users, not built yet: refused with this reason instead of quietly building something else.
@@ -347,6 +350,10 @@ def prepare_repository(
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
         log.info("%s is up to date", out)
         return out
+    if not replaceable(out, REPOSITORY_MANIFEST, KEPT):  # before the export: the build would delete what is there
+        raise SettingError(
+            "model repository", f"{out} holds files and no {REPOSITORY_MANIFEST}: not replaced; name a new folder"
+        )
 
     text_dim = text_feature_dim(checkpoint)
     contracts: dict[str, Any]
@@ -410,6 +417,9 @@ def prepare_repository(
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+    for name in KEPT:
+        if (final / name).is_file():
+            shutil.copyfile(final / name, out / name)
     shutil.rmtree(final, ignore_errors=True)
     out.rename(final)
     return final
@@ -471,7 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint in the official layout")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    parser.add_argument("--out", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("model_repository"),
+        help="a new or empty folder, or a repository built before (a folder of other files is refused, not replaced)",
+    )
     parser.add_argument(
         "--onnx-cache", type=Path, default=Path("build/onnx"), help="ONNX export cache (may be shared by pods)"
     )
