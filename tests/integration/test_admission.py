@@ -220,7 +220,7 @@ def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess
     assert "answer tokens in flight" in str(raised.value) and raised.value.retry_after == 1.0
     talk.close()
     deadline = time.monotonic() + 10
-    while _frontend_metric(budgeted, 'omnigen2_admitted_cost{budget="chat_tokens"}') > 0:
+    while _frontend_metric(budgeted, "omnigen2_admitted_cost", budget="chat_tokens") > 0:
         assert time.monotonic() < deadline, "the cancelled answer kept its tokens"
         time.sleep(0.05)
     assert _bls_running(triton, "mllm") == 0  # the tokens came back once the model had stopped
@@ -335,15 +335,17 @@ def _metric(url: str, name: str) -> float:
     return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")), 0.0)
 
 
-def _frontend_metric(frontend: FrontendProcess, name: str) -> float:
-    return _metric(f"http://127.0.0.1:{frontend.metrics_port}/metrics", name)
+def _frontend_metric(frontend: FrontendProcess, name: str, **labels: str) -> float:
+    """One sample of the front end's /metrics (0 when it has none yet: a labelled series appears on first use)."""
+    return frontend.metric(name, **labels) or 0.0
 
 
 def _bls_running(triton: TritonServer, model: str = "omnigen2") -> float:
     return _metric(f"http://127.0.0.1:{triton.ports.metrics}/metrics", f'omnigen2_requests_running{{model="{model}"}}')
 
 
-STEP_TOKENS = 'omnigen2_admitted_cost{budget="step_tokens"}'
+def _step_tokens(frontend: FrontendProcess) -> float:
+    return _frontend_metric(frontend, "omnigen2_admitted_cost", budget="step_tokens")
 
 
 def _released_after_the_bls_stopped(frontend: FrontendProcess, triton: TritonServer, timeout_s: float = 20) -> int:
@@ -352,7 +354,7 @@ def _released_after_the_bls_stopped(frontend: FrontendProcess, triton: TritonSer
     held_while_running = 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        held = _frontend_metric(frontend, "omnigen2_in_flight_requests"), _frontend_metric(frontend, STEP_TOKENS)
+        held = _frontend_metric(frontend, "omnigen2_in_flight_requests"), _step_tokens(frontend)
         running = _bls_running(triton)  # read after the front end: a release it saw happened before this read
         if held == (0, 0):
             assert running == 0, "the front end gave the slot back while the BLS still worked on the request"
@@ -386,7 +388,7 @@ def test_a_cancelled_call_holds_its_slot_until_the_bls_has_stopped(
     the reservation back when it cancelled the Triton stream, while the BLS finished the step it was in."""
     request = pb.GenerateRequest(prompt="Cancel me", width=384, height=384, steps=200, seed=1, previews=True)
     call = _stream_until_step(one_slot, request, 2)
-    assert _bls_running(triton) == 1 and _frontend_metric(one_slot, STEP_TOKENS) > 0
+    assert _bls_running(triton) == 1 and _step_tokens(one_slot) > 0
     call.cancel()
     _released_after_the_bls_stopped(one_slot, triton)
     settled = _executions(triton)

@@ -309,9 +309,7 @@ def test_a_streamed_image_that_fails_midway_ends_with_an_error_event(tmp_path: P
 
 
 def _cancelled_streams(api: FrontendProcess) -> float:
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
-    found = re.search(r'omnigen2_requests_total\{code="CANCELLED",method="GenerateStream"\} (\S+)', metrics)
-    return float(found[1]) if found else 0.0
+    return api.metric("omnigen2_requests_total", code="CANCELLED", method="GenerateStream") or 0.0
 
 
 def test_a_caller_that_disconnects_from_a_stream_cancels_its_call(api: FrontendProcess) -> None:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,9 +55,9 @@ def test_liveness_stays_serving_while_triton_is_down(tmp_path: Path) -> None:
 
 
 def _in_flight(frontend: FrontendProcess) -> float:
-    url = f"http://127.0.0.1:{frontend.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=2).read().decode()
-    return float(re.search(r"^omnigen2_in_flight_requests (\S+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    value = frontend.metric("omnigen2_in_flight_requests")
+    assert value is not None
+    return value
 
 
 def _kill(triton: TritonServer, frontend: FrontendProcess) -> None:
