@@ -414,12 +414,12 @@ def prepare_repository(
         (out / MLLM_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
         manifest = {"key": key, "checkpoint_sha256": source_hash, "backend": served_by, "spec": spec}
         (out / REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name in KEPT:
+            if (final / name).is_file():
+                shutil.copyfile(final / name, out / name)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    for name in KEPT:
-        if (final / name).is_file():
-            shutil.copyfile(final / name, out / name)
     shutil.rmtree(final, ignore_errors=True)
     out.rename(final)
     return final
