@@ -70,6 +70,7 @@ from serving.triton.model_names import BLS_MODEL, MLLM_MODEL, SAFETY_CLASSIFIER,
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
 from serving.triton.step_batcher import StepBatcher
 from serving.triton.stops import Stops
+from serving.triton.tasks import gather_or_cancel
 from serving.triton.tensors import from_triton, to_triton
 
 TEXT_CACHE_SIZE = 256
@@ -223,7 +224,7 @@ class TritonPythonModel:
         generation, preview, blobs = self._parse(request)
         spec = self.spec
         _stop_if_cancelled(request)
-        pixels = await asyncio.gather(
+        pixels = await gather_or_cancel(
             *(self._decode(request, blob, f"images[{i}]", generation) for i, blob in enumerate(blobs))
         )
         max_length = generation.sequence_length(spec.text_positions)
@@ -233,7 +234,9 @@ class TritonPythonModel:
 
         _stop_if_cancelled(request)
         # All at once: the encoder's dynamic batcher runs same-sized images as one batch.
-        encoded = await asyncio.gather(*(call_component(VAE_ENCODER, {"image": p.numpy()}, "latents") for p in pixels))
+        encoded = await gather_or_cancel(
+            *(call_component(VAE_ENCODER, {"image": p.numpy()}, "latents") for p in pixels)
+        )
         ref_latents = [torch.from_numpy(latents)[0] for latents in encoded]
         watch.lap("vae_encode")
 

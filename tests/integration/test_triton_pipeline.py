@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from PIL import Image
 
 from serving.triton.launcher import TritonServer
 from serving.triton.wire import WireError
@@ -177,6 +179,22 @@ def test_invalid_request_names_the_field(triton: TritonServer, cases: dict[str, 
     bad_image = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler")), [b"not an image"]).wait()
     assert bad_image.error is not None
     assert WireError.parse(bad_image.error.message()).field == "images[0]"
+
+
+def test_a_request_refused_for_one_of_its_images_leaves_no_work_behind(triton: TritonServer) -> None:
+    """images[0] undecodable beside four that take a while: the request is refused naming images[0], and none of
+    its other decodes runs on after the refusal. Before, one did and checked is_cancelled() on a request Triton
+    had freed: tritonserver died of SIGSEGV within the first ten such requests (every later test with it)."""
+    pixels = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    good = io.BytesIO()
+    Image.fromarray(pixels).save(good, format="PNG")
+    params = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "seed": 1}
+    for _ in range(3):
+        streams = [GenerationStream(triton.grpc_url, params, [b"garbage", *[good.getvalue()] * 4]) for _ in range(10)]
+        for stream in streams:
+            out = stream.wait()
+            assert out.error is not None and WireError.parse(out.error.message()).field == "images[0]"
+    assert triton.process is not None and triton.process.poll() is None
 
 
 def test_previews_stream_when_asked(triton: TritonServer, cases: dict[str, Any]) -> None:
