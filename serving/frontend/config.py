@@ -61,12 +61,20 @@ class FrontendConfig:
     max_inflight_chat_tokens: int = 40_960
     worker_threads: int = 4  # image header checks and output encoding, off the event loop
     stream_write_timeout_s: float = 30.0  # a streaming caller that reads nothing this long is cancelled
+    # The slowest an answer (a gRPC stream, an HTTP answer) is taken, in bytes/s on average over the time its writes
+    # waited for the caller, once they have waited stream_write_timeout_s: a caller reading a byte now and then
+    # held its place for ever. 32 KiB/s (256 kbit/s) cuts no real client: 7 MB of images take 3.6 min at it.
+    stream_min_write_rate: int = 32 * 1024
     # An HTTP request's body of which no byte arrives this long is refused (408), and so is one that, after this
-    # long, has come slower on average than serving/frontend/openai_http.py's MIN_BODY_RATE.
+    # long, has come slower on average than http_min_body_rate (bytes/s; 64 KiB/s, about 0.5 Mbit/s).
     http_body_timeout_s: float = 60.0
+    http_min_body_rate: int = 64 * 1024
     # An HTTP connection with no request in progress (idle between requests, or its headers still coming) is
     # closed after this long: aiohttp's own default kept one for an hour, each holding a file descriptor.
     http_idle_timeout_s: float = 75.0
+    # Open HTTP connections at most; past it a new one is answered 503 and closed. 0: half the process's open-file
+    # limit (its soft limit raised to the hard one at start), the other half kept for gRPC, Triton and files.
+    http_max_connections: int = 0
     # Output waiting for a streaming caller behind the write in progress (previews, deltas); past it the call ends
     # RESOURCE_EXHAUSTED. 64 MiB: about 20 previews at 1024x1024.
     max_buffered_stream_bytes: int = 64 * MiB
@@ -75,6 +83,13 @@ class FrontendConfig:
     stop_grace_s: float = 10.0
     limits: Limits = field(default=DEFAULT_LIMITS)
     chat_limits: ChatLimits = field(default=DEFAULT_CHAT_LIMITS)
+
+    def __post_init__(self) -> None:
+        for name in ("stream_min_write_rate", "http_min_body_rate"):  # bytes/s; 0 would let a trickle hold a place
+            if getattr(self, name) <= 0:
+                raise SettingError(f"--{name.replace('_', '-')}", "must be > 0 (bytes/s)")
+        if self.http_max_connections < 0:
+            raise SettingError("--http-max-connections", "must be >= 0 (0: from the open-file limit)")
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         """(flag, host, port) of each TCP port the front end listens on; port 0 (any free one) left out."""

@@ -27,6 +27,21 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.cut_off = Counter(
+            "omnigen2_cut_off_transfers",
+            "Calls cut off for a transfer of theirs by API (http, grpc), transfer (body, answer) and reason (stalled:"
+            " no byte for its timeout; slow: behind its minimum rate after the grace)",
+            ["api", "transfer", "reason"],
+            registry=self.registry,
+        )
+        self.http_connections = Gauge(
+            "omnigen2_http_connections", "Open connections of the OpenAI-compatible HTTP API", registry=self.registry
+        )
+        self.http_connections_refused = Counter(
+            "omnigen2_http_connections_refused",
+            "HTTP connections answered 503 and closed at once: --http-max-connections were open",
+            registry=self.registry,
+        )
         self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
         self.stop_grace_expired = Counter(
             "omnigen2_stop_grace_expired",

@@ -5,7 +5,8 @@ open, with the caller's `Authorization` header as the call's metadata: authentic
 admission, validation, budgets, metrics and the access log are the gRPC service's, one implementation for both
 APIs, and the gateway only translates (serving/frontend/openai_requests.py) and maps statuses
 (serving/frontend/openai_errors.py). Two checks come first, so that no body is read for nothing: an unknown bearer
-token is refused 401, and past max_in_flight requests with bodies in the gateway, 429. Routes (docs/api.md):
+token is refused 401, and past max_in_flight requests with bodies in the gateway, 429. Past
+--http-max-connections open connections, a new one is answered 503 and closed unread. Routes (docs/api.md):
 
     GET  /v1/models                  GetModelInfo
     POST /v1/images/generations      Generate (JSON); `stream: true`: GenerateStream as server-sent events
@@ -20,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import resource
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -58,9 +60,7 @@ MiB = 1024 * 1024
 _REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
 # The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
 FORM_FIELDS = 100
-# The slowest upload taken (bytes/s, about 0.5 Mbit/s, on average once --http-body-timeout-s has passed): a
-# slow steady sender is taken however large its body, a trickle is not.
-MIN_BODY_RATE = 64 * 1024
+_ANSWER = "omnigen2_answer"  # the request's key for its answer's _Progress
 _NO_NAMES = Names()
 
 
@@ -96,6 +96,10 @@ class OpenAIGateway:
             shutdown_timeout=config.shutdown_grace_s,
             keepalive_timeout=config.http_idle_timeout_s,  # also bounds a connection whose headers never end
         )
+        self.listener: asyncio.Server | None = None
+        self.max_connections = config.http_max_connections  # 0 until start() sizes it from the open-file limit
+        self.connections = 0  # open ones, served by aiohttp
+        self.refusal = _unavailable("too many connections here; retry later", max(1, math.ceil(config.retry_after_s)))
         self.channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.OmniGen2Stub | None = None
 
@@ -115,15 +119,35 @@ class OpenAIGateway:
         if self.config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        site = web.TCPSite(self.runner, host.strip("[]"), int(port), ssl_context=context)
-        await site.start()
-        return int(self.runner.addresses[0][1])
+        if not self.max_connections:
+            limit = _open_files()
+            self.max_connections = max(1, limit // 2)
+            log.info("at most %d HTTP connections: half the open-file limit, %d", self.max_connections, limit)
+        # Not aiohttp's TCPSite: its protocol factory is where a connection past the bound is turned away.
+        self.listener = await asyncio.get_running_loop().create_server(
+            self._connection, host.strip("[]") or None, int(port), ssl=context, backlog=128
+        )
+        return int(self.listener.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Stops listening, then gives requests in flight the grace period to finish."""
+        if self.listener is not None:
+            self.listener.close()
         await self.runner.cleanup()
         if self.channel is not None:
             await self.channel.close()
+
+    def _connection(self) -> asyncio.Protocol:
+        """A new connection's protocol: aiohttp's, or past max_connections a 503 and close: each connection holds a
+        file descriptor, and connections opened faster than --http-idle-timeout-s closed them ran the process out
+        of them, its gRPC API included. Counted from connection_made, so one burst of accepts (up to the backlog)
+        may pass the bound; a TLS handshake in progress (asyncio bounds it at 60 s) is not counted yet."""
+        if self.connections >= self.max_connections:
+            self.metrics.http_connections_refused.inc()
+            return _Refused(self.refusal)
+        server = self.runner.server
+        assert server is not None, "start() first"
+        return _Counted(server(), self)
 
     # Routes
 
@@ -269,16 +293,29 @@ class OpenAIGateway:
     async def _write(self, request: web.Request, write: Awaitable[None]) -> None:
         """A caller that takes nothing of its answer for --stream-write-timeout-s is cut off (408 in the log and the
         metrics, whatever its call ended with): aiohttp's writes wait for as long as the connection stays open, and
-        the request held its place in the gateway, and the answer's bytes, all that time. Judged by progress, not
-        by the write's length: an answer of megabytes to a slow but steady reader takes as long as it takes."""
-        timeout = self.config.stream_write_timeout_s
+        the request held its place in the gateway, and the answer's bytes, all that time. So is one that, once its
+        writes have waited that long, has taken the answer slower than --stream-min-write-rate on average over their
+        waits (a byte per timeout held the place for ever). Judged by progress, not by the answer's length: one of
+        megabytes to a slow but steady reader takes as long as it takes, and time spent on the work between an
+        answer's events is not the caller's."""
+        progress = request.get(_ANSWER)
+        if progress is None:
+            rate = self.config.stream_min_write_rate
+            progress = request[_ANSWER] = _Progress(lambda: _taken(request), self.config.stream_write_timeout_s, rate)
         try:
-            await _unless_stalled(write, lambda: -_unsent(request), timeout)
-        except TimeoutError:
+            await progress.wait(write)
+        except _StalledError as stalled:
             request["status"] = 408  # not the call's status, when this was the write of its error
+            self.metrics.cut_off.labels("http", "answer", stalled.reason).inc()
             if request.transport is not None:
                 request.transport.abort()
-            raise OpenAIError(408, f"the caller took nothing for {timeout:g} s", code="timeout") from None
+            timeout = progress.timeout_s
+            message = (
+                f"the caller took its answer slower than {progress.min_rate:g} bytes/s after a {timeout:g} s grace"
+                if stalled.slow
+                else f"the caller took nothing for {timeout:g} s"
+            )
+            raise OpenAIError(408, message, code="timeout") from None
 
     # Reading requests
 
@@ -329,14 +366,15 @@ class OpenAIGateway:
             raise self._too_large(request.content_length)
         # Bounded: a body stalled or trickled in forever held one of the gateway's places (16 such connections
         # refused every other POST with 429 for as long as they stayed open). A gap of the timeout ends it, and so
-        # does falling behind MIN_BODY_RATE after the timeout's grace; not a fixed time for any size: a body near
-        # the limit would need 12 Mbit/s to arrive within the 60 s default.
-        timeout = self.config.http_body_timeout_s
+        # does falling behind --http-min-body-rate after the timeout's grace; not a fixed time for any size: a body
+        # near the limit would need 12 Mbit/s to arrive within the 60 s default.
+        timeout, rate = self.config.http_body_timeout_s, self.config.http_min_body_rate
         try:
-            return await _unless_stalled(read(), lambda: request.content.total_bytes, timeout, MIN_BODY_RATE)
+            return await _Progress(lambda: request.content.total_bytes, timeout, rate).wait(read())
         except _StalledError as stalled:
+            self.metrics.cut_off.labels("http", "body", stalled.reason).inc()
             message = (
-                f"the body arrived slower than {MIN_BODY_RATE // 1024} KiB/s after its first {timeout:g} s"
+                f"the body arrived slower than {rate:g} bytes/s after its first {timeout:g} s"
                 if stalled.slow
                 else f"no bytes of the body arrived for {timeout:g} s"
             )
@@ -452,40 +490,123 @@ class OpenAIGateway:
 
 class _StalledError(TimeoutError):
     def __init__(self, slow: bool) -> None:
-        super().__init__("too slow" if slow else "stalled")
+        self.reason = "slow" if slow else "stalled"
+        super().__init__(self.reason)
         self.slow = slow
 
 
-async def _unless_stalled(
-    work: Awaitable[T], position: Callable[[], int], timeout_s: float, min_rate: float = 0.0
-) -> T:
-    """`work`'s result, or _StalledError (the work cancelled) once `position` has not gone up for `timeout_s`, or, with
-    `min_rate`, once it is below `min_rate` x the time since the first `timeout_s` (a grace for a slow start);
-    looked at every quarter of `timeout_s`. A transfer is judged by its progress, not by how long all of it takes."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
-    last = position()
-    started = moved_at = loop.time()
-    try:
-        while not (await asyncio.wait({task}, timeout=timeout_s / 4))[0]:
-            now, at = loop.time(), position()
-            if at > last:
-                moved_at = now
-            if now - moved_at >= timeout_s:
-                raise _StalledError(slow=False)
-            if min_rate and at < (now - started - timeout_s) * min_rate:
-                raise _StalledError(slow=True)
-            last = at
-        return task.result()
-    finally:
-        task.cancel()  # a no-op once it is done
+class _Progress:
+    """A transfer (a body; an answer, over all its writes) judged by its progress, not by how long all of it takes:
+    it fails once `position` (bytes moved) has not gone up for `timeout_s`, or once it is behind `min_rate` x the
+    time waited on it past the first `timeout_s` (a grace for a slow start). Only the time spent in wait() counts:
+    an answer streamed as the work goes waits on the work between its writes, not on the caller."""
+
+    def __init__(self, position: Callable[[], int], timeout_s: float, min_rate: float) -> None:
+        self.position = position
+        self.timeout_s = timeout_s
+        self.min_rate = min_rate
+        self.waited = 0.0  # seconds spent in wait() so far
+
+    async def wait(self, work: Awaitable[T]) -> T:
+        """`work`'s result, or _StalledError (the work cancelled); looked at every quarter of the timeout."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(work)
+        last, waited = self.position(), self.waited
+        started = moved_at = loop.time()
+        try:
+            while not (await asyncio.wait({task}, timeout=self.timeout_s / 4))[0]:
+                now, at = loop.time(), self.position()
+                if at > last:
+                    moved_at = now
+                if now - moved_at >= self.timeout_s:
+                    raise _StalledError(slow=False)
+                if at < (waited + now - started - self.timeout_s) * self.min_rate:
+                    raise _StalledError(slow=True)
+                last = at
+            return task.result()
+        finally:
+            self.waited = waited + loop.time() - started
+            task.cancel()  # a no-op once it is done
 
 
-def _unsent(request: web.Request) -> int:
-    """The answer's bytes not yet taken by the caller's connection: aiohttp writes straight to the transport, whose
+def _taken(request: web.Request) -> int:
+    """The answer's bytes the caller's connection has taken: aiohttp writes straight to the transport, and its
     buffer shrinks as the caller reads (TLS included: its buffer holds what the socket has not taken)."""
     transport = request.transport
-    return transport.get_write_buffer_size() if transport is not None else 0
+    unsent = transport.get_write_buffer_size() if transport is not None else 0
+    return request.writer.output_size - unsent
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for a connection, counted among the gateway's open ones from connection_made to
+    connection_lost (not at creation: a TLS handshake that fails calls neither)."""
+
+    def __init__(self, inner: asyncio.Protocol, gateway: OpenAIGateway) -> None:
+        self.inner = inner
+        self.gateway = gateway
+        self.made = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        self.gateway.connections += 1
+        self.gateway.metrics.http_connections.inc()
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.made:
+            self.made = False
+            self.gateway.connections -= 1
+            self.gateway.metrics.http_connections.dec()
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the bound: `answer` (a 503) and closed, its request unread."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self.answer)
+        transport.close()
+
+
+def _unavailable(message: str, retry_after_s: int) -> bytes:
+    """A whole HTTP/1.1 503 response, OpenAI's error body, that closes its connection: written without aiohttp."""
+    body = json.dumps(OpenAIError(503, message, "server_error", code="service_unavailable").body()).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: {retry_after_s}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _open_files() -> int:
+    """The process's open-file limit, its soft limit first raised to the hard one, as servers do: the soft one is
+    often 1024, few for thousands of HTTP connections beside the gRPC and Triton ones."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open-file limit left at %d: cannot raise it to its hard limit %d (%s)", soft, hard, exc)
+            return soft
+        log.info("open-file limit raised from %d to its hard limit %d", soft, hard)
+        return hard
+    return soft
 
 
 async def _send(request: web.Request, response: web.StreamResponse) -> None:

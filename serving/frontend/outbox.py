@@ -1,14 +1,21 @@
 """What a streaming call has received from Triton and not yet written to its caller, bounded in time and bytes.
 
 A caller that stops reading stalls the call's writes once gRPC's flow-control window is full. Its output then
-waits here (the Triton stream is read eagerly, so Triton buffers nothing): a write that waits longer than the
-write timeout ends the call CANCELLED, and output waiting behind the write past the byte cap ends it at once,
-RESOURCE_EXHAUSTED. Either way the call's Triton request is stopped and its slot given back once it has stopped.
+waits here (the Triton stream is read eagerly, so Triton buffers nothing): a write that waits too long ends the call
+CANCELLED, and output waiting behind the write past the byte cap ends it at once, RESOURCE_EXHAUSTED. Either way
+the call's Triton request is stopped and its slot given back once it has stopped.
+
+A write is seen whole (gRPC does not tell how much of a message the caller has taken), so it may wait the write
+timeout plus its message's time at the minimum rate: a slow but steady reader gets a result of megabytes, at a
+cost, that one reading nothing of it holds its slot that much longer. Once the stream's writes have waited past
+the timeout (a grace), they must have taken its bytes at the minimum rate on average: a caller granting a few bytes
+of window per timeout held its slot for as long as the stream had messages, each write ending just in time.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.message import Message
@@ -17,9 +24,19 @@ from serving.frontend.status import plain
 
 
 class Outbox:
-    def __init__(self, max_bytes: int, write_timeout_s: float) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        write_timeout_s: float,
+        min_rate: float,
+        on_cut_off: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.max_bytes = max_bytes
         self.write_timeout_s = write_timeout_s
+        self.min_rate = min_rate  # bytes/s
+        self.on_cut_off = on_cut_off  # "stalled" or "slow", for the metrics
+        self.sent = 0  # bytes of the messages written
+        self.waited = 0.0  # seconds the writes have waited for the caller
         self.waiting = 0  # bytes received and not yet handed to a write
         self.overflowed = False
         self._write: asyncio.Timeout | None = None  # the write in progress, ended early on an overflow
@@ -35,17 +52,37 @@ class Outbox:
         self.waiting -= nbytes
 
     async def write(self, context: grpc.aio.ServicerContext, message: Message) -> None:
+        size = message.ByteSize()
+        behind = min(0.0, self.sent / self.min_rate - self.waited)  # seconds, once the writes lag the minimum rate
+        allowed = self.write_timeout_s + size / self.min_rate + behind
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             self._check()
             # In this task, not a wait_for task: when the caller cancels, this task is cancelled (CANCELLED), where
             # a separate write task failed with grpcio's ExecuteBatchError and the call was logged as INTERNAL.
-            async with asyncio.timeout(self.write_timeout_s) as self._write:
+            async with asyncio.timeout(allowed) as self._write:
                 await context.write(message)
         except TimeoutError:
             self._check()
-            raise plain(grpc.StatusCode.CANCELLED, f"the caller read nothing for {self.write_timeout_s:g} s") from None
+            slow = behind < 0
+            self.on_cut_off("slow" if slow else "stalled")
+            if slow:
+                waited = self.waited + loop.time() - started
+                text = (
+                    f"the caller reads slower than {self.min_rate:g} bytes/s (--stream-min-write-rate): {self.sent} "
+                    f"bytes in {waited:.3g} s of writes, past a {self.write_timeout_s:g} s grace"
+                )
+            else:
+                text = (
+                    f"the caller read nothing, or too little, for {allowed:.3g} s (--stream-write-timeout-s, and a "
+                    f"{size}-byte message's time at --stream-min-write-rate)"
+                )
+            raise plain(grpc.StatusCode.CANCELLED, text) from None
         finally:
+            self.waited += loop.time() - started
             self._write = None
+        self.sent += size
 
     def _check(self) -> None:
         if self.overflowed:

@@ -238,8 +238,16 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
 
     def _outbox(self) -> Outbox:
         """A streaming caller that stops reading would hold its slot, and its output would pile up, for as long as
-        it liked: a stalled write, or too much output waiting behind it, ends the call (and so the work)."""
-        return Outbox(self.config.max_buffered_stream_bytes, self.config.stream_write_timeout_s)
+        it liked: a stalled or too slow write, or too much output waiting behind it, ends the call (and so the
+        work)."""
+        config = self.config
+        cut_off = self.metrics.cut_off
+        return Outbox(
+            config.max_buffered_stream_bytes,
+            config.stream_write_timeout_s,
+            config.stream_min_write_rate,
+            lambda reason: cut_off.labels("grpc", "answer", reason).inc(),
+        )
 
     def _run_time(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's deadline or the server's maximum run time, whichever comes first."""

@@ -1,31 +1,34 @@
 """HTTP callers that stall, sending headers or a body that never end or reading nothing of their answer, are cut
 off in bounded time: a stalled body or answer held one of the gateway's `--max-in-flight` places for as long as its
 connection stayed open, so a few such connections refused every other POST with 429; stalled headers held a file
-descriptor for an hour."""
+descriptor for an hour. Connections past --http-max-connections are refused at once, so that they cannot run the
+process out of files."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import selectors
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from serving.frontend.openai_http import MIN_BODY_RATE
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import LOOPBACK, TritonServer
 
 ROUTE = "/v1/images/generations"
 MiB = 1024 * 1024
+MIN_BODY_RATE = 64 * 1024  # --http-min-body-rate, its default
 
 
 @pytest.fixture(scope="module")
 def frontend(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[FrontendProcess]:
     log = tmp_path_factory.mktemp("http-stalls") / "frontend.log"
     timeouts = ("--http-body-timeout-s=2", "--stream-write-timeout-s=2", "--http-idle-timeout-s=2")
-    flags = ("--max-in-flight=2", *timeouts, "--no-warmup")
+    flags = ("--max-in-flight=2", *timeouts, f"--http-min-body-rate={MIN_BODY_RATE}", "--no-warmup")
     with FrontendProcess(triton.grpc_url, log, *flags, http=True) as started:
         yield started
 
@@ -213,3 +216,34 @@ def test_a_caller_that_leaves_mid_stream_is_499_not_a_server_error(frontend: Fro
     assert _count(frontend, 200) + _count(frontend, 499) - before == 40
     assert _count(frontend, 500) == 0
     assert "failed (request_id=" not in frontend.log_path.read_text()
+
+
+def test_connections_past_the_bound_are_refused_and_both_apis_keep_serving(
+    tmp_path: Path, triton: TritonServer
+) -> None:
+    """A front end allowed 512 files, so at most 256 HTTP connections by default: of 600 held open, the rest are
+    answered 503 and closed at once, while the held ones and the gRPC API are served. Before: none refused, and
+    the process out of files (its log: accept() failing with "Too many open files" 1404 times in a second)."""
+    frontend = FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--no-warmup", http=True)
+    frontend.command[:0] = ["prlimit", "--nofile=512:512"]
+    with frontend, selectors.DefaultSelector() as selector:
+        held: list[socket.socket] = []
+        try:
+            for _ in range(600):
+                held.append(socket.create_connection((LOOPBACK, frontend.http_port), timeout=5))
+                selector.register(held[-1], selectors.EVENT_READ)
+            time.sleep(0.5)
+            refused = [key.fileobj for key, _ in selector.select(timeout=2)]
+            for sock in refused:
+                assert isinstance(sock, socket.socket) and sock.recv(4096).startswith(b"HTTP/1.1 503 ")
+            assert 600 - 256 - 128 <= len(refused) <= 600 - 256  # one burst of accepts may pass the bound
+            assert frontend.metric("omnigen2_http_connections_refused_total") == len(refused)
+            frontend.health()  # answers
+            served = next(sock for sock in held if sock not in refused)
+            served.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert served.recv(64).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for sock in held:
+                sock.close()
+        assert "at most 256 HTTP connections" in frontend.log_path.read_text()
+        assert _post(frontend, {"prompt": "x", "size": "16x16", "steps": 1}) == 200  # places back once closed
