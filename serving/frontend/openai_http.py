@@ -97,7 +97,7 @@ class OpenAIGateway:
             keepalive_timeout=config.http_idle_timeout_s,  # also bounds a connection whose headers never end
         )
         self.listener: asyncio.Server | None = None
-        self.max_connections = config.http_max_connections  # 0 until start() sizes it from the open-file limit
+        self.max_connections = 0  # set by start(), from the open-file limit unless --http-max-connections is given
         self.connections = 0  # open ones, served by aiohttp
         self.refusal = _unavailable("too many connections here; retry later", max(1, math.ceil(config.retry_after_s)))
         self.channel: grpc.aio.Channel | None = None
@@ -119,10 +119,11 @@ class OpenAIGateway:
         if self.config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        if not self.max_connections:
-            limit = _open_files()
-            self.max_connections = max(1, limit // 2)
-            log.info("at most %d HTTP connections: half the open-file limit, %d", self.max_connections, limit)
+        files = _open_files()
+        self.max_connections = self.config.http_max_connections or max(1, files // 2)  # 0: half the files
+        log.info(
+            "at most %d HTTP connections (--http-max-connections; open-file limit %d)", self.max_connections, files
+        )
         # Not aiohttp's TCPSite: its protocol factory is where a connection past the bound is turned away.
         self.listener = await asyncio.get_running_loop().create_server(
             self._connection, host.strip("[]") or None, int(port), ssl=context, backlog=128
