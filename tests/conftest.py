@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,13 @@ import torch
 from serving.artifacts.onnx_export import cached_export
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.eager import OmniGen2Pipeline
-from serving.runtime.onnx_backend import COMPONENT_GRAPHS, GRAPH_NAMES
-from serving.runtime.onnx_stages import TRANSFORMER_STAGES
+from serving.runtime.onnx_backend import GRAPH_NAMES
+from tests.export_ahead import SERVED_GRAPHS
 
 REPO = Path(__file__).resolve().parents[1]
+# Whether the collected tests need the session's ONNX export: None (no), False (the served graphs), True (and the
+# whole transformer). Set at collection, read by `export_ahead`.
+EXPORT_AHEAD = pytest.StashKey[bool | None]()
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +56,7 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_onnx(onnx_cache: Path, tiny_checkpoint: Path) -> Path:
     """The graphs ONNX Runtime runs (OnnxBackend: the components and the transformer's stages), which the
     `onnxruntime` repository is made from too."""
-    return cached_export(tiny_checkpoint, onnx_cache, graphs=(*COMPONENT_GRAPHS, *TRANSFORMER_STAGES))
+    return cached_export(tiny_checkpoint, onnx_cache, graphs=SERVED_GRAPHS)
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +64,24 @@ def tiny_onnx_whole(tiny_onnx: Path, tiny_checkpoint: Path) -> Path:
     """The same export with the whole transformer added (TensorRT's graph; a third of the export's time, so only the
     tests that read it pay for it)."""
     return cached_export(tiny_checkpoint, tiny_onnx.parent, graphs=GRAPH_NAMES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_ahead(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The ONNX export `tiny_onnx` waits for, started in the background as the session begins (tests/export_ahead.py;
+    the modules that need it run last). Stopped at the session's end if still running."""
+    whole = request.config.stash.get(EXPORT_AHEAD, None)
+    if whole is None:
+        yield
+        return
+    cache, checkpoint = request.getfixturevalue("onnx_cache"), request.getfixturevalue("tiny_checkpoint")
+    command = [sys.executable, "-m", "tests.export_ahead", str(checkpoint), str(cache), *(["--whole"] if whole else [])]
+    with (tmp_path_factory.mktemp("export-ahead") / "export.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    yield
+    if process.poll() is None:
+        process.kill()
+    process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -71,13 +95,24 @@ def golden_pipeline(tiny_checkpoint: Path) -> OmniGen2Pipeline:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests run where torch sees CUDA (the device machine); elsewhere they are skipped, and counted."""
+    """Modules with tests that need the ONNX export run after the others, so that the export made in the background
+    (`export_ahead`) overlaps those. `gpu` tests run where torch sees CUDA (the device machine); elsewhere they are
+    skipped, and counted."""
+    late = {item.path for item in items if _uses(item, "tiny_onnx")}
+    items.sort(key=lambda item: item.path in late)  # stable: each module keeps its place in its group
+    if late:
+        config.stash[EXPORT_AHEAD] = any(_uses(item, "tiny_onnx_whole") for item in items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _uses(item: pytest.Item, fixture: str) -> bool:
+    """Whether a test asks for `fixture`, directly or through its other fixtures."""
+    return fixture in getattr(item, "fixturenames", ())
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
