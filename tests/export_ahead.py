@@ -1,6 +1,7 @@
 """The test session's ONNX export of the golden checkpoint, run in a child process from the session's start
 (tests/conftest.py) while the tests that do not need it go first: it takes one core for about a minute, which those
-tests mostly leave idle. It runs at a low priority, so it takes no time from them, and with one torch thread.
+tests mostly leave idle. It runs with one torch thread, and at a low priority (set by the session) so that it takes
+no time from them until a test needs the export (the fixtures then raise it back to theirs).
 
 The fixtures that need the export call `cached_export` as before: it waits for this process's lock on the folder and
 then finds the graphs in place. Should this process fail or be killed, they export the graphs themselves (and a
@@ -11,7 +12,6 @@ broken export fails there, in the test that needs it).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +28,6 @@ SERVED_GRAPHS = (*COMPONENT_GRAPHS, *TRANSFORMER_STAGES)
 
 def main(argv: list[str]) -> None:
     checkpoint, cache_root, *rest = argv
-    os.nice(10)
     torch.set_num_threads(1)
     cached_export(Path(checkpoint), Path(cache_root), graphs=SERVED_GRAPHS)
     if rest == ["--whole"]:
