@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from serving.frontend.health import SERVICE
+from serving.frontend.reading import unread_refusal
 from serving.frontend.status import ApiError, plain, resource_exhausted
 
 PROTECTED_PREFIX = f"/{SERVICE}/"
@@ -115,17 +116,5 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self.registry.check(method, handler_call_details.invocation_metadata)
         except ApiError as exc:
             self.on_denied(method, exc.code)
-            return _refusal(handler, exc.status)
+            return unread_refusal(handler, exc.status)  # a refused upload is not read
         return handler
-
-
-def _refusal(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that only aborts with `status`."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort_with_status(status)
-
-    options = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse, **options)
-    return grpc.unary_unary_rpc_method_handler(refuse, **options)

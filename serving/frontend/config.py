@@ -23,6 +23,18 @@ class FrontendConfig:
     max_in_flight: int = 16  # admitted Generate + Understand calls at once; beyond: RESOURCE_EXHAUSTED
     retry_after_s: float = 1.0  # the RetryInfo delay sent with RESOURCE_EXHAUSTED
     max_request_bytes: int = 64 * MiB  # larger requests: INVALID_ARGUMENT naming the largest field
+    # gRPC request bytes held at once (serving/frontend/reading.py): a request reserves 2 x max_request_bytes before
+    # it is read, then its size until its call ends; one that does not fit is refused unread (RESOURCE_EXHAUSTED).
+    # Generate, GenerateStream and Understand share this much, the other calls (health, ...) as much again. A read
+    # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 512 MiB: 4 reads at once.
+    max_held_request_bytes: int = 512 * MiB
+    # A gRPC call whose request message has not all arrived this long after the call opened ends DEADLINE_EXCEEDED:
+    # a caller that opens calls and sends nothing would otherwise hold their reservations for ever. 120 s: the
+    # largest request (2 x max_request_bytes) at 9 Mbit/s, a 10 MB one at 0.7 Mbit/s.
+    request_read_timeout_s: float = 120.0
+    # A gRPC connection with no call in progress is closed after this long (GOAWAY; a client reconnects at its next
+    # call): gRPC's own default kept one for ever.
+    grpc_idle_timeout_s: float = 75.0
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
     # Each time Triton turns ready, a text-to-image, an edit and an Understand call of this size and these steps

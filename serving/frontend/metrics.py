@@ -48,6 +48,20 @@ class Metrics:
             "Calls ended early whose model did not confirm the stop within --stop-grace-s (slot given back anyway)",
             registry=self.registry,
         )
+        self.held_request_bytes = Gauge(
+            "omnigen2_held_request_bytes",
+            "Request bytes the gRPC calls hold or have reserved to read, by budget (uploads, other;"
+            " --max-held-request-bytes each)",
+            ["budget"],
+            registry=self.registry,
+        )
+        self.reads_refused = Counter(
+            "omnigen2_reads_refused",
+            "Calls refused for their request, by budget and reason: budget (it might not fit in"
+            " --max-held-request-bytes; refused unread) or timeout (not received within --request-read-timeout-s)",
+            ["budget", "reason"],
+            registry=self.registry,
+        )
         self.admitted = Gauge(
             "omnigen2_admitted_cost",
             "Cost the admitted calls hold, by in-flight budget",

@@ -31,6 +31,7 @@ from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
 from serving.frontend.policy import PolicyFile
+from serving.frontend.reading import ReadGate
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
@@ -55,7 +56,20 @@ class Frontend:
         self.health = TritonHealth(self.backend, config.health_interval_s, warm_up)
         self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
         self.policy = PolicyFile(Path(config.policy)) if config.policy else None
-        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor(f"/{SERVICE}/")]
+        # The read gate comes first: it sees the handler the others chose (an unread refusal of theirs passes it).
+        uploads = frozenset(f"/{SERVICE}/{name}" for name in ("Generate", "GenerateStream", "Understand"))
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ReadGate(
+                uploads,
+                config.max_held_request_bytes,
+                2 * config.max_request_bytes,
+                config.request_read_timeout_s,
+                config.retry_after_s,
+                self.metrics,
+                self._denied,
+            ),
+            MalformedRequestInterceptor(f"/{SERVICE}/"),
+        ]
         if self.tokens:
             interceptors.append(AuthInterceptor(self.tokens, self._denied))
         self.server = grpc.aio.server(
@@ -65,6 +79,7 @@ class Frontend:
                 # transport refuses it unread (RESOURCE_EXHAUSTED).
                 ("grpc.max_receive_message_length", 2 * config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_response_bytes),
+                ("grpc.max_connection_idle_ms", int(config.grpc_idle_timeout_s * 1000)),
                 # A port another server holds is refused: gRPC's default would share it, splitting the callers.
                 ("grpc.so_reuseport", 0),
             ],
