@@ -86,7 +86,11 @@ def export_ahead(
     if whole is None:
         yield None
         return
-    cache, checkpoint = request.getfixturevalue("onnx_cache"), request.getfixturevalue("tiny_checkpoint")
+    try:
+        cache, checkpoint = request.getfixturevalue("onnx_cache"), request.getfixturevalue("tiny_checkpoint")
+    except RuntimeError:  # no golden data: the tests that need it fail on it themselves, not every test
+        yield None
+        return
     command = [sys.executable, "-m", "tests.export_ahead", str(checkpoint), str(cache), *(["--whole"] if whole else [])]
     with (tmp_path_factory.mktemp("export-ahead") / "export.log").open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
