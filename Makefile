@@ -45,10 +45,11 @@ unit: $(STAMP) browser
 	# The slowest tests are listed at the end, so a run that grows shows where (make test stays under ~10 min).
 	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q --durations=15
 
-# mypy (one core, about a minute with a fresh clone's empty cache) runs beside the tests, at a lower priority: they
-# leave a core idle much of the time. Its report follows theirs; either failing fails the target.
+# mypy (one core, about a minute with a fresh clone's empty cache) runs beside the tests, which leave a core idle
+# much of the time, at the lowest priority: it takes only what they and their background export leave. Its report
+# follows theirs; either failing fails the target.
 test: lint
-	@mkdir -p build; nice -n 5 $(MAKE) --no-print-directory typecheck >build/typecheck.log 2>&1 & typecheck=$$!; \
+	@mkdir -p build; nice -n 19 $(MAKE) --no-print-directory typecheck >build/typecheck.log 2>&1 & typecheck=$$!; \
 	$(MAKE) --no-print-directory unit; unit=$$?; \
 	wait $$typecheck; typed=$$?; cat build/typecheck.log; [ $$unit = 0 ] && [ $$typed = 0 ]
 
