@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 from grpc.aio import AioRpcError, Metadata
 from omnigen2.v1 import omnigen2_pb2 as pb
@@ -281,6 +282,16 @@ def test_grpc_statuses_become_http_statuses() -> None:
         (grpc.StatusCode.INTERNAL, 500),
     ]:
         assert from_rpc(_rpc_error(plain(code, "m")), same).status == status
+    down = from_rpc(_rpc_error(plain(grpc.StatusCode.UNAVAILABLE, "inference server unavailable")), same, 2.5)
+    assert (down.status, down.headers) == (503, {"Retry-After": "3"})  # retryable: --retry-after-s
+    hinted = ApiError(
+        make_status(
+            grpc.StatusCode.UNAVAILABLE,
+            "restarting",
+            error_details_pb2.RetryInfo(retry_delay=Duration(seconds=7)),
+        )
+    )
+    assert from_rpc(_rpc_error(hinted), same, 2.5).headers == {"Retry-After": "7"}  # its own RetryInfo
     policy = ApiError(
         make_status(
             grpc.StatusCode.PERMISSION_DENIED,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from serving.errors import SettingError
 from serving.frontend.health import SERVICE
 from serving.frontend.reading import unread_refusal
 from serving.frontend.status import ApiError, plain, resource_exhausted
@@ -61,28 +63,59 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _policy(entry: object, where: str) -> TokenPolicy:
+    if not isinstance(entry, dict):
+        raise SettingError("--auth-tokens", f"{where}: an object with `name` and `sha256`")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise SettingError("--auth-tokens", f"{where}.name: a non-empty string")
+    where = f"{where} ({name!r})"
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+        raise SettingError("--auth-tokens", f"{where}.sha256: the 64 hex digits of the token's SHA-256")
+    rate = _positive(entry.get("rate_per_minute", 60), f"{where}.rate_per_minute")
+    burst = _positive(entry.get("burst", 1), f"{where}.burst")
+    if burst < 1:
+        raise SettingError("--auth-tokens", f"{where}.burst: at least 1 (a call takes one), got {burst}")
+    methods = entry.get("methods")
+    if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
+        raise SettingError("--auth-tokens", f'{where}.methods: a list of method names, e.g. ["Generate"]')
+    return TokenPolicy(name, frozenset(methods) if methods is not None else None, TokenBucket(rate / 60.0, burst))
+
+
+def _positive(value: object, where: str) -> float:
+    """A finite number above 0: 0 would divide by zero, negative or NaN would mean no limit at all."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise SettingError("--auth-tokens", f"{where}: a finite number above 0, got {value!r}")
+    return float(value)
+
+
 class TokenRegistry:
     def __init__(self, policies: dict[str, TokenPolicy]) -> None:
         self.policies = policies  # by token digest
 
     @classmethod
     def from_file(cls, path: Path) -> TokenRegistry:
-        entries = json.loads(path.read_text())["tokens"]
+        """Every entry is checked here: a bad rate or scope would otherwise show only on a call (a 500, no limit, or
+        a token that may call nothing)."""
+        try:
+            entries = json.loads(path.read_text())["tokens"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SettingError("--auth-tokens", f"{path}: not a JSON object with a `tokens` list ({exc})") from None
+        if not isinstance(entries, list):
+            raise SettingError("--auth-tokens", f"{path}: `tokens` must be a list")
         policies = {}
-        for entry in entries:
-            rate = float(entry.get("rate_per_minute", 60)) / 60.0
-            methods = entry.get("methods")
-            policies[entry["sha256"].lower()] = TokenPolicy(
-                name=entry["name"],
-                methods=frozenset(methods) if methods is not None else None,
-                bucket=TokenBucket(rate, float(entry.get("burst", 1))),
-            )
+        for index, entry in enumerate(entries):
+            policy = _policy(entry, f"{path}: tokens[{index}]")
+            policies[entry["sha256"].lower()] = policy
         return cls(policies)
 
     def identify(self, metadata: Sequence[tuple[str, Any]] | None) -> TokenPolicy | None:
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return self.policies.get(token_digest(value.removeprefix("Bearer ").strip()))
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 7235)
+                    return self.policies.get(token_digest(token.strip()))
         return None
 
     def check(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> None:

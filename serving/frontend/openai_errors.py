@@ -1,12 +1,14 @@
 """Errors of the OpenAI-compatible HTTP API: the OpenAI error body, and the gRPC statuses mapped onto it.
 
 Every limit is enforced once, by the gRPC service; its statuses arrive here and keep their meaning: the field a
-google.rpc.BadRequest names becomes `param` (under the name the HTTP caller used), RetryInfo becomes Retry-After.
+google.rpc.BadRequest names becomes `param` (under the name the HTTP caller used), RetryInfo becomes Retry-After
+(an UNAVAILABLE without one, retryable by its nature, gets the server's --retry-after-s).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,8 @@ def bad_request(param: str | None, message: str, code: str = "invalid_value") ->
     return OpenAIError(400, f"{param}: {message}" if param else message, param=param, code=code)
 
 
+# What grpcio's client says when an answer is over its own limits (core's wording).
+_LOCAL_LIMITS = re.compile(r"metadata size exceeds limit|Received message larger than max", re.IGNORECASE)
 # gRPC status -> (HTTP status, OpenAI error type, code)
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
@@ -56,7 +60,7 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 }
 
 
-def from_rpc(error: grpc.RpcError, param: Callable[[str], str]) -> OpenAIError:
+def from_rpc(error: grpc.RpcError, param: Callable[[str], str], unavailable_retry_s: float = 1.0) -> OpenAIError:
     """The HTTP answer to a failed call; `param` renames a request field to the HTTP caller's name for it."""
     typed = decode_rpc_error(error)  # the SDK's decoding of the google.rpc details
     status, kind, code = _BY_CODE.get(typed.code, (500, "server_error", None))
@@ -71,9 +75,16 @@ def from_rpc(error: grpc.RpcError, param: Callable[[str], str]) -> OpenAIError:
             for name, grpc_field, description in named
         )
         return OpenAIError(status, message, kind, names[0], code)
-    if isinstance(typed, ResourceExhaustedError) and typed.retry_after is not None:
-        headers = {"Retry-After": str(max(1, math.ceil(typed.retry_after)))}
+    retry_after = typed.retry_after if isinstance(typed, ResourceExhaustedError) else _retry_delay(error)
+    if retry_after is None and typed.code == grpc.StatusCode.UNAVAILABLE:
+        retry_after = unavailable_retry_s
+    if retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
         return OpenAIError(status, typed.message, kind, None, code, headers)
+    if typed.code == grpc.StatusCode.RESOURCE_EXHAUSTED and _LOCAL_LIMITS.search(typed.message):
+        # The gateway's own gRPC client could not take the answer (metadata or a message over its limits): a 429
+        # would have OpenAI's clients retry what fails the same way each time.
+        return OpenAIError(500, f"the gateway could not take the service's answer: {typed.message}", "server_error")
     info = _error_info(error) if typed.code == grpc.StatusCode.PERMISSION_DENIED else None
     if info is not None:
         # The content policy (an ErrorInfo naming the rule and the field); a token's scope has no details: 403.
@@ -90,4 +101,14 @@ def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
             return info
+    return None
+
+
+def _retry_delay(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay of a status other than RESOURCE_EXHAUSTED (the SDK decodes only that one's)."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return float(retry.retry_delay.ToNanoseconds() / 1e9)
     return None

@@ -257,7 +257,7 @@ class OpenAIGateway:
             first = await anext(events)
             return await answer(first, events)
         except grpc.RpcError as error:
-            raise from_rpc(error, names.param) from None
+            raise from_rpc(error, names.param, self.config.retry_after_s) from None
         finally:
             stream.cancel()  # a no-op once the call is done
 
@@ -282,7 +282,7 @@ class OpenAIGateway:
             async for name, payload in events:
                 await send(name, payload)
         except grpc.RpcError as error:
-            failure = from_rpc(error, names.param)
+            failure = from_rpc(error, names.param, self.config.retry_after_s)
             request["status"] = failure.status
             body = failure.body()
             await send(error_event, {"type": error_event, **body} if error_event else body)
@@ -423,7 +423,7 @@ class OpenAIGateway:
         try:
             return await method(message, metadata=self._metadata(request))
         except grpc.RpcError as error:
-            raise from_rpc(error, names.param) from None
+            raise from_rpc(error, names.param, self.config.retry_after_s) from None
 
     async def _off_loop(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Parsing, decoding and base64 of bodies of many megabytes run on a worker thread, not the event loop."""
