@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import sys
+import types
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from omnigen2.v1 import omnigen2_pb2 as pb
+from PIL import Image, ImageOps
 
 from serving.errors import InvalidArgumentError
+from serving.frontend.convert import to_forward
+from serving.frontend.status import ApiError
 from serving.pipeline.image_tensors import postprocess, preprocess_image
-from serving.pipeline.images import fit_size, generation_size, to_pil, to_uint8
+from serving.pipeline.images import decode_image, fit_size, generation_size, to_pil, to_uint8
+from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest
 
 
 def test_fit_size_never_upscales_and_floors_to_16() -> None:
@@ -38,8 +47,14 @@ def test_preprocess_converts_resizes_and_normalises() -> None:
     tensor = preprocess_image(image, 1024 * 1024, 1024)
     assert tensor.shape == (1, 3, 32, 48)
     assert tensor[0, 0].max().item() == pytest.approx(1.0) and tensor[0, 1].min().item() == pytest.approx(-1.0)
-    with pytest.raises(InvalidArgumentError, match="too small"):
+    with pytest.raises(InvalidArgumentError, match=r"resized to 10x100 .* must reach 16 px"):
         preprocess_image(Image.new("RGB", (10, 100)), 1024 * 1024, 1024, field="images[2]")
+
+
+def test_too_small_names_the_size_after_the_resize() -> None:
+    """A 16x4096 strip is 16 px wide as sent; the side limit makes it 8x2048, and that is what is refused."""
+    with pytest.raises(InvalidArgumentError, match=r"16x4096 is resized to 8x2048 .* resized image must reach 16 px"):
+        preprocess_image(Image.new("RGB", (16, 4096)), 1024 * 1024, 2048, field="input_images[0].data")
 
 
 def test_postprocess_resizes_clamps_and_round_trips_to_pil() -> None:
@@ -49,3 +64,62 @@ def test_postprocess_resizes_clamps_and_round_trips_to_pil() -> None:
     assert out.min() >= 0.0 and out.max() <= 1.0
     (pil,) = to_pil(to_uint8(out))
     assert pil.size == (24, 20) and pil.mode == "RGB"
+
+
+def _encoded(image: Image.Image, format: str = "PNG", **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=format, **options)
+    return out.getvalue()
+
+
+def _with_orientation(image: Image.Image, orientation: int, format: str = "PNG") -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encoded(image, format, exif=exif.tobytes())
+
+
+@pytest.fixture
+def bls(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """serving.triton.bls without Triton: a stand-in for the Python backend's utilities module."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    monkeypatch.delitem(sys.modules, "serving.triton.bls", raising=False)
+    import serving.triton.bls as module
+
+    return module
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_agrees_in_front_end_sizes_and_bls_pixels(bls: types.ModuleType, orientation: int) -> None:
+    """An image stored sideways with an EXIF orientation is served exactly as the same image stored upright."""
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (96, 160, 3), dtype=np.uint8))
+    rotated = _with_orientation(stored, orientation)
+    upright = _encoded(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated))))
+    assert Image.open(io.BytesIO(upright)).size == ((96, 160) if orientation >= 5 else (160, 96))
+
+    def forward(data: bytes) -> Any:
+        return to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=data)]), DEFAULT_LIMITS)
+
+    assert forward(rotated).cost == forward(upright).cost  # the header's size, oriented: costs and budgets agree
+    generation = GenerationRequest(prompt="a cat")
+    np.testing.assert_array_equal(
+        bls._reference_pixels(rotated, "input_images[0].data", generation, DEFAULT_LIMITS).numpy(),
+        bls._reference_pixels(upright, "input_images[0].data", generation, DEFAULT_LIMITS).numpy(),
+    )
+
+
+def test_exif_orientation_of_a_jpeg_phone_photo() -> None:
+    stored = Image.new("RGB", (160, 96), "red")
+    stored.paste((0, 0, 255), (0, 0, 16, 96))  # blue on the stored left: on top once turned (orientation 6)
+    photo = decode_image(_with_orientation(stored, 6, "JPEG"), "input_images[0].data", DEFAULT_LIMITS.max_pixels)
+    assert photo.size == (96, 160)
+    red, _, blue = photo.getpixel((48, 4))
+    assert blue > 200 and red < 60
+
+
+def test_float_images_are_refused_naming_the_field() -> None:
+    data = _encoded(Image.fromarray(np.random.default_rng(0).random((64, 64), dtype=np.float32)), "TIFF")
+    with pytest.raises(InvalidArgumentError, match="floating-point") as refused:
+        decode_image(data, "input_images[0].data", DEFAULT_LIMITS.max_pixels)
+    assert refused.value.field == "input_images[0].data"
+    with pytest.raises(ApiError, match=r"input_images\[0\]\.data.*floating-point"):
+        to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=data)]), DEFAULT_LIMITS)

@@ -16,7 +16,7 @@ from serving.errors import InvalidArgumentError
 from serving.frontend.status import invalid_argument
 from serving.pipeline.chat_request import ChatLimits, ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.cost import ChatCost, GenerationCost, chat_cost, generation_cost
-from serving.pipeline.images import open_image, to_pil
+from serving.pipeline.images import open_image, oriented_size, to_pil
 from serving.pipeline.request import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     CacheKind,
@@ -319,9 +319,9 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
 
 
 def _header_size(data: bytes, field: str, max_pixels: int, max_bytes: int) -> tuple[int, int]:
-    """(height, width) from the image's header; nothing is decoded here."""
+    """(height, width) from the image's header, as displayed (EXIF orientation); nothing is decoded here."""
     with open_image(data, field, max_pixels, max_bytes) as image:
-        return image.height, image.width
+        return oriented_size(image)
 
 
 def chat_result(done: dict[str, Any], seed: int, seconds: float) -> pb.UnderstandResult:

@@ -1,4 +1,9 @@
-"""Image pre- and post-processing: sizes in multiples of 16, [-1, 1] tensors, output resize."""
+"""Image pre- and post-processing: sizes in multiples of 16, [-1, 1] tensors, output resize.
+
+Input images are taken as displayed: their EXIF orientation is applied when they are decoded, and the sizes read
+from their headers (costs, budgets, size checks) are the oriented ones, so that both agree (a phone photo stored
+sideways with orientation 6 is edited upright, as the reference does).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,23 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
 from serving.pipeline import png
 
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
+
+# EXIF orientation -> the transpose that shows the stored pixels upright; 5-8 swap width and height.
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
@@ -30,19 +46,43 @@ def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None =
         raise InvalidArgumentError(
             field, f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit for input images"
         )
+    if image.mode == "F":
+        # Float samples have no agreed scale (0..1, 0..255, HDR): any conversion to 8 bits would be a guess.
+        raise InvalidArgumentError(field, "floating-point (mode F) images are not supported: send 8 or 16-bit")
     return image
 
 
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) as the header states it, 1 when absent or unreadable; no pixels are decoded."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # an eXIf chunk after the pixel data: PIL would decode the image to find it; viewers ignore it too
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block is ignored, as viewers ignore it
+        return 1
+    return value if value in _ORIENTATIONS else 1
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) as displayed: the header's, swapped for orientations 5-8."""
+    if orientation(image) >= 5:
+        return image.width, image.height
+    return image.height, image.width
+
+
 def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
-    """Encoded bytes -> RGB image, refusing undecodable data and oversized images before decoding pixels."""
+    """Encoded bytes -> RGB image as displayed (EXIF orientation applied), refusing undecodable data and oversized
+    images before decoding pixels."""
     image = open_image(data, field, max_pixels, max_bytes)
+    turn = _ORIENTATIONS.get(orientation(image))  # read before load(), as the front end read it
     if image.format == "PNG" and png.is_truncated(data):
         raise InvalidArgumentError(field, f"truncated: the header promises {image.width}x{image.height} pixels")
     try:
         image.load()  # the first frame of an animation
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
-    return to_rgb(image)
+    rgb = to_rgb(image)
+    return rgb.transpose(turn) if turn is not None else rgb
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -59,15 +99,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:
-    """Scale (never up) to fit max_pixels and max_side keeping the aspect ratio, floor to multiples of 16."""
+def scaled_size(height: int, width: int, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:
+    """Scale (never up) to fit max_pixels and max_side keeping the aspect ratio."""
     ratio = min((max_pixels / (height * width)) ** 0.5, 1.0)
     if max_side is not None:
         ratio = min(ratio, max_side / height, max_side / width)
-    return (
-        int(height * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE,
-        int(width * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE,
-    )
+    return int(height * ratio), int(width * ratio)
+
+
+def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:
+    """scaled_size floored to multiples of 16."""
+    scaled_h, scaled_w = scaled_size(height, width, max_pixels, max_side)
+    return scaled_h // SIZE_MULTIPLE * SIZE_MULTIPLE, scaled_w // SIZE_MULTIPLE * SIZE_MULTIPLE
 
 
 def generation_size(
