@@ -9,6 +9,9 @@ import pytest
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
+from serving.frontend.openai_errors import OpenAIError
+from serving.frontend.openai_requests import image_call
+from serving.pipeline.chat_request import ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.eager import OmniGen2Pipeline
 from serving.pipeline.request import GenerationRequest
 
@@ -26,6 +29,8 @@ VALID = GenerationRequest(prompt="a red car", width=64, height=64, steps=2)
         ({"steps": 0}, "steps"),
         ({"steps": 10_000}, "steps"),
         ({"prompt": "  "}, "prompt"),
+        ({"prompt": "\u200b\u200c\u200d\u2060\ufeff"}, "prompt"),  # zero-width characters only: nothing shows
+        ({"prompt": " \u200b\n\ufeff "}, "prompt"),
         ({"text_guidance_scale": float("nan")}, "text_guidance_scale"),
         ({"image_guidance_scale": -1.0}, "image_guidance_scale"),
         ({"cfg_range": (0.8, 0.2)}, "cfg_range"),
@@ -40,6 +45,22 @@ def test_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         dataclasses.replace(VALID, **change).validate()
     assert err.value.field == field
+
+
+def test_zero_width_characters_beside_text_are_kept() -> None:
+    assert dataclasses.replace(VALID, prompt="\u200ba cat\u200d").violations() == []
+
+
+def test_the_seed_range_is_one_message_over_grpc_and_http() -> None:
+    expected = "must be an integer in [0, 9223372036854775807], got"
+    (service,) = dataclasses.replace(VALID, seed=-1).violations()
+    assert service.field == "seed" and service.description == f"{expected} -1"
+    (chat,) = ChatRequest(messages=[ChatMessage("user", [ChatPart(text="hi")])], seed=-1).violations()
+    assert chat.description == f"{expected} -1"
+    for seed in (-1, 2**63):
+        with pytest.raises(OpenAIError) as refused:
+            image_call({"prompt": "a cat", "seed": seed}, [])
+        assert refused.value.message == f"seed: {expected} {seed}"
 
 
 def test_pipeline_validates_before_running(golden_pipeline: OmniGen2Pipeline) -> None:

@@ -25,6 +25,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.frontend.convert import DEFAULTS
 from serving.frontend.openai_errors import OpenAIError, bad_request
+from serving.pipeline.request import MAX_SEED, SEED_RANGE
 
 MODEL_ID = "OmniGen2"  # the one model served, as GetModelInfo names it
 
@@ -109,6 +110,10 @@ def _value(descriptor: FieldDescriptor, name: str, value: Any, form: bool) -> An
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_request(name, f"must be an integer, got {_shown(value)}", "invalid_type")
+        if descriptor.name == "seed":  # the service's range, in its words, not int64's
+            if not 0 <= value <= MAX_SEED:
+                raise bad_request(name, f"{SEED_RANGE}, got {value}")
+            return value
         low, high = _INT_RANGES[kind]
         if not low <= value <= high:
             raise bad_request(name, f"must be in [{low}, {high}], got {value}")

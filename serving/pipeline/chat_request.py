@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline.request import random_seed
+from serving.pipeline.request import MAX_SEED, SEED_RANGE, random_seed
 
 ROLES = ("system", "user", "assistant")
 # Below this, sampling is greedy decoding: logits divided by 1e-40 overflow to inf and the probabilities to NaN.
@@ -101,8 +101,8 @@ class ChatRequest:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= 1000:
             bad("top_k", f"must be in [0, 1000], got {self.top_k}")
-        if not 0 <= self.seed < 2**63:
-            bad("seed", "must be in [0, 2^63)")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"{SEED_RANGE}, got {self.seed}")
         if len(self.stop) > limits.max_stop_strings:
             bad("stop", f"at most {limits.max_stop_strings} stop strings")
         if any(not s or len(s) > limits.max_stop_chars for s in self.stop):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
@@ -33,6 +34,8 @@ DEFAULT_TEACACHE_THRESHOLD = 0.05  # the official default ("about 30 % faster")
 MAX_TEACACHE_THRESHOLD = 1.0
 
 
+MAX_SEED = 2**63 - 1  # int64 on the wire, and never negative
+SEED_RANGE = f"must be an integer in [0, {MAX_SEED}]"
 MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # what the official inference script and app pass
 
@@ -104,8 +107,8 @@ class GenerationRequest:
         def bad(name: str, message: str) -> None:
             found.append(InvalidArgumentError(name, message))
 
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            bad("prompt", "must be a non-empty string")
+        if not isinstance(self.prompt, str) or is_blank(self.prompt):
+            bad("prompt", "must have visible text (white space and zero-width characters alone are empty)")
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > limits.max_prompt_chars:
                 bad(name, f"longer than {limits.max_prompt_chars} characters")
@@ -127,8 +130,8 @@ class GenerationRequest:
         if self.scheduler not in {k.value for k in SchedulerKind}:
             choices = ", ".join(k.value for k in SchedulerKind)
             bad("scheduler", f"unknown scheduler {self.scheduler!r}; one of {choices}")
-        if not 0 <= self.seed < 2**63:
-            bad("seed", "must be in [0, 2^63)")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"{SEED_RANGE}, got {self.seed}")
         if not 1 <= self.num_images_per_prompt <= limits.max_images_per_prompt:
             bound, got = limits.max_images_per_prompt, self.num_images_per_prompt
             bad("num_images_per_prompt", f"must be in [1, {bound}], got {got}")
@@ -172,6 +175,12 @@ _INT_FIELDS = {
     "max_sequence_length",
 }
 _FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale", "teacache_threshold"}
+
+
+def is_blank(text: str) -> bool:
+    """True when nothing in `text` shows: white space and format characters (zero-width space and joiners, word
+    joiner, BOM: category Cf) only."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
 
 
 def random_seed() -> int:
