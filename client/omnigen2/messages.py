@@ -53,9 +53,18 @@ class GenerationOptions(TypedDict, total=False):
     teacache_threshold: float  # TeaCache's threshold in (0, 1] (default 0.05): larger is faster
 
 
+# PIL modes PNG cannot hold: sent as RGB, as PIL converts them.
+_TO_RGB = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
+
+
 def encode_image(image: ImageInput) -> pb.Image:
-    """Images travel encoded: files and bytes as they are, PIL images as PNG."""
+    """Images travel encoded: files and bytes as they are, PIL images as PNG (CMYK and other colour spaces PNG has
+    no room for as RGB). Float (mode F) images are refused: their samples have no agreed scale to 8 bits."""
     if isinstance(image, Image.Image):
+        if image.mode == "F":
+            raise ValueError("a floating-point (mode F) image: convert it to 8-bit first, e.g. to mode L or RGB")
+        if image.mode in _TO_RGB:
+            image = image.convert("RGB")
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return pb.Image(data=buffer.getvalue(), mime_type="image/png")

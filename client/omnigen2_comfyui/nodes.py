@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from omnigen2 import OmniGen2Client
 from omnigen2.client import DEFAULT_SERVER
+from omnigen2.limits import MAX_INPUT_IMAGES, MAX_NEW_TOKENS, MAX_SEED, MAX_SEQUENCE_LENGTH
 from omnigen2.messages import GenerationOptions, GenerationResult
 
 from .tensors import from_pil, to_pil
 
 CATEGORY = "OmniGen2"
-MAX_INPUT_IMAGES = 5
-MAX_SEED = 2**63 - 1  # the API's seed is an int64
 TIMEOUT_S = 3600.0  # a full-size generation on a slow machine takes minutes
 
 InputTypes = dict[str, dict[str, tuple[Any, ...]]]
@@ -56,7 +55,10 @@ def _optional_settings() -> dict[str, tuple[Any, ...]]:
         "cfg_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
         "cfg_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
         "scheduler": (["euler", "dpmsolver"], {"default": "euler"}),
-        "max_sequence_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "0: the server's default"}),
+        "max_sequence_length": (
+            "INT",
+            {"default": 0, "min": 0, "max": MAX_SEQUENCE_LENGTH, "tooltip": "0: the server's default"},
+        ),
         "cache": (["none", "teacache", "taylorseer"], {"default": "none", "tooltip": "step caching: faster, drifts"}),
         "teacache_threshold": ("FLOAT", {"default": 0.05, "min": 0.01, "max": 1.0, "step": 0.01}),
         **_token(),
@@ -164,7 +166,7 @@ class OmniGen2Understand:
         required = {
             **_connection(),
             "question": ("STRING", {"multiline": True, "default": "Describe the image."}),
-            "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
+            "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": MAX_NEW_TOKENS}),
             "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0: greedy"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
         }

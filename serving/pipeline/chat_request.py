@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from omnigen2.limits import MAX_NEW_TOKENS
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -24,7 +25,7 @@ class ChatLimits:
     max_images: int = 5
     max_text_chars: int = 32_768  # all text parts together
     max_prompt_tokens: int = 8192  # after the template and the vision tokens
-    max_new_tokens: int = 2048
+    max_new_tokens: int = MAX_NEW_TOKENS
     max_vision_pixels: int = 1280 * 28 * 28  # per image after resizing (Qwen2.5-VL's own default budget)
     max_input_image_pixels: int = 40_000_000  # decoded size of one input image, checked before decoding
     max_input_image_bytes: int = 20 * 1024 * 1024  # encoded size of one input image

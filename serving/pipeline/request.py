@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from omnigen2.limits import MAX_INPUT_IMAGES, MAX_SEED, MAX_SEQUENCE_LENGTH
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -34,10 +35,8 @@ DEFAULT_TEACACHE_THRESHOLD = 0.05  # the official default ("about 30 % faster")
 MAX_TEACACHE_THRESHOLD = 1.0
 
 
-MAX_SEED = 2**63 - 1  # int64 on the wire, and never negative
 SEED_RANGE = f"must be an integer in [0, {MAX_SEED}]"
-MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
-DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # what the official inference script and app pass
+DEFAULT_MAX_SEQUENCE_LENGTH = MAX_SEQUENCE_LENGTH  # what the official inference script and app pass
 
 
 @dataclass(frozen=True)

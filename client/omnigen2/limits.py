@@ -1,0 +1,8 @@
+"""The API's bounds that clients check before a call, from the one place the server takes them too
+(serving/pipeline/request.py, chat_request.py): the ComfyUI nodes' inputs stop where the server's do. An operator's
+--limits may lower a served bound; `OmniGen2Client.info().limits` reports the bounds in force."""
+
+MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
+MAX_SEED = 2**63 - 1  # int64 on the wire, never negative
+MAX_SEQUENCE_LENGTH = 1024  # prompt tokens kept: the full checkpoint's text positions (the official default too)
+MAX_NEW_TOKENS = 2048  # tokens of one Understand answer
