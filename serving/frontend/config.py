@@ -24,7 +24,8 @@ class FrontendConfig:
     retry_after_s: float = 1.0  # the RetryInfo delay sent with RESOURCE_EXHAUSTED
     max_request_bytes: int = 64 * MiB  # larger requests: INVALID_ARGUMENT naming the largest field
     # gRPC request bytes held at once (serving/frontend/reading.py): a request reserves 2 x max_request_bytes before
-    # it is read, then its size until its call ends; one that does not fit is refused unread (RESOURCE_EXHAUSTED).
+    # it is read, then its size until its call ends; one that does not fit waits up to retry_after_s for room, then
+    # is refused unread (RESOURCE_EXHAUSTED).
     # Generate, GenerateStream and Understand share this much, the other calls (health, ...) as much again. A read
     # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 512 MiB: 4 reads at once.
     max_held_request_bytes: int = 512 * MiB

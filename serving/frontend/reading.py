@@ -1,17 +1,16 @@
 """A budget of request bytes the gRPC server holds, taken before a request is read, and a time to receive it.
 
-grpcio reads a unary call's request before its handler runs, once the interceptors have returned the handler;
-until then gRPC core holds what HTTP/2 flow control lets in (about 4 MiB a stream, measured), not the message.
-So a call reserves here first the most the transport will read (2 x --max-request-bytes). One whose reservation
-does not fit is refused unread: RESOURCE_EXHAUSTED with RetryInfo, from a handler that takes the request as a
-stream it never reads (the caller stops sending; nothing of the message is kept). Refusing rather than queueing:
-a waiting call would hold its flow-control window for as long as it waited, and callers already retry
-admission's RESOURCE_EXHAUSTED.
+grpcio reads a unary call's request before its handler runs; until a request is asked for, gRPC core holds only
+what HTTP/2 flow control lets in (about 4 MiB a stream, measured), not the message. So every unary-request
+handler is served here as a streamed request that it reads itself, after reserving the most the transport will
+read (2 x --max-request-bytes) against the call's budget. Without room, the call waits up to --retry-after-s (a
+burst of small calls reserves far more than it reads: the room comes back as soon as their few bytes are in),
+then gets RESOURCE_EXHAUSTED with RetryInfo, unread (the caller stops sending; nothing of the message is kept).
+At most MAX_WAITING calls wait per budget, each holding its flow-control window; the others are refused at once.
 
-An admitted call's handler is served the same way, as a streamed request that it reads itself: within
---request-read-timeout-s (a call that opens and sends nothing would otherwise hold its reservation for ever), and
-with the reservation shrunk to the message's size once read and given back when the handler ends, however it
-ends (the handler holds the request that long). The uploads (Generate, GenerateStream,
+Once read, the reservation shrinks to the message's size and is given back when the handler ends, however it ends
+(the handler holds the request that long). The message must arrive within --request-read-timeout-s: a call that
+opens and sends nothing would otherwise hold its reservation for ever. The uploads (Generate, GenerateStream,
 Understand) and every other call (health, GetModelInfo) have separate budgets of the same size, so that probes
 keep answering while uploads fill theirs.
 """
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -30,6 +28,8 @@ from serving.errors import SettingError
 from serving.frontend.metrics import Metrics
 from serving.frontend.status import resource_exhausted
 
+MAX_WAITING = 32
+
 
 class _Pool:
     def __init__(self, name: str, budget: int, metrics: Metrics) -> None:
@@ -37,29 +37,41 @@ class _Pool:
         self.budget = budget
         self.gauge = metrics.held_request_bytes.labels(name)
         self.held = 0
+        self.waiting = 0
+        self._room = asyncio.Event()  # set, and replaced, each time bytes are given back
 
     def add(self, size: int) -> None:
         self.held += size
         self.gauge.set(self.held)
+        if size < 0:
+            self._room.set()
+            self._room = asyncio.Event()
+
+    async def wait_for_room(self, size: int, wait_s: float) -> bool:
+        if self.held + size <= self.budget:
+            return True
+        if self.waiting >= MAX_WAITING:
+            return False
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(wait_s):
+                while self.held + size > self.budget:
+                    await self._room.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
 
 
 class _Reservation:
-    """Given back once: by close(), or, should grpcio drop a call before its handler ran, with the handler."""
-
-    def __init__(self, pool: _Pool, size: int) -> None:
+    def __init__(self, pool: _Pool) -> None:
         self.pool = pool
-        self._size = [size]  # shared with the finalizer, which must not refer to self
-        pool.add(size)
-        self.close = weakref.finalize(self, _give_back, pool, self._size)
+        self.size = 0
 
     def resize(self, size: int) -> None:
-        if self.close.alive:
-            self.pool.add(size - self._size[0])
-            self._size[0] = size
-
-
-def _give_back(pool: _Pool, size: list[int]) -> None:
-    pool.add(-size[0])
+        self.pool.add(size - self.size)
+        self.size = size
 
 
 class ReadGate(grpc.aio.ServerInterceptor):
@@ -96,21 +108,12 @@ class ReadGate(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
-            return handler  # streamed requests are read as their handler asks; a refusal here reads nothing
+            return handler  # streamed requests are read as their handler asks (an unread refusal among them)
         method: str = handler_call_details.method
-        pool = self.pools["uploads" if method in self.uploads else "other"]
-        if pool.held + self.max_message_bytes > pool.budget:
-            self.metrics.reads_refused.labels(pool.name, "budget").inc()
-            self.on_refused(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            error = resource_exhausted(
-                f"{pool.held} bytes of requests held and this one may take {self.max_message_bytes}, the budget is "
-                f"{pool.budget} (--max-held-request-bytes); retry later",
-                self.retry_after_s,
-            )
-            return unread_refusal(handler, error.status)
-        return self._gated(handler, method, _Reservation(pool, self.max_message_bytes))
+        return self._gated(handler, method, self.pools["uploads" if method in self.uploads else "other"])
 
-    def _gated(self, handler: grpc.RpcMethodHandler, method: str, reservation: _Reservation) -> grpc.RpcMethodHandler:
+    def _gated(self, handler: grpc.RpcMethodHandler, method: str, pool: _Pool) -> grpc.RpcMethodHandler:
+        reservation = _Reservation(pool)
         parse = handler.request_deserializer or (lambda data: data)
 
         def deserialize(data: bytes) -> Any:
@@ -118,16 +121,25 @@ class ReadGate(grpc.aio.ServerInterceptor):
             return parse(data)
 
         async def read(context: grpc.aio.ServicerContext) -> Any:
+            if not await pool.wait_for_room(self.max_message_bytes, self.retry_after_s):
+                self._refused(pool, "budget", method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                error = resource_exhausted(
+                    f"{pool.held} bytes of requests held and this one may take {self.max_message_bytes}, the "
+                    f"budget is {pool.budget} (--max-held-request-bytes); retry later",
+                    self.retry_after_s,
+                )
+                await context.abort_with_status(error.status)
+            reservation.resize(self.max_message_bytes)
             try:
                 request = await asyncio.wait_for(context.read(), self.read_timeout_s)
             except TimeoutError:
-                self.metrics.reads_refused.labels(reservation.pool.name, "timeout").inc()
-                self.on_refused(method, grpc.StatusCode.DEADLINE_EXCEEDED)
+                self._refused(pool, "timeout", method, grpc.StatusCode.DEADLINE_EXCEEDED)
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"the request did not arrive within {self.read_timeout_s:g} s (--request-read-timeout-s)",
                 )
             if request is grpc.aio.EOF:
+                self.on_refused(method, grpc.StatusCode.INVALID_ARGUMENT)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
             return request
 
@@ -138,7 +150,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
                 try:
                     return await handler.unary_unary(await read(context), context)
                 finally:
-                    reservation.close()
+                    reservation.resize(0)
 
             return grpc.stream_unary_rpc_method_handler(unary, **options)
         if inspect.isasyncgenfunction(handler.unary_stream):
@@ -148,7 +160,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
                     async for response in handler.unary_stream(await read(context), context):
                         yield response
                 finally:
-                    reservation.close()
+                    reservation.resize(0)
 
             return grpc.stream_stream_rpc_method_handler(generator, **options)
 
@@ -156,9 +168,13 @@ class ReadGate(grpc.aio.ServerInterceptor):
             try:
                 await handler.unary_stream(await read(context), context)
             finally:
-                reservation.close()
+                reservation.resize(0)
 
         return grpc.stream_stream_rpc_method_handler(writer, **options)
+
+    def _refused(self, pool: _Pool, reason: str, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.reads_refused.labels(pool.name, reason).inc()
+        self.on_refused(method, code)
 
 
 def unread_refusal(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
