@@ -9,10 +9,13 @@ from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 log = logging.getLogger("omnigen2.access")
+_MAX_WALKED = 1024  # repeated elements a line describes one by one; over the API's limits, so refused anyway
 
 
 def describe(request: Message | None) -> str:
     if isinstance(request, pb.GenerateRequest):
+        if len(request.input_images) > _MAX_WALKED:  # refused by its count: not walked (a refusal stays cheap)
+            return f"prompt_chars={len(request.prompt)} images={len(request.input_images)}"
         size = f"{request.width}x{request.height}" if request.HasField("width") or request.HasField("height") else "-"
         image_bytes = sum(len(image.data) for image in request.input_images)
         steps = request.steps if request.HasField("steps") else "-"
@@ -21,6 +24,8 @@ def describe(request: Message | None) -> str:
             f"size={size} steps={steps}"
         )
     if isinstance(request, pb.UnderstandRequest):
+        if len(request.messages) > _MAX_WALKED or sum(len(m.content) for m in request.messages) > _MAX_WALKED:
+            return f"messages={len(request.messages)}"
         parts = [part for message in request.messages for part in message.content]
         images = [part.image for part in parts if part.HasField("image")]
         text_chars = sum(len(part.text) for part in parts)

@@ -214,7 +214,7 @@ class OpenAIGateway:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
-        call = await self._off_loop(chat_call, body)
+        call = await self._off_loop(chat_call, body, self.config.chat_limits)
 
         async def answer(first: pb.UnderstandEvent, events: AsyncIterator[pb.UnderstandEvent]) -> web.StreamResponse:
             if call.stream:

@@ -27,6 +27,7 @@ from serving.frontend.convert import (
     Forward,
     api_limits,
     chat_result,
+    check_counts,
     check_request_size,
     encode_images,
     request_defaults,
@@ -167,6 +168,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             await context.send_initial_metadata(((request_id.HEADER, call_id), (request_id.SERVED_BY, self.server_id)))
             if isinstance(request, Malformed):
                 raise invalid_argument([("request", f"not a valid {method} request: {request.reason}")])
+            # Cheap counts first: the policy and the validation walk every message.
+            check_counts(request, self.config.limits, self.config.chat_limits)
             self._check_request(request, policy.name if policy else None)  # before admission: no model time
             yield
         except ApiError as exc:

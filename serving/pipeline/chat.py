@@ -4,6 +4,7 @@ the eager reference share them."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class ChatEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Qwen2VLImageProcessorPil) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        # Typed into a message, the tokenizer's special tokens would be parsed as the template's control tokens: a
+        # forged turn, or an image placeholder with no image. Text holding one is refused (docs/api.md).
+        specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+        longest_first = sorted(specials, key=len, reverse=True)
+        self.specials = re.compile("|".join(map(re.escape, longest_first))) if specials else None
 
     @classmethod
     def from_dir(cls, processor_dir: Path | str) -> ChatEncoder:
@@ -66,7 +72,19 @@ class ChatEncoder:
             raise InvalidArgumentError("max_pixels", f"below this model's minimum of {own['shortest_edge']}")
         return {"shortest_edge": own["shortest_edge"], "longest_edge": min(own["longest_edge"], request.max_pixels)}
 
+    def check_text(self, request: ChatRequest) -> None:
+        """InvalidArgumentError naming the first text part that holds one of the tokenizer's special tokens."""
+        for i, message in enumerate(request.messages):
+            for j, part in enumerate(message.parts):
+                found = self.specials.search(part.text) if self.specials and part.text else None
+                if found:
+                    raise InvalidArgumentError(
+                        f"messages[{i}].content[{j}].text",
+                        f"holds the special token {found.group()!r}; text may hold none of the model's special tokens",
+                    )
+
     def encode(self, request: ChatRequest, limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> ChatInputs:
+        self.check_text(request)
         text = self.template(request)
         pixel_values = grid = None
         if request.images:

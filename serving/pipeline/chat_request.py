@@ -15,6 +15,8 @@ from serving.errors import InvalidArgumentError
 from serving.pipeline.request import MAX_SEED, SEED_RANGE, random_seed
 
 ROLES = ("system", "user", "assistant")
+# Qwen2.5-VL's resize refuses an image whose longer side is over this many times its shorter one.
+MAX_ASPECT_RATIO = 200
 # Below this, sampling is greedy decoding: logits divided by 1e-40 overflow to inf and the probabilities to NaN.
 MIN_TEMPERATURE = 0.01
 
@@ -22,6 +24,7 @@ MIN_TEMPERATURE = 0.01
 @dataclass(frozen=True)
 class ChatLimits:
     max_messages: int = 64
+    max_parts: int = 256  # content parts of all messages together
     max_images: int = 5
     max_text_chars: int = 32_768  # all text parts together
     max_prompt_tokens: int = 8192  # after the template and the vision tokens
@@ -90,6 +93,12 @@ class ChatRequest:
                     used.append(part.image)
                     if message.role == "system":
                         bad(f"messages[{i}].content[{j}]", "system messages hold text only")
+        parts = sum(len(message.parts) for message in self.messages)
+        if parts > limits.max_parts:
+            bad("messages", f"at most {limits.max_parts} content parts in all, got {parts}")
+        for index, image in enumerate(self.images):
+            if aspect_ratio(image.height, image.width) > MAX_ASPECT_RATIO:
+                bad(image_field(self.messages, index), aspect_ratio_message(image.height, image.width))
         if chars > limits.max_text_chars:
             bad("messages", f"at most {limits.max_text_chars} characters of text in all, got {chars}")
         if len(used) > limits.max_images:
@@ -116,6 +125,36 @@ class ChatRequest:
         found = self.violations(limits)
         if found:
             raise found[0]
+
+
+def aspect_ratio(height: int, width: int) -> float:
+    return max(height, width) / max(1, min(height, width))
+
+
+def aspect_ratio_message(height: int, width: int) -> str:
+    return f"a {width}x{height} image: the longer side may be at most {MAX_ASPECT_RATIO} times the shorter"
+
+
+def image_field(messages: list[ChatMessage], index: int) -> str:
+    """The content part that holds image `index`, as the API names it."""
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.parts):
+            if part.image == index:
+                return f"messages[{i}].content[{j}].image"
+    return f"images[{index}]"
+
+
+def image_parts(messages: Any) -> dict[int, str]:
+    """Image index -> the content part that holds it (`messages[i].content[j].image`), from the wire format's
+    messages before they are checked: what a malformed message holds is left out."""
+    fields: dict[int, str] = {}
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            index = part.get("image") if isinstance(part, dict) else None
+            if isinstance(index, int):
+                fields.setdefault(index, f"messages[{i}].content[{j}].image")
+    return fields
 
 
 def chat_request_from_params(params: Mapping[str, Any], images: list[Image.Image]) -> ChatRequest:

@@ -29,7 +29,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from serving.model.graphs import TextEncoderGraph
-from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatRequest, chat_request_from_params, image_parts
 from serving.pipeline.images import decode_image
 from serving.pipeline.understand import ChatResult, Understander
 from serving.runtime.torch_backend import run_graph
@@ -114,9 +114,13 @@ class TritonPythonModel:
         with DECODING:
             if request.is_cancelled():  # the caller may have left while this request waited to decode
                 raise CancelledByCallerError
+            fields = image_parts(params.get("messages"))
             images = [
                 decode_image(
-                    blob, f"images[{i}]", self.limits.max_input_image_pixels, self.limits.max_input_image_bytes
+                    blob,
+                    fields.get(i, f"images[{i}]"),
+                    self.limits.max_input_image_pixels,
+                    self.limits.max_input_image_bytes,
                 )
                 for i, blob in enumerate(blobs)
             ]
