@@ -27,8 +27,10 @@ class FrontendConfig:
     # it is read, then its size until its call ends; one that does not fit waits up to retry_after_s for room, then
     # is refused unread (RESOURCE_EXHAUSTED).
     # Generate, GenerateStream and Understand share this much, the other calls (health, ...) as much again. A read
-    # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 512 MiB: 4 reads at once.
-    max_held_request_bytes: int = 512 * MiB
+    # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 0: max_in_flight reads of the
+    # largest request at once (2 GiB at the defaults), so that slow uploads are never refused below the count that
+    # admission allows; lower it to bound memory below that (see held_request_budget).
+    max_held_request_bytes: int = 0
     # A gRPC call whose request message has not all arrived this long after the call opened ends DEADLINE_EXCEEDED:
     # a caller that opens calls and sends nothing would otherwise hold their reservations for ever. 120 s: the
     # largest request (2 x max_request_bytes) at 9 Mbit/s, a 10 MB one at 0.7 Mbit/s.
@@ -103,6 +105,10 @@ class FrontendConfig:
                 raise SettingError(f"--{name.replace('_', '-')}", "must be > 0 (bytes/s)")
         if self.http_max_connections < 0:
             raise SettingError("--http-max-connections", "must be >= 0 (0: from the open-file limit)")
+
+    def held_request_budget(self) -> int:
+        """--max-held-request-bytes, 0 resolved: room to read --max-in-flight requests of the largest size at once."""
+        return self.max_held_request_bytes or self.max_in_flight * 2 * self.max_request_bytes
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         """(flag, host, port) of each TCP port the front end listens on; port 0 (any free one) left out."""

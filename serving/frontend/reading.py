@@ -11,8 +11,9 @@ At most MAX_WAITING calls wait per budget, each holding its flow-control window;
 Once read, the reservation shrinks to the message's size and is given back when the handler ends, however it ends
 (the handler holds the request that long). The message must arrive within --request-read-timeout-s: a call that
 opens and sends nothing would otherwise hold its reservation for ever. The uploads (Generate, GenerateStream,
-Understand) and every other call (health, GetModelInfo) have separate budgets of the same size, so that probes
-keep answering while uploads fill theirs.
+Understand) and every other call (health, GetModelInfo) have separate budgets, so that probes keep answering while
+uploads fill theirs; the others' is at most OTHER_READS requests of the largest size: theirs are a few bytes, and
+a caller sending large ones to them gains nothing but memory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from serving.frontend.metrics import Metrics
 from serving.frontend.status import resource_exhausted
 
 MAX_WAITING = 32
+OTHER_READS = 4
 
 
 class _Pool:
@@ -94,7 +96,10 @@ class ReadGate(grpc.aio.ServerInterceptor):
         if read_timeout_s <= 0:
             raise SettingError("--request-read-timeout-s", "must be > 0")
         self.uploads = uploads
-        self.pools = {name: _Pool(name, budget, metrics) for name in ("uploads", "other")}
+        self.pools = {
+            "uploads": _Pool("uploads", budget, metrics),
+            "other": _Pool("other", min(budget, OTHER_READS * max_message_bytes), metrics),
+        }
         self.max_message_bytes = max_message_bytes
         self.read_timeout_s = read_timeout_s
         self.retry_after_s = retry_after_s

@@ -61,7 +61,7 @@ class Frontend:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ReadGate(
                 uploads,
-                config.max_held_request_bytes,
+                config.held_request_budget(),
                 2 * config.max_request_bytes,
                 config.request_read_timeout_s,
                 config.retry_after_s,
