@@ -21,6 +21,8 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omnigen2 import OmniGen2Client, ResourceExhaustedError, UnavailableError
 from omnigen2.errors import OmniGen2Error
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image, PngImagePlugin
 
 from serving.frontend.process import FrontendProcess
@@ -110,6 +112,17 @@ def test_tokens_are_checked(secured: tuple[FrontendProcess, bytes], token: str |
         with pytest.raises(OmniGen2Error) as raised:
             calls[call]()
     assert raised.value.code == code
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(secured: tuple[FrontendProcess, bytes], scheme: str) -> None:
+    """RFC 7235: the scheme is a case-insensitive token (the SDK sends `Bearer`; other clients may not)."""
+    api, ca = secured
+    with grpc.secure_channel(api.address, grpc.ssl_channel_credentials(ca)) as channel:
+        info = pb_grpc.OmniGen2Stub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(), metadata=[("authorization", f"{scheme} {FULL}")], timeout=10
+        )
+    assert info.model == "OmniGen2"
 
 
 def test_full_token_generates_and_health_stays_open(secured: tuple[FrontendProcess, bytes]) -> None:
