@@ -3,7 +3,8 @@
     python -m serving.stack [--checkpoint DIR] [--backend onnxruntime|pytorch|tensorrt] [--precision P] [flags ...]
 
 Front-end flags (see `python -m serving.frontend.server --help`) pass through; Ctrl-C / SIGTERM drains the
-front end, then stops Triton.
+front end, then stops Triton. A Triton that dies on its own is cleaned up after and restarted on the same ports, up to
+--triton-restarts times in 10 minutes; once more, the stack drains the front end and exits with status 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
         "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")
     )
     parser.add_argument(
+        "--triton-restarts",
+        type=int,
+        default=3,
+        help="restarts of a tritonserver that died unasked allowed within 10 minutes; one more death stops the stack "
+        "with exit status 1, for its own supervisor (Kubernetes, systemd) to act on; 0: exit on the first",
+    )
+    parser.add_argument(
         "--http-listen",
         default=os.environ.get("OMNIGEN2_HTTP_LISTEN", "127.0.0.1:8080"),
         help="the OpenAI-compatible HTTP API beside the gRPC one; '' turns it off (env OMNIGEN2_HTTP_LISTEN)",
@@ -100,10 +109,14 @@ def main(argv: list[str] | None = None) -> None:
         fast=fast_from_args(args, args.build_dir),
     )
     with TritonServer(repository, triton_ports, build_dir=args.build_dir) as triton:
+        # Giving up drains the front end as SIGTERM does (its callers get an answer), then the stack exits non-zero.
+        supervisor = triton.supervise(lambda _: os.kill(os.getpid(), signal.SIGTERM), args.triton_restarts)
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
         # The banner once the front end has bound its ports: a port in use stops it with one line instead.
         on_gpu = args.backend == "tensorrt" or resolve_device(args.device).type == "cuda"
         asyncio.run(serve(config, ready=lambda: print(usage(config, triton, on_gpu), flush=True)))
+    if supervisor.gave_up is not None:
+        sys.exit(f"serving.stack: {supervisor.gave_up}")
 
 
 def usage(config: FrontendConfig, triton: TritonServer, on_gpu: bool) -> str:

@@ -21,7 +21,9 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +31,8 @@ from types import TracebackType
 import tritonclient.grpc as triton_grpc
 
 from serving.errors import SettingError
-from serving.triton.watchdog import StubWatchdog, stub_shm_regions
+from serving.triton.supervisor import TritonSupervisor
+from serving.triton.watchdog import StubWatchdog, stubs_by_region_prefix
 from serving.triton.wire import RECONNECT_OPTIONS
 
 LOOPBACK = "127.0.0.1"
@@ -190,7 +193,11 @@ class TritonServer:
         self.log_path = log_path or build_dir / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
-        self._regions: set[str] = set()  # the stubs' shared memory, noted at start and stop
+        self.supervisor: TritonSupervisor | None = None
+        # Every stub of this server, first or reloaded, names its shared-memory region (/dev/shm) with this prefix:
+        # what it leaves is found by name. Ports are this host's own while it runs (Ports.check_free), so a server
+        # killed with its launcher leaves its regions and stubs to the next one started on the same ports.
+        self.shm_prefix = f"omnigen2_triton_{self.ports.grpc}_"
 
     @property
     def grpc_url(self) -> str:
@@ -216,14 +223,16 @@ class TritonServer:
             # (importing torch, the BLS, the MLLM) before its real one, about half of Triton's start on 2 cores.
             "--disable-auto-complete-config",
             "--exit-on-error=true",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
 
-    def start(self, timeout: float = 180.0) -> TritonServer:
+    def start(self, timeout: float = 180.0, cancel: threading.Event | None = None) -> TritonServer:
+        """Starts the server and waits until it is ready (or `cancel` is set)."""
         install = TritonInstall.find()
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("tritonserver is running already: stop() it first")
         self.ports.check_free()
-        self._remove_regions()  # a previous server's, if it was killed
+        self.clean_up()  # a previous server's, if it was killed
         env = dict(os.environ)
         # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
         # libpython (not another 3.11 the system may have: its extension modules would not link), and the
@@ -237,27 +246,34 @@ class TritonServer:
                 self.command(install), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         try:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, cancel)
         except BaseException:  # an interrupt or a caller's own time limit too: no server left behind
-            self.stop()
+            self._terminate()
             raise
         if self.watchdog is not None:
             self.watchdog.stop()  # the previous server's, on a restart
-        self._regions = stub_shm_regions(self.process.pid)
         self.watchdog = StubWatchdog(self.process.pid, self.grpc_url).start()
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def supervise(self, on_give_up: Callable[[str], None], restarts: int = 3) -> TritonSupervisor:
+        """Restart the server when it dies unasked, up to `restarts` times in 10 minutes (serving/triton/supervisor.py);
+        stop() ends the supervision first."""
+        self.supervisor = TritonSupervisor(self, on_give_up, restarts).start()
+        return self.supervisor
+
+    def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
         client = triton_grpc.InferenceServerClient(self.grpc_url, channel_args=RECONNECT_OPTIONS)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                raise RuntimeError("tritonserver start cancelled: the server is being stopped")
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(Exception):
                 if client.is_server_ready():
                     return
             time.sleep(0.25)
-        self.stop()
+        self._terminate()
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
@@ -274,12 +290,16 @@ class TritonServer:
         (docs/reliability.md). The front end no longer does that, but another Triton client may, so the hang stays
         bounded: nothing is in flight by then, and unloading gets `unload_grace_s` (it takes 1-2 s) before the kill.
         """
+        if self.supervisor is not None:
+            self.supervisor.stop()  # an exit asked for: not one to restart
+        self._terminate(timeout, unload_grace_s)
+
+    def _terminate(self, timeout: float = 30.0, unload_grace_s: float = 5.0) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()  # stubs end with the server: not a failure to repair
         if self.process is None:
             return
         if self.process.poll() is None:
-            self._regions |= stub_shm_regions(self.process.pid)
             logged = self.log_path.stat().st_size if self.log_path.is_file() else 0
             self.process.send_signal(signal.SIGTERM)
             exited = False
@@ -290,7 +310,7 @@ class TritonServer:
                     with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                         os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait()
-        self._remove_regions()
+        self.clean_up()
 
     def _exited(self, timeout: float, logged: int, unload_grace_s: float) -> bool:
         """Waits for the process to end after SIGTERM; False once `timeout` passed, or `unload_grace_s` after the
@@ -315,12 +335,17 @@ class TritonServer:
         except OSError:  # a log moved away: the wait falls back to the whole timeout
             return False
 
-    def _remove_regions(self) -> None:
-        """The shared-memory regions of stubs that ended without the server's clean-up (it was killed, here or by
-        someone else): each holds memory (`/dev/shm` is RAM) until it is unlinked."""
-        for region in self._regions:
-            (SHM / region).unlink(missing_ok=True)
-        self._regions = set()
+    def clean_up(self) -> None:
+        """What a server that ended without its own clean-up (killed, crashed) leaves: its stubs, which ignore
+        SIGTERM and outlive it, and the shared-memory regions of every stub it ran, each holding memory (`/dev/shm`
+        is RAM) until it is unlinked. For a server that is not running (ended, or not started yet)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()  # stubs that end with their server are not models to reload
+        for pid in stubs_by_region_prefix(self.shm_prefix):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for region in SHM.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -21,8 +21,8 @@ from tritonclient.utils import InferenceServerException
 log = logging.getLogger(__name__)
 
 
-def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
-    """(pid, argv) of the server's live stub processes, read from /proc. A stub's argv is its `model.py`, then
+def _all_stubs() -> Iterator[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, argv) of the live stub processes, read from /proc. A stub's argv is its `model.py`, then
     the name of the shared-memory region it talks to the server through."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -33,8 +33,18 @@ def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
-        if parent == server_pid and len(argv) > 2 and argv[1].endswith(b"model.py"):
-            yield int(proc.name), argv
+        if len(argv) > 2 and argv[1].endswith(b"model.py"):
+            yield int(proc.name), parent, argv
+
+
+def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
+    return ((pid, argv) for pid, parent, argv in _all_stubs() if parent == server_pid)
+
+
+def stubs_by_region_prefix(prefix: str) -> set[int]:
+    """Pids of the live stubs whose shared-memory region is named `prefix...`, whichever process is their parent
+    now (a dead server's are reparented)."""
+    return {pid for pid, _, argv in _all_stubs() if argv[2].startswith(prefix.encode())}
 
 
 def stub_processes(server_pid: int) -> dict[str, set[int]]:
