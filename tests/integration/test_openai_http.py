@@ -577,6 +577,9 @@ def test_auth_statuses(guarded: FrontendProcess) -> None:
         anonymous.models.list()
     narrow = openai.OpenAI(base_url=guarded.http_url, api_key="narrow", max_retries=0)
     assert [m.id for m in narrow.models.list()] == ["OmniGen2"]
+    for scheme in ("bearer", "BEARER"):  # RFC 7235: the scheme is case-insensitive
+        status, _, listed = _request(guarded, "GET", "/v1/models", headers={"Authorization": f"{scheme} narrow"})
+        assert status in (200, 429), listed  # the token is known (its rate of one call a second may refuse it)
     with pytest.raises(openai.PermissionDeniedError):
         narrow.images.generate(prompt="x", size="16x16", extra_body=SMALL)
     slow = openai.OpenAI(base_url=guarded.http_url, api_key="slow-token", max_retries=0)
@@ -648,8 +651,8 @@ def test_http_and_grpc_share_one_admission(tmp_path: Path, triton: TritonServer)
 
 def test_a_stopped_triton_is_503(tmp_path: Path) -> None:
     with FrontendProcess(f"127.0.0.1:{free_port()}", tmp_path / "frontend.log", http=True) as frontend:
-        status, _, answer = _post_json(frontend, "/v1/images/generations", {"prompt": "x", "size": "16x16"})
-    assert status == 503
+        status, headers, answer = _post_json(frontend, "/v1/images/generations", {"prompt": "x", "size": "16x16"})
+    assert status == 503 and int(headers["Retry-After"]) >= 1  # UNAVAILABLE is retryable: say when
     _assert_error(answer, None)
 
 
