@@ -54,6 +54,25 @@ def client(api: FrontendProcess) -> OmniGen2Client:
     return OmniGen2Client(api.address, timeout=120)
 
 
+def test_exif_orientation_is_served_as_displayed(client: OmniGen2Client) -> None:
+    """A phone photo stored sideways (orientation 6) is edited upright: the same image as the one stored upright."""
+    stored = Image.fromarray(np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = client.edit(_encode(stored, "PNG", exif=exif.tobytes()), "Make it blue", steps=1, seed=1)
+    upright = client.edit(_encode(stored.transpose(Image.Transpose.ROTATE_270), "PNG"), "Make it blue", steps=1, seed=1)
+    assert sideways.images[0].size == upright.images[0].size == (48, 64)
+    assert sideways.usage == upright.usage
+    np.testing.assert_array_equal(np.asarray(sideways.images[0]), np.asarray(upright.images[0]))
+
+
+def test_float_images_are_refused_naming_the_field(client: OmniGen2Client) -> None:
+    data = _encode(Image.fromarray(np.full((48, 64), 0.5, dtype=np.float32)), "TIFF")
+    with pytest.raises(InvalidArgumentError) as refused:
+        client.edit(data, "Make it blue", steps=1)
+    assert refused.value.violations[0].field == "input_images[0].data"
+
+
 @pytest.mark.parametrize("name", sorted(CONVERTED))
 def test_unusual_images_are_converted(client: OmniGen2Client, name: str) -> None:
     result = client.edit(CONVERTED[name], "Make it blue", steps=1, seed=1)
