@@ -65,9 +65,9 @@ def test_image_fields_by_their_grpc_and_diffusers_names() -> None:
 
 
 def test_multipart_text_values_take_the_field_types() -> None:
-    fields = {"prompt": "x", "n": "2", "cfg_range": ["0", "0.5"], "seed": "-1", "text_guidance_scale": "3.5"}
+    fields = {"prompt": "x", "n": "2", "cfg_range": ["0", "0.5"], "seed": "+7", "text_guidance_scale": "3.5"}
     request = image_call(fields, [], form=True).request
-    assert (request.num_images_per_prompt, request.seed, request.text_guidance_scale) == (2, -1, 3.5)
+    assert (request.num_images_per_prompt, request.seed, request.text_guidance_scale) == (2, 7, 3.5)
     assert (request.cfg_range.start, request.cfg_range.end) == (0.0, 0.5)
     assert image_call({"cfg_range": ["[0.1, 0.9]"]}, [], form=True).request.cfg_range.end == 0.9
 
