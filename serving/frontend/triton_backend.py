@@ -1,11 +1,13 @@
 """The front end's link to Triton: one stream per call (`omnigen2` BLS or `mllm`), readiness, model parameters.
 
 Every failure leaves here as an ApiError with the status the API promises: stream errors carry the BLS's own
-code ("CODE: field: detail", serving/triton/wire.py), and transport failures map to UNAVAILABLE.
+code ("CODE: field: detail", serving/triton/wire.py), and transport failures map to UNAVAILABLE, as do the failures
+of a model whose stub process died (retryable: the watchdog reloads it, serving/triton/watchdog.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncGenerator, Callable
@@ -24,6 +26,9 @@ from serving.frontend.status import ApiError, invalid_argument, plain, resource_
 from serving.frontend.triton_call import Buffer, StreamDrains, TritonCall, Unbuffered
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
 from serving.triton.wire import RECONNECT_OPTIONS, WireError
+
+# Triton's Python backend fails the requests of a model whose stub process died with this, until it is reloaded.
+DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,11 @@ def _stream_error(message: str, retry_after_s: float) -> ApiError:
         return resource_exhausted(error.message, retry_after_s)
     if error.code == "CANCELLED":
         return plain(grpc.StatusCode.CANCELLED, error.message)
+    if DEAD_STUB.search(error.message):  # the BLS's message names the component too
+        return plain(
+            grpc.StatusCode.UNAVAILABLE,
+            f"a model's process died and is being restarted; retry the call: {error.message}",
+        )
     return plain(grpc.StatusCode.INTERNAL, f"generation failed: {error.message}")
 
 
@@ -111,6 +121,7 @@ class TritonBackend:
         ]
         self.client = triton_aio.InferenceServerClient(url, channel_args=options)
         self.drains = StreamDrains()
+        self.calls: set[TritonCall] = set()  # the calls whose stream is open
 
     async def close(self) -> None:
         await self.drains.close()
@@ -122,13 +133,25 @@ class TritonBackend:
         False: Triton answered that it or a model is not ready; None: no answer within `timeout_s` (Triton gone, or
         too busy to answer in time)."""
         try:
-            if not await self.client.is_server_ready(client_timeout=timeout_s):
-                return False
+            server_ready = await self.client.is_server_ready(client_timeout=timeout_s)
+            # Asked whatever the server's answer: with a model reloading, Triton says the server is not ready too.
+            asked = asyncio.get_running_loop().time()
             index = await self.client.get_model_repository_index(client_timeout=timeout_s)
         except (InferenceServerException, grpc.RpcError):
             return None
         states = {model.name: model.state for model in index.models}
-        return {BLS_MODEL, MLLM_MODEL} <= states.keys() and all(state == "READY" for state in states.values())
+        self._end_calls_of({name for name, state in states.items() if state != "READY"}, asked)
+        return (
+            server_ready
+            and {BLS_MODEL, MLLM_MODEL} <= states.keys()
+            and all(state == "READY" for state in states.values())
+        )
+
+    def _end_calls_of(self, down: set[str], asked: float) -> None:
+        """A model seen not ready is being reloaded by the watchdog after its stub died: the requests the dead stub
+        had never end by themselves, so the calls opened before it was seen are ended here."""
+        for call in [call for call in self.calls if call.model in down and call.started < asked]:
+            call.model_down()
 
     async def model_parameters(self) -> dict[str, str]:
         """The `omnigen2` config's parameters (spec, checkpoint_sha256, backend, ...)."""
@@ -162,9 +185,13 @@ class TritonBackend:
             self.drains,
         )
         events = call.responses(run_s, self.stop_grace_s, buffer, on_grace_expired or self.on_grace_expired)
-        async with contextlib.aclosing(events):
-            async for pair in events:
-                yield pair
+        self.calls.add(call)
+        try:
+            async with contextlib.aclosing(events):
+                async for pair in events:
+                    yield pair
+        finally:
+            self.calls.discard(call)
 
     async def generate(
         self,

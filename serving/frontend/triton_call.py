@@ -6,6 +6,11 @@ the model had stopped, so the call's admission slot and reservation would come b
 request (serving/triton/stops.py) makes the model end the request with its final response; the call ends when
 that arrives, or when the grace period passes (then the stream is cancelled, Triton cancels the request, and
 `on_grace_expired` counts it).
+
+A model whose stub process died never answers the requests the stub was streaming (Triton's Python backend does not
+end them), so the front end ends those calls itself once it sees the model reloaded (`model_down`): at once, the
+stream cancelled, as there is nothing left to stop. (A request to a dead component from the BLS is failed by
+Triton itself.)
 """
 
 from __future__ import annotations
@@ -76,6 +81,16 @@ class TritonCall:
         self._responses: asyncio.Queue[Response | ApiError] = asyncio.Queue()
         self._stopping = False
         self._cancelled = False  # the stream was cancelled: nothing left to wait for
+        self.started = 0.0  # the event loop's time when the stream was opened
+        self._died = False  # its model's stub process died: nothing runs this request any more
+
+    def model_down(self) -> None:
+        """Ends the call UNAVAILABLE: its model was seen not ready, reloaded after its stub died
+        (serving/triton/watchdog.py)."""
+        if not self._died:
+            self._died = True
+            message = f"the {self.model} model's process died and was restarted; retry the call"
+            self._responses.put_nowait(plain(grpc.StatusCode.UNAVAILABLE, message))
 
     async def responses(
         self, run_s: float, grace_s: float, buffer: Buffer, on_grace_expired: Callable[[], None]
@@ -91,6 +106,7 @@ class TritonCall:
                 "parameters": {CALL_PARAMETER: self.key},
             }
         )
+        self.started = asyncio.get_running_loop().time()
         stream = self.client.stream_infer(self._outgoing(), stream_timeout=run_s + grace_s + STREAM_MARGIN_S)
         reader = asyncio.create_task(self._read(stream, buffer))
         deadline = asyncio.get_running_loop().time() + run_s
@@ -110,7 +126,9 @@ class TritonCall:
                     return
         finally:
             try:
-                if not reader.done():
+                if self._died:
+                    await self._cancel(stream, reader)
+                elif not reader.done():
                     await self._stop(stream, reader, grace_s, on_grace_expired)
             finally:
                 self._requests.put_nowait(None)  # closes the request side: Triton ends the stream
@@ -164,11 +182,7 @@ class TritonCall:
                     await asyncio.shield(reader)  # the final response: the model has stopped
             except TimeoutError:
                 on_grace_expired()
-                stream.cancel()  # Triton cancels the request; the model still stops at its next check
-                self._cancelled = True
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                await self._cancel(stream, reader)  # Triton cancels the request; the model stops at its next check
             except asyncio.CancelledError:
                 # The call's task cancelled while it waits (the caller's deadline right after the run time, a
                 # shutdown): the slot is still held until the model has stopped; the cancellation goes on after.
@@ -178,6 +192,13 @@ class TritonCall:
                     task.uncancel()
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _cancel(self, stream: Any, reader: asyncio.Task[None]) -> None:
+        stream.cancel()
+        self._cancelled = True
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 class StreamDrains:

@@ -1,0 +1,66 @@
+"""A model's stub process killed under a running call (an OOM kill): Triton never ends the requests it had, so the
+front end ends the call UNAVAILABLE once it sees the model reloaded, not at its run time, and gives its slot and
+budget back; the reloaded model serves the next call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2
+from omnigen2 import OmniGen2Client, UnavailableError
+
+from serving.frontend.process import FrontendProcess
+from serving.triton.cpu_lane import CpuLane
+from serving.triton.launcher import Ports, TritonServer
+from serving.triton.watchdog import stub_processes
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture
+def own_triton(tmp_path: Path, model_repository: Path) -> Iterator[TritonServer]:
+    with TritonServer(model_repository, Ports.free(), build_dir=tmp_path) as server:
+        yield server
+
+
+def _stub(server: TritonServer, model: str) -> int:
+    assert server.process is not None
+    (pid,) = stub_processes(server.process.pid)[model]
+    return pid
+
+
+@pytest.mark.parametrize(("call", "killed"), [("understand", "mllm"), ("generate", "omnigen2"), ("generate", "mllm")])
+def test_a_call_whose_model_process_dies_ends_unavailable(
+    own_triton: TritonServer, tmp_path: Path, call: str, killed: str
+) -> None:
+    """generate/mllm: the BLS waits for its prompt's features, which never come. The stub is killed while it waits
+    for the CPU lane the test holds, not while it holds Triton's shared-memory locks (Triton then aborts)."""
+    with FrontendProcess(own_triton.grpc_url, tmp_path / "frontend.log", "--max-run-s=120") as api:
+        api.wait_health(SERVING, timeout=60)
+        client = OmniGen2Client(api.address, timeout=120, retries=0)
+        lane = CpuLane(own_triton.model_repository, enabled=True)
+        if call == "understand":
+            stream = iter(client.understand_stream("Talk for a long time", max_new_tokens=2048))
+            next(stream)
+            lane.acquire()
+        else:
+            lane.acquire()
+            stream = iter(client.stream("A prompt not encoded yet", width=32, height=32, steps=2, seed=1))
+        time.sleep(1.0)
+        os.kill(_stub(own_triton, killed), signal.SIGKILL)
+        lane.release()
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="process died"):
+            list(stream)
+        assert time.monotonic() - started < 20
+        assert api.metric("omnigen2_in_flight_requests") == 0
+        assert api.metric("omnigen2_admitted_cost", budget="chat_tokens") == 0
+        assert api.metric("omnigen2_admitted_cost", budget="step_tokens") == 0
+        api.wait_health(SERVING, timeout=60)
+        assert client.understand("After", max_new_tokens=2).completion_tokens >= 1
+        assert client.generate("After", width=32, height=32, steps=1).images
