@@ -18,7 +18,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
 from serving.frontend.metrics import Metrics
-from serving.frontend.openai_http import OpenAIGateway, _open_files
+from serving.frontend.openai_http import OpenAIGateway, _open_files, _Progress
 
 ROUTE = "/v1/chat/completions"
 
@@ -198,3 +198,24 @@ def test_the_flags_are_read() -> None:
     flags = ["--http-min-body-rate=1000", "--stream-min-write-rate=2000", "--http-max-connections=7"]
     config = FrontendConfig.from_args(flags)
     assert (config.http_min_body_rate, config.stream_min_write_rate, config.http_max_connections) == (1000, 2000, 7)
+
+
+def test_writes_taken_at_once_but_late_are_not_the_callers() -> None:
+    """200 events of 20 bytes, each write taken at once but 5 ms late (the event loop busy elsewhere), then one the
+    caller takes 0.2 s on, against a 0.3 s grace at 32 KiB/s: before, the loop's 1 s of delays counted as the
+    caller's, and that write was cut off as slow."""
+
+    async def run() -> None:
+        taken = 0
+        progress = _Progress(lambda: taken, 0.3, 32 * 1024)
+
+        async def write(seconds: float) -> None:
+            nonlocal taken
+            await asyncio.sleep(seconds)
+            taken += 20
+
+        for _ in range(200):
+            await progress.wait(write(0.005))
+        await progress.wait(write(0.2))
+
+    asyncio.run(run())

@@ -16,14 +16,17 @@ from serving.frontend.status import ApiError
 
 
 class Caller:
-    """A call's context that takes each message `seconds` in, or at `rate` bytes/s; neither: never."""
+    """A call's context that takes each message `seconds` in, or at `rate` bytes/s; neither: never. Every `every`th
+    message is taken `late_s` later (the event loop busy elsewhere)."""
 
-    def __init__(self, seconds: float = 0.0, rate: float = 0.0) -> None:
-        self.seconds, self.rate = seconds, rate
+    def __init__(self, seconds: float = 0.0, rate: float = 0.0, every: int = 0, late_s: float = 0.0) -> None:
+        self.seconds, self.rate, self.every, self.late_s = seconds, rate, every, late_s
         self.written = 0
 
     async def write(self, message: Any) -> None:
         taking = self.seconds + message.ByteSize() / self.rate if self.rate else self.seconds
+        if self.every and self.written % self.every == self.every - 1:
+            taking += self.late_s
         await asyncio.sleep(taking if taking or self.rate else 3600)
         self.written += 1
 
@@ -45,11 +48,13 @@ def _write(caller: Caller, sizes: list[int], timeout_s: float, min_rate: float) 
 
 
 def test_a_caller_taking_each_message_just_in_time_is_cut_off_once_behind_the_rate() -> None:
-    """Each 20-byte message taken 0.15 s in, within the 0.2 s timeout: before, all 20 were written (3 s)."""
-    caller = Caller(seconds=0.15)
-    error, cut_off = _write(caller, [20] * 20, timeout_s=0.2, min_rate=10_000)
+    """Each 20-byte message taken 0.6 s in, within the 1 s timeout (0.47 s to spare): the second write is cut off
+    0.53 s in (0.6 s of the first, less 0.05 s taken at once, against 1 s and 2 x 16 KiB at 1 MB/s), however late
+    the loop runs each. Before, all 5 were written (3 s)."""
+    caller = Caller(seconds=0.6)
+    error, cut_off = _write(caller, [20] * 5, timeout_s=1.0, min_rate=1_000_000)
     assert error is not None and error.code == grpc.StatusCode.CANCELLED
-    assert "slower than 10000 bytes/s" in error.status.details
+    assert "slower than 1e+06 bytes/s" in error.status.details
     assert cut_off == ["slow"] and caller.written == 1
 
 
@@ -73,3 +78,19 @@ def test_a_prompt_caller_is_never_cut_off(rate: int) -> None:
     """Many small messages taken at once: the writes' waits, not the stream's time, are what the rate is of."""
     error, cut_off = _write(Caller(rate=1e9), [50] * 200, timeout_s=0.2, min_rate=rate)
     assert error is None and cut_off == []
+
+
+def test_writes_taken_at_once_but_late_are_not_the_callers() -> None:
+    """400 tokens, each write 5 ms late (the event loop busy elsewhere), against a 0.3 s grace at 32 KiB/s: before,
+    cut off as slow at the 60th (a token's 20 bytes earned 0.6 ms)."""
+    caller = Caller(seconds=0.005)
+    error, cut_off = _write(caller, [20] * 400, timeout_s=0.3, min_rate=32 * 1024)
+    assert error is None and cut_off == [] and caller.written == 400
+
+
+def test_a_small_message_earns_at_least_16_kib_of_the_rate() -> None:
+    """Every 5th token 0.25 s late (the loop parsing an upload): 0.2 s of it the caller's by the time, but a
+    token earns 0.5 s at 32 KiB/s; before, it earned 0.6 ms and the second late write was cut off."""
+    caller = Caller(seconds=0.001, every=5, late_s=0.25)
+    error, cut_off = _write(caller, [20] * 30, timeout_s=0.3, min_rate=32 * 1024)
+    assert error is None and cut_off == [] and caller.written == 30

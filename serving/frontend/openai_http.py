@@ -53,6 +53,7 @@ from serving.frontend.openai_requests import (
     image_usage,
     withheld_event,
 )
+from serving.frontend.outbox import TAKEN_AT_ONCE_S
 
 log = logging.getLogger("omnigen2.http")
 T = TypeVar("T")
@@ -500,13 +501,15 @@ class _Progress:
     """A transfer (a body; an answer, over all its writes) judged by its progress, not by how long all of it takes:
     it fails once `position` (bytes moved) has not gone up for `timeout_s`, or once it is behind `min_rate` x the
     time waited on it past the first `timeout_s` (a grace for a slow start). Only the time spent in wait() counts:
-    an answer streamed as the work goes waits on the work between its writes, not on the caller."""
+    an answer streamed as the work goes waits on the work between its writes, not on the caller; and of each wait,
+    only what is past its first TAKEN_AT_ONCE_S (the event loop's, busy elsewhere: an answer of small events taken
+    at once was cut off as slow once the loop's delays on its writes added up past the grace)."""
 
     def __init__(self, position: Callable[[], int], timeout_s: float, min_rate: float) -> None:
         self.position = position
         self.timeout_s = timeout_s
         self.min_rate = min_rate
-        self.waited = 0.0  # seconds spent in wait() so far
+        self.waited = 0.0  # seconds spent in wait() so far, each call's first TAKEN_AT_ONCE_S left out
 
     async def wait(self, work: Awaitable[T]) -> T:
         """`work`'s result, or _StalledError (the work cancelled); looked at every quarter of the timeout."""
@@ -521,12 +524,12 @@ class _Progress:
                     moved_at = now
                 if now - moved_at >= self.timeout_s:
                     raise _StalledError(slow=False)
-                if at < (waited + now - started - self.timeout_s) * self.min_rate:
+                if at < (waited + now - started - TAKEN_AT_ONCE_S - self.timeout_s) * self.min_rate:
                     raise _StalledError(slow=True)
                 last = at
             return task.result()
         finally:
-            self.waited = waited + loop.time() - started
+            self.waited = waited + max(0.0, loop.time() - started - TAKEN_AT_ONCE_S)
             task.cancel()  # a no-op once it is done
 
 

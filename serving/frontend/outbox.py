@@ -10,6 +10,11 @@ timeout plus its message's time at the minimum rate: a slow but steady reader ge
 cost, that one reading nothing of it holds its slot that much longer. Once the stream's writes have waited past
 the timeout (a grace), they must have taken its bytes at the minimum rate on average: a caller granting a few bytes
 of window per timeout held its slot for as long as the stream had messages, each write ending just in time.
+
+Only what the caller's not reading explains counts as waiting: a write's first TAKEN_AT_ONCE_S are the event loop's
+(busy elsewhere: it parses a 100 MiB upload in about 0.2 s), and each message is credited with at least
+MIN_CREDIT_BYTES' time at the minimum rate. A token's 20 bytes earned 0.6 ms at 32 KiB/s, so a prompt reader of a
+2048-token answer was cut off as slow once its writes took 15 ms on average.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import grpc
 from google.protobuf.message import Message
 
 from serving.frontend.status import plain
+
+TAKEN_AT_ONCE_S = 0.05  # the part of each write's wait that is not the caller's
+MIN_CREDIT_BYTES = 16 * 1024  # 0.5 s at the default 32 KiB/s: more than the loop's longest pause on a write
 
 
 class Outbox:
@@ -36,7 +44,8 @@ class Outbox:
         self.min_rate = min_rate  # bytes/s
         self.on_cut_off = on_cut_off  # "stalled" or "slow", for the metrics
         self.sent = 0  # bytes of the messages written
-        self.waited = 0.0  # seconds the writes have waited for the caller
+        self.credit = 0.0  # seconds the writes may have waited for the caller, at the minimum rate
+        self.waited = 0.0  # seconds the writes have waited for the caller, each past its first TAKEN_AT_ONCE_S
         self.waiting = 0  # bytes received and not yet handed to a write
         self.overflowed = False
         self._write: asyncio.Timeout | None = None  # the write in progress, ended early on an overflow
@@ -53,8 +62,9 @@ class Outbox:
 
     async def write(self, context: grpc.aio.ServicerContext, message: Message) -> None:
         size = message.ByteSize()
-        behind = min(0.0, self.sent / self.min_rate - self.waited)  # seconds, once the writes lag the minimum rate
-        allowed = self.write_timeout_s + size / self.min_rate + behind
+        credit = max(size, MIN_CREDIT_BYTES) / self.min_rate
+        behind = min(0.0, self.credit - self.waited)  # seconds, once the writes lag the minimum rate
+        allowed = self.write_timeout_s + credit + behind + TAKEN_AT_ONCE_S
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -68,7 +78,7 @@ class Outbox:
             slow = behind < 0
             self.on_cut_off("slow" if slow else "stalled")
             if slow:
-                waited = self.waited + loop.time() - started
+                waited = self.waited + loop.time() - started - TAKEN_AT_ONCE_S
                 text = (
                     f"the caller reads slower than {self.min_rate:g} bytes/s (--stream-min-write-rate): {self.sent} "
                     f"bytes in {waited:.3g} s of writes, past a {self.write_timeout_s:g} s grace"
@@ -76,13 +86,14 @@ class Outbox:
             else:
                 text = (
                     f"the caller read nothing, or too little, for {allowed:.3g} s (--stream-write-timeout-s, and a "
-                    f"{size}-byte message's time at --stream-min-write-rate)"
+                    f"message's time, of at least {MIN_CREDIT_BYTES} bytes, at --stream-min-write-rate)"
                 )
             raise plain(grpc.StatusCode.CANCELLED, text) from None
         finally:
-            self.waited += loop.time() - started
+            self.waited += max(0.0, loop.time() - started - TAKEN_AT_ONCE_S)
             self._write = None
         self.sent += size
+        self.credit += credit
 
     def _check(self) -> None:
         if self.overflowed:
