@@ -32,6 +32,8 @@ def _file(tmp_path: Path, **entry: Any) -> Path:
         ({"rate_per_minute": "60"}, "rate_per_minute"),
         ({"burst": 0.5}, "burst"),  # the bucket never holds a whole call
         ({"methods": "Generate"}, "methods"),  # a string: every method denied
+        ({"methods": ["Generate", "generate"]}, "methods"),  # a typo: that method denied on every call
+        ({"methods": ["Health"]}, "methods"),  # not the service's: open to all anyway
         ({"sha256": "abc"}, "sha256"),
     ],
 )
@@ -39,6 +41,17 @@ def test_bad_entries_are_refused_naming_the_token_and_field(tmp_path: Path, entr
     with pytest.raises(SettingError, match=rf"tokens\[0\] \('t'\)\.{field}:") as refused:
         TokenRegistry.from_file(_file(tmp_path, **entry))
     assert refused.value.setting == "--auth-tokens"
+
+
+def test_an_unknown_method_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SettingError, match=r"no method 'generate' \(case-sensitive: Generate, GenerateStream, Ge"):
+        TokenRegistry.from_file(_file(tmp_path, methods=["GetModelInfo", "generate"]))
+
+
+def test_every_method_of_the_service_may_be_named(tmp_path: Path) -> None:
+    methods = ["Generate", "GenerateStream", "Understand", "GetModelInfo"]
+    (policy,) = TokenRegistry.from_file(_file(tmp_path, methods=methods)).policies.values()
+    assert policy.methods == set(methods)
 
 
 def test_a_bad_file_stops_the_front_end(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ The tokens file holds only SHA-256 digests of the tokens, never the tokens:
     {"tokens": [{"name": "web-app", "sha256": "<hex digest of the token>", "rate_per_minute": 120, "burst": 10,
                  "methods": ["Generate", "GenerateStream", "GetModelInfo"]}]}
 
-`methods` absent: every method. Health checking and reflection stay open (load balancers and tools call them).
+`methods` absent: every method; present, the service's method names as the proto spells them. Health checking and
+reflection stay open (load balancers and tools call them).
 Missing or unknown token: UNAUTHENTICATED; a method outside the token's scope: PERMISSION_DENIED; over the rate:
 RESOURCE_EXHAUSTED with RetryInfo saying when the next call is allowed.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from serving.errors import SettingError
 from serving.frontend.health import SERVICE
@@ -29,6 +31,7 @@ from serving.frontend.reading import unread_refusal
 from serving.frontend.status import ApiError, plain, resource_exhausted
 
 PROTECTED_PREFIX = f"/{SERVICE}/"
+METHODS = frozenset(method.name for method in descriptor_pool.Default().FindServiceByName(SERVICE).methods)
 
 
 @dataclass
@@ -80,6 +83,10 @@ def _policy(entry: object, where: str) -> TokenPolicy:
     methods = entry.get("methods")
     if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
         raise SettingError("--auth-tokens", f'{where}.methods: a list of method names, e.g. ["Generate"]')
+    unknown = sorted(set(methods or ()) - METHODS)
+    if unknown:  # a typo would deny its method on every call, silently
+        known = ", ".join(sorted(METHODS))
+        raise SettingError("--auth-tokens", f"{where}.methods: no method {unknown[0]!r} (case-sensitive: {known})")
     return TokenPolicy(name, frozenset(methods) if methods is not None else None, TokenBucket(rate / 60.0, burst))
 
 
