@@ -112,6 +112,7 @@ def golden_pipeline(tiny_checkpoint: Path) -> OmniGen2Pipeline:
     return OmniGen2Pipeline.from_pretrained(tiny_checkpoint)
 
 
+@pytest.hookimpl(trylast=True)  # after -k, -m and --deselect: the export is for the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with tests that need the ONNX export run after the others, so that the export made in the background
     (`export_ahead`) overlaps those. `gpu` tests run where torch sees CUDA (the device machine); elsewhere they are
