@@ -31,15 +31,15 @@ from types import TracebackType
 import tritonclient.grpc as triton_grpc
 
 from serving.errors import SettingError
+from serving.triton import leftovers
 from serving.triton.supervisor import TritonSupervisor
-from serving.triton.watchdog import StubWatchdog, stubs_by_region_prefix
+from serving.triton.watchdog import StubWatchdog
 from serving.triton.wire import RECONNECT_OPTIONS
 
 LOOPBACK = "127.0.0.1"
 TRITONSERVER_ENV = "OMNIGEN2_TRITONSERVER"  # the root of a Triton install (bin/, lib/, backends/) to use
 SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
 STUB = "triton_python_backend_stub"
-SHM = Path("/dev/shm")
 UNLOADING = b"All models are stopped, unloading models"  # Triton's log line once nothing is in flight
 
 
@@ -195,9 +195,8 @@ class TritonServer:
         self.watchdog: StubWatchdog | None = None
         self.supervisor: TritonSupervisor | None = None
         # Every stub of this server, first or reloaded, names its shared-memory region (/dev/shm) with this prefix:
-        # what it leaves is found by name. Ports are this host's own while it runs (Ports.check_free), so a server
-        # killed with its launcher leaves its regions and stubs to the next one started on the same ports.
-        self.shm_prefix = f"omnigen2_triton_{self.ports.grpc}_"
+        # what it leaves is found by name (serving/triton/leftovers.py).
+        self.shm_prefix = leftovers.region_prefix(self.ports.grpc)
 
     @property
     def grpc_url(self) -> str:
@@ -336,16 +335,12 @@ class TritonServer:
             return False
 
     def clean_up(self) -> None:
-        """What a server that ended without its own clean-up (killed, crashed) leaves: its stubs, which ignore
-        SIGTERM and outlive it, and the shared-memory regions of every stub it ran, each holding memory (`/dev/shm`
-        is RAM) until it is unlinked. For a server that is not running (ended, or not started yet)."""
+        """What a server on these ports that ended without its own clean-up (killed, crashed) left: its stubs and
+        their shared-memory regions (serving/triton/leftovers.py). For a server that is not running (ended, or not
+        started yet)."""
         if self.watchdog is not None:
             self.watchdog.stop()  # stubs that end with their server are not models to reload
-        for pid in stubs_by_region_prefix(self.shm_prefix):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for region in SHM.glob(f"{self.shm_prefix}*"):
-            region.unlink(missing_ok=True)
+        leftovers.clean_up(self.shm_prefix)
 
     def __enter__(self) -> TritonServer:
         return self.start()

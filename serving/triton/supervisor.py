@@ -5,7 +5,8 @@ A server that exits unasked (killed, OOM, a crash) has its stubs killed and thei
 reaped, and is started again on the same ports with the same repository (its log kept as `tritonserver.log.1`); the
 front end reconnects and warms it by itself.
 More than `restarts` deaths within `window_s` is not a transient fault a restart cures: the supervisor gives up and
-calls `on_give_up`, so that the stack exits non-zero and the outer supervisor (Kubernetes, systemd) takes over.
+calls `on_give_up`, so that the stack exits non-zero and the outer supervisor (Kubernetes, systemd) takes over. An
+unexpected error of its own (in a clean-up, a restart) gives up the same way, rather than leave Triton unwatched.
 """
 
 from __future__ import annotations
@@ -70,13 +71,26 @@ class TritonSupervisor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            process = self.server.process
-            if process is None or not _ended(process):
-                continue
-            self.server.clean_up()
-            self._restart(process.pid, process.wait())
+            try:
+                self._check()
+            except Exception as exc:  # not a silent end: Triton would stay dead with nothing to restart it
+                log.exception("supervising tritonserver failed")
+                if not self._stop.is_set():
+                    self._give_up(f"supervising tritonserver failed ({exc!r}); giving up: not restarting it")
             if self.gave_up is not None:
                 return
+
+    def _check(self) -> None:
+        process = self.server.process
+        if process is None or not _ended(process):
+            return
+        self.server.clean_up()
+        self._restart(process.pid, process.wait())
+
+    def _give_up(self, reason: str) -> None:
+        self.gave_up = reason
+        log.error("%s", reason)
+        self.on_give_up(reason)
 
     def _restart(self, pid: int, status: int) -> None:
         now = time.monotonic()
@@ -85,12 +99,10 @@ class TritonSupervisor:
             self._deaths.popleft()
         deaths = len(self._deaths)
         if deaths > self.restarts:
-            self.gave_up = (
+            self._give_up(
                 f"tritonserver died {deaths} times within {self.window_s:.0f} s (pid {pid}, last exit status "
                 f"{status}); giving up: not restarting it again (log: {self.server.log_path})"
             )
-            log.error("%s", self.gave_up)
-            self.on_give_up(self.gave_up)
             return
         delay = self.backoff_s * 2 ** (deaths - 1)
         log.error(

@@ -41,10 +41,12 @@ def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
     return ((pid, argv) for pid, parent, argv in _all_stubs() if parent == server_pid)
 
 
-def stubs_by_region_prefix(prefix: str) -> set[int]:
-    """Pids of the live stubs whose shared-memory region is named `prefix...`, whichever process is their parent
-    now (a dead server's are reparented)."""
-    return {pid for pid, _, argv in _all_stubs() if argv[2].startswith(prefix.encode())}
+def stubs_by_region_prefix(prefix: str) -> list[tuple[int, int, str]]:
+    """(pid, parent pid, region) of the live stubs whose shared-memory region is named `prefix...`, whichever
+    process is their parent now (a dead server's are reparented)."""
+    return [
+        (pid, parent, argv[2].decode()) for pid, parent, argv in _all_stubs() if argv[2].startswith(prefix.encode())
+    ]
 
 
 def stub_processes(server_pid: int) -> dict[str, set[int]]:

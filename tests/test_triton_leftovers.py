@@ -1,0 +1,72 @@
+"""Clean-up after a dead `tritonserver` ends only what it left: stand-ins for stubs (a `model.py` mapping its
+region, as a Python-backend stub does) and for a live server of another stack (a process named `tritonserver`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from serving.triton.leftovers import SHM, clean_up, mapped_regions
+
+STUB = """import mmap, os, sys, time
+fd = os.open(f"/dev/shm/{sys.argv[1]}", os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 4096)
+region = mmap.mmap(fd, 4096)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    prefix = f"omnigen2_triton_test_{os.getpid()}_"
+    yield prefix
+    for region in SHM.glob(f"{prefix}*"):
+        region.unlink()
+
+
+def test_only_a_dead_servers_stubs_and_regions_are_removed(tmp_path: Path, prefix: str) -> None:
+    model = tmp_path / "model" / "1" / "model.py"
+    model.parent.mkdir(parents=True)
+    model.write_text(STUB)
+    server = tmp_path / "tritonserver"  # a live server of another stack, its stub started as its child
+    server.write_text('#!/bin/sh\n"$@" &\nwait\n')
+    server.chmod(0o755)
+    live, orphan, unmapped = f"{prefix}live", f"{prefix}orphan", f"{prefix}unmapped"
+    other = subprocess.Popen([server, sys.executable, model, live], start_new_session=True)
+    # A stub whose server is gone: its parent exits at once, leaving it to init.
+    subprocess.run(["sh", "-c", f'"$0" "$1" "$2" & echo $! > {tmp_path / "orphan.pid"}', sys.executable, model, orphan])
+    (SHM / unmapped).write_bytes(b"")  # a region whose stub and server are both gone
+    try:
+        deadline = time.monotonic() + 10
+        while not {live, orphan} <= mapped_regions():
+            assert time.monotonic() < deadline, "the stand-in stubs did not map their regions"
+            time.sleep(0.05)
+        (live_stub,) = psutil.Process(other.pid).children()
+        orphan_stub = int((tmp_path / "orphan.pid").read_text())
+        clean_up(prefix)
+        deadline = time.monotonic() + 5
+        while _alive(orphan_stub):
+            assert time.monotonic() < deadline, "the orphaned stub was not killed"
+            time.sleep(0.05)
+        assert _alive(live_stub.pid) and other.poll() is None, "another server's stub was killed"
+        assert (SHM / live).exists(), "a region in use was removed"
+        assert not (SHM / orphan).exists() and not (SHM / unmapped).exists()
+    finally:
+        for process in psutil.Process(other.pid).children():
+            process.kill()
+        other.kill()
+        other.wait()
