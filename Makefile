@@ -47,11 +47,14 @@ unit: $(STAMP) browser
 
 # mypy (one core, about a minute with a fresh clone's empty cache) runs beside the tests, which leave a core idle
 # much of the time, at the lowest priority: it takes only what they and their background export leave. Its report
-# follows theirs; either failing fails the target.
+# follows theirs; either failing fails the target. Stopping the target stops it too (sh leaves a background job deaf
+# to Ctrl-C), and each run has its own log: runs in one tree at once would share it.
 test: lint
-	@mkdir -p build; nice -n 19 $(MAKE) --no-print-directory typecheck >build/typecheck.log 2>&1 & typecheck=$$!; \
+	@mkdir -p build; log=$$(mktemp build/typecheck.XXXXXX); typecheck=; \
+	trap '[ -z "$$typecheck" ] || kill $$typecheck 2>/dev/null; rm -f $$log' EXIT; trap 'exit 130' INT TERM; \
+	nice -n 19 $(MAKE) --no-print-directory typecheck >$$log 2>&1 & typecheck=$$!; \
 	$(MAKE) --no-print-directory unit; unit=$$?; \
-	wait $$typecheck; typed=$$?; cat build/typecheck.log; [ $$unit = 0 ] && [ $$typed = 0 ]
+	wait $$typecheck; typed=$$?; typecheck=; cat $$log; [ $$unit = 0 ] && [ $$typed = 0 ]
 
 # The tiny golden checkpoint by default; CHECKPOINT=path/to/OmniGen2 serves another in the official layout.
 CHECKPOINT ?= $(GOLDEN)/tiny-omnigen2
