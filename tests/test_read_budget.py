@@ -1,10 +1,20 @@
-"""The read gate's budgets as configured: the default follows admission's count, the other calls' stays small."""
+"""The read gate: its budgets as configured (the default follows admission's count, the other calls' stays small),
+and served in process: health ungated, bursts of small calls, the statuses it counts."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.metrics import Metrics
-from serving.frontend.reading import OTHER_READS, ReadGate
+from serving.frontend.reading import OTHER_READ_TIMEOUT_S, OTHER_READS, ReadGate
 
 
 def _gate(config: FrontendConfig) -> ReadGate:
@@ -22,3 +32,109 @@ def test_the_default_budget_reads_as_many_largest_requests_as_admission_admits()
 def test_a_set_budget_is_kept_and_bounds_the_other_calls_too() -> None:
     gate = _gate(FrontendConfig(max_held_request_bytes=256 * MiB, max_request_bytes=64 * MiB))
     assert gate.pools["uploads"].budget == gate.pools["other"].budget == 256 * MiB
+
+
+METHOD = "/t.Service/Info"  # a gated call other than an upload, like GetModelInfo
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return b"ok"
+
+
+@asynccontextmanager
+async def _served(gate: ReadGate, *options: tuple[str, int]) -> AsyncIterator[grpc.aio.Channel]:
+    """An in-process server behind `gate` with the health service and METHOD; a channel to it."""
+    server = grpc.aio.server(interceptors=[gate], options=options)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    echo = grpc.unary_unary_rpc_method_handler(_echo)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Service", {"Info": echo}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
+async def _never() -> AsyncIterator[bytes]:  # the call opens; its one message is never sent
+    await asyncio.sleep(3600)
+    yield b""
+
+
+def test_silent_health_checks_do_not_refuse_the_probes() -> None:
+    """Health is not gated: before, 4 calls sending only headers held the other calls' budget for
+    --request-read-timeout-s and every later probe got RESOURCE_EXHAUSTED (the kubelet restarted the pod)."""
+    gate = ReadGate(frozenset(), 64 * MiB, MiB, 120.0, 0.2, Metrics(), lambda *_: None)
+
+    async def run() -> None:
+        async with _served(gate) as channel:
+            check = "/grpc.health.v1.Health/Check"
+            stream = channel.stream_unary(check, health_pb2.HealthCheckRequest.SerializeToString)
+            silent = [stream(_never(), timeout=60) for _ in range(2 * OTHER_READS)]
+            await asyncio.sleep(0.5)
+            probe = health_pb2_grpc.HealthStub(channel).Check
+            for _ in range(3):
+                answer = await probe(health_pb2.HealthCheckRequest(), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert gate.pools["other"].held == 0
+            for call in silent:
+                call.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_silent_call_other_than_an_upload_ends_after_a_short_read_timeout() -> None:
+    """Its request is a few bytes sent at once: it does not keep its reservation for --request-read-timeout-s."""
+    gate = ReadGate(frozenset(), 64 * MiB, MiB, 120.0, 0.2, Metrics(), lambda *_: None)
+
+    async def run() -> None:
+        async with _served(gate) as channel:
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.stream_unary(METHOD)(_never(), timeout=30)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert f"within {OTHER_READ_TIMEOUT_S:g} s" in (raised.value.details() or "")
+            assert time.monotonic() - start < 2 * OTHER_READ_TIMEOUT_S
+            assert gate.pools["other"].held == 0
+
+    asyncio.run(run())
+
+
+def test_a_burst_of_small_calls_waits_for_room_instead_of_being_refused() -> None:
+    """200 calls of a byte at once with room for 2 reads: each reserves the largest read, and before, the waiters
+    past 32 were refused at once (38 of them measured); now they wait their turn (a few bytes each)."""
+    refused: list[grpc.StatusCode] = []
+    gate = ReadGate(frozenset(), 2 * MiB, MiB, 120.0, 20.0, Metrics(), lambda _, code: refused.append(code))
+
+    async def run() -> None:
+        async with _served(gate) as channel:
+            call = channel.unary_unary(METHOD)
+            answers = await asyncio.gather(*(call(b"y", timeout=60) for _ in range(200)), return_exceptions=True)
+            assert answers == [b"ok"] * 200 and refused == []
+
+    asyncio.run(run())
+
+
+def test_a_request_over_the_transport_cap_is_not_counted_as_one_without_its_request() -> None:
+    """grpcio refuses it RESOURCE_EXHAUSTED and the gate's read sees the call end: before, the access log and
+    metrics recorded INVALID_ARGUMENT 'ended without its request' for it. A call that really sent none still is."""
+    refused: list[grpc.StatusCode] = []
+    gate = ReadGate(frozenset({METHOD}), 4 * MiB, 2 * MiB, 10.0, 1.0, Metrics(), lambda _, code: refused.append(code))
+
+    async def run() -> None:
+        async with _served(gate, ("grpc.max_receive_message_length", MiB)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary(METHOD)(b"x" * 3 * MiB, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.stream_unary(METHOD)(iter(()), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            deadline = time.monotonic() + 5
+            while not refused and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # the first call's handler, had it counted one, has by now
+            assert refused == [grpc.StatusCode.INVALID_ARGUMENT]
+            assert gate.pools["uploads"].held == 0
+
+    asyncio.run(run())

@@ -26,7 +26,8 @@ class FrontendConfig:
     # gRPC request bytes held at once (serving/frontend/reading.py): a request reserves 2 x max_request_bytes before
     # it is read, then its size until its call ends; one that does not fit waits up to retry_after_s for room, then
     # is refused unread (RESOURCE_EXHAUSTED).
-    # Generate, GenerateStream and Understand share this much, the other calls (health, ...) as much again. A read
+    # Generate, GenerateStream and Understand share this much; the other unary calls (GetModelInfo) have their own
+    # budget of 4 of the largest requests (or this much if less) and 5 s to send theirs; health is not gated. A read
     # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 0: max_in_flight reads of the
     # largest request at once (2 GiB at the defaults), so that slow uploads are never refused below the count that
     # admission allows; lower it to bound memory below that (see held_request_budget).

@@ -6,14 +6,17 @@ handler is served here as a streamed request that it reads itself, after reservi
 read (2 x --max-request-bytes) against the call's budget. Without room, the call waits up to --retry-after-s (a
 burst of small calls reserves far more than it reads: the room comes back as soon as their few bytes are in),
 then gets RESOURCE_EXHAUSTED with RetryInfo, unread (the caller stops sending; nothing of the message is kept).
-At most MAX_WAITING calls wait per budget, each holding its flow-control window; the others are refused at once.
+At most MAX_WAITING calls wait per budget, each holding at most its flow-control window; the others are refused
+at once.
 
 Once read, the reservation shrinks to the message's size and is given back when the handler ends, however it ends
 (the handler holds the request that long). The message must arrive within --request-read-timeout-s: a call that
 opens and sends nothing would otherwise hold its reservation for ever. The uploads (Generate, GenerateStream,
-Understand) and every other call (health, GetModelInfo) have separate budgets, so that probes keep answering while
-uploads fill theirs; the others' is at most OTHER_READS requests of the largest size: theirs are a few bytes, and
-a caller sending large ones to them gains nothing but memory.
+Understand) and every other gated call (GetModelInfo) have separate budgets, so that a flood of one does not
+refuse the other; the others' is at most OTHER_READS requests of the largest size and their requests must arrive
+within OTHER_READ_TIMEOUT_S: theirs are a few bytes sent at once, and a caller sending large or slow ones to them
+gains nothing but memory. Health (grpc.health.v1.Health) is not gated at all: silent calls holding a budget would
+refuse the kubelet's probes; its requests are read as grpcio reads any, each bounded by the transport's cap.
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ from serving.errors import SettingError
 from serving.frontend.metrics import Metrics
 from serving.frontend.status import resource_exhausted
 
-MAX_WAITING = 32
+# A waiter holds at most its stream's flow-control window (about 4 MiB; a small call only its few bytes), not its
+# reservation: 256 of them are 1 GiB at worst per budget, half the default uploads budget, and let a burst of
+# small calls (GetModelInfo behind HTTP GET /v1/models, many times --max-in-flight) wait instead of being refused.
+WINDOW_BYTES = 4 * 1024 * 1024
+MAX_WAITING = 1024 * 1024 * 1024 // WINDOW_BYTES
 OTHER_READS = 4
+OTHER_READ_TIMEOUT_S = 5.0
+UNGATED = "/grpc.health.v1.Health/"
 
 
 class _Pool:
-    def __init__(self, name: str, budget: int, metrics: Metrics) -> None:
+    def __init__(self, name: str, budget: int, read_timeout_s: float, metrics: Metrics) -> None:
         self.name = name
         self.budget = budget
+        self.read_timeout_s = read_timeout_s
         self.gauge = metrics.held_request_bytes.labels(name)
         self.held = 0
         self.waiting = 0
@@ -77,7 +87,8 @@ class _Reservation:
 
 
 class ReadGate(grpc.aio.ServerInterceptor):
-    """Unary requests are read only while `budget` bytes cover them (uploads and other methods apart)."""
+    """Unary requests are read only while `budget` bytes cover them (uploads and other methods apart; health is
+    not gated)."""
 
     def __init__(
         self,
@@ -97,8 +108,13 @@ class ReadGate(grpc.aio.ServerInterceptor):
             raise SettingError("--request-read-timeout-s", "must be > 0")
         self.uploads = uploads
         self.pools = {
-            "uploads": _Pool("uploads", budget, metrics),
-            "other": _Pool("other", min(budget, OTHER_READS * max_message_bytes), metrics),
+            "uploads": _Pool("uploads", budget, read_timeout_s, metrics),
+            "other": _Pool(
+                "other",
+                min(budget, OTHER_READS * max_message_bytes),
+                min(read_timeout_s, OTHER_READ_TIMEOUT_S),
+                metrics,
+            ),
         }
         self.max_message_bytes = max_message_bytes
         self.read_timeout_s = read_timeout_s
@@ -112,9 +128,11 @@ class ReadGate(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler  # streamed requests are read as their handler asks (an unread refusal among them)
         method: str = handler_call_details.method
+        if handler is None or handler.request_streaming or method.startswith(UNGATED):
+            # Streamed requests are read as their handler asks (an unread refusal among them); health's as grpcio
+            # reads any, so that no silent caller can hold a budget its probes need.
+            return handler
         return self._gated(handler, method, self.pools["uploads" if method in self.uploads else "other"])
 
     def _gated(self, handler: grpc.RpcMethodHandler, method: str, pool: _Pool) -> grpc.RpcMethodHandler:
@@ -136,16 +154,23 @@ class ReadGate(grpc.aio.ServerInterceptor):
                 await context.abort_with_status(error.status)
             reservation.resize(self.max_message_bytes)
             try:
-                request = await asyncio.wait_for(context.read(), self.read_timeout_s)
+                request = await asyncio.wait_for(context.read(), pool.read_timeout_s)
             except TimeoutError:
                 self._refused(pool, "timeout", method, grpc.StatusCode.DEADLINE_EXCEEDED)
+                flag = pool.read_timeout_s == self.read_timeout_s
+                limit = "--request-read-timeout-s" if flag else "the limit for calls other than uploads"
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the request did not arrive within {self.read_timeout_s:g} s (--request-read-timeout-s)",
+                    f"the request did not arrive within {pool.read_timeout_s:g} s ({limit})",
                 )
             if request is grpc.aio.EOF:
-                self.on_refused(method, grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+                try:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+                except grpc.aio.AbortError:
+                    # Sent, so counted. Otherwise grpcio had already ended the call (a message over the transport's
+                    # cap: the caller got RESOURCE_EXHAUSTED; or the caller left) and the status is not this one.
+                    self.on_refused(method, grpc.StatusCode.INVALID_ARGUMENT)
+                    raise
             return request
 
         options = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}

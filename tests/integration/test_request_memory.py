@@ -6,13 +6,14 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from omnigen2 import OmniGen2Client
 from omnigen2.v1 import omnigen2_pb2 as pb
@@ -27,6 +28,8 @@ BUDGET = 2 * LIMIT  # one read at a time
 UPLOADS = 10
 UPLOAD = 30 * MiB  # read whole, then refused INVALID_ARGUMENT (over the limit, under the transport's cap)
 SERVING = health_pb2.HealthCheckResponse.SERVING
+PROBE_TIMEOUT_S = 10.0  # a probe must answer SERVING within this
+READY_TIMEOUT_S = 2.0
 OPTIONS = [("grpc.max_send_message_length", 64 * MiB), ("grpc.use_local_subchannel_pool", 1)]  # own connections
 
 
@@ -52,6 +55,15 @@ def _held(frontend: FrontendProcess) -> tuple[float | None, float | None]:
     )
 
 
+def _probe(frontend: FrontendProcess) -> float:
+    """How long a health check from a new connection takes to answer SERVING."""
+    start = time.monotonic()
+    with grpc.insecure_channel(frontend.address, options=OPTIONS) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+    assert answer.status == SERVING
+    return time.monotonic() - start
+
+
 def _peak_bytes(proc: Path) -> int:
     line = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
@@ -60,7 +72,7 @@ def _peak_bytes(proc: Path) -> int:
 def test_concurrent_large_uploads_are_bounded_before_they_are_read(bounded: FrontendProcess) -> None:
     """10 uploads of 30 MiB at once: before, each was read whole as it came, and one read peaks at about 5x its
     size (gRPC's copy, the parsed message, the size check's serializations); now one at a time fits the budget,
-    the others wait their turn for 0.2 s and are then refused unread."""
+    the others wait their turn for 0.2 s and are then refused unread. Health answers beside them throughout."""
     assert bounded.process is not None
     proc = Path(f"/proc/{bounded.process.pid}")
     (proc / "clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current size
@@ -87,10 +99,13 @@ def test_concurrent_large_uploads_are_bounded_before_they_are_read(bounded: Fron
     threads = [threading.Thread(target=upload) for _ in range(UPLOADS)]
     for thread in threads:
         thread.start()
+    waits: list[float] = []
     while any(thread.is_alive() for thread in threads):
-        probe = time.monotonic()
-        assert bounded.health() == SERVING  # kubelet's probe answers beside the uploads
-        assert time.monotonic() - probe < 2
+        waits.append(_probe(bounded))
+    # The readiness probe (deploy/k8s/base/deployment.yaml: 2 s, 2 misses in a row) keeps the pod in. Not each
+    # probe under 2 s: on a loaded 2-core machine one can wait that long for the CPU whatever the gate does.
+    slow = [wait > READY_TIMEOUT_S for wait in waits]
+    assert waits and not any(a and b for a, b in pairwise(slow)), f"probe waits {waits}"
     peak = _peak_bytes(proc)
     # One read: about 150 MiB, and room for glibc's arenas. Before: 600 to 700 MiB (measured without the gate).
     assert peak - rss_before < 400 * MiB, f"front end grew {(peak - rss_before) / MiB:.0f} MiB"
