@@ -44,7 +44,8 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     assert list(stages) == list(BUDGETS)
     for name, record in stages.items():
         assert record["status"] == "ok", (name, record.get("error") or record.get("reason"))
-        assert 0 < record["wall_s"] <= record["budget_s"]
+        # The limit it ran under: its budget, plus the time earlier stages left unused where it may borrow that.
+        assert 0 < record["wall_s"] <= record["limit_s"]
     assert stages["probe"]["tritonserver"]["ready_s"] > 0
     assert stages["build"]["parameters_b"]["transformer"] > 0
     assert stages["checkpoint"]["gib"] > 0
