@@ -25,7 +25,7 @@ def _gate(config: FrontendConfig) -> ReadGate:
 def test_the_default_budget_reads_as_many_largest_requests_as_admission_admits() -> None:
     config = FrontendConfig()
     gate = _gate(config)
-    assert gate.pools["uploads"].budget == config.max_in_flight * 2 * config.max_request_bytes
+    assert gate.pools["uploads"].budget == (config.max_in_flight + 1) * 2 * config.max_request_bytes
     assert gate.pools["other"].budget == OTHER_READS * 2 * config.max_request_bytes
 
 

@@ -28,9 +28,10 @@ class FrontendConfig:
     # is refused unread (RESOURCE_EXHAUSTED).
     # Generate, GenerateStream and Understand share this much; the other unary calls (GetModelInfo) have their own
     # budget of 4 of the largest requests (or this much if less) and 5 s to send theirs; health is not gated. A read
-    # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 0: max_in_flight reads of the
-    # largest request at once (2 GiB at the defaults), so that slow uploads are never refused below the count that
-    # admission allows; lower it to bound memory below that (see held_request_budget).
+    # peaks at about 4.5x its bytes (gRPC's copy, the parsed message, the size check). 0: max_in_flight + 1 reads of
+    # the largest request at once (2176 MiB at the defaults), so that slow uploads are never refused below the count
+    # that admission allows, even beside calls still ending (their requests held); lower it to bound memory below
+    # that (see held_request_budget).
     max_held_request_bytes: int = 0
     # A gRPC call whose request message has not all arrived this long after the call opened ends DEADLINE_EXCEEDED:
     # a caller that opens calls and sends nothing would otherwise hold their reservations for ever. 120 s: the
@@ -108,8 +109,9 @@ class FrontendConfig:
             raise SettingError("--http-max-connections", "must be >= 0 (0: from the open-file limit)")
 
     def held_request_budget(self) -> int:
-        """--max-held-request-bytes, 0 resolved: room to read --max-in-flight requests of the largest size at once."""
-        return self.max_held_request_bytes or self.max_in_flight * 2 * self.max_request_bytes
+        """--max-held-request-bytes, 0 resolved: room to read --max-in-flight requests of the largest size at once,
+        and one more for the bytes of calls that admission let go but whose handlers are still ending."""
+        return self.max_held_request_bytes or (self.max_in_flight + 1) * 2 * self.max_request_bytes
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         """(flag, host, port) of each TCP port the front end listens on; port 0 (any free one) left out."""
