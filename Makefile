@@ -43,7 +43,7 @@ browser:
 
 unit: $(STAMP) browser
 	# The slowest tests are listed at the end, so a run that grows shows where (make test stays under ~10 min).
-	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q --durations=15
+	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q --durations=30
 
 # mypy (one core, about a minute with a fresh clone's empty cache) runs beside the tests, which leave a core idle
 # much of the time, at the lowest priority: it takes only what they and their background export leave. Its report
