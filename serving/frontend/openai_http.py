@@ -53,7 +53,7 @@ from serving.frontend.openai_requests import (
     image_usage,
     withheld_event,
 )
-from serving.frontend.outbox import TAKEN_AT_ONCE_S
+from serving.frontend.pace import Pace
 
 log = logging.getLogger("omnigen2.http")
 T = TypeVar("T")
@@ -313,7 +313,7 @@ class OpenAIGateway:
                 request.transport.abort()
             timeout = progress.timeout_s
             message = (
-                f"the caller took its answer slower than {progress.min_rate:g} bytes/s after a {timeout:g} s grace"
+                f"the caller took its answer slower than {progress.pace.min_rate:g} bytes/s after a {timeout:g} s grace"
                 if stalled.slow
                 else f"the caller took nothing for {timeout:g} s"
             )
@@ -499,37 +499,32 @@ class _StalledError(TimeoutError):
 
 class _Progress:
     """A transfer (a body; an answer, over all its writes) judged by its progress, not by how long all of it takes:
-    it fails once `position` (bytes moved) has not gone up for `timeout_s`, or once it is behind `min_rate` x the
-    time waited on it past the first `timeout_s` (a grace for a slow start). Only the time spent in wait() counts:
-    an answer streamed as the work goes waits on the work between its writes, not on the caller; and of each wait,
-    only what is past its first TAKEN_AT_ONCE_S (the event loop's, busy elsewhere: an answer of small events taken
-    at once was cut off as slow once the loop's delays on its writes added up past the grace)."""
+    it fails once `position` (bytes moved) has not gone up for `timeout_s`, or once it falls behind `min_rate` over
+    the time spent in wait() past a grace of `timeout_s` (pace.py)."""
 
     def __init__(self, position: Callable[[], int], timeout_s: float, min_rate: float) -> None:
         self.position = position
         self.timeout_s = timeout_s
-        self.min_rate = min_rate
-        self.waited = 0.0  # seconds spent in wait() so far, each call's first TAKEN_AT_ONCE_S left out
+        self.pace = Pace(timeout_s, min_rate)
 
     async def wait(self, work: Awaitable[T]) -> T:
         """`work`'s result, or _StalledError (the work cancelled); looked at every quarter of the timeout."""
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(work)
-        last, waited = self.position(), self.waited
-        started = moved_at = loop.time()
+        last, moved_at = self.position(), loop.time()
         try:
-            while not (await asyncio.wait({task}, timeout=self.timeout_s / 4))[0]:
-                now, at = loop.time(), self.position()
-                if at > last:
-                    moved_at = now
-                if now - moved_at >= self.timeout_s:
-                    raise _StalledError(slow=False)
-                if at < (waited + now - started - TAKEN_AT_ONCE_S - self.timeout_s) * self.min_rate:
-                    raise _StalledError(slow=True)
-                last = at
-            return task.result()
+            with self.pace.waiting():
+                while not (await asyncio.wait({task}, timeout=self.timeout_s / 4))[0]:
+                    now, at = loop.time(), self.position()
+                    if at > last:
+                        moved_at = now
+                    if now - moved_at >= self.timeout_s:
+                        raise _StalledError(slow=False)
+                    if self.pace.spare(at) < 0:
+                        raise _StalledError(slow=True)
+                    last = at
+                return task.result()
         finally:
-            self.waited = waited + max(0.0, loop.time() - started - TAKEN_AT_ONCE_S)
             task.cancel()  # a no-op once it is done
 
 

@@ -7,14 +7,12 @@ the call's Triton request is stopped and its slot given back once it has stopped
 
 A write is seen whole (gRPC does not tell how much of a message the caller has taken), so it may wait the write
 timeout plus its message's time at the minimum rate: a slow but steady reader gets a result of megabytes, at a
-cost, that one reading nothing of it holds its slot that much longer. Once the stream's writes have waited past
-the timeout (a grace), they must have taken its bytes at the minimum rate on average: a caller granting a few bytes
-of window per timeout held its slot for as long as the stream had messages, each write ending just in time.
+cost, that one reading nothing of it holds its slot that much longer. Past that, the stream's writes are held to the
+minimum rate with the write timeout as grace (pace.py), the bytes of each message counted once it is written.
 
-Only what the caller's not reading explains counts as waiting: a write's first TAKEN_AT_ONCE_S are the event loop's
-(busy elsewhere: it parses a 100 MiB upload in about 0.2 s), and each message is credited with at least
-MIN_CREDIT_BYTES' time at the minimum rate. A token's 20 bytes earned 0.6 ms at 32 KiB/s, so a prompt reader of a
-2048-token answer was cut off as slow once its writes took 15 ms on average.
+Each message is credited with at least MIN_CREDIT_BYTES at the minimum rate: a token's 20 bytes earned 0.6 ms at
+32 KiB/s, so a prompt reader of a 2048-token answer was cut off as slow once its writes took 15 ms on average (the
+event loop busy elsewhere: it parses a 100 MiB upload in about 0.2 s).
 """
 
 from __future__ import annotations
@@ -25,9 +23,9 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import Message
 
+from serving.frontend.pace import TAKEN_AT_ONCE_S, Pace
 from serving.frontend.status import plain
 
-TAKEN_AT_ONCE_S = 0.05  # the part of each write's wait that is not the caller's
 MIN_CREDIT_BYTES = 16 * 1024  # 0.5 s at the default 32 KiB/s: more than the loop's longest pause on a write
 
 
@@ -40,12 +38,10 @@ class Outbox:
         on_cut_off: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.max_bytes = max_bytes
-        self.write_timeout_s = write_timeout_s
-        self.min_rate = min_rate  # bytes/s
+        self.pace = Pace(write_timeout_s, min_rate)
         self.on_cut_off = on_cut_off  # "stalled" or "slow", for the metrics
         self.sent = 0  # bytes of the messages written
-        self.credit = 0.0  # seconds the writes may have waited for the caller, at the minimum rate
-        self.waited = 0.0  # seconds the writes have waited for the caller, each past its first TAKEN_AT_ONCE_S
+        self.credited = 0  # the bytes they are credited with (each at least MIN_CREDIT_BYTES)
         self.waiting = 0  # bytes received and not yet handed to a write
         self.overflowed = False
         self._write: asyncio.Timeout | None = None  # the write in progress, ended early on an overflow
@@ -62,26 +58,26 @@ class Outbox:
 
     async def write(self, context: grpc.aio.ServicerContext, message: Message) -> None:
         size = message.ByteSize()
-        credit = max(size, MIN_CREDIT_BYTES) / self.min_rate
-        behind = min(0.0, self.credit - self.waited)  # seconds, once the writes lag the minimum rate
-        allowed = self.write_timeout_s + credit + behind + TAKEN_AT_ONCE_S
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        credit = max(size, MIN_CREDIT_BYTES)
+        timeout_s, min_rate = self.pace.grace_s, self.pace.min_rate
+        own = timeout_s + credit / min_rate  # this write's time, however far ahead of the rate the stream is
+        spare = self.pace.spare(self.credited + credit)
+        allowed = min(own, spare) + TAKEN_AT_ONCE_S
         try:
             self._check()
             # In this task, not a wait_for task: when the caller cancels, this task is cancelled (CANCELLED), where
             # a separate write task failed with grpcio's ExecuteBatchError and the call was logged as INTERNAL.
-            async with asyncio.timeout(allowed) as self._write:
-                await context.write(message)
+            with self.pace.waiting():
+                async with asyncio.timeout(allowed) as self._write:
+                    await context.write(message)
         except TimeoutError:
             self._check()
-            slow = behind < 0
+            slow = spare < own
             self.on_cut_off("slow" if slow else "stalled")
             if slow:
-                waited = self.waited + loop.time() - started - TAKEN_AT_ONCE_S
                 text = (
-                    f"the caller reads slower than {self.min_rate:g} bytes/s (--stream-min-write-rate): {self.sent} "
-                    f"bytes in {waited:.3g} s of writes, past a {self.write_timeout_s:g} s grace"
+                    f"the caller reads slower than {min_rate:g} bytes/s (--stream-min-write-rate): {self.sent} "
+                    f"bytes in {self.pace.waited:.3g} s of writes, past a {timeout_s:g} s grace"
                 )
             else:
                 text = (
@@ -90,10 +86,9 @@ class Outbox:
                 )
             raise plain(grpc.StatusCode.CANCELLED, text) from None
         finally:
-            self.waited += max(0.0, loop.time() - started - TAKEN_AT_ONCE_S)
             self._write = None
         self.sent += size
-        self.credit += credit
+        self.credited += credit
 
     def _check(self) -> None:
         if self.overflowed:
