@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from serving.triton.leftovers import SHM, clean_up, mapped_regions
+from serving.triton.watchdog import proc_stat
 
 STUB = """import mmap, os, sys, time
 fd = os.open(f"/dev/shm/{sys.argv[1]}", os.O_RDWR | os.O_CREAT, 0o600)
@@ -70,3 +71,17 @@ def test_only_a_dead_servers_stubs_and_regions_are_removed(tmp_path: Path, prefi
             process.kill()
         other.kill()
         other.wait()
+
+
+def test_a_command_name_holding_spaces_and_parentheses_is_read_whole() -> None:
+    """Read up to its first ')', this name gave state Z and parent 1."""
+    name = "x) Z 1 (y"
+    code = f"open('/proc/self/comm', 'w').write({name!r}); print(flush=True); import time; time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline()  # the name is set
+        stat = proc_stat(process.pid)
+        assert (stat.name, stat.parent) == (name, os.getpid()) and stat.state in ("R", "S")
+    finally:
+        process.kill()
+        process.wait()

@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from serving.triton.watchdog import stubs_by_region_prefix
+from serving.triton.watchdog import proc_stat, stubs_by_region_prefix
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,10 @@ def region_prefix(grpc_port: int) -> str:
 
 def _live_tritonserver(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        stat = proc_stat(pid)
+    except (OSError, ValueError):
         return False
-    # "pid (comm) state ...": the command name may hold spaces and parentheses.
-    name, _, rest = stat.partition("(")[2].rpartition(")")
-    return name == "tritonserver" and rest.split()[0] != "Z"
+    return stat.name == "tritonserver" and stat.state != "Z"
 
 
 def mapped_regions() -> set[str]:

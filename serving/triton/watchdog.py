@@ -14,11 +14,26 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 log = logging.getLogger(__name__)
+
+
+class ProcStat(NamedTuple):
+    name: str  # the command name, as the kernel keeps it (at most 15 characters)
+    state: str  # "R", "S", "Z" (a zombie: ended, not yet waited for)...
+    parent: int
+
+
+def proc_stat(pid: int | str) -> ProcStat:
+    """A process's /proc/<pid>/stat; OSError when it is gone or not ours to read. Its fields follow the command
+    name, which may hold spaces and parentheses: they are read after the last ')'."""
+    head, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+    state, parent = rest.split()[:2]
+    return ProcStat(head.partition("(")[2], state, int(parent))
 
 
 def _all_stubs() -> Iterator[tuple[int, int, list[bytes]]]:
@@ -28,10 +43,9 @@ def _all_stubs() -> Iterator[tuple[int, int, list[bytes]]]:
         if not proc.name.isdigit():
             continue
         try:
-            # Fields after the command name (which may hold spaces) start at state, then the parent pid.
-            parent = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            parent = proc_stat(proc.name).parent
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
         if len(argv) > 2 and argv[1].endswith(b"model.py"):
             yield int(proc.name), parent, argv
