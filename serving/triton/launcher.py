@@ -16,6 +16,7 @@ import contextlib
 import errno
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +42,8 @@ TRITONSERVER_ENV = "OMNIGEN2_TRITONSERVER"  # the root of a Triton install (bin/
 SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
 STUB = "triton_python_backend_stub"
 UNLOADING = b"All models are stopped, unloading models"  # Triton's log line once nothing is in flight
+UNLOADED = re.compile(rb"successfully unloaded '([^']+)'")  # Triton's log line per model unloaded
+EXIT_GRACE_S = 1.5  # Triton exits at its once-a-second check after its last model unloaded
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,9 @@ class TritonServer:
         forever on a cancellation it issued for a request already answered when a caller cancelled its stream late
         (docs/reliability.md). The front end no longer does that, but another Triton client may, so the hang stays
         bounded: nothing is in flight by then, and unloading gets `unload_grace_s` (it takes 1-2 s) before the kill.
+        Once the log says every model of the repository unloaded (their stubs have ended), Triton gets
+        `EXIT_GRACE_S` to exit: it counts a model whose stub was killed (and that the watchdog reloaded) as live
+        until its exit timeout, though nothing of it is left to unload.
         """
         if self.supervisor is not None:
             self.supervisor.stop()  # an exit asked for: not one to restart
@@ -312,27 +318,30 @@ class TritonServer:
         self.clean_up()
 
     def _exited(self, timeout: float, logged: int, unload_grace_s: float) -> bool:
-        """Waits for the process to end after SIGTERM; False once `timeout` passed, or `unload_grace_s` after the
-        log (from byte `logged` on) says the models are unloading."""
+        """Waits for the process to end after SIGTERM; False once `timeout` passed, `unload_grace_s` after the log
+        (from byte `logged` on) says the models are unloading, or `EXIT_GRACE_S` after it says each one unloaded."""
         assert self.process is not None
+        models = {config.parent.name.encode() for config in self.model_repository.glob("*/config.pbtxt")}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                self.process.wait(0.2)
+                self.process.wait(0.1)
                 return True
             except subprocess.TimeoutExpired:
                 pass
-            if self._logged_since(logged, UNLOADING):
-                deadline = min(deadline, time.monotonic() + unload_grace_s)
+            log = self._log_since(logged)
+            if UNLOADING in log:
+                unloaded = bool(models) and models <= set(UNLOADED.findall(log))
+                deadline = min(deadline, time.monotonic() + (EXIT_GRACE_S if unloaded else unload_grace_s))
         return False
 
-    def _logged_since(self, offset: int, line: bytes) -> bool:
+    def _log_since(self, offset: int) -> bytes:
         try:
             with self.log_path.open("rb") as log:
                 log.seek(offset)
-                return line in log.read()
+                return log.read()
         except OSError:  # a log moved away: the wait falls back to the whole timeout
-            return False
+            return b""
 
     def clean_up(self) -> None:
         """What a server on these ports that ended without its own clean-up (killed, crashed) left: its stubs and
