@@ -110,5 +110,10 @@ class StubWatchdog:
                 self.client.load_model(model)
             except InferenceServerException as exc:  # the server itself is going: nothing to bring back
                 log.warning("reloading %r failed: %s", model, exc)
-        self.known = stub_processes(self.server_pid) if lost else current
+        if lost:
+            # Only the reloaded models' new stubs are taken from after the reload: another model's stub that died
+            # meanwhile (a reload takes seconds) stays known, so the next check reloads that model too.
+            reloaded = stub_processes(self.server_pid)
+            current |= {model: reloaded.get(model, set()) for model in lost}
+        self.known = current
         return lost
