@@ -32,7 +32,7 @@ from types import TracebackType
 import tritonclient.grpc as triton_grpc
 
 from serving.errors import SettingError
-from serving.triton import leftovers
+from serving.triton import leftovers, lifeline
 from serving.triton.supervisor import TritonSupervisor
 from serving.triton.watchdog import StubWatchdog
 from serving.triton.wire import RECONNECT_OPTIONS
@@ -244,7 +244,9 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libpython, env.get("LD_LIBRARY_PATH"), str(install.libs)) if p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
+            # Killed with this process, whichever way it ends (serving/triton/lifeline.py): an orphan would hold the
+            # ports and its stubs' memory.
+            self.process = lifeline.popen(
                 self.command(install), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         try:
