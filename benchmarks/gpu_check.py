@@ -528,8 +528,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke here, or on the GPU machine (benchmarks/README.md)")
     # Smoke: (c) and the served stack capture their blocks (fullgraph, dynamic shapes, warmed at load) and run them
-    # as captured. aot_eager's passes over the same blocks are tests/test_fast_path.py's to check: twice here (in
-    # process, then served, with each recompile) they cost about 20 of the run's 100 s on 2 cores.
+    # as captured. aot_eager's passes over the blocks are tests/test_fast_path.py's to check: twice here (in process,
+    # then served) they cost about 20 of the run's 100 s on 2 cores.
     if args.smoke:
         os.environ.setdefault("OMNIGEN2_COMPILE_BACKEND", "eager")
     # Not under --out: the device machine sends back only a few small files from there, and this holds 16 GB.
