@@ -4,8 +4,9 @@ and served in process: health ungated, bursts of small calls, the statuses it co
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import grpc
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.metrics import Metrics
-from serving.frontend.reading import OTHER_READ_TIMEOUT_S, OTHER_READS, ReadGate
+from serving.frontend.reading import INLINE_PARSE_BYTES, OTHER_READ_TIMEOUT_S, OTHER_READS, ReadGate
 
 
 def _gate(config: FrontendConfig) -> ReadGate:
@@ -42,11 +43,14 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 
 @asynccontextmanager
-async def _served(gate: ReadGate, *options: tuple[str, int]) -> AsyncIterator[grpc.aio.Channel]:
-    """An in-process server behind `gate` with the health service and METHOD; a channel to it."""
+async def _served(
+    gate: ReadGate, *options: tuple[str, int], parse: Callable[[bytes], bytes] | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    """An in-process server behind `gate` with the health service and METHOD (its requests parsed by `parse`); a
+    channel to it."""
     server = grpc.aio.server(interceptors=[gate], options=options)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    echo = grpc.unary_unary_rpc_method_handler(_echo)
+    echo = grpc.unary_unary_rpc_method_handler(_echo, request_deserializer=parse)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Service", {"Info": echo}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -138,3 +142,40 @@ def test_a_request_over_the_transport_cap_is_not_counted_as_one_without_its_requ
             assert gate.pools["uploads"].held == 0
 
     asyncio.run(run())
+
+
+PARSE_S = 1.0  # a large request's parse, standing in for protobuf's on a message of many megabytes
+
+
+def test_large_requests_are_parsed_off_the_event_loop() -> None:
+    """A request of INLINE_PARSE_BYTES or more is parsed on the gate's executor, a smaller one inline: before,
+    grpcio parsed every request on the event loop, and health waited for each parse (8 uploads of 100 MiB at once
+    kept a probe waiting 2-3 s). The loop's delays are measured while two large requests are parsed."""
+    parsed_on: list[bool] = []  # on the event loop's thread?
+
+    def parse(data: bytes) -> bytes:
+        parsed_on.append(threading.current_thread() is threading.main_thread())
+        if len(data) >= INLINE_PARSE_BYTES:
+            time.sleep(PARSE_S)
+        return data
+
+    gate = ReadGate(frozenset({METHOD}), 64 * MiB, 4 * MiB, 10.0, 1.0, Metrics(), lambda *_: None)
+
+    async def run() -> float:
+        async with _served(gate, parse=parse) as channel:
+            call = channel.unary_unary(METHOD)
+            assert await call(b"x", timeout=5) == b"ok"
+            large = asyncio.gather(*(call(b"x" * INLINE_PARSE_BYTES, timeout=10) for _ in range(2)))
+            slowest = 0.0
+            while not large.done():
+                start = time.monotonic()
+                await asyncio.sleep(0.01)
+                slowest = max(slowest, time.monotonic() - start - 0.01)
+            assert await large == [b"ok", b"ok"]
+            health_check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert (await health_check).status == health_pb2.HealthCheckResponse.SERVING
+            return slowest
+
+    slowest = asyncio.run(run())
+    assert slowest < PARSE_S / 2, f"the event loop stalled {slowest:.2f} s"
+    assert parsed_on == [True, False, False], parsed_on

@@ -37,8 +37,9 @@ def describe(request: Message | None) -> str:
 
 
 def record(
-    method: str, peer: str, client: str, code: str, seconds: float, request: Message | None, request_id: str = "-"
+    method: str, peer: str, client: str, code: str, seconds: float, described: str = "", request_id: str = "-"
 ) -> None:
+    """`described`: describe(request), read where the caller chose (it copies the request's image bytes)."""
     log.info(
         "%s peer=%s client=%s status=%s seconds=%.3f request_id=%s %s",
         method,
@@ -47,7 +48,7 @@ def record(
         code,
         seconds,
         request_id,
-        describe(request),
+        described,
     )
 
 

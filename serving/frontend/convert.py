@@ -410,7 +410,8 @@ def _largest_field(message: Message, path: str, size: int) -> tuple[str, int]:
         values: Any = getattr(message, name)
         if len(values) > MAX_ELEMENTS_TO_SIZE:  # spread over many elements: the field itself is the culprit
             return path, size
-        elements = [_wire_size(item) for item in values]
+        # One element holds the field's bytes: not sized again (upb's ByteSize serializes, 0.12 s for 100 MiB).
+        elements = [_wire_size(item) for item in values] if len(values) > 1 else [size]
         index = max(range(len(elements)), key=elements.__getitem__)
         if 2 * elements[index] < size:
             return path, size

@@ -56,6 +56,7 @@ class Frontend:
         self.health = TritonHealth(self.backend, config.health_interval_s, warm_up)
         self.tokens = TokenRegistry.from_file(Path(config.auth_tokens)) if config.auth_tokens else None
         self.policy = PolicyFile(Path(config.policy)) if config.policy else None
+        self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens, self.policy)
         # The read gate comes first: it sees the handler the others chose (an unread refusal of theirs passes it).
         uploads = frozenset(f"/{SERVICE}/{name}" for name in ("Generate", "GenerateStream", "Understand"))
         interceptors: list[grpc.aio.ServerInterceptor] = [
@@ -67,6 +68,7 @@ class Frontend:
                 config.retry_after_s,
                 self.metrics,
                 self._denied,
+                executor=self.service.readers,  # large requests are parsed there
             ),
             MalformedRequestInterceptor(f"/{SERVICE}/"),
         ]
@@ -84,7 +86,6 @@ class Frontend:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens, self.policy)
         pb_grpc.add_OmniGen2Servicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
@@ -108,7 +109,7 @@ class Frontend:
     def _denied(self, method: str, code: grpc.StatusCode) -> None:
         name = method.rpartition("/")[2]
         self.metrics.requests.labels(name, code.name).inc()
-        access_log.record(name, "-", "-", code.name, 0.0, None)
+        access_log.record(name, "-", "-", code.name, 0.0)
 
     async def start(self) -> int:
         try:
