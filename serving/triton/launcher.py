@@ -170,14 +170,20 @@ class Ports:
 
     def check_free(self) -> None:
         """Refuse ports another server listens on: it would answer the readiness checks (a second `make serve`
-        would then use the first one's Triton, its models and checkpoint) while this one fails to bind."""
-        taken = [port for port in (self.http, self.grpc, self.metrics) if port_in_use(port)]
+        would then use the first one's Triton, its models and checkpoint) while this one fails to bind. A Triton that
+        a dead stack left on them is killed first (serving/triton/leftovers.py)."""
+        taken = self._taken()
+        if taken and leftovers.end_orphaned_server(leftovers.region_prefix(self.grpc)):
+            taken = self._taken()
         if taken:
             raise SettingError(
                 "--triton-ports",
                 f"{', '.join(map(str, taken))} on {LOOPBACK} in use (another tritonserver?): choose three free ports, "
                 "e.g. make serve SERVE_ARGS='--triton-ports 8100 8101 8102'",
             )
+
+    def _taken(self) -> list[int]:
+        return [port for port in (self.http, self.grpc, self.metrics) if port_in_use(port)]
 
 
 class TritonServer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 from serving.triton.watchdog import proc_stat, stubs_by_region_prefix
@@ -21,14 +22,19 @@ log = logging.getLogger(__name__)
 SHM = Path("/dev/shm")
 
 
-def region_prefix(grpc_port: int) -> str:
-    """The prefix of the regions of a server on `grpc_port`. The PID namespace keeps apart the stacks of containers
-    that share /dev/shm: their processes are not in this /proc, so their regions could not be told in use."""
+def pid_namespace() -> int:
+    """This process's PID namespace (0 where it cannot be read): what it leaves in a place other containers share
+    carries it, as their processes are not in this /proc to tell theirs in use."""
     try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
+        return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
-        namespace = 0
-    return f"omnigen2_triton_{namespace}_{grpc_port}_"
+        return 0
+
+
+def region_prefix(grpc_port: int) -> str:
+    """The prefix of the regions of a server on `grpc_port`; the PID namespace keeps apart the stacks of containers
+    that share /dev/shm."""
+    return f"omnigen2_triton_{pid_namespace()}_{grpc_port}_"
 
 
 def _live_tritonserver(pid: int) -> bool:
@@ -37,6 +43,51 @@ def _live_tritonserver(pid: int) -> bool:
     except (OSError, ValueError):
         return False
     return stat.name == "tritonserver" and stat.state != "Z"
+
+
+def _launched_by_python(pid: int) -> bool:
+    """Whether `pid` runs a Python interpreter, as every launcher of a server does (serving/triton/launcher.py); init
+    or a subreaper that took over an orphan does not. One whose program cannot be read is taken for not."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe")).name.startswith("python")
+    except OSError:
+        return False
+
+
+def end_orphaned_server(prefix: str, timeout: float = 5.0) -> list[int]:
+    """Kills the `tritonserver`s started with the region `prefix` (on these ports, in this PID namespace) whose
+    launcher has died, and waits until they have ended (their ports are then free); returns their pids. A stack killed
+    before its Triton had a parent-death signal (serving/triton/lifeline.py) left one, holding the ports."""
+    argument = f"shm-region-prefix-name={prefix}".encode()
+    killed = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        try:
+            stat = proc_stat(pid)
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        if stat.name != "tritonserver" or not any(arg.endswith(argument) for arg in argv):
+            continue
+        if stat.state == "Z" or _launched_by_python(stat.parent):
+            continue  # ended already, or a live stack's
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError as exc:  # ended meanwhile, or another user's
+            log.warning("tritonserver %d (region prefix %s) whose launcher died was not killed: %s", pid, prefix, exc)
+            continue
+        log.warning(
+            "killed tritonserver %d (region prefix %s): the stack that launched it ended without stopping it (its "
+            "parent is now pid %d); it held the Triton ports",
+            pid,
+            prefix,
+            stat.parent,
+        )
+        killed.append(pid)
+    deadline = time.monotonic() + timeout
+    while any(map(_live_tritonserver, killed)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return killed
 
 
 def mapped_regions() -> set[str]:
