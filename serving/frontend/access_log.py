@@ -1,15 +1,26 @@
 """One access-log line per call: who, what (shapes and sizes only), status and time. Never prompt text, image
-bytes or tokens: requests may hold personal data."""
+bytes or tokens: requests may hold personal data.
+
+A field whose text a caller chooses (a method, a peer, a client or request id) is written as it is only when plain;
+otherwise it is quoted with JSON's escapes, so that no space, quote, line break or control character in it can end
+the field or the line: one line is one record of the fields it names."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 log = logging.getLogger("omnigen2.access")
 _MAX_WALKED = 1024  # repeated elements a line describes one by one; over the API's limits, so refused anyway
+_PLAIN = re.compile(r"[\w.:/+=@\[\]-]+", re.ASCII)  # peers (ipv6:[::1]:5000, unix:/path), names, ids
+
+
+def _field(text: str) -> str:
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)  # ensure_ascii: nothing but printable ASCII
 
 
 def describe(request: Message | None) -> str:
@@ -42,12 +53,12 @@ def record(
     """`described`: describe(request), read where the caller chose (it copies the request's image bytes)."""
     log.info(
         "%s peer=%s client=%s status=%s seconds=%.3f request_id=%s %s",
-        method,
-        peer,
-        client,
+        _field(method),
+        _field(peer),
+        _field(client),
         code,
         seconds,
-        request_id,
+        _field(request_id),
         described,
     )
 
@@ -55,4 +66,4 @@ def record(
 def record_http(method: str, route: str, peer: str, status: int, seconds: float, request_id: str) -> None:
     """One line per OpenAI-compatible HTTP request; the gRPC call it made has its own line, with the same id."""
     line = "HTTP %s %s peer=%s status=%d seconds=%.3f request_id=%s"
-    log.info(line, method, route, peer, status, seconds, request_id)
+    log.info(line, _field(method), _field(route), _field(peer), status, seconds, _field(request_id))

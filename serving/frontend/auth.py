@@ -151,6 +151,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: grpcio answers UNIMPLEMENTED, with a token or without
+            return None
         method: str = handler_call_details.method
         try:
             self.registry.check(method, handler_call_details.invocation_metadata)

@@ -24,7 +24,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.errors import OmniGen2Error, SettingError
 from serving.frontend import access_log
-from serving.frontend.auth import AuthInterceptor, TokenRegistry
+from serving.frontend.auth import METHODS, PROTECTED_PREFIX, AuthInterceptor, TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
 from serving.frontend.malformed import MalformedRequestInterceptor
@@ -80,6 +80,9 @@ class Frontend:
                 # Up to twice the limit a request is read, then refused naming its largest field; beyond, the
                 # transport refuses it unread (RESOURCE_EXHAUSTED).
                 ("grpc.max_receive_message_length", 2 * config.max_request_bytes),
+                # Identity-encoded messages only: gRPC inflates a compressed one whole before that cap refuses it
+                # (1 MB of gzip became 1 GiB held). Others end UNIMPLEMENTED "Compression algorithm ... disabled".
+                ("grpc.compression_enabled_algorithms_bitset", 1 << grpc.Compression.NoCompression.value),
                 ("grpc.max_send_message_length", config.max_response_bytes),
                 ("grpc.max_connection_idle_ms", int(config.grpc_idle_timeout_s * 1000)),
                 # A port another server holds is refused: gRPC's default would share it, splitting the callers.
@@ -107,7 +110,10 @@ class Frontend:
         self.metrics.policy_reloads.labels("ok" if self.policy.reload() else "failed").inc()
 
     def _denied(self, method: str, code: grpc.StatusCode) -> None:
-        name = method.rpartition("/")[2]
+        # Label values only from the service's methods: one per caller-chosen path would grow /metrics unbounded.
+        name = method.removeprefix(PROTECTED_PREFIX)
+        if not method.startswith(PROTECTED_PREFIX) or name not in METHODS:
+            name = "unknown"
         self.metrics.requests.labels(name, code.name).inc()
         access_log.record(name, "-", "-", code.name, 0.0)
 

@@ -1,0 +1,118 @@
+"""What a caller chooses at the gRPC transport, before any handler runs: the message's compression and the method
+path. A front end in process, no Triton: each call here is answered before one is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from omnigen2.v1 import omnigen2_pb2 as pb
+
+from serving.frontend.auth import token_digest
+from serving.frontend.config import FrontendConfig, MiB
+from serving.frontend.server import Frontend
+from serving.triton.launcher import free_port
+
+GENERATE = "/omnigen2.v1.OmniGen2/Generate"
+
+
+@asynccontextmanager
+async def _frontend(**changes: object) -> AsyncIterator[tuple[Frontend, grpc.aio.Channel]]:
+    unused = f"127.0.0.1:{free_port()}"  # health polls it; nothing answers
+    fields = {"listen": "127.0.0.1:0", "triton_url": unused, "metrics_port": 0, "shutdown_grace_s": 1.0}
+    frontend = Frontend(FrontendConfig(**{**fields, **changes}))  # type: ignore[arg-type]
+    port = await frontend.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield frontend, channel
+    finally:
+        await frontend.stop()
+
+
+def _raw(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+    return channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+
+def _tokens(tmp_path: Path) -> str:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tokens": [{"name": "t", "sha256": token_digest("secret")}]}))
+    return str(path)
+
+
+def _series(frontend: Frontend, metric: str) -> list[dict[str, str]]:
+    return [
+        sample.labels
+        for family in frontend.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == metric
+    ]
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_a_compressed_request_is_refused_before_it_is_inflated(compression: grpc.Compression) -> None:
+    """Before, gRPC inflated the whole message, then refused it over the size cap: 1 MB inflating to 1 GiB took
+    the front end's memory from 0.08 to 1.2 GB (0.5 GB kept). The status names the algorithm; identity is served."""
+    bomb = pb.GenerateRequest(prompt="a" * 64 * MiB).SerializeToString()  # about 64 KiB once compressed
+
+    async def run() -> None:
+        async with _frontend(max_request_bytes=MiB) as (_, channel):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _raw(channel, GENERATE)(bomb, timeout=30, compression=compression)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value.details()
+            assert "is disabled" in (refused.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as read:  # the same call uncompressed: read and validated
+                await _raw(channel, GENERATE)(pb.GenerateRequest().SerializeToString(), timeout=30)
+            assert read.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_unknown_methods_are_unimplemented_and_add_no_label(
+    tmp_path: Path, auth: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, with --auth-tokens, an unauthenticated call to an unknown method of the service ended UNKNOWN (a
+    traceback in the log), added a label value per name to omnigen2_requests_total and wrote the name, spaces and
+    all, into the access log (fields forged)."""
+    forged = f"{GENERATE} peer=ipv4:10.0.0.1:1234 client=admin status=OK"
+    names = [forged, "/omnigen2.v1.OmniGen2/Bogus" + "x" * 4000, "/omnigen2.v1.OmniGen2/", "/other.Service/Generate"]
+
+    async def run() -> None:
+        async with _frontend(auth_tokens=_tokens(tmp_path) if auth else "") as (frontend, channel):
+            for name in names:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _raw(channel, name)(b"", timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value.details()
+            assert _series(frontend, "omnigen2_requests_total") == []
+            if auth:  # a known method without a token is still refused, and counted under its name
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _raw(channel, GENERATE)(b"", timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                labels = _series(frontend, "omnigen2_requests_total")
+                assert labels == [{"method": "Generate", "code": "UNAUTHENTICATED"}]
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(run())
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not [record for record in caplog.records if "admin" in record.getMessage()]
+
+
+def test_a_refusal_of_a_method_outside_the_service_counts_as_unknown() -> None:
+    """The refusals the interceptors count take their label from the method path: only the service's own names
+    become label values, whatever path reaches them."""
+
+    async def run() -> None:
+        async with _frontend() as (frontend, _):
+            frontend._denied("/omnigen2.v1.OmniGen2/Bogus x", grpc.StatusCode.UNAUTHENTICATED)
+            frontend._denied("/other.Service/Generate", grpc.StatusCode.UNAUTHENTICATED)
+            frontend._denied(GENERATE, grpc.StatusCode.UNAUTHENTICATED)
+            methods = sorted(labels["method"] for labels in _series(frontend, "omnigen2_requests_total"))
+            assert methods == ["Generate", "unknown"]
+
+    asyncio.run(run())
