@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.errors import OmniGen2Error, SettingError
-from serving.frontend import access_log
+from serving.frontend import access_log, socket_dir
 from serving.frontend.auth import METHODS, PROTECTED_PREFIX, AuthInterceptor, TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
@@ -99,7 +98,7 @@ class Frontend:
         self.gateway: OpenAIGateway | None = None
         self._socket_dir = ""
         if config.http_listen:
-            self._socket_dir = tempfile.mkdtemp(prefix="omnigen2-frontend-")
+            self._socket_dir = str(socket_dir.create())  # a killed front end's is removed first
             self.gateway = OpenAIGateway(config, f"unix:{self._socket_dir}/grpc.sock", self.metrics, self.tokens)
 
     def reload_policy(self) -> None:
