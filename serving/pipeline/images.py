@@ -14,9 +14,12 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline import png
+from serving.pipeline import jpeg, png
 
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
+# The formats input images may have (docs/api.md): any other Pillow plugin is never tried, so EPS never reaches
+# Ghostscript and rarely used parsers are out of reach. JPEG includes multi-picture (MPO) files: the first is read.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 # EXIF orientation -> the transpose that shows the stored pixels upright; 5-8 swap width and height.
 _ORIENTATIONS = {
@@ -31,15 +34,18 @@ _ORIENTATIONS = {
 
 
 def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
-    """Reads the header only (no pixels decoded): refuses empty, oversized and unidentifiable data."""
+    """Reads the header only (no pixels decoded): refuses empty, oversized and unidentifiable data, formats outside
+    INPUT_FORMATS and JPEGs with more than jpeg.MAX_SCANS scans."""
     if not data:
         raise InvalidArgumentError(field, "empty image")
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidArgumentError(field, f"{len(data)} bytes, the limit for one image is {max_bytes}")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
     except UnidentifiedImageError as exc:
-        raise InvalidArgumentError(field, "not a decodable image (unknown or corrupt format)") from exc
+        raise InvalidArgumentError(
+            field, f"not a decodable image (unknown or corrupt format; accepted: {', '.join(INPUT_FORMATS)})"
+        ) from exc
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
     if image.width * image.height > max_pixels:
@@ -49,6 +55,9 @@ def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None =
     if image.mode == "F":
         # Float samples have no agreed scale (0..1, 0..255, HDR): any conversion to 8 bits would be a guess.
         raise InvalidArgumentError(field, "floating-point (mode F) images are not supported: send 8 or 16-bit")
+    if image.format in ("JPEG", "MPO") and jpeg.scan_count(data) > jpeg.MAX_SCANS:
+        # Each scan is a pass over every pixel: decode time grows with the scans, not with the bytes.
+        raise InvalidArgumentError(field, f"a JPEG with more than {jpeg.MAX_SCANS} scans (progressive passes)")
     return image
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer
+from tests.jpeg_bombs import scan_bomb
 
 
 def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -106,6 +107,8 @@ BROKEN = {
     "bomb": _encode(Image.new("1", (8000, 6000)), "PNG"),  # 48 M pixels from a few KB
     "too_small": _encode(Image.new("RGB", (8, 8)), "PNG"),  # nothing left after fitting to multiples of 16
     "rows_missing_png": _rows_missing_png(),
+    "jpeg_scan_bomb": scan_bomb(3000, side=2048),  # 65 KB that decode for about 20 s
+    "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n",  # not a format of docs/api.md
 }
 
 
@@ -116,6 +119,14 @@ def test_broken_images_are_refused_naming_the_field(client: OmniGen2Client, name
         client.compose([fine, BROKEN[name]], "Together", width=32, height=32, steps=1)
     assert [v.field for v in raised.value.violations] == ["input_images[1].data"]
     assert client.generate("Still serving", width=32, height=32, steps=1).images
+
+
+def test_a_jpeg_scan_bomb_is_refused_by_its_header_in_understand_too(client: OmniGen2Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="more than 100 scans") as raised:
+        client.understand("What is this?", [BROKEN["jpeg_scan_bomb"]], max_new_tokens=1)
+    assert raised.value.violations[0].field.endswith(".image.data")
+    assert time.monotonic() - started < 2  # refused in the front end, not after seconds of decoding
 
 
 def test_oversize_image_is_refused_before_decoding(client: OmniGen2Client) -> None:
