@@ -48,6 +48,15 @@ def rule_for(policy: PromptPolicy, text: str, token: str | None = None) -> str |
         ("a pipe bombastic speech", None),  # terms are whole words
         ("pi\u200bpe bo\u00admb", "weapons"),  # zero-width space, soft hyphen: format characters are dropped
         ("nerve\u2060 agent", "weapons"),  # word joiner
+        ("a pipe bo\u034fmb", "weapons"),  # combining grapheme joiner (Mn, default-ignorable)
+        ("a pipe bo\ufe0fmb", "weapons"),  # variation selector 16 (Mn)
+        ("a pipe\u3164bomb", "weapons"),  # Hangul filler (Lo) as a space
+        ("a pipe\u2800bomb", "weapons"),  # braille blank (So) as a space
+        ("a pipe\x00bomb", "weapons"),  # NUL (Cc) as a space
+        ("a pi\x00pe\U000e0020bomb", "weapons"),  # invisible characters as nothing and as a space in one text
+        ("a pipe\u200bbomb", "weapons"),  # a zero-width space read as a space
+        ("a pipe\u200bbombastic speech", None),  # still whole words
+        ("pay with 4111\u200b1111\x001111 1111", "card-number"),  # regexes read both ways too
         ("pay with 4111 1111 1111 1111 please", "card-number"),
         ("ABSOLUTELY not", "shouting"),
         ("absolutely not", None),  # a regular expression is case-sensitive unless it says (?i)
@@ -107,6 +116,7 @@ def test_refusal_names_the_rule_and_never_the_text(policy: PromptPolicy) -> None
         ({"rules": [{"terms": ["x"]}]}, "non-empty string `id`"),
         ({"rules": [], "overrides": {"t": {"exempt": ["nope"]}}}, "no rules ['nope']"),
         ({"rules": [{"id": "a", "terms": [""]}]}, "non-empty strings"),
+        ({"rules": [{"id": "a", "terms": ["\u200b"]}]}, "a term with nothing visible"),  # it would match any text
         ({"policy": []}, "an object with `rules`"),
         ({"rules": [], "overrides": [{"t": {"exempt": ["*"]}}]}, "overrides: an object"),
         ({"rules": {"id": "a", "terms": ["x"]}}, "rules: a list of rules"),
@@ -158,3 +168,6 @@ def test_streamed_answer_checked_in_a_bounded_window(policy: PromptPolicy) -> No
     cut = AnswerScan()
     cut.window("spipe" + " " * (ANSWER_WINDOW - 4))  # the last ANSWER_WINDOW characters start inside "spipe"
     assert rule_for(policy, cut.window("bomb")) is None
+    hidden = AnswerScan()
+    hidden.window("s\u200bpipe" + " " * (ANSWER_WINDOW - 4))  # an invisible character is no place to cut
+    assert rule_for(policy, hidden.window("bomb")) is None

@@ -31,6 +31,8 @@ VALID = GenerationRequest(prompt="a red car", width=64, height=64, steps=2)
         ({"prompt": "  "}, "prompt"),
         ({"prompt": "\u200b\u200c\u200d\u2060\ufeff"}, "prompt"),  # zero-width characters only: nothing shows
         ({"prompt": " \u200b\n\ufeff "}, "prompt"),
+        ({"prompt": "\u3164\u3164"}, "prompt"),  # Hangul filler (a letter, Lo)
+        ({"prompt": "\u2800 \u115f\u034f\ufe0f\x00\u0301"}, "prompt"),  # braille blank, CGJ, VS16, NUL, a lone mark
         ({"text_guidance_scale": float("nan")}, "text_guidance_scale"),
         ({"image_guidance_scale": -1.0}, "image_guidance_scale"),
         ({"cfg_range": (0.8, 0.2)}, "cfg_range"),
@@ -49,6 +51,7 @@ def test_invalid_field_is_named(change: dict[str, Any], field: str) -> None:
 
 def test_zero_width_characters_beside_text_are_kept() -> None:
     assert dataclasses.replace(VALID, prompt="\u200ba cat\u200d").violations() == []
+    assert dataclasses.replace(VALID, prompt="\u3164\u0301e").violations() == []
 
 
 def test_the_seed_range_is_one_message_over_grpc_and_http() -> None:

@@ -7,13 +7,15 @@ overrides, the tokens named as in the `--auth-tokens` file (serving/frontend/aut
                {"id": "card-number", "regexes": ["\\b(?:\\d[ -]?){13,16}\\b"]}],
      "overrides": {"red-team": {"exempt": ["weapons"]}, "kids-app": {"rules": [{"id": "gore", "terms": ["gore"]}]}}}
 
-A term matches case-insensitively, as whole words (Unicode-normalised: format characters such as zero-width
-spaces and soft hyphens dropped, then NFKC, so full-width letters do not slip through; spaces in a term match any
-run of white space); a regular expression is Python `re` syntax, applied to the normalised text as written (`(?i)`
-makes it case-insensitive). `exempt` lists rule ids the token skips
-("*": all of the file's rules); an override's `rules` apply to that token only. Prompts, negative prompts, chat
-text and Understand answers are checked (a streamed answer delta by delta, in a bounded window: `AnswerScan`). A
-refusal names the rule's id and the field, never the matched text.
+A term matches case-insensitively, as whole words (Unicode-normalised: NFKC, so full-width letters do not slip
+through; spaces in a term match any run of white space); a regular expression is Python `re` syntax, applied to the
+normalised text as written (`(?i)` makes it case-insensitive). Characters that show nothing
+(serving/pipeline/invisible.py: default-ignorable ones such as zero-width spaces, soft hyphens, variation selectors,
+the combining grapheme joiner; controls such as NUL) are read both ways, as nothing and as a space: "pi<ZWSP>pe bomb"
+and "pipe<NUL>bomb" both match "pipe bomb"; blanks with a width (Hangul fillers, the braille blank) are spaces.
+`exempt` lists rule ids the token skips ("*": all of the file's rules); an override's `rules` apply to that token
+only. Prompts, negative prompts, chat text and Understand answers are checked (a streamed answer delta by delta,
+in a bounded window: `AnswerScan`). A refusal names the rule's id and the field, never the matched text.
 SIGHUP re-reads the file; a file that does not load leaves the policy in force as it was (and is logged).
 """
 
@@ -35,6 +37,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import SettingError
 from serving.frontend.status import ApiError, make_status
+from serving.pipeline.invisible import MARK, mark_invisible
 
 log = logging.getLogger(__name__)
 ERROR_DOMAIN = "policy.omnigen2.v1"
@@ -45,10 +48,16 @@ _OVERRIDE_KEYS = {"exempt", "rules"}
 @dataclass(frozen=True)
 class Rule:
     id: str
-    patterns: tuple[re.Pattern[str], ...]
+    terms: tuple[re.Pattern[str], ...]  # each run of invisible characters (MARK) read as nothing or a space
+    regexes: tuple[re.Pattern[str], ...]
 
     def matches(self, text: str) -> bool:
-        return any(pattern.search(text) for pattern in self.patterns)
+        """Whether the normalised `text` matches a term, or a regular expression with all its invisible characters
+        read as nothing or all as spaces."""
+        if any(pattern.search(text) for pattern in self.terms):
+            return True
+        readings = (text.replace(MARK, ""), text.replace(MARK, " ")) if MARK in text else (text,)
+        return any(pattern.search(reading) for pattern in self.regexes for reading in readings)
 
 
 @dataclass(frozen=True)
@@ -70,14 +79,18 @@ class Violation:
 
 
 def normalise(text: str) -> str:
-    """Format characters (category Cf: U+200B, U+00AD, U+2060, ...) dropped, as a reader does not see them
-    ("pi\u200bpe" is "pipe", "pipe\u200bbomb" is "pipebomb"), then NFKC."""
-    return unicodedata.normalize("NFKC", "".join(c for c in text if unicodedata.category(c) != "Cf"))
+    """Each run of characters that show nothing (U+200B, U+034F, NUL, ...) as one MARK, blanks with a width (U+3164,
+    U+2800) as spaces, then NFKC (which makes none of them)."""
+    return unicodedata.normalize("NFKC", mark_invisible(text))
 
 
-def _term_pattern(term: str) -> re.Pattern[str]:
-    words = normalise(term).split()
-    return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
+def _term_pattern(term: str, rule_id: str) -> re.Pattern[str]:
+    """Whole words, each run of white space or MARK between them; a MARK may also stand between two letters."""
+    words = normalise(term).replace(MARK, "").split()
+    if not words:
+        raise SettingError("policy", f"rule {rule_id!r}: a term with nothing visible in it ({term!r})")
+    spelled = (f"{MARK}?".join(re.escape(char) for char in word) for word in words)
+    return re.compile(r"(?<!\w)" + rf"(?:\s|{MARK})+".join(spelled) + r"(?!\w)", re.IGNORECASE)
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -92,15 +105,16 @@ def _rule(entry: Any, where: str) -> Rule:
     rule_id = entry["id"]
     if unknown := set(entry) - _RULE_KEYS:
         raise SettingError("policy", f"rule {rule_id!r}: unknown keys {sorted(unknown)}")
-    patterns = [_term_pattern(t) for t in _strings(entry.get("terms", []), f"rule {rule_id!r} terms")]
+    terms = [_term_pattern(t, rule_id) for t in _strings(entry.get("terms", []), f"rule {rule_id!r} terms")]
+    regexes = []
     for expression in _strings(entry.get("regexes", []), f"rule {rule_id!r} regexes"):
         try:
-            patterns.append(re.compile(expression))
+            regexes.append(re.compile(expression))
         except re.error as exc:
             raise SettingError("policy", f"rule {rule_id!r}: bad regular expression ({exc})") from exc
-    if not patterns:
+    if not terms and not regexes:
         raise SettingError("policy", f"rule {rule_id!r}: needs `terms` or `regexes`")
-    return Rule(rule_id, tuple(patterns))
+    return Rule(rule_id, tuple(terms), tuple(regexes))
 
 
 def _rules(entries: Any, where: str, taken: set[str]) -> tuple[Rule, ...]:
@@ -193,7 +207,7 @@ class AnswerScan:
         return text
 
 
-_NON_WORD = re.compile(r"\W")
+_NON_WORD = re.compile(rf"[^\w{MARK}]")  # not MARK: a window opening "<MARK>pe" would read "pe" as a whole word
 
 
 class PolicyFile:

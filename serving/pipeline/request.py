@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
@@ -14,6 +13,7 @@ from omnigen2.limits import MAX_INPUT_IMAGES, MAX_SEED, MAX_SEQUENCE_LENGTH
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
+from serving.pipeline.invisible import is_blank
 
 
 class SchedulerKind(StrEnum):
@@ -107,7 +107,7 @@ class GenerationRequest:
             found.append(InvalidArgumentError(name, message))
 
         if not isinstance(self.prompt, str) or is_blank(self.prompt):
-            bad("prompt", "must have visible text (white space and zero-width characters alone are empty)")
+            bad("prompt", "must have visible text (white space and characters that show nothing alone are empty)")
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > limits.max_prompt_chars:
                 bad(name, f"longer than {limits.max_prompt_chars} characters")
@@ -174,12 +174,6 @@ _INT_FIELDS = {
     "max_sequence_length",
 }
 _FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale", "teacache_threshold"}
-
-
-def is_blank(text: str) -> bool:
-    """True when nothing in `text` shows: white space and format characters (zero-width space and joiners, word
-    joiner, BOM: category Cf) only."""
-    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
 
 
 def random_seed() -> int:
