@@ -467,7 +467,9 @@ class OpenAIGateway:
         except OpenAIError as exc:
             response = _error_response(exc)
         except web.HTTPException as exc:  # no such route, method not allowed, ...
-            response = _error_response(OpenAIError(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")))
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}  # a 405's, RFC 9110 requires
+            code = exc.reason.lower().replace(" ", "_")
+            response = _error_response(OpenAIError(exc.status, exc.reason, code=code, headers=allow))
         except asyncio.CancelledError:
             request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
             raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import math
 import re
 import time
@@ -35,7 +34,9 @@ _INT_RANGES = {
     FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
 }
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
-_FORM_INT = re.compile(r"[+-]?\d{1,20}")
+# ASCII digits only: int() and float() also take other scripts' digits ("٦٤"), and float() "1_0" and "inf".
+_FORM_INT = re.compile(r"[+-]?[0-9]{1,20}")
+_FORM_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,4})?")
 _INT32 = pb.GenerateRequest.DESCRIPTOR.fields_by_name["steps"]  # how `n` is typed
 _DOUBLE = pb.GenerateRequest.DESCRIPTOR.fields_by_name["text_guidance_scale"]  # how cfg_range's ends are typed
 
@@ -113,21 +114,24 @@ def _value(descriptor: FieldDescriptor, name: str, value: Any, form: bool) -> An
             raise bad_request(name, f"must be an integer, got {_shown(value)}", "invalid_type")
         if descriptor.name == "seed":  # the service's range, in its words, not int64's
             if not 0 <= value <= MAX_SEED:
-                raise bad_request(name, f"{SEED_RANGE}, got {value}")
+                raise bad_request(name, f"{SEED_RANGE}, got {_shown(value)}")
             return value
         low, high = _INT_RANGES[kind]
         if not low <= value <= high:
-            raise bad_request(name, f"must be in [{low}, {high}], got {value}")
+            raise bad_request(name, f"must be in [{low}, {high}], got {_shown(value)}")
         return value
     if kind in _FLOATS:
-        if form and isinstance(value, str):
-            with contextlib.suppress(ValueError):  # not a number: refused below
-                value = float(value)
+        if form and isinstance(value, str) and _FORM_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad_request(name, f"must be a number, got {_shown(value)}", "invalid_type")
-        if not math.isfinite(value):
-            raise bad_request(name, f"must be a finite number, got {value}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer past float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise bad_request(name, f"must be a finite number, got {_shown(value)}")
+        return number
     if kind == FieldDescriptor.TYPE_BOOL:
         if form and isinstance(value, str) and value in ("true", "false"):
             value = value == "true"
@@ -197,6 +201,11 @@ def _pair(name: str, value: Any, form: bool) -> tuple[float, float]:
     return start, end
 
 
+def _check_user(value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise bad_request("user", f"must be a string, got {_shown(value)}", "invalid_type")
+
+
 def _check_model(value: Any) -> None:
     if value is None:
         return
@@ -207,7 +216,7 @@ def _check_model(value: Any) -> None:
         raise OpenAIError(404, message, param="model", code="model_not_found")
 
 
-_SIZE = re.compile(r"(\d{1,9})x(\d{1,9})")
+_SIZE = re.compile(r"([0-9]{1,9})x([0-9]{1,9})")
 _IMAGE_FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "stream", "partial_images")
 _BOOL = pb.GenerateRequest.DESCRIPTOR.fields_by_name["previews"]  # how `stream` is typed
 MAX_PARTIAL_IMAGES = 3  # OpenAI's range of partial_images is 0-3
@@ -225,8 +234,7 @@ def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False)
     prompt = body.get("prompt")
     if prompt is not None:  # missing or empty: refused by the service
         request.prompt = _value(pb.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"], "prompt", prompt, form)
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise bad_request("user", "must be a string", "invalid_type")
+    _check_user(body.get("user"))
     response_format = body.get("response_format")
     if response_format == "url":
         raise bad_request("response_format", "url is not offered: this server hosts no images; use b64_json")
@@ -376,19 +384,18 @@ def chat_call(body: Mapping[str, Any], limits: ChatLimits = DEFAULT_CHAT_LIMITS)
     if unknown:
         raise bad_request(unknown[0], "unknown field", "unknown_parameter")
     _check_model(body.get("model"))
-    if body.get("n") not in (None, 1):
+    _check_user(body.get("user"))
+    # Only null means unset: 0, false, [] and "" are values of the wrong type or value, refused.
+    if body.get("n") is not None and _value(_INT32, "n", body["n"], form=False) != 1:
         raise bad_request("n", f"only 1 choice is offered, got {_shown(body['n'])}")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise bad_request("stream", "must be true or false", "invalid_type")
-    options = body.get("stream_options") or {}
+    stream = body.get("stream") is not None and _value(_BOOL, "stream", body["stream"], form=False)
+    options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
         raise bad_request("stream_options", 'takes only {"include_usage": true|false}')
-    include_usage = options.get("include_usage") or False
-    if not isinstance(include_usage, bool):
-        raise bad_request("stream_options.include_usage", "must be true or false", "invalid_type")
+    asked = options.get("include_usage")
+    include_usage = asked is not None and _value(_BOOL, "stream_options.include_usage", asked, form=False)
     stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop or []
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list):
         raise bad_request("stop", "must be a string or a list of strings", "invalid_type")
     stops = [_string("stop", s) for s in stops]
