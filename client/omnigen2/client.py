@@ -171,13 +171,19 @@ def _seeded(options: GenerationOptions) -> GenerationOptions:
     return options
 
 
+NO_DEADLINE_S = 1e9  # a timeout this long (32 years) or longer is no deadline
+
+
 class _Calls:
     """What every call carries: the default deadline, the bearer token when there is one, and a request id."""
 
     def __init__(self, timeout: float | None, token: str | None, retries: int) -> None:
         if retries < 0:
             raise ValueError(f"retries: 0 or more further attempts after UNAVAILABLE, got {retries}")
-        self.timeout = timeout
+        if timeout is not None and not timeout > 0:  # NaN too: gRPC took NaN, 0 and less as a deadline passed
+            raise ValueError(f"timeout: seconds over 0, or None (or inf) for no deadline, got {timeout}")
+        # gRPC took a deadline past 2^63 ns from the epoch (from about 1e10 s on, inf too) as one already passed.
+        self.timeout = None if timeout is None or timeout >= NO_DEADLINE_S else timeout
         self.retries = retries
         self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -209,8 +215,8 @@ def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
 
 
 class OmniGen2Client(_Calls):
-    """Blocking client. `timeout` (seconds) is the default deadline of each call; None waits forever. `token` is
-    sent as a bearer token; `tls` turns on TLS (True: system CAs; bytes: a PEM root certificate to trust).
+    """Blocking client. `timeout` (seconds) is the default deadline of each call; None (or inf) waits forever.
+    `token` is sent as a bearer token; `tls` turns on TLS (True: system CAs; bytes: a PEM root certificate to trust).
 
     >>> client = OmniGen2Client("127.0.0.1:50051")
     >>> client.generate("A red apple on a table", steps=30, seed=7).images[0].save("apple.png")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Union
 
 from PIL import Image
 
+from omnigen2.limits import MAX_SEED
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ CacheName = Literal["none", "teacache", "taylorseer"]
 FormatName = Literal["png", "jpeg", "webp"]
 
 _Enum = TypeVar("_Enum", pb.Scheduler, pb.ImageFormat, pb.Role, pb.StepCache)
+_Message = TypeVar("_Message", pb.GenerateRequest, pb.UnderstandRequest)
 _SCHEDULERS = {"euler": pb.SCHEDULER_EULER, "dpmsolver": pb.SCHEDULER_DPMSOLVER}
 _CACHES = {"none": pb.STEP_CACHE_NONE, "teacache": pb.STEP_CACHE_TEACACHE, "taylorseer": pb.STEP_CACHE_TAYLORSEER}
 _CACHE_NAMES = {value: name for name, value in _CACHES.items()} | {pb.STEP_CACHE_UNSPECIFIED: "none"}
@@ -81,11 +83,14 @@ def build_request(
     scheduler = fields.pop("scheduler", None)
     output_format = fields.pop("output_format", None)
     cache = fields.pop("cache", None)
-    request = pb.GenerateRequest(
-        prompt=prompt, input_images=[encode_image(i) for i in images], previews=previews, **fields
+    request = _message(
+        pb.GenerateRequest, fields, prompt=prompt, input_images=[encode_image(i) for i in images], previews=previews
     )
     if cfg_range is not None:
-        request.cfg_range.start, request.cfg_range.end = cfg_range
+        try:
+            request.cfg_range.start, request.cfg_range.end = cfg_range
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"cfg_range: {exc}") from None
     if scheduler is not None:
         request.scheduler = _choice(_SCHEDULERS, scheduler, "scheduler")
     if output_format is not None:
@@ -247,8 +252,26 @@ def build_understand_request(
         )
         for turn in turns
     ]
-    fields: dict[str, Any] = dict(options)
-    return pb.UnderstandRequest(messages=messages, **fields)
+    return _message(pb.UnderstandRequest, dict(options), messages=messages)
+
+
+def _message(kind: type[_Message], options: dict[str, Any], **given: Any) -> _Message:
+    """kind(**given, **options), failing with an error that names the option at fault: protobuf's own ("Value out
+    of range: 9223372036854775808") names none."""
+    seed = options.get("seed")
+    if isinstance(seed, int) and seed > MAX_SEED:  # past int64; a negative one is the server's to refuse
+        raise ValueError(f"seed: 0..2^63-1 (the server's range), got {seed}")
+    try:
+        return kind(**given, **options)
+    except (TypeError, ValueError, OverflowError):
+        for name, value in options.items():
+            try:
+                kind(**{name: value})
+            except TypeError as exc:
+                raise TypeError(f"{name}: {exc}") from None
+            except (ValueError, OverflowError) as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        raise
 
 
 def _as_image(image: ImageInput) -> Image.Image | bytes | os.PathLike[str]:
