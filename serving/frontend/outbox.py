@@ -12,7 +12,8 @@ minimum rate with the write timeout as grace (pace.py), the bytes of each messag
 
 Each message is credited with at least MIN_CREDIT_BYTES at the minimum rate: a token's 20 bytes earned 0.6 ms at
 32 KiB/s, so a prompt reader of a 2048-token answer was cut off as slow once its writes took 15 ms on average (the
-event loop busy elsewhere: it parses a 100 MiB upload in about 0.2 s).
+event loop busy elsewhere: grpcio's copy of a 100 MiB upload out of its buffers takes it about 0.1 s; the parse is
+off the loop, reading.py, but holds the GIL).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ of `grace_s` waited (a slow start), the bytes taken must keep up with `min_rate`
 few bytes per write timeout otherwise held its place for as long as its answer lasted.
 
 Of each wait, only what is past its first TAKEN_AT_ONCE_S is the caller's: the rest is the event loop's, busy
-elsewhere (it parses a 100 MiB upload in about 0.2 s). A reader of small events taken at once was cut off as slow
-once the loop's delays on its writes added up past the grace.
+elsewhere (grpcio's copy of a 100 MiB upload out of its buffers takes it about 0.1 s; the parse is off the loop,
+reading.py, but holds the GIL). A reader of small events taken at once was cut off as slow once the loop's delays
+on its writes added up past the grace.
 """
 
 from __future__ import annotations
