@@ -23,6 +23,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from serving.frontend.process import FrontendProcess
+from serving.frontend.reading import INLINE_PARSE_BYTES
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer
 from tests.jpeg_bombs import scan_bomb
@@ -253,6 +254,15 @@ def test_server_still_healthy_after_the_search(api: FrontendProcess) -> None:
 
 def _metrics(api: FrontendProcess) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def test_large_garbage_parsed_off_the_event_loop_is_invalid_argument(api: FrontendProcess) -> None:
+    """Requests of INLINE_PARSE_BYTES or more are parsed on the front end's reader thread: bytes there that are not
+    a message still end INVALID_ARGUMENT naming the request, as the small ones parsed on the loop do."""
+    with grpc.insecure_channel(api.address) as channel, pytest.raises(grpc.RpcError) as raised:
+        channel.unary_unary("/omnigen2.v1.OmniGen2/Generate")(b"\xff" * (2 * INLINE_PARSE_BYTES), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("request: not a valid Generate request")
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Understand", "GetModelInfo"])
