@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 
+from serving.frontend.convert import to_chat_forward
 from serving.frontend.openai_errors import OpenAIError
 from serving.frontend.openai_requests import chat_call, image_call
+from serving.frontend.status import ApiError
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS
 
 HUGE = int("9" * 400)  # what json.loads makes of 400 nines
 CHAT = {"messages": [{"role": "user", "content": "x"}]}
@@ -94,3 +98,14 @@ def test_chat_nulls_and_empty_lists_are_unset() -> None:
     call = chat_call(body)
     assert (call.stream, call.include_usage, list(call.request.stop)) == (False, False, [])
     assert chat_call({**CHAT, "n": None, "stop": None, "stream_options": None}).stream is False
+
+
+def test_chat_lone_empty_stop_string_is_unset() -> None:
+    # 949e9b0 refused it (400 from the stop strings' 1..64 characters), though OpenAI's schema takes any string.
+    assert list(chat_call({**CHAT, "stop": ""}).request.stop) == []
+    # In a list it is a stop string of no characters, refused as before (INVALID_ARGUMENT: HTTP 400).
+    request = chat_call({**CHAT, "stop": ["\n", ""]}).request
+    with pytest.raises(ApiError) as refused:
+        to_chat_forward(request, DEFAULT_CHAT_LIMITS)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(refused.value).startswith("stop: ")

@@ -385,7 +385,8 @@ def chat_call(body: Mapping[str, Any], limits: ChatLimits = DEFAULT_CHAT_LIMITS)
         raise bad_request(unknown[0], "unknown field", "unknown_parameter")
     _check_model(body.get("model"))
     _check_user(body.get("user"))
-    # Only null means unset: 0, false, [] and "" are values of the wrong type or value, refused.
+    # Only null means unset, and for stop also [] and a lone "" (as before 949e9b0: OpenAI's documented schema sets
+    # no least length); 0, false, [] and "" elsewhere are values of the wrong type or value, refused.
     if body.get("n") is not None and _value(_INT32, "n", body["n"], form=False) != 1:
         raise bad_request("n", f"only 1 choice is offered, got {_shown(body['n'])}")
     stream = body.get("stream") is not None and _value(_BOOL, "stream", body["stream"], form=False)
@@ -395,7 +396,7 @@ def chat_call(body: Mapping[str, Any], limits: ChatLimits = DEFAULT_CHAT_LIMITS)
     asked = options.get("include_usage")
     include_usage = asked is not None and _value(_BOOL, "stream_options.include_usage", asked, form=False)
     stop = body.get("stop")
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    stops = [] if stop is None or stop == "" else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list):
         raise bad_request("stop", "must be a string or a list of strings", "invalid_type")
     stops = [_string("stop", s) for s in stops]
