@@ -36,24 +36,26 @@ def _noise(width: int = 64, height: int = 48) -> Image.Image:
 
 
 def test_scan_count_of_ordinary_jpegs() -> None:
-    assert jpeg.scan_count(_encoded(_noise(), "JPEG")) == 1
-    assert jpeg.scan_count(_encoded(_noise(), "JPEG", progressive=True)) == 10  # libjpeg's script for colour
-    assert jpeg.scan_count(_encoded(_noise(), "JPEG", restart_marker_blocks=1)) == 1  # RST0-7 inside the scan
-    assert jpeg.scan_count(_encoded(_noise(), "PNG")) == 0
+    assert jpeg.walk(_encoded(_noise(), "JPEG"))[0] == 1
+    assert jpeg.walk(_encoded(_noise(), "JPEG", progressive=True))[0] == 10  # libjpeg's script for colour
+    plain = jpeg.walk(_encoded(_noise(), "JPEG"))[1]
+    restarts = _encoded(_noise(), "JPEG", restart_marker_blocks=1)  # RST0-7 in the scan: not steps of the walk
+    assert jpeg.walk(restarts) == (1, plain + 1)  # one more marker: DRI
+    assert jpeg.walk(_encoded(_noise(), "PNG")) == (0, 0)
 
 
 def test_scan_count_skips_jpegs_in_metadata_and_sees_scans_behind_garbage() -> None:
     bomb = scan_bomb(300, side=16)
-    assert jpeg.scan_count(bomb) == jpeg.MAX_SCANS + 1  # counting stops past the limit
-    assert jpeg.scan_count(bomb, stop_after=1000) == 300
+    assert jpeg.walk(bomb)[0] == jpeg.MAX_SCANS + 1  # counting stops past the limit
+    assert jpeg.walk(bomb, max_scans=1000)[0] == 300
     # A bomb inside an APP1 (EXIF) segment is data, not scans of the image.
-    assert jpeg.scan_count(_encoded(_noise(), "JPEG", exif=b"Exif\x00\x00" + bomb)) == 1
+    assert jpeg.walk(_encoded(_noise(), "JPEG", exif=b"Exif\x00\x00" + bomb))[0] == 1
     # Bytes between segments are skipped by libjpeg (a warning): hidden scans still count, and still decode.
     parts = segments(bomb)
     scan = parts.index(next(s for s in parts if s[1] == 0xDA))
     hidden = jpeg.SIGNATURE + b"".join(parts[:scan]) + b"\x00\xff\x00junk\xff\xff" + b"".join(parts[scan:])
     Image.open(io.BytesIO(hidden)).load()
-    assert jpeg.scan_count(hidden, stop_after=1000) == 300
+    assert jpeg.walk(hidden, max_scans=1000)[0] == 300
 
 
 def test_a_scan_bomb_is_refused_before_decoding_in_the_front_end_and_the_decoder() -> None:
@@ -70,6 +72,40 @@ def test_a_scan_bomb_is_refused_before_decoding_in_the_front_end_and_the_decoder
     with pytest.raises(ApiError, match=r"messages\[0\]\.content\[0\]\.image.*more than 100 scans"):
         to_chat_forward(chat, DEFAULT_CHAT_LIMITS)
     assert time.perf_counter() - started < 1.0
+
+
+def _padded(filler: bytes, count: int) -> bytes:
+    """A 64x64 baseline JPEG with `filler` repeated after its scan's entropy-coded data."""
+    data = _encoded(_noise(64, 64), "JPEG")
+    return data[:-2] + filler * count + data[-2:]
+
+
+def test_a_jpeg_of_many_markers_is_refused_after_a_bounded_walk() -> None:
+    # 20 MiB of two-byte TEM markers: Pillow decodes it in a millisecond, the walk took 2.5 s of CPU a side.
+    bomb = _padded(b"\xff\x01", 10_000_000)
+    assert jpeg.walk(bomb) == (1, jpeg.MAX_MARKERS + 1)  # one Python step a marker: it stops past the limit
+    with pytest.raises(InvalidArgumentError, match=f"more than {jpeg.MAX_MARKERS} markers") as refused:
+        decode_image(bomb, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+    assert refused.value.field == FIELD
+    with pytest.raises(ApiError, match=rf"input_images\[0\]\.data.*more than {jpeg.MAX_MARKERS} markers"):
+        to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=bomb)]), DEFAULT_LIMITS)
+    # Empty metadata segments are markers too (4 bytes each).
+    segments_only = jpeg.SIGNATURE + b"\xff\xe1\x00\x02" * 5_000_000 + _encoded(_noise(), "JPEG")[2:]
+    assert jpeg.walk(segments_only) == (0, jpeg.MAX_MARKERS + 1)
+
+
+def test_bytes_the_walk_skips_at_c_speed_are_no_steps() -> None:
+    """Stuffed bytes, restart markers and fill bytes in any number leave the markers walked as they were; so do
+    metadata segments of the largest size (skipped by their length, one step each)."""
+    plain = jpeg.walk(_padded(b"", 0))
+    assert jpeg.walk(_padded(b"\xff\x00", 5_000_000)) == plain
+    assert jpeg.walk(_padded(b"\xff\xd0", 5_000_000)) == plain
+    assert jpeg.walk(_padded(b"\xff", 10_000_000)) == plain
+    assert jpeg.walk(jpeg.SIGNATURE + b"\xff" * 10_000_000) == (0, 0)
+    huge_app = b"\xff\xe1\xff\xff" + bytes(65533)
+    data = jpeg.SIGNATURE + huge_app * 300 + _padded(b"", 0)[2:]  # 19.7 MB
+    assert jpeg.walk(data) == (plain[0], plain[1] + 300)
+    assert decode_image(data, FIELD, DEFAULT_LIMITS.max_input_image_pixels).size == (64, 64)
 
 
 def test_scans_up_to_the_limit_decode() -> None:

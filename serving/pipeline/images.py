@@ -35,7 +35,7 @@ _ORIENTATIONS = {
 
 def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Reads the header only (no pixels decoded): refuses empty, oversized and unidentifiable data, formats outside
-    INPUT_FORMATS and JPEGs with more than jpeg.MAX_SCANS scans."""
+    INPUT_FORMATS and JPEGs with more than jpeg.MAX_SCANS scans or jpeg.MAX_MARKERS markers."""
     if not data:
         raise InvalidArgumentError(field, "empty image")
     if max_bytes is not None and len(data) > max_bytes:
@@ -55,9 +55,8 @@ def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None =
     if image.mode == "F":
         # Float samples have no agreed scale (0..1, 0..255, HDR): any conversion to 8 bits would be a guess.
         raise InvalidArgumentError(field, "floating-point (mode F) images are not supported: send 8 or 16-bit")
-    if image.format in ("JPEG", "MPO") and jpeg.scan_count(data) > jpeg.MAX_SCANS:
-        # Each scan is a pass over every pixel: decode time grows with the scans, not with the bytes.
-        raise InvalidArgumentError(field, f"a JPEG with more than {jpeg.MAX_SCANS} scans (progressive passes)")
+    if image.format in ("JPEG", "MPO") and (reason := jpeg.refusal(data)) is not None:
+        raise InvalidArgumentError(field, reason)
     return image
 
 
