@@ -13,13 +13,7 @@ from pathlib import Path
 import psutil
 
 from serving.triton import lifeline
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from tests.processes import alive
 
 
 def _wait_exec(pid: int, name: str) -> None:
@@ -59,13 +53,13 @@ def test_a_child_ends_with_its_killed_parent() -> None:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 2
-        while _alive(child):
+        while alive(child):
             assert time.monotonic() < deadline, "the child outlived its killed parent"
             time.sleep(0.05)
     finally:
         parent.kill()
         parent.wait()
-        if _alive(child):
+        if alive(child):
             os.kill(child, signal.SIGKILL)
 
 

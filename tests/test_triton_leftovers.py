@@ -15,6 +15,7 @@ import pytest
 
 from serving.triton.leftovers import SHM, clean_up, mapped_regions
 from serving.triton.watchdog import proc_stat
+from tests.processes import alive
 
 STUB = """import mmap, os, sys, time
 fd = os.open(f"/dev/shm/{sys.argv[1]}", os.O_RDWR | os.O_CREAT, 0o600)
@@ -22,13 +23,6 @@ os.ftruncate(fd, 4096)
 region = mmap.mmap(fd, 4096)
 time.sleep(60)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture
@@ -60,10 +54,10 @@ def test_only_a_dead_servers_stubs_and_regions_are_removed(tmp_path: Path, prefi
         orphan_stub = int((tmp_path / "orphan.pid").read_text())
         clean_up(prefix)
         deadline = time.monotonic() + 5
-        while _alive(orphan_stub):
+        while alive(orphan_stub):
             assert time.monotonic() < deadline, "the orphaned stub was not killed"
             time.sleep(0.05)
-        assert _alive(live_stub.pid) and other.poll() is None, "another server's stub was killed"
+        assert alive(live_stub.pid) and other.poll() is None, "another server's stub was killed"
         assert (SHM / live).exists(), "a region in use was removed"
         assert not (SHM / orphan).exists() and not (SHM / unmapped).exists()
     finally:

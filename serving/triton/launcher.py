@@ -248,6 +248,7 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libpython, env.get("LD_LIBRARY_PATH"), str(install.libs)) if p)
+        env[leftovers.LAUNCHER_ENV] = str(os.getpid())  # its parent while this process lives (leftovers.py)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             # Killed with this process, whichever way it ends (serving/triton/lifeline.py): an orphan would hold the

@@ -20,6 +20,7 @@ from serving.triton.watchdog import proc_stat, stubs_by_region_prefix
 log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
+LAUNCHER_ENV = "OMNIGEN2_TRITON_LAUNCHER"  # a server's environment: the pid of the process that started it
 
 
 def pid_namespace() -> int:
@@ -45,19 +46,51 @@ def _live_tritonserver(pid: int) -> bool:
     return stat.name == "tritonserver" and stat.state != "Z"
 
 
-def _launched_by_python(pid: int) -> bool:
-    """Whether `pid` runs a Python interpreter, as every launcher of a server does (serving/triton/launcher.py); init
-    or a subreaper that took over an orphan does not. One whose program cannot be read is taken for not."""
+def _launcher(pid: int) -> int | None:
+    """The pid of the process that started server `pid`, as its launcher wrote it into the server's environment
+    (LAUNCHER_ENV); None for a server started before launchers did, or one whose environment cannot be read."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    key = f"{LAUNCHER_ENV}=".encode()
+    found = [entry.removeprefix(key) for entry in environ if entry.startswith(key)]
+    return int(found[0]) if found and found[0].isdigit() else None
+
+
+def _runs_python(pid: int) -> bool:
+    """Whether `pid` runs a Python interpreter, as every launcher does; one whose program cannot be read is taken for
+    not."""
     try:
         return Path(os.readlink(f"/proc/{pid}/exe")).name.startswith("python")
     except OSError:
         return False
 
 
+def _launcher_lives(pid: int, parent: int) -> tuple[bool, str]:
+    """Whether server `pid`, whose parent is `parent`, still has the launcher that started it, and why so taken.
+
+    A server's parent is its launcher until the launcher dies (a stack that is pid 1 included); then it is pid 1 or a
+    subreaper, which existed while the launcher did and so has another pid than the one the server's environment
+    names. A server from before that
+    name (one without the parent-death signal too) is taken for a live launcher's when its parent, not pid 1, runs
+    Python: a Python subreaper's orphan of that age is left alone."""
+    launcher = _launcher(pid)
+    if launcher is not None:
+        if parent == launcher:
+            return True, f"its launcher, pid {parent}, is running"
+        return False, f"its launcher, pid {launcher}, ended and pid {parent} took it over"
+    if parent != 1 and _runs_python(parent):
+        return True, f"it names no launcher, and its parent, pid {parent}, runs Python: taken for its launcher"
+    return False, f"it names no launcher, and its parent is pid {parent}, " + (
+        "init" if parent == 1 else "no Python launcher"
+    )
+
+
 def end_orphaned_server(prefix: str, timeout: float = 5.0) -> list[int]:
-    """Kills the `tritonserver`s started with the region `prefix` (on these ports, in this PID namespace) whose
-    launcher has died, and waits until they have ended (their ports are then free); returns their pids. A stack killed
-    before its Triton had a parent-death signal (serving/triton/lifeline.py) left one, holding the ports."""
+    """Kills this user's `tritonserver`s started with the region `prefix` (on these ports, in this PID namespace)
+    whose launcher has died, and waits until they have ended (their ports are then free); returns their pids. A stack
+    killed before its Triton had a parent-death signal (serving/triton/lifeline.py) left one, holding the ports."""
     argument = f"shm-region-prefix-name={prefix}".encode()
     killed = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -65,24 +98,23 @@ def end_orphaned_server(prefix: str, timeout: float = 5.0) -> list[int]:
         try:
             stat = proc_stat(pid)
             argv = (proc / "cmdline").read_bytes().split(b"\0")
+            owner = proc.stat().st_uid
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
-        if stat.name != "tritonserver" or not any(arg.endswith(argument) for arg in argv):
+        if stat.name != "tritonserver" or stat.state == "Z" or not any(arg.endswith(argument) for arg in argv):
             continue
-        if stat.state == "Z" or _launched_by_python(stat.parent):
-            continue  # ended already, or a live stack's
+        if owner != os.getuid():
+            log.warning("tritonserver %d (region prefix %s) is user %d's: left alone", pid, prefix, owner)
+            continue
+        lives, why = _launcher_lives(pid, stat.parent)
+        if lives:
+            log.info("tritonserver %d (region prefix %s) holds the Triton ports, left alone: %s", pid, prefix, why)
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
-        except OSError as exc:  # ended meanwhile, or another user's
-            log.warning("tritonserver %d (region prefix %s) whose launcher died was not killed: %s", pid, prefix, exc)
-            continue
-        log.warning(
-            "killed tritonserver %d (region prefix %s): the stack that launched it ended without stopping it (its "
-            "parent is now pid %d); it held the Triton ports",
-            pid,
-            prefix,
-            stat.parent,
-        )
+        except ProcessLookupError:
+            continue  # ended meanwhile
+        log.warning("killed tritonserver %d (region prefix %s), which held the Triton ports: %s", pid, prefix, why)
         killed.append(pid)
     deadline = time.monotonic() + timeout
     while any(map(_live_tritonserver, killed)) and time.monotonic() < deadline:

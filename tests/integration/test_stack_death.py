@@ -14,13 +14,7 @@ import psutil
 from serving.triton import leftovers
 from serving.triton.launcher import Ports, port_in_use
 from serving.triton.watchdog import stub_processes
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from tests.processes import alive
 
 
 def test_a_killed_launcher_takes_its_triton_and_stubs_with_it(model_repository: Path, tmp_path: Path) -> None:
@@ -44,10 +38,10 @@ def test_a_killed_launcher_takes_its_triton_and_stubs_with_it(model_repository: 
         launcher.send_signal(signal.SIGKILL)  # as the OOM killer does: no clean-up of its own
         launcher.wait()
         deadline = time.monotonic() + 5
-        while _alive(server) or any(map(_alive, stubs)):
+        while alive(server) or any(map(alive, stubs)):
             assert time.monotonic() < deadline, (
-                f"alive 5 s after the launcher's death: tritonserver {_alive(server)}, "
-                f"stubs {sorted(filter(_alive, stubs))}"
+                f"alive 5 s after the launcher's death: tritonserver {alive(server)}, "
+                f"stubs {sorted(filter(alive, stubs))}"
             )
             time.sleep(0.1)
         assert not any(port_in_use(port) for port in (ports.http, ports.grpc, ports.metrics))
@@ -55,6 +49,6 @@ def test_a_killed_launcher_takes_its_triton_and_stubs_with_it(model_repository: 
         launcher.kill()
         launcher.wait()
         for pid in (server, *stubs):  # only where the test failed: what outlived the launcher
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 psutil.Process(pid).kill()
         leftovers.clean_up(leftovers.region_prefix(ports.grpc))  # the killed server's regions

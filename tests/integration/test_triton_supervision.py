@@ -15,15 +15,9 @@ from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import Ports, TritonServer
 from serving.triton.leftovers import SHM
 from serving.triton.watchdog import stub_processes, stub_shm_regions
+from tests.processes import alive
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_killed_triton_is_reaped_cleaned_up_and_restarted(model_repository: Path, tmp_path: Path) -> None:
@@ -43,7 +37,7 @@ def test_a_killed_triton_is_reaped_cleaned_up_and_restarted(model_repository: Pa
         api.wait_health(NOT_SERVING, timeout=5)
         api.wait_health(SERVING, timeout=120)  # the same ports, a new server, warmed again by the front end
         assert not psutil.pid_exists(first), "the dead server was not reaped (a zombie)"
-        assert not any(_alive(pid) for pid in stubs), "the dead server's stubs survived it"
+        assert not any(alive(pid) for pid in stubs), "the dead server's stubs survived it"
         assert not any((SHM / region).exists() for region in regions)
         assert gave_up == []
     assert not list(SHM.glob(f"{triton.shm_prefix}*"))  # the new server's too, at stop
