@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from omnigen2 import AsyncOmniGen2Client, OmniGen2Client
+from omnigen2.client import _seeded
 from omnigen2.messages import build_request, build_understand_request
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
@@ -73,3 +74,11 @@ def test_options_in_range_are_sent() -> None:
     request = build_request("x", [], {"seed": 2**63 - 1, "steps": 3, "cfg_range": (0.0, 1.0)})
     assert (request.seed, request.steps, request.cfg_range.end) == (2**63 - 1, 3, 1.0)
     assert build_understand_request("x", [], {"seed": 0, "stop": ["a"]}).stop == ["a"]
+
+
+def test_the_sdks_drawn_seeds_survive_json_doubles() -> None:
+    """A seed the SDK draws (so a retry on another replica repeats the generation) stays below 2^53, which JSON
+    readers holding doubles keep exactly; before, drawn in [0, 2^63). A caller's seed passes as given."""
+    seeds = [_seeded({})["seed"] for _ in range(1000)]
+    assert all(isinstance(seed, int) and 0 <= seed < 2**53 for seed in seeds) and len(set(seeds)) > 990
+    assert _seeded({"seed": 2**63 - 1})["seed"] == 2**63 - 1

@@ -71,3 +71,13 @@ def test_chat_settings_reach_the_options() -> None:
     options = ChatSettings.from_values((32.0, 0.7, 0.95, 40.0, 5.0)).options()
     assert options == {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.95, "top_k": 40, "seed": 5}
     assert "seed" not in ChatSettings.from_values((32, 0, 1, 0, -1)).options()
+
+
+def test_the_seed_fields_keep_seeds_up_to_2_53_exactly() -> None:
+    """The seed fields (gr.Number, precision 0) hand over integers, and every seed the server or SDK draws (below
+    2^53) round-trips through the browser's doubles unchanged."""
+    import gradio as gr
+
+    field = gr.Number(precision=0)
+    for seed in (2**53 - 1, 4591024147021620):
+        assert field.preprocess(float(seed)) == seed and field.postprocess(seed) == seed

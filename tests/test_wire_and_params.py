@@ -20,6 +20,15 @@ def test_params_take_defaults_and_draw_a_seed() -> None:
     assert request_from_params({"prompt": "a", "seed": 5}).seed == 5
 
 
+def test_drawn_seeds_survive_json_doubles() -> None:
+    """Drawn seeds stay below 2^53, so JavaScript or jq reading an answer's seed keep it exactly (before: drawn in
+    [0, 2^63), 4591024147021620405 read back as 4591024147021620000, another image); callers' seeds stay any int64."""
+    seeds = [request_from_params({"prompt": "a"}).seed for _ in range(1000)]
+    assert all(0 <= seed < 2**53 and float(seed) == seed for seed in seeds)
+    assert len(set(seeds)) > 990
+    assert request_from_params({"prompt": "a", "seed": 2**63 - 1}).seed == 2**63 - 1
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

@@ -30,6 +30,7 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 from omnigen2.errors import from_rpc_error
+from omnigen2.limits import RANDOM_SEEDS
 from omnigen2.messages import (
     ChatTurn,
     GenerationOptions,
@@ -165,9 +166,9 @@ class _Attempts:
 
 def _seeded(options: GenerationOptions) -> GenerationOptions:
     """A generation with a seed is idempotent, so it may be repeated on another replica; draw one if none is given
-    (the server's range, [0, 2^63)); the result reports it either way."""
+    (the server's range for drawn ones, [0, 2^53)); the result reports it either way."""
     if options.get("seed") is None:
-        return {**options, "seed": secrets.randbelow(2**63)}
+        return {**options, "seed": secrets.randbelow(RANDOM_SEEDS)}
     return options
 
 

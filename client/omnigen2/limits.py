@@ -4,5 +4,8 @@
 
 MAX_INPUT_IMAGES = 5  # the transformer has 5 image-index embeddings
 MAX_SEED = 2**63 - 1  # int64 on the wire, never negative
+# Random seeds (the server's and the SDK's draws) stay below 2^53: JSON readers that hold numbers as doubles
+# (JavaScript, jq, the web UI's fields) keep these exactly, so a seed read from an answer reproduces it when sent back.
+RANDOM_SEEDS = 2**53
 MAX_SEQUENCE_LENGTH = 1024  # prompt tokens kept: the full checkpoint's text positions (the official default too)
 MAX_NEW_TOKENS = 2048  # tokens of one Understand answer

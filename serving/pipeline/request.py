@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from omnigen2.limits import MAX_INPUT_IMAGES, MAX_SEED, MAX_SEQUENCE_LENGTH
+from omnigen2.limits import MAX_INPUT_IMAGES, MAX_SEED, MAX_SEQUENCE_LENGTH, RANDOM_SEEDS
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -177,7 +177,8 @@ _FLOAT_FIELDS = {"text_guidance_scale", "image_guidance_scale", "teacache_thresh
 
 
 def random_seed() -> int:
-    return secrets.randbits(63)
+    """A seed in [0, 2^53): any in [0, MAX_SEED] is taken from callers, but a drawn one survives JSON's doubles."""
+    return secrets.randbelow(RANDOM_SEEDS)
 
 
 def request_from_params(params: Mapping[str, Any], images: list[Image.Image] | None = None) -> GenerationRequest:
