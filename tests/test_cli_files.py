@@ -28,3 +28,17 @@ def test_an_output_folder_that_does_not_exist_is_named_before_any_call(
     output = tmp_path / "missing" / "apple.png"
     assert main(["--server", "127.0.0.1:1", "generate", "A red apple", "-o", str(output)]) == 2
     assert capsys.readouterr().err.startswith(f"omnigen2: cannot write {output}: {output.parent} is not a folder")
+
+
+@pytest.mark.parametrize(
+    ("flags", "folder"), [([], "apple.png"), (["-n", "2"], "apple-1.png"), (["-n", "3"], "apple.png")]
+)
+def test_an_output_that_is_a_folder_is_named_before_any_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], folder: str
+) -> None:
+    """Each file the call may write is checked first (with -n 3, apple.png too: one image may be left of three);
+    before, only -o's folder was, and the images were lost to "Is a directory" after the work."""
+    (tmp_path / folder).mkdir()
+    output = tmp_path / "apple.png"
+    assert main(["--server", "127.0.0.1:1", "generate", "A red apple", "-o", str(output), *flags]) == 2
+    assert capsys.readouterr().err == f"omnigen2: cannot write {tmp_path / folder}: it is a folder\n"

@@ -111,10 +111,28 @@ def _options(args: argparse.Namespace) -> GenerationOptions:
     return GenerationOptions(**values)  # type: ignore[typeddict-item]
 
 
+def _outputs(output: Path, count: int) -> list[Path]:
+    """The files `count` images are written to: `output` for one, out-0.png, out-1.png, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def _check_outputs(output: Path, count: int | None) -> None:
+    """Every file the call may write, said before the images are paid for, not after: -o and, for several images,
+    each numbered one (one image may be left of several when the server withholds the others)."""
+    folder = output.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {output}: {folder} is not a folder this user can write to")
+    for path in dict.fromkeys([output, *_outputs(output, count or 1)]):  # the server's default is one image
+        if path.is_dir():
+            raise OSError(f"cannot write {path}: it is a folder")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise OSError(f"cannot write {path}: this user cannot write to it")
+
+
 def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], args: argparse.Namespace) -> int:
-    folder = args.output.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):  # said before the images are paid for, not after
-        raise OSError(f"cannot write {args.output}: {folder} is not a folder this user can write to")
+    _check_outputs(args.output, args.num_images_per_prompt)
     result: GenerationResult | None = None
     bar: tqdm[None] | None = None
     try:
@@ -128,11 +146,7 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
         if bar is not None:
             bar.close()
     assert result is not None  # a stream ends with its result or raises
-    outputs = [args.output]
-    if len(result.encoded) != 1:  # several, or none when the server withheld them
-        outputs = [
-            args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(len(result.encoded))
-        ]
+    outputs = _outputs(args.output, len(result.encoded))  # none when the server withheld them all
     for path, data in zip(outputs, result.encoded, strict=True):
         path.write_bytes(data)  # the server's encoding, byte for byte
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v)
