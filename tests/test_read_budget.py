@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import grpc
@@ -179,3 +180,42 @@ def test_large_requests_are_parsed_off_the_event_loop() -> None:
     slowest = asyncio.run(run())
     assert slowest < PARSE_S / 2, f"the event loop stalled {slowest:.2f} s"
     assert parsed_on == [True, False, False], parsed_on
+
+
+def test_a_cancelled_calls_bytes_stay_counted_until_the_reader_thread_lets_them_go() -> None:
+    """Before, a call cancelled while its request was parsed (or queued for the reader thread) gave its reservation
+    back at once while the thread still held the bytes: new calls could take that room. A request queued behind the
+    parse is skipped once the thread reaches it."""
+    parsed: list[int] = []
+
+    def parse(data: bytes) -> bytes:
+        parsed.append(len(data))
+        time.sleep(PARSE_S)
+        return data
+
+    async def run(gate: ReadGate) -> None:
+        pool = gate.pools["uploads"]
+        both = 2 * INLINE_PARSE_BYTES + 1  # both requests read: the first parsed, the second queued behind it
+        async with _served(gate, parse=parse) as channel:
+            call = channel.unary_unary(METHOD)
+            first = call(b"x" * INLINE_PARSE_BYTES, timeout=10)
+            await asyncio.sleep(0.05)
+            second = call(b"y" * (INLINE_PARSE_BYTES + 1), timeout=10)
+            deadline = time.monotonic() + PARSE_S / 2
+            while pool.held != both:
+                assert time.monotonic() < deadline, f"{pool.held} bytes held"
+                await asyncio.sleep(0.01)
+            first.cancel()
+            second.cancel()
+            await asyncio.sleep(0.1)  # the handlers have ended by now
+            assert pool.held == both, "given back while the reader thread holds the bytes"
+            deadline = time.monotonic() + 2 * PARSE_S
+            while pool.held and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert pool.held == 0
+            assert parsed == [INLINE_PARSE_BYTES], "a cancelled call's queued request was parsed"
+
+    with ThreadPoolExecutor(1) as reader:  # one thread, as the front end's (service.readers)
+        asyncio.run(
+            run(ReadGate(frozenset({METHOD}), 64 * MiB, 4 * MiB, 10.0, 1.0, Metrics(), lambda *_: None, reader))
+        )

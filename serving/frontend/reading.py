@@ -10,13 +10,15 @@ At most MAX_WAITING calls wait per budget, each holding at most its flow-control
 at once.
 
 Once read, the reservation shrinks to the message's size and is given back when the handler ends, however it ends
-(the handler holds the request that long). The message must arrive within --request-read-timeout-s: a call that
-opens and sends nothing would otherwise hold its reservation for ever. The uploads (Generate, GenerateStream,
-Understand) and every other gated call (GetModelInfo) have separate budgets, so that a flood of one does not
-refuse the other; the others' is at most OTHER_READS requests of the largest size and their requests must arrive
-within OTHER_READ_TIMEOUT_S: theirs are a few bytes sent at once, and a caller sending large or slow ones to them
-gains nothing but memory. Health (grpc.health.v1.Health) is not gated at all: silent calls holding a budget would
-refuse the kubelet's probes; its requests are read as grpcio reads any, each bounded by the transport's cap.
+(the handler holds the request that long), or, for a call cancelled while its request is parsed on the reader thread
+or waits for it, once that thread has let the bytes go: a parse cannot be stopped, and giving the bytes back at once
+let new calls take the room the thread still held. The message must arrive within --request-read-timeout-s: a call
+that opens and sends nothing would otherwise hold its reservation for ever. The uploads (Generate, GenerateStream,
+Understand) and every other gated call (GetModelInfo) have separate budgets, so that a flood of one does not refuse
+the other; the others' is at most OTHER_READS requests of the largest size and their requests must arrive within
+OTHER_READ_TIMEOUT_S: theirs are a few bytes sent at once, and a caller sending large or slow ones to them gains
+nothing but memory. Health (grpc.health.v1.Health) is not gated at all: silent calls holding a budget would refuse
+the kubelet's probes; its requests are read as grpcio reads any, each bounded by the transport's cap.
 
 A gated request's bytes are parsed here, not by grpcio: one of INLINE_PARSE_BYTES or more in a worker thread, so
 that the event loop (health, every other call) does not wait on parsing uploads (8 x 100 MiB at once kept a health
@@ -88,10 +90,19 @@ class _Reservation:
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
         self.size = 0
+        self.parsing: asyncio.Future[Any] | None = None  # the request's parse on the executor
 
     def resize(self, size: int) -> None:
         self.pool.add(size - self.size)
         self.size = size
+
+    def release(self) -> None:
+        """Gives the bytes back, once the executor no longer holds them: a parse cannot be stopped, and a request
+        queued behind one is held until the thread reaches it (then skipped)."""
+        if self.parsing is None or self.parsing.done():
+            self.resize(0)
+        else:
+            self.parsing.add_done_callback(lambda _: self.resize(0))
 
 
 class ReadGate(grpc.aio.ServerInterceptor):
@@ -185,7 +196,17 @@ class ReadGate(grpc.aio.ServerInterceptor):
                     raise
             if len(request) < INLINE_PARSE_BYTES:
                 return parse(request)
-            return await asyncio.get_running_loop().run_in_executor(self.executor, parse, request)
+            wanted = True
+
+            def parse_if_wanted() -> Any:
+                return parse(request) if wanted else None
+
+            reservation.parsing = asyncio.get_running_loop().run_in_executor(self.executor, parse_if_wanted)
+            try:
+                return await asyncio.shield(reservation.parsing)  # a cancelled call's bytes stay counted (release)
+            except asyncio.CancelledError:
+                wanted = False
+                raise
 
         options = {"request_deserializer": received, "response_serializer": handler.response_serializer}
         if not handler.response_streaming:
@@ -194,7 +215,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
                 try:
                     return await handler.unary_unary(await read(context), context)
                 finally:
-                    reservation.resize(0)
+                    reservation.release()
 
             return grpc.stream_unary_rpc_method_handler(unary, **options)
         if inspect.isasyncgenfunction(handler.unary_stream):
@@ -204,7 +225,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
                     async for response in handler.unary_stream(await read(context), context):
                         yield response
                 finally:
-                    reservation.resize(0)
+                    reservation.release()
 
             return grpc.stream_stream_rpc_method_handler(generator, **options)
 
@@ -212,7 +233,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
             try:
                 await handler.unary_stream(await read(context), context)
             finally:
-                reservation.resize(0)
+                reservation.release()
 
         return grpc.stream_stream_rpc_method_handler(writer, **options)
 
