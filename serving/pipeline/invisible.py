@@ -2,6 +2,9 @@
 
 Category Cf (zero-width space, soft hyphen, BOM) is not all of them: combining grapheme joiner and variation
 selectors are marks (Mn), the Hangul fillers letters (Lo), the braille blank a symbol (So), NUL a control (Cc).
+And Cf is all of them but a few: every format character is invisible here except the prepended concatenation marks
+(U+0600-0605, U+06DD, U+070F, U+0890-0891, U+08E2, U+110BD, U+110CD: the Arabic number sign, end of ayah and their
+kin show a sign), as tests/test_invisible.py checks against unicodedata.
 These sets are used to check and match text only; the prompt the model reads is never changed.
 """
 
@@ -33,9 +36,11 @@ DEFAULT_IGNORABLE = (
 )
 # Blank characters with a width: they read as a space, not as nothing (U+2800 is the braille pattern with no dots).
 WIDE_BLANKS = "\u115f\u1160\u3164\uffa0\u2800"
-# C0 and C1 controls that are not white space (tab, line feed, ... U+001C-001F and U+0085 are), and the interlinear
-# annotation characters (format characters, not default-ignorable, that show nothing themselves).
-CONTROLS = ((0x00, 0x08), (0x0E, 0x1B), (0x7F, 0x84), (0x86, 0x9F), (0xFFF9, 0xFFFB))
+# Format characters (Cf) outside DEFAULT_IGNORABLE that show nothing themselves (Unicode 16.0): the interlinear
+# annotation characters and the Egyptian hieroglyph format controls (joiners, inserts, overlays, segments).
+FORMAT_CONTROLS = ((0xFFF9, 0xFFFB), (0x13430, 0x1343F))
+# C0 and C1 controls that are not white space (tab, line feed, ... U+001C-001F and U+0085 are).
+CONTROLS = ((0x00, 0x08), (0x0E, 0x1B), (0x7F, 0x84), (0x86, 0x9F))
 # What a run of invisible characters becomes in the policy's normal form: itself default-ignorable, so that form
 # is stable when normalised again.
 MARK = "\u2063"  # invisible separator
@@ -46,13 +51,14 @@ def _char_class(ranges: tuple[tuple[int, int], ...]) -> str:
 
 
 _WIDE = re.compile(f"[{WIDE_BLANKS}]")
-_INVISIBLE_RUN = re.compile(f"[{_char_class(DEFAULT_IGNORABLE + CONTROLS)}]+")
-_SHOWS_NOTHING = re.compile(f"[\\s{WIDE_BLANKS}{_char_class(DEFAULT_IGNORABLE + CONTROLS)}]+")
+_INVISIBLE = _char_class(DEFAULT_IGNORABLE + FORMAT_CONTROLS + CONTROLS)
+_INVISIBLE_RUN = re.compile(f"[{_INVISIBLE}]+")
+_SHOWS_NOTHING = re.compile(f"[\\s{WIDE_BLANKS}{_INVISIBLE}]+")
 
 
 def is_blank(text: str) -> bool:
-    """True when nothing in `text` shows: white space, default-ignorable and control characters, blanks such as the
-    Hangul filler, and combining marks with nothing to combine with."""
+    """True when nothing in `text` shows: white space, default-ignorable, format and control characters, blanks such
+    as the Hangul filler, and combining marks with nothing to combine with."""
     return all(unicodedata.category(char) in ("Mn", "Me") for char in _SHOWS_NOTHING.sub("", text))
 
 
