@@ -11,8 +11,14 @@ A term matches case-insensitively, as whole words (Unicode-normalised: NFKC, so 
 through; spaces in a term match any run of white space); a regular expression is Python `re` syntax, applied to the
 normalised text as written (`(?i)` makes it case-insensitive). Characters that show nothing
 (serving/pipeline/invisible.py: default-ignorable ones such as zero-width spaces, soft hyphens, variation selectors,
-the combining grapheme joiner; controls such as NUL) are read both ways, as nothing and as a space: "pi<ZWSP>pe bomb"
-and "pipe<NUL>bomb" both match "pipe bomb"; blanks with a width (Hangul fillers, the braille blank) are spaces.
+the combining grapheme joiner; format characters; controls such as NUL) may stand for nothing or for a space; blanks
+with a width (Hangul fillers, the braille blank) are spaces. A term matches with each run of them read either way,
+independently ("pi<ZWSP>pe<NUL>bomb" matches "pipe bomb"). A regular expression is tried on a few readings
+(`regex_readings`): every run as nothing; every run as a space; runs between two word characters as nothing and the
+others as spaces; and, for each run between two word characters, that run alone read the other way in the last two
+(checked in a window of REGEX_WINDOW characters either side of it, where `^` and `$` mean the window's edges). So a
+match is found when at most one run between word characters must be read differently from the rest of them: any
+number of words split and one space hidden, or the reverse; a match that needs two of each is not guaranteed.
 `exempt` lists rule ids the token skips ("*": all of the file's rules); an override's `rules` apply to that token
 only. Prompts, negative prompts, chat text and Understand answers are checked (a streamed answer delta by delta,
 in a bounded window: `AnswerScan`). A refusal names the rule's id and the field, never the matched text.
@@ -25,8 +31,9 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +58,10 @@ class Rule:
     terms: tuple[re.Pattern[str], ...]  # each run of invisible characters (MARK) read as nothing or a space
     regexes: tuple[re.Pattern[str], ...]
 
-    def matches(self, text: str) -> bool:
-        """Whether the normalised `text` matches a term, or a regular expression with all its invisible characters
-        read as nothing or all as spaces."""
+    def matches(self, text: str, readings: Sequence[str]) -> bool:
+        """Whether the normalised `text` matches a term, or one of its `regex_readings` a regular expression."""
         if any(pattern.search(text) for pattern in self.terms):
             return True
-        readings = (text.replace(MARK, ""), text.replace(MARK, " ")) if MARK in text else (text,)
         return any(pattern.search(reading) for pattern in self.regexes for reading in readings)
 
 
@@ -82,6 +87,50 @@ def normalise(text: str) -> str:
     """Each run of characters that show nothing (U+200B, U+034F, NUL, ...) as one MARK, blanks with a width (U+3164,
     U+2800) as spaces, then NFKC (which makes none of them)."""
     return unicodedata.normalize("NFKC", mark_invisible(text))
+
+
+REGEX_WINDOW = 64  # characters either side of a run read apart from the others: a policy regex's match is shorter
+_WORD = re.compile(r"\w")
+_NON_WORD_BEFORE = re.compile(r"\W")
+_TO_LAST_NON_WORD = re.compile(r".*\W", re.DOTALL)
+
+
+def _joined(parts: list[str], separators: list[str]) -> tuple[str, list[int]]:
+    """The parts with separators between them, and where each separator starts."""
+    pieces, starts, length = [parts[0]], [], len(parts[0])
+    for separator, part in zip(separators, parts[1:], strict=True):
+        starts.append(length)
+        pieces += (separator, part)
+        length += len(separator) + len(part)
+    return "".join(pieces), starts
+
+
+def _window(text: str, start: int, end: int, replacement: str) -> str:
+    """text[start:end] replaced, with up to REGEX_WINDOW characters either side, cut at non-word characters where
+    there are some (so that a cut word's tail does not read as a whole word)."""
+    low, high = max(start - REGEX_WINDOW, 0), min(end + REGEX_WINDOW, len(text))
+    if low > 0 and (cut := _NON_WORD_BEFORE.search(text, low, start)) is not None:
+        low = cut.start()
+    if high < len(text) and (last := _TO_LAST_NON_WORD.match(text, end, high)) is not None:
+        high = last.end()
+    return text[low:start] + replacement + text[end:high]
+
+
+def regex_readings(text: str) -> list[str]:
+    """The normalised `text` as regular expressions read it (the module's docstring): 3 + 2 x (runs between word
+    characters) strings, those past the first three at most 2 x REGEX_WINDOW + 1 characters long."""
+    if MARK not in text:
+        return [text]
+    parts = text.split(MARK)  # normalise made each run one MARK
+    inside = [bool(_WORD.match(left[-1:]) and _WORD.match(right)) for left, right in pairwise(parts)]
+    words, word_starts = _joined(parts, ["" if within else " " for within in inside])
+    spaced, space_starts = _joined(parts, [" "] * len(inside))
+    readings = ["".join(parts), spaced, words]
+    for run, within in enumerate(inside):
+        if within:
+            readings.append(_window(words, word_starts[run], word_starts[run], " "))
+            readings.append(_window(spaced, space_starts[run], space_starts[run] + 1, ""))
+    return list(dict.fromkeys(readings))
 
 
 def _term_pattern(term: str, rule_id: str) -> re.Pattern[str]:
@@ -174,8 +223,9 @@ class PromptPolicy:
             if not text:
                 continue
             normalised = normalise(text)
+            readings = regex_readings(normalised) if any(rule.regexes for rule in rules) else []
             for rule in rules:
-                if rule.matches(normalised):
+                if rule.matches(normalised, readings):
                     return Violation(rule.id, name)
         return None
 
