@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from serving.artifacts.repository import (
     COMPONENTS,
     SERVED_GRAPHS,
     bls_config,
+    bls_from_args,
     bls_settings,
     component_config,
     engine_settings,
@@ -157,6 +159,14 @@ def test_the_call_token_cap_follows_the_backend_unless_the_operator_sets_it() ->
     assert bls_settings("onnxruntime", "bf16").max_call_tokens == 17_408  # the default: precision means nothing to ORT
     assert bls_settings("pytorch", "bf16", max_call_tokens=0).max_call_tokens == 0
     assert bls_settings("pytorch", "fp32").max_call_tokens == 17_408
+
+
+def test_a_negative_step_cache_budget_is_refused_naming_the_flag() -> None:
+    """Before, -1 was taken: the stack started and every cached request ran uncached past "the server's -1 MiB"."""
+    flags = {"backend": "onnxruntime", "precision": "fp32", "max_call_tokens": None, "device": "cpu"}
+    assert bls_from_args(argparse.Namespace(**flags, max_step_cache_mib=0)).max_step_cache_mib == 0
+    with pytest.raises(SettingError, match=r"--max-step-cache-mib: 0 or more .* got -1"):
+        bls_from_args(argparse.Namespace(**flags, max_step_cache_mib=-1))
 
 
 def test_pytorch_on_a_gpu_batches_every_admitted_step_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:

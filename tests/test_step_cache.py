@@ -151,6 +151,21 @@ def test_state_size_and_budget() -> None:
     assert budget.reserve(taylor)
 
 
+def test_the_budgets_refusal_shows_the_request_past_what_is_left() -> None:
+    """Before: "its 1 MiB of cache state would pass the server's 1 MiB" (0.6 MiB rounded, 0.5 MiB held by others)."""
+    budget = CacheBudget(2**20)
+    assert budget.reserve(2**19) and not budget.reserve(629_146)
+    assert budget.refusal(629_146) == (
+        "ran uncached: its 0.6 MiB of cache state would pass the 0.5 MiB that the requests in flight leave of the"
+        " server's 1 MiB (--max-step-cache-mib)"
+    )
+    budget.release(2**19)
+    assert "its 1.000001 MiB of cache state would pass the 1.000000 MiB" in budget.refusal(2**20 + 1)  # a byte over
+    assert "its 2.0 MiB of cache state would pass the 1.0 MiB" in budget.refusal(2**21)
+    assert budget.reserve(2**20 - 2**10)  # 1 KiB left
+    assert "its 0.010 MiB of cache state would pass the 0.001 MiB" in budget.refusal(10**4)
+
+
 @pytest.mark.parametrize(
     ("field", "value"), [("cache", "fastcache"), ("teacache_threshold", 0.0), ("teacache_threshold", 1.5)]
 )

@@ -447,6 +447,8 @@ def add_step_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bls_from_args(args: argparse.Namespace) -> BlsSettings:
     """The BLS settings of the backend, with the operator's flags (add_bls_arguments, add_step_cache_arguments)."""
+    if args.max_step_cache_mib < 0:  # before: taken, and every cached request then ran uncached
+        raise SettingError("--max-step-cache-mib", f"0 or more (0: no step caching), got {args.max_step_cache_mib}")
     settings = bls_settings(args.backend, args.precision, args.max_call_tokens, args.device)
     return replace(settings, max_step_cache_mib=args.max_step_cache_mib)
 

@@ -406,3 +406,16 @@ class CacheBudget:
 
     def release(self, nbytes: int) -> None:
         self.reserved -= nbytes
+
+    def refusal(self, nbytes: int) -> str:
+        """Why `nbytes` more do not fit (reserve said no), in MiB with the decimals that keep the request's share
+        shown past what is left: before, "its 1 MiB ... would pass the server's 1 MiB" (0.6 MiB rounded, half the
+        budget held by other requests)."""
+        free = max(self.limit_bytes - self.reserved, 0)
+        need, left = nbytes / 2**20, free / 2**20
+        shown = (d for d in range(1, 7) if round(need, d) > round(left, d) and (round(left, d) or not free))
+        digits = next(shown, 7)  # 7 decimals: a byte apart shows
+        return (
+            f"ran uncached: its {need:.{digits}f} MiB of cache state would pass the {left:.{digits}f} MiB that the"
+            f" requests in flight leave of the server's {self.limit_bytes / 2**20:g} MiB (--max-step-cache-mib)"
+        )

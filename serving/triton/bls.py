@@ -356,12 +356,7 @@ class TritonPythonModel:
         )
         nbytes = values * self.cache_value_bytes
         if not self.cache_budget.reserve(nbytes):
-            limit = self.cache_budget.limit_bytes // 2**20
-            return (
-                CacheKind.NONE.value,
-                f"ran uncached: its {nbytes / 2**20:.0f} MiB of cache state would pass the server's {limit} MiB",
-                0,
-            )
+            return CacheKind.NONE.value, self.cache_budget.refusal(nbytes), 0
         return generation.cache, "", nbytes
 
     async def _release_cache(self, key: int, text_dim: int) -> None:
