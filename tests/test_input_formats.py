@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -40,8 +41,8 @@ def test_scan_count_of_ordinary_jpegs() -> None:
     assert jpeg.walk(_encoded(_noise(), "JPEG", progressive=True))[0] == 10  # libjpeg's script for colour
     plain = jpeg.walk(_encoded(_noise(), "JPEG"))[1]
     restarts = _encoded(_noise(), "JPEG", restart_marker_blocks=1)  # RST0-7 in the scan: not steps of the walk
-    assert jpeg.walk(restarts) == (1, plain + 1)  # one more marker: DRI
-    assert jpeg.walk(_encoded(_noise(), "PNG")) == (0, 0)
+    assert jpeg.walk(restarts) == (1, plain + 1, 0)  # one more marker: DRI
+    assert jpeg.walk(_encoded(_noise(), "PNG")) == (0, 0, 0)
 
 
 def test_scan_count_skips_jpegs_in_metadata_and_sees_scans_behind_garbage() -> None:
@@ -83,15 +84,34 @@ def _padded(filler: bytes, count: int) -> bytes:
 def test_a_jpeg_of_many_markers_is_refused_after_a_bounded_walk() -> None:
     # 20 MiB of two-byte TEM markers: Pillow decodes it in a millisecond, the walk took 2.5 s of CPU a side.
     bomb = _padded(b"\xff\x01", 10_000_000)
-    assert jpeg.walk(bomb) == (1, jpeg.MAX_MARKERS + 1)  # one Python step a marker: it stops past the limit
+    assert jpeg.walk(bomb) == (1, jpeg.MAX_MARKERS + 1, 0)  # one Python step a marker: it stops past the limit
     with pytest.raises(InvalidArgumentError, match=f"more than {jpeg.MAX_MARKERS} markers") as refused:
         decode_image(bomb, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
     assert refused.value.field == FIELD
     with pytest.raises(ApiError, match=rf"input_images\[0\]\.data.*more than {jpeg.MAX_MARKERS} markers"):
         to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=bomb)]), DEFAULT_LIMITS)
-    # Empty metadata segments are markers too (4 bytes each).
+    # Empty metadata segments are markers too (4 bytes each), and are refused before Pillow parses them one by one.
     segments_only = jpeg.SIGNATURE + b"\xff\xe1\x00\x02" * 5_000_000 + _encoded(_noise(), "JPEG")[2:]
-    assert jpeg.walk(segments_only) == (0, jpeg.MAX_MARKERS + 1)
+    assert jpeg.walk(segments_only) == (0, jpeg.MAX_MARKERS + 1, 0)
+    with pytest.raises(InvalidArgumentError, match=f"more than {jpeg.MAX_MARKERS} markers"), _no_pillow_parse():
+        decode_image(segments_only, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+
+
+def test_stray_bytes_before_the_first_scan_are_refused_before_pillow_reads_them() -> None:
+    """Pillow's header parser reads bytes between segments one at a time in Python: 20 MB of fill bytes took 5 s."""
+    data = _encoded(_noise(), "JPEG")
+    fill = data[:2] + b"\xff" * 10_000_000 + data[2:]
+    assert jpeg.walk(fill)[2] == jpeg.MAX_STRAY + 2  # the search for the next marker stops past the limit
+    with pytest.raises(InvalidArgumentError, match="bytes between its header segments") as refused, _no_pillow_parse():
+        decode_image(fill, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+    assert refused.value.field == FIELD
+    some = data[:2] + b"\xff" * jpeg.MAX_STRAY + data[2:]  # Pillow and libjpeg skip them
+    assert decode_image(some, FIELD, DEFAULT_LIMITS.max_input_image_pixels).size == (64, 48)
+
+
+def _no_pillow_parse() -> Any:
+    """Fails the test if Pillow is asked to open the image."""
+    return mock.patch.object(Image, "open", side_effect=AssertionError("Pillow opened it"))
 
 
 def test_bytes_the_walk_skips_at_c_speed_are_no_steps() -> None:
@@ -100,11 +120,11 @@ def test_bytes_the_walk_skips_at_c_speed_are_no_steps() -> None:
     plain = jpeg.walk(_padded(b"", 0))
     assert jpeg.walk(_padded(b"\xff\x00", 5_000_000)) == plain
     assert jpeg.walk(_padded(b"\xff\xd0", 5_000_000)) == plain
-    assert jpeg.walk(_padded(b"\xff", 10_000_000)) == plain
-    assert jpeg.walk(jpeg.SIGNATURE + b"\xff" * 10_000_000) == (0, 0)
+    assert jpeg.walk(_padded(b"\xff", 10_000_000)) == plain  # after the first scan: libjpeg's, in C
+    assert jpeg.walk(jpeg.SIGNATURE + b"\xff" * 10_000_000) == (0, 0, jpeg.MAX_STRAY + 2)  # searched no further
     huge_app = b"\xff\xe1\xff\xff" + bytes(65533)
     data = jpeg.SIGNATURE + huge_app * 300 + _padded(b"", 0)[2:]  # 19.7 MB
-    assert jpeg.walk(data) == (plain[0], plain[1] + 300)
+    assert jpeg.walk(data) == (plain[0], plain[1] + 300, 0)
     assert decode_image(data, FIELD, DEFAULT_LIMITS.max_input_image_pixels).size == (64, 64)
 
 

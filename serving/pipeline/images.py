@@ -35,11 +35,13 @@ _ORIENTATIONS = {
 
 def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Reads the header only (no pixels decoded): refuses empty, oversized and unidentifiable data, formats outside
-    INPUT_FORMATS and JPEGs with more than jpeg.MAX_SCANS scans or jpeg.MAX_MARKERS markers."""
+    INPUT_FORMATS and JPEGs that jpeg.refusal refuses (too many scans, markers or stray bytes)."""
     if not data:
         raise InvalidArgumentError(field, "empty image")
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidArgumentError(field, f"{len(data)} bytes, the limit for one image is {max_bytes}")
+    if data.startswith(jpeg.SIGNATURE) and (reason := jpeg.refusal(data)) is not None:
+        raise InvalidArgumentError(field, reason)  # before Pillow's header parser, which is slower on such files
     try:
         image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
     except UnidentifiedImageError as exc:
@@ -55,8 +57,6 @@ def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None =
     if image.mode == "F":
         # Float samples have no agreed scale (0..1, 0..255, HDR): any conversion to 8 bits would be a guess.
         raise InvalidArgumentError(field, "floating-point (mode F) images are not supported: send 8 or 16-bit")
-    if image.format in ("JPEG", "MPO") and (reason := jpeg.refusal(data)) is not None:
-        raise InvalidArgumentError(field, reason)
     return image
 
 
