@@ -35,9 +35,9 @@ def test_the_stack_refuses_them_before_building_its_repository(tmp_path: Path) -
         taken = other.getsockname()[1]
         ports = [str(free_port()), str(free_port()), str(taken)]
         repository = tmp_path / "repository"
-        argv = ["--checkpoint", str(tmp_path / "absent"), "--model-repository", str(repository), "--triton-ports"]
+        argv = ["--checkpoint", str(tmp_path / "absent"), "--model-repository", str(repository), *_front_end_ports()]
         with pytest.raises(SettingError, match=f"{taken} on {LOOPBACK} in use"):
-            stack.main([*argv, *ports])
+            stack.main([*argv, "--triton-ports", *ports])
     assert not repository.exists()
 
 
@@ -50,10 +50,17 @@ def test_the_stack_refuses_a_taken_front_end_port_before_building_too(tmp_path: 
         value = str(taken) if flag == "--metrics-port" else f"127.0.0.1:{taken}"
         repository = tmp_path / "repository"
         triton = [str(free_port()) for _ in range(3)]
-        argv = ["--checkpoint", str(tmp_path / "absent"), "--model-repository", str(repository), flag, value]
+        argv = ["--checkpoint", str(tmp_path / "absent"), "--model-repository", str(repository)]
+        argv += [*_front_end_ports(), flag, value]  # the last of a flag given twice wins
         with pytest.raises(SettingError, match=f"127.0.0.1:{taken}: the port is in use") as refused:
             stack.main([*argv, "--triton-ports", *triton])
     assert refused.value.setting == flag and not repository.exists()
+
+
+def _front_end_ports() -> list[str]:
+    """Free ports for every front-end flag: their defaults (8080 for HTTP) may be held on a developer's machine."""
+    return ["--listen", f"{LOOPBACK}:{free_port()}", "--http-listen", f"{LOOPBACK}:{free_port()}",
+            "--metrics-port", str(free_port())]  # fmt: skip
 
 
 def test_addresses_that_are_not_this_machines_are_left_to_the_servers_own_bind() -> None:
