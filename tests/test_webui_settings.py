@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from dataclasses import astuple
 
+import pytest
+from omnigen2.limits import MAX_SEED
 from omnigen2.messages import build_request
 from omnigen2.v1 import omnigen2_pb2 as pb
-from omnigen2.webui.settings import ChatSettings, GenerationSettings
+from omnigen2.webui.settings import RANDOM_SEED, ChatSettings, GenerationSettings
+
+from serving.frontend.convert import api_limits, understand_limits
+from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatMessage, ChatPart, ChatRequest
+from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest
 
 
 def _info() -> pb.ModelInfo:
@@ -81,3 +87,37 @@ def test_the_seed_fields_keep_seeds_up_to_2_53_exactly() -> None:
     field = gr.Number(precision=0)
     for seed in (2**53 - 1, 4591024147021620):
         assert field.preprocess(float(seed)) == seed and field.postprocess(seed) == seed
+
+
+def _bounds(info: pb.ModelInfo) -> dict[str, tuple[float | None, float | None]]:
+    """Each numeric control's (minimum, maximum) by element id, on the page built for `info`."""
+    from omnigen2.client import OmniGen2Client
+    from omnigen2.webui.app import build_app
+
+    with OmniGen2Client("127.0.0.1:1") as client:  # the page reads no more than `info` while it is built
+        app = build_app(client, info, "test")
+    blocks = [b for b in app.blocks.values() if getattr(b, "elem_id", None) and hasattr(b, "minimum")]
+    return {b.elem_id: (b.minimum, getattr(b, "maximum", None)) for b in blocks}
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served limits", "none reported"])
+def test_every_control_stops_where_the_server_does(served: bool) -> None:
+    """Each bound of a control is a value the server takes (before: top_p started at 0, which it refuses with
+    (0, 1]; max_pixels and the input side at 1, top_k unbounded, max_new_tokens up to 4096 past its 2048)."""
+    info = _info()
+    info.step_caches.extend([pb.STEP_CACHE_TEACACHE, pb.STEP_CACHE_TAYLORSEER])
+    if served:
+        info.limits.CopyFrom(api_limits(DEFAULT_LIMITS, 1, 1, DEFAULT_LIMITS.max_sequence_length))
+        info.understand_limits.CopyFrom(understand_limits(DEFAULT_CHAT_LIMITS))
+    bounds = _bounds(info)
+    assert bounds["chat-top_p"][0] > 0 and bounds["chat-top_k"][1] is not None
+    for name in ("steps", "num_images_per_prompt", "text_guidance_scale", "image_guidance_scale", "max_sequence_length",
+                 "max_pixels", "max_input_image_side_length", "teacache_threshold"):  # fmt: skip
+        for value in filter(None.__ne__, bounds[f"generate-{name}"]):
+            assert not GenerationRequest(prompt="a", **{name: value}).violations(), (name, value)
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k"):
+        for value in bounds[f"chat-{name}"]:
+            message = ChatMessage("user", [ChatPart(text="a")])
+            assert not ChatRequest([message], **{name: value}).violations(), (name, value)
+    for key in ("generate-seed", "chat-seed"):  # -1: random; the rest the server takes
+        assert bounds[key] == (RANDOM_SEED, MAX_SEED)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from omnigen2.limits import MAX_NEW_TOKENS
+from omnigen2.limits import MAX_NEW_TOKENS, MAX_TOP_K
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -109,8 +109,8 @@ class ChatRequest:
             bad("temperature", f"must be in [0, 2], got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k <= 1000:
-            bad("top_k", f"must be in [0, 1000], got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            bad("top_k", f"must be in [0, {MAX_TOP_K}], got {self.top_k}")
         if not 0 <= self.seed <= MAX_SEED:
             bad("seed", f"{SEED_RANGE}, got {self.seed}")
         if len(self.stop) > limits.max_stop_strings:

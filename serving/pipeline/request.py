@@ -9,7 +9,14 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from omnigen2.limits import MAX_INPUT_IMAGES, MAX_SEED, MAX_SEQUENCE_LENGTH, RANDOM_SEEDS
+from omnigen2.limits import (
+    MAX_INPUT_IMAGES,
+    MAX_SEED,
+    MAX_SEQUENCE_LENGTH,
+    MIN_INPUT_IMAGE_SIDE,
+    MIN_MAX_PIXELS,
+    RANDOM_SEEDS,
+)
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -134,11 +141,11 @@ class GenerationRequest:
         if not 1 <= self.num_images_per_prompt <= limits.max_images_per_prompt:
             bound, got = limits.max_images_per_prompt, self.num_images_per_prompt
             bad("num_images_per_prompt", f"must be in [1, {bound}], got {got}")
-        if not 16 * 16 <= self.max_pixels <= limits.max_pixels:
-            bad("max_pixels", f"must be in [256, {limits.max_pixels}], got {self.max_pixels}")
-        if not 16 <= self.max_input_image_side_length <= limits.max_side:
-            got = self.max_input_image_side_length
-            bad("max_input_image_side_length", f"must be in [16, {limits.max_side}], got {got}")
+        if not MIN_MAX_PIXELS <= self.max_pixels <= limits.max_pixels:
+            bad("max_pixels", f"must be in [{MIN_MAX_PIXELS}, {limits.max_pixels}], got {self.max_pixels}")
+        if not MIN_INPUT_IMAGE_SIDE <= self.max_input_image_side_length <= limits.max_side:
+            got, side = self.max_input_image_side_length, (MIN_INPUT_IMAGE_SIDE, limits.max_side)
+            bad("max_input_image_side_length", f"must be in [{side[0]}, {side[1]}], got {got}")
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= limits.max_sequence_length:
             got = self.max_sequence_length
             bad("max_sequence_length", f"must be in [1, {limits.max_sequence_length}], got {got}")

@@ -19,6 +19,16 @@ from PIL import Image
 
 from omnigen2.client import DEFAULT_SERVER, OmniGen2Client
 from omnigen2.errors import OmniGen2Error
+from omnigen2.limits import (
+    MAX_INPUT_IMAGES,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_SEQUENCE_LENGTH,
+    MAX_TOP_K,
+    MIN_INPUT_IMAGE_SIDE,
+    MIN_MAX_PIXELS,
+    MIN_TOP_P,
+)
 from omnigen2.messages import ChatTurn, GenerationResult, Progress
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, STEP_CACHES, ChatSettings, GenerationSettings
@@ -26,6 +36,13 @@ from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, STEP_CACHES, Ch
 Values = dict[Any, Any]  # what Gradio hands a handler whose inputs are a set: component -> value
 GalleryUpdate = tuple[list[Image.Image], str]
 STARTUP_TIMEOUT_S = 15.0  # reading the served defaults at start: a missing server is said within this
+# A seed field: integers (kept exactly up to 2^53, which the seeds drawn by the server stay below), -1 for random.
+SEED_FIELD: dict[str, Any] = {
+    "precision": 0,
+    "minimum": RANDOM_SEED,
+    "maximum": MAX_SEED,
+    "info": f"{RANDOM_SEED}: random",
+}
 
 
 @dataclass
@@ -113,7 +130,7 @@ def _settings_panel(info: pb.ModelInfo, start: GenerationSettings, key: str) -> 
         with gr.Row():
             add("steps", gr.Slider, "Steps", minimum=1, maximum=limits.max_steps or 200, step=1)
             add("scheduler", gr.Dropdown, "Scheduler", choices=["euler", "dpmsolver"])
-            add("seed", gr.Number, "Seed", precision=0, info=f"{RANDOM_SEED}: random")
+            add("seed", gr.Number, "Seed", **SEED_FIELD)
         with gr.Row():
             add("text_guidance_scale", gr.Slider, "Text guidance scale", **guidance)
             add("image_guidance_scale", gr.Slider, "Image guidance scale", **guidance)
@@ -121,9 +138,12 @@ def _settings_panel(info: pb.ModelInfo, start: GenerationSettings, key: str) -> 
             add("cfg_start", gr.Slider, "Guidance from (cfg_range start)", **share)
             add("cfg_end", gr.Slider, "Guidance until (cfg_range end)", **share)
         with gr.Row():
-            add("max_sequence_length", gr.Number, "Max sequence length", precision=0, minimum=1)
-            add("max_pixels", gr.Number, "Max pixels", precision=0, minimum=1)
-            add("max_input_image_side_length", gr.Number, "Max input image side", precision=0, minimum=1)
+            tokens = {"precision": 0, "minimum": 1, "maximum": limits.max_sequence_length or MAX_SEQUENCE_LENGTH}
+            add("max_sequence_length", gr.Number, "Max sequence length", **tokens)
+            pixels = {"precision": 0, "minimum": MIN_MAX_PIXELS, "maximum": limits.max_pixels or None}
+            add("max_pixels", gr.Number, "Max pixels", **pixels)
+            side = {"precision": 0, "minimum": MIN_INPUT_IMAGE_SIDE, "maximum": limits.max_side or None}
+            add("max_input_image_side_length", gr.Number, "Max input image side", **side)
         with gr.Row():
             # The modes the server offers (one without step caching lists none: only "none" then).
             served = {STEP_CACHES.get(mode, "none") for mode in info.step_caches}
@@ -132,7 +152,14 @@ def _settings_panel(info: pb.ModelInfo, start: GenerationSettings, key: str) -> 
             add("teacache_threshold", gr.Slider, "TeaCache threshold", minimum=0.01, maximum=1.0, step=0.01)
         with gr.Row():
             add("previews", gr.Checkbox, "Show previews (one VAE decode each)")
-            add("preview_every", gr.Number, "Preview every n steps", precision=0, minimum=1)
+            add(
+                "preview_every",
+                gr.Number,
+                "Preview every n steps",
+                precision=0,
+                minimum=1,
+                maximum=limits.max_steps or 200,
+            )
     return [controls[f.name] for f in fields(GenerationSettings)]
 
 
@@ -195,13 +222,29 @@ def _chat_tab(client: OmniGen2Client, info: pb.ModelInfo) -> None:
     )
     status = gr.Markdown(elem_id="chat-status")
     with gr.Accordion("Answer settings", open=False, elem_id="chat-settings"), gr.Row():
-        most = limits.max_new_tokens or 4096
+        most = limits.max_new_tokens or MAX_NEW_TOKENS
         controls = [
             gr.Slider(1, most, start.max_new_tokens, step=1, label="Max new tokens", elem_id="chat-max_new_tokens"),
-            gr.Slider(0.0, 2.0, start.temperature, step=0.05, label="Temperature", info="0: greedy"),
-            gr.Slider(0.0, 1.0, start.top_p, step=0.05, label="Top p"),
-            gr.Number(start.top_k, label="Top k", precision=0, minimum=0, info="0: off"),
-            gr.Number(RANDOM_SEED, label="Seed", precision=0, info=f"{RANDOM_SEED}: random", elem_id="chat-seed"),
+            gr.Slider(
+                0.0,
+                2.0,
+                start.temperature,
+                step=0.05,
+                label="Temperature",
+                info="0: greedy",
+                elem_id="chat-temperature",
+            ),
+            gr.Slider(MIN_TOP_P, 1.0, start.top_p, step=0.01, label="Top p", elem_id="chat-top_p"),
+            gr.Number(
+                start.top_k,
+                label="Top k",
+                precision=0,
+                minimum=0,
+                maximum=MAX_TOP_K,
+                info="0: off",
+                elem_id="chat-top_k",
+            ),
+            gr.Number(RANDOM_SEED, label="Seed", elem_id="chat-seed", **SEED_FIELD),
         ]
     clear = gr.Button("New conversation", elem_id="chat-clear")
 
@@ -244,7 +287,7 @@ def build_app(client: OmniGen2Client, info: pb.ModelInfo, server: str, **startin
     """The page. `starting_values` (GenerationSettings fields) replace the served defaults in the panels."""
     generate_start = GenerationSettings.from_model_info(info, **starting_values)
     edit_start = GenerationSettings(**{**asdict(generate_start), "width": SERVER_DEFAULT, "height": SERVER_DEFAULT})
-    most = info.limits.max_input_images or 5
+    most = info.limits.max_input_images or MAX_INPUT_IMAGES
     with gr.Blocks(title="OmniGen2") as app:
         gr.Markdown(
             f"# OmniGen2\nServer `{server}` · backend `{info.backend}` · checkpoint `{info.checkpoint_sha256[:12]}`"
