@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 
+import grpc
 import pytest
 from omnigen2.v1 import omnigen2_pb2 as pb
 from PIL import Image
 
-from serving.frontend.budgets import check_budgets
+from serving.frontend.admission import Admission, Load
+from serving.frontend.budgets import check_budgets, generation_load, inflight_budgets
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import to_forward
+from serving.frontend.metrics import Metrics
 from serving.frontend.status import ApiError
 from serving.pipeline.request import DEFAULT_LIMITS
 
@@ -54,3 +57,37 @@ def test_the_issues_heavy_requests_are_refused_by_default(request_: pb.GenerateR
     with pytest.raises(ApiError) as raised:
         check_budgets(to_forward(request_, DEFAULT_LIMITS), FrontendConfig())
     assert field in raised.value.status.details
+
+
+# The attack: 8 images generated at 256x256 in one step, delivered at 4096x4096 (134 M output pixels). Its 2.6k
+# tokens a step pass every token budget; the stack held about 4.6 GB more while one ran.
+OUTPUT_FLOOD = pb.GenerateRequest(
+    prompt="noise", width=4096, height=4096, max_pixels=65536, num_images_per_prompt=8, steps=1, text_guidance_scale=1.0
+)
+
+
+def test_output_pixels_in_flight_are_bounded_not_only_per_request() -> None:
+    config = FrontendConfig()
+    forward = to_forward(OUTPUT_FLOOD, DEFAULT_LIMITS)
+    check_budgets(forward, config)  # the largest output the limits allow fits alone
+    admission = Admission(config.max_in_flight, inflight_budgets(config), config.retry_after_s, Metrics())
+    with admission.reserve(generation_load(forward)):
+        assert admission.held.output_pixels == 8 * 4096 * 4096
+        with pytest.raises(ApiError) as raised, admission.reserve(generation_load(forward)):
+            pass
+        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "output pixels in flight" in raised.value.status.details
+        small = pb.GenerateRequest(prompt="cat", width=512, height=512, steps=1)
+        with admission.reserve(generation_load(to_forward(small, DEFAULT_LIMITS))):  # room left beside it
+            pass
+    assert admission.held == Load()
+
+
+def test_a_request_over_the_output_pixels_in_flight_is_refused_alone() -> None:
+    """Admission takes a request alone whatever its cost, so one that could never fit beside others is refused."""
+    config = FrontendConfig(max_inflight_output_pixels=100_000_000)
+    with pytest.raises(ApiError) as raised:
+        check_budgets(to_forward(OUTPUT_FLOOD, DEFAULT_LIMITS), config)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_images_per_prompt" in raised.value.status.details  # one image would fit
+    assert "(--max-inflight-output-pixels)" in raised.value.status.details

@@ -21,12 +21,16 @@ class Load:
     pixels: int = 0  # decoded input pixels
     step_tokens: int = 0  # transformer tokens of a step
     chat_tokens: int = 0  # an answer's sequence: prompt and image tokens, and the tokens it may add
+    # Output images' pixels (n x width x height): the decoded frames, resizes, encodes and response messages held
+    # while a generation ends scale with these, not with its tokens (1 step at 256x256 can ask for 8 x 4096x4096).
+    output_pixels: int = 0
 
 
 NAMES = {
     "pixels": "decoded input pixels",
     "step_tokens": "transformer tokens per step",
     "chat_tokens": "answer tokens",
+    "output_pixels": "output pixels",
 }
 
 

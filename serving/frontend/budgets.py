@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from omnigen2.v1 import omnigen2_pb2 as pb
 
+from serving.frontend.admission import Load
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import ChatForward, Forward
 from serving.frontend.status import invalid_argument
@@ -32,6 +33,9 @@ def check_budgets(forward: Forward, config: FrontendConfig) -> None:
         "response bytes",
         "max-response-bytes",
     )
+    # Admission admits a request alone whatever its cost: one that could never fit beside others is refused here.
+    output_field = per_image(cost.output_pixels, config.max_inflight_output_pixels)
+    check(output_field, cost.output_pixels, "output pixels", "max-inflight-output-pixels")
     check("input_images", cost.input_pixels, "decoded input pixels", "max-request-input-pixels")
     parts = {"prompt": cost.text_tokens, "max_input_image_side_length": cost.reference_tokens, size: cost.image_tokens}
     sample_field = max(parts, key=parts.__getitem__)  # the largest part of a sample
@@ -41,6 +45,21 @@ def check_budgets(forward: Forward, config: FrontendConfig) -> None:
     check("steps", cost.total_tokens, "transformer tokens over its steps", "max-request-tokens")
     if violations:
         raise invalid_argument(violations)
+
+
+def inflight_budgets(config: FrontendConfig) -> Load:
+    return Load(
+        pixels=config.max_inflight_input_pixels,
+        step_tokens=config.max_inflight_step_tokens,
+        chat_tokens=config.max_inflight_chat_tokens,
+        output_pixels=config.max_inflight_output_pixels,
+    )
+
+
+def generation_load(forward: Forward) -> Load:
+    """What an admitted generation holds against the in-flight budgets until its work has stopped."""
+    cost = forward.cost
+    return Load(pixels=cost.input_pixels, step_tokens=cost.step_tokens, output_pixels=cost.output_pixels)
 
 
 def api_budgets(config: FrontendConfig) -> pb.Budgets:
@@ -55,6 +74,7 @@ def api_budgets(config: FrontendConfig) -> pb.Budgets:
         max_run_seconds=config.max_run_s,
         max_chat_tokens=config.max_chat_tokens,
         max_inflight_chat_tokens=config.max_inflight_chat_tokens,
+        max_inflight_output_pixels=config.max_inflight_output_pixels,
         max_buffered_stream_bytes=config.max_buffered_stream_bytes,
         stop_grace_seconds=config.stop_grace_s,
     )

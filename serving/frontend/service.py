@@ -20,7 +20,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from serving.frontend import access_log, request_id
 from serving.frontend.admission import Admission, Load
 from serving.frontend.auth import TokenRegistry
-from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets
+from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets, generation_load, inflight_budgets
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import (
     API_STEP_CACHES,
@@ -71,11 +71,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self.metrics = metrics
         self.admission = Admission(
             config.max_in_flight,
-            Load(
-                pixels=config.max_inflight_input_pixels,
-                step_tokens=config.max_inflight_step_tokens,
-                chat_tokens=config.max_inflight_chat_tokens,
-            ),
+            inflight_budgets(config),
             config.retry_after_s,
             metrics,
         )
@@ -241,7 +237,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             check_budgets(forward, self.config)
             forward = dataclasses.replace(forward, previews=previews)
             last_step = time.perf_counter()
-            with self.admission.reserve(Load(pixels=forward.cost.input_pixels, step_tokens=forward.cost.step_tokens)):
+            with self.admission.reserve(generation_load(forward)):
                 events = self.backend.generate(forward, self._run_time(context), outbox)
                 async with contextlib.aclosing(events):
                     async for event in events:

@@ -25,6 +25,7 @@ CHAT_TEMPLATE_TOKENS = 64  # the system message and the template's markers aroun
 @dataclass(frozen=True)
 class GenerationCost:
     output_bytes: int  # the response: uint8 images at output size (encoded), plus latents when asked for
+    output_pixels: int  # n x output height x width: what the pipeline's output buffers and the response scale with
     input_pixels: int  # decoded pixels of the input images, as their headers state
     text_tokens: int  # the longer of the prompt and the negative prompt, at most
     image_tokens: int  # the generated image's tokens in one sample
@@ -41,7 +42,8 @@ def generation_cost(
     refs = [fit_size(h, w, request.max_pixels, request.max_input_image_side_length) for h, w in image_sizes]
     (gen_h, gen_w), (out_h, out_w) = generation_size(request.width, request.height, request.max_pixels, refs)
     n = request.num_images_per_prompt
-    output = int(n * out_h * out_w * 3 * ENCODING_SLACK)
+    output_pixels = n * out_h * out_w
+    output = int(output_pixels * 3 * ENCODING_SLACK)
     if return_latents:
         output += n * LATENT_CHANNELS * (gen_h // VAE_SCALE) * (gen_w // VAE_SCALE) * 4
     image = _patches(gen_h, gen_w)
@@ -59,6 +61,7 @@ def generation_cost(
     steps = [n * sum(branch_tokens[b] for b in step) for step in branches]
     return GenerationCost(
         output_bytes=output,
+        output_pixels=output_pixels,
         input_pixels=sum(h * w for h, w in image_sizes),
         text_tokens=max(prompt, negative),
         image_tokens=image,

@@ -96,6 +96,8 @@ BUDGETS = (
     "--max-step-tokens=2500",
     "--max-inflight-step-tokens=3000",
     "--max-request-tokens=400000",
+    # Output pixels: the runner's 256x256 and a 1024x1024 (1 048 576) fit alone, not together.
+    "--max-inflight-output-pixels=1100000",
     # Understand: "Talk for a long time" with 240 new tokens is 20 + 8 + 32 + 240 = 300.
     "--max-chat-tokens=300",
     "--max-inflight-chat-tokens=400",
@@ -130,6 +132,8 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> 
         ([], {"width": 256, "height": 256, "num_images_per_prompt": 4}, "num_images_per_prompt", "max-step-tokens"),
         ([], {"width": 512, "height": 512, "steps": 200}, "steps", "max-request-tokens"),
         ([], {"prompt": "many words " * 200, "width": 256, "height": 256, "steps": 1}, "prompt", "max-sample-tokens"),
+        # Generated at 256x256 (256 tokens), delivered at 1088x1024: 1 114 112 output pixels.
+        ([], {"width": 1088, "height": 1024, "max_pixels": 65536, "steps": 1}, "width", "max-inflight-output-pixels"),
     ],
 )
 def test_a_request_over_a_budget_is_refused_naming_the_field_and_the_budget(
@@ -156,6 +160,8 @@ def test_admitted_work_is_bounded_by_cost_not_only_by_count(budgeted: FrontendPr
     for images, options, budget in [
         ([_png(256, 256)], {}, "decoded input pixels"),  # 131 072 pixels in flight: over 100 000
         ([], {"width": 512, "height": 512}, "transformer tokens per step"),  # 1476 + 2180: over 3000
+        # 648 tokens a step, but 65 536 + 1 048 576 output pixels: over 1 100 000
+        ([], {"width": 1024, "height": 1024, "max_pixels": 65536}, "output pixels"),
     ]:
         with pytest.raises(ResourceExhaustedError) as raised:
             client.compose(images, "One more", steps=2, seed=1, **options)  # type: ignore[arg-type]
@@ -176,6 +182,7 @@ def test_model_info_reports_the_budgets(budgeted: FrontendProcess) -> None:
     assert budgets.max_output_bytes == 512 * MiB and budgets.max_run_seconds == 600
     assert (budgets.max_chat_tokens, budgets.max_inflight_chat_tokens) == (300, 400)
     assert budgets.max_buffered_stream_bytes == 64 * MiB and budgets.stop_grace_seconds == 10
+    assert budgets.max_inflight_output_pixels == 1_100_000
 
 
 @pytest.mark.parametrize(
