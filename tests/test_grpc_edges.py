@@ -4,8 +4,11 @@ path. A front end in process, no Triton: each call here is answered before one i
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -116,3 +119,63 @@ def test_a_refusal_of_a_method_outside_the_service_counts_as_unknown() -> None:
             assert methods == ["Generate", "unknown"]
 
     asyncio.run(run())
+
+
+def test_calls_cut_at_the_end_of_the_grace_period_are_recorded_as_the_caller_saw_them() -> None:
+    """A call still running when stop()'s grace period ends reaches its caller as UNAVAILABLE ("Cancelling all
+    calls"), and an HTTP request there is the server's failure: before, they were recorded as CANCELLED and 499
+    (the caller went away). A call the caller cancels during the grace period stays CANCELLED."""
+
+    async def run() -> None:
+        unused = f"127.0.0.1:{free_port()}"
+        fields = {"listen": "127.0.0.1:0", "triton_url": unused, "metrics_port": 0, "shutdown_grace_s": 1.0}
+        frontend = Frontend(FrontendConfig(**fields, http_listen=f"127.0.0.1:{free_port()}"))  # type: ignore[arg-type]
+        port = await frontend.start()
+
+        async def never() -> dict[str, str]:  # the backend's parameters never come: the call runs until cut
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def answer(*args: object, **kwargs: object) -> AsyncIterator[dict[str, str]]:  # one delta, then none
+            yield {"type": "delta", "text": "a"}
+            await never()
+
+        frontend.backend.model_parameters = never  # type: ignore[method-assign]
+        frontend.backend.understand = answer  # type: ignore[method-assign,assignment]
+        base = f"http://{frontend.config.http_listen}/v1"
+        chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = channel.unary_unary("/omnigen2.v1.OmniGen2/GetModelInfo", lambda b: b, lambda b: b)
+            cut, left = info(b"", timeout=30), info(b"", timeout=30)
+            models = asyncio.create_task(asyncio.to_thread(_get, urllib.request.Request(f"{base}/models")))
+            body = json.dumps(chat).encode()  # a stream: 200 and a delta sent when it is cut
+            chat_stream = urllib.request.Request(f"{base}/chat/completions", body, {"Content-Type": "application/json"})
+            answered = asyncio.create_task(asyncio.to_thread(_get, chat_stream))
+            await asyncio.sleep(0.5)
+            stop = asyncio.create_task(frontend.stop())
+            await asyncio.sleep(0.2)
+            left.cancel()  # by its caller, within the grace period
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await cut
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            await stop
+            await models
+            assert "server_error" in await answered  # the stream's error event
+        counted = frontend.metrics.registry.get_sample_value
+        calls = [
+            counted("omnigen2_requests_total", {"method": "GetModelInfo", "code": c})
+            for c in ("UNAVAILABLE", "CANCELLED")
+        ]
+        assert calls == [2, 1]  # the HTTP request's GetModelInfo is cut too
+        assert counted("omnigen2_requests_total", {"method": "Understand", "code": "UNAVAILABLE"}) == 1
+        statuses = {labels["route"]: labels["status"] for labels in _series(frontend, "omnigen2_http_requests_total")}
+        assert statuses == {"/v1/models": "503", "/v1/chat/completions": "503"}
+
+    asyncio.run(run())
+
+
+def _get(request: urllib.request.Request) -> str:
+    """The body read before the connection closed (it may close without an answer)."""
+    with contextlib.suppress(OSError, http.client.HTTPException), urllib.request.urlopen(request, timeout=30) as answer:
+        return answer.read().decode()
+    return ""

@@ -108,6 +108,7 @@ class OpenAIGateway:
         self.connections = 0  # open ones, served by aiohttp
         self.refusal = _unavailable("too many connections here; retry later", max(1, math.ceil(config.retry_after_s)))
         self.channel: grpc.aio.Channel | None = None
+        self.cut_at: float | None = None  # set by stop(): requests still running then are cut by the server
         self.stub: pb_grpc.OmniGen2Stub | None = None
 
     async def start(self, listen: str) -> int:
@@ -139,6 +140,7 @@ class OpenAIGateway:
 
     async def stop(self) -> None:
         """Stops listening, then gives requests in flight the grace period to finish."""
+        self.cut_at = time.monotonic() + self.config.shutdown_grace_s
         if self.listener is not None:
             self.listener.close()
         await self.runner.cleanup()
@@ -471,7 +473,12 @@ class OpenAIGateway:
             code = exc.reason.lower().replace(" ", "_")
             response = _error_response(OpenAIError(exc.status, exc.reason, code=code, headers=allow))
         except asyncio.CancelledError:
-            request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
+            # Cut by stop() at the end of its grace period, not by the caller: logged as the server's failure
+            # (the error a stream sent, else 503; a stream's status line may have said 200).
+            if self.cut_at is not None and time.monotonic() >= self.cut_at:
+                request["status"] = request.get("status") or 503
+            else:
+                request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
             raise
         except ConnectionResetError:  # the same, seen by a write before aiohttp cancelled the handler
             request["status"] = 499

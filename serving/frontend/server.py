@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,6 +173,7 @@ class Frontend:
         # HTTP requests in flight are calls in flight: both drain together, within the grace period, and a warm-up
         # in progress stops meanwhile.
         gateway = self.gateway.stop() if self.gateway is not None else asyncio.sleep(0)
+        self.service.cut_at = time.monotonic() + self.config.shutdown_grace_s
         await asyncio.gather(gateway, self.server.stop(self.config.shutdown_grace_s), self.health.wait_closed())
         await self.backend.close()
         if self._socket_dir:

@@ -83,6 +83,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self.readers = ThreadPoolExecutor(1, thread_name_prefix="frontend-reader")
         self._model_parameters: dict[str, str] | None = None
         self.server_id = config.server_id  # the front end names it once it has bound its port
+        self.cut_at: float | None = None  # set by the server's stop: calls still running then are cut (UNAVAILABLE)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._call("Generate", context, request):
@@ -180,6 +181,10 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         except asyncio.CancelledError:
             expired = budget is not None and time.perf_counter() - start >= budget
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            # Cut by the server's stop at the end of its grace period: the caller saw UNAVAILABLE ("Cancelling all
+            # calls"), and so do the log and the metrics.
+            if self.cut_at is not None and time.monotonic() >= self.cut_at:
+                code = grpc.StatusCode.UNAVAILABLE
             raise
         except Exception:
             log.exception("%s failed (request_id=%s)", method, call_id)
