@@ -23,7 +23,7 @@ from PIL import Image
 from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.triton.bls_settings import BlsSettings
-from serving.triton.launcher import TritonServer
+from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, TritonServer
 from tests.integration.triton_stream import GenerationStream
 
 MiB = 1024 * 1024
@@ -329,6 +329,42 @@ def test_idle_memory_comes_back_after_a_burst(tmp_path: Path, model_repository: 
         time.sleep(3)  # the stubs trim a second after their last call
         grown = _tree_rss_mb(server.process.pid) - baseline
         assert grown < 200, f"the idle stack kept {grown:.0f} MB after the burst"
+
+
+def test_memory_comes_back_after_large_outputs(tmp_path: Path, triton: TritonServer) -> None:
+    """glibc kept what large answers freed (one more 8 x 4096x4096 answer: the front end +412 MB, Triton +189 MB),
+    and each of Triton's pooled responses kept its largest output's buffer (+385 MB)."""
+    assert triton.process is not None
+    # Triton cannot be told to trim: a fixed mmap threshold and no pool of responses.
+    assert f"{MMAP_THRESHOLD_ENV}={MMAP_THRESHOLD}".encode() in _proc(triton.process.pid, "environ")
+    assert b"--grpc-infer-allocation-pool-size=0" in _proc(triton.process.pid, "cmdline")
+    large = pb.GenerateRequest(
+        prompt="Noise", width=2048, height=2048, max_pixels=65536, num_images_per_prompt=8, steps=1, seed=1
+    )
+    with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log") as frontend:
+        frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        assert frontend.process is not None
+        processes = {"front end": frontend.process.pid, "tritonserver": triton.process.pid}
+        stub = pb_grpc.OmniGen2Stub(
+            grpc.insecure_channel(frontend.address, [("grpc.max_receive_message_length", 256 * MiB)])
+        )
+        stub.Generate(large, timeout=120)  # 96 MiB of pixels; its one-time costs (imports, tables) are not measured
+        time.sleep(3)  # the front end trims a second after its last call
+        baseline = {name: _anon_mb(pid) for name, pid in processes.items()}
+        stub.Generate(large, timeout=120)
+        time.sleep(3)
+        grown = {name: _anon_mb(pid) - baseline[name] for name, pid in processes.items()}
+        assert all(mb < 32 for mb in grown.values()), f"idle after a large output, grown (MB): {grown}"
+
+
+def _proc(pid: int, name: str) -> list[bytes]:
+    return Path(f"/proc/{pid}/{name}").read_bytes().split(b"\0")
+
+
+def _anon_mb(pid: int) -> float:
+    """Anonymous memory only: Triton maps its stubs' shared-memory regions, whose pages its RSS counts too."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")) / 1024
 
 
 def _tree_rss_mb(pid: int) -> float:
