@@ -32,7 +32,7 @@ from types import TracebackType
 import tritonclient.grpc as triton_grpc
 
 from serving.errors import SettingError
-from serving.triton import leftovers, lifeline
+from serving.triton import leftovers, lifeline, memory
 from serving.triton.supervisor import TritonSupervisor
 from serving.triton.watchdog import StubWatchdog
 from serving.triton.wire import RECONNECT_OPTIONS
@@ -46,6 +46,7 @@ UNLOADED = re.compile(rb"successfully unloaded '([^']+)'")  # Triton's log line 
 EXIT_GRACE_S = 1.5  # Triton exits at its once-a-second check after its last model unloaded
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's; one the caller's environment sets is kept
 MMAP_THRESHOLD = 1 << 20  # blocks this large or larger are mapped on their own and unmapped when freed
+STUB_MMAP_THRESHOLD = 32 << 20  # the most glibc raises its own threshold to (64-bit)
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,11 @@ class TritonServer:
         env[leftovers.LAUNCHER_ENV] = str(os.getpid())  # its parent while this process lives (leftovers.py)
         # glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed, and the heap then keeps what the
         # next large output freed: Triton, which cannot be told to malloc_trim, held 190-250 MB more after a second
-        # 8 x 4096x4096 answer. A fixed threshold ends the raising; the stubs inherit it (they trim anyway).
-        env.setdefault(MMAP_THRESHOLD_ENV, str(MMAP_THRESHOLD))
+        # 8 x 4096x4096 answer. A fixed threshold ends the raising. The stubs inherit it but take glibc's ceiling
+        # instead (memory.use_stub_mmap_threshold: at 1 MiB their tensors ran slower), and trim once idle.
+        if MMAP_THRESHOLD_ENV not in env:
+            env[MMAP_THRESHOLD_ENV] = str(MMAP_THRESHOLD)
+            env[memory.STUB_MMAP_THRESHOLD_ENV] = str(STUB_MMAP_THRESHOLD)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             # Killed with this process, whichever way it ends (serving/triton/lifeline.py): an orphan would hold the

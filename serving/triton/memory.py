@@ -9,15 +9,35 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 
+# Set by the launcher for Triton's processes: the mmap threshold its stubs take instead of Triton's own (launcher.py).
+STUB_MMAP_THRESHOLD_ENV = "OMNIGEN2_STUB_MMAP_THRESHOLD"
+M_MMAP_THRESHOLD = -3  # <malloc.h>
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    library = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(library), name, None) if library else None  # glibc only
+
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None  # glibc only
+    return _libc_function("malloc_trim")
+
+
+def use_stub_mmap_threshold() -> None:
+    """Triton runs with glibc's mmap threshold fixed at 1 MiB, so that the large response buffers it frees go back
+    to the system; its stubs inherit that, and there every large tensor was then mapped and unmapped afresh (page
+    faults each time: a CPU MLP ran 15 % slower). A stub takes the threshold the launcher names for it instead, and
+    gives its heap back with malloc_trim once idle (IdleTrimmer)."""
+    value = os.environ.get(STUB_MMAP_THRESHOLD_ENV)
+    mallopt = _libc_function("mallopt")
+    if value and mallopt is not None:
+        mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(int(value)))
 
 
 class IdleTrimmer:
@@ -30,6 +50,7 @@ class IdleTrimmer:
         self._last = time.monotonic()
         self._dirty = False
         self._lock = threading.Lock()
+        use_stub_mmap_threshold()  # a no-op outside Triton's stubs
         if self._trim is not None:
             threading.Thread(target=self._run, name="idle-trimmer", daemon=True).start()
 

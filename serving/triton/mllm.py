@@ -35,6 +35,7 @@ from serving.pipeline.understand import ChatResult, Understander
 from serving.runtime.torch_backend import run_graph
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
+from serving.triton.memory import use_stub_mmap_threshold
 from serving.triton.model_config import model_config, parameters
 from serving.triton.model_names import MLLM_MODEL
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
@@ -48,6 +49,7 @@ DECODING = threading.BoundedSemaphore(2)
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         route_to_triton()
+        use_stub_mmap_threshold()
         version_dir = Path(args["model_repository"]) / args["model_version"]
         params = parameters(model_config(args))
         device, dtype = instance_placement(args, params["precision"])

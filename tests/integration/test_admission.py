@@ -24,6 +24,8 @@ from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, TritonServer
+from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
+from serving.triton.watchdog import stub_processes
 from tests.integration.triton_stream import GenerationStream
 
 MiB = 1024 * 1024
@@ -338,6 +340,9 @@ def test_memory_comes_back_after_large_outputs(tmp_path: Path, triton: TritonSer
     # Triton cannot be told to trim: a fixed mmap threshold and no pool of responses.
     assert f"{MMAP_THRESHOLD_ENV}={MMAP_THRESHOLD}".encode() in _proc(triton.process.pid, "environ")
     assert b"--grpc-infer-allocation-pool-size=0" in _proc(triton.process.pid, "cmdline")
+    # Its stubs inherit that threshold and are told to take glibc's ceiling (tests/test_stub_mmap.py).
+    stubs = [pid for pids in stub_processes(triton.process.pid).values() for pid in pids]
+    assert stubs and all(f"{STUB_MMAP_THRESHOLD_ENV}=".encode() in b"\0".join(_proc(pid, "environ")) for pid in stubs)
     large = pb.GenerateRequest(
         prompt="Noise", width=2048, height=2048, max_pixels=65536, num_images_per_prompt=8, steps=1, seed=1
     )
