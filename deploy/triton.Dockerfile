@@ -43,5 +43,8 @@ EXPOSE 8000 8001 8002
 # Triton implements the gRPC health service (grpc.health.v1 Check): SERVING once the server is ready.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-m", "serving.health_probe", "--address", "127.0.0.1:8001"]
+# Memory back after large answers, as `make serve` runs it (serving/triton/launcher.py): glibc's mmap threshold fixed
+# for Triton, glibc's own ceiling for its stubs (serving/triton/memory.py), no pool of gRPC responses.
+ENV MALLOC_MMAP_THRESHOLD_=1048576 OMNIGEN2_STUB_MMAP_THRESHOLD=33554432
 CMD ["tritonserver", "--model-repository=/models/model_repository", "--model-control-mode=explicit", \
-     "--load-model=*", "--strict-readiness=true", "--exit-on-error=true"]
+     "--load-model=*", "--strict-readiness=true", "--exit-on-error=true", "--grpc-infer-allocation-pool-size=0"]

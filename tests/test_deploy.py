@@ -24,7 +24,14 @@ from packaging.requirements import Requirement
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import LIVENESS, SERVICE
 from serving.frontend.metrics import Metrics
-from serving.triton.launcher import TRITONSERVER_ENV
+from serving.triton.launcher import (
+    MMAP_THRESHOLD,
+    MMAP_THRESHOLD_ENV,
+    NO_RESPONSE_POOL,
+    STUB_MMAP_THRESHOLD,
+    TRITONSERVER_ENV,
+)
+from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
 from tests.test_triton_install import fake_install
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,3 +347,18 @@ def test_the_front_ends_metrics_have_a_scrape_job(base: list[dict[str, Any]], po
 def pod_annotations(objects: list[dict[str, Any]]) -> dict[str, str]:
     (deployment,) = by_kind(objects, "Deployment")
     return dict(deployment["spec"]["template"]["metadata"]["annotations"])
+
+
+MEMORY_ENV = {MMAP_THRESHOLD_ENV: str(MMAP_THRESHOLD), STUB_MMAP_THRESHOLD_ENV: str(STUB_MMAP_THRESHOLD)}
+
+
+def test_deployed_triton_gives_memory_back_as_make_serve_does(pod: dict[str, Any]) -> None:
+    """The images and the pod start tritonserver themselves, not through the launcher: they carry its memory
+    settings (docs/reliability.md, memory after large outputs), or large answers' memory stays held there."""
+    triton = container(pod, "triton")
+    assert NO_RESPONSE_POOL in triton["command"] and MEMORY_ENV.items() <= env(triton).items()
+    steps = dockerfile("triton.Dockerfile")
+    (cmd,) = [json.loads(args) for kind, args in steps if kind == "CMD"]
+    assert cmd[0] == "tritonserver" and NO_RESPONSE_POOL in cmd
+    declared = dict(pair.split("=", 1) for kind, args in steps if kind == "ENV" for pair in args.split())
+    assert MEMORY_ENV.items() <= declared.items()

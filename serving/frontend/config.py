@@ -71,10 +71,11 @@ class FrontendConfig:
     max_inflight_step_tokens: int = 65_536  # the same, summed over the admitted generations (their step time)
     max_request_tokens: int = 2_500_000  # one request's tokens over all its steps (about its compute time)
     # Output pixels (n x width x height) summed over the admitted generations: a request's decoded frames, resizes,
-    # encodes, Triton's output tensors and the response message took the stack 36 bytes per output pixel at once,
-    # 65 summing each process's own peak (8 x 4096x4096 at 1 step, docs/reliability.md), however few tokens made
-    # them. 150 M: the largest request the limits allow (134 M) fits alone, 9.8 GB at 65 bytes beside the token
-    # budgets' worst case inside 24 GB. One request over it is refused (INVALID_ARGUMENT).
+    # encodes, Triton's output tensors and the response message (a unary one until it is handed to gRPC) took the
+    # stack 36 bytes per output pixel at once, 65 summing each process's own peak (8 x 4096x4096 at 1 step,
+    # docs/reliability.md), however few tokens made them. 150 M: the largest request the limits allow (134 M) fits
+    # alone, 9.8 GB at 65 bytes beside the token budgets' worst case inside 24 GB. One request over it is refused
+    # (INVALID_ARGUMENT).
     max_inflight_output_pixels: int = 150_000_000
     max_run_s: float = 600.0  # a generation running longer ends with DEADLINE_EXCEEDED
     # Understand: prompt (bounded as in serving/pipeline/cost.py) + max_new_tokens. 10 240 is what the request

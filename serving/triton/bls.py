@@ -64,7 +64,7 @@ from serving.safety.letterbox import letterbox
 from serving.safety.settings import Finding, SafetySettings
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.log import route_to_triton
-from serving.triton.memory import IdleTrimmer
+from serving.triton.memory import IdleTrimmer, use_stub_mmap_threshold
 from serving.triton.model_config import model_config, parameters
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL, SAFETY_CLASSIFIER, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
@@ -140,6 +140,7 @@ def _classifier_inputs(images: np.ndarray, side: int) -> dict[str, np.ndarray]:
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         route_to_triton()
+        use_stub_mmap_threshold()
         params = parameters(model_config(args))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.spec = ModelSpec.from_dict(json.loads(params["spec"]))

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.log import route_to_triton
-from serving.triton.memory import IdleTrimmer
+from serving.triton.memory import IdleTrimmer, use_stub_mmap_threshold
 from serving.triton.model_config import model_config, parameters
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class ComponentModel:
     def initialize(self, args: dict[str, str]) -> None:
         route_to_triton()
+        use_stub_mmap_threshold()
         config = model_config(args)
         self.params = parameters(config)
         model_dir = Path(args["model_repository"])

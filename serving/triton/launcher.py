@@ -47,6 +47,9 @@ EXIT_GRACE_S = 1.5  # Triton exits at its once-a-second check after its last mod
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's; one the caller's environment sets is kept
 MMAP_THRESHOLD = 1 << 20  # blocks this large or larger are mapped on their own and unmapped when freed
 STUB_MMAP_THRESHOLD = 32 << 20  # the most glibc raises its own threshold to (64-bit)
+# A pooled gRPC response keeps its output buffers' capacity when reused (protobuf clears, never frees): each pooled
+# stream held its largest output for good, one 8 x 4096x4096 answer 385 MiB.
+NO_RESPONSE_POOL = "--grpc-infer-allocation-pool-size=0"
 
 
 @dataclass(frozen=True)
@@ -234,9 +237,7 @@ class TritonServer:
             # (importing torch, the BLS, the MLLM) before its real one, about half of Triton's start on 2 cores.
             "--disable-auto-complete-config",
             "--exit-on-error=true",
-            # A pooled response keeps its output buffers' capacity when reused (protobuf clears, never frees): each
-            # pooled stream held its largest output for good, one 8 x 4096x4096 answer 385 MiB.
-            "--grpc-infer-allocation-pool-size=0",
+            NO_RESPONSE_POOL,
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
 

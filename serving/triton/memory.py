@@ -34,9 +34,9 @@ def use_stub_mmap_threshold() -> None:
     to the system; its stubs inherit that, and there every large tensor was then mapped and unmapped afresh (page
     faults each time: a CPU MLP ran 15 % slower). A stub takes the threshold the launcher names for it instead, and
     gives its heap back with malloc_trim once idle (IdleTrimmer)."""
-    value = os.environ.get(STUB_MMAP_THRESHOLD_ENV)
+    value = os.environ.get(STUB_MMAP_THRESHOLD_ENV, "")
     mallopt = _libc_function("mallopt")
-    if value and mallopt is not None:
+    if value.isdigit() and mallopt is not None:  # anything else is not the launcher's: the inherited one stays
         mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(int(value)))
 
 
@@ -50,7 +50,6 @@ class IdleTrimmer:
         self._last = time.monotonic()
         self._dirty = False
         self._lock = threading.Lock()
-        use_stub_mmap_threshold()  # a no-op outside Triton's stubs
         if self._trim is not None:
             threading.Thread(target=self._run, name="idle-trimmer", daemon=True).start()
 
