@@ -8,8 +8,10 @@ import contextlib
 import http.client
 import json
 import logging
+import threading
+import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -124,24 +126,38 @@ def test_a_refusal_of_a_method_outside_the_service_counts_as_unknown() -> None:
 def test_calls_cut_at_the_end_of_the_grace_period_are_recorded_as_the_caller_saw_them() -> None:
     """A call still running when stop()'s grace period ends reaches its caller as UNAVAILABLE ("Cancelling all
     calls"), and an HTTP request there is the server's failure: before, they were recorded as CANCELLED and 499
-    (the caller went away). A call the caller cancels during the grace period stays CANCELLED."""
+    (the caller went away). A call the caller cancels during the grace period stays CANCELLED. Each step waits for
+    the server to report the state it needs, not for a guessed time (a loaded CI box missed 0.5 s)."""
+    grace_s = 4.0
 
     async def run() -> None:
         unused = f"127.0.0.1:{free_port()}"
-        fields = {"listen": "127.0.0.1:0", "triton_url": unused, "metrics_port": 0, "shutdown_grace_s": 1.0}
+        fields = {"listen": "127.0.0.1:0", "triton_url": unused, "metrics_port": 0, "shutdown_grace_s": grace_s}
         frontend = Frontend(FrontendConfig(**fields, http_listen=f"127.0.0.1:{free_port()}"))  # type: ignore[arg-type]
         port = await frontend.start()
+        asking = 0  # GetModelInfo calls waiting on the backend
 
         async def never() -> dict[str, str]:  # the backend's parameters never come: the call runs until cut
             await asyncio.Event().wait()
             raise AssertionError("unreachable")
 
+        async def parameters() -> dict[str, str]:
+            nonlocal asking
+            asking += 1
+            return await never()
+
         async def answer(*args: object, **kwargs: object) -> AsyncIterator[dict[str, str]]:  # one delta, then none
             yield {"type": "delta", "text": "a"}
             await never()
 
-        frontend.backend.model_parameters = never  # type: ignore[method-assign]
+        frontend.backend.model_parameters = parameters  # type: ignore[method-assign]
         frontend.backend.understand = answer  # type: ignore[method-assign,assignment]
+        counted = frontend.metrics.registry.get_sample_value
+        ended = ("UNAVAILABLE", "CANCELLED")
+
+        def gets(code: str) -> float | None:
+            return counted("omnigen2_requests_total", {"method": "GetModelInfo", "code": code})
+
         base = f"http://{frontend.config.http_listen}/v1"
         chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -150,23 +166,25 @@ def test_calls_cut_at_the_end_of_the_grace_period_are_recorded_as_the_caller_saw
             models = asyncio.create_task(asyncio.to_thread(_get, urllib.request.Request(f"{base}/models")))
             body = json.dumps(chat).encode()  # a stream: 200 and a delta sent when it is cut
             chat_stream = urllib.request.Request(f"{base}/chat/completions", body, {"Content-Type": "application/json"})
-            answered = asyncio.create_task(asyncio.to_thread(_get, chat_stream))
-            await asyncio.sleep(0.5)
+            streaming = threading.Event()
+            answered = asyncio.create_task(asyncio.to_thread(_get, chat_stream, streaming))
+            await _until(lambda: asking == 3, "both gRPC calls and /v1/models' to wait on the backend")
+            await _until(streaming.is_set, "the chat stream's first event to reach its caller")
+            assert frontend.gateway is not None and frontend.gateway.listener is not None
+            listener = frontend.gateway.listener
+            begun = time.monotonic()  # the cut comes grace_s after stop() starts, so after begun + grace_s
             stop = asyncio.create_task(frontend.stop())
-            await asyncio.sleep(0.2)
+            await _until(lambda: not listener.is_serving(), "stop() to begin its grace period")
             left.cancel()  # by its caller, within the grace period
+            await _until(lambda: sum(gets(c) or 0 for c in ended) == 1, "the cancelled call to be recorded")
+            assert time.monotonic() < begun + grace_s, "the caller's cancel was recorded after the grace period"
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await cut
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
             await stop
             await models
             assert "server_error" in await answered  # the stream's error event
-        counted = frontend.metrics.registry.get_sample_value
-        calls = [
-            counted("omnigen2_requests_total", {"method": "GetModelInfo", "code": c})
-            for c in ("UNAVAILABLE", "CANCELLED")
-        ]
-        assert calls == [2, 1]  # the HTTP request's GetModelInfo is cut too
+        assert [gets(c) for c in ended] == [2, 1]  # the HTTP request's GetModelInfo is cut too
         assert counted("omnigen2_requests_total", {"method": "Understand", "code": "UNAVAILABLE"}) == 1
         statuses = {labels["route"]: labels["status"] for labels in _series(frontend, "omnigen2_http_requests_total")}
         assert statuses == {"/v1/models": "503", "/v1/chat/completions": "503"}
@@ -174,8 +192,21 @@ def test_calls_cut_at_the_end_of_the_grace_period_are_recorded_as_the_caller_saw
     asyncio.run(run())
 
 
-def _get(request: urllib.request.Request) -> str:
-    """The body read before the connection closed (it may close without an answer)."""
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    """Polls `condition` until it holds; fails naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        await asyncio.sleep(0.01)
+
+
+def _get(request: urllib.request.Request, first_line: threading.Event | None = None) -> str:
+    """The body read before the connection closed (it may close without an answer); `first_line` is set once the
+    body's first line has come."""
+    body = b""
     with contextlib.suppress(OSError, http.client.HTTPException), urllib.request.urlopen(request, timeout=30) as answer:
-        return answer.read().decode()
-    return ""
+        body = answer.readline()
+        if first_line is not None:
+            first_line.set()
+        body += answer.read()
+    return body.decode()
