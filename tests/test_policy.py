@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
+import string
+import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.errors import SettingError
+from serving.frontend.config import FrontendConfig
 from serving.frontend.policy import (
     ANSWER_WINDOW,
+    REGEX_RUNS,
     REGEX_WINDOW,
     AnswerScan,
     PolicyFile,
     PromptPolicy,
+    Violation,
     normalise,
     regex_readings,
     request_texts,
 )
+from serving.frontend.server import Frontend
+from serving.triton.launcher import free_port
 
 POLICY: dict[str, Any] = {
     "rules": [
@@ -109,9 +120,25 @@ def test_the_readings_of_a_text_are_bounded() -> None:
     text = normalise("a\u200b" * 4096)  # 8192 characters, 4095 runs between word characters
     readings = regex_readings(text)
     assert readings[0] == "a" * 4096  # every run as nothing
-    assert len(readings) <= 3 + 2 * 4095
+    assert len(readings) <= 3 + 2 * REGEX_RUNS
     assert sum(len(reading) > 2 * REGEX_WINDOW + 1 for reading in readings) <= 3  # the others are windows
     assert regex_readings("no runs at all") == ["no runs at all"]
+
+
+def test_only_the_first_runs_get_readings_of_their_own() -> None:
+    """Random letter pairs each followed by a zero-width space (the review's input: 2730 runs, no two windows
+    alike) made 5461 readings of 712K characters, 2 s per request at 100 rules; now 3 + 2 x REGEX_RUNS."""
+    letters = random.Random(0).choices(string.ascii_lowercase, k=2 * 2730)
+    text = "".join(a + b + "\u200b" for a, b in zip(letters[::2], letters[1::2], strict=True))
+    readings = regex_readings(normalise(text))
+    assert len(readings) == 3 + 2 * REGEX_RUNS
+    assert sum(map(len, readings)) < 3 * len(text) + 2 * REGEX_RUNS * (2 * REGEX_WINDOW + 1)
+    rules = PromptPolicy.from_dict(REGEX_POLICY)
+    early, late = "ab\u200b" * (REGEX_RUNS - 3), "ab\u200b" * REGEX_RUNS
+    assert rule_for(rules, early + "pi\u200bpe\x00bomb") == "two-words"  # the mixed run still among the first
+    assert rule_for(rules, late + "pi\u200bpe bomb") == "two-words"  # the whole-text readings are still read
+    assert rule_for(rules, late + "pipe\u200bbomb") == "two-words"
+    assert rule_for(PromptPolicy.from_dict(POLICY), late + "pi\u200bpe\x00bomb") == "weapons"  # terms: no limit
 
 
 def test_overrides_by_token_name(policy: PromptPolicy) -> None:
@@ -218,3 +245,50 @@ def test_streamed_answer_checked_in_a_bounded_window(policy: PromptPolicy) -> No
     hidden = AnswerScan()
     hidden.window("s\u200bpipe" + " " * (ANSWER_WINDOW - 4))  # an invisible character is no place to cut
     assert rule_for(policy, hidden.window("bomb")) is None
+
+
+class _Recording(PromptPolicy):
+    """Records the thread each request check runs on."""
+
+    threads: ClassVar[list[threading.Thread]] = []
+
+    def check(self, texts: Iterable[tuple[str, str]], token: str | None) -> Violation | None:
+        self.threads.append(threading.current_thread())
+        return super().check(texts, token)
+
+
+def test_requests_are_checked_off_the_event_loop(tmp_path: Path) -> None:
+    """A front end in process, no Triton: both refusals come before one is needed. The check of a long prompt at many
+    regular expressions takes a while; on the loop, health checks and every other call waited for it."""
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(POLICY))
+    unused = f"127.0.0.1:{free_port()}"
+
+    async def run() -> threading.Thread:
+        frontend = Frontend(FrontendConfig(listen="127.0.0.1:0", triton_url=unused, metrics_port=0, policy=str(path)))
+        assert frontend.policy is not None
+        frontend.policy.policy = _Recording(frontend.policy.policy.rules, frontend.policy.policy.overrides)
+        port = await frontend.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.OmniGen2Stub(channel)
+                question = pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(text="a pipe bomb")])
+                calls = [
+                    stub.Generate(pb.GenerateRequest(prompt="a pipe bomb"), timeout=30),
+                    stub.Understand(pb.UnderstandRequest(messages=[question]), timeout=30).read(),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await frontend.stop()
+        counted = frontend.metrics.registry.get_sample_value
+        for method in ("Generate", "Understand"):
+            assert counted("omnigen2_requests_total", {"method": method, "code": "PERMISSION_DENIED"}) == 1
+        return threading.current_thread()
+
+    _Recording.threads.clear()
+    loop_thread = asyncio.run(run())
+    assert len(_Recording.threads) == 2
+    assert loop_thread not in _Recording.threads
