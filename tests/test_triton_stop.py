@@ -49,7 +49,7 @@ def test_a_server_whose_models_all_unloaded_is_killed_soon(tmp_path: Path) -> No
     """Triton counts a model whose stub was killed as live: it would exit only at its own exit timeout (30 s)."""
     server = _hung_server(tmp_path, say_unloading=True, unloaded=("a", "b"))
     started = time.monotonic()
-    server.stop(timeout=30, unload_grace_s=20)
+    server.stop(timeout=30, unload_grace_s=20, exit_grace_s=0.5)
     assert time.monotonic() - started < 3
     assert server.process is not None and server.process.returncode == -signal.SIGKILL
 

@@ -43,7 +43,7 @@ SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
 STUB = "triton_python_backend_stub"
 UNLOADING = b"All models are stopped, unloading models"  # Triton's log line once nothing is in flight
 UNLOADED = re.compile(rb"successfully unloaded '([^']+)'")  # Triton's log line per model unloaded
-EXIT_GRACE_S = 1.5  # Triton exits at its once-a-second check after its last model unloaded
+EXIT_GRACE_S = 3.0  # Triton exits at its once-a-second check after its last model unloaded (1.5 s: killed under load)
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's; one the caller's environment sets is kept
 MMAP_THRESHOLD = 1 << 20  # blocks this large or larger are mapped on their own and unmapped when freed
 STUB_MMAP_THRESHOLD = 32 << 20  # the most glibc raises its own threshold to (64-bit)
@@ -306,7 +306,7 @@ class TritonServer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 30.0, unload_grace_s: float = 5.0) -> None:
+    def stop(self, timeout: float = 30.0, unload_grace_s: float = 5.0, exit_grace_s: float = EXIT_GRACE_S) -> None:
         """SIGTERM: Triton drains the requests in flight (up to `timeout`), then unloads its models; the process
         group is killed if it is still there after either.
 
@@ -315,14 +315,16 @@ class TritonServer:
         (docs/reliability.md). The front end no longer does that, but another Triton client may, so the hang stays
         bounded: nothing is in flight by then, and unloading gets `unload_grace_s` (it takes 1-2 s) before the kill.
         Once the log says every model of the repository unloaded (their stubs have ended), Triton gets
-        `EXIT_GRACE_S` to exit: it counts a model whose stub was killed (and that the watchdog reloaded) as live
+        `exit_grace_s` to exit: it counts a model whose stub was killed (and that the watchdog reloaded) as live
         until its exit timeout, though nothing of it is left to unload.
         """
         if self.supervisor is not None:
             self.supervisor.stop()  # an exit asked for: not one to restart
-        self._terminate(timeout, unload_grace_s)
+        self._terminate(timeout, unload_grace_s, exit_grace_s)
 
-    def _terminate(self, timeout: float = 30.0, unload_grace_s: float = 5.0) -> None:
+    def _terminate(
+        self, timeout: float = 30.0, unload_grace_s: float = 5.0, exit_grace_s: float = EXIT_GRACE_S
+    ) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()  # stubs end with the server: not a failure to repair
         if self.process is None:
@@ -332,7 +334,7 @@ class TritonServer:
             self.process.send_signal(signal.SIGTERM)
             exited = False
             try:
-                exited = self._exited(timeout, logged, unload_grace_s)
+                exited = self._exited(timeout, logged, unload_grace_s, exit_grace_s)
             finally:
                 if not exited:
                     with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
@@ -340,9 +342,9 @@ class TritonServer:
                     self.process.wait()
         self.clean_up()
 
-    def _exited(self, timeout: float, logged: int, unload_grace_s: float) -> bool:
+    def _exited(self, timeout: float, logged: int, unload_grace_s: float, exit_grace_s: float) -> bool:
         """Waits for the process to end after SIGTERM; False once `timeout` passed, `unload_grace_s` after the log
-        (from byte `logged` on) says the models are unloading, or `EXIT_GRACE_S` after it says each one unloaded."""
+        (from byte `logged` on) says the models are unloading, or `exit_grace_s` after it says each one unloaded."""
         assert self.process is not None
         models = {config.parent.name.encode() for config in self.model_repository.glob("*/config.pbtxt")}
         deadline = time.monotonic() + timeout
@@ -355,7 +357,7 @@ class TritonServer:
             log = self._log_since(logged)
             if UNLOADING in log:
                 unloaded = bool(models) and models <= set(UNLOADED.findall(log))
-                deadline = min(deadline, time.monotonic() + (EXIT_GRACE_S if unloaded else unload_grace_s))
+                deadline = min(deadline, time.monotonic() + (exit_grace_s if unloaded else unload_grace_s))
         return False
 
     def _log_since(self, offset: int) -> bytes:
