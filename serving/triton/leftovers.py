@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from serving.triton.watchdog import proc_stat, stubs_by_region_prefix
+from serving.triton.watchdog import ProcStat, proc_stat, processes, stubs_by_region_prefix
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,15 @@ def region_prefix(grpc_port: int) -> str:
     return f"omnigen2_triton_{pid_namespace()}_{grpc_port}_"
 
 
+def _is_live_server(stat: ProcStat) -> bool:
+    return stat.name == "tritonserver" and stat.state != "Z"
+
+
 def _live_tritonserver(pid: int) -> bool:
     try:
-        stat = proc_stat(pid)
+        return _is_live_server(proc_stat(pid))
     except (OSError, ValueError):
         return False
-    return stat.name == "tritonserver" and stat.state != "Z"
 
 
 def _launcher(pid: int) -> int | None:
@@ -93,16 +96,13 @@ def end_orphaned_server(prefix: str, timeout: float = 5.0) -> list[int]:
     killed before its Triton had a parent-death signal (serving/triton/lifeline.py) left one, holding the ports."""
     argument = f"shm-region-prefix-name={prefix}".encode()
     killed = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        pid = int(proc.name)
-        try:
-            stat = proc_stat(pid)
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            owner = proc.stat().st_uid
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to read
-        if stat.name != "tritonserver" or stat.state == "Z" or not any(arg.endswith(argument) for arg in argv):
+    for pid, stat, argv in processes():
+        if not _is_live_server(stat) or not any(arg.endswith(argument) for arg in argv):
             continue
+        try:
+            owner = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            continue  # gone meanwhile
         if owner != os.getuid():
             log.warning("tritonserver %d (region prefix %s) is user %d's: left alone", pid, prefix, owner)
             continue

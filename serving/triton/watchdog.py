@@ -36,19 +36,25 @@ def proc_stat(pid: int | str) -> ProcStat:
     return ProcStat(head.partition("(")[2], state, int(parent))
 
 
-def _all_stubs() -> Iterator[tuple[int, int, list[bytes]]]:
-    """(pid, parent pid, argv) of the live stub processes, read from /proc. A stub's argv is its `model.py`, then
-    the name of the shared-memory region it talks to the server through."""
+def processes() -> Iterator[tuple[int, ProcStat, list[bytes]]]:
+    """(pid, stat, argv) of the processes this user may read, from /proc."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            parent = proc_stat(proc.name).parent
+            stat = proc_stat(proc.name)
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
+        yield int(proc.name), stat, argv
+
+
+def _all_stubs() -> Iterator[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, argv) of the live stub processes. A stub's argv is its `model.py`, then the name of the
+    shared-memory region it talks to the server through."""
+    for pid, stat, argv in processes():
         if len(argv) > 2 and argv[1].endswith(b"model.py"):
-            yield int(proc.name), parent, argv
+            yield pid, stat.parent, argv
 
 
 def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
