@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from omnigen2.limits import RANDOM_SEEDS
 from omnigen2.messages import encode_image
 from PIL import Image
 
@@ -39,16 +41,32 @@ def _inputs(node: Any) -> dict[str, Any]:
     return {name: spec for group in declared.values() for name, spec in group.items()}
 
 
-def test_comfyui_node_bounds_are_the_servers() -> None:
+def _comfy() -> Any:
     spec = importlib.util.spec_from_file_location(COMFY.name, COMFY / "__init__.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[COMFY.name] = module  # as ComfyUI loads a custom-node folder
     spec.loader.exec_module(module)
+    return module
+
+
+def test_comfyui_node_bounds_are_the_servers() -> None:
+    module = _comfy()
     generate = _inputs(module.NODE_CLASS_MAPPINGS["OmniGen2Generate"])
     understand = _inputs(module.NODE_CLASS_MAPPINGS["OmniGen2Understand"])
     assert generate["max_sequence_length"][1]["max"] == DEFAULT_LIMITS.max_sequence_length
     assert understand["max_new_tokens"][1]["max"] == DEFAULT_CHAT_LIMITS.max_new_tokens
-    assert generate["seed"][1]["max"] == understand["seed"][1]["max"] == MAX_SEED
-    images = [name for name in understand if name.startswith("image_")]
-    assert len(images) == DEFAULT_LIMITS.max_input_images
+    # Every seed the server draws (below RANDOM_SEEDS), not all it takes (MAX_SEED): the test below says why.
+    assert generate["seed"][1]["max"] == understand["seed"][1]["max"] == RANDOM_SEEDS - 1 < MAX_SEED
+
+
+def test_comfyui_seed_widgets_stop_where_a_json_workflow_keeps_every_seed() -> None:
+    """ComfyUI's front end reads a workflow's numbers as doubles: every seed up to the widget's max comes back from
+    its JSON as written, and past it integers start to merge (2^53 + 1 reads as 2^53)."""
+    nodes = _comfy().NODE_CLASS_MAPPINGS
+    for name in ("OmniGen2Generate", "OmniGen2Understand"):
+        top = _inputs(nodes[name])["seed"][1]["max"]
+        for seed in (0, 1, 2**52 + 1, top - 1, top):
+            workflow = json.dumps({"widgets_values": [seed]})
+            assert int(json.loads(workflow, parse_int=float)["widgets_values"][0]) == seed
+        assert float(top + 2) == float(top + 1)

@@ -11,13 +11,17 @@ from typing import Any
 import torch
 from omnigen2 import OmniGen2Client
 from omnigen2.client import DEFAULT_SERVER
-from omnigen2.limits import MAX_INPUT_IMAGES, MAX_NEW_TOKENS, MAX_SEED, MAX_SEQUENCE_LENGTH
+from omnigen2.limits import MAX_INPUT_IMAGES, MAX_NEW_TOKENS, MAX_SEQUENCE_LENGTH, RANDOM_SEEDS
 from omnigen2.messages import GenerationOptions, GenerationResult
 
 from .tensors import from_pil, to_pil
 
 CATEGORY = "OmniGen2"
 TIMEOUT_S = 3600.0  # a full-size generation on a slow machine takes minutes
+# ComfyUI's front end holds widget values as JavaScript numbers (doubles) and saves workflows as JSON: integers up to
+# 2^53 - 1 (Number.MAX_SAFE_INTEGER) come back as typed; a larger seed would be sent as another one. The server takes
+# up to 2^63 - 1, and its own random seeds stay below 2^53, so each of them can be typed here.
+MAX_WIDGET_SEED = RANDOM_SEEDS - 1
 
 InputTypes = dict[str, dict[str, tuple[Any, ...]]]
 
@@ -43,7 +47,7 @@ def _settings(size_default: int) -> dict[str, tuple[Any, ...]]:
         "height": ("INT", size),
         "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
         "text_guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_WIDGET_SEED}),
         "num_images": ("INT", {"default": 1, "min": 1, "max": 8}),
     }
 
@@ -168,7 +172,7 @@ class OmniGen2Understand:
             "question": ("STRING", {"multiline": True, "default": "Describe the image."}),
             "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": MAX_NEW_TOKENS}),
             "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "0: greedy"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_WIDGET_SEED}),
         }
         images = {f"image_{i}": ("IMAGE",) for i in range(1, MAX_INPUT_IMAGES + 1)}
         return {"required": required, "optional": {**images, **_token()}}
