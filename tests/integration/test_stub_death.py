@@ -22,10 +22,16 @@ from serving.triton.watchdog import stub_processes
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.fixture
-def own_triton(tmp_path: Path, model_repository: Path) -> Iterator[TritonServer]:
-    with TritonServer(model_repository, Ports.free(), build_dir=tmp_path) as server:
+@pytest.fixture(scope="module")
+def own_triton(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[TritonServer]:
+    """One server for the cases: each ends with the killed model reloaded and serving both calls. Its stop kills it
+    half a second after its models unloaded, not EXIT_GRACE_S: Triton counts a model whose stub was killed as live
+    until its own exit timeout (TritonServer.stop), so the full grace would only be waited out before the kill."""
+    server = TritonServer(model_repository, Ports.free(), build_dir=tmp_path_factory.mktemp("stub-death")).start()
+    try:
         yield server
+    finally:
+        server.stop(exit_grace_s=0.5)
 
 
 def _stub(server: TritonServer, model: str) -> int:
