@@ -8,7 +8,7 @@ import logging
 import random
 import string
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -291,4 +291,60 @@ def test_requests_are_checked_off_the_event_loop(tmp_path: Path) -> None:
     _Recording.threads.clear()
     loop_thread = asyncio.run(run())
     assert len(_Recording.threads) == 2
+    assert loop_thread not in _Recording.threads
+
+
+def test_answers_are_checked_off_the_event_loop(tmp_path: Path) -> None:
+    """A front end in process whose backend streams answers itself (no Triton). Each delta's check, in its window,
+    and the whole answer's run on the worker threads; a delta that completes a match is still not sent. A window of
+    letter pairs and zero-width spaces at 100 regex rules took 0.1 s to check, once per delta, on the loop."""
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(POLICY))
+    unused = f"127.0.0.1:{free_port()}"
+    answers = {
+        "clean": ["The lake ", "is quiet", "."],
+        "broken": ["a pi", "pe\u200b bo", "mb", " and more"],  # the third delta completes "pipe bomb"
+    }
+
+    async def run() -> tuple[threading.Thread, dict[str, list[pb.UnderstandEvent]], grpc.aio.AioRpcError]:
+        frontend = Frontend(FrontendConfig(listen="127.0.0.1:0", triton_url=unused, metrics_port=0, policy=str(path)))
+        assert frontend.policy is not None
+        frontend.policy.policy = _Recording(frontend.policy.policy.rules, frontend.policy.policy.overrides)
+
+        scripts = iter(answers.values())  # one call after the other
+
+        async def answer(*args: object) -> AsyncIterator[dict[str, Any]]:
+            deltas = next(scripts)
+            for delta in deltas:
+                yield {"type": "delta", "text": delta}
+            done = {"text": "".join(deltas), "finish_reason": "stop", "token_ids": []}
+            yield {"type": "result", "prompt_tokens": 3, "completion_tokens": len(deltas), **done}
+
+        frontend.backend.understand = answer  # type: ignore[method-assign,assignment]
+        port = await frontend.start()
+        events: dict[str, list[pb.UnderstandEvent]] = {name: [] for name in answers}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.OmniGen2Stub(channel)
+                for name in answers:
+                    question = pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(text=name)])
+                    try:
+                        async for event in stub.Understand(pb.UnderstandRequest(messages=[question]), timeout=30):
+                            events[name].append(event)
+                    except grpc.aio.AioRpcError as error:
+                        refused = error
+        finally:
+            await frontend.stop()
+        blocked = frontend.metrics.registry.get_sample_value
+        assert blocked("omnigen2_policy_blocked_total", {"rule": "weapons", "stage": "answer"}) == 1
+        return threading.current_thread(), events, refused
+
+    _Recording.threads.clear()
+    loop_thread, events, refused = asyncio.run(run())
+    assert [event.delta for event in events["clean"][:-1]] == answers["clean"]
+    assert events["clean"][-1].result.text == "".join(answers["clean"])
+    assert [event.delta for event in events["broken"]] == answers["broken"][:2]  # nothing from the matching delta on
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Two requests, the clean answer's 3 deltas and whole text, the broken one's deltas up to the match.
+    assert len(_Recording.threads) == 2 + 4 + 3
     assert loop_thread not in _Recording.threads
