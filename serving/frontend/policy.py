@@ -24,6 +24,13 @@ be among them; past them, a match is found when every run reads one way, or thos
 nothing and the others as spaces. Terms have no such limit. (8190 characters of random letter pairs each followed by
 a zero-width space made 5461 readings, 712K characters: 2.0 s for a prompt and negative prompt at 100 regex rules;
 now 515 readings, 83K characters, 0.24 s. Such text is not refused: Thai puts U+200B between words.)
+Letters that look like Latin ones (serving/frontend/lookalikes.py, from Unicode's confusables: "bomb" with a
+Cyrillic o (U+043E), Greek omicron, Cherokee or Lisu letters; full-width and mathematical letters are NFKC's) are
+read as those too: a term matches the text, or the text with them folded (the term folded the same way, so a term
+in Cyrillic still matches Cyrillic text); a regular expression is tried on the folded text's readings as well, since
+a regex is as easily spelled round as a term and no policy should have to list every script's "o" in it. That at
+most doubles the readings (`policy_readings`: REGEX_RUNS bounds both halves). Folding keeps every word where it was
+and leaves ASCII as it is, so a term still matches whole words only; a text with no lookalike letter is read once.
 `exempt` lists rule ids the token skips ("*": all of the file's rules); an override's `rules` apply to that token
 only. Prompts, negative prompts, chat text and Understand answers are checked (a streamed answer delta by delta,
 in a bounded window: `AnswerScan`). A refusal names the rule's id and the field, never the matched text.
@@ -48,6 +55,7 @@ from google.rpc import error_details_pb2
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import SettingError
+from serving.frontend.lookalikes import fold_lookalikes
 from serving.frontend.status import ApiError, make_status
 from serving.pipeline.invisible import MARK, mark_invisible
 
@@ -60,12 +68,21 @@ _OVERRIDE_KEYS = {"exempt", "rules"}
 @dataclass(frozen=True)
 class Rule:
     id: str
-    terms: tuple[re.Pattern[str], ...]  # each run of invisible characters (MARK) read as nothing or a space
+    terms: tuple[re.Pattern[str], ...]  # lookalike letters folded; each run of invisible characters (MARK) read as
+    # nothing or a space
     regexes: tuple[re.Pattern[str], ...]
+    # The terms that are not ASCII, as written (a small letter may not fold where its capital does). An ASCII term
+    # needs no such pattern: it finds in the folded text whatever it would find in the text (folding keeps ASCII and
+    # word boundaries, and a folded letter that matches an ASCII one ignoring case, the dotless i, folds to that
+    # letter: tests/test_lookalikes.py).
+    written_terms: tuple[re.Pattern[str], ...]
 
-    def matches(self, text: str, readings: Sequence[str]) -> bool:
-        """Whether the normalised `text` matches a term, or one of its `regex_readings` a regular expression."""
-        if any(pattern.search(text) for pattern in self.terms):
+    def matches(self, text: str, folded: str, readings: Sequence[str]) -> bool:
+        """Whether the normalised `text` matches a term as written, its `folded` form (`fold_lookalikes`) a term,
+        or one of `readings` (`policy_readings`) a regular expression."""
+        if any(pattern.search(folded) for pattern in self.terms):
+            return True
+        if any(pattern.search(text) for pattern in self.written_terms):
             return True
         return any(pattern.search(reading) for pattern in self.regexes for reading in readings)
 
@@ -139,13 +156,28 @@ def regex_readings(text: str) -> list[str]:
     return list(dict.fromkeys(readings))
 
 
-def _term_pattern(term: str, rule_id: str) -> re.Pattern[str]:
+def policy_readings(text: str, folded: str) -> list[str]:
+    """What regular expressions read: the `regex_readings` of the normalised `text` and, where it differs, of its
+    `folded` form; at most 2 x (3 + 2 x REGEX_RUNS) strings. Folding keeps every character's place and which
+    characters are word characters, so the folded readings are the readings folded."""
+    readings = regex_readings(text)
+    return readings if folded == text else list(dict.fromkeys(readings + regex_readings(folded)))
+
+
+def _term_pattern(normalised: str) -> re.Pattern[str]:
     """Whole words, each run of white space or MARK between them; a MARK may also stand between two letters."""
-    words = normalise(term).replace(MARK, "").split()
-    if not words:
-        raise SettingError("policy", f"rule {rule_id!r}: a term with nothing visible in it ({term!r})")
+    words = normalised.replace(MARK, "").split()
     spelled = (f"{MARK}?".join(re.escape(char) for char in word) for word in words)
     return re.compile(r"(?<!\w)" + rf"(?:\s|{MARK})+".join(spelled) + r"(?!\w)", re.IGNORECASE)
+
+
+def _term_patterns(term: str, rule_id: str) -> tuple[re.Pattern[str], re.Pattern[str] | None]:
+    """The pattern of the term with its lookalike letters folded, and of the term as written unless it is ASCII."""
+    normalised = normalise(term)
+    if not normalised.replace(MARK, "").split():
+        raise SettingError("policy", f"rule {rule_id!r}: a term with nothing visible in it ({term!r})")
+    written = None if normalised.replace(MARK, "").isascii() else _term_pattern(normalised)
+    return _term_pattern(fold_lookalikes(normalised)), written
 
 
 def _strings(value: Any, where: str) -> list[str]:
@@ -160,7 +192,7 @@ def _rule(entry: Any, where: str) -> Rule:
     rule_id = entry["id"]
     if unknown := set(entry) - _RULE_KEYS:
         raise SettingError("policy", f"rule {rule_id!r}: unknown keys {sorted(unknown)}")
-    terms = [_term_pattern(t, rule_id) for t in _strings(entry.get("terms", []), f"rule {rule_id!r} terms")]
+    terms = [_term_patterns(t, rule_id) for t in _strings(entry.get("terms", []), f"rule {rule_id!r} terms")]
     regexes = []
     for expression in _strings(entry.get("regexes", []), f"rule {rule_id!r} regexes"):
         try:
@@ -169,7 +201,8 @@ def _rule(entry: Any, where: str) -> Rule:
             raise SettingError("policy", f"rule {rule_id!r}: bad regular expression ({exc})") from exc
     if not terms and not regexes:
         raise SettingError("policy", f"rule {rule_id!r}: needs `terms` or `regexes`")
-    return Rule(rule_id, tuple(terms), tuple(regexes))
+    written = tuple(pattern for _, pattern in terms if pattern is not None)
+    return Rule(rule_id, tuple(pattern for pattern, _ in terms), tuple(regexes), written)
 
 
 def _rules(entries: Any, where: str, taken: set[str]) -> tuple[Rule, ...]:
@@ -229,9 +262,10 @@ class PromptPolicy:
             if not text:
                 continue
             normalised = normalise(text)
-            readings = regex_readings(normalised) if any(rule.regexes for rule in rules) else []
+            folded = fold_lookalikes(normalised)
+            readings = policy_readings(normalised, folded) if any(rule.regexes for rule in rules) else []
             for rule in rules:
-                if rule.matches(normalised, readings):
+                if rule.matches(normalised, folded, readings):
                     return Violation(rule.id, name)
         return None
 
