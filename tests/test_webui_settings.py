@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import astuple
 
 import pytest
-from omnigen2.limits import MAX_SEED
+from omnigen2.limits import MAX_SEED, RANDOM_SEEDS
 from omnigen2.messages import build_request
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.webui.settings import RANDOM_SEED, ChatSettings, GenerationSettings
@@ -119,5 +119,6 @@ def test_every_control_stops_where_the_server_does(served: bool) -> None:
         for value in bounds[f"chat-{name}"]:
             message = ChatMessage("user", [ChatPart(text="a")])
             assert not ChatRequest([message], **{name: value}).violations(), (name, value)
-    for key in ("generate-seed", "chat-seed"):  # -1: random; the rest the server takes
-        assert bounds[key] == (RANDOM_SEED, MAX_SEED)
+    for key in ("generate-seed", "chat-seed"):  # -1: random; the rest the browser's doubles hold exactly
+        assert bounds[key] == (RANDOM_SEED, RANDOM_SEEDS - 1) and RANDOM_SEEDS - 1 < MAX_SEED
+        assert float(RANDOM_SEEDS - 1) == RANDOM_SEEDS - 1 and float(RANDOM_SEEDS + 1) != RANDOM_SEEDS + 1

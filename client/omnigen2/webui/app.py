@@ -22,12 +22,12 @@ from omnigen2.errors import OmniGen2Error
 from omnigen2.limits import (
     MAX_INPUT_IMAGES,
     MAX_NEW_TOKENS,
-    MAX_SEED,
     MAX_SEQUENCE_LENGTH,
     MAX_TOP_K,
     MIN_INPUT_IMAGE_SIDE,
     MIN_MAX_PIXELS,
     MIN_TOP_P,
+    RANDOM_SEEDS,
 )
 from omnigen2.messages import ChatTurn, GenerationResult, Progress
 from omnigen2.v1 import omnigen2_pb2 as pb
@@ -36,11 +36,12 @@ from omnigen2.webui.settings import RANDOM_SEED, SERVER_DEFAULT, STEP_CACHES, Ch
 Values = dict[Any, Any]  # what Gradio hands a handler whose inputs are a set: component -> value
 GalleryUpdate = tuple[list[Image.Image], str]
 STARTUP_TIMEOUT_S = 15.0  # reading the served defaults at start: a missing server is said within this
-# A seed field: integers (kept exactly up to 2^53, which the seeds drawn by the server stay below), -1 for random.
+# A seed field: integers, -1 for random. The browser holds numbers as doubles, exact only below 2^53: a larger seed
+# would be sent as another one. The seeds the server draws stay below 2^53 too, so each can be typed back.
 SEED_FIELD: dict[str, Any] = {
     "precision": 0,
     "minimum": RANDOM_SEED,
-    "maximum": MAX_SEED,
+    "maximum": RANDOM_SEEDS - 1,
     "info": f"{RANDOM_SEED}: random",
 }
 
