@@ -112,14 +112,14 @@ def _read_slowly(sock: socket.socket, rate: int) -> tuple[http.client.HTTPRespon
 
 
 def test_an_answer_read_slowly_but_steadily_is_sent_whole(frontend: FrontendProcess) -> None:
-    """The write timeout is for callers that take nothing: one taking the 7 MB answer at 1 MB/s (7 s) gets all of
-    it, while one beside it that reads nothing is still cut off. Before, the whole write had to end within the
-    timeout: the slow reader was cut off 2 s into it."""
+    """The write timeout is for callers that take nothing: one taking the 7 MB answer at 1.5 MiB/s (4.5 s, over twice
+    the timeout) gets all of it, while one beside it that reads nothing is still cut off. Before, the whole write had
+    to end within the timeout: the slow reader was cut off 2 s into it."""
     before = _count(frontend, 408)
     request = json.dumps({"prompt": "noise", "size": "512x512", "steps": 1, "n": 8}).encode()
     unread, slow = _unread(frontend, request), _unread(frontend, request)
     try:
-        response, body = _read_slowly(slow, 1 << 20)
+        response, body = _read_slowly(slow, 3 << 19)
         # Kept open until it is cut off: the two generations take turns on the CPU, so the unread one's answer may
         # only begin once the slow reader is done, and closing it then would be a disconnect (499), not a stall.
         deadline = time.monotonic() + 60
