@@ -25,9 +25,17 @@ import grpc
 from google.protobuf.message import Message
 
 from serving.frontend.pace import TAKEN_AT_ONCE_S, Pace
-from serving.frontend.status import plain
+from serving.frontend.status import ApiError, make_status
 
 MIN_CREDIT_BYTES = 16 * 1024  # 0.5 s at the default 32 KiB/s: more than the loop's longest pause on a write
+
+
+class CutOffError(ApiError):
+    """The call's end when its caller stopped taking its writes. gRPC sends the status after the data written, so
+    it waits on that caller too: the handler ends without waiting for it (service.py)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(make_status(code, message))
 
 
 class Outbox:
@@ -85,7 +93,7 @@ class Outbox:
                     f"the caller read nothing, or too little, for {allowed:.3g} s (--stream-write-timeout-s, and a "
                     f"message's time, of at least {MIN_CREDIT_BYTES} bytes, at --stream-min-write-rate)"
                 )
-            raise plain(grpc.StatusCode.CANCELLED, text) from None
+            raise CutOffError(grpc.StatusCode.CANCELLED, text) from None
         finally:
             self._write = None
         self.sent += size
@@ -93,7 +101,7 @@ class Outbox:
 
     def _check(self) -> None:
         if self.overflowed:
-            raise plain(
+            raise CutOffError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the caller reads too slowly: over {self.max_bytes} bytes of output waited to be sent "
                 "(--max-buffered-stream-bytes)",

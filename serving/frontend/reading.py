@@ -211,13 +211,18 @@ class ReadGate(grpc.aio.ServerInterceptor):
         options = {"request_deserializer": received, "response_serializer": handler.response_serializer}
         if not handler.response_streaming:
 
-            async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(requests: Any, context: grpc.aio.ServicerContext) -> None:
                 try:
-                    return await handler.unary_unary(await read(context), context)
+                    response = await handler.unary_unary(await read(context), context)
                 finally:
                     reservation.release()
+                if response is not None:  # None: the handler wrote its reply itself
+                    await context.write(response)
 
-            return grpc.stream_unary_rpc_method_handler(unary, **options)
+            # Served as a streamed response, one message then the status (the same on the wire), so that a handler
+            # can write its reply itself: grpcio sends a returned one after the handler has ended, and that write
+            # waits on the caller outside the handler's time and budgets.
+            return grpc.stream_stream_rpc_method_handler(unary, **options)
         if inspect.isasyncgenfunction(handler.unary_stream):
 
             async def generator(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

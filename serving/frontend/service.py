@@ -42,7 +42,7 @@ from serving.frontend.convert import (
 )
 from serving.frontend.malformed import Malformed
 from serving.frontend.metrics import Metrics
-from serving.frontend.outbox import Outbox
+from serving.frontend.outbox import CutOffError, Outbox
 from serving.frontend.policy import AnswerScan, PolicyFile, PromptPolicy, Violation
 from serving.frontend.status import ApiError, invalid_argument
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
@@ -87,15 +87,21 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self._model_parameters: dict[str, str] | None = None
         self.server_id = config.server_id  # the front end names it once it has bound its port
         self.cut_at: float | None = None  # set by the server's stop: calls still running then are cut (UNAVAILABLE)
+        self._statuses: set[asyncio.Future[None]] = set()  # cut-off calls' statuses waiting on their callers
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Writes its reply itself (the read gate serves it as a streamed response, reading.py), with its slot and
+        budgets held: a returned reply (up to --max-response-bytes) waited on its caller after they were given back,
+        and callers that never read theirs each held one. The write is timed as a stream's are."""
         async with self._call("Generate", context, request):
+            outbox = self._outbox()
             events = self._generate(request, context, previews=False)
             async with contextlib.aclosing(events):  # releases the admission slot now, not when collected
                 async for event in events:
                     if event.HasField("result"):
-                        return event.result
-        raise AssertionError("unreachable: a generation ends with a result or an error")
+                        await outbox.write(context, event.result)
+                        return
+            raise AssertionError("unreachable: a generation ends with a result or an error")
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._call("GenerateStream", context, request):
@@ -184,6 +190,9 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             check_counts(request, self.config.limits, self.config.chat_limits)
             await self._check_request(request, policy.name if policy else None)  # before admission: no model time
             yield
+        except CutOffError as exc:
+            code = exc.code
+            await self._end_behind_writes(context, exc.status)
         except ApiError as exc:
             code = exc.code
             await context.abort_with_status(exc.status)
@@ -205,6 +214,23 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             self.metrics.latency.labels(method).observe(seconds)
             access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, described, call_id)
             request_id.end(token)
+
+    async def _end_behind_writes(self, context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+        """Ends a call whose caller stopped taking its writes. The status goes out once the caller has taken them,
+        or never (the call ends when its connection does): waiting for it kept the handler, its request's bytes
+        (reading.py) and its log line until then. The handler returns once grpcio has the status to send (a handler
+        returning before that had OK sent), and grpcio ends the call as aborted."""
+        sending = asyncio.ensure_future(context.abort_with_status(status))
+        self._statuses.add(sending)
+
+        def sent(task: asyncio.Future[None]) -> None:
+            self._statuses.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: AbortError once sent, ExecuteBatchError if the caller left first
+
+        sending.add_done_callback(sent)
+        while not (context.done() or sending.done()):  # done(): the status is grpcio's to send
+            await asyncio.sleep(0)
 
     async def _describe(self, request: Message) -> str:
         """The access log's shapes and sizes, off the loop where it reads image bytes: each read of a bytes field
