@@ -33,9 +33,27 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}
 
 
+@pytest.fixture(scope="module")
+def shared_triton(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[TritonServer]:
+    server = TritonServer(model_repository, Ports.free(), build_dir=tmp_path_factory.mktemp("own-triton"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def own_triton(tmp_path: Path, model_repository: Path) -> Iterator[TritonServer]:
-    """A Triton server this test may kill; restartable on the same ports."""
+def own_triton(shared_triton: TritonServer) -> TritonServer:
+    """A Triton server this test may kill; restartable on the same ports. One for the module's tests that end with
+    it serving (the killed server's test ends on a new one) or stopped; a stopped or killed one is started again."""
+    if shared_triton.process is None or shared_triton.process.poll() is not None:
+        shared_triton.start()
+    return shared_triton
+
+
+@pytest.fixture
+def fresh_triton(tmp_path: Path, model_repository: Path) -> Iterator[TritonServer]:
+    """A Triton server of this test's own, that no other test has used."""
     with TritonServer(model_repository, Ports.free(), build_dir=tmp_path) as server:
         yield server
 
@@ -150,7 +168,7 @@ def test_a_dead_component_stub_turns_health_not_serving_then_is_brought_back(
     assert regions and not any((SHM / region).exists() for region in regions)
 
 
-def test_triton_stops_by_itself_after_calls_that_ended_early(own_triton: TritonServer, tmp_path: Path) -> None:
+def test_triton_stops_by_itself_after_calls_that_ended_early(fresh_triton: TritonServer, tmp_path: Path) -> None:
     """Calls the BLS refuses, calls left mid-run and finished ones, 8 at a time, then SIGTERM: Triton unloads every
     model and exits by itself (status 0, not the launcher's kill). The front end used to drop each finished Triton
     stream, which gRPC cancels; Triton 2.51 then kept some of those requests, and so the `omnigen2` model, forever
@@ -175,14 +193,14 @@ def test_triton_stops_by_itself_after_calls_that_ended_early(own_triton: TritonS
                 outcomes.update(await asyncio.gather(*(one(client, i) for i in range(wave, wave + 8))))
         return outcomes
 
-    with FrontendProcess(own_triton.grpc_url, tmp_path / "frontend.log") as api:
+    with FrontendProcess(fresh_triton.grpc_url, tmp_path / "frontend.log") as api:
         api.wait_health(SERVING)
         outcomes = asyncio.run(calls(api.address))
     assert outcomes == {"OK": 70, "INVALID_ARGUMENT": 80, "LEFT": 10}, outcomes
-    assert own_triton.process is not None
+    assert fresh_triton.process is not None
     started = time.monotonic()
     # A Triton stuck unloading is killed 10 s after it says so; one whose models all unloaded gets 10 s to exit too
     # (the default 3 s is for stops that need no proof: a CI run saw it still exiting after 1.5 s).
-    own_triton.stop(unload_grace_s=10, exit_grace_s=10)
-    assert own_triton.process.returncode == 0, "Triton did not stop by itself: killed after its unload stalled"
+    fresh_triton.stop(unload_grace_s=10, exit_grace_s=10)
+    assert fresh_triton.process.returncode == 0, "Triton did not stop by itself: killed after its unload stalled"
     assert time.monotonic() - started < 10
