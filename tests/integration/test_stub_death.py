@@ -23,15 +23,23 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture(scope="module")
-def own_triton(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[TritonServer]:
+def shared_triton(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[TritonServer]:
     """One server for the cases: each ends with the killed model reloaded and serving both calls. Its stop kills it
     half a second after its models unloaded, not EXIT_GRACE_S: Triton counts a model whose stub was killed as live
     until its own exit timeout (TritonServer.stop), so the full grace would only be waited out before the kill."""
-    server = TritonServer(model_repository, Ports.free(), build_dir=tmp_path_factory.mktemp("stub-death")).start()
+    server = TritonServer(model_repository, Ports.free(), build_dir=tmp_path_factory.mktemp("stub-death"))
     try:
         yield server
     finally:
         server.stop(exit_grace_s=0.5)
+
+
+@pytest.fixture
+def own_triton(shared_triton: TritonServer) -> TritonServer:
+    """The shared server, started again where a case left it dead (a stub killed at the wrong moment aborts it)."""
+    if shared_triton.process is None or shared_triton.process.poll() is not None:
+        shared_triton.start()
+    return shared_triton
 
 
 def _stub(server: TritonServer, model: str) -> int:
