@@ -62,6 +62,7 @@ _REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
 # The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
 FORM_FIELDS = 100
 _ANSWER = "omnigen2_answer"  # the request's key for its answer's _Progress
+_DELIVERED = "omnigen2_delivered"  # set once a stream's last event is written: the caller leaving then is not 499
 _NO_NAMES = Names()
 # The most commas a JSON body may hold: a request the service takes has far fewer (its texts are a few thousand
 # tokens, its images base64 strings, which have none); json.loads of this many values takes about 0.1 s.
@@ -297,6 +298,10 @@ class OpenAIGateway:
             await send(error_event, {"type": error_event, **body} if error_event else body)
         if done:
             await self._write(request, response.write(b"data: [DONE]\n\n"))
+        # The whole answer is the caller's: one that reads it and closes at once cancels what is left of the handler
+        # (the body's end, the call's), and that is not the caller gone before its answer.
+        request["status"] = request.get("status") or response.status
+        request[_DELIVERED] = True
         await self._write(request, response.write_eof())
         return response
 
@@ -477,11 +482,12 @@ class OpenAIGateway:
             # (the error a stream sent, else 503; a stream's status line may have said 200).
             if self.cut_at is not None and time.monotonic() >= self.cut_at:
                 request["status"] = request.get("status") or 503
-            else:
+            elif not request.get(_DELIVERED):
                 request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
             raise
         except ConnectionResetError:  # the same, seen by a write before aiohttp cancelled the handler
-            request["status"] = 499
+            if not request.get(_DELIVERED):
+                request["status"] = 499
             response = _error_response(OpenAIError(499, "the caller went away", code="cancelled"))
         except Exception:
             log.exception("%s %s failed (request_id=%s)", request.method, request.path, request[_REQUEST_ID])
