@@ -66,7 +66,7 @@ def test_targets() -> None:
     with pytest.raises(ValueError, match="do not mix"):
         channel_target(["127.0.0.1:1", "[::1]:2"])
     with pytest.raises(ValueError, match="host:port"):
-        channel_target("127.0.0.1:1,nowhere")
+        channel_target("127.0.0.1:1,nowhere:port")  # a name alone gets the default port (tests/test_sdk_calls.py)
 
 
 def test_round_robin_spreads_calls_and_names_the_replica(replicas: tuple[Replica, Replica]) -> None:

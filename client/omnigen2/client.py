@@ -36,6 +36,7 @@ from omnigen2.messages import (
     GenerationOptions,
     GenerationResult,
     ImageInput,
+    Images,
     Progress,
     UnderstandOptions,
     UnderstandResult,
@@ -45,7 +46,10 @@ from omnigen2.messages import (
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_PORT = 50051  # the front end's gRPC port (`make serve`)
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+# gRPC's own target schemes (the name resolvers it ships); other URLs (http://, grpc://) are refused.
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 SERVICE = pb.DESCRIPTOR.services_by_name["OmniGen2"].full_name
 REQUEST_ID = "x-request-id"  # sent by the SDK, the same on every attempt of one call; echoed by the server
@@ -61,27 +65,50 @@ class Target:
     address: str  # what the channel is opened on
     balanced: bool  # round_robin over the resolver's addresses
     authority: str = ""  # an address list's :authority and TLS name: its first endpoint as given
+    shown: str = ""  # the endpoints as tried (default port added), for errors
 
 
 def channel_target(server: Servers) -> Target:
     """The gRPC target for `server`, and whether gRPC balances over its addresses.
 
-    "host:port": one server (gRPC's default pick_first). "dns:///name:port" (or ipv4:/ipv6: lists): every address
-    the resolver returns, re-resolved when a connection drops (a Kubernetes headless Service). Several endpoints
-    (a list, or "a:1,b:2"): IP literals as given, names resolved once here (gRPC takes one address family per
-    channel, so IPv4 and IPv6 endpoints do not mix).
+    "host:port": one server (gRPC's default pick_first); a host without a port gets 50051, the front end's (gRPC's
+    own default would be 443). "dns:///name:port" (or ipv4:/ipv6: lists): every address the resolver returns,
+    re-resolved when a connection drops (a Kubernetes headless Service). Several endpoints (a list, or "a:1,b:2"):
+    IP literals as given, names resolved once here (gRPC takes one address family per channel, so IPv4 and IPv6
+    endpoints do not mix). A URL (http://, grpc://) is refused: gRPC would take it for a host name.
     """
     items = [server] if isinstance(server, str) else list(server)
-    endpoints = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    endpoints = [_with_port(part.strip()) for item in items for part in item.split(",") if part.strip()]
     if not endpoints:
         raise ValueError("server: no address given")
+    shown = ", ".join(endpoints)
     if len(endpoints) == 1:
-        return Target(endpoints[0], endpoints[0].startswith(("dns:", "ipv4:", "ipv6:")))
+        return Target(endpoints[0], endpoints[0].startswith(("dns:", "ipv4:", "ipv6:")), shown=shown)
     addresses = [_address(endpoint) for endpoint in endpoints]
     families = {family for family, _ in addresses}
     if len(families) > 1:
-        raise ValueError(f"server: IPv4 and IPv6 endpoints do not mix in one channel: {', '.join(endpoints)}")
-    return Target(f"{families.pop()}:{','.join(address for _, address in addresses)}", True, endpoints[0])
+        raise ValueError(f"server: IPv4 and IPv6 endpoints do not mix in one channel: {shown}")
+    return Target(f"{families.pop()}:{','.join(address for _, address in addresses)}", True, endpoints[0], shown)
+
+
+def _with_port(endpoint: str) -> str:
+    """`endpoint` with the default port when it names none; gRPC target URIs as they are, other URLs refused."""
+    if endpoint.startswith(_GRPC_SCHEMES):
+        return endpoint
+    _, slashes, rest = endpoint.partition("://")
+    if slashes:  # https:// would ask for TLS, and http:// is the OpenAI API's port: say what to give instead
+        host = rest.split("/")[0] or "127.0.0.1"
+        raise ValueError(
+            f"server: {endpoint!r} is a URL, not host:port: give e.g. {host if ':' in host else _with_port(host)} "
+            f"(the gRPC port, {DEFAULT_PORT} unless the server was started with another; TLS: tls=True, --tls)"
+        )
+    try:  # an IPv6 literal without brackets, so without a port
+        return f"[{ipaddress.IPv6Address(endpoint)}]:{DEFAULT_PORT}"
+    except ValueError:
+        pass
+    if endpoint.endswith("]") or ":" not in endpoint:
+        return f"{endpoint}:{DEFAULT_PORT}"
+    return endpoint
 
 
 def _address(endpoint: str) -> tuple[str, str]:
@@ -124,9 +151,8 @@ def _credentials(tls: bool | bytes) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
 
 
-def _open_channel(module: Any, server: Servers, tls: bool | bytes) -> Any:
+def _open_channel(module: Any, target: Target, tls: bool | bytes) -> Any:
     """A channel from `grpc` or `grpc.aio` (the same two functions in each)."""
-    target = channel_target(server)
     options = channel_options(target.balanced)
     if target.authority:
         options.append(("grpc.default_authority", target.authority))
@@ -178,7 +204,8 @@ NO_DEADLINE_S = 1e9  # a timeout this long (32 years) or longer is no deadline
 class _Calls:
     """What every call carries: the default deadline, the bearer token when there is one, and a request id."""
 
-    def __init__(self, timeout: float | None, token: str | None, retries: int) -> None:
+    def __init__(self, timeout: float | None, token: str | None, retries: int, server: str) -> None:
+        self._server = server  # the address(es) called, named when no server answers there
         if retries < 0:
             raise ValueError(f"retries: 0 or more further attempts after UNAVAILABLE, got {retries}")
         if timeout is not None and not timeout > 0:  # NaN too: gRPC took NaN, 0 and less as a deadline passed
@@ -232,15 +259,18 @@ class OmniGen2Client(_Calls):
         token: str | None = None,
         tls: bool | bytes = False,
     ) -> None:
-        super().__init__(timeout, token, retries)
-        self._channel = _open_channel(grpc, server, tls)
+        target = channel_target(server)
+        super().__init__(timeout, token, retries, target.shown)
+        self._channel = _open_channel(grpc, target, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
 
-    def generate(
-        self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
-    ) -> GenerationResult:
-        """Text-to-image, or with `images` any of the image tasks; returns when the images are done."""
-        request = build_request(prompt, list(images), _seeded(options))
+    def generate(self, prompt: str, images: Images = (), **options: Unpack[GenerationOptions]) -> GenerationResult:
+        """Text-to-image, or with `images` any of the image tasks; returns when the images are done.
+
+        `images`: one image (a path, bytes or a PIL image) or a sequence of them; a str is one path, never a list of
+        letters. The same holds for every method that takes `images`.
+        """
+        request = build_request(prompt, images, _seeded(options))
 
         def once(attempts: _Attempts) -> GenerationResult:
             response, call = self._stub.Generate.with_call(
@@ -259,7 +289,7 @@ class OmniGen2Client(_Calls):
             except grpc.RpcError as exc:
                 delay = attempts.again(exc, attempt)
                 if delay is None:
-                    raise from_rpc_error(exc) from None
+                    raise from_rpc_error(exc, self._server) from None
                 time.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -267,16 +297,14 @@ class OmniGen2Client(_Calls):
         """Edit one image by an instruction ("Make the sky stormy")."""
         return self.generate(instruction, [image], **options)
 
-    def compose(
-        self, images: Sequence[ImageInput], prompt: str, **options: Unpack[GenerationOptions]
-    ) -> GenerationResult:
+    def compose(self, images: Images, prompt: str, **options: Unpack[GenerationOptions]) -> GenerationResult:
         """A new image from up to 5 input images and a prompt that refers to them."""
         return self.generate(prompt, images, **options)
 
     def stream(
         self,
         prompt: str,
-        images: Sequence[ImageInput] = (),
+        images: Images = (),
         *,
         previews: bool = False,
         **options: Unpack[GenerationOptions],
@@ -285,7 +313,7 @@ class OmniGen2Client(_Calls):
 
         Stopping the iteration early (break, close()) cancels the generation on the server.
         """
-        request = build_request(prompt, list(images), _seeded(options), previews)
+        request = build_request(prompt, images, _seeded(options), previews)
         yield from self._events(self._stub.GenerateStream, request, _generate_event)
 
     def _events(self, method: Any, request: Any, convert: Callable[[Any, _Attempts, Any], Any]) -> Iterator[Any]:
@@ -303,7 +331,7 @@ class OmniGen2Client(_Calls):
             except grpc.RpcError as exc:
                 delay = None if started else attempts.again(exc, attempt)
                 if delay is None:
-                    raise from_rpc_error(exc) from None
+                    raise from_rpc_error(exc, self._server) from None
             finally:
                 call.cancel()  # a no-op once the stream has ended
             time.sleep(delay)
@@ -311,7 +339,7 @@ class OmniGen2Client(_Calls):
     def understand_stream(
         self,
         prompt: str | Sequence[ChatTurn],
-        images: Sequence[ImageInput] = (),
+        images: Images = (),
         **options: Unpack[UnderstandOptions],
     ) -> Iterator[str | UnderstandResult]:
         """The answer's text pieces as they are generated, then the UnderstandResult.
@@ -325,10 +353,11 @@ class OmniGen2Client(_Calls):
     def understand(
         self,
         prompt: str | Sequence[ChatTurn],
-        images: Sequence[ImageInput] = (),
+        images: Images = (),
         **options: Unpack[UnderstandOptions],
     ) -> UnderstandResult:
-        """The whole answer at once: `client.understand("What is in the picture?", ["cat.png"]).text`."""
+        """The whole answer at once: `client.understand("What is in the picture?", "cat.png").text` (one image, or a
+        list of them)."""
         return _last_result(self.understand_stream(prompt, images, **options))
 
     def info(self) -> pb.ModelInfo:
@@ -364,14 +393,15 @@ class AsyncOmniGen2Client(_Calls):
         token: str | None = None,
         tls: bool | bytes = False,
     ) -> None:
-        super().__init__(timeout, token, retries)
-        self._channel = _open_channel(grpc.aio, server, tls)
+        target = channel_target(server)
+        super().__init__(timeout, token, retries, target.shown)
+        self._channel = _open_channel(grpc.aio, target, tls)
         self._stub = pb_grpc.OmniGen2Stub(self._channel)
 
     async def generate(
-        self, prompt: str, images: Sequence[ImageInput] = (), **options: Unpack[GenerationOptions]
+        self, prompt: str, images: Images = (), **options: Unpack[GenerationOptions]
     ) -> GenerationResult:
-        request = build_request(prompt, list(images), _seeded(options))
+        request = build_request(prompt, images, _seeded(options))
 
         async def once(attempts: _Attempts) -> GenerationResult:
             call = self._stub.Generate(request, timeout=attempts.timeout(), metadata=attempts.metadata)
@@ -389,27 +419,25 @@ class AsyncOmniGen2Client(_Calls):
             except grpc.RpcError as exc:
                 delay = attempts.again(exc, attempt)
                 if delay is None:
-                    raise from_rpc_error(exc) from None
+                    raise from_rpc_error(exc, self._server) from None
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def edit(self, image: ImageInput, instruction: str, **options: Unpack[GenerationOptions]) -> GenerationResult:
         return await self.generate(instruction, [image], **options)
 
-    async def compose(
-        self, images: Sequence[ImageInput], prompt: str, **options: Unpack[GenerationOptions]
-    ) -> GenerationResult:
+    async def compose(self, images: Images, prompt: str, **options: Unpack[GenerationOptions]) -> GenerationResult:
         return await self.generate(prompt, images, **options)
 
     async def stream(
         self,
         prompt: str,
-        images: Sequence[ImageInput] = (),
+        images: Images = (),
         *,
         previews: bool = False,
         **options: Unpack[GenerationOptions],
     ) -> AsyncIterator[Event]:
-        request = build_request(prompt, list(images), _seeded(options), previews)
+        request = build_request(prompt, images, _seeded(options), previews)
         async for event in self._events(self._stub.GenerateStream, request, _generate_event):
             yield event
 
@@ -429,7 +457,7 @@ class AsyncOmniGen2Client(_Calls):
             except grpc.RpcError as exc:
                 delay = None if started else attempts.again(exc, attempt)
                 if delay is None:
-                    raise from_rpc_error(exc) from None
+                    raise from_rpc_error(exc, self._server) from None
             finally:
                 call.cancel()
             await asyncio.sleep(delay)
@@ -437,7 +465,7 @@ class AsyncOmniGen2Client(_Calls):
     async def understand_stream(
         self,
         prompt: str | Sequence[ChatTurn],
-        images: Sequence[ImageInput] = (),
+        images: Images = (),
         **options: Unpack[UnderstandOptions],
     ) -> AsyncIterator[str | UnderstandResult]:
         request = build_understand_request(prompt, images, options)
@@ -447,7 +475,7 @@ class AsyncOmniGen2Client(_Calls):
     async def understand(
         self,
         prompt: str | Sequence[ChatTurn],
-        images: Sequence[ImageInput] = (),
+        images: Images = (),
         **options: Unpack[UnderstandOptions],
     ) -> UnderstandResult:
         result = None

@@ -51,7 +51,17 @@ class PermissionDeniedError(OmniGen2Error):
 
 
 class UnavailableError(OmniGen2Error):
-    """The server or its inference backend is down; the client already retried with backoff."""
+    """The server or its inference backend is down; the client already retried with backoff. `unreachable` is the
+    address tried when no server answered there at all (none running, a wrong address), else ""."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, unreachable: str = "") -> None:
+        super().__init__(code, message)
+        self.unreachable = unreachable
+
+
+# How gRPC's own client words a call that reached no server (connect refused or timed out, a name not resolved);
+# a server's UNAVAILABLE (its Triton down, draining) carries the server's words instead.
+_NO_SERVER = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
 
 
 class DeadlineExceededError(OmniGen2Error):
@@ -74,10 +84,14 @@ _BY_CODE: dict[grpc.StatusCode, type[OmniGen2Error]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> OmniGen2Error:
-    """The typed exception for a failed call (sync or asyncio), with the google.rpc details decoded."""
+def from_rpc_error(error: grpc.RpcError, server: str = "") -> OmniGen2Error:
+    """The typed exception for a failed call (sync or asyncio), with the google.rpc details decoded. `server`, the
+    address called, is named when no server answered there, with what to do about it."""
     code: grpc.StatusCode = error.code()
     message: str = error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and server and message.startswith(_NO_SERVER):
+        hint = f"no OmniGen2 server answered at {server} ({message}); start one with `make serve`, or give the address"
+        return UnavailableError(code, f"{hint} of a running one", server)
     status = rpc_status.from_call(error)
     details = list(status.details) if status is not None else []
     if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 # A PIL image, a path to an image file, or the encoded bytes of one.
 ImageInput = Union[Image.Image, str, os.PathLike[str], bytes]  # noqa: UP007 (a runtime alias)
+# The `images` argument: one image, or a sequence of them.
+Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007 (a runtime alias)
 SchedulerName = Literal["euler", "dpmsolver"]
 CacheName = Literal["none", "teacache", "taylorseer"]
 FormatName = Literal["png", "jpeg", "webp"]
@@ -75,16 +78,54 @@ def encode_image(image: ImageInput) -> pb.Image:
     return pb.Image(data=Path(image).read_bytes())
 
 
+def image_list(images: Images) -> list[ImageInput]:
+    """One image (a path, bytes or a PIL image) as a list of one: a str path or bytes iterated would be its letters
+    or byte values."""
+    if isinstance(images, str | bytes | os.PathLike | Image.Image):
+        return [images]
+    return list(images)
+
+
+# Other names callers bring for the SDK's options: the reference pipeline's and diffusers' (num_inference_steps,
+# guidance_scale, input_images) and the HTTP API's (n, max_tokens, max_completion_tokens).
+_ALIASES = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "text_guidance_scale",
+    "input_images": "images",
+    "n": "num_images_per_prompt",
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+}
+
+
+def check_names(options: Mapping[str, Any], known: type[GenerationOptions] | type[UnderstandOptions]) -> None:
+    """TypeError naming an option the call does not take, and the SDK's name for it where there is one: protobuf's
+    own error names its message ("GenerateRequest has no ... field"), not the SDK's call or the right name."""
+    names = set(known.__annotations__)
+    for name in options:
+        if name in names:
+            continue
+        alias = _ALIASES.get(name)
+        close = [alias] if alias in {*names, "images"} else difflib.get_close_matches(name, names, 1)
+        hint = f"; the SDK calls it {close[0]!r}" if close else f"; options: {', '.join(sorted(names))}"
+        raise TypeError(f"unexpected keyword argument {name!r}{hint}")
+
+
 def build_request(
-    prompt: str, images: list[ImageInput], options: GenerationOptions, previews: bool = False
+    prompt: str, images: Images, options: GenerationOptions, previews: bool = False
 ) -> pb.GenerateRequest:
+    check_names(options, GenerationOptions)
     fields: dict[str, Any] = dict(options)
     cfg_range = fields.pop("cfg_range", None)
     scheduler = fields.pop("scheduler", None)
     output_format = fields.pop("output_format", None)
     cache = fields.pop("cache", None)
     request = _message(
-        pb.GenerateRequest, fields, prompt=prompt, input_images=[encode_image(i) for i in images], previews=previews
+        pb.GenerateRequest,
+        fields,
+        prompt=prompt,
+        input_images=[encode_image(i) for i in image_list(images)],
+        previews=previews,
     )
     if cfg_range is not None:
         try:
@@ -238,10 +279,13 @@ class UnderstandOptions(TypedDict, total=False):
 
 
 def build_understand_request(
-    prompt: str | Sequence[ChatTurn], images: Sequence[ImageInput], options: UnderstandOptions
+    prompt: str | Sequence[ChatTurn], images: Images, options: UnderstandOptions
 ) -> pb.UnderstandRequest:
     """A str prompt is one user message: the images first, then the question."""
-    turns = [ChatTurn("user", [*(_as_image(i) for i in images), prompt])] if isinstance(prompt, str) else prompt
+    check_names(options, UnderstandOptions)
+    turns = (
+        [ChatTurn("user", [*(_as_image(i) for i in image_list(images)), prompt])] if isinstance(prompt, str) else prompt
+    )
     messages = [
         pb.ChatMessage(
             role=_choice(_ROLES, turn.role, "role"),
