@@ -5,12 +5,19 @@ omnigen2 edit apple.png "Make the apple green" -o green.png
 omnigen2 compose cat.png sofa.png --prompt "The cat from image 1 sleeping on the sofa of image 2"
 omnigen2 understand apple.png "What colour is the apple?"
 omnigen2 info
+
+Without -o, images go to omnigen2.png in the current folder, or to the first of omnigen2-1.png, omnigen2-2.png, ...
+that is free: a default name never replaces an earlier image. An -o file is written over, as named.
+Exit status: 0 done, 1 the call failed (server, network), 2 a usage error (arguments, input files, a value the
+server refused as invalid), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,9 +25,13 @@ from typing import Any
 from google.protobuf import json_format
 from tqdm import tqdm
 
-from omnigen2.client import DEFAULT_SERVER, OmniGen2Client
-from omnigen2.errors import InvalidArgumentError, OmniGen2Error
+from omnigen2.client import DEFAULT_PORT, DEFAULT_SERVER, OmniGen2Client
+from omnigen2.errors import FieldViolation, InvalidArgumentError, OmniGen2Error, UnavailableError
+from omnigen2.limits import MIN_TEMPERATURE
 from omnigen2.messages import GenerationOptions, GenerationResult, ImageInput, Progress, UnderstandOptions
+
+DEFAULT_OUTPUT = Path("omnigen2.png")
+_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def _count(text: str) -> int:
@@ -31,6 +42,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _output(text: str) -> Path:
+    """-o's file; its suffix picks the format (argparse names the option in its error, exit status 2)."""
+    path = Path(text)
+    if path.suffix.lower() not in _FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} must end in one of {', '.join(_FORMATS)} (the image format)")
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnigen2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -38,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         default=os.environ.get("OMNIGEN2_SERVER", DEFAULT_SERVER),
-        help="host:port; several replicas as host:port,host:port or dns:///name:port, balanced round-robin with "
-        "failover of UNAVAILABLE (env OMNIGEN2_SERVER)",
+        help=f"host:port (port default {DEFAULT_PORT}; default {DEFAULT_SERVER}); several replicas as "
+        "host:port,host:port or dns:///name:port, balanced round-robin with failover of UNAVAILABLE "
+        "(env OMNIGEN2_SERVER)",
     )
     parser.add_argument(
         "--retries", type=_count, default=4, help="attempts after UNAVAILABLE, on another replica (0: none)"
@@ -76,7 +96,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", type=Path, default=Path("omnigen2.png"), help="with -n > 1: out-0.png, ...")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=_output,
+        help=f"image file, written over if it exists; .png, .jpg, .jpeg or .webp (the format). Default: "
+        f"{DEFAULT_OUTPUT}, or omnigen2-1.png, ... if taken (never written over). With -n > 1: out-0.png, ...",
+    )
     parser.add_argument("--negative-prompt")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
@@ -96,18 +122,14 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 _OPTION_NAMES = set(GenerationOptions.__annotations__)
 
 
-def _options(args: argparse.Namespace) -> GenerationOptions:
+def _options(args: argparse.Namespace, output: Path) -> GenerationOptions:
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in _OPTION_NAMES and v is not None}
     if "cfg_range" in values:
         values["cfg_range"] = tuple(values["cfg_range"])
-    suffix = args.output.suffix.lower()
-    if suffix not in _FORMATS:
-        raise SystemExit(f"omnigen2: --output must end in one of {', '.join(_FORMATS)}")
-    values["output_format"] = _FORMATS[suffix]
+    values["output_format"] = _FORMATS[output.suffix.lower()]
     return GenerationOptions(**values)  # type: ignore[typeddict-item]
 
 
@@ -116,6 +138,16 @@ def _outputs(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def _free_output(count: int | None) -> Path:
+    """The default output, numbered past the files earlier runs left: the first of omnigen2.png, omnigen2-1.png,
+    ... none of whose files (the numbered ones too, for several images) exists yet."""
+    for number in itertools.count():
+        output = DEFAULT_OUTPUT.with_stem(f"{DEFAULT_OUTPUT.stem}-{number}") if number else DEFAULT_OUTPUT
+        if not any(path.exists() for path in [output, *_outputs(output, count or 1)]):
+            return output
+    raise AssertionError("unreachable: itertools.count() does not end")
 
 
 def _check_outputs(output: Path, count: int | None) -> None:
@@ -132,11 +164,12 @@ def _check_outputs(output: Path, count: int | None) -> None:
 
 
 def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], args: argparse.Namespace) -> int:
-    _check_outputs(args.output, args.num_images_per_prompt)
+    output = args.output or _free_output(args.num_images_per_prompt)
+    _check_outputs(output, args.num_images_per_prompt)
     result: GenerationResult | None = None
     bar: tqdm[None] | None = None
     try:
-        for event in client.stream(prompt, images, **_options(args)):
+        for event in client.stream(prompt, images, **_options(args, output)):
             if isinstance(event, Progress):
                 bar = bar or tqdm(total=event.total, unit="step", desc="denoising", disable=args.quiet)
                 bar.update(event.step - bar.n)
@@ -146,14 +179,15 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
         if bar is not None:
             bar.close()
     assert result is not None  # a stream ends with its result or raises
-    outputs = _outputs(args.output, len(result.encoded))  # none when the server withheld them all
+    outputs = _outputs(output, len(result.encoded))  # none when the server withheld them all
     for path, data in zip(outputs, result.encoded, strict=True):
         path.write_bytes(data)  # the server's encoding, byte for byte
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v)
     usage = result.usage
     tokens = f"{usage.text_tokens} text + {usage.image_tokens} image -> {usage.output_tokens} output tokens; "
     tokens = tokens if usage.output_tokens else ""  # a server older than usage counts none
-    print(f"wrote {', '.join(map(str, outputs))} (seed {result.seed}; {tokens}{timings}; served by {result.served_by})")
+    written = ", ".join(map(str, outputs)) or "no image (all withheld)"
+    print(f"wrote {written} (seed {result.seed}; {tokens}{timings}; served by {result.served_by})")
     if result.truncated_prompt_tokens or result.truncated_negative_prompt_tokens:
         cut = f"{result.truncated_prompt_tokens} prompt, {result.truncated_negative_prompt_tokens} negative prompt"
         print(f"tokens cut at --max-sequence-length: {cut}", file=sys.stderr)
@@ -165,18 +199,57 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
     return 0
 
 
+# How each finish reason reads in the footer.
+_FINISHED = {
+    "stop": "answer complete",
+    "length": "cut off at --max-new-tokens",
+    "stop_string": "stopped at a --stop string",
+}
+
+
 def _understand(client: OmniGen2Client, args: argparse.Namespace) -> int:
     names = set(UnderstandOptions.__annotations__)
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    for item in client.understand_stream(args.question, args.images, **UnderstandOptions(**values)):  # type: ignore[typeddict-item]
-        if isinstance(item, str):
-            print(item, end="", flush=True)
-        else:
-            print()
-            usage = f"{item.prompt_tokens} prompt + {item.completion_tokens} completion tokens"
-            where = f"served by {item.served_by}"
-            print(f"({item.finish_reason}; {usage}; seed {item.seed}; {item.seconds:.2f}s; {where})", file=sys.stderr)
+    # The server's default temperature is 0; below MIN_TEMPERATURE it decodes greedily and draws nothing from the seed.
+    sampled = (args.temperature or 0.0) >= MIN_TEMPERATURE
+    mid_line = False  # text printed since the last newline
+    try:
+        for item in client.understand_stream(args.question, args.images, **UnderstandOptions(**values)):  # type: ignore[typeddict-item]
+            if isinstance(item, str):
+                print(item, end="", flush=True)
+                mid_line = mid_line or bool(item)
+            else:
+                print()
+                mid_line = False
+                parts = [
+                    _FINISHED.get(item.finish_reason, item.finish_reason),
+                    f"{item.prompt_tokens} prompt + {item.completion_tokens} answer tokens",
+                    *([f"seed {item.seed}"] if sampled else []),
+                    f"{item.seconds:.2f}s",
+                    f"served by {item.served_by}",
+                ]
+                print(f"({'; '.join(parts)})", file=sys.stderr)
+    finally:
+        if mid_line:  # an interrupted or failed answer: the error starts a line of its own
+            print(flush=True)
     return 0
+
+
+_IMAGE_FIELD = re.compile(r"input_images\[(\d+)\](?:\.data)?|messages\[0\]\.content\[(\d+)\](?:\.image(?:\.data)?)?")
+
+
+def _named(violation: FieldViolation, args: argparse.Namespace) -> str:
+    """The field a violation names as the user gave it: an input image by its file (a str question follows the
+    images in its message, so content[i] below their count is the i-th), an option by its flag."""
+    images: list[Path] = [args.image] if args.command == "edit" else getattr(args, "images", [])
+    found = _IMAGE_FIELD.fullmatch(violation.field)
+    if found:
+        index = int(found.group(1) or found.group(2))
+        if index < len(images):
+            return f"image {images[index]}"
+    if violation.field != "prompt" and violation.field in vars(args):
+        return "--" + violation.field.replace("_", "-")
+    return violation.field
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,14 +265,19 @@ def main(argv: list[str] | None = None) -> int:
                 return _understand(client, args)
             images: list[ImageInput] = [args.image] if args.command == "edit" else getattr(args, "images", [])
             return _generate(client, args.prompt, images, args)
-    except InvalidArgumentError as exc:
+    except InvalidArgumentError as exc:  # the server's refusal of a value given: a usage error
         for violation in exc.violations:
-            print(f"omnigen2: invalid {violation.field}: {violation.description}", file=sys.stderr)
+            print(f"omnigen2: invalid {_named(violation, args)}: {violation.description}", file=sys.stderr)
         return 2
+    except UnavailableError as exc:
+        print(f"omnigen2: {exc}", file=sys.stderr)
+        if exc.unreachable:
+            print("omnigen2: give the address with --server host:port or in OMNIGEN2_SERVER", file=sys.stderr)
+        return 1
     except OmniGen2Error as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 1
-    # A --server that is not host:port; an input image or --tls-ca that cannot be read, an output not written.
+    # A --server that is not host:port; an input image or --tls-ca that cannot be read, an output not writable.
     except (ValueError, OSError) as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 2

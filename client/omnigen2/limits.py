@@ -10,6 +10,8 @@ RANDOM_SEEDS = 2**53
 MAX_SEQUENCE_LENGTH = 1024  # prompt tokens kept: the full checkpoint's text positions (the official default too)
 MAX_NEW_TOKENS = 2048  # tokens of one Understand answer
 MAX_TOP_K = 1000  # Understand's top_k (0: off)
+# Understand's temperature below this decodes greedily (the seed unused): logits divided by 1e-40 overflow to inf.
+MIN_TEMPERATURE = 0.01
 MIN_TOP_P = 0.01  # the least top_p the UIs offer: the server takes (0, 1]
 MIN_MAX_PIXELS = 16 * 16  # max_pixels: one patch at least
 MIN_INPUT_IMAGE_SIDE = 16  # max_input_image_side_length

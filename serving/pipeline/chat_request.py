@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from omnigen2.limits import MAX_NEW_TOKENS, MAX_TOP_K
+from omnigen2.limits import MAX_NEW_TOKENS, MAX_TOP_K, MIN_TEMPERATURE
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -17,8 +17,6 @@ from serving.pipeline.request import MAX_SEED, SEED_RANGE, random_seed
 ROLES = ("system", "user", "assistant")
 # Qwen2.5-VL's resize refuses an image whose longer side is over this many times its shorter one.
 MAX_ASPECT_RATIO = 200
-# Below this, sampling is greedy decoding: logits divided by 1e-40 overflow to inf and the probabilities to NaN.
-MIN_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
