@@ -1,20 +1,29 @@
 """How calls are recorded (access log and counters), in process with stand-ins for what they call: a stream the caller
-took whole."""
+took whole, a cancel that the model confirms after the deadline, calls that held the read budget."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import socket
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend.config import FrontendConfig
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
+from serving.frontend.server import Frontend
+from serving.triton.launcher import free_port
+from serving.triton.wire import STOP_PARAMETER
 
 CHAT = b'{"messages": [{"role": "user", "content": "x"}], "stream": true}'
 
@@ -85,3 +94,92 @@ def test_a_stream_read_to_its_end_then_closed_is_200(caplog: pytest.LogCaptureFi
     lines = [r.getMessage() for r in caplog.records if r.name == "omnigen2.access"]
     assert counts == {"200": float(calls)}  # before: mostly 499
     assert len(lines) == calls and all(" status=200 " in line for line in lines), lines
+
+
+@contextlib.asynccontextmanager
+async def _frontend(**changes: object) -> AsyncIterator[tuple[Frontend, grpc.aio.Channel]]:
+    """A front end in process; its backend is set by each test (nothing answers on `triton_url`)."""
+    fields = {"listen": "127.0.0.1:0", "triton_url": f"127.0.0.1:{free_port()}", "metrics_port": 0}
+    frontend = Frontend(FrontendConfig(**{**fields, "shutdown_grace_s": 1.0, **changes}))  # type: ignore[arg-type]
+    port = await frontend.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield frontend, channel
+    finally:
+        await frontend.stop()
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "omnigen2.access"]
+
+
+class Progress:
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return np.array([json.dumps({"type": "progress", "step": 1, "total": 3}).encode()]) if name == "event" else None
+
+    def get_response(self) -> Any:
+        return types.SimpleNamespace(raw_output_contents=[])
+
+
+class SlowToStop:
+    """A Triton stream standing in for the BLS's: a step, then nothing until a stop request comes, which it
+    confirms (ends the stream) 1.5 s later, as a model finishing its step does."""
+
+    def __init__(self, requests: AsyncIterator[dict[str, Any]]) -> None:
+        self.requests = requests
+        self.responses = self._responses()
+
+    def __aiter__(self) -> AsyncIterator[tuple[Progress, None]]:
+        return self.responses  # one stream: read again once ended (the front end drains it), it stays ended
+
+    async def _responses(self) -> AsyncIterator[tuple[Progress, None]]:
+        await anext(self.requests)  # the call
+        yield Progress(), None
+        async for request in self.requests:
+            if STOP_PARAMETER in request["parameters"]:
+                await asyncio.sleep(1.5)
+                return
+
+    def cancel(self) -> None:
+        pass
+
+
+class SlowToStopClient:
+    """Streams SlowToStop; the rest (health's polls, close) is the client it replaces (nothing answers it)."""
+
+    def __init__(self, replaced: Any) -> None:
+        self.replaced = replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.replaced, name)
+
+    def stream_infer(self, requests: AsyncIterator[dict[str, Any]], stream_timeout: float) -> SlowToStop:
+        return SlowToStop(requests)
+
+
+@pytest.mark.parametrize("cancel", [True, False])
+def test_a_call_is_recorded_with_the_status_its_caller_saw(cancel: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Cancelled before its 1 s deadline, whose stop the model confirms after it: CANCELLED, as the caller saw,
+    not DEADLINE_EXCEEDED by the time the call took (before). Not cancelled: DEADLINE_EXCEEDED at the deadline."""
+    seen = "CANCELLED" if cancel else "DEADLINE_EXCEEDED"
+
+    async def run() -> None:
+        async with _frontend() as (frontend, channel):
+            frontend.backend.client = SlowToStopClient(frontend.backend.client)
+            call = pb_grpc.OmniGen2Stub(channel).GenerateStream(pb.GenerateRequest(prompt="a"), timeout=1.0)
+            await call.read()
+            if cancel:
+                call.cancel()
+            assert (await call.code()).name == seen
+            counted = frontend.metrics.registry.get_sample_value
+            labels = {"method": "GenerateStream", "code": seen}
+            for _ in range(300):  # the handler ends once the model has stopped
+                if counted("omnigen2_requests_total", labels):
+                    break
+                await asyncio.sleep(0.01)
+            assert counted("omnigen2_requests_total", labels) == 1
+
+    with caplog.at_level(logging.INFO, logger="omnigen2.access"):
+        asyncio.run(run())
+    (line,) = _access_lines(caplog)
+    assert f" status={seen} " in line, line

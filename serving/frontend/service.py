@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-from serving.frontend import access_log, request_id
+from serving.frontend import access_log, cancel_clock, request_id
 from serving.frontend.admission import Admission, Load
 from serving.frontend.auth import TokenRegistry
 from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets, generation_load, inflight_budgets
@@ -174,11 +174,11 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         have freed the call, and `context.peer()` there crashed the process (a segfault in cygrpc, seen on
         streaming calls cancelled by the client).
         """
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.monotonic()
         peer, budget = context.peer(), context.time_remaining()
         policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
         call_id = request_id.from_metadata(context.invocation_metadata())
-        token = request_id.begin(call_id)
+        token, clock = request_id.begin(call_id), cancel_clock.begin()
         code = grpc.StatusCode.OK
         described = ""
         try:
@@ -197,11 +197,14 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             code = exc.code
             await context.abort_with_status(exc.status)
         except asyncio.CancelledError:
-            expired = budget is not None and time.perf_counter() - start >= budget
+            # Whichever came first, the caller's cancel or its deadline, is the status it saw: judged when the call
+            # was cancelled, not when it ended (the model's confirmed stop may come after the deadline).
+            cancelled = cancel_clock.cancelled_at() or time.monotonic()
+            expired = budget is not None and cancelled - began >= budget
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             # Cut by the server's stop at the end of its grace period: the caller saw UNAVAILABLE ("Cancelling all
             # calls"), and so do the log and the metrics.
-            if self.cut_at is not None and time.monotonic() >= self.cut_at:
+            if self.cut_at is not None and cancelled >= self.cut_at:
                 code = grpc.StatusCode.UNAVAILABLE
             raise
         except Exception:
@@ -213,6 +216,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             self.metrics.requests.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(seconds)
             access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, described, call_id)
+            cancel_clock.end(clock)
             request_id.end(token)
 
     async def _end_behind_writes(self, context: grpc.aio.ServicerContext, status: grpc.Status) -> None:

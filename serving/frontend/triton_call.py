@@ -29,6 +29,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
+from serving.frontend import cancel_clock
 from serving.frontend.status import ApiError, plain
 from serving.triton.wire import CALL_PARAMETER, STOP_PARAMETER
 
@@ -125,6 +126,9 @@ class TritonCall:
                 if payload["type"] in FINAL_EVENTS:
                     return
         finally:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                cancel_clock.note()  # the cancellation waits for the stop below: the call is recorded by its time
             try:
                 if self._died:
                     await self._cancel(stream, reader)
@@ -187,6 +191,7 @@ class TritonCall:
                 # The call's task cancelled while it waits (the caller's deadline right after the run time, a
                 # shutdown): the slot is still held until the model has stopped; the cancellation goes on after.
                 cancelled = True
+                cancel_clock.note()
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
