@@ -70,10 +70,17 @@ class SilentCaller:
         self._buffer = b""
         self.replying = threading.Event()  # the reply's first bytes have come
         self.ended = threading.Event()  # the stream's last frame has come
+        self.gone = threading.Event()  # reading stopped: the stream ended, or the connection closed
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
+        try:
+            self._read_frames()
+        finally:
+            self.gone.set()
+
+    def _read_frames(self) -> None:
         while not self.ended.is_set():
             try:
                 chunk = self.socket.recv(1 << 20)

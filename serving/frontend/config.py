@@ -11,6 +11,7 @@ from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import DEFAULT_LIMITS, Limits, limits_from_json
 
 MiB = 1024 * 1024
+MAX_GRPC_MS = 2**31 - 1  # gRPC's channel arguments are C ints
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,14 @@ class FrontendConfig:
     # A gRPC connection with no call in progress is closed after this long (GOAWAY; a client reconnects at its next
     # call): gRPC's own default kept one for ever.
     grpc_idle_timeout_s: float = 75.0
+    # A gRPC connection from which nothing has come this long is pinged (HTTP/2 PING), with or without calls, and
+    # closed if the ping is not answered within grpc_keepalive_timeout_s: a caller that stopped reading (frozen,
+    # its network gone) otherwise kept it, and the replies gRPC had queued for it, for ever (a frozen process's
+    # kernel still answers TCP). A live client's transport answers pings whatever its application does, a call
+    # silent for minutes (a long generation) included. 60 s: under the 350 s to 15 min after which cloud NATs and
+    # load balancers drop a silent connection, and one ping a minute per idle connection costs nothing.
+    grpc_keepalive_time_s: float = 60.0
+    grpc_keepalive_timeout_s: float = 20.0  # gRPC's own default: room for a loaded peer or a slow path
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
     # Each time Triton turns ready, a text-to-image, an edit and an Understand call of this size and these steps
@@ -112,6 +121,9 @@ class FrontendConfig:
         for name in ("stream_min_write_rate", "http_min_body_rate"):  # bytes/s; 0 would let a trickle hold a place
             if getattr(self, name) <= 0:
                 raise SettingError(f"--{name.replace('_', '-')}", "must be > 0 (bytes/s)")
+        for name in ("grpc_keepalive_time_s", "grpc_keepalive_timeout_s"):  # gRPC takes whole ms up to 2^31 - 1
+            if not 1 <= getattr(self, name) <= MAX_GRPC_MS / 1000:
+                raise SettingError(f"--{name.replace('_', '-')}", f"must be from 1 to {MAX_GRPC_MS // 1000} (seconds)")
         if self.http_max_connections < 0:
             raise SettingError("--http-max-connections", "must be >= 0 (0: from the open-file limit)")
 

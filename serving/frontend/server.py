@@ -85,6 +85,21 @@ class Frontend:
                 ("grpc.compression_enabled_algorithms_bitset", 1 << grpc.Compression.NoCompression.value),
                 ("grpc.max_send_message_length", config.max_response_bytes),
                 ("grpc.max_connection_idle_ms", int(config.grpc_idle_timeout_s * 1000)),
+                # A caller that answers no ping is cut off with its connection, and gRPC frees what it had queued
+                # for it (a cut-off reply included). Pings go on while nothing else is sent (a call whose reply
+                # waits on a full window, a long generation), and with no call open: the idle timeout above
+                # closes such a connection too, but one whose peer is gone sooner.
+                ("grpc.keepalive_time_ms", round(config.grpc_keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # gRPC 1.81 times a keepalive ping out at this (60 s by default), not at keepalive_timeout_ms; it
+                # also times out the flow-control (BDP) pings a caller leaves unanswered.
+                ("grpc.http2.ping_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
+                # Clients' own keepalive pings are taken every 10 s or less often (gRPC's clients send them no
+                # more often), with or without calls; gRPC's default refused one more often than every 5 min
+                # (2 h with no call), closing the connection of a client that pinged every minute.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 # A port another server holds is refused: gRPC's default would share it, splitting the callers.
                 ("grpc.so_reuseport", 0),
             ],

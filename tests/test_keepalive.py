@@ -1,0 +1,149 @@
+"""Server keepalive (--grpc-keepalive-time-s, --grpc-keepalive-timeout-s): the connection of a caller that answers
+no ping is closed, and with it what gRPC had queued for the caller; a live client's calls are not, however long
+they send nothing.
+
+A front end in process with a stand-in backend. The silent caller is tests/test_unary_reply.py's raw HTTP/2 one:
+it takes no more of its reply than the initial window and answers no ping, as a frozen process or a vanished network
+does not; a gRPC client's transport answers pings whatever its application does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from serving.errors import SettingError
+from serving.frontend.admission import Load
+from serving.frontend.config import FrontendConfig, MiB
+from serving.frontend.convert import Forward
+from serving.frontend.server import Frontend
+from serving.frontend.triton_backend import Event, ResultEvent
+from serving.triton.launcher import free_port
+from tests.test_unary_reply import GENERATE, SilentCaller, _until
+
+QUIET_S = 4.0  # how long a live client's call sends nothing: past several pings and their timeouts
+FROZEN_CALL = threading.Event()  # the frozen client's call has reached the backend
+# A gRPC client in its own process, so that it can be frozen (SIGSTOP) with its connection open.
+CLIENT = """
+import sys, grpc
+from omnigen2.v1 import omnigen2_pb2 as pb, omnigen2_pb2_grpc as pb_grpc
+stub = pb_grpc.OmniGen2Stub(grpc.insecure_channel(sys.argv[1]))
+stub.Generate(pb.GenerateRequest(prompt="frozen", width=64, height=64, steps=1), timeout=120)
+"""
+
+
+async def _result(forward: Forward, *args: object, **kwargs: object) -> AsyncIterator[Event]:
+    """Noise at the request's size (it does not compress); a prompt of 'quiet' first works QUIET_S in silence."""
+    params = forward.params
+    if params["prompt"] == "quiet":
+        await asyncio.sleep(QUIET_S)
+    if params["prompt"] == "frozen":
+        FROZEN_CALL.set()
+        await asyncio.sleep(120)
+    images = np.random.default_rng(1).integers(0, 256, (1, params["height"], params["width"], 3), dtype=np.uint8)
+    yield ResultEvent(1, {}, images, np.zeros(1, np.float32), 0, 0, [])
+
+
+def _hangs_up(connection: socket.socket, timeout_s: float = 30) -> bool:
+    """Whether the server closes the connection within timeout_s (what it still sends is dropped)."""
+    connection.settimeout(timeout_s)
+    try:
+        while connection.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_not() -> None:
+    """Before, the silent caller's connection stayed open past the write timeout's cut, gRPC holding the reply for
+    it until the kernel gave up on TCP; the call held its place until that cut."""
+
+    async def run() -> None:
+        config = FrontendConfig(
+            listen="127.0.0.1:0",
+            triton_url=f"127.0.0.1:{free_port()}",
+            metrics_port=0,
+            shutdown_grace_s=1.0,
+            stream_write_timeout_s=60.0,  # the cut of an unread reply is not what frees it here
+            grpc_keepalive_time_s=1.0,
+            grpc_keepalive_timeout_s=1.0,
+        )
+        frontend = Frontend(config)
+        frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
+        port = await frontend.start()
+        admission = frontend.service.admission
+        large = pb.GenerateRequest(prompt="noise", width=1024, height=1024, steps=1, seed=1)  # about 3 MiB of PNG
+        options = [("grpc.max_receive_message_length", 64 * MiB)]
+        frozen = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, f"127.0.0.1:{port}"],
+            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        caller: SilentCaller | None = None
+        try:
+            # A client frozen while its call works in silence: the call ends with its connection, long before
+            # its work would have.
+            await _until(FROZEN_CALL.is_set, "the frozen client's call", 60)
+            os.kill(frozen.pid, signal.SIGSTOP)
+            cancelled = {"method": "Generate", "code": "CANCELLED"}
+            counted = frontend.metrics.registry.get_sample_value
+            await _until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the frozen client's call to end")
+            await _until(lambda: admission.calls == 0, "the frozen client's place to come back")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                stub = pb_grpc.OmniGen2Stub(channel)
+                # A live client whose call is silent for QUIET_S (a long generation) keeps its connection.
+                quiet = asyncio.ensure_future(
+                    stub.Generate(pb.GenerateRequest(prompt="quiet", width=64, height=64, steps=1), timeout=60)
+                )
+                caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString())
+                await _until(caller.replying.is_set, "the reply's first bytes")
+                started = time.monotonic()
+                assert await asyncio.to_thread(_hangs_up, caller.socket), "the silent caller's connection stayed open"
+                assert time.monotonic() - started < 30  # about 1 or 2 s: a ping and its timeout
+                # Its call is over and its place back, long before the 60 s write timeout.
+                await _until(lambda: admission.calls <= 1, "the silent caller's place to come back")
+                served = await quiet
+                assert len(served.images) == 1
+                await _until(lambda: admission.calls == 0 and admission.held == Load(), "every place to come back")
+                # The same channel, idle and pinged meanwhile, still serves.
+                again = await stub.Generate(pb.GenerateRequest(prompt="noise", width=64, height=64), timeout=30)
+                assert len(again.images) == 1
+        finally:
+            frozen.kill()
+            frozen.wait()
+            if caller is not None:
+                caller.close()
+            await frontend.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("grpc_keepalive_time_s", 0.0),
+        ("grpc_keepalive_time_s", 0.5),
+        ("grpc_keepalive_timeout_s", -1.0),
+        ("grpc_keepalive_timeout_s", float("nan")),
+        ("grpc_keepalive_time_s", float("inf")),
+        ("grpc_keepalive_time_s", 3e6),  # past gRPC's 2^31 - 1 ms
+    ],
+)
+def test_keepalive_settings_out_of_range_are_refused(flag: str, value: float) -> None:
+    with pytest.raises(SettingError, match=f"--{flag.replace('_', '-')}"):
+        FrontendConfig(**{flag: value})  # type: ignore[arg-type]
