@@ -3,6 +3,8 @@ own `generate` on the golden checkpoint (greedy, and sampling with a seed), toke
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,30 @@ def test_cancellation_stops_generation(understander: Understander, golden: Path)
     calls = iter(range(1000))
     *_, result = understander.stream(_question(golden, max_new_tokens=500), cancelled=lambda: next(calls) >= 3)
     assert isinstance(result, ChatResult) and result.finish_reason == "cancelled" and len(result.token_ids) < 10
+
+
+def test_a_cancelled_answer_stops_waiting_for_its_turn(understander: Understander, golden: Path) -> None:
+    """While another answer holds the model (for 5 s at most), a cancelled one ends without running, at once."""
+    other_ended = threading.Event()
+
+    def other_answer() -> None:
+        with understander.lock:
+            other_ended.wait(5)
+
+    other = threading.Thread(target=other_answer)
+    other.start()
+    while not understander.lock.locked():
+        time.sleep(0.01)
+    started = time.monotonic()
+    leaves = started + 0.1  # the caller cancels 0.1 s in
+    *pieces, result = understander.stream(
+        _question(golden, max_new_tokens=8), cancelled=lambda: time.monotonic() > leaves
+    )
+    waited = time.monotonic() - started
+    other_ended.set()
+    other.join()
+    assert isinstance(result, ChatResult) and result.finish_reason == "cancelled"
+    assert result.token_ids == [] and pieces == [] and waited < 3
 
 
 def test_text_deltas_concatenate_to_the_decoded_text(tiny_checkpoint: Path) -> None:

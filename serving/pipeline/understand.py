@@ -2,10 +2,12 @@
 
 Used by the Triton `mllm` model, and in-process as the reference. One generation runs at a time per instance:
 `generate` seeds and samples from torch's global generator, so concurrent runs would not be reproducible.
+An answer waiting for its turn checks its cancellation while it waits, and stops waiting once cancelled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -59,6 +61,21 @@ class _Flag(StoppingCriteria):
 
 
 _DONE = object()
+TURN_POLL_S = 0.02  # how often an answer waiting for its turn checks whether it was cancelled
+
+
+@contextlib.contextmanager
+def _turn(lock: threading.Lock, given_up: Callable[[], bool]) -> Iterator[bool]:
+    """Holds `lock` (True) unless `given_up()` turns true while waiting for it (False, the lock not taken): an
+    answer waiting behind another has done no work, so once cancelled it need not wait for that one to end."""
+    taken = False
+    while not taken and not given_up():
+        taken = lock.acquire(timeout=TURN_POLL_S)
+    try:
+        yield taken
+    finally:
+        if taken:
+            lock.release()
 
 
 class Understander:
@@ -94,14 +111,19 @@ class Understander:
         tokens: queue.Queue[Any] = queue.Queue()
         halt = threading.Event()
 
+        def stop() -> bool:
+            return halt.is_set() or cancelled()
+
         def run() -> None:
             try:
-                with self.lock, torch.inference_mode():
+                with _turn(self.lock, stop) as turn, torch.inference_mode():
+                    if not turn or stop():  # cancelled before its turn or as it came: no tokens, no prefill
+                        return
                     torch.manual_seed(request.seed)
                     self.model.generate(
                         **{k: v.to(device) for k, v in inputs.as_kwargs().items()},
                         streamer=_TokenQueue(tokens),
-                        stopping_criteria=StoppingCriteriaList([_Flag(lambda: halt.is_set() or cancelled())]),
+                        stopping_criteria=StoppingCriteriaList([_Flag(stop)]),
                         **self.generate_kwargs(request),
                     )
             except BaseException as exc:  # handed to the consumer, which re-raises it

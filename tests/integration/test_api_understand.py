@@ -142,6 +142,39 @@ def test_cancelled_answer_frees_the_model(client: OmniGen2Client) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_a_cancelled_answer_waiting_for_its_turn_gives_its_place_back_at_once(
+    api: FrontendProcess, client: OmniGen2Client
+) -> None:
+    """An answer waiting behind another for the model has done no work: cancelled, its place and tokens come back
+    within moments (the model used to see the stop only once the running answer had ended, or the front end gave
+    up at the stop grace, 10 s), and the running answer ends as it would have."""
+
+    def held() -> tuple[float, float]:
+        tokens = api.metric("omnigen2_admitted_cost", budget="chat_tokens") or 0
+        return api.metric("omnigen2_in_flight_requests") or 0, tokens
+
+    expired = api.metric("omnigen2_stop_grace_expired_total") or 0
+    running = client.understand_stream("Talk for a long time", max_new_tokens=1024)  # over a second here
+    next(running)
+    alone = held()
+    waiting = pb_grpc.OmniGen2Stub(grpc.insecure_channel(api.address)).Understand(
+        pb.UnderstandRequest(messages=[pb.ChatMessage(content=[pb.ContentPart(text="hello there")])], max_new_tokens=8)
+    )
+    while held()[0] < alone[0] + 1:
+        time.sleep(0.01)
+    time.sleep(0.3)  # queued in the model behind the running answer
+    waiting.cancel()
+    cancelled = time.monotonic()
+    while held() != alone:
+        assert time.monotonic() - cancelled < 2, "the waiting answer kept its place"
+        time.sleep(0.01)
+    *_, result = running  # its place was still held above, so it had not ended
+    assert isinstance(result, UnderstandResult)
+    assert result.finish_reason == "length" and result.completion_tokens == 1024
+    assert waiting.code() == grpc.StatusCode.CANCELLED
+    assert (api.metric("omnigen2_stop_grace_expired_total") or 0) == expired
+
+
 def test_streams_cancelled_by_callers_never_take_the_front_end_down(api: FrontendProcess) -> None:
     """Regression: the access log read the call context after a cancel and grpcio segfaulted, within a few tries.
 
