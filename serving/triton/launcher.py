@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import errno
 import importlib.util
+import logging
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
 STUB = "triton_python_backend_stub"
 UNLOADING = b"All models are stopped, unloading models"  # Triton's log line once nothing is in flight
 UNLOADED = re.compile(rb"successfully unloaded '([^']+)'")  # Triton's log line per model unloaded
+LOADED = re.compile(rb"successfully loaded '([^']+)'")  # and per model loaded
 EXIT_GRACE_S = 3.0  # Triton exits at its once-a-second check after its last model unloaded (1.5 s: killed under load)
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's; one the caller's environment sets is kept
 MMAP_THRESHOLD = 1 << 20  # blocks this large or larger are mapped on their own and unmapped when freed
@@ -50,6 +52,10 @@ STUB_MMAP_THRESHOLD = 32 << 20  # the most glibc raises its own threshold to (64
 # A pooled gRPC response keeps its output buffers' capacity when reused (protobuf clears, never frees): each pooled
 # stream held its largest output for good, one 8 x 4096x4096 answer 385 MiB.
 NO_RESPONSE_POOL = "--grpc-infer-allocation-pool-size=0"
+# While Triton loads its models (seconds for the tiny checkpoint, minutes for real weights) the wait logs which have
+# loaded this often, from Triton's log (its gRPC port opens only once all have), so that a long start shows progress.
+PROGRESS_INTERVAL_S = 5.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -288,7 +294,10 @@ class TritonServer:
 
     def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
         client = triton_grpc.InferenceServerClient(self.grpc_url, channel_args=RECONNECT_OPTIONS)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        progress_at = started + PROGRESS_INTERVAL_S
+        log.info("tritonserver starting on %s (log: %s)", self.grpc_url, self.log_path)
         while time.monotonic() < deadline:
             if cancel is not None and cancel.is_set():
                 raise RuntimeError("tritonserver start cancelled: the server is being stopped")
@@ -296,10 +305,21 @@ class TritonServer:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(Exception):
                 if client.is_server_ready():
+                    log.info("tritonserver ready after %.0f s", time.monotonic() - started)
                     return
+            if time.monotonic() >= progress_at:
+                log.info("tritonserver loading models (%.0f s): %s", time.monotonic() - started, self.load_progress())
+                progress_at += PROGRESS_INTERVAL_S
             time.sleep(0.25)
         self._terminate()
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def load_progress(self) -> str:
+        """Which models of the repository Triton's log says have loaded, and which have not yet."""
+        models = {config.parent.name for config in self.model_repository.glob("*/config.pbtxt")}
+        loaded = models & {name.decode() for name in LOADED.findall(self._log_since(0))}
+        waiting = ", ".join(sorted(models - loaded)) or "none"
+        return f"{len(loaded)} of {len(models)} loaded ({', '.join(sorted(loaded)) or 'none'}); waiting for {waiting}"
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():
