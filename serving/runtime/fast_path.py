@@ -111,10 +111,24 @@ def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
 
 def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("PyTorch fast path (defaults: all on for --device cuda with bf16, else off)")
-    group.add_argument("--attention", choices=ATTENTION_MODES, default=None, help="how attention skips padding")
-    group.add_argument("--trim-padding", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument(
+        "--attention", choices=ATTENTION_MODES, default=None, help="how attention skips padding (cuda: sdpa)"
+    )
+    group.add_argument(
+        "--trim-padding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop the columns that are padding in every row of a batched call",
+    )
+    group.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each transformer block"
+    )
+    group.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA graphs for the compiled blocks (needs --compile; default: with --compile)",
+    )
     group.add_argument(
         "--warmup-resolutions",
         default=None,
