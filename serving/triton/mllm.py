@@ -22,7 +22,9 @@ once and a cancelled or finished request never waits for another's.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from serving.triton.memory import use_stub_mmap_threshold
 from serving.triton.model_config import model_config, parameters
 from serving.triton.model_names import MLLM_MODEL
 from serving.triton.responses import CancelledByCallerError, encoded_images, error_response, event, request_json
-from serving.triton.stops import Stops
+from serving.triton.stops import Running, Stops
 from serving.triton.tensors import from_triton, instance_placement, to_triton
 
 # Each request has a thread of its own; decoding (hundreds of MB for a large image) is bounded across them.
@@ -62,21 +64,24 @@ class TritonPythonModel:
         self.stops = Stops(MLLM_MODEL)
 
     def execute(self, requests: list[Any]) -> None:
+        # Stop requests are served and answers registered here, in Triton's order: a stop request then always
+        # finds the answer it names. Served on their workers, a stop could run before its answer's worker had
+        # registered it, and be lost (the answer ran on, its caller's place held to the end of the stop grace).
         for request in requests:
-            worker = threading.Thread(target=self._serve, args=(request,), name="mllm-request", daemon=True)
+            work: Callable[[], None]
+            if pb_utils.get_input_tensor_by_name(request, "input_ids") is not None:
+                work = functools.partial(self._encode, request)
+            elif self.stops.answer(request):  # the front end asks another request of this stream to stop
+                continue
+            else:
+                work = functools.partial(self._serve, request.get_response_sender(), self.stops.running(request))
+            worker = threading.Thread(target=work, name="mllm-request", daemon=True)
             self.workers.add(worker)
             worker.start()
         return None
 
-    def _serve(self, request: Any) -> None:
-        if pb_utils.get_input_tensor_by_name(request, "input_ids") is not None:
-            self._encode(request)
-            return
-        if self.stops.answer(request):  # the front end asks another request of this stream to stop
-            self.workers.discard(threading.current_thread())
-            return
-        sender = request.get_response_sender()
-        with self.stops.running(request) as request:  # its work ends before its final response is sent
+    def _serve(self, sender: Any, running: Running) -> None:
+        with running as request:  # its work ends before its final response is sent
             try:
                 result: ChatResult | None = None
                 for item in self.understander.stream(self._parse(request), request.is_cancelled):

@@ -14,10 +14,10 @@ another one and find nothing; the front end then ends the stream after its grace
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
@@ -60,24 +60,38 @@ class Stops:
         request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return True
 
-    @contextlib.contextmanager
-    def running(self, request: Any) -> Iterator[Any]:
-        """For the request's lifetime: the request, whose is_cancelled() is also true once it was asked to stop
-        (so every existing cancellation check sees a stop). Entered before the request's first await, so a stop
-        request sent after it is always found."""
+    def running(self, request: Any) -> Running:
+        """The request, registered under its key from this call on, for `with ... as request:` around its work:
+        there it is the request whose is_cancelled() is also true once it was asked to stop (so every existing
+        cancellation check sees a stop); leaving the block unregisters it. Called before the request's first await
+        (the BLS) or on the thread Triton hands requests to, before its worker starts (`mllm`), so a stop request,
+        which comes after it, always finds it."""
         key = _parameters(request).get(CALL_PARAMETER)
         stop = threading.Event()
         with self._lock:
             if key is not None:
                 self._running[str(key)] = stop
             self._gauge.increment(1)
-        try:
-            yield _Stoppable(request, stop)
-        finally:
-            with self._lock:
-                if key is not None:
-                    self._running.pop(str(key), None)
-                self._gauge.increment(-1)
+        return Running(_Stoppable(request, stop), functools.partial(self._leave, None if key is None else str(key)))
+
+    def _leave(self, key: str | None) -> None:
+        with self._lock:
+            if key is not None:
+                self._running.pop(key, None)
+            self._gauge.increment(-1)
+
+
+class Running:
+    """A registered request's block: entered for its work, left (unregistered) however the work ends."""
+
+    def __init__(self, request: _Stoppable, leave: Callable[[], None]) -> None:
+        self._request, self._leave = request, leave
+
+    def __enter__(self) -> _Stoppable:
+        return self._request
+
+    def __exit__(self, *exc: object) -> None:
+        self._leave()
 
 
 class _Stoppable:
