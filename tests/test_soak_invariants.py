@@ -1,0 +1,134 @@
+"""The soak's invariant checks (benchmarks/soak/invariants.py) on canned /metrics text, access-log lines and call
+records: each passes on a healthy reading and fails, naming what it saw, on the defects the storms found."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.soak.invariants import (
+    check_admission,
+    check_call_lines,
+    check_counters,
+    check_idle,
+    check_probes,
+    check_processes,
+    parse_access_log,
+    parse_metrics,
+)
+
+IDLE = """\
+# TYPE omnigen2_in_flight_requests gauge
+omnigen2_in_flight_requests 0.0
+# TYPE omnigen2_http_connections gauge
+omnigen2_http_connections 0.0
+# TYPE omnigen2_held_request_bytes gauge
+omnigen2_held_request_bytes{budget="uploads"} 0.0
+omnigen2_held_request_bytes{budget="other"} 0.0
+# TYPE omnigen2_admitted_cost gauge
+omnigen2_admitted_cost{budget="pixels"} 0.0
+omnigen2_admitted_cost{budget="chat_tokens"} 0.0
+"""
+
+
+def counters(generate_ok: int, understand_cancelled: int, http_200: int) -> str:
+    return f"""\
+# TYPE omnigen2_requests counter
+omnigen2_requests_total{{code="OK",method="Generate"}} {generate_ok}.0
+omnigen2_requests_total{{code="CANCELLED",method="Understand"}} {understand_cancelled}.0
+omnigen2_requests_created{{code="OK",method="Generate"}} 1.79e+09
+# TYPE omnigen2_http_requests counter
+omnigen2_http_requests_total{{method="POST",route="/v1/images/generations",status="200"}} {http_200}.0
+"""
+
+
+LOG = [
+    "2026-11-26 17:10:14,695 omnigen2.access INFO Generate peer=ipv4:127.0.0.1:37234 client=- status=OK "
+    "seconds=0.334 request_id=w1-1-generate prompt_chars=11 images=0 image_bytes=0 size=64x64 steps=10",
+    "2026-11-26 17:10:14,701 omnigen2.access INFO Understand peer=ipv4:127.0.0.1:37234 client=- status=CANCELLED "
+    "seconds=1.002 request_id=w1-2-understand messages=1 images=0 image_bytes=0 text_chars=11",
+    "2026-11-26 17:10:15,000 omnigen2.access INFO Generate peer=ipv4:127.0.0.1:37240 client=- status=OK "
+    "seconds=0.300 request_id=w1-3-http-image prompt_chars=5 images=0 image_bytes=0 size=64x64 steps=3",
+    "2026-11-26 17:10:15,002 omnigen2.access INFO HTTP POST /v1/images/generations peer=127.0.0.1 status=200 "
+    "seconds=0.310 request_id=w1-3-http-image",
+    "2026-11-26 17:10:15,003 omnigen2.frontend INFO something else entirely",
+]
+
+
+def call(kind: str, seen: str | None, by_client: bool = False, **fault: float) -> dict[str, Any]:
+    ended = seen is not None
+    record = {"kind": kind, "fault": fault, "started": 100.0, "t": 101.0, "ended": ended, "by_client": by_client}
+    return record | ({"seen": seen, "sent": True} if ended else {})
+
+
+def test_idle_gauges_pass_at_zero_and_name_the_one_left_held() -> None:
+    assert check_idle(parse_metrics(IDLE), 0.4).passed
+    held = check_idle(parse_metrics(IDLE.replace('{budget="chat_tokens"} 0.0', '{budget="chat_tokens"} 512.0')), 30.2)
+    assert not held.passed
+    assert held.failures == ["omnigen2_admitted_cost{budget=chat_tokens} = 512 after 30.2 s idle"]
+    assert held.seen["gauges"]["omnigen2_in_flight_requests"] == 0
+
+
+def test_counters_equal_log_lines_by_method_and_status() -> None:
+    lines = parse_access_log(LOG)
+    assert [(line.api, line.what, line.status) for line in lines] == [
+        ("grpc", "Generate", "OK"),
+        ("grpc", "Understand", "CANCELLED"),
+        ("grpc", "Generate", "OK"),
+        ("http", "/v1/images/generations", "200"),
+    ]
+    before, after = parse_metrics(counters(5, 1, 2)), parse_metrics(counters(7, 2, 3))
+    assert check_counters(before, after, lines).passed
+    # An HTTP stream delivered whole but logged 499 (one of the storms' defects): counted 200, logged 499.
+    mislabelled = [*LOG[:3], LOG[3].replace("status=200", "status=499")]
+    check = check_counters(before, after, parse_access_log(mislabelled))
+    assert not check.passed
+    assert "http//v1/images/generations/200: counted 1, logged 0" in check.failures
+    # A call counted with no line at all.
+    assert not check_counters(before, parse_metrics(counters(8, 2, 3)), lines).passed
+
+
+def test_one_line_per_call_with_the_status_its_client_saw() -> None:
+    lines = parse_access_log(LOG)
+    calls = {
+        "w1-1-generate": call("generate", "OK"),
+        "w1-2-understand": call("understand", "CANCELLED", by_client=True, cancel_after_s=1.0),
+        "w1-3-http-image": call("http-image", "200"),
+        "w1-4-stream": call("stream", "CANCELLED", by_client=True, cancel_after_s=0.0),  # never left the client
+    }
+    check = check_call_lines(calls, lines)
+    assert check.passed, check.failures
+    assert check.seen["unsent_no_line"] == 1
+    # A cancel logged DEADLINE_EXCEEDED, and a whole HTTP answer logged 499: both wrong records.
+    wrong = [LOG[0], LOG[1].replace("CANCELLED", "DEADLINE_EXCEEDED"), LOG[2], LOG[3].replace("=200", "=499")]
+    check = check_call_lines(calls, parse_access_log(wrong))
+    assert not check.passed
+    assert check.failures == [
+        "understand: client saw CANCELLED, logged DEADLINE_EXCEEDED: 1 calls, e.g. w1-2-understand",
+        "http-image: client saw 200, logged 499: 1 calls, e.g. w1-3-http-image",
+    ]
+    # A call its client lost the race on may end as the server chose; a missing or doubled line always fails.
+    calls["w1-1-generate"] = call("generate", "CANCELLED", by_client=True, cancel_after_s=0.5)
+    calls["w1-5-generate"] = call("generate", None)  # its client was killed mid-call
+    check = check_call_lines(calls, parse_access_log([*LOG, LOG[1]]))
+    assert check.failures == [
+        "understand: 2 lines (client saw CANCELLED): 1 calls, e.g. w1-2-understand",
+        "generate: 0 lines (client saw client killed): 1 calls, e.g. w1-5-generate",
+    ]
+
+
+def test_probes_admission_and_processes() -> None:
+    assert check_probes([0, 1, 0], {"t2i": 0, "edit": 1}, tolerance=1).passed
+    moved = check_probes([0, 3], {"t2i": 0}, tolerance=1)
+    assert moved.failures == ["1 of 2 probes in the storm over 1 (worst 3)"]
+    assert check_admission(4, ["OK"] * 4, [200] * 4).passed
+    held = check_admission(4, ["OK", "OK", "OK", "RESOURCE_EXHAUSTED"], [200, 200, 200, 429])
+    assert not held.passed and len(held.failures) == 2
+    before = {"front end (1)": 300.0, "tritonserver (2)": 50.0, "stub mllm (3)": 400.0}
+    assert check_processes(before, {**before, "front end (1)": 350.0}, 1.5).passed
+    restarted = {"front end (1)": 300.0, "tritonserver (9)": 50.0, "stub mllm (10)": 400.0}
+    check = check_processes(before, restarted, 1.5)
+    assert check.failures == [
+        "process gone after the storm: stub mllm (3)",
+        "process gone after the storm: tritonserver (2)",
+    ]
+    assert not check_processes(before, {k: 2 * v for k, v in before.items()}, 1.5).passed
