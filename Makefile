@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
 
-.PHONY: install proto test lint typecheck unit browser serve demo bench ablations gpu-check clean
+.PHONY: install proto test lint typecheck unit browser serve demo bench ablations soak gpu-check clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,15 @@ ablations: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.ablations $(BENCH_ARGS)
 	$(PY) -m benchmarks.fast_path_ablations $(BENCH_ARGS)
+
+# Soak / chaos check before a rollout (benchmarks/README.md): a seeded storm of random calls, cancels and killed
+# clients for DURATION seconds, then the stack's invariants; exit status 1 when one fails. A stack of its own (tiny
+# checkpoint, free ports) unless SOAK_ARGS points it at a running one: '--server H:P --http H:P --metrics URL
+# --access-log FILE --max-in-flight N' (add --seed N to repeat a run's mix).
+DURATION ?= 120
+
+soak: $(STAMP) $(STUBS)
+	$(PY) -m benchmarks.soak --duration $(DURATION) $(or $(SOAK_ARGS),--start)
 
 # The GPU check (benchmarks/README.md). Here: the wheels and files the GPU machine lacks into .whl/ and .gpu-check/
 # (git-ignored, 64 MiB with the tree at most), then the device command to run there and what it carries.

@@ -142,8 +142,50 @@ def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_
         ("grpc_keepalive_timeout_s", float("nan")),
         ("grpc_keepalive_time_s", float("inf")),
         ("grpc_keepalive_time_s", 3e6),  # past gRPC's 2^31 - 1 ms
+        ("grpc_max_connection_age_s", 0.5),
+        ("grpc_max_connection_age_s", -1.0),
+        ("grpc_max_connection_age_grace_s", -1.0),
+        ("grpc_max_connection_age_grace_s", float("nan")),
     ],
 )
-def test_keepalive_settings_out_of_range_are_refused(flag: str, value: float) -> None:
+def test_connection_settings_out_of_range_are_refused(flag: str, value: float) -> None:
     with pytest.raises(SettingError, match=f"--{flag.replace('_', '-')}"):
         FrontendConfig(**{flag: value})  # type: ignore[arg-type]
+
+
+def test_a_caller_that_answers_pings_but_takes_nothing_is_closed_past_the_connection_age() -> None:
+    """--grpc-max-connection-age-s: keepalive does not end a caller whose transport answers pings; the age does,
+    its calls cut after the grace."""
+    age_s = 6.0
+
+    async def run() -> None:
+        config = FrontendConfig(
+            listen="127.0.0.1:0",
+            triton_url=f"127.0.0.1:{free_port()}",
+            metrics_port=0,
+            shutdown_grace_s=1.0,
+            stream_write_timeout_s=60.0,
+            grpc_keepalive_time_s=1.0,
+            grpc_keepalive_timeout_s=1.0,
+            grpc_max_connection_age_s=age_s,
+            grpc_max_connection_age_grace_s=1.0,
+        )
+        frontend = Frontend(config)
+        frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
+        port = await frontend.start()
+        large = pb.GenerateRequest(prompt="noise", width=1024, height=1024, steps=1, seed=1)
+        opened = time.monotonic()
+        caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString(), True)
+        try:
+            await _until(caller.replying.is_set, "the reply's first bytes")
+            await asyncio.sleep(2.5)  # pinged and answered twice or more
+            if time.monotonic() - opened < 0.9 * age_s:  # gRPC jitters the age by 10%; a loaded box may be late
+                assert not caller.gone.is_set(), "keepalive closed a connection that answers pings"
+            await _until(caller.gone.is_set, "the connection to end past its age")  # its reader still answers pings
+            assert await asyncio.to_thread(_hangs_up, caller.socket), "the connection outlived its age"
+            await _until(lambda: frontend.service.admission.calls == 0, "the caller's place to come back")
+        finally:
+            caller.close()
+            await frontend.stop()
+
+    asyncio.run(run())

@@ -9,6 +9,7 @@ client's transport takes a unary reply whatever its application does, so it cann
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -30,7 +31,7 @@ from serving.triton.launcher import free_port
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 SIDE = 1024  # one image of noise: about 3 MiB of PNG, 48 times the caller's window
-DATA, HEADERS, SETTINGS, WINDOW_UPDATE = 0, 1, 4, 8
+DATA, HEADERS, SETTINGS, PING, WINDOW_UPDATE = 0, 1, 4, 6, 8
 END_STREAM, END_HEADERS, ACK = 1, 4, 1
 STALLED = {"api": "grpc", "transfer": "answer", "reason": "stalled"}  # omnigen2_cut_off_transfers_total's labels
 
@@ -47,7 +48,8 @@ def _header(name: str, value: str) -> bytes:
 class SilentCaller:
     """One unary call over raw HTTP/2 that takes no more of its reply than the initial window."""
 
-    def __init__(self, port: int, method: str, message: bytes) -> None:
+    def __init__(self, port: int, method: str, message: bytes, answers_pings: bool = False) -> None:
+        self.answers_pings = answers_pings  # as a gRPC client's transport does, whatever its application does
         self.socket = socket.create_connection(("127.0.0.1", port), timeout=30)
         fields = {
             ":method": "POST",
@@ -95,6 +97,8 @@ class SilentCaller:
                 payload, self._buffer = self._buffer[9 : 9 + length], self._buffer[9 + length :]
                 if kind == SETTINGS and not flags & ACK:
                     self.socket.sendall(_frame(SETTINGS, ACK, 0))
+                if kind == PING and not flags & ACK and self.answers_pings:
+                    self.socket.sendall(_frame(PING, ACK, 0, payload))
                 if stream != 1:
                     continue
                 self.frames.append((kind, flags, payload))
@@ -110,7 +114,8 @@ class SilentCaller:
         self.socket.sendall(_frame(WINDOW_UPDATE, 0, 0, grant) + _frame(WINDOW_UPDATE, 0, 1, grant))
 
     def close(self) -> None:
-        self.socket.shutdown(socket.SHUT_RDWR)  # wakes the reader up
+        with contextlib.suppress(OSError):  # the server may have closed the connection already
+            self.socket.shutdown(socket.SHUT_RDWR)  # wakes the reader up
         self.socket.close()
         self._reader.join()
 

@@ -49,6 +49,12 @@ class FrontendConfig:
     # load balancers drop a silent connection, and one ping a minute per idle connection costs nothing.
     grpc_keepalive_time_s: float = 60.0
     grpc_keepalive_timeout_s: float = 20.0  # gRPC's own default: room for a loaded peer or a slow path
+    # A gRPC connection older than this is sent GOAWAY (its client reconnects at its next call), and closed with
+    # the calls still open on it grpc_max_connection_age_grace_s later: a caller that answers pings but never takes
+    # its reply otherwise kept the reply queued in gRPC as long as it stayed. 0 = off: a call running past the
+    # grace (a generation takes up to max_run_s, its reply then stream_write_timeout_s and more) would be cut.
+    grpc_max_connection_age_s: float = 0.0
+    grpc_max_connection_age_grace_s: float = 900.0  # max_run_s + a slow reader's time at the defaults
     max_response_bytes: int = 512 * MiB
     health_interval_s: float = 1.0  # how often Triton's readiness is polled for the health service
     # Each time Triton turns ready, a text-to-image, an edit and an Understand call of this size and these steps
@@ -124,6 +130,10 @@ class FrontendConfig:
         for name in ("grpc_keepalive_time_s", "grpc_keepalive_timeout_s"):  # gRPC takes whole ms up to 2^31 - 1
             if not 1 <= getattr(self, name) <= MAX_GRPC_MS / 1000:
                 raise SettingError(f"--{name.replace('_', '-')}", f"must be from 1 to {MAX_GRPC_MS // 1000} (seconds)")
+        if self.grpc_max_connection_age_s and not 1 <= self.grpc_max_connection_age_s <= MAX_GRPC_MS / 1000:
+            raise SettingError("--grpc-max-connection-age-s", f"must be 0 (off) or from 1 to {MAX_GRPC_MS // 1000}")
+        if not 0 <= self.grpc_max_connection_age_grace_s <= MAX_GRPC_MS / 1000:
+            raise SettingError("--grpc-max-connection-age-grace-s", f"must be from 0 to {MAX_GRPC_MS // 1000}")
         if self.http_max_connections < 0:
             raise SettingError("--http-max-connections", "must be >= 0 (0: from the open-file limit)")
 

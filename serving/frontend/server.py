@@ -102,6 +102,7 @@ class Frontend:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 # A port another server holds is refused: gRPC's default would share it, splitting the callers.
                 ("grpc.so_reuseport", 0),
+                *_connection_age(config),
             ],
         )
         pb_grpc.add_OmniGen2Servicer_to_server(self.service, self.server)
@@ -194,6 +195,15 @@ class Frontend:
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+
+def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
+    """--grpc-max-connection-age-s, when on: gRPC's default age is unbounded, its default grace too."""
+    if not config.grpc_max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(config.grpc_max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(config.grpc_max_connection_age_grace_s * 1000)),
+    ]
 
 async def serve(config: FrontendConfig, ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; `ready` is called once every port is bound."""
