@@ -1,5 +1,5 @@
 """How calls are recorded (access log and counters), in process with stand-ins for what they call: a stream the caller
-took whole, a cancel that the model confirms after the deadline, calls that held the read budget."""
+took whole, a cancel that the model confirms after the deadline, calls that end at the read gate."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import pytest
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-from serving.frontend.config import FrontendConfig
+from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
 from serving.frontend.server import Frontend
 from serving.triton.launcher import free_port
 from serving.triton.wire import STOP_PARAMETER
 
+GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 CHAT = b'{"messages": [{"role": "user", "content": "x"}], "stream": true}'
 
 
@@ -183,3 +184,49 @@ def test_a_call_is_recorded_with_the_status_its_caller_saw(cancel: bool, caplog:
         asyncio.run(run())
     (line,) = _access_lines(caplog)
     assert f" status={seen} " in line, line
+
+
+async def _never() -> AsyncIterator[bytes]:  # the call opens; its one message is never sent
+    await asyncio.sleep(3600)
+    yield b""
+
+
+def test_calls_that_end_at_the_read_gate_leave_one_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    """Two calls that never send their request hold the uploads budget, and a third is refused after waiting
+    --retry-after-s for room. Before, the silent ones, cancelled by their callers, left no line and no count, and
+    the refused one's line had neither its peer, its request id nor the second it waited."""
+
+    async def run() -> None:
+        async with _frontend(max_request_bytes=MiB, max_held_request_bytes=4 * MiB, retry_after_s=0.5) as (
+            frontend,
+            channel,
+        ):
+            generate = channel.stream_unary(GENERATE)
+            silent = [generate(_never(), timeout=60, metadata=(("x-request-id", f"silent-{i}"),)) for i in range(2)]
+            for _ in range(500):
+                if frontend.metrics.registry.get_sample_value("omnigen2_held_request_bytes", {"pool": "uploads"}):
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await generate(iter([b""]), timeout=60, metadata=(("x-request-id", "refused"),))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.5)
+            for call in silent:
+                call.cancel()
+            counted = frontend.metrics.registry.get_sample_value
+            cancelled = {"method": "Generate", "code": "CANCELLED"}
+            for _ in range(300):
+                if counted("omnigen2_requests_total", cancelled) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert counted("omnigen2_requests_total", cancelled) == 2
+            assert counted("omnigen2_requests_total", {"method": "Generate", "code": "RESOURCE_EXHAUSTED"}) == 1
+
+    with caplog.at_level(logging.INFO, logger="omnigen2.access"):
+        asyncio.run(run())
+    lines = {line.split(" request_id=")[1].split()[0]: line for line in _access_lines(caplog)}
+    assert sorted(lines) == ["refused", "silent-0", "silent-1"], lines
+    for name, status, at_least_s in (("refused", "RESOURCE_EXHAUSTED", 0.5), ("silent-0", "CANCELLED", 1.0)):
+        line = lines[name]
+        assert f" status={status} " in line and " peer=ipv4:127.0.0.1:" in line, line
+        assert float(line.split(" seconds=")[1].split()[0]) >= at_least_s, line

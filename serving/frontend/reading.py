@@ -6,6 +6,9 @@ handler is served here as a streamed request that it reads itself, after reservi
 read (2 x --max-request-bytes) against the call's budget. Without room, the call waits up to --retry-after-s (a
 burst of small calls reserves far more than it reads: the room comes back as soon as their few bytes are in),
 then gets RESOURCE_EXHAUSTED with RetryInfo, unread (the caller stops sending; nothing of the message is kept).
+A call that ends here, before its handler runs (refused, its request late or missing, cancelled by its caller or its
+deadline while it waits or sends), is recorded here (`on_ended`: one access-log line and count, as its handler's
+would be, with its peer, request id and the time it took); one that is read, by its handler.
 At most MAX_WAITING calls wait per budget, each holding at most its flow-control window; the others are refused
 at once.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -36,6 +40,7 @@ from typing import Any
 import grpc
 
 from serving.errors import SettingError
+from serving.frontend import cancel_clock, request_id
 from serving.frontend.metrics import Metrics
 from serving.frontend.status import resource_exhausted
 
@@ -117,10 +122,13 @@ class ReadGate(grpc.aio.ServerInterceptor):
         read_timeout_s: float,
         retry_after_s: float,
         metrics: Metrics,
-        on_refused: Callable[[str, grpc.StatusCode], None],
+        on_ended: Callable[[str, grpc.StatusCode, str, float, str], None],
         executor: Executor | None = None,
+        cut_at: Callable[[], float | None] = lambda: None,
     ) -> None:
-        """Large requests are parsed on `executor` (None: the event loop's default one)."""
+        """Large requests are parsed on `executor` (None: the event loop's default one). `on_ended(method, status,
+        peer, seconds, request_id)` records a call that ends here; `cut_at`: when the server's stop cut its calls
+        (time.monotonic(); None: not stopping)."""
         if budget < max_message_bytes:
             raise SettingError(
                 "--max-held-request-bytes", f"must be at least 2 x --max-request-bytes ({max_message_bytes})"
@@ -141,8 +149,9 @@ class ReadGate(grpc.aio.ServerInterceptor):
         self.read_timeout_s = read_timeout_s
         self.retry_after_s = retry_after_s
         self.metrics = metrics
-        self.on_refused = on_refused
+        self.on_ended = on_ended
         self.executor = executor
+        self.cut_at = cut_at
 
     async def intercept_service(
         self,
@@ -166,8 +175,28 @@ class ReadGate(grpc.aio.ServerInterceptor):
             return data
 
         async def read(context: grpc.aio.ServicerContext) -> Any:
+            # Read now: once a caller has cancelled, grpcio may have freed the call (service.py, _counted).
+            began, peer, budget = time.monotonic(), context.peer(), context.time_remaining()
+            metadata = context.invocation_metadata()
+            recorded = False
+
+            def ended(code: grpc.StatusCode) -> None:
+                nonlocal recorded
+                if not recorded:  # once: a refused call may be cancelled while its status goes out
+                    self.on_ended(method, code, peer, time.monotonic() - began, request_id.from_metadata(metadata))
+                recorded = True
+
+            try:
+                return await receive(context, ended)
+            except (asyncio.CancelledError, grpc.aio.InternalError):
+                # Gone while it waited or sent (the task cancelled, or its status could not be sent): its caller
+                # cancelled, or its deadline or the server's stop came.
+                ended(cancel_clock.status(time.monotonic(), began, budget, self.cut_at()))
+                raise
+
+        async def receive(context: grpc.aio.ServicerContext, ended: Callable[[grpc.StatusCode], None]) -> Any:
             if not await pool.wait_for_room(self.max_message_bytes, self.retry_after_s):
-                self._refused(pool, "budget", method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self._refused(pool, "budget", ended, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 error = resource_exhausted(
                     f"{pool.held} bytes of requests held and this one may take {self.max_message_bytes}, the "
                     f"budget is {pool.budget} (--max-held-request-bytes); retry later",
@@ -179,7 +208,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
                 async with asyncio.timeout(pool.read_timeout_s):  # not wait_for: its task is one more loop turn
                     request = await context.read()
             except TimeoutError:
-                self._refused(pool, "timeout", method, grpc.StatusCode.DEADLINE_EXCEEDED)
+                self._refused(pool, "timeout", ended, grpc.StatusCode.DEADLINE_EXCEEDED)
                 flag = pool.read_timeout_s == self.read_timeout_s
                 limit = "--request-read-timeout-s" if flag else "the limit for calls other than uploads"
                 await context.abort(
@@ -190,9 +219,10 @@ class ReadGate(grpc.aio.ServerInterceptor):
                 try:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
                 except grpc.aio.AbortError:
-                    # Sent, so counted. Otherwise grpcio had already ended the call (a message over the transport's
-                    # cap: the caller got RESOURCE_EXHAUSTED; or the caller left) and the status is not this one.
-                    self.on_refused(method, grpc.StatusCode.INVALID_ARGUMENT)
+                    # Sent, so counted. Otherwise (InternalError) grpcio had already ended the call: its caller left
+                    # (recorded by read as gone), or it sent a message over the transport's cap, which grpcio
+                    # refused RESOURCE_EXHAUSTED and which reads the same here (recorded as gone too).
+                    ended(grpc.StatusCode.INVALID_ARGUMENT)
                     raise
             if len(request) < INLINE_PARSE_BYTES:
                 return parse(request)
@@ -242,9 +272,11 @@ class ReadGate(grpc.aio.ServerInterceptor):
 
         return grpc.stream_stream_rpc_method_handler(writer, **options)
 
-    def _refused(self, pool: _Pool, reason: str, method: str, code: grpc.StatusCode) -> None:
+    def _refused(
+        self, pool: _Pool, reason: str, ended: Callable[[grpc.StatusCode], None], code: grpc.StatusCode
+    ) -> None:
         self.metrics.reads_refused.labels(pool.name, reason).inc()
-        self.on_refused(method, code)
+        ended(code)
 
 
 def unread_refusal(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:

@@ -69,6 +69,7 @@ class Frontend:
                 self.metrics,
                 self._denied,
                 executor=self.service.readers,  # large requests are parsed there
+                cut_at=lambda: self.service.cut_at,
             ),
             MalformedRequestInterceptor(f"/{SERVICE}/"),
         ]
@@ -125,13 +126,16 @@ class Frontend:
             return
         self.metrics.policy_reloads.labels("ok" if self.policy.reload() else "failed").inc()
 
-    def _denied(self, method: str, code: grpc.StatusCode) -> None:
+    def _denied(
+        self, method: str, code: grpc.StatusCode, peer: str = "-", seconds: float = 0.0, call_id: str = "-"
+    ) -> None:
+        """A call ended before its handler ran (refused by an interceptor, or ended at the read gate)."""
         # Label values only from the service's methods: one per caller-chosen path would grow /metrics unbounded.
         name = method.removeprefix(PROTECTED_PREFIX)
         if not method.startswith(PROTECTED_PREFIX) or name not in METHODS:
             name = "unknown"
         self.metrics.requests.labels(name, code.name).inc()
-        access_log.record(name, "-", "-", code.name, 0.0)
+        access_log.record(name, peer, "-", code.name, seconds, request_id=call_id)
 
     async def start(self) -> int:
         try:

@@ -197,15 +197,9 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             code = exc.code
             await context.abort_with_status(exc.status)
         except asyncio.CancelledError:
-            # Whichever came first, the caller's cancel or its deadline, is the status it saw: judged when the call
-            # was cancelled, not when it ended (the model's confirmed stop may come after the deadline).
-            cancelled = cancel_clock.cancelled_at() or time.monotonic()
-            expired = budget is not None and cancelled - began >= budget
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            # Cut by the server's stop at the end of its grace period: the caller saw UNAVAILABLE ("Cancelling all
-            # calls"), and so do the log and the metrics.
-            if self.cut_at is not None and cancelled >= self.cut_at:
-                code = grpc.StatusCode.UNAVAILABLE
+            # Whichever came first, the caller's cancel, its deadline or the server's stop, is the status it saw:
+            # judged when the call was cancelled, not when it ended (the model's stop may come after the deadline).
+            code = cancel_clock.status(cancel_clock.cancelled_at() or time.monotonic(), began, budget, self.cut_at)
             raise
         except Exception:
             log.exception("%s failed (request_id=%s)", method, call_id)
