@@ -225,7 +225,7 @@ def test_calls_that_end_at_the_read_gate_leave_one_line_each(caplog: pytest.LogC
     with caplog.at_level(logging.INFO, logger="omnigen2.access"):
         asyncio.run(run())
     lines = {line.split(" request_id=")[1].split()[0]: line for line in _access_lines(caplog)}
-    assert sorted(lines) == ["refused", "silent-0", "silent-1"], lines
+    assert sorted(lines) == ["refused", "silent-0", "silent-1"] and len(_access_lines(caplog)) == 3, lines
     for name, status, at_least_s in (("refused", "RESOURCE_EXHAUSTED", 0.5), ("silent-0", "CANCELLED", 1.0)):
         line = lines[name]
         assert f" status={status} " in line and " peer=ipv4:127.0.0.1:" in line, line
