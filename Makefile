@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GOLDEN ?= ../shared/golden
+# setuptools warns at every editable install that a folder named like the package may shadow it (here that folder is
+# the package): only that warning is silenced; pip's errors and every other warning still show.
+QUIET_EDITABLE := PYTHONWARNINGS='ignore:Editable installation'
 
 .PHONY: install proto test lint typecheck unit browser serve demo bench ablations soak gpu-check clean
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	# The SDK (client/) generates its gRPC stubs from proto/ as it is built; the server imports them too.
 	# The safety extra (nudenet, AGPL-3.0) is installed here for the tests only: a deployment leaves it out unless it
 	# means to run the safety stage (README, content safety).
-	$(PY) -m pip install --quiet -e ./client -e '.[test,safety]'
+	$(QUIET_EDITABLE) $(PY) -m pip install --quiet -e ./client -e '.[test,safety]'
 	touch $(STAMP)
 
 STUBS := client/omnigen2/v1/omnigen2_pb2.py
@@ -64,19 +67,25 @@ serve: $(STAMP) $(STUBS)
 
 # The web UI (client/omnigen2/webui, a Gradio client of the SDK) on http://127.0.0.1:7860, against a running API:
 # `make serve`'s by default. make demo DEMO_ARGS='--server host:port --token T --steps 20 --width 512 --height 512'
-demo: $(STAMP) $(STUBS)
-	$(PY) -m pip install --quiet -e './client[webui]'
+# (--port P: another page port). Gradio is installed once, again only when the SDK's pyproject or the venv changes.
+WEBUI_STAMP := $(VENV)/.webui-installed
+
+$(WEBUI_STAMP): $(STAMP) client/pyproject.toml
+	$(QUIET_EDITABLE) $(PY) -m pip install --quiet -e './client[webui]'
+	touch $@
+
+demo: $(WEBUI_STAMP) $(STUBS)
 	$(PY) -m omnigen2.webui $(DEMO_ARGS)
 
 # Benchmarks (benchmarks/README.md): BENCH_ARGS='--profile cpu-small' runs one profile.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(QUIET_EDITABLE) $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.harness $(BENCH_ARGS)
 
 # One performance change at a time, on the transformer in process (benchmarks/README.md): the serving mechanisms,
 # then the PyTorch fast path's switches (on CUDA when there is a GPU).
 ablations: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(QUIET_EDITABLE) $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.ablations $(BENCH_ARGS)
 	$(PY) -m benchmarks.fast_path_ablations $(BENCH_ARGS)
 
