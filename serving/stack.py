@@ -28,6 +28,7 @@ from serving.artifacts.repository import (
     prepare_repository,
     safety_from_args,
 )
+from serving.cli_help import HelpFormatter
 from serving.errors import OmniGen2Error, SettingError
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
@@ -35,14 +36,16 @@ from serving.model.devices import DEVICES, resolve_device
 from serving.runtime.fast_path import add_fast_path_arguments
 from serving.triton.launcher import Ports, TritonInstall, TritonServer, port_in_use
 
+log = logging.getLogger("omnigen2.stack")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The stack's own flags; the front end's pass through (FrontendConfig.parser)."""
     # No abbreviations: the flags this parser does not know go to the front end, and a prefix of one of its own would
     # be taken for it (the front end's --warmup for --warmup-resolutions).
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+        prog="python -m serving.stack", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False
     )
     parser.add_argument(
         "--checkpoint",
@@ -50,7 +53,12 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(os.environ.get("OMNIGEN2_CHECKPOINT", DEFAULT_CHECKPOINT)),
         help="checkpoint in the official layout (env OMNIGEN2_CHECKPOINT; default: the golden tiny model)",
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="onnxruntime",
+        help="onnxruntime (float32, golden parity), pytorch (see --precision, --device) or tensorrt (GPU)",
+    )
     parser.add_argument("--precision", default="bf16", help="pytorch: fp32 or bf16; tensorrt: fp32, fp16 or bf16")
     parser.add_argument(
         "--device", choices=DEVICES, default="cpu", help="pytorch components and mllm: cpu, cuda or auto (CUDA if any)"
@@ -62,9 +70,16 @@ def main(argv: list[str] | None = None) -> None:
         help="where the Triton repository is generated: a new or empty folder, or one an earlier run built (a folder "
         "of other files is refused, not replaced)",
     )
-    parser.add_argument("--build-dir", type=Path, default=Path("build"))
     parser.add_argument(
-        "--triton-ports", type=int, nargs=3, default=(8000, 8001, 8002), metavar=("HTTP", "GRPC", "METRICS")
+        "--build-dir", type=Path, default=Path("build"), help="the ONNX export cache, Triton's log and backends"
+    )
+    parser.add_argument(
+        "--triton-ports",
+        type=int,
+        nargs=3,
+        default=(8000, 8001, 8002),
+        metavar=("HTTP", "GRPC", "METRICS"),
+        help="Triton's ports, on loopback",
     )
     parser.add_argument(
         "--triton-restarts",
@@ -82,7 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     add_step_cache_arguments(parser)
     add_safety_arguments(parser)
     add_fast_path_arguments(parser)
-    args, frontend_args = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    own = build_parser()
+    args, frontend_args = own.parse_known_args(argv)
+    # The rest must be the front end's: a mistyped flag is named by this parser, not by the front end's usage.
+    _, unknown = FrontendConfig.parser().parse_known_args(frontend_args)
+    if unknown:
+        own.error(
+            f"unrecognized arguments: {' '.join(unknown)} (front-end flags: python -m serving.frontend.server --help)"
+        )
     if args.backend == "tensorrt":  # refused at once, not after an ONNX export and an engine build
         TritonInstall.find().require_backend("tensorrt")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -112,11 +138,28 @@ def main(argv: list[str] | None = None) -> None:
         # Giving up drains the front end as SIGTERM does (its callers get an answer), then the stack exits non-zero.
         supervisor = triton.supervise(lambda _: os.kill(os.getpid(), signal.SIGTERM), args.triton_restarts)
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
-        # The banner once the front end has bound its ports: a port in use stops it with one line instead.
+        # The banner once health says SERVING (after the warm-up): callers earlier would be refused UNAVAILABLE. A
+        # port in use stops the front end before either line, with one line instead.
         on_gpu = args.backend == "tensorrt" or resolve_device(args.device).type == "cuda"
-        asyncio.run(serve(config, ready=lambda: print(usage(config, triton, on_gpu), flush=True)))
+        asyncio.run(
+            serve(
+                config,
+                ready=lambda: print(warming_up(config), flush=True) if config.warmup else None,
+                serving=lambda: print(usage(config, triton, on_gpu), flush=True),
+            )
+        )
+        log.info("stopping tritonserver")
+    log.info("tritonserver stopped")
     if supervisor.gave_up is not None:
         sys.exit(f"serving.stack: {supervisor.gave_up}")
+    log.info("serving.stack stopped")
+
+
+def warming_up(config: FrontendConfig) -> str:
+    return (
+        f"OmniGen2 is up on {config.listen} and warming up (health NOT_SERVING until it ends, at most "
+        f"{config.warmup_timeout_s:.0f} s; --no-warmup skips it) ..."
+    )
 
 
 def usage(config: FrontendConfig, triton: TritonServer, on_gpu: bool) -> str:

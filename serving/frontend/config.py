@@ -6,7 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from serving.cli_help import HelpFormatter
 from serving.errors import SettingError
+from serving.frontend.flag_help import FLAG_HELP
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import DEFAULT_LIMITS, Limits, limits_from_json
 
@@ -153,9 +155,15 @@ class FrontendConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> FrontendConfig:
+        return cls(**vars(cls.parser().parse_args(argv)))
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        """Its flags, each defaulting to its environment variable, else to the field's default."""
         parser = argparse.ArgumentParser(
             prog="python -m serving.frontend.server",
             description="OmniGen2 gRPC front end; every flag also reads OMNIGEN2_<FLAG> from the environment.",
+            formatter_class=HelpFormatter,
         )
         defaults = cls()
         for f in fields(cls):
@@ -168,11 +176,13 @@ class FrontendConfig:
             if kind is bool:  # --flag / --no-flag; env 1/0, true/false, yes/no, on/off; empty: the default
                 if os.environ.get(env, "").strip():
                     default = _switch(env, os.environ[env])
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"env {env}")
+                parser.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=default, help=f"{FLAG_HELP[f.name]}; env {env}"
+                )
                 continue
             if env in os.environ:
                 default = kind(os.environ[env])
-            parser.add_argument(flag, type=kind, default=default, help=f"env {env}")
+            parser.add_argument(flag, type=kind, default=default, help=f"{FLAG_HELP[f.name]}; env {env}")
         env = "OMNIGEN2_LIMITS"
         parser.add_argument(
             "--limits",
@@ -181,8 +191,7 @@ class FrontendConfig:
             help=f"request limits to change, as JSON (e.g. '{{\"max_steps\": 100}}'); `make serve` hands them to the "
             f"BLS and the engine profiles too; env {env}",
         )
-        args = parser.parse_args(argv)
-        return cls(**vars(args))
+        return parser
 
 
 def _switch(env: str, value: str) -> bool:

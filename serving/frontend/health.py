@@ -39,6 +39,7 @@ class TritonHealth:
         self.interval_s = interval_s
         self.warm_up = warm_up
         self.serving = False
+        self.served = asyncio.Event()  # set the first time health says SERVING (make serve's banner waits on it)
         self._ready = False
         self._warm = warm_up is None
         self._unanswered = 0  # polls in a row that Triton did not answer
@@ -98,6 +99,8 @@ class TritonHealth:
 
     async def _publish(self) -> None:
         self.serving = self._ready and self._warm
+        if self.serving:
+            self.served.set()
         status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE):
             await self.servicer.set(service, status)

@@ -209,8 +209,12 @@ def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_grace_ms", round(config.grpc_max_connection_age_grace_s * 1000)),
     ]
 
-async def serve(config: FrontendConfig, ready: Callable[[], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; `ready` is called once every port is bound."""
+
+async def serve(
+    config: FrontendConfig, ready: Callable[[], None] | None = None, serving: Callable[[], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; `ready` is called once every port is bound, `serving` the first time health
+    says SERVING (Triton ready and warmed up), if before the stop."""
     frontend = Frontend(config)
     port = await frontend.start()
     host = config.listen.rpartition(":")[0]
@@ -228,9 +232,18 @@ async def serve(config: FrontendConfig, ready: Callable[[], None] | None = None)
     loop.add_signal_handler(signal.SIGHUP, frontend.reload_policy)
     if ready is not None:
         ready()
+    announce = asyncio.create_task(_when_served(frontend.health, serving)) if serving is not None else None
     await stop.wait()
+    if announce is not None:
+        announce.cancel()
     log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
     await frontend.stop()
+    log.info("front end stopped: no call in flight")
+
+
+async def _when_served(health: TritonHealth, call: Callable[[], None]) -> None:
+    await health.served.wait()
+    call()
 
 
 def main(argv: list[str] | None = None) -> None:
