@@ -77,6 +77,51 @@ def test_folding(text: str, folded: str) -> None:
     assert fold_lookalikes(text) == folded
 
 
+@pytest.mark.parametrize(
+    ("text", "folded"),
+    [
+        ("\u09ea\u09ea \u099c\u09a8", "44 \u099c\u09a8"),  # Bengali four looks like 8: "44 people"
+        ("\u09ed\u09e6", "70"),  # Bengali seven looks like 9, zero like O
+        ("\u0a67\u0a6a", "14"),  # Gurmukhi one looks like 9, four like 8
+        ("\u0967\u0966\u0966", "100"),  # Devanagari zero looks like o
+        ("\u06f7\u06f5\u06f1", "751"),  # Persian seven, five, one look like V, o, l
+        ("\u0b68\u0d6d\u0e50", "270"),  # Oriya two, Malayalam seven, Thai zero
+        ("\U000118e3\U000118e5\U000118e9", "359"),  # Warang Citi three, five, nine look like m, Z, C
+        ("\u4e8c\u3007\u4e8c\u56db", "\u4e8c\u3007\u4e8c\u56db"),  # Chinese 2024: no digits, not folded
+        ("\ua6ef \U00010322", "\ua6ef \U00010322"),  # other numerals: Bamum koghom (zero, looks like 2), Old Italic ten
+        ("\u0431 \u0417\u0417 14\u0223\u0223", "6 33 1488"),  # letters that look like digits still read as them
+    ],
+)
+def test_digits_fold_to_their_own_value(text: str, folded: str) -> None:
+    assert fold_lookalikes(text) == folded
+
+
+def test_no_numeral_reads_as_another_number() -> None:
+    """A decimal digit of every script reads as its value; any other character with a numeric value is not folded."""
+    table = lookalike_table()
+    for code in range(0x80, 0x110000):
+        char = chr(code)
+        if unicodedata.normalize("NFKC", char) != char:
+            continue
+        if char.isdecimal():
+            assert table[code] == str(unicodedata.decimal(char)), char
+        elif unicodedata.numeric(char, None) is not None:
+            assert code not in table, char
+
+
+def test_numbers_in_other_scripts_match_number_rules_by_value() -> None:
+    """Before, Bengali "44 people" was refused under "88" (its four looks like 8); "1488" in other scripts' digits is
+    that number."""
+    policy = PromptPolicy.from_dict({"rules": [{"id": "n88", "terms": ["88"]}, {"id": "n1488", "terms": ["1488"]}]})
+    assert rule_for(policy, "\u09ea\u09ea \u099c\u09a8 \u09ae\u09be\u09a8\u09c1\u09b7") is None
+    assert rule_for(policy, "\u09ee\u09ee \u099c\u09a8") == "n88"  # Bengali eight, eight
+    assert rule_for(policy, "\u0a67\u0a67 \u0a6d\u0a6d") is None  # Gurmukhi 11 77 (one looks like 9)
+    for text in ["\u09e7\u09ea\u09ee\u09ee", "\u06f1\u06f4\u06f8\u06f8", "\u0967\u096a\u096e\u096e", "14\u0223\u0223"]:
+        assert rule_for(policy, text) == "n1488", text  # Bengali, Persian, Devanagari digits; Latin ou looks like 8
+    written = PromptPolicy.from_dict({"rules": [{"id": "n1488", "terms": ["\u09e7\u09ea\u09ee\u09ee"]}]})
+    assert rule_for(written, "1488") == "n1488"  # a term in Bengali digits is the number too
+
+
 LOOKALIKES = [
     "a pipe b\u043emb",  # Cyrillic o
     "a pipe b\u03bfmb",  # Greek omicron
