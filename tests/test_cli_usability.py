@@ -6,6 +6,7 @@ an invalid input image named by its file (before, `input_images[0].data`), the d
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ import grpc
 import pytest
 from omnigen2 import FieldViolation, GenerationResult, InvalidArgumentError, OmniGen2Client, UnderstandResult
 from omnigen2.cli import main
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from tests.test_sdk_calls import Recorder
 
 NOWHERE = ["--server", "127.0.0.1:1", "--retries", "0"]  # no server listens on port 1
 
@@ -35,6 +39,21 @@ def test_no_server_exits_1_naming_the_address_and_what_to_do(capsys: pytest.Capt
     assert err.startswith("omnigen2: UNAVAILABLE: no OmniGen2 server answered at 127.0.0.1:1 (failed to connect")
     assert "start one with `make serve`" in err
     assert err.endswith("omnigen2: give the address with --server host:port or in OMNIGEN2_SERVER\n")
+
+
+def test_tls_to_a_plaintext_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "no OmniGen2 server answered ... start one with `make serve`", and to give the address."""
+    server = grpc.server(ThreadPoolExecutor(1))
+    pb_grpc.add_OmniGen2Servicer_to_server(Recorder(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        assert main(["--server", address, "--retries", "0", "--tls", "info"]) == 1
+    finally:
+        server.stop(0)
+    err = capsys.readouterr().err
+    assert err.startswith(f"omnigen2: UNAVAILABLE: the server at {address} answered without TLS (")
+    assert "call it without --tls/--tls-ca" in err and "make serve" not in err and "--server host:port" not in err
 
 
 def test_a_url_for_server_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

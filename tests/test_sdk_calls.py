@@ -18,6 +18,8 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
+from tests.integration.test_security import _certificate
+
 
 class Recorder(pb_grpc.OmniGen2Servicer):
     """Keeps each request; GetModelInfo answers UNAVAILABLE in its own words, as a server whose Triton is down."""
@@ -116,6 +118,47 @@ def test_no_server_at_the_address_is_said_with_what_to_do() -> None:
 
     with pytest.raises(UnavailableError, match=r"no OmniGen2 server answered at 127\.0\.0\.1:1 "):
         asyncio.run(call())
+
+
+def test_a_tls_mismatch_is_said_as_such_not_as_no_server(tmp_path: Path) -> None:
+    """gRPC words a failed TLS handshake "failed to connect to all addresses" too: before, each case below said no
+    server answered and to start one with `make serve`."""
+    cert, key = _certificate(tmp_path, "omnigen2")
+    plain, secure = grpc.server(ThreadPoolExecutor(2)), grpc.server(ThreadPoolExecutor(2))
+    for server in (plain, secure):
+        pb_grpc.add_OmniGen2Servicer_to_server(Recorder(), server)
+    plain_port = plain.add_insecure_port("127.0.0.1:0")
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    secure_port = secure.add_secure_port("127.0.0.1:0", credentials)
+    plain.start()
+    secure.start()
+    cases = [
+        (plain_port, cert.read_bytes(), "answered without TLS", "without --tls/--tls-ca (the SDK's tls=False)"),
+        (secure_port, False, "took the connection and closed it", "add --tls, or --tls-ca"),
+        (
+            secure_port,
+            True,
+            "answered with TLS but its certificate is not trusted",
+            "with --tls-ca (the SDK's tls=<PEM bytes>)",
+        ),
+    ]
+    try:
+        for port, tls, said, what_to_do in cases:
+            address = f"127.0.0.1:{port}"
+            with (
+                OmniGen2Client(address, retries=0, timeout=10, tls=tls) as client,
+                pytest.raises(UnavailableError) as raised,
+            ):
+                client.info()
+            assert str(raised.value).startswith(f"UNAVAILABLE: the server at {address} {said} (failed to connect")
+            assert what_to_do in str(raised.value) and "make serve" not in str(raised.value)
+            assert raised.value.unreachable == ""  # the address was right
+        matching = OmniGen2Client(f"127.0.0.1:{secure_port}", retries=0, timeout=10, tls=cert.read_bytes())
+        with matching, pytest.raises(UnavailableError, match=r"^UNAVAILABLE: Triton is not ready$"):
+            matching.info()  # TLS that matches reaches the stand-in
+    finally:
+        plain.stop(0)
+        secure.stop(0)
 
 
 def test_a_servers_own_unavailable_keeps_its_words(served: tuple[Recorder, str]) -> None:

@@ -52,7 +52,8 @@ class PermissionDeniedError(OmniGen2Error):
 
 class UnavailableError(OmniGen2Error):
     """The server or its inference backend is down; the client already retried with backoff. `unreachable` is the
-    address tried when no server answered there at all (none running, a wrong address), else ""."""
+    address tried when no server answered there at all (none running, a wrong address), else "" (also when one
+    answered but its TLS did not match the call's: the message says so)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, unreachable: str = "") -> None:
         super().__init__(code, message)
@@ -62,6 +63,32 @@ class UnavailableError(OmniGen2Error):
 # How gRPC's own client words a call that reached no server (connect refused or timed out, a name not resolved);
 # a server's UNAVAILABLE (its Triton down, draining) carries the server's words instead.
 _NO_SERVER = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
+
+
+def _tls_mismatch(server: str, message: str) -> str:
+    """What to do when gRPC's "failed to connect" was a server that answered with TLS where the call had none, or
+    the reverse (gRPC words both as no server); "" when the message shows no such thing."""
+    if "WRONG_VERSION_NUMBER" in message:  # the call's TLS hello met a plaintext server
+        return (
+            f"the server at {server} answered without TLS ({message}); call it without --tls/--tls-ca (the SDK's"
+            " tls=False), or start it with --tls-cert and --tls-key"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in message:
+        return (
+            f"the server at {server} answered with TLS but its certificate is not trusted ({message}); give the"
+            " certificate that signed it with --tls-ca (the SDK's tls=<PEM bytes>)"
+        )
+    if "handshake failed" in message.lower():
+        return (
+            f"the server at {server} answered but the TLS handshake failed ({message}); check --tls/--tls-ca (the"
+            " SDK's tls) against the server's --tls-cert"
+        )
+    if "Socket closed" in message:  # a TLS server drops a plaintext call's connection unanswered
+        return (
+            f"the server at {server} took the connection and closed it ({message}), as a TLS server does to a call"
+            " without TLS; add --tls, or --tls-ca for a private certificate (the SDK's tls=True or tls=<PEM bytes>)"
+        )
+    return ""
 
 
 class DeadlineExceededError(OmniGen2Error):
@@ -90,6 +117,8 @@ def from_rpc_error(error: grpc.RpcError, server: str = "") -> OmniGen2Error:
     code: grpc.StatusCode = error.code()
     message: str = error.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE and server and message.startswith(_NO_SERVER):
+        if mismatch := _tls_mismatch(server, message):
+            return UnavailableError(code, mismatch)  # the address is right: not `unreachable`
         hint = f"no OmniGen2 server answered at {server} ({message}); start one with `make serve`, or give the address"
         return UnavailableError(code, f"{hint} of a running one", server)
     status = rpc_status.from_call(error)
