@@ -124,6 +124,35 @@ def test_the_default_output_is_never_written_over(
     assert (tmp_path / "omnigen2.png").read_bytes() == b"fourth"
 
 
+def test_a_default_name_taken_during_the_call_is_not_written_over(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another run in the folder writes the picked name while this one waits for its images: before, this run wrote
+    over it. Its images go to the next free name, all of them under one name."""
+    monkeypatch.chdir(tmp_path)
+
+    def other_run_writes(taken: str, count: int) -> Any:
+        def stream(*args: Any, **kwargs: Any) -> Iterator[GenerationResult]:
+            (tmp_path / taken).write_bytes(b"other run")
+            yield GenerationResult(images=[], seed=7, timings={}, encoded=[b"mine"] * count, served_by="stand-in")
+
+        return stream
+
+    monkeypatch.setattr(OmniGen2Client, "stream", other_run_writes("omnigen2.png", 1))
+    assert main([*NOWHERE, "generate", "A red apple", "--quiet"]) == 0
+    assert (tmp_path / "omnigen2.png").read_bytes() == b"other run"
+    assert (tmp_path / "omnigen2-1.png").read_bytes() == b"mine"
+    monkeypatch.setattr(OmniGen2Client, "stream", other_run_writes("omnigen2-2-1.png", 2))
+    assert main([*NOWHERE, "generate", "A red apple", "--quiet", "-n", "2"]) == 0  # picks omnigen2-2.png
+    assert (tmp_path / "omnigen2-2-1.png").read_bytes() == b"other run"
+    assert not (tmp_path / "omnigen2-2-0.png").exists()  # its own first image moved with the second
+    assert [(tmp_path / f"omnigen2-3-{i}.png").read_bytes() for i in range(2)] == [b"mine", b"mine"]
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "wrote omnigen2-1.png",
+        "wrote omnigen2-3-0.png, omnigen2-3-1.png",
+    ]
+
+
 def test_understand_ctrl_c_starts_a_new_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

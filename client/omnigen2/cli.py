@@ -19,6 +19,7 @@ import itertools
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +141,30 @@ def _outputs(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
-def _free_output(count: int | None) -> Path:
-    """The default output, numbered past the files earlier runs left: the first of omnigen2.png, omnigen2-1.png,
-    ... none of whose files (the numbered ones too, for several images) exists yet."""
+def _free_outputs(count: int | None) -> Iterator[Path]:
+    """The default outputs, numbered past the files earlier runs left: of omnigen2.png, omnigen2-1.png, ... those
+    none of whose files (the numbered ones too, for several images) exists when it is reached."""
     for number in itertools.count():
         output = DEFAULT_OUTPUT.with_stem(f"{DEFAULT_OUTPUT.stem}-{number}") if number else DEFAULT_OUTPUT
         if not any(path.exists() for path in [output, *_outputs(output, count or 1)]):
-            return output
-    raise AssertionError("unreachable: itertools.count() does not end")
+            yield output
+
+
+def _write_new(output: Path, names: Iterator[Path], encoded: list[bytes]) -> list[Path]:
+    """Writes default-named images into files it creates (mode "xb"), never over one: another run in this folder may
+    have taken `output` since it was picked, and then its images go to the next free name of `names`, all of them."""
+    while True:
+        outputs, created = _outputs(output, len(encoded)), []
+        try:
+            for path, data in zip(outputs, encoded, strict=True):
+                with path.open("xb") as file:
+                    created.append(path)
+                    file.write(data)
+            return outputs
+        except FileExistsError:
+            for path in created:
+                path.unlink()  # this run's own, so that one name holds all of its images
+            output = next(names)
 
 
 def _check_outputs(output: Path, count: int | None) -> None:
@@ -164,7 +181,8 @@ def _check_outputs(output: Path, count: int | None) -> None:
 
 
 def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], args: argparse.Namespace) -> int:
-    output = args.output or _free_output(args.num_images_per_prompt)
+    names = _free_outputs(args.num_images_per_prompt)
+    output = args.output or next(names)
     _check_outputs(output, args.num_images_per_prompt)
     result: GenerationResult | None = None
     bar: tqdm[None] | None = None
@@ -179,9 +197,13 @@ def _generate(client: OmniGen2Client, prompt: str, images: list[ImageInput], arg
         if bar is not None:
             bar.close()
     assert result is not None  # a stream ends with its result or raises
-    outputs = _outputs(output, len(result.encoded))  # none when the server withheld them all
-    for path, data in zip(outputs, result.encoded, strict=True):
-        path.write_bytes(data)  # the server's encoding, byte for byte
+    # The server's encoding, byte for byte; no file when the server withheld every image.
+    if args.output:
+        outputs = _outputs(output, len(result.encoded))
+        for path, data in zip(outputs, result.encoded, strict=True):
+            path.write_bytes(data)
+    else:
+        outputs = _write_new(output, names, result.encoded)
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if v)
     usage = result.usage
     tokens = f"{usage.text_tokens} text + {usage.image_tokens} image -> {usage.output_tokens} output tokens; "
