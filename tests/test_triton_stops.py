@@ -118,3 +118,28 @@ def test_an_answer_nobody_stops_is_answered(mllm: Any) -> None:
     assert answer.sender.sent == [("done", FINAL)]
     mllm.execute([_Request(**{STOP_PARAMETER: "k2"})])  # too late: the answer has ended and left
     assert not mllm.stops._running
+
+
+class _NoThread(_LaterThread):
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+def test_a_request_whose_thread_does_not_start_is_answered_and_leaves(
+    mllm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: it stayed registered, counted running, and never got a final response."""
+    module = sys.modules["serving.triton.mllm"]
+    monkeypatch.setattr(module.threading, "Thread", _NoThread)
+    counted: list[int] = []
+    mllm.stops._gauge = types.SimpleNamespace(increment=counted.append)
+    answer = _Request(**{CALL_PARAMETER: "k3"})
+    mllm.execute([answer])
+    [(response, flags)] = answer.sender.sent
+    assert flags == FINAL and str(response).startswith("INTERNAL: RuntimeError: can't start new thread")
+    assert not mllm.stops._running and sum(counted) == 0 and not mllm.workers
+    encode = _Request()  # the BLS's prompt encoding: no registration, but a final response all the same
+    monkeypatch.setattr(module.pb_utils, "get_input_tensor_by_name", lambda request, name: object())
+    mllm.execute([encode])
+    [(response, flags)] = encode.sender.sent
+    assert flags == FINAL and str(response).startswith("INTERNAL: RuntimeError")

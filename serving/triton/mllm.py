@@ -69,15 +69,26 @@ class TritonPythonModel:
         # registered it, and be lost (the answer ran on, its caller's place held to the end of the stop grace).
         for request in requests:
             work: Callable[[], None]
+            sender: Any = None  # got once, by whoever sends the final response
+            running: Running | None = None
             if pb_utils.get_input_tensor_by_name(request, "input_ids") is not None:
                 work = functools.partial(self._encode, request)
             elif self.stops.answer(request):  # the front end asks another request of this stream to stop
                 continue
             else:
-                work = functools.partial(self._serve, request.get_response_sender(), self.stops.running(request))
+                sender, running = request.get_response_sender(), self.stops.running(request)
+                work = functools.partial(self._serve, sender, running)
             worker = threading.Thread(target=work, name="mllm-request", daemon=True)
             self.workers.add(worker)
-            worker.start()
+            try:
+                worker.start()
+            except Exception as exc:  # no thread to be had (RuntimeError): the request ends now, not never
+                self.workers.discard(worker)
+                if running is not None:
+                    with running:  # left at once: unregistered and uncounted before its final response, as in _serve
+                        pass
+                sender = sender or request.get_response_sender()
+                sender.send(error_response(exc, request), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     def _serve(self, sender: Any, running: Running) -> None:
