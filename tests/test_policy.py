@@ -296,7 +296,7 @@ def test_requests_are_checked_off_the_event_loop(tmp_path: Path) -> None:
 
 def test_answers_are_checked_off_the_event_loop(tmp_path: Path) -> None:
     """A front end in process whose backend streams answers itself (no Triton). Each delta's check, in its window,
-    and the whole answer's run on the worker threads; a delta that completes a match is still not sent. A window of
+    and the whole answer's run on the policy's threads; a delta that completes a match is still not sent. A window of
     letter pairs and zero-width spaces at 100 regex rules took 0.1 s to check, once per delta, on the loop."""
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(POLICY))
@@ -348,3 +348,5 @@ def test_answers_are_checked_off_the_event_loop(tmp_path: Path) -> None:
     # Two requests, the clean answer's 3 deltas and whole text, the broken one's deltas up to the match.
     assert len(_Recording.threads) == 2 + 4 + 3
     assert loop_thread not in _Recording.threads
+    # On the policy's own threads: on the workers, tokens waited behind large results' PNG encodes.
+    assert all(thread.name.startswith("frontend-policy") for thread in _Recording.threads)

@@ -1,5 +1,6 @@
 """A unary Generate's reply to a caller that does not take it: the call keeps its place and budgets until gRPC has
-sent the reply, and is cut off after --stream-write-timeout-s (serving/frontend/service.py, reading.py).
+sent the reply, and is cut off after --stream-write-timeout-s (serving/frontend/service.py, reading.py); the reply,
+queued in gRPC until its caller takes it or its connection closes, keeps its output pixels held until then.
 
 A front end in process whose backend returns a large result at once, and a caller speaking raw HTTP/2: it sends its
 request and never grants the server more than the 64 KiB flow-control window every HTTP/2 stream starts with (a gRPC
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
@@ -133,9 +135,21 @@ async def _result(*args: object, **kwargs: object) -> AsyncIterator[Event]:
     yield ResultEvent(1, {}, images, np.zeros(1, np.float32), 0, 0, [])
 
 
-def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(caplog: pytest.LogCaptureFixture) -> None:
+def _retry_after_s(error: grpc.aio.AioRpcError) -> float:
+    packed = status_pb2.Status.FromString(dict(error.trailing_metadata())["grpc-status-details-bin"])
+    retry = error_details_pb2.RetryInfo()
+    assert packed.details[0].Unpack(retry)
+    return retry.retry_delay.ToNanoseconds() / 1e9
+
+
+@pytest.mark.parametrize("let_go", ["taken", "closed"])
+def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(
+    let_go: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Before, Generate gave its place and budgets back as it handed its reply to gRPC: the reply then waited on
-    its caller outside every budget, and a second call was admitted at --max-in-flight 1 while it waited."""
+    its caller outside every budget, and a second call was admitted at --max-in-flight 1 while it waited. After the
+    cut, the reply stays in gRPC until its caller takes it (`taken`) or its connection closes (`closed`): its output
+    pixels stay held until then (before, nothing was: callers could leave a reply each every write timeout)."""
     timeout_s = 3.0
 
     async def run() -> None:
@@ -146,6 +160,7 @@ def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(caplog: 
             metrics_port=0,
             shutdown_grace_s=1.0,
             max_in_flight=1,
+            max_inflight_output_pixels=SIDE * SIDE,  # the reply's: a second such call does not fit beside it
             stream_write_timeout_s=timeout_s,
             stream_min_write_rate=64 * MiB,  # the reply's own time is a fraction of a second
         )
@@ -175,18 +190,32 @@ def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(caplog: 
                 else:
                     assert cut() == 1, "a second call was admitted beside the unsent reply"
                 await _until(lambda: cut() == 1, "the unread reply to be cut off")
-                await _until(lambda: admission.calls == 0 and admission.held == Load(), "the place to come back")
+                await _until(lambda: admission.calls == 0, "the place to come back")
                 cancelled = {"method": "Generate", "code": "CANCELLED"}
                 await _until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the call to be recorded")
-                # The place is back; an ordinary unary caller gets its reply whole.
+                # The reply is still queued in gRPC: its bytes and output pixels stay charged, and a call that
+                # would not fit beside it is refused with RetryInfo.
+                assert (counted("omnigen2_cut_reply_bytes") or 0) > SIDE * SIDE * 3  # noise: no smaller
+                assert admission.held == Load(output_pixels=SIDE * SIDE)
+                with pytest.raises(grpc.aio.AioRpcError) as busy:
+                    await stub.Generate(request, timeout=30)
+                assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "output pixels in flight" in (busy.value.details() or "")
+                assert _retry_after_s(busy.value) == config.retry_after_s
+                if let_go == "taken":
+                    # The caller that comes back for its reply finds the call ended, CANCELLED, naming the timeout.
+                    caller.take_the_rest()
+                    await _until(caller.ended.is_set, "the cut-off call's status")
+                    kind, _, trailers = caller.frames[-1]
+                    assert kind == HEADERS and b"grpc-status" in trailers and b"read nothing" in trailers
+                    assert trailers.split(b"grpc-status", 1)[1][:2] == b"\x011"  # CANCELLED, as a literal value
+                else:
+                    caller.close()
+                await _until(lambda: admission.held == Load(), "the reply's output pixels to come back")
+                assert counted("omnigen2_cut_reply_bytes") == 0
+                # An ordinary unary caller gets its reply whole.
                 served = await stub.Generate(request, timeout=30)
-                assert len(served.images) == 1 and len(served.images[0].data) > SIDE * SIDE * 3  # noise: no smaller
-            # The caller that comes back for its reply finds the call ended, CANCELLED, naming the timeout.
-            caller.take_the_rest()
-            await _until(caller.ended.is_set, "the cut-off call's status")
-            kind, _, trailers = caller.frames[-1]
-            assert kind == HEADERS and b"grpc-status" in trailers and b"read nothing" in trailers
-            assert trailers.split(b"grpc-status", 1)[1][:2] == b"\x011"  # CANCELLED, as a literal value
+                assert len(served.images) == 1 and len(served.images[0].data) > SIDE * SIDE * 3
         finally:
             caller.close()
             await frontend.stop()

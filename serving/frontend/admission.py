@@ -9,7 +9,8 @@ budgets (INVALID_ARGUMENT, serving/frontend/budgets.py).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
 
 from serving.frontend.metrics import Metrics
@@ -74,6 +75,12 @@ class Admission:
             yield
         finally:
             self._add(load, -1)
+
+    def keep(self, load: Load) -> Callable[[], None]:
+        """Holds `load` unchecked until the returned function is called: what a cut-off call leaves with gRPC (its
+        last message, queued until its caller takes it or its connection closes), after its reservation ends."""
+        self._add(load, 1)
+        return functools.partial(self._add, load, -1)
 
     def _add(self, load: Load, sign: int) -> None:
         self.held = Load(*(held + sign * asked for held, asked in zip(astuple(self.held), astuple(load), strict=True)))

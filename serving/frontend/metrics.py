@@ -68,6 +68,12 @@ class Metrics:
             ["budget"],
             registry=self.registry,
         )
+        self.cut_replies = Gauge(
+            "omnigen2_cut_reply_bytes",
+            "Bytes of the last messages of cut-off gRPC calls, still queued in gRPC until their callers take them or"
+            " their connections close; their output pixels stay held against --max-inflight-output-pixels",
+            registry=self.registry,
+        )
         self.policy_blocked = Counter(
             "omnigen2_policy_blocked",
             "Requests (stage=request) and answers (stage=answer) refused by the prompt policy, by rule id",

@@ -32,10 +32,12 @@ MIN_CREDIT_BYTES = 16 * 1024  # 0.5 s at the default 32 KiB/s: more than the loo
 
 class CutOffError(ApiError):
     """The call's end when its caller stopped taking its writes. gRPC sends the status after the data written, so
-    it waits on that caller too: the handler ends without waiting for it (service.py)."""
+    it waits on that caller too: the handler ends without waiting for it (service.py). `unsent` is the message a
+    write had handed to gRPC when it was cut: it stays queued in gRPC core until that status goes out."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, unsent: Message | None = None) -> None:
         super().__init__(make_status(code, message))
+        self.unsent = unsent
 
 
 class Outbox:
@@ -80,7 +82,7 @@ class Outbox:
                 async with asyncio.timeout(allowed) as self._write:
                     await context.write(message)
         except TimeoutError:
-            self._check()
+            self._check(message)
             slow = spare < own
             self.on_cut_off("slow" if slow else "stalled")
             if slow:
@@ -93,16 +95,17 @@ class Outbox:
                     f"the caller read nothing, or too little, for {allowed:.3g} s (--stream-write-timeout-s, and a "
                     f"message's time, of at least {MIN_CREDIT_BYTES} bytes, at --stream-min-write-rate)"
                 )
-            raise CutOffError(grpc.StatusCode.CANCELLED, text) from None
+            raise CutOffError(grpc.StatusCode.CANCELLED, text, message) from None
         finally:
             self._write = None
         self.sent += size
         self.credited += credit
 
-    def _check(self) -> None:
+    def _check(self, unsent: Message | None = None) -> None:
         if self.overflowed:
             raise CutOffError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the caller reads too slowly: over {self.max_bytes} bytes of output waited to be sent "
                 "(--max-buffered-stream-bytes)",
+                unsent,
             )

@@ -82,6 +82,9 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         # so one thread does it as fast as more would, and more took the GIL from the event loop more often (a
         # health probe waited 1.7 s instead of 0.9 s while 8 x 100 MiB uploads were read).
         self.readers = ThreadPoolExecutor(1, thread_name_prefix="frontend-reader")
+        # The prompt policy's checks, requests' and streamed answers' (0.1 s a delta at 100 rules): on the workers,
+        # an answer's tokens waited behind a large result's PNG encodes (seconds).
+        self.checkers = ThreadPoolExecutor(2, thread_name_prefix="frontend-policy")
         # glibc kept what large answers freed (idle +435 MB after one 8 x 4096x4096 answer, +847 after two).
         self.trimmer = IdleTrimmer()
         self._model_parameters: dict[str, str] | None = None
@@ -192,7 +195,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             yield
         except CutOffError as exc:
             code = exc.code
-            await self._end_behind_writes(context, exc.status)
+            await self._end_behind_writes(context, exc.status, self._keep_unsent(exc.unsent))
         except ApiError as exc:
             code = exc.code
             await context.abort_with_status(exc.status)
@@ -213,22 +216,41 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             cancel_clock.end(clock)
             request_id.end(token)
 
-    async def _end_behind_writes(self, context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    async def _end_behind_writes(
+        self, context: grpc.aio.ServicerContext, status: grpc.Status, release: Callable[[], None]
+    ) -> None:
         """Ends a call whose caller stopped taking its writes. The status goes out once the caller has taken them,
         or never (the call ends when its connection does): waiting for it kept the handler, its request's bytes
         (reading.py) and its log line until then. The handler returns once grpcio has the status to send (a handler
-        returning before that had OK sent), and grpcio ends the call as aborted."""
+        returning before that had OK sent), and grpcio ends the call as aborted. `release` is called once gRPC has
+        let go of the call (the status sent, or the call ended with its connection), and its last message with it."""
         sending = asyncio.ensure_future(context.abort_with_status(status))
         self._statuses.add(sending)
 
         def sent(task: asyncio.Future[None]) -> None:
             self._statuses.discard(task)
+            release()
             if not task.cancelled():
                 task.exception()  # retrieved: AbortError once sent, ExecuteBatchError if the caller left first
 
         sending.add_done_callback(sent)
         while not (context.done() or sending.done()):  # done(): the status is grpcio's to send
             await asyncio.sleep(0)
+
+    def _keep_unsent(self, message: Message | None) -> Callable[[], None]:
+        """A cut call's last message stays queued in gRPC core until its status goes out (grpc.aio cannot reset one
+        stream): its images' pixels stay held against --max-inflight-output-pixels, else callers that never read
+        left a reply each (up to --max-response-bytes) every --stream-write-timeout-s. Nothing awaits between the
+        call's reservation ending and this, so the budget is never seen free in between."""
+        nbytes = message.ByteSize() if message is not None else 0
+        release = self.admission.keep(Load(output_pixels=_image_pixels(message)))
+        self.metrics.cut_replies.inc(nbytes)
+
+        def released() -> None:
+            release()
+            self.metrics.cut_replies.dec(nbytes)
+
+        return released
 
     async def _describe(self, request: Message) -> str:
         """The access log's shapes and sizes, off the loop where it reads image bytes: each read of a bytes field
@@ -247,7 +269,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             return
         # Off the loop: regular expressions read a long prompt several ways (0.25 s for 2 x 8190 characters at 100
         # rules), and health checks and every other call waited for it there.
-        violation = await self._off_loop(self.prompt_policy.policy.check_request, request, token)
+        check = self.prompt_policy.policy.check_request
+        violation = await self._off_loop(check, request, token, executor=self.checkers)
         if violation is not None:
             self.metrics.policy_blocked.labels(violation.rule, "request").inc()
             raise violation.error()
@@ -258,7 +281,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         answer held the loop for up to 0.95 s at a time."""
         if self.prompt_policy is None:
             return
-        violation = await self._off_loop(_answer_violation, self.prompt_policy.policy, answer, token, scan)
+        policy = self.prompt_policy.policy
+        violation = await self._off_loop(_answer_violation, policy, answer, token, scan, executor=self.checkers)
         if violation is not None:
             self.metrics.policy_blocked.labels(violation.rule, "answer").inc()
             raise violation.error("answer")
@@ -347,6 +371,17 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             response.latents.CopyFrom(tensor(event.latents))
         self.metrics.images.inc(len(images))
         return response
+
+
+def _image_pixels(message: Message | None) -> int:
+    """Pixels of the images in a Generate reply or event (a result's or a preview)."""
+    if isinstance(message, pb.GenerateEvent):
+        message = message.result if message.HasField("result") else message.progress
+    if isinstance(message, pb.GenerateResponse):
+        return sum(image.width * image.height for image in message.images)
+    if isinstance(message, pb.Progress) and message.HasField("preview"):
+        return message.preview.width * message.preview.height
+    return 0
 
 
 def _answer_violation(policy: PromptPolicy, text: str, token: str | None, scan: AnswerScan | None) -> Violation | None:
