@@ -50,7 +50,9 @@ class _Request:
 class _Understander:
     """Answers "cancelled" if the request was asked to stop by the time its work starts."""
 
-    def stream(self, request: Any, is_cancelled: Callable[[], bool]) -> Iterator[ChatResult]:
+    def stream(
+        self, request: Any, is_cancelled: Callable[[], bool], is_stopped: Callable[[], bool]
+    ) -> Iterator[ChatResult]:
         yield ChatResult("", [], 1, "cancelled" if is_cancelled() else "stop")
 
 

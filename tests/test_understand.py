@@ -123,6 +123,30 @@ def test_a_cancelled_answer_stops_waiting_for_its_turn(understander: Understande
     assert result.token_ids == [] and pieces == [] and waited < 3
 
 
+def test_an_answer_waiting_for_its_turn_asks_for_its_cancellation_seldom(
+    understander: Understander, golden: Path
+) -> None:
+    """The stop (a local event) is looked at every TURN_POLL_S, the caller's cancellation (a round trip to the server
+    in Triton) every TURN_CANCEL_POLL_S: before, both every 20 ms, 50 a second per waiting answer."""
+    asked = 0
+
+    def stopped() -> bool:
+        return time.monotonic() > stops  # a stop request comes 1 s in
+
+    def cancelled() -> bool:  # as Triton's requests' is_cancelled(), true once stopped too (serving/triton/stops.py)
+        nonlocal asked
+        asked += 1
+        return stopped()
+
+    with understander.lock:  # another answer holds the model
+        started = time.monotonic()
+        stops = started + 1.0
+        *pieces, result = understander.stream(_question(golden, max_new_tokens=8), cancelled, stopped)
+        waited = time.monotonic() - started
+    assert isinstance(result, ChatResult) and result.finish_reason == "cancelled" and pieces == []
+    assert waited < 1.5 and 1 <= asked <= 8  # 5 at TURN_CANCEL_POLL_S, and the result's own look; 50 before
+
+
 def test_text_deltas_concatenate_to_the_decoded_text(tiny_checkpoint: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint / "processor")
     ids = torch.randint(0, len(tokenizer), (300,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -95,7 +95,7 @@ class TritonPythonModel:
         with running as request:  # its work ends before its final response is sent
             try:
                 result: ChatResult | None = None
-                for item in self.understander.stream(self._parse(request), request.is_cancelled):
+                for item in self.understander.stream(self._parse(request), request.is_cancelled, request.is_stopped):
                     if isinstance(item, str):
                         delta = event({"type": "delta", "text": item})
                         sender.send(pb_utils.InferenceResponse(output_tensors=[delta]))

@@ -104,5 +104,9 @@ class _Stoppable:
     def is_cancelled(self) -> bool:
         return self._stop.is_set() or bool(self._request.is_cancelled())
 
+    def is_stopped(self) -> bool:
+        """Asked to stop: a local event, where Triton's is_cancelled() is a round trip to the server."""
+        return self._stop.is_set()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)
