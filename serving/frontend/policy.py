@@ -30,7 +30,8 @@ read as those too: a term matches the text, or the text with them folded (the te
 in Cyrillic still matches Cyrillic text); a regular expression is tried on the folded text's readings as well, since
 a regex is as easily spelled round as a term and no policy should have to list every script's "o" in it. That at
 most doubles the readings (`policy_readings`: REGEX_RUNS bounds both halves). Folding keeps every word where it was
-and leaves ASCII as it is, so a term still matches whole words only; a text with no lookalike letter is read once.
+and leaves ASCII as it is, so a term still matches whole words only; a text that folding leaves unchanged (no
+lookalike letter, no digit of another script: those read as their own value) is read once.
 `exempt` lists rule ids the token skips ("*": all of the file's rules); an override's `rules` apply to that token
 only. Prompts, negative prompts, chat text and Understand answers are checked (a streamed answer delta by delta,
 in a bounded window: `AnswerScan`). A refusal names the rule's id and the field, never the matched text.
