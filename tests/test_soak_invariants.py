@@ -3,8 +3,17 @@ records: each passes on a healthy reading and fails, naming what it saw, on the 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from benchmarks.soak import storm
+from benchmarks.soak.__main__ import sigterm_exits
 from benchmarks.soak.invariants import (
     check_admission,
     check_call_lines,
@@ -12,6 +21,7 @@ from benchmarks.soak.invariants import (
     check_idle,
     check_probes,
     check_processes,
+    check_storm,
     parse_access_log,
     parse_metrics,
 )
@@ -54,10 +64,12 @@ LOG = [
 ]
 
 
-def call(kind: str, seen: str | None, by_client: bool = False, **fault: float) -> dict[str, Any]:
+def call(kind: str, seen: str | None, by_client: bool = False, killed: bool = True, **fault: float) -> dict[str, Any]:
+    """A call record as read_calls gives it; with no `seen`, one that never ended (its worker `killed` in it, or
+    left by a worker fault)."""
     ended = seen is not None
     record = {"kind": kind, "fault": fault, "started": 100.0, "t": 101.0, "ended": ended, "by_client": by_client}
-    return record | ({"seen": seen, "sent": True} if ended else {})
+    return record | {"worker": "w1"} | ({"seen": seen, "sent": True} if ended else {"killed": killed})
 
 
 def test_idle_gauges_pass_at_zero_and_name_the_one_left_held() -> None:
@@ -132,3 +144,84 @@ def test_probes_admission_and_processes() -> None:
         "process gone after the storm: tritonserver (2)",
     ]
     assert not check_processes(before, {k: 2 * v for k, v in before.items()}, 1.5).passed
+
+
+def test_a_call_ended_by_its_deadline_or_cancel_may_never_have_reached_a_handler() -> None:
+    """gRPC can settle a deadline or a cancel while the call still waits in its queue for a busy server loop: no
+    handler, no line. Counted apart, not failed; a call the server ended, or sent events to, still owes its line."""
+    calls = {
+        "w1-1-generate": call("generate", "DEADLINE_EXCEEDED", by_client=True, deadline_s=0.05),
+        "w1-2-understand": call("understand", "CANCELLED", by_client=True, cancel_after_s=0.1),
+        "w1-3-stream": call("stream", "CANCELLED", by_client=True, cancel_after_s=0.0),
+    }
+    check = check_call_lines(calls, [])
+    assert check.passed, check.failures
+    assert check.seen["possibly_never_received"] == 2 and check.seen["unsent_no_line"] == 1
+    calls |= {
+        "w1-4-stream": call("stream", "CANCELLED", by_client=True, stop_after_events=2),
+        "w1-5-generate": call("generate", "OK", deadline_s=3.0),
+        "w1-6-generate": call("generate", "INTERNAL"),
+    }
+    check = check_call_lines(calls, [])
+    assert check.failures == [
+        "stream: 0 lines (client saw CANCELLED): 1 calls, e.g. w1-4-stream",
+        "generate: 0 lines (client saw OK): 1 calls, e.g. w1-5-generate",
+        "generate: 0 lines (client saw INTERNAL): 1 calls, e.g. w1-6-generate",
+    ]
+
+
+def test_the_storm_ran_as_planned_or_fails_naming_what_did_not() -> None:
+    calls = {"w1-1-generate": call("generate", "OK"), "w2-1-stream": call("stream", None) | {"worker": "w2"}}
+    exits: dict[str, int | None] = {"w1": 0, "w2": -9, "w3": 0}
+    check = check_storm(exits, {"w2"}, [], calls)
+    assert check.passed and check.result == "PASS", check.failures
+    # A hung worker the storm killed at its end (-9, not one of its planned kills), a worker fault, a call it left.
+    left = call("generate", None, killed=False) | {"worker": "w3"}
+    error = {"event": "worker-error", "kind": "stream", "error": "RuntimeError('boom')"}
+    check = check_storm({**exits, "w3": -9, "w4": 1}, {"w2"}, [error], {**calls, "w3-1-generate": left})
+    assert check.failures == [
+        "worker w3 exited -9 (its .err file says why)",
+        "worker w4 exited 1 (its .err file says why)",
+        "1 worker errors, e.g. stream: RuntimeError('boom')",
+        "1 calls without an outcome, e.g. w3-1-generate",
+    ]
+    assert not check_storm(exits, {"w2"}, [], {}).passed
+    # The call a worker fault left owes its line too: it is not taken for one its killed client never sent.
+    assert not check_call_lines({"w3-1-generate": left | {"t": 100.0}}, []).passed
+    assert check_call_lines({"w2-1-stream": call("stream", None) | {"t": 100.0}}, []).passed
+
+
+def test_checks_without_data_skip_rather_than_pass() -> None:
+    no_front_end = check_processes({}, {}, 1.5)
+    assert no_front_end.skipped and no_front_end.result == "SKIP"
+    assert check_processes({"front end (1)": 300.0}, {}, 1.5).result == "FAIL"
+    assert check_admission(4, [], []).result == "SKIP"
+
+
+def test_no_worker_outlives_a_storm_cut_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM made SystemExit) mid-storm: the finally kills the workers it had started."""
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen  # storm's module attributes are the modules themselves: patched for the test's span
+
+    def sleeper(command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storm.subprocess, "Popen", sleeper)
+    monkeypatch.setattr(storm.time, "sleep", interrupt)
+    settings = storm.StormSettings(0, 30.0, 3, 2, "127.0.0.1:1", "http://127.0.0.1:1", tmp_path / "r", tmp_path / "c")
+    with pytest.raises(KeyboardInterrupt):
+        storm.run_storm(settings, print)
+    assert len(started) == 2 and all(process.poll() == -signal.SIGKILL for process in started)
+
+
+def test_sigterm_is_made_system_exit_and_the_handler_put_back() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as leaving, sigterm_exits():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 1.0)  # let the handler run
+    assert leaving.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before

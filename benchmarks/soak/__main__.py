@@ -10,14 +10,18 @@ moment, a stream left after a few events; a raw HTTP request closed with a TCP r
 process SIGKILLed mid-calls. Probes (fixed seeded requests) run in it too. Then, once idle: every in-flight and budget
 gauge at 0, --max-in-flight calls admitted at once on each API, the request counters equal to the access-log lines
 (and one line per call, with a status that fits what its client saw), the probes' pixels as alone (to 1 level), the
-same processes with their memory. Results: <out>/results.{json,md}; exit status 1 when an invariant fails. --seed
-repeats a run's mix, kills and faults (not its timing: which calls the stack refuses depends on the machine).
+same processes with their memory; and that the storm itself ran as planned. A check with nothing to check (no
+access log, no stack process found locally) is a SKIP. Results: <out>/results.{json,md}; exit status 1 when an
+invariant fails. --seed repeats a run's mix, kills and faults (not its timing: which calls the stack refuses depends
+on the machine). SIGTERM ends it as Ctrl-C does: workers killed, a --start stack stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +32,7 @@ from benchmarks.machine import machine_info
 from benchmarks.soak import results as report
 from benchmarks.soak import stack
 from benchmarks.soak.invariants import (
+    CALL_LINES,
     Check,
     check_admission,
     check_call_lines,
@@ -35,7 +40,9 @@ from benchmarks.soak.invariants import (
     check_idle,
     check_probes,
     check_processes,
+    check_storm,
     parse_access_log,
+    skip,
 )
 from benchmarks.soak.storm import ROOT, StormSettings, read_calls, run_storm
 
@@ -43,7 +50,7 @@ SETTLE_S = 1.0  # after the gauges read idle: the last access-log lines are writ
 
 
 @contextlib.contextmanager
-def own_stack(checkpoint: Path, work: Path, max_in_flight: int) -> Iterator[argparse.Namespace]:
+def own_stack(checkpoint: Path, work: Path, onnx_cache: Path, max_in_flight: int) -> Iterator[argparse.Namespace]:
     """A stack of its own, on free loopback ports, as the other benchmarks start one (benchmarks/served.py), with the
     HTTP API on; yields the addresses the soak takes as flags."""
     from grpc_health.v1 import health_pb2
@@ -52,18 +59,46 @@ def own_stack(checkpoint: Path, work: Path, max_in_flight: int) -> Iterator[argp
     from serving.frontend.process import FrontendProcess
     from serving.triton.launcher import LOOPBACK, Ports, TritonServer
 
-    repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=work / "onnx")
+    started = time.monotonic()
+    repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=onnx_cache)
     with (
         TritonServer(repository, Ports.free(), build_dir=work) as triton,
         FrontendProcess(triton.grpc_url, work / "frontend.log", f"--max-in-flight={max_in_flight}", http=True) as api,
     ):
         api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        progress(f"own stack serving after {time.monotonic() - started:.1f} s")
         yield argparse.Namespace(
             server=api.address,
             http=f"{LOOPBACK}:{api.http_port}",
             metrics=f"http://{LOOPBACK}:{api.metrics_port}/metrics",
             access_log=api.log_path,
         )
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`timeout make soak`, a CI job's end) raises SystemExit, so that the finally blocks and context
+    managers run: the workers are killed and a --start stack's tritonserver (its own session) and front end stopped."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def commit() -> str:
+    """The code measured: HEAD, and the tracked files that differ from it (a shared tree may hold others' edits)."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "diff", "HEAD", "--name-only"], capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def progress(message: str) -> None:
@@ -94,7 +129,8 @@ def soak(args: argparse.Namespace, where: argparse.Namespace) -> dict[str, Any]:
     lines = parse_access_log(log.new_lines()) if log else None
     rss_after = stack.stack_rss(where.server)
     calls, errors = read_calls(settings.out, storm["killed_at"])
-    checks: list[Check] = [check_idle(after, waited)]
+    progress(f"call records: {settings.out}")
+    checks: list[Check] = [check_storm(storm["exits"], storm["killed_at"], errors, calls), check_idle(after, waited)]
     progress(f"admission: {args.max_in_flight} calls at once on each API")
     checks.append(
         check_admission(args.max_in_flight, *stack.admission_at_full_width(where.server, http, args.max_in_flight))
@@ -102,7 +138,7 @@ def soak(args: argparse.Namespace, where: argparse.Namespace) -> dict[str, Any]:
     if lines is not None:
         checks += [check_counters(before, after, lines), check_call_lines(calls, lines)]
     else:
-        progress("no --access-log: the counters-against-log and one-line-per-call checks are not run")
+        checks += [skip(name, "no --access-log") for name in ("request counters equal access-log lines", CALL_LINES)]
     progress("probes again, each alone")
     during = [call["max_diff"] for call in calls.values() if "max_diff" in call]
     checks.append(check_probes(during, stack.probes_after(where.server, refs), args.probe_tolerance))
@@ -118,9 +154,10 @@ def soak(args: argparse.Namespace, where: argparse.Namespace) -> dict[str, Any]:
     }
     return {
         "passed": all(check.passed for check in checks),
+        "commit": commit(),
         "settings": settings_out,
         "machine": machine_info(),
-        "storm": {**storm, "calls": len(calls), "worker_errors": errors[:20], "records": str(settings.out)},
+        "storm": {**storm, "calls": len(calls), "worker_errors": errors[:20]},
         "outcomes": report.outcomes(calls),
         "checks": report.as_dicts(checks),
     }
@@ -138,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--start", action="store_true", help="start a stack of its own (tiny checkpoint, free ports)")
     parser.add_argument("--checkpoint", type=Path, default=ROOT.parent / "shared" / "golden" / "tiny-omnigen2")
+    parser.add_argument("--onnx-cache", type=Path, help="--start's ONNX export folder (default: under --work)")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of storm")
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight at once, over all clients")
     parser.add_argument("--workers", type=int, default=2, help="client processes (one is killed every 3-9 s)")
@@ -151,16 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.start and not (args.server and args.http and args.metrics):
         parser.error("give --server, --http and --metrics of a running stack, or --start")
-    with contextlib.ExitStack() as stack_context:
+    onnx_cache = args.onnx_cache or args.work / "stack" / "onnx"
+    with sigterm_exits(), contextlib.ExitStack() as stack_context:
         where = (
-            stack_context.enter_context(own_stack(args.checkpoint, args.work / "stack", args.max_in_flight))
+            stack_context.enter_context(own_stack(args.checkpoint, args.work / "stack", onnx_cache, args.max_in_flight))
             if args.start
             else args
         )
         results = soak(args, where)
     report.write(results, args.out)
     for check in results["checks"]:
-        progress(f"{'PASS' if check['passed'] else 'FAIL'}  {check['name']}  {'; '.join(check['failures'][:3])}")
+        progress(f"{check['result']}  {check['name']}  {'; '.join(check['failures'][:3])}")
     progress(f"results: {args.out / 'results.md'}")
     return 0 if results["passed"] else 1
 

@@ -27,12 +27,13 @@ def write(results: dict[str, Any], out: Path) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     machine, settings = results["machine"], results["settings"]
+    hardware = f"{machine.get('cpu', 'CPU not recorded')} ({machine.get('bf16_isa', 'bf16 ISA not recorded')})"
     verdict = "PASS" if results["passed"] else "FAIL"
     lines = [
         f"# Soak `{verdict}`: {settings['duration_s']:.0f} s storm, seed {settings['seed']}",
         "",
-        f"Machine: {machine.get('cpu', 'CPU not recorded')}, {machine['cpus']} CPUs, {machine['platform']}, "
-        f"Python {machine['python']}. Settings: `{settings}`.",
+        f"Machine: {hardware}, {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
+        f"Commit: {results.get('commit', 'not recorded')}. Settings: `{settings}`.",
         f"Calls: {results['storm']['calls']}, clients killed mid-storm: {results['storm']['clients_killed']}, "
         f"worker errors: {len(results['storm']['worker_errors'])}.",
         "",
@@ -43,8 +44,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for check in results["checks"]:
         failures = "<br>".join(check["failures"]) or "-"
-        result = "PASS" if check["passed"] else "FAIL"
-        lines.append(f"| {check['name']} | {result} | `{json.dumps(check['seen'])}` | {failures} |")
+        lines.append(f"| {check['name']} | {check['result']} | `{json.dumps(check['seen'])}` | {failures} |")
     lines += ["", "## Calls by kind and client-seen outcome", "", "| kind | outcome | calls |", "| --- | --- | --- |"]
     for kind, counts in results["outcomes"].items():
         lines += [f"| {kind} | {seen} | {n} |" for seen, n in counts.items()]
@@ -58,4 +58,4 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def as_dicts(checks: list[Check]) -> list[dict[str, Any]]:
-    return [vars(check) for check in checks]
+    return [{**vars(check), "result": check.result} for check in checks]

@@ -39,7 +39,8 @@ def _shares(concurrency: int, workers: int) -> list[int]:
 
 
 def run_storm(settings: StormSettings, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Runs the storm to its end; returns the kills made. Call records are left in `settings.out`."""
+    """Runs the storm to its end; returns the kills made and each worker's exit status. Call records are left in
+    `settings.out`. However it ends (an exception, Ctrl-C, SIGTERM made SystemExit), no worker is left running."""
     settings.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)
     spawned = 0
@@ -64,42 +65,50 @@ def run_storm(settings: StormSettings, progress: Callable[[str], None]) -> dict[
         with (settings.out / f"{name}.err").open("wb") as errors:
             return subprocess.Popen(command, cwd=ROOT, stderr=errors), tasks, name
 
-    live = [spawn(tasks) for tasks in _shares(settings.concurrency, settings.workers)]
-    done: list[subprocess.Popen[bytes]] = []
+    live: list[tuple[subprocess.Popen[bytes], int, str]] = []
+    exits: dict[str, int | None] = {}
     killed_at: dict[str, float] = {}  # worker name -> wall-clock time of its SIGKILL
-    next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
-    while time.monotonic() < until:
-        time.sleep(min(1.0, max(0.0, until - time.monotonic())))
-        now = time.monotonic()
-        if now >= next_kill and now < until - LAST_KILL_BEFORE_END_S:
-            victim, tasks, name = live.pop(rng.randrange(len(live)))
-            killed_at[name] = time.time()
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
-            done.append(victim)
-            live.append(spawn(tasks))
-            next_kill = now + rng.uniform(*KILL_EVERY_S)
-        if int(now - started) % PROGRESS_EVERY_S == 0:
-            progress(f"storm {now - started:4.0f} s of {settings.seconds:.0f} s, {len(killed_at)} clients killed")
-    for process, _, _ in live:
-        try:
-            process.wait(timeout=120)  # a worker ends once its calls in flight have
-        except subprocess.TimeoutExpired:
+    hung: list[str] = []
+    try:
+        live += [spawn(tasks) for tasks in _shares(settings.concurrency, settings.workers)]
+        next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
+        while time.monotonic() < until:
+            time.sleep(min(1.0, max(0.0, until - time.monotonic())))
+            now = time.monotonic()
+            if now >= next_kill and now < until - LAST_KILL_BEFORE_END_S:
+                victim, tasks, name = live.pop(rng.randrange(len(live)))
+                killed_at[name] = time.time()
+                victim.send_signal(signal.SIGKILL)
+                exits[name] = victim.wait()
+                live.append(spawn(tasks))
+                next_kill = now + rng.uniform(*KILL_EVERY_S)
+            if int(now - started) % PROGRESS_EVERY_S == 0:
+                progress(f"storm {now - started:4.0f} s of {settings.seconds:.0f} s, {len(killed_at)} clients killed")
+        while live:
+            process, _, name = live[0]
+            try:
+                exits[name] = process.wait(timeout=120)  # a worker ends once its calls in flight have
+            except subprocess.TimeoutExpired:
+                hung.append(name)  # not in killed_at: its -9 and its unfinished calls fail the storm check
+                process.kill()
+                exits[name] = process.wait()
+            live.pop(0)
+    finally:
+        for process, _, name in live:
             process.kill()
-            process.wait()
-        done.append(process)
-    failed = [p.returncode for p in done if p.returncode not in (0, -signal.SIGKILL)]
+            exits[name] = process.wait()
     return {
         "clients_killed": len(killed_at),
         "killed_at": killed_at,
         "workers_started": spawned,
-        "failed_exits": failed,
+        "exits": exits,
+        "hung_workers": hung,
     }
 
 
 def read_calls(folder: Path, killed_at: dict[str, float]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every call by id (its start record, updated by its end record when it ended: `t` is then its end, `started`
-    its start; a call cut by its worker's SIGKILL ends at the kill) and the worker errors."""
+    its start; a call cut by its worker's SIGKILL ends at the kill, `killed`) and the worker errors."""
     calls: dict[str, dict[str, Any]] = {}
     errors: list[dict[str, Any]] = []
     for path in sorted(folder.glob("*.jsonl")):
@@ -115,5 +124,5 @@ def read_calls(folder: Path, killed_at: dict[str, float]) -> tuple[dict[str, dic
                 calls[record["id"]].update(record, ended=True)
     for call in calls.values():
         if not call["ended"] and call["worker"] in killed_at:
-            call["t"] = killed_at[call["worker"]]
+            call.update(t=killed_at[call["worker"]], killed=True)
     return calls, errors
