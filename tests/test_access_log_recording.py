@@ -124,10 +124,11 @@ class Progress:
 
 class SlowToStop:
     """A Triton stream standing in for the BLS's: a step, then nothing until a stop request comes, which it
-    confirms (ends the stream) 1.5 s later, as a model finishing its step does."""
+    confirms (ends the stream) confirm_s later, as a model finishing its step does."""
 
-    def __init__(self, requests: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(self, requests: AsyncIterator[dict[str, Any]], confirm_s: float) -> None:
         self.requests = requests
+        self.confirm_s = confirm_s
         self.responses = self._responses()
 
     def __aiter__(self) -> AsyncIterator[tuple[Progress, None]]:
@@ -138,7 +139,7 @@ class SlowToStop:
         yield Progress(), None
         async for request in self.requests:
             if STOP_PARAMETER in request["parameters"]:
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(self.confirm_s)
                 return
 
     def cancel(self) -> None:
@@ -148,33 +149,36 @@ class SlowToStop:
 class SlowToStopClient:
     """Streams SlowToStop; the rest (health's polls, close) is the client it replaces (nothing answers it)."""
 
-    def __init__(self, replaced: Any) -> None:
+    def __init__(self, replaced: Any, confirm_s: float) -> None:
         self.replaced = replaced
+        self.confirm_s = confirm_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.replaced, name)
 
     def stream_infer(self, requests: AsyncIterator[dict[str, Any]], stream_timeout: float) -> SlowToStop:
-        return SlowToStop(requests)
+        return SlowToStop(requests, self.confirm_s)
 
 
 @pytest.mark.parametrize("cancel", [True, False])
 def test_a_call_is_recorded_with_the_status_its_caller_saw(cancel: bool, caplog: pytest.LogCaptureFixture) -> None:
-    """Cancelled before its 1 s deadline, whose stop the model confirms after it: CANCELLED, as the caller saw,
-    not DEADLINE_EXCEEDED by the time the call took (before). Not cancelled: DEADLINE_EXCEEDED at the deadline."""
+    """Cancelled before its 3 s deadline (room for a loaded box's first event), whose stop the model confirms 4 s
+    later, after it: CANCELLED, as the caller saw, not DEADLINE_EXCEEDED by the time the call took (before). Not
+    cancelled: DEADLINE_EXCEEDED at its 1 s deadline."""
     seen = "CANCELLED" if cancel else "DEADLINE_EXCEEDED"
+    deadline_s, confirm_s = (3.0, 4.0) if cancel else (1.0, 1.5)
 
     async def run() -> None:
         async with _frontend() as (frontend, channel):
-            frontend.backend.client = SlowToStopClient(frontend.backend.client)
-            call = pb_grpc.OmniGen2Stub(channel).GenerateStream(pb.GenerateRequest(prompt="a"), timeout=1.0)
+            frontend.backend.client = SlowToStopClient(frontend.backend.client, confirm_s)
+            call = pb_grpc.OmniGen2Stub(channel).GenerateStream(pb.GenerateRequest(prompt="a"), timeout=deadline_s)
             await call.read()
             if cancel:
                 call.cancel()
             assert (await call.code()).name == seen
             counted = frontend.metrics.registry.get_sample_value
             labels = {"method": "GenerateStream", "code": seen}
-            for _ in range(300):  # the handler ends once the model has stopped
+            for _ in range(800):  # the handler ends once the model has stopped
                 if counted("omnigen2_requests_total", labels):
                     break
                 await asyncio.sleep(0.01)
@@ -203,10 +207,12 @@ def test_calls_that_end_at_the_read_gate_leave_one_line_each(caplog: pytest.LogC
         ):
             generate = channel.stream_unary(GENERATE)
             silent = [generate(_never(), timeout=60, metadata=(("x-request-id", f"silent-{i}"),)) for i in range(2)]
-            for _ in range(500):
-                if frontend.metrics.registry.get_sample_value("omnigen2_held_request_bytes", {"pool": "uploads"}):
+            held = frontend.metrics.registry.get_sample_value
+            for _ in range(1000):  # each silent call reserves twice --max-request-bytes: the budget is full
+                if held("omnigen2_held_request_bytes", {"budget": "uploads"}) == 4 * MiB:
                     break
                 await asyncio.sleep(0.01)
+            assert held("omnigen2_held_request_bytes", {"budget": "uploads"}) == 4 * MiB
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await generate(iter([b""]), timeout=60, metadata=(("x-request-id", "refused"),))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -26,6 +26,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.errors import SettingError
+from serving.frontend import server
 from serving.frontend.admission import Load
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.convert import Forward
@@ -35,6 +36,7 @@ from serving.triton.launcher import free_port
 from tests.test_unary_reply import GENERATE, SilentCaller, _until
 
 QUIET_S = 4.0  # how long a live client's call sends nothing: past several pings and their timeouts
+SILENT_S = 6.0  # a silent call long enough for 3 strikes of a client pinging every 1.2 s (GOAWAY at the third)
 FROZEN_CALL = threading.Event()  # the frozen client's call has reached the backend
 # A gRPC client in its own process, so that it can be frozen (SIGSTOP) with its connection open.
 CLIENT = """
@@ -46,10 +48,13 @@ stub.Generate(pb.GenerateRequest(prompt="frozen", width=64, height=64, steps=1),
 
 
 async def _result(forward: Forward, *args: object, **kwargs: object) -> AsyncIterator[Event]:
-    """Noise at the request's size (it does not compress); a prompt of 'quiet' first works QUIET_S in silence."""
+    """Noise at the request's size (it does not compress); a prompt of 'quiet' (or 'silent') first works QUIET_S
+    (SILENT_S) in silence."""
     params = forward.params
     if params["prompt"] == "quiet":
         await asyncio.sleep(QUIET_S)
+    if params["prompt"] == "silent":
+        await asyncio.sleep(SILENT_S)
     if params["prompt"] == "frozen":
         FROZEN_CALL.set()
         await asyncio.sleep(120)
@@ -73,6 +78,8 @@ def _hangs_up(connection: socket.socket, timeout_s: float = 30) -> bool:
 def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_not() -> None:
     """Before, the silent caller's connection stayed open past the write timeout's cut, gRPC holding the reply for
     it until the kernel gave up on TCP; the call held its place until that cut."""
+
+    FROZEN_CALL.clear()  # set by an earlier run in this process
 
     async def run() -> None:
         config = FrontendConfig(
@@ -114,7 +121,8 @@ def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_
                 await _until(caller.replying.is_set, "the reply's first bytes")
                 started = time.monotonic()
                 assert await asyncio.to_thread(_hangs_up, caller.socket), "the silent caller's connection stayed open"
-                assert time.monotonic() - started < 30  # about 1 or 2 s: a ping and its timeout
+                # About 2 s (a ping and its timeout); 10 leaves room for a loaded box, far below the 60 s cut.
+                assert time.monotonic() - started < 10
                 # Its call is over and its place back, long before the 60 s write timeout.
                 await _until(lambda: admission.calls <= 1, "the silent caller's place to come back")
                 served = await quiet
@@ -128,6 +136,42 @@ def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_
             frozen.wait()
             if caller is not None:
                 caller.close()
+            await frontend.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("minimum_ms", "kept"), [(1000, True), (2000, False)])
+def test_a_client_pinging_a_little_above_the_minimum_keeps_its_silent_call(
+    minimum_ms: int, kept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaled down (a client pinging every 1.2 s; gRPC's clients ping at most once a second): with the server's
+    minimum a little below that interval, a call silent for SILENT_S, past max_ping_strikes (2) + 1 pings, keeps its
+    connection. With the minimum above it, the same client is sent GOAWAY too_many_pings (as a 9 s client was at
+    the old 10 s minimum), so the first case does not pass for pings not sent or not judged."""
+    monkeypatch.setattr(server, "MIN_CLIENT_PING_INTERVAL_MS", minimum_ms)
+
+    async def run() -> None:
+        config = FrontendConfig(listen="127.0.0.1:0", triton_url=f"127.0.0.1:{free_port()}", metrics_port=0)
+        frontend = Frontend(config)
+        frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
+        port = await frontend.start()
+        options = [
+            ("grpc.keepalive_time_ms", 1200),
+            ("grpc.http2.max_pings_without_data", 0),  # else the client stops pinging after 2 in a silent call
+        ]
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                silent = pb.GenerateRequest(prompt="silent", width=64, height=64, steps=1)
+                call = pb_grpc.OmniGen2Stub(channel).Generate(silent, timeout=60)
+                if kept:
+                    assert len((await call).images) == 1
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as ended:
+                        await call
+                    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+                    assert ended.value.details() == "Too many pings", ended.value
+        finally:
             await frontend.stop()
 
     asyncio.run(run())

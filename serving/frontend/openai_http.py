@@ -62,7 +62,9 @@ _REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
 # The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
 FORM_FIELDS = 100
 _ANSWER = "omnigen2_answer"  # the request's key for its answer's _Progress
-_DELIVERED = "omnigen2_delivered"  # set once a stream's last event is written: the caller leaving then is not 499
+# Set once a stream's last event is handed to aiohttp (which cannot say when it left the process): the caller leaving
+# then is not 499.
+_DELIVERED = "omnigen2_delivered"
 _NO_NAMES = Names()
 # The most commas a JSON body may hold: a request the service takes has far fewer (its texts are a few thousand
 # tokens, its images base64 strings, which have none); json.loads of this many values takes about 0.1 s.

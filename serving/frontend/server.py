@@ -37,6 +37,9 @@ from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
 
 log = logging.getLogger("omnigen2.frontend")
+# Half the smallest keepalive time Go's and Java's clients allow (10 s): a client set to it, whose pings gRPC
+# jitters or sends a little early, is not taken for one pinging too often.
+MIN_CLIENT_PING_INTERVAL_MS = 5_000
 
 
 class Frontend:
@@ -97,10 +100,12 @@ class Frontend:
                 # gRPC 1.81 times a keepalive ping out at this (60 s by default), not at keepalive_timeout_ms; it
                 # also times out the flow-control (BDP) pings a caller leaves unanswered.
                 ("grpc.http2.ping_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
-                # Clients' own keepalive pings are taken every 10 s or less often (gRPC's clients send them no
-                # more often), with or without calls; gRPC's default refused one more often than every 5 min
-                # (2 h with no call), closing the connection of a client that pinged every minute.
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # Clients' own keepalive pings are taken down to one every MIN_CLIENT_PING_INTERVAL_MS, with or
+                # without calls; gRPC's default refused one more often than every 5 min (2 h with no call), closing
+                # the connection of a client that pinged every minute. A ping sooner than that while the server
+                # sends nothing is a strike; the third in a row (past max_ping_strikes) is GOAWAY too_many_pings.
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.http2.max_ping_strikes", 2),  # gRPC's default, named: the interval above is sized for it
                 # A port another server holds is refused: gRPC's default would share it, splitting the callers.
                 ("grpc.so_reuseport", 0),
                 *_connection_age(config),
