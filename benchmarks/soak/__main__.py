@@ -109,6 +109,7 @@ def soak(args: argparse.Namespace, where: argparse.Namespace) -> dict[str, Any]:
     http = where.http if where.http.startswith("http") else f"http://{where.http}"
     work = args.work / f"seed{args.seed}-{int(time.time())}"
     work.mkdir(parents=True, exist_ok=True)
+    code = commit()  # before the storm: the tree may move on while it runs
     refs = work / "probes.npz"
     progress("probe references, each alone")
     stack.probe_references(where.server, refs)
@@ -154,7 +155,7 @@ def soak(args: argparse.Namespace, where: argparse.Namespace) -> dict[str, Any]:
     }
     return {
         "passed": all(check.passed for check in checks),
-        "commit": commit(),
+        "commit": code,
         "settings": settings_out,
         "machine": machine_info(),
         "storm": {**storm, "calls": len(calls), "worker_errors": errors[:20]},
