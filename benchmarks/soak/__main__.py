@@ -95,7 +95,8 @@ def commit() -> str:
     git = ["git", "-C", str(ROOT)]
     try:
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        changed = subprocess.run([*git, "diff", "HEAD", "--name-only"], capture_output=True, text=True).stdout.split()
+        diff = [*git, "diff", "HEAD", "--name-only", "--", ".", ":!benchmarks/results"]  # results are no code
+        changed = subprocess.run(diff, capture_output=True, text=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
