@@ -14,12 +14,14 @@ QUIET_EDITABLE := PYTHONWARNINGS='ignore:Editable installation'
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# --no-compile: pip would byte-compile every installed module (torch's thousands; about 35 s of a fresh clone's
+	# make test); Python compiles the ones imported, once, on first use.
 	# torch first and by exact version: the CPU build comes from the local disk, not a multi-GB download.
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-compile torch==2.13.0
 	# The SDK (client/) generates its gRPC stubs from proto/ as it is built; the server imports them too.
 	# The safety extra (nudenet, AGPL-3.0) is installed here for the tests only: a deployment leaves it out unless it
 	# means to run the safety stage (README, content safety).
-	$(QUIET_EDITABLE) $(PY) -m pip install --quiet -e ./client -e '.[test,safety]'
+	$(QUIET_EDITABLE) $(PY) -m pip install --quiet --no-compile -e ./client -e '.[test,safety]'
 	touch $(STAMP)
 
 STUBS := client/omnigen2/v1/omnigen2_pb2.py
