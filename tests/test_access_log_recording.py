@@ -1,5 +1,5 @@
 """How calls are recorded (access log and counters), in process with stand-ins for what they call: a stream the caller
-took whole, a cancel that the model confirms after the deadline, calls that end at the read gate."""
+took whole, a cancel that the model confirms after the deadline, calls that end at the read gate or the token check."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import socket
 import types
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ import pytest
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from serving.frontend.auth import token_digest
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
@@ -236,3 +238,49 @@ def test_calls_that_end_at_the_read_gate_leave_one_line_each(caplog: pytest.LogC
         line = lines[name]
         assert f" status={status} " in line and " peer=ipv4:127.0.0.1:" in line, line
         assert float(line.split(" seconds=")[1].split()[0]) >= at_least_s, line
+
+
+def test_calls_refused_by_the_token_check_are_recorded_with_their_peer_and_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No token, a token outside its scope, a token over its rate: one line and one count each, with the caller's
+    peer and x-request-id. Before, these were logged peer=- request_id=- seconds=0.000."""
+    tokens = tmp_path / "tokens.json"
+    entries = [
+        {"name": "info-only", "sha256": token_digest("info"), "methods": ["GetModelInfo"]},
+        {"name": "slow", "sha256": token_digest("slow"), "rate_per_minute": 1, "burst": 1},
+    ]
+    tokens.write_text(json.dumps({"tokens": entries}))
+    calls = [  # (request id, token, status): an empty request passes the token check, then is invalid
+        ("no-token", None, "UNAUTHENTICATED"),
+        ("out-of-scope", "info", "PERMISSION_DENIED"),
+        ("first", "slow", "INVALID_ARGUMENT"),
+        ("over-rate", "slow", "RESOURCE_EXHAUSTED"),
+    ]
+
+    async def run() -> None:
+        async with _frontend(auth_tokens=str(tokens)) as (frontend, channel):
+            generate = channel.unary_unary(GENERATE)
+            for call_id, token, status in calls:
+                metadata = [("x-request-id", call_id)] + ([("authorization", f"Bearer {token}")] if token else [])
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await generate(b"", timeout=30, metadata=metadata)
+                assert refused.value.code().name == status
+            counted = frontend.metrics.registry.get_sample_value
+            for _, _, status in calls:  # a call is recorded once its status is out: maybe after its caller saw it
+                labels = {"method": "Generate", "code": status}
+                for _ in range(300):
+                    if counted("omnigen2_requests_total", labels):
+                        break
+                    await asyncio.sleep(0.01)
+                assert counted("omnigen2_requests_total", labels) == 1
+
+    with caplog.at_level(logging.INFO, logger="omnigen2.access"):
+        asyncio.run(run())
+    lines = {line.split(" request_id=")[1].split()[0]: line for line in _access_lines(caplog)}
+    assert sorted(lines) == sorted(call_id for call_id, _, _ in calls) and len(_access_lines(caplog)) == len(calls)
+    for call_id, _, status in calls:
+        line = lines[call_id]
+        assert f" status={status} " in line, line
+        assert " peer=ipv4:127.0.0.1:" in line, line
+        assert 0.0 <= float(line.split(" seconds=")[1].split()[0]) < 10.0, line

@@ -114,9 +114,8 @@ def test_a_refusal_of_a_method_outside_the_service_counts_as_unknown() -> None:
 
     async def run() -> None:
         async with _frontend() as (frontend, _):
-            frontend._denied("/omnigen2.v1.OmniGen2/Bogus x", grpc.StatusCode.UNAUTHENTICATED)
-            frontend._denied("/other.Service/Generate", grpc.StatusCode.UNAUTHENTICATED)
-            frontend._denied(GENERATE, grpc.StatusCode.UNAUTHENTICATED)
+            for method in ("/omnigen2.v1.OmniGen2/Bogus x", "/other.Service/Generate", GENERATE):
+                frontend._denied(method, grpc.StatusCode.UNAUTHENTICATED, "ipv4:127.0.0.1:1", 0.0, "id")
             methods = sorted(labels["method"] for labels in _series(frontend, "omnigen2_requests_total"))
             assert methods == ["Generate", "unknown"]
 
@@ -210,3 +209,28 @@ def _get(request: urllib.request.Request, first_line: threading.Event | None = N
             first_line.set()
         body += answer.read()
     return body.decode()
+
+
+def _pool_threads() -> int:
+    return sum(thread.name.startswith("frontend-") for thread in threading.enumerate())
+
+
+def test_a_stopped_front_end_leaves_no_pool_threads() -> None:
+    """Front ends started and stopped in one process (as these tests do) end their pools' threads: before, each
+    left its workers, reader and policy threads running for good."""
+
+    async def run() -> None:
+        before = _pool_threads()
+        for _ in range(3):
+            async with _frontend() as (frontend, _):
+                service = frontend.service
+                for pool in (service.workers, service.readers, service.checkers):
+                    await asyncio.wrap_future(pool.submit(time.sleep, 0.05))  # a pool starts its threads when used
+                assert _pool_threads() > before
+        for _ in range(500):  # an idle thread ends as soon as it sees the shutdown
+            if _pool_threads() <= before:
+                break
+            await asyncio.sleep(0.01)
+        assert _pool_threads() <= before, [thread.name for thread in threading.enumerate()]
+
+    asyncio.run(run())

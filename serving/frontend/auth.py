@@ -13,6 +13,7 @@ RESOURCE_EXHAUSTED with RetryInfo saying when the next call is allowed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -141,7 +142,11 @@ class TokenRegistry:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, registry: TokenRegistry, on_denied: Callable[[str, grpc.StatusCode], None]) -> None:
+    def __init__(
+        self, registry: TokenRegistry, on_denied: Callable[[str, grpc.StatusCode, str, float, str], None]
+    ) -> None:
+        """`on_denied(method, status, peer, seconds, request_id)` records a refused call, as the read gate's
+        `on_ended` does."""
         self.registry = registry
         self.on_denied = on_denied
 
@@ -157,6 +162,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.registry.check(method, handler_call_details.invocation_metadata)
         except ApiError as exc:
-            self.on_denied(method, exc.code)
-            return unread_refusal(handler, exc.status)  # a refused upload is not read
+            # Recorded by the refusal's handler: only there is the caller's peer known.
+            recorded = functools.partial(self.on_denied, method, exc.code)
+            return unread_refusal(handler, exc.status, recorded)  # a refused upload is not read
         return handler

@@ -279,12 +279,20 @@ class ReadGate(grpc.aio.ServerInterceptor):
         ended(code)
 
 
-def unread_refusal(handler: grpc.RpcMethodHandler, status: grpc.Status) -> grpc.RpcMethodHandler:
+def unread_refusal(
+    handler: grpc.RpcMethodHandler, status: grpc.Status, recorded: Callable[[str, float, str], None]
+) -> grpc.RpcMethodHandler:
     """A handler for a unary-request method that ends the call with `status` without reading its request: grpcio
-    reads a streamed request only when asked."""
+    reads a streamed request only when asked. `recorded(peer, seconds, request_id)` is called once the status is
+    sent (or the caller has gone), seconds counted from now."""
+    began = time.monotonic()
 
     async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort_with_status(status)
+        peer, metadata = context.peer(), context.invocation_metadata()  # read first, as read() does
+        try:
+            await context.abort_with_status(status)
+        finally:
+            recorded(peer, time.monotonic() - began, request_id.from_metadata(metadata))
 
     options = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.response_streaming:

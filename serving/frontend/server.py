@@ -131,9 +131,7 @@ class Frontend:
             return
         self.metrics.policy_reloads.labels("ok" if self.policy.reload() else "failed").inc()
 
-    def _denied(
-        self, method: str, code: grpc.StatusCode, peer: str = "-", seconds: float = 0.0, call_id: str = "-"
-    ) -> None:
+    def _denied(self, method: str, code: grpc.StatusCode, peer: str, seconds: float, call_id: str) -> None:
         """A call ended before its handler ran (refused by an interceptor, or ended at the read gate)."""
         # Label values only from the service's methods: one per caller-chosen path would grow /metrics unbounded.
         name = method.removeprefix(PROTECTED_PREFIX)
@@ -203,6 +201,7 @@ class Frontend:
         await self.backend.close()
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self.service.close()
 
 
 def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
