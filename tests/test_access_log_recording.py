@@ -4,7 +4,6 @@ took whole, a cancel that the model confirms after the deadline, calls that end 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -23,9 +22,8 @@ from serving.frontend.auth import token_digest
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
-from serving.frontend.server import Frontend
-from serving.triton.launcher import free_port
 from serving.triton.wire import STOP_PARAMETER
+from tests.frontends import in_process_frontend
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 CHAT = b'{"messages": [{"role": "user", "content": "x"}], "stream": true}'
@@ -99,19 +97,6 @@ def test_a_stream_read_to_its_end_then_closed_is_200(caplog: pytest.LogCaptureFi
     assert len(lines) == calls and all(" status=200 " in line for line in lines), lines
 
 
-@contextlib.asynccontextmanager
-async def _frontend(**changes: object) -> AsyncIterator[tuple[Frontend, grpc.aio.Channel]]:
-    """A front end in process; its backend is set by each test (nothing answers on `triton_url`)."""
-    fields = {"listen": "127.0.0.1:0", "triton_url": f"127.0.0.1:{free_port()}", "metrics_port": 0}
-    frontend = Frontend(FrontendConfig(**{**fields, "shutdown_grace_s": 1.0, **changes}))  # type: ignore[arg-type]
-    port = await frontend.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield frontend, channel
-    finally:
-        await frontend.stop()
-
-
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == "omnigen2.access"]
 
@@ -171,7 +156,7 @@ def test_a_call_is_recorded_with_the_status_its_caller_saw(cancel: bool, caplog:
     deadline_s, confirm_s = (3.0, 4.0) if cancel else (1.0, 1.5)
 
     async def run() -> None:
-        async with _frontend() as (frontend, channel):
+        async with in_process_frontend() as (frontend, channel):
             frontend.backend.client = SlowToStopClient(frontend.backend.client, confirm_s)
             call = pb_grpc.OmniGen2Stub(channel).GenerateStream(pb.GenerateRequest(prompt="a"), timeout=deadline_s)
             await call.read()
@@ -203,7 +188,7 @@ def test_calls_that_end_at_the_read_gate_leave_one_line_each(caplog: pytest.LogC
     the refused one's line had neither its peer, its request id nor the second it waited."""
 
     async def run() -> None:
-        async with _frontend(max_request_bytes=MiB, max_held_request_bytes=4 * MiB, retry_after_s=0.5) as (
+        async with in_process_frontend(max_request_bytes=MiB, max_held_request_bytes=4 * MiB, retry_after_s=0.5) as (
             frontend,
             channel,
         ):
@@ -259,7 +244,7 @@ def test_calls_refused_by_the_token_check_are_recorded_with_their_peer_and_id(
     ]
 
     async def run() -> None:
-        async with _frontend(auth_tokens=str(tokens)) as (frontend, channel):
+        async with in_process_frontend(auth_tokens=str(tokens)) as (frontend, channel):
             generate = channel.unary_unary(GENERATE)
             for call_id, token, status in calls:
                 metadata = [("x-request-id", call_id)] + ([("authorization", f"Bearer {token}")] if token else [])

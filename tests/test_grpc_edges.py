@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -23,21 +22,9 @@ from serving.frontend.auth import token_digest
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.server import Frontend
 from serving.triton.launcher import free_port
+from tests.frontends import in_process_frontend
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"
-
-
-@asynccontextmanager
-async def _frontend(**changes: object) -> AsyncIterator[tuple[Frontend, grpc.aio.Channel]]:
-    unused = f"127.0.0.1:{free_port()}"  # health polls it; nothing answers
-    fields = {"listen": "127.0.0.1:0", "triton_url": unused, "metrics_port": 0, "shutdown_grace_s": 1.0}
-    frontend = Frontend(FrontendConfig(**{**fields, **changes}))  # type: ignore[arg-type]
-    port = await frontend.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield frontend, channel
-    finally:
-        await frontend.stop()
 
 
 def _raw(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
@@ -66,7 +53,7 @@ def test_a_compressed_request_is_refused_before_it_is_inflated(compression: grpc
     bomb = pb.GenerateRequest(prompt="a" * 64 * MiB).SerializeToString()  # about 64 KiB once compressed
 
     async def run() -> None:
-        async with _frontend(max_request_bytes=MiB) as (_, channel):
+        async with in_process_frontend(max_request_bytes=MiB) as (_, channel):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await _raw(channel, GENERATE)(bomb, timeout=30, compression=compression)
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value.details()
@@ -89,7 +76,7 @@ def test_unknown_methods_are_unimplemented_and_add_no_label(
     names = [forged, "/omnigen2.v1.OmniGen2/Bogus" + "x" * 4000, "/omnigen2.v1.OmniGen2/", "/other.Service/Generate"]
 
     async def run() -> None:
-        async with _frontend(auth_tokens=_tokens(tmp_path) if auth else "") as (frontend, channel):
+        async with in_process_frontend(auth_tokens=_tokens(tmp_path) if auth else "") as (frontend, channel):
             for name in names:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await _raw(channel, name)(b"", timeout=10)
@@ -113,7 +100,7 @@ def test_a_refusal_of_a_method_outside_the_service_counts_as_unknown() -> None:
     become label values, whatever path reaches them."""
 
     async def run() -> None:
-        async with _frontend() as (frontend, _):
+        async with in_process_frontend() as (frontend, _):
             for method in ("/omnigen2.v1.OmniGen2/Bogus x", "/other.Service/Generate", GENERATE):
                 frontend._denied(method, grpc.StatusCode.UNAUTHENTICATED, "ipv4:127.0.0.1:1", 0.0, "id")
             methods = sorted(labels["method"] for labels in _series(frontend, "omnigen2_requests_total"))
@@ -222,7 +209,7 @@ def test_a_stopped_front_end_leaves_no_pool_threads() -> None:
     async def run() -> None:
         before = _pool_threads()
         for _ in range(3):
-            async with _frontend() as (frontend, _):
+            async with in_process_frontend() as (frontend, _):
                 service = frontend.service
                 for pool in (service.workers, service.readers, service.checkers):
                     await asyncio.wrap_future(pool.submit(time.sleep, 0.05))  # a pool starts its threads when used
