@@ -316,10 +316,14 @@ class TritonServer:
 
     def load_progress(self) -> str:
         """Which models of the repository Triton's log says have loaded, and which have not yet."""
-        models = {config.parent.name for config in self.model_repository.glob("*/config.pbtxt")}
+        models = self._model_names()
         loaded = models & {name.decode() for name in LOADED.findall(self._log_since(0))}
         waiting = ", ".join(sorted(models - loaded)) or "none"
         return f"{len(loaded)} of {len(models)} loaded ({', '.join(sorted(loaded)) or 'none'}); waiting for {waiting}"
+
+    def _model_names(self) -> set[str]:
+        """The repository's models, as Triton's log names them."""
+        return {config.parent.name for config in self.model_repository.glob("*/config.pbtxt")}
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():
@@ -366,7 +370,7 @@ class TritonServer:
         """Waits for the process to end after SIGTERM; False once `timeout` passed, `unload_grace_s` after the log
         (from byte `logged` on) says the models are unloading, or `exit_grace_s` after it says each one unloaded."""
         assert self.process is not None
-        models = {config.parent.name.encode() for config in self.model_repository.glob("*/config.pbtxt")}
+        models = {name.encode() for name in self._model_names()}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
