@@ -1,9 +1,12 @@
 """A front end in process, for tests that call it over real gRPC without Triton: nothing answers on its
-`triton_url` (its health polls find nothing), so each test gives it the backend it needs."""
+`triton_url` (its health polls find nothing), so each test gives it the backend it needs; and a wait on what it
+does meanwhile."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import grpc
@@ -24,3 +27,11 @@ async def in_process_frontend(**changes: object) -> AsyncIterator[tuple[Frontend
             yield frontend, channel
     finally:
         await frontend.stop()
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 30) -> None:
+    """Polls `condition` until it is true; fails naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        await asyncio.sleep(0.01)

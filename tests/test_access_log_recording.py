@@ -4,6 +4,7 @@ took whole, a cancel that the model confirms after the deadline, calls that end 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -23,7 +24,7 @@ from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
 from serving.triton.wire import STOP_PARAMETER
-from tests.frontends import in_process_frontend
+from tests.frontends import in_process_frontend, until
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 CHAT = b'{"messages": [{"role": "user", "content": "x"}], "stream": true}'
@@ -165,10 +166,8 @@ def test_a_call_is_recorded_with_the_status_its_caller_saw(cancel: bool, caplog:
             assert (await call.code()).name == seen
             counted = frontend.metrics.registry.get_sample_value
             labels = {"method": "GenerateStream", "code": seen}
-            for _ in range(800):  # the handler ends once the model has stopped
-                if counted("omnigen2_requests_total", labels):
-                    break
-                await asyncio.sleep(0.01)
+            # The handler ends once the model has stopped.
+            await until(functools.partial(counted, "omnigen2_requests_total", labels), f"a {seen} count", 8)
             assert counted("omnigen2_requests_total", labels) == 1
 
     with caplog.at_level(logging.INFO, logger="omnigen2.access"):
@@ -254,10 +253,7 @@ def test_calls_refused_by_the_token_check_are_recorded_with_their_peer_and_id(
             counted = frontend.metrics.registry.get_sample_value
             for _, _, status in calls:  # a call is recorded once its status is out: maybe after its caller saw it
                 labels = {"method": "Generate", "code": status}
-                for _ in range(300):
-                    if counted("omnigen2_requests_total", labels):
-                        break
-                    await asyncio.sleep(0.01)
+                await until(functools.partial(counted, "omnigen2_requests_total", labels), f"a {status} count", 3)
                 assert counted("omnigen2_requests_total", labels) == 1
 
     with caplog.at_level(logging.INFO, logger="omnigen2.access"):

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from serving.frontend.auth import token_digest
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.server import Frontend
 from serving.triton.launcher import free_port
-from tests.frontends import in_process_frontend
+from tests.frontends import in_process_frontend, until
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 
@@ -154,15 +154,15 @@ def test_calls_cut_at_the_end_of_the_grace_period_are_recorded_as_the_caller_saw
             chat_stream = urllib.request.Request(f"{base}/chat/completions", body, {"Content-Type": "application/json"})
             streaming = threading.Event()
             answered = asyncio.create_task(asyncio.to_thread(_get, chat_stream, streaming))
-            await _until(lambda: asking == 3, "both gRPC calls and /v1/models' to wait on the backend")
-            await _until(streaming.is_set, "the chat stream's first event to reach its caller")
+            await until(lambda: asking == 3, "both gRPC calls and /v1/models' to wait on the backend")
+            await until(streaming.is_set, "the chat stream's first event to reach its caller")
             assert frontend.gateway is not None and frontend.gateway.listener is not None
             listener = frontend.gateway.listener
             begun = time.monotonic()  # the cut comes grace_s after stop() starts, so after begun + grace_s
             stop = asyncio.create_task(frontend.stop())
-            await _until(lambda: not listener.is_serving(), "stop() to begin its grace period")
+            await until(lambda: not listener.is_serving(), "stop() to begin its grace period")
             left.cancel()  # by its caller, within the grace period
-            await _until(lambda: sum(gets(c) or 0 for c in ended) == 1, "the cancelled call to be recorded")
+            await until(lambda: sum(gets(c) or 0 for c in ended) == 1, "the cancelled call to be recorded")
             assert time.monotonic() < begun + grace_s, "the caller's cancel was recorded after the grace period"
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await cut
@@ -176,14 +176,6 @@ def test_calls_cut_at_the_end_of_the_grace_period_are_recorded_as_the_caller_saw
         assert statuses == {"/v1/models": "503", "/v1/chat/completions": "503"}
 
     asyncio.run(run())
-
-
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    """Polls `condition` until it holds; fails naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
-        await asyncio.sleep(0.01)
 
 
 def _get(request: urllib.request.Request, first_line: threading.Event | None = None) -> str:

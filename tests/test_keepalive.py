@@ -33,7 +33,8 @@ from serving.frontend.convert import Forward
 from serving.frontend.server import Frontend
 from serving.frontend.triton_backend import Event, ResultEvent
 from serving.triton.launcher import free_port
-from tests.test_unary_reply import GENERATE, SilentCaller, _until
+from tests.frontends import until
+from tests.test_unary_reply import GENERATE, SilentCaller
 
 QUIET_S = 4.0  # how long a live client's call sends nothing: past several pings and their timeouts
 SILENT_S = 6.0  # a silent call long enough for 3 strikes of a client pinging every 1.2 s (GOAWAY at the third)
@@ -105,12 +106,12 @@ def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_
         try:
             # A client frozen while its call works in silence: the call ends with its connection, long before
             # its work would have.
-            await _until(FROZEN_CALL.is_set, "the frozen client's call", 60)
+            await until(FROZEN_CALL.is_set, "the frozen client's call", 60)
             os.kill(frozen.pid, signal.SIGSTOP)
             cancelled = {"method": "Generate", "code": "CANCELLED"}
             counted = frontend.metrics.registry.get_sample_value
-            await _until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the frozen client's call to end")
-            await _until(lambda: admission.calls == 0, "the frozen client's place to come back")
+            await until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the frozen client's call to end")
+            await until(lambda: admission.calls == 0, "the frozen client's place to come back")
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
                 stub = pb_grpc.OmniGen2Stub(channel)
                 # A live client whose call is silent for QUIET_S (a long generation) keeps its connection.
@@ -118,16 +119,16 @@ def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_
                     stub.Generate(pb.GenerateRequest(prompt="quiet", width=64, height=64, steps=1), timeout=60)
                 )
                 caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString())
-                await _until(caller.replying.is_set, "the reply's first bytes")
+                await until(caller.replying.is_set, "the reply's first bytes")
                 started = time.monotonic()
                 assert await asyncio.to_thread(_hangs_up, caller.socket), "the silent caller's connection stayed open"
                 # About 2 s (a ping and its timeout); 10 leaves room for a loaded box, far below the 60 s cut.
                 assert time.monotonic() - started < 10
                 # Its call is over and its place back, long before the 60 s write timeout.
-                await _until(lambda: admission.calls <= 1, "the silent caller's place to come back")
+                await until(lambda: admission.calls <= 1, "the silent caller's place to come back")
                 served = await quiet
                 assert len(served.images) == 1
-                await _until(lambda: admission.calls == 0 and admission.held == Load(), "every place to come back")
+                await until(lambda: admission.calls == 0 and admission.held == Load(), "every place to come back")
                 # The same channel, idle and pinged meanwhile, still serves.
                 again = await stub.Generate(pb.GenerateRequest(prompt="noise", width=64, height=64), timeout=30)
                 assert len(again.images) == 1
@@ -221,13 +222,13 @@ def test_a_caller_that_answers_pings_but_takes_nothing_is_closed_past_the_connec
         opened = time.monotonic()
         caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString(), True)
         try:
-            await _until(caller.replying.is_set, "the reply's first bytes")
+            await until(caller.replying.is_set, "the reply's first bytes")
             await asyncio.sleep(2.5)  # pinged and answered twice or more
             if time.monotonic() - opened < 0.9 * age_s:  # gRPC jitters the age by 10%; a loaded box may be late
                 assert not caller.gone.is_set(), "keepalive closed a connection that answers pings"
-            await _until(caller.gone.is_set, "the connection to end past its age")  # its reader still answers pings
+            await until(caller.gone.is_set, "the connection to end past its age")  # its reader still answers pings
             assert await asyncio.to_thread(_hangs_up, caller.socket), "the connection outlived its age"
-            await _until(lambda: frontend.service.admission.calls == 0, "the caller's place to come back")
+            await until(lambda: frontend.service.admission.calls == 0, "the caller's place to come back")
         finally:
             caller.close()
             await frontend.stop()

@@ -15,8 +15,7 @@ import logging
 import socket
 import struct
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -30,6 +29,7 @@ from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.server import Frontend
 from serving.frontend.triton_backend import Event, ResultEvent
 from serving.triton.launcher import free_port
+from tests.frontends import until
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 SIDE = 1024  # one image of noise: about 3 MiB of PNG, 48 times the caller's window
@@ -122,13 +122,6 @@ class SilentCaller:
         self._reader.join()
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
-        await asyncio.sleep(0.01)
-
-
 async def _result(*args: object, **kwargs: object) -> AsyncIterator[Event]:
     """The backend's result at once: one image of noise (it does not compress)."""
     images = np.random.default_rng(1).integers(0, 256, (1, SIDE, SIDE, 3), dtype=np.uint8)
@@ -172,7 +165,7 @@ def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(
         request = pb.GenerateRequest(prompt="noise", width=SIDE, height=SIDE, steps=1, seed=1)
         caller = await asyncio.to_thread(SilentCaller, port, GENERATE, request.SerializeToString())
         try:
-            await _until(caller.replying.is_set, "the reply's first bytes")
+            await until(caller.replying.is_set, "the reply's first bytes")
 
             def cut() -> float:
                 return counted("omnigen2_cut_off_transfers_total", STALLED) or 0
@@ -189,10 +182,10 @@ def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(
                     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 else:
                     assert cut() == 1, "a second call was admitted beside the unsent reply"
-                await _until(lambda: cut() == 1, "the unread reply to be cut off")
-                await _until(lambda: admission.calls == 0, "the place to come back")
+                await until(lambda: cut() == 1, "the unread reply to be cut off")
+                await until(lambda: admission.calls == 0, "the place to come back")
                 cancelled = {"method": "Generate", "code": "CANCELLED"}
-                await _until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the call to be recorded")
+                await until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the call to be recorded")
                 # The reply is still queued in gRPC: its bytes and output pixels stay charged, and a call that
                 # would not fit beside it is refused with RetryInfo.
                 assert (counted("omnigen2_cut_reply_bytes") or 0) > SIDE * SIDE * 3  # noise: no smaller
@@ -205,13 +198,13 @@ def test_a_unary_reply_nobody_takes_holds_its_place_until_it_is_cut_off(
                 if let_go == "taken":
                     # The caller that comes back for its reply finds the call ended, CANCELLED, naming the timeout.
                     caller.take_the_rest()
-                    await _until(caller.ended.is_set, "the cut-off call's status")
+                    await until(caller.ended.is_set, "the cut-off call's status")
                     kind, _, trailers = caller.frames[-1]
                     assert kind == HEADERS and b"grpc-status" in trailers and b"read nothing" in trailers
                     assert trailers.split(b"grpc-status", 1)[1][:2] == b"\x011"  # CANCELLED, as a literal value
                 else:
                     caller.close()
-                await _until(lambda: admission.held == Load(), "the reply's output pixels to come back")
+                await until(lambda: admission.held == Load(), "the reply's output pixels to come back")
                 assert counted("omnigen2_cut_reply_bytes") == 0
                 # An ordinary unary caller gets its reply whole.
                 served = await stub.Generate(request, timeout=30)
