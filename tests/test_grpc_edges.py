@@ -213,3 +213,21 @@ def test_a_stopped_front_end_leaves_no_pool_threads() -> None:
         assert _pool_threads() <= before, [thread.name for thread in threading.enumerate()]
 
     asyncio.run(run())
+
+
+def _trimmer_threads() -> int:
+    return sum(thread.name == "idle-trimmer" for thread in threading.enumerate())
+
+
+def test_a_stopped_front_end_ends_its_memory_trimmer_thread() -> None:
+    """Each front end's idle memory trimmer (serving/triton/memory.py) runs a thread; its stop ends it, waiting for it
+    (a second at most), so none is left once stop returns. Before, each front end left its own running for good."""
+
+    async def run() -> None:
+        before = _trimmer_threads()
+        for _ in range(3):
+            async with in_process_frontend():
+                assert _trimmer_threads() == before + 1
+            assert _trimmer_threads() == before, [thread.name for thread in threading.enumerate()]
+
+    asyncio.run(run())

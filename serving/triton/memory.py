@@ -41,7 +41,8 @@ def use_stub_mmap_threshold() -> None:
 
 
 class IdleTrimmer:
-    """Use around each call (`with trimmer:`); calls may overlap (the BLS serves many at once)."""
+    """Use around each call (`with trimmer:`); calls may overlap (the BLS serves many at once). `close()` ends its
+    thread: a front end embedded in a process that starts and stops many left one running per front end."""
 
     def __init__(self, idle_s: float = 1.0) -> None:
         self.idle_s = idle_s
@@ -50,8 +51,11 @@ class IdleTrimmer:
         self._last = time.monotonic()
         self._dirty = False
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
         if self._trim is not None:
-            threading.Thread(target=self._run, name="idle-trimmer", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name="idle-trimmer", daemon=True)
+            self._thread.start()
 
     def __enter__(self) -> None:
         with self._lock:
@@ -65,9 +69,14 @@ class IdleTrimmer:
             self._last = time.monotonic()
             self._dirty = True
 
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Ends the thread, waiting at most `timeout_s` for it (a trim in progress finishes first)."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
     def _run(self) -> None:
-        while True:
-            time.sleep(self.idle_s)
+        while not self._closed.wait(self.idle_s):
             with self._lock:
                 due = self._dirty and not self._busy and time.monotonic() - self._last >= self.idle_s
                 self._dirty = self._dirty and not due
