@@ -30,10 +30,8 @@ from serving.frontend import server
 from serving.frontend.admission import Load
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.convert import Forward
-from serving.frontend.server import Frontend
 from serving.frontend.triton_backend import Event, ResultEvent
-from serving.triton.launcher import free_port
-from tests.frontends import until
+from tests.frontends import in_process_frontend, until
 from tests.test_unary_reply import GENERATE, SilentCaller
 
 QUIET_S = 4.0  # how long a live client's call sends nothing: past several pings and their timeouts
@@ -83,61 +81,59 @@ def test_a_caller_that_answers_no_ping_loses_its_connection_and_a_live_one_does_
     FROZEN_CALL.clear()  # set by an earlier run in this process
 
     async def run() -> None:
-        config = FrontendConfig(
-            listen="127.0.0.1:0",
-            triton_url=f"127.0.0.1:{free_port()}",
-            metrics_port=0,
-            shutdown_grace_s=1.0,
+        async with in_process_frontend(
             stream_write_timeout_s=60.0,  # the cut of an unread reply is not what frees it here
             grpc_keepalive_time_s=1.0,
             grpc_keepalive_timeout_s=1.0,
-        )
-        frontend = Frontend(config)
-        frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
-        port = await frontend.start()
-        admission = frontend.service.admission
-        large = pb.GenerateRequest(prompt="noise", width=1024, height=1024, steps=1, seed=1)  # about 3 MiB of PNG
-        options = [("grpc.max_receive_message_length", 64 * MiB)]
-        frozen = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, f"127.0.0.1:{port}"],
-            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        caller: SilentCaller | None = None
-        try:
-            # A client frozen while its call works in silence: the call ends with its connection, long before
-            # its work would have.
-            await until(FROZEN_CALL.is_set, "the frozen client's call", 60)
-            os.kill(frozen.pid, signal.SIGSTOP)
-            cancelled = {"method": "Generate", "code": "CANCELLED"}
-            counted = frontend.metrics.registry.get_sample_value
-            await until(lambda: counted("omnigen2_requests_total", cancelled) == 1, "the frozen client's call to end")
-            await until(lambda: admission.calls == 0, "the frozen client's place to come back")
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                stub = pb_grpc.OmniGen2Stub(channel)
-                # A live client whose call is silent for QUIET_S (a long generation) keeps its connection.
-                quiet = asyncio.ensure_future(
-                    stub.Generate(pb.GenerateRequest(prompt="quiet", width=64, height=64, steps=1), timeout=60)
+        ) as (frontend, _):
+            frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
+            port = frontend.port
+            admission = frontend.service.admission
+            large = pb.GenerateRequest(prompt="noise", width=1024, height=1024, steps=1, seed=1)  # about 3 MiB of PNG
+            options = [("grpc.max_receive_message_length", 64 * MiB)]
+            frozen = subprocess.Popen(
+                [sys.executable, "-c", CLIENT, f"127.0.0.1:{port}"],
+                env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+            caller: SilentCaller | None = None
+            try:
+                # A client frozen while its call works in silence: the call ends with its connection, long before
+                # its work would have.
+                await until(FROZEN_CALL.is_set, "the frozen client's call", 60)
+                os.kill(frozen.pid, signal.SIGSTOP)
+                cancelled = {"method": "Generate", "code": "CANCELLED"}
+                counted = frontend.metrics.registry.get_sample_value
+                await until(
+                    lambda: counted("omnigen2_requests_total", cancelled) == 1, "the frozen client's call to end"
                 )
-                caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString())
-                await until(caller.replying.is_set, "the reply's first bytes")
-                started = time.monotonic()
-                assert await asyncio.to_thread(_hangs_up, caller.socket), "the silent caller's connection stayed open"
-                # About 2 s (a ping and its timeout); 10 leaves room for a loaded box, far below the 60 s cut.
-                assert time.monotonic() - started < 10
-                # Its call is over and its place back, long before the 60 s write timeout.
-                await until(lambda: admission.calls <= 1, "the silent caller's place to come back")
-                served = await quiet
-                assert len(served.images) == 1
-                await until(lambda: admission.calls == 0 and admission.held == Load(), "every place to come back")
-                # The same channel, idle and pinged meanwhile, still serves.
-                again = await stub.Generate(pb.GenerateRequest(prompt="noise", width=64, height=64), timeout=30)
-                assert len(again.images) == 1
-        finally:
-            frozen.kill()
-            frozen.wait()
-            if caller is not None:
-                caller.close()
-            await frontend.stop()
+                await until(lambda: admission.calls == 0, "the frozen client's place to come back")
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                    stub = pb_grpc.OmniGen2Stub(channel)
+                    # A live client whose call is silent for QUIET_S (a long generation) keeps its connection.
+                    quiet = asyncio.ensure_future(
+                        stub.Generate(pb.GenerateRequest(prompt="quiet", width=64, height=64, steps=1), timeout=60)
+                    )
+                    caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString())
+                    await until(caller.replying.is_set, "the reply's first bytes")
+                    started = time.monotonic()
+                    assert await asyncio.to_thread(_hangs_up, caller.socket), (
+                        "the silent caller's connection stayed open"
+                    )
+                    # About 2 s (a ping and its timeout); 10 leaves room for a loaded box, far below the 60 s cut.
+                    assert time.monotonic() - started < 10
+                    # Its call is over and its place back, long before the 60 s write timeout.
+                    await until(lambda: admission.calls <= 1, "the silent caller's place to come back")
+                    served = await quiet
+                    assert len(served.images) == 1
+                    await until(lambda: admission.calls == 0 and admission.held == Load(), "every place to come back")
+                    # The same channel, idle and pinged meanwhile, still serves.
+                    again = await stub.Generate(pb.GenerateRequest(prompt="noise", width=64, height=64), timeout=30)
+                    assert len(again.images) == 1
+            finally:
+                frozen.kill()
+                frozen.wait()
+                if caller is not None:
+                    caller.close()
 
     asyncio.run(run())
 
@@ -153,15 +149,13 @@ def test_a_client_pinging_a_little_above_the_minimum_keeps_its_silent_call(
     monkeypatch.setattr(server, "MIN_CLIENT_PING_INTERVAL_MS", minimum_ms)
 
     async def run() -> None:
-        config = FrontendConfig(listen="127.0.0.1:0", triton_url=f"127.0.0.1:{free_port()}", metrics_port=0)
-        frontend = Frontend(config)
-        frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
-        port = await frontend.start()
-        options = [
-            ("grpc.keepalive_time_ms", 1200),
-            ("grpc.http2.max_pings_without_data", 0),  # else the client stops pinging after 2 in a silent call
-        ]
-        try:
+        async with in_process_frontend() as (frontend, _):
+            frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
+            port = frontend.port
+            options = [
+                ("grpc.keepalive_time_ms", 1200),
+                ("grpc.http2.max_pings_without_data", 0),  # else the client stops pinging after 2 in a silent call
+            ]
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
                 silent = pb.GenerateRequest(prompt="silent", width=64, height=64, steps=1)
                 call = pb_grpc.OmniGen2Stub(channel).Generate(silent, timeout=60)
@@ -172,8 +166,6 @@ def test_a_client_pinging_a_little_above_the_minimum_keeps_its_silent_call(
                         await call
                     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
                     assert ended.value.details() == "Too many pings", ended.value
-        finally:
-            await frontend.stop()
 
     asyncio.run(run())
 
@@ -204,33 +196,27 @@ def test_a_caller_that_answers_pings_but_takes_nothing_is_closed_past_the_connec
     age_s = 6.0
 
     async def run() -> None:
-        config = FrontendConfig(
-            listen="127.0.0.1:0",
-            triton_url=f"127.0.0.1:{free_port()}",
-            metrics_port=0,
-            shutdown_grace_s=1.0,
+        async with in_process_frontend(
             stream_write_timeout_s=60.0,
             grpc_keepalive_time_s=1.0,
             grpc_keepalive_timeout_s=1.0,
             grpc_max_connection_age_s=age_s,
             grpc_max_connection_age_grace_s=1.0,
-        )
-        frontend = Frontend(config)
-        frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
-        port = await frontend.start()
-        large = pb.GenerateRequest(prompt="noise", width=1024, height=1024, steps=1, seed=1)
-        opened = time.monotonic()
-        caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString(), True)
-        try:
-            await until(caller.replying.is_set, "the reply's first bytes")
-            await asyncio.sleep(2.5)  # pinged and answered twice or more
-            if time.monotonic() - opened < 0.9 * age_s:  # gRPC jitters the age by 10%; a loaded box may be late
-                assert not caller.gone.is_set(), "keepalive closed a connection that answers pings"
-            await until(caller.gone.is_set, "the connection to end past its age")  # its reader still answers pings
-            assert await asyncio.to_thread(_hangs_up, caller.socket), "the connection outlived its age"
-            await until(lambda: frontend.service.admission.calls == 0, "the caller's place to come back")
-        finally:
-            caller.close()
-            await frontend.stop()
+        ) as (frontend, _):
+            frontend.backend.generate = _result  # type: ignore[method-assign,assignment]
+            port = frontend.port
+            large = pb.GenerateRequest(prompt="noise", width=1024, height=1024, steps=1, seed=1)
+            opened = time.monotonic()
+            caller = await asyncio.to_thread(SilentCaller, port, GENERATE, large.SerializeToString(), True)
+            try:
+                await until(caller.replying.is_set, "the reply's first bytes")
+                await asyncio.sleep(2.5)  # pinged and answered twice or more
+                if time.monotonic() - opened < 0.9 * age_s:  # gRPC jitters the age by 10%; a loaded box may be late
+                    assert not caller.gone.is_set(), "keepalive closed a connection that answers pings"
+                await until(caller.gone.is_set, "the connection to end past its age")  # its reader still answers pings
+                assert await asyncio.to_thread(_hangs_up, caller.socket), "the connection outlived its age"
+                await until(lambda: frontend.service.admission.calls == 0, "the caller's place to come back")
+            finally:
+                caller.close()
 
     asyncio.run(run())
