@@ -30,10 +30,11 @@ def test_cfg_range_bounds_are_inclusive_and_outside_runs_cond_only() -> None:
 
 
 def test_combine_three_and_two_branch_formulas() -> None:
-    cond, ref, uncond = torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([1.0])
+    # Unequal gaps (ref - uncond = 1, cond - ref = 3): swapped scales or branches give another number.
+    cond, ref, uncond = torch.tensor([5.0]), torch.tensor([2.0]), torch.tensor([1.0])
     three = step_guidance(0, 1, 5.0, 2.0, (0.0, 1.0), True)
-    assert combine(three, {C: cond, R: ref, U: uncond}).item() == pytest.approx(1 + 2 * (2 - 1) + 5 * (3 - 2))
+    assert combine(three, {C: cond, R: ref, U: uncond}).item() == pytest.approx(1 + 2 * (2 - 1) + 5 * (5 - 2))
     two = step_guidance(0, 1, 4.0, 1.0, (0.0, 1.0), False)
-    assert combine(two, {C: cond, U: uncond}).item() == pytest.approx(1 + 4 * (3 - 1))
+    assert combine(two, {C: cond, U: uncond}).item() == pytest.approx(1 + 4 * (5 - 1))
     one = step_guidance(0, 1, 1.0, 1.0, (0.0, 1.0), False)
-    assert combine(one, {C: cond}).item() == 3.0
+    assert combine(one, {C: cond}).item() == 5.0
