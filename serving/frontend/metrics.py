@@ -42,6 +42,12 @@ class Metrics:
             "HTTP connections answered 503 and closed at once: --http-max-connections were open",
             registry=self.registry,
         )
+        self.drain_cut_calls = Counter(
+            "omnigen2_drain_cut_calls",
+            "Calls still running when the stop's grace period (--shutdown-grace-s) ended, cut (UNAVAILABLE), by method",
+            ["method"],
+            registry=self.registry,
+        )
         self.images = Counter("omnigen2_images_generated", "Images returned", registry=self.registry)
         self.stop_grace_expired = Counter(
             "omnigen2_stop_grace_expired",

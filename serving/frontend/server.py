@@ -40,6 +40,9 @@ log = logging.getLogger("omnigen2.frontend")
 # Half the smallest keepalive time Go's and Java's clients allow (10 s): a client set to it, whose pings gRPC
 # jitters or sends a little early, is not taken for one pinging too often.
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
+# How long past --stop-grace-s the stop waits for cut calls' handlers to end (they record themselves last).
+ENDING_MARGIN_S = 5.0
+NAMED_CUTS = 20  # request ids the drain's warning names; the count says how many more
 
 
 class Frontend:
@@ -138,6 +141,8 @@ class Frontend:
         if not method.startswith(PROTECTED_PREFIX) or name not in METHODS:
             name = "unknown"
         self.metrics.requests.labels(name, code.name).inc()
+        if code is grpc.StatusCode.UNAVAILABLE:  # the read gate's cut by the stop: no interceptor refuses with it
+            self.service.record_cut(name, call_id)
         access_log.record(name, peer, "-", code.name, seconds, request_id=call_id)
 
     async def start(self) -> int:
@@ -186,8 +191,10 @@ class Frontend:
                 log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
         return self.port
 
-    async def stop(self) -> None:
-        """Health turns NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish."""
+    async def stop(self) -> int:
+        """Health turns NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish; then the
+        calls it cut end (their models stopped, each recorded). Returns how many handlers were still running after
+        that wait (0 unless one is stuck)."""
         await self.health.shutdown()
         if self._watch is not None:
             self._watch.cancel()
@@ -198,10 +205,35 @@ class Frontend:
         gateway = self.gateway.stop() if self.gateway is not None else asyncio.sleep(0)
         self.service.cut_at = time.monotonic() + self.config.shutdown_grace_s
         await asyncio.gather(gateway, self.server.stop(self.config.shutdown_grace_s), self.health.wait_closed())
+        # gRPC's stop returns once it has cancelled the calls past the grace, not once their handlers have ended: a
+        # cut call waits for its model to confirm the stop (up to --stop-grace-s), with the backend still open.
+        running = await self.service.ended(self.config.stop_grace_s + ENDING_MARGIN_S)
         await self.backend.close()
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         self.service.close()
+        return running
+
+    async def drain(self) -> None:
+        """SIGTERM's stop, logged: the calls the grace period cut (a warning naming their request ids), then the
+        stop's end."""
+        log.info("draining in-flight calls (up to %.0f s)", self.config.shutdown_grace_s)
+        running = await self.stop()
+        cut = self.service.cut_by_drain
+        if cut:
+            more = len(cut) - NAMED_CUTS
+            named = ", ".join(cut[:NAMED_CUTS]) + (f" and {more} more" if more > 0 else "")
+            log.warning(
+                "the drain's grace period (%.0f s) cut %d call(s) (UNAVAILABLE); request ids: %s",
+                self.config.shutdown_grace_s,
+                len(cut),
+                named,
+            )
+        if running:
+            waited = self.config.stop_grace_s + ENDING_MARGIN_S
+            log.warning("front end stopped: %d cut call(s) still running %.0f s after the cut", running, waited)
+        else:
+            log.info("front end stopped: no call in flight (%d cut by the drain)", len(cut))
 
 
 def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
@@ -240,9 +272,7 @@ async def serve(
     await stop.wait()
     if announce is not None:
         announce.cancel()
-    log.info("draining in-flight calls (up to %.0f s)", config.shutdown_grace_s)
-    await frontend.stop()
-    log.info("front end stopped: no call in flight")
+    await frontend.drain()
 
 
 async def _when_served(health: TritonHealth, call: Callable[[], None]) -> None:

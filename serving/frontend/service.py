@@ -91,6 +91,20 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self.server_id = config.server_id  # the front end names it once it has bound its port
         self.cut_at: float | None = None  # set by the server's stop: calls still running then are cut (UNAVAILABLE)
         self._statuses: set[asyncio.Future[None]] = set()  # cut-off calls' statuses waiting on their callers
+        self.running: set[asyncio.Task[Any]] = set()  # the handlers' tasks: the stop waits for the cut ones to end
+        self.cut_by_drain: list[str] = []  # request ids of the calls the stop's grace period cut
+
+    def record_cut(self, method: str, call_id: str) -> None:
+        """A call the stop's grace period cut (UNAVAILABLE): counted, and named by the stop's warning."""
+        self.metrics.drain_cut_calls.labels(method).inc()
+        self.cut_by_drain.append(call_id)
+
+    async def ended(self, timeout_s: float) -> int:
+        """Waits up to `timeout_s` for the handlers still running (cut calls waiting on their model's stop, then
+        recording themselves); how many were still running then."""
+        if self.running:
+            await asyncio.wait(set(self.running), timeout=timeout_s)
+        return len(self.running)
 
     def close(self) -> None:
         """Ends the pools' threads once the calls have: an idle one at once, a busy one after its task (queued tasks
@@ -187,12 +201,15 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         streaming calls cancelled by the client).
         """
         start, began = time.perf_counter(), time.monotonic()
+        handler = asyncio.current_task()
+        assert handler is not None  # grpc.aio runs each handler in a task
         peer, budget = context.peer(), context.time_remaining()
         policy = self.tokens.identify(context.invocation_metadata()) if self.tokens else None
         call_id = request_id.from_metadata(context.invocation_metadata())
         token, clock = request_id.begin(call_id), cancel_clock.begin()
         code = grpc.StatusCode.OK
         described = ""
+        self.running.add(handler)
         try:
             await context.send_initial_metadata(((request_id.HEADER, call_id), (request_id.SERVED_BY, self.server_id)))
             if isinstance(request, Malformed):
@@ -212,6 +229,8 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             # Whichever came first, the caller's cancel, its deadline or the server's stop, is the status it saw:
             # judged when the call was cancelled, not when it ended (the model's stop may come after the deadline).
             code = cancel_clock.status(cancel_clock.cancelled_at() or time.monotonic(), began, budget, self.cut_at)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                self.record_cut(method, call_id)
             raise
         except Exception:
             log.exception("%s failed (request_id=%s)", method, call_id)
@@ -224,6 +243,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
             access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, described, call_id)
             cancel_clock.end(clock)
             request_id.end(token)
+            self.running.discard(handler)
 
     async def _end_behind_writes(
         self, context: grpc.aio.ServicerContext, status: grpc.Status, release: Callable[[], None]
