@@ -32,6 +32,7 @@ from serving.cli_help import HelpFormatter
 from serving.errors import OmniGen2Error, SettingError
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
+from serving.log_format import configure as configure_logging
 from serving.model.devices import DEVICES, resolve_device
 from serving.runtime.fast_path import add_fast_path_arguments
 from serving.triton.launcher import Ports, TritonInstall, TritonServer, port_in_use
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.backend == "tensorrt":  # refused at once, not after an ONNX export and an engine build
         TritonInstall.find().require_backend("tensorrt")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
     # Its limits also bound the BLS and the engine profiles.

@@ -35,6 +35,7 @@ from serving.frontend.reading import ReadGate
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
+from serving.log_format import configure as configure_logging
 
 log = logging.getLogger("omnigen2.frontend")
 # Half the smallest keepalive time Go's and Java's clients allow (10 s): a client set to it, whose pings gRPC
@@ -281,7 +282,7 @@ async def _when_served(health: TritonHealth, call: Callable[[], None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         asyncio.run(serve(FrontendConfig.from_args(argv)))
     except OmniGen2Error as exc:  # a setting to fix (a port in use, ...): one line, not a traceback
