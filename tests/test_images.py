@@ -66,6 +66,14 @@ def test_postprocess_resizes_clamps_and_round_trips_to_pil() -> None:
     assert pil.size == (24, 20) and pil.mode == "RGB"
 
 
+def test_postprocess_resizes_bilinearly_between_pixel_centres() -> None:
+    """DESIGN.md: the generated image is resized (bilinear) to the requested size. Every golden case is generated at
+    its output size, so the golden parity never resizes: a nearest or corner-aligned resize would pass it."""
+    black_white = torch.tensor([-1.0, 1.0]).reshape(1, 1, 1, 2).expand(1, 3, 1, 2)
+    out = postprocess(black_white, 1, 4)
+    assert out[0, 0, :, 0].tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+
+
 def _encoded(image: Image.Image, format: str = "PNG", **options: Any) -> bytes:
     out = io.BytesIO()
     image.save(out, format=format, **options)
