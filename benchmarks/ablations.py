@@ -31,7 +31,8 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.harness import ROOT, checkpoint_for
-from benchmarks.machine import machine_info
+from benchmarks.machine import RunStart, describe
+from benchmarks.report import run_line
 from benchmarks.timing import best_ms
 from serving.artifacts.onnx_export import cached_export
 from serving.model.checkpoint import load_graph
@@ -282,17 +283,17 @@ def measure(bench: Workbench, checkpoint: Path, repeats: int) -> list[Row]:
     return rows
 
 
-def write_results(rows: list[Row], settings: dict[str, Any], out: Path, title: str, notes: Sequence[str] = ()) -> None:
+def write_results(
+    rows: list[Row], settings: dict[str, Any], started: RunStart, out: Path, title: str, notes: Sequence[str] = ()
+) -> None:
     """results.json, results.md (the rows under `title`, on the hardware that ran them, then `notes`) and a plot."""
     out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    data = {"settings": settings, "machine": machine, "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}
+    data = {"settings": settings, **started.record(), "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}
     (out / "results.json").write_text(json.dumps(data, indent=2))
-    hardware = machine.get("gpu") or f"{machine['cpu']} ({machine['bf16_isa']}, {machine['cpus']} CPUs)"
     lines = [
         f"# {title}",
         "",
-        f"On {hardware}, torch {machine['torch']}; best of {settings['repeats']} per cell, one run.",
+        f"{run_line(data)} Torch {data['machine']['torch']}; best of {settings['repeats']} per cell, one run.",
         "",
         "| change | before | after | before ms | after ms | speedup |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -303,10 +304,10 @@ def write_results(rows: list[Row], settings: dict[str, Any], out: Path, title: s
     ]
     lines += [line for note in notes for line in ("", note)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_rows(rows, settings, out / "ablations.png")
+    plot_rows(rows, settings, describe(data["machine"]), out / "ablations.png")
 
 
-def plot_rows(rows: list[Row], settings: dict[str, Any], path: Path) -> None:
+def plot_rows(rows: list[Row], settings: dict[str, Any], machine: str, path: Path) -> None:
     shown = [r for r in rows if r.after_ms >= 0.1][::-1]  # a cache hit's speedup would flatten every other bar
     figure, axis = plt.subplots(figsize=(10, 0.5 * len(shown) + 1.2))
     bars = axis.barh([r.change for r in shown], [r.speedup for r in shown], color="tab:blue")
@@ -314,7 +315,7 @@ def plot_rows(rows: list[Row], settings: dict[str, Any], path: Path) -> None:
     axis.axvline(1.0, color="black", linewidth=0.8)
     axis.set_xlim(0, max(r.speedup for r in shown) * 1.15)
     axis.set_xlabel("speedup (before / after; below 1 = slower)")
-    axis.set_title(f"One change at a time: {settings['checkpoint']}, {settings['size']}px")
+    axis.set_title(f"One change at a time: {settings['checkpoint']}, {settings['size']}px\n{machine}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -328,12 +329,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    started = RunStart()
     checkpoint = checkpoint_for(args.checkpoint, args.work)
     bench = Workbench(checkpoint, cached_export(checkpoint, args.work / "onnx"), args.size)
     rows = measure(bench, checkpoint, args.repeats)
     settings = {"checkpoint": args.checkpoint, "size": args.size, "repeats": args.repeats}
     title = f"Ablations on `{args.checkpoint}` at {args.size}x{args.size}"
-    write_results(rows, settings, args.out / f"ablations-{args.checkpoint}", title)
+    write_results(rows, settings, started, args.out / f"ablations-{args.checkpoint}", title)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.ablations import Row, write_results
 from benchmarks.harness import ROOT, checkpoint_for
+from benchmarks.machine import RunStart
 from benchmarks.timing import best_ms
 from export.make_checkpoint import random_transformer
 from serving.model.checkpoint import load_graph, read_spec
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    started = RunStart()
     if args.random:
         model, spec = random_transformer(args.checkpoint, torch.bfloat16, args.device)
     else:
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings["device"] == "cpu":
         notes.append("Compiled blocks, FlexAttention and CUDA graphs are measured on a GPU only (module docstring).")
     title = f"Fast path, one switch at a time: `{args.checkpoint}` at {args.size}x{args.size}, bf16"
-    write_results(rows, settings, args.out / f"fast-path-{args.checkpoint}-{settings['device']}", title, notes)
+    write_results(rows, settings, started, args.out / f"fast-path-{args.checkpoint}-{settings['device']}", title, notes)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client
 from PIL import Image
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import RunStart
 from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.model.checkpoint import GRAPH_PARTS, WEIGHT_STEMS
@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu-full-smoke")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": machine_info()}
+    started = RunStart()
+    results: dict[str, Any] = {}
     checkpoint = args.checkpoint
     made = args.out / "make.json"  # kept from the run that made the checkpoint, when a later run reuses it
     if checkpoint is None:
@@ -231,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["make"] = json.loads(made.read_text())
     results["load"] = load_components(checkpoint)
     results["serve"] = serve(checkpoint, args.work)
+    results |= started.record()
     write(results, args.out)
     print(f"results in {args.out}")
 

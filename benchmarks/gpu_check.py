@@ -49,7 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.gpu_report import write_markdown
 from benchmarks.harness import served_point
-from benchmarks.machine import machine_info
+from benchmarks.machine import commit, machine_info
 from benchmarks.memory import GpuPeakMemory
 from benchmarks.stages import Record, StageRunner
 from benchmarks.workloads import Workload
@@ -278,6 +278,7 @@ class Check:
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "settings": dataclasses.asdict(settings),
             "machine": machine_info(),
+            "commit": commit(),
             "device_reply": None,
             "variants": {v.name: v.label for v in VARIANTS},
             "stages": {},

@@ -6,8 +6,9 @@
     python -m benchmarks.harness --profile cpu-small-safety  # p50 with and without the safety stage, on `small`
     python -m benchmarks.harness --profile cpu-small-cache  # step caching (TeaCache, TaylorSeer) at concurrency 8
 
-Each point sends `requests` generations with `concurrency` of them in flight, and records p50/p90/p99 latency,
-images per second, time per denoising step and the peak memory of the processes involved. The eager pipeline
+Each point sends `requests` generations with `concurrency` of them in flight, and records p50 and max latency (p90
+and p99 only where the point has enough requests to place them: 10 and 100), images per second, time per denoising
+step and the peak memory of the processes involved. The eager pipeline
 runs the same requests one after another in this process, in float32 like the reference: it is the baseline
 every ratio is taken against. Profiles served in bf16 also run an `eager-bf16` pipeline (the same bf16 weights), so
 that the gain of serving is shown apart from the gain of the arithmetic.
@@ -27,13 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omnigen2 import AsyncOmniGen2Client
 
 from benchmarks import full_smoke, safety_cost, step_cache
-from benchmarks.machine import machine_info
+from benchmarks.machine import RunStart
 from benchmarks.memory import PeakMemory
+from benchmarks.percentiles import percentile
 from benchmarks.plots import plot_sweep
 from benchmarks.report import write_markdown
 from benchmarks.served import served
@@ -83,15 +84,15 @@ class Point:
     peak_rss_mb: float
 
     def summary(self) -> dict[str, Any]:
-        q = np.percentile(self.latencies_s, [50, 90, 99])
         return {
             "mode": self.mode,
             "workload": self.workload,
             "concurrency": self.concurrency,
-            "requests": self.requests,
-            "p50_s": float(q[0]),
-            "p90_s": float(q[1]),
-            "p99_s": float(q[2]),
+            "requests": self.requests,  # the n every percentile below rests on
+            "p50_s": statistics.median(self.latencies_s),
+            "p90_s": percentile(self.latencies_s, 90),  # None with too few requests to place it
+            "p99_s": percentile(self.latencies_s, 99),
+            "max_s": max(self.latencies_s),
             "images_per_s": self.images / self.wall_s,
             "step_ms": 1000 * statistics.median(self.step_s),
             "queue_ms_p50": 1000 * statistics.median(self.queue_s) if self.queue_s else None,
@@ -145,6 +146,7 @@ def checkpoint_for(size: str, work: Path) -> Path:
 
 
 def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
+    started = RunStart()
     checkpoint = checkpoint_for(profile.checkpoint, work)
     repository = prepare_repository(
         checkpoint,
@@ -179,7 +181,7 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
     results = {
         "profile": name,
         "settings": asdict(profile),
-        "machine": machine_info(),
+        **started.record(),
         "points": [p.summary() for p in points],
         "raw": [asdict(p) for p in points],
     }

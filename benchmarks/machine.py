@@ -1,9 +1,12 @@
-"""What a benchmark ran on: the CPU model and the instruction sets that decide its bf16 speed, or the GPU."""
+"""What a benchmark ran on: the CPU model and the instruction sets that decide its bf16 speed, or the GPU; and
+which code ran, and how busy the machine was, so that a result can be read (and compared) for what it is."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +51,46 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def describe(machine: dict[str, Any]) -> str:
+    """One line for a table or a plot title; results from before the CPU was recorded say so, not a guess."""
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    cpus = f"{machine.get('cpus', '?')} CPUs"
+    if not machine.get("cpu"):
+        return f"hardware not recorded, {cpus}"
+    return f"{machine['cpu']}, {machine.get('bf16_isa', 'bf16 ISA not recorded')}, {cpus}"
+
+
+def commit() -> str:
+    """The code measured: HEAD, and the tracked files that differ from it (a shared tree may hold others' edits)."""
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        diff = [*git, "diff", "HEAD", "--name-only", "--", ".", ":!benchmarks/results"]  # results are no code
+        changed = subprocess.run(diff, capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+def load_average() -> float:
+    """The 1-minute load average: on a shared machine, other jobs' share of the cores."""
+    return os.getloadavg()[0]
+
+
+@dataclass
+class RunStart:
+    """Taken when a run starts: the commit before the tree can move on, and the load before the run adds its own."""
+
+    commit: str = field(default_factory=commit)
+    load: float = field(default_factory=load_average)
+
+    def record(self) -> dict[str, Any]:
+        """The fields every results.json carries beside its numbers: `commit` and `machine` (with the load)."""
+        return {
+            "commit": self.commit,
+            "machine": machine_info() | {"load_average": {"start": self.load, "end": load_average()}},
+        }

@@ -2,9 +2,9 @@
 
 The `small` checkpoint at 256x256, 8 steps, text-to-image, served twice at once from two repositories that differ
 only in the stage (off / on with the default thresholds); requests alternate between the two stacks so that the
-machine's drift falls on both alike. Reported: p50 and p90 latency of each at concurrency 1 and 4, their
-difference, and the BLS's own `safety` stage time per request (classifying its one finished image); and, in this
-process, the classifier alone (letterbox, ONNX Runtime, decoding) per image at batch 1 and 8.
+machine's drift falls on both alike. Reported: p50 latency (and p90 from 10 requests up) of each at concurrency 1
+and 4, their difference, and the BLS's own `safety` stage time per request (classifying its one finished image);
+and, in this process, the classifier alone (letterbox, ONNX Runtime, decoding) per image at batch 1 and 8.
 Results: benchmarks/results/cpu-small-safety/{results.json, results.md}.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 from contextlib import ExitStack
@@ -22,7 +21,9 @@ from typing import Any
 import numpy as np
 from omnigen2 import AsyncOmniGen2Client
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import RunStart
+from benchmarks.percentiles import percentile
+from benchmarks.report import run_line, tail_cell
 from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
 from serving.artifacts.repository import prepare_repository
@@ -48,11 +49,11 @@ async def _round(address: str, workload: Workload, concurrency: int, seed: int) 
         return list(await asyncio.gather(*(one(client, i) for i in range(concurrency))))
 
 
-def _summary(samples: list[tuple[float, float]]) -> dict[str, float]:
+def _summary(samples: list[tuple[float, float]]) -> dict[str, float | None]:
     latencies = [latency for latency, _ in samples]
     return {
-        "p50_s": float(np.percentile(latencies, 50)),
-        "p90_s": float(np.percentile(latencies, 90)),
+        "p50_s": statistics.median(latencies),
+        "p90_s": percentile(latencies, 90),  # None with fewer than 10 requests
         "safety_stage_ms_p50": 1000 * statistics.median(stage for _, stage in samples),
         "requests": len(samples),
     }
@@ -77,7 +78,7 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
     variants = {"without": None, "with": SafetySettings()}
     workload = standard_mixes(SIZE, STEPS)[0]  # t2i
     points: list[dict[str, Any]] = []
-    load = {"start": os.getloadavg()[0]}  # the 1-minute load: on a shared machine, other jobs' share of the cores
+    started = RunStart()
     in_process = {f"batch_{n}_ms_per_image": classifier_ms_per_image(n) for n in (1, 8)}
     print(json.dumps(in_process), flush=True)
     with ExitStack() as stack:
@@ -99,11 +100,11 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
                 point = {"safety": name, "concurrency": concurrency} | _summary(samples[name])
                 points.append(point)
                 print(json.dumps(point), flush=True)
-        load["end"] = os.getloadavg()[0]
+        record = started.record()  # the load at the end taken with the stacks still up, as the points were
     results = {
         "profile": "cpu-small-safety",
         "settings": {"checkpoint": "small", "size": SIZE, "steps": STEPS, "rounds": ROUNDS, "workload": "t2i"},
-        "machine": machine_info() | {"load_average": load},
+        **record,
         "points": points,
         "classifier_in_process": in_process,
     }
@@ -113,22 +114,15 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
     return results
 
 
-def _load(machine: dict[str, Any]) -> str:
-    load = machine.get("load_average")
-    return f"; 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end" if load else ""
-
-
 def markdown(results: dict[str, Any]) -> str:
-    machine = results["machine"]
     lines = [
         "# Benchmark `cpu-small-safety`: the output-image safety stage, off and on",
         "",
-        f"Machine: {machine.get('cpu')} ({machine.get('bf16_isa')}), {machine['cpus']} CPUs, "
-        f"{machine['memory_gib']} GiB, {machine['platform']}{_load(machine)}. Settings: `{results['settings']}`.",
+        f"{run_line(results)} Settings: `{results['settings']}`.",
         "",
-        "| concurrency | p50 without (s) | p50 with (s) | p50 difference (ms) | p90 without (s) | p90 with (s) "
-        "| safety stage per request, p50 (ms) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency | n (requests each) | p50 without (s) | p50 with (s) | p50 difference (ms) | p90 without (s) "
+        "| p90 with (s) | safety stage per request, p50 (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for concurrency in sorted({p["concurrency"] for p in results["points"]}):
         off, on = (
@@ -136,8 +130,9 @@ def markdown(results: dict[str, Any]) -> str:
             for name in ("without", "with")
         )
         lines.append(
-            f"| {concurrency} | {off['p50_s']:.3f} | {on['p50_s']:.3f} | {1000 * (on['p50_s'] - off['p50_s']):+.0f} "
-            f"| {off['p90_s']:.3f} | {on['p90_s']:.3f} | {on['safety_stage_ms_p50']:.1f} |"
+            f"| {concurrency} | {off['requests']} | {off['p50_s']:.3f} | {on['p50_s']:.3f} | "
+            f"{1000 * (on['p50_s'] - off['p50_s']):+.0f} | {tail_cell(off, 'p90_s', 90)} | "
+            f"{tail_cell(on, 'p90_s', 90)} | {on['safety_stage_ms_p50']:.1f} |"
         )
     alone = results.get("classifier_in_process")
     if alone:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 from omnigen2 import AsyncOmniGen2Client, GenerationResult
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import RunStart, describe
+from benchmarks.report import run_line
 from benchmarks.served import served
 from benchmarks.workloads import Workload
 from serving.artifacts.repository import prepare_repository
@@ -75,7 +75,7 @@ def _drift(results: list[GenerationResult], reference: list[GenerationResult]) -
 
 def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
     repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=work.parent / "onnx")
-    load = {"start": os.getloadavg()[0]}
+    started = RunStart()
     points: list[dict[str, Any]] = []
     with served(repository, work, "--max-in-flight=64", "--metrics-port=0") as (_, api):
         for steps in STEPS:
@@ -97,14 +97,14 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
                 } | _drift(generated, reference)
                 points.append(point)
                 print(json.dumps(point), flush=True)
-    load["end"] = os.getloadavg()[0]
+    record = started.record()
     for point in points:
         base = next(p for p in points if p["steps"] == point["steps"] and p["mode"] == "none")
         point["throughput_vs_none"] = point["images_per_s"] / base["images_per_s"]
     results = {
         "profile": "cpu-small-cache",
         "settings": {"checkpoint": "small", "size": SIZE, "steps": list(STEPS), "concurrency": CONCURRENCY},
-        "machine": machine_info() | {"load_average": load},
+        **record,
         "points": points,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -115,15 +115,11 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    machine = results["machine"]
-    load = machine["load_average"]
     lines = [
         "# Benchmark `cpu-small-cache`: step caching in batched serving",
         "",
-        f"Machine: {machine.get('cpu')} ({machine.get('bf16_isa')}), {machine['cpus']} CPUs, "
-        f"{machine['memory_gib']} GiB; 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at "
-        f"the end. Settings: `{results['settings']}` (text-to-image, ONNX Runtime float32, random weights: the drift "
-        "columns are indicative only).",
+        f"{run_line(results)} Settings: `{results['settings']}` (text-to-image, ONNX Runtime float32, random "
+        "weights: the drift columns are indicative only).",
         "",
         "| steps | mode | p50 latency (s) | images/s | vs uncached | latents rel. error vs uncached "
         "| PSNR vs uncached (dB) |",
@@ -155,7 +151,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axis.set_xticks([i + width * (len(STEPS) - 1) / 2 for i in range(len(modes))], modes)
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_ylabel(f"images/s vs uncached (c={CONCURRENCY})")
-    axis.set_title(f"Step caching, small model, {SIZE}x{SIZE}, {results['machine'].get('cpu')}", fontsize=9)
+    axis.set_title(f"Step caching, small model, {SIZE}x{SIZE}\n{describe(results['machine'])}", fontsize=9)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -19,7 +19,7 @@ from typing import Any
 
 from omnigen2 import OmniGen2Client
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import RunStart
 from benchmarks.served import served
 from serving.artifacts.repository import prepare_repository
 from serving.triton.launcher import TritonServer
@@ -80,9 +80,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "token-memory")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "token-memory")
     args = parser.parse_args()
+    started = RunStart()
     points = measure(args.checkpoint, args.sides, args.work)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine_info(), "checkpoint": str(args.checkpoint), "backend": "onnxruntime", "points": points}
+    result = {**started.record(), "checkpoint": str(args.checkpoint), "backend": "onnxruntime", "points": points}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

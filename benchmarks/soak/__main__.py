@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import commit, machine_info
 from benchmarks.soak import results as report
 from benchmarks.soak import stack
 from benchmarks.soak.invariants import (
@@ -88,18 +87,6 @@ def sigterm_exits() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def commit() -> str:
-    """The code measured: HEAD, and the tracked files that differ from it (a shared tree may hold others' edits)."""
-    git = ["git", "-C", str(ROOT)]
-    try:
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        diff = [*git, "diff", "HEAD", "--name-only", "--", ".", ":!benchmarks/results"]  # results are no code
-        changed = subprocess.run(diff, capture_output=True, text=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def progress(message: str) -> None:

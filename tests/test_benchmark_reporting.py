@@ -1,0 +1,123 @@
+"""What a benchmark result records and shows beside its numbers (benchmarks/machine.py, percentiles.py, report.py,
+plots.py): the commit, the CPU and its bf16 instructions, the load; percentiles only where enough requests place them;
+plots with the machine in the title and markers at measured points only. No timing: the inputs are made up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from benchmarks.harness import Point
+from benchmarks.machine import RunStart, describe
+from benchmarks.percentiles import min_samples, percentile
+from benchmarks.plots import PLOTS, plot_sweep, sweep_figure
+from benchmarks.report import write_markdown
+
+# What the earliest results files hold (cpu-small, overhead-tiny, ablations-small): no CPU, ISA, load or commit.
+UNRECORDED = {"cpus": 2, "platform": "Linux-6.18.44-fc-v769-x86_64-with-glibc2.36", "python": "3.11.7"}
+
+
+def _point(workload: str, concurrency: int, requests: int, mode: str = "served") -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "workload": workload,
+        "concurrency": concurrency,
+        "requests": requests,
+        "p50_s": 1.0 * concurrency,
+        "p90_s": 1.2 * concurrency,
+        "p99_s": 1.3 * concurrency,  # older files stored one whatever the number of requests
+        "max_s": 1.4 * concurrency,
+        "images_per_s": 0.8,
+        "step_ms": 100.0,
+        "queue_ms_p50": 10.0 if mode == "served" else None,
+        "peak_rss_mb": 1000.0,
+    }
+
+
+def _results(machine: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    points = [_point("t2i", c, max(4, 4 * c)) for c in (1, 2, 4, 8)]
+    points += [_point("edit", c, max(4, 4 * c)) for c in (1, 8)]
+    points += [_point(w, 1, 4, mode="eager") for w in ("t2i", "edit")]
+    return {"profile": "cpu-test", "settings": {}, "machine": machine, "points": points} | extra
+
+
+def test_a_run_records_its_commit_cpu_bf16_isa_and_load_before_and_after() -> None:
+    record = RunStart().record()
+    assert re.fullmatch(r"[0-9a-f]{40}( with uncommitted changes to .+)?", record["commit"])
+    machine = record["machine"]
+    assert machine["cpu"] and machine["bf16_isa"] in {"AMX-BF16", "AVX512-BF16 (no AMX)", "no bf16 instructions"}
+    assert set(machine["load_average"]) == {"start", "end"}
+    assert all(load >= 0 for load in machine["load_average"].values())
+
+
+def test_results_without_a_cpu_are_described_as_not_recorded_not_guessed() -> None:
+    assert describe(UNRECORDED) == "hardware not recorded, 2 CPUs"
+    recorded = UNRECORDED | {"cpu": "Intel(R) Xeon(R) Processor", "bf16_isa": "AVX512-BF16 (no AMX)"}
+    assert describe(recorded) == "Intel(R) Xeon(R) Processor, AVX512-BF16 (no AMX), 2 CPUs"
+
+
+@pytest.mark.parametrize(("q", "needed"), [(50, 2), (90, 10), (99, 100)])
+def test_a_percentile_needs_a_sample_beyond_it(q: float, needed: int) -> None:
+    assert min_samples(q) == needed
+    assert percentile([1.0] * (needed - 1), q) is None
+    assert percentile([float(i) for i in range(needed)], q) is not None
+
+
+def test_a_point_of_four_requests_reports_p50_and_max_but_no_p90_or_p99() -> None:
+    few = Point("served", "t2i", 1, 4, [1.0, 2.0, 3.0, 10.0], [0.1] * 4, [0.01] * 4, 16.0, 4, 100.0).summary()
+    assert (few["requests"], few["p50_s"], few["max_s"], few["p90_s"], few["p99_s"]) == (4, 2.5, 10.0, None, None)
+    latencies = [float(i) for i in range(100)]
+    many = Point("served", "t2i", 8, 100, latencies, [0.1] * 100, [0.01] * 100, 50.0, 100, 100.0).summary()
+    assert many["p90_s"] == pytest.approx(89.1) and many["p99_s"] == pytest.approx(98.01)
+
+
+def test_the_table_names_what_was_not_recorded_and_hides_percentiles_too_few_requests_place(tmp_path: Path) -> None:
+    write_markdown(_results(UNRECORDED), tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "hardware not recorded, 2 CPUs" in text and "fc-v769" in text
+    assert "load average not recorded" in text and "Commit: not recorded" in text
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:5]): line for line in text.splitlines()}
+    one = rows[("served", "t2i", "1", "4")].split("|")  # 4 requests: p50 and max only, the stored p99 is not shown
+    assert [c.strip() for c in one[5:9]] == ["1.000", "-", "-", "1.400"]
+    eight = rows[("served", "t2i", "8", "32")].split("|")  # 32 requests: p90 too, still no p99
+    assert [c.strip() for c in eight[5:9]] == ["8.000", "9.600", "-", "11.200"]
+
+
+def test_the_table_of_a_new_run_names_its_cpu_isa_load_and_commit(tmp_path: Path) -> None:
+    machine = UNRECORDED | {
+        "cpu": "Intel(R) Xeon(R) Processor",
+        "bf16_isa": "AMX-BF16",
+        "load_average": {"start": 1.25, "end": 3.5},
+    }
+    write_markdown(_results(machine, commit="0123abc"), tmp_path / "results.md")
+    first = (tmp_path / "results.md").read_text().splitlines()[2]
+    assert first.startswith("Machine: Intel(R) Xeon(R) Processor, AMX-BF16, 2 CPUs, Linux-6.18.44-fc-v769")
+    assert "load average 1.2 at the start, 3.5 at the end" in first and "Commit: 0123abc." in first
+
+
+def test_plots_mark_measured_points_only_and_name_the_machine(tmp_path: Path) -> None:
+    machine = UNRECORDED | {"cpu": "Intel(R) Xeon(R) Processor", "bf16_isa": "AVX512-BF16 (no AMX)"}
+    results = _results(machine)
+    for metric, label in PLOTS.values():
+        figure = sweep_figure(results, metric, label)
+        axis = figure.axes[0]
+        assert "Intel(R) Xeon(R) Processor, AVX512-BF16 (no AMX), 2 CPUs" in axis.get_title()
+        served = {
+            str(line.get_label()): line for line in axis.get_lines() if str(line.get_label()).startswith("served")
+        }
+        assert set(served) == {"served t2i", "served edit"}
+        for line in served.values():
+            assert line.get_linestyle() == "None" and line.get_marker() not in (None, "None", "")
+        assert np.asarray(served["served edit"].get_xdata()).tolist() == [
+            1,
+            8,
+        ]  # nothing drawn at 2 or 4, where edit was not run
+        assert list(axis.get_xticks()) == [1, 2, 4, 8]
+        plt.close(figure)
+    plot_sweep(results, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOTS)
