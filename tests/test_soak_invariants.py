@@ -34,9 +34,14 @@ omnigen2_http_connections 0.0
 # TYPE omnigen2_held_request_bytes gauge
 omnigen2_held_request_bytes{budget="uploads"} 0.0
 omnigen2_held_request_bytes{budget="other"} 0.0
-# TYPE omnigen2_admitted_cost gauge
-omnigen2_admitted_cost{budget="pixels"} 0.0
-omnigen2_admitted_cost{budget="chat_tokens"} 0.0
+# TYPE omnigen2_admitted_input_pixels gauge
+omnigen2_admitted_input_pixels 0.0
+# TYPE omnigen2_admitted_step_tokens gauge
+omnigen2_admitted_step_tokens 0.0
+# TYPE omnigen2_admitted_chat_tokens gauge
+omnigen2_admitted_chat_tokens 0.0
+# TYPE omnigen2_admitted_output_pixels gauge
+omnigen2_admitted_output_pixels 0.0
 """
 
 
@@ -52,15 +57,15 @@ omnigen2_http_requests_total{{method="POST",route="/v1/images/generations",statu
 
 
 LOG = [
-    "2026-11-26 17:10:14,695 omnigen2.access INFO Generate peer=ipv4:127.0.0.1:37234 client=- status=OK "
+    "2026-11-26T17:10:14.695Z omnigen2.access INFO Generate peer=ipv4:127.0.0.1:37234 client=- status=OK "
     "seconds=0.334 request_id=w1-1-generate prompt_chars=11 images=0 image_bytes=0 size=64x64 steps=10",
-    "2026-11-26 17:10:14,701 omnigen2.access INFO Understand peer=ipv4:127.0.0.1:37234 client=- status=CANCELLED "
+    "2026-11-26T17:10:14.701Z omnigen2.access INFO Understand peer=ipv4:127.0.0.1:37234 client=- status=CANCELLED "
     "seconds=1.002 request_id=w1-2-understand messages=1 images=0 image_bytes=0 text_chars=11",
-    "2026-11-26 17:10:15,000 omnigen2.access INFO Generate peer=ipv4:127.0.0.1:37240 client=- status=OK "
+    "2026-11-26T17:10:15.000Z omnigen2.access INFO Generate peer=ipv4:127.0.0.1:37240 client=- status=OK "
     "seconds=0.300 request_id=w1-3-http-image prompt_chars=5 images=0 image_bytes=0 size=64x64 steps=3",
-    "2026-11-26 17:10:15,002 omnigen2.access INFO HTTP POST /v1/images/generations peer=127.0.0.1 status=200 "
+    "2026-11-26T17:10:15.002Z omnigen2.access INFO HTTP POST /v1/images/generations peer=127.0.0.1 status=200 "
     "seconds=0.310 request_id=w1-3-http-image",
-    "2026-11-26 17:10:15,003 omnigen2.frontend INFO something else entirely",
+    "2026-11-26T17:10:15.003Z omnigen2.frontend INFO something else entirely",
 ]
 
 
@@ -74,9 +79,9 @@ def call(kind: str, seen: str | None, by_client: bool = False, killed: bool = Tr
 
 def test_idle_gauges_pass_at_zero_and_name_the_one_left_held() -> None:
     assert check_idle(parse_metrics(IDLE), 0.4).passed
-    held = check_idle(parse_metrics(IDLE.replace('{budget="chat_tokens"} 0.0', '{budget="chat_tokens"} 512.0')), 30.2)
+    held = check_idle(parse_metrics(IDLE.replace("chat_tokens 0.0", "chat_tokens 512.0")), 30.2)
     assert not held.passed
-    assert held.failures == ["omnigen2_admitted_cost{budget=chat_tokens} = 512 after 30.2 s idle"]
+    assert held.failures == ["omnigen2_admitted_chat_tokens = 512 after 30.2 s idle"]
     assert held.seen["gauges"]["omnigen2_in_flight_requests"] == 0
 
 

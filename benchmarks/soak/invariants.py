@@ -19,7 +19,10 @@ IDLE_GAUGES = (
     "omnigen2_in_flight_requests",
     "omnigen2_http_connections",
     "omnigen2_held_request_bytes",
-    "omnigen2_admitted_cost",
+    "omnigen2_admitted_input_pixels",
+    "omnigen2_admitted_step_tokens",
+    "omnigen2_admitted_chat_tokens",
+    "omnigen2_admitted_output_pixels",
 )
 _ACCESS = re.compile(
     r"omnigen2\.access INFO (?:HTTP (?P<http_method>\S+) (?P<route>\S+)|(?P<method>\S+)) peer=\S+ (?:client=\S+ )?"

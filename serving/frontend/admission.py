@@ -43,6 +43,10 @@ class Admission:
         self.metrics = metrics
         self.calls = 0
         self.held = Load()
+        # The limits beside what is held, for saturation (held / limit) in alerts and autoscaling.
+        metrics.max_in_flight.set(max_calls)
+        for field, budget in zip(fields(Load), astuple(capacity), strict=True):
+            metrics.max_admitted[field.name].set(budget)
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -85,4 +89,4 @@ class Admission:
     def _add(self, load: Load, sign: int) -> None:
         self.held = Load(*(held + sign * asked for held, asked in zip(astuple(self.held), astuple(load), strict=True)))
         for field, held in zip(fields(Load), astuple(self.held), strict=True):
-            self.metrics.admitted.labels(field.name).set(held)
+            self.metrics.admitted[field.name].set(held)

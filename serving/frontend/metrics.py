@@ -2,24 +2,67 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from importlib.metadata import PackageNotFoundError, version
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
-_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+
+# Up past --max-run-s (600 s by default) and its stop: a call that ran into it has a bucket of its own.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
+# Up to a full-size step on CPU (29-64 s measured), from a tiny one on a GPU (ms).
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 WARMUP_OUTCOMES = ("ok", "failed", "timeout", "cancelled")  # serving/frontend/warmup.py
+# Each in-flight budget (serving/frontend/admission.py's Load fields) as its metric names it: with its unit.
+ADMITTED_UNITS = {
+    "pixels": "input_pixels",
+    "step_tokens": "step_tokens",
+    "chat_tokens": "chat_tokens",
+    "output_pixels": "output_pixels",
+}
+# No `_created` series: a sample per labelled series that no dashboard or alert here reads, doubling the counters'.
+disable_created_metrics()
+
+
+def _version() -> str:
+    try:
+        return version("omnigen2-serving")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The process's CPU, memory and open files, and the Python version: as the default registry has them.
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(PLATFORM_COLLECTOR)
+        self.build_info = Gauge(
+            "omnigen2_build_info", "1, labelled with the front end's version", ["version"], registry=self.registry
+        )
+        self.build_info.labels(_version()).set(1)
         self.requests = Counter(
             "omnigen2_requests", "API calls by method and final status code", ["method", "code"], registry=self.registry
         )
         self.latency = Histogram(
-            "omnigen2_request_seconds", "API call latency", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry
+            "omnigen2_request_seconds",
+            "API call latency by method and final status code (refusals apart from the calls served)",
+            ["method", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.in_flight = Gauge(
             "omnigen2_in_flight_requests", "Admitted Generate and Understand calls", registry=self.registry
+        )
+        self.max_in_flight = Gauge(
+            "omnigen2_max_in_flight_requests", "--max-in-flight: admitted calls at most", registry=self.registry
         )
         self.http_requests = Counter(
             "omnigen2_http_requests",
@@ -68,10 +111,31 @@ class Metrics:
             ["budget", "reason"],
             registry=self.registry,
         )
-        self.admitted = Gauge(
-            "omnigen2_admitted_cost",
-            "Cost the admitted calls hold, by in-flight budget",
+        self.admitted = {
+            budget: Gauge(
+                f"omnigen2_admitted_{unit}",
+                f"{unit.replace('_', ' ').capitalize()} the admitted calls hold against their in-flight budget",
+                registry=self.registry,
+            )
+            for budget, unit in ADMITTED_UNITS.items()
+        }
+        self.max_admitted = {
+            budget: Gauge(
+                f"omnigen2_max_admitted_{unit}",
+                f"--max-inflight-{unit.replace('_', '-')}: {unit.replace('_', ' ')} the admitted calls may hold",
+                registry=self.registry,
+            )
+            for budget, unit in ADMITTED_UNITS.items()
+        }
+        self.max_held_request_bytes = Gauge(
+            "omnigen2_max_held_request_bytes",
+            "Request bytes the gRPC calls may hold or reserve at once, by budget (uploads, other)",
             ["budget"],
+            registry=self.registry,
+        )
+        self.max_http_connections = Gauge(
+            "omnigen2_max_http_connections",
+            "--http-max-connections as resolved: open HTTP connections at most (0: no HTTP API)",
             registry=self.registry,
         )
         self.cut_replies = Gauge(

@@ -132,6 +132,7 @@ class OpenAIGateway:
             context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         files = _open_files()
         self.max_connections = self.config.http_max_connections or max(1, files // 2)  # 0: half the files
+        self.metrics.max_http_connections.set(self.max_connections)
         log.info(
             "at most %d HTTP connections (--http-max-connections; open-file limit %d)", self.max_connections, files
         )

@@ -66,20 +66,20 @@ class Frontend:
         self.service = OmniGen2Service(config, self.backend, self.metrics, self.tokens, self.policy)
         # The read gate comes first: it sees the handler the others chose (an unread refusal of theirs passes it).
         uploads = frozenset(f"/{SERVICE}/{name}" for name in ("Generate", "GenerateStream", "Understand"))
-        interceptors: list[grpc.aio.ServerInterceptor] = [
-            ReadGate(
-                uploads,
-                config.held_request_budget(),
-                2 * config.max_request_bytes,
-                config.request_read_timeout_s,
-                config.retry_after_s,
-                self.metrics,
-                self._denied,
-                executor=self.service.readers,  # large requests are parsed there
-                cut_at=lambda: self.service.cut_at,
-            ),
-            MalformedRequestInterceptor(f"/{SERVICE}/"),
-        ]
+        gate = ReadGate(
+            uploads,
+            config.held_request_budget(),
+            2 * config.max_request_bytes,
+            config.request_read_timeout_s,
+            config.retry_after_s,
+            self.metrics,
+            self._denied,
+            executor=self.service.readers,  # large requests are parsed there
+            cut_at=lambda: self.service.cut_at,
+        )
+        for name, pool in gate.pools.items():
+            self.metrics.max_held_request_bytes.labels(name).set(pool.budget)
+        interceptors: list[grpc.aio.ServerInterceptor] = [gate, MalformedRequestInterceptor(f"/{SERVICE}/")]
         if self.tokens:
             interceptors.append(AuthInterceptor(self.tokens, self._denied))
         self.server = grpc.aio.server(

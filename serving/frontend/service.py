@@ -239,7 +239,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         finally:
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.latency.labels(method).observe(seconds)
+            self.metrics.latency.labels(method, code.name).observe(seconds)
             access_log.record(method, peer, policy.name if policy else "-", code.name, seconds, described, call_id)
             cancel_clock.end(clock)
             request_id.end(token)

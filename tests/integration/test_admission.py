@@ -229,7 +229,7 @@ def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess
     assert "answer tokens in flight" in str(raised.value) and raised.value.retry_after == 1.0
     talk.close()
     deadline = time.monotonic() + 10
-    while _frontend_metric(budgeted, "omnigen2_admitted_cost", budget="chat_tokens") > 0:
+    while _frontend_metric(budgeted, "omnigen2_admitted_chat_tokens") > 0:
         assert time.monotonic() < deadline, "the cancelled answer kept its tokens"
         time.sleep(0.05)
     assert _bls_running(triton, "mllm") == 0  # the tokens came back once the model had stopped
@@ -407,7 +407,7 @@ def _bls_running(triton: TritonServer, model: str = "omnigen2") -> float:
 
 
 def _step_tokens(frontend: FrontendProcess) -> float:
-    return _frontend_metric(frontend, "omnigen2_admitted_cost", budget="step_tokens")
+    return _frontend_metric(frontend, "omnigen2_admitted_step_tokens")
 
 
 def _released_after_the_bls_stopped(frontend: FrontendProcess, triton: TritonServer, timeout_s: float = 20) -> int:

@@ -150,7 +150,7 @@ def test_a_cancelled_answer_waiting_for_its_turn_gives_its_place_back_at_once(
     up at the stop grace, 10 s), and the running answer ends as it would have."""
 
     def held() -> tuple[float, float]:
-        tokens = api.metric("omnigen2_admitted_cost", budget="chat_tokens") or 0
+        tokens = api.metric("omnigen2_admitted_chat_tokens") or 0
         return api.metric("omnigen2_in_flight_requests") or 0, tokens
 
     expired = api.metric("omnigen2_stop_grace_expired_total") or 0

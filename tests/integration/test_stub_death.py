@@ -73,8 +73,8 @@ def test_a_call_whose_model_process_dies_ends_unavailable(
             list(stream)
         assert time.monotonic() - started < 20
         assert api.metric("omnigen2_in_flight_requests") == 0
-        assert api.metric("omnigen2_admitted_cost", budget="chat_tokens") == 0
-        assert api.metric("omnigen2_admitted_cost", budget="step_tokens") == 0
+        assert api.metric("omnigen2_admitted_chat_tokens") == 0
+        assert api.metric("omnigen2_admitted_step_tokens") == 0
         api.wait_health(SERVING, timeout=60)
         assert client.understand("After", max_new_tokens=2).completion_tokens >= 1
         assert client.generate("After", width=32, height=32, steps=1).images
