@@ -10,12 +10,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
@@ -23,13 +27,16 @@ from packaging.requirements import Requirement
 
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import LIVENESS, SERVICE
-from serving.frontend.metrics import Metrics
+from serving.frontend.metrics import WARMUP_OUTCOMES, Metrics
+from serving.frontend.server import ENDING_MARGIN_S
+from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import (
     MMAP_THRESHOLD,
     MMAP_THRESHOLD_ENV,
     NO_RESPONSE_POOL,
     STUB_MMAP_THRESHOLD,
     TRITONSERVER_ENV,
+    free_port,
 )
 from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
 from tests.test_triton_install import fake_install
@@ -37,7 +44,9 @@ from tests.test_triton_install import fake_install
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 KUBERNETES = "1.37.0"  # the newest schema kubernetes-validate ships
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/s3")
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/s3", "overlays/production")
+# Custom resources the schema does not know: checked by their own tests below.
+CUSTOM_KINDS = {"PrometheusRule"}
 # Imported only because they are installed here: grpc looks for grpcio-tools, setuptools has a start-up hook, aiohttp
 # uses brotli when it finds it.
 OPTIONAL = {"grpcio-tools", "setuptools", "brotli"}
@@ -81,7 +90,8 @@ def test_every_rendered_object_validates(kustomization: str) -> None:
     objects = render(kustomization)
     assert objects
     for obj in objects:  # strict: an unknown field is an error, not ignored
-        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+        if obj["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
 def test_triton_and_the_front_end_share_a_pod_over_loopback(pod: dict[str, Any]) -> None:
@@ -89,6 +99,9 @@ def test_triton_and_the_front_end_share_a_pod_over_loopback(pod: dict[str, Any])
     assert "--triton-url=127.0.0.1:8001" in container(pod, "frontend")["args"]
     triton = container(pod, "triton")["command"]
     assert "--http-address=127.0.0.1" in triton and "--grpc-port=8001" in triton
+    # Triton's gRPC (explicit model control: load/unload) is on loopback too, and no port of it is declared.
+    assert "--grpc-address=127.0.0.1" in triton
+    assert [p["name"] for p in container(pod, "triton")["ports"]] == ["triton-metrics"]
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
@@ -96,33 +109,59 @@ def test_probes_use_the_grpc_health_service(pod: dict[str, Any]) -> None:
     frontend, triton = container(pod, "frontend"), container(pod, "triton")
     assert frontend["readinessProbe"]["grpc"] == {"port": 50051, "service": SERVICE}  # follows Triton and the drain
     assert frontend["livenessProbe"]["grpc"] == {"port": 50051, "service": LIVENESS}  # the front end itself
-    assert triton["livenessProbe"]["grpc"]["port"] == triton["startupProbe"]["grpc"]["port"] == 8001
+    # Triton listens on loopback only: its probes run in its container, the image's gRPC health probe.
+    for probe in (triton["livenessProbe"], triton["startupProbe"]):
+        assert probe["exec"]["command"] == ["python3", "-m", "serving.health_probe", "--address=127.0.0.1:8001"]
+    address = f"{flag(triton['command'], '--grpc-address')}:{flag(triton['command'], '--grpc-port')}"
+    assert flag(probe["exec"]["command"], "--address") == address
 
 
-def test_termination_outlasts_the_drain(pod: dict[str, Any]) -> None:
+def test_termination_outlasts_the_longest_call(pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drain covers a call admitted just before SIGTERM (--max-run-s, then its reply at the write timeout), Triton
+    outlives the front end, and the pod's grace covers both: a long call is not cut by a rollout."""
     frontend, triton = container(pod, "frontend"), container(pod, "triton")
-    drain = float(env(frontend)["OMNIGEN2_SHUTDOWN_GRACE_S"])
-    front_stop = int(frontend["lifecycle"]["preStop"]["exec"]["command"][1]) + drain
-    triton_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][1])
-    exit_timeout = next(int(a.split("=")[1]) for a in triton["command"] if a.startswith("--exit-timeout-secs="))
-    assert triton_stop > front_stop  # Triton serves the calls that are draining
-    assert pod["terminationGracePeriodSeconds"] >= triton_stop + exit_timeout > front_stop
-    # The liveness probe must not kill a draining front end: its misses take longer than the drain.
-    liveness = frontend["livenessProbe"]
-    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
+    config = frontend_config(frontend, monkeypatch)
+    assert config.shutdown_grace_s >= config.max_run_s + config.stream_write_timeout_s
+    front_prestop = int(frontend["lifecycle"]["preStop"]["exec"]["command"][1])
+    # The stop's longest: preStop, the drain, a cut call's stop grace and the handlers' margin (server.py).
+    front_stop = front_prestop + config.shutdown_grace_s + config.stop_grace_s + ENDING_MARGIN_S
+    # Triton's preStop waits while the front end's metrics port answers: it closes only when that process exits.
+    script = triton["lifecycle"]["preStop"]["exec"]["command"][2]
+    assert f'("127.0.0.1", {config.metrics_port})' in script and "except OSError" in script
+    assert {"containerPort": config.metrics_port, "name": "metrics"} in frontend["ports"]
+    exit_timeout = int(flag(triton["command"], "--exit-timeout-secs"))
+    assert pod["terminationGracePeriodSeconds"] >= front_stop + exit_timeout
+
+
+def test_triton_waits_for_the_front_end_to_exit(pod: dict[str, Any]) -> None:
+    """The preStop script, run here: it returns at once when nothing listens, and waits while something does."""
+    script = container(pod, "triton")["lifecycle"]["preStop"]["exec"]["command"]
+    port = free_port()
+    code = script[2].replace("9464", str(port))
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0  # nothing listens: at once
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.listen(16)
+        waiting = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                waiting.wait(timeout=3)  # the front end is up: Triton keeps serving
+        finally:
+            listener.close()
+        assert waiting.wait(timeout=30) == 0  # gone: Triton may stop
 
 
 def test_services_budget_and_network_policy(base: list[dict[str, Any]], pod: dict[str, Any]) -> None:
     services = {s["metadata"]["name"]: s["spec"] for s in by_kind(base, "Service")}
     assert services["omnigen2-headless"]["clusterIP"] == "None"
     assert services["omnigen2"]["type"] == "ClusterIP"
-    assert all(spec["ports"] == [{**spec["ports"][0], "targetPort": "api"}] for spec in services.values())
+    for spec in services.values():  # the gRPC API and the OpenAI-compatible HTTP API
+        assert [(p["port"], p["targetPort"]) for p in spec["ports"]] == [(50051, "api"), (8080, "http")]
     labels = base[0]["metadata"]["labels"]
     (pdb,) = by_kind(base, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
     (policy,) = by_kind(base, "NetworkPolicy")
     open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
-    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == ["api"]
+    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == ["api", "http"]
     named = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} <= named
     for selector in (pdb["spec"]["selector"], policy["spec"]["podSelector"]):
@@ -134,16 +173,26 @@ def pod_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
     return dict(deployment["spec"]["template"]["metadata"]["labels"])
 
 
+def adapter_rules() -> list[dict[str, Any]]:
+    """The prometheus-adapter chart's values: rules added to its defaults (`custom`), never replacing them."""
+    values = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-values.yaml").read_text())["rules"]
+    assert values["default"] is True and "existing" not in values
+    return list(values["custom"])
+
+
 def test_autoscaler_reads_queue_time_and_in_flight_through_the_adapter(base: list[dict[str, Any]]) -> None:
     (hpa,) = by_kind(base, "HorizontalPodAutoscaler")
-    (adapter,) = [c for c in by_kind(base, "ConfigMap") if "adapter" in c["metadata"]["name"]]
-    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
-    served = {rule["name"]["as"]: rule for rule in rules}
+    assert not by_kind(base, "ConfigMap")  # the adapter's config lives in its own namespace: Helm values, not here
+    served = {rule["name"]["as"]: rule for rule in adapter_rules()}
     wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
     assert wanted <= served.keys()
     assert "nv_inference_queue_duration_us" in served["omnigen2_queue_seconds"]["metricsQuery"]
     in_flight = Metrics().in_flight._name  # the front end's own gauge, as it exports it
     assert in_flight in served["omnigen2_in_flight_requests"]["seriesQuery"]
+    # The adapter asks for many pods at once and maps each series back to its pod by the GroupBy labels: every
+    # query's outermost aggregation keeps them.
+    for rule in served.values():
+        assert rule["metricsQuery"].startswith("sum by (<<.GroupBy>>) ("), rule["name"]["as"]
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_builds_engines() -> None:
@@ -338,9 +387,8 @@ def test_the_front_ends_metrics_have_a_scrape_job(base: list[dict[str, Any]], po
     assert app == base[0]["metadata"]["labels"]["app.kubernetes.io/name"]
     assert {"containerPort": 9464, "name": port_name} in container(pod, "frontend")["ports"]
     assert {r.get("target_label") for r in job["relabel_configs"]} >= {"namespace", "pod"}
-    (adapter,) = [c for c in by_kind(base, "ConfigMap") if "adapter" in c["metadata"]["name"]]
     in_flight = Metrics().in_flight._name
-    (rule,) = [r for r in yaml.safe_load(adapter["data"]["config.yaml"])["rules"] if in_flight in r["seriesQuery"]]
+    (rule,) = [r for r in adapter_rules() if in_flight in r["seriesQuery"]]
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
 
 
@@ -362,3 +410,225 @@ def test_deployed_triton_gives_memory_back_as_make_serve_does(pod: dict[str, Any
     assert cmd[0] == "tritonserver" and NO_RESPONSE_POOL in cmd
     declared = dict(pair.split("=", 1) for kind, args in steps if kind == "ENV" for pair in args.split())
     assert MEMORY_ENV.items() <= declared.items()
+
+
+GiB, MiB = 1024**3, 1024**2
+UNITS = {"Ki": 1024, "Mi": MiB, "Gi": GiB, "Ti": 1024 * GiB}
+# Measured bounds the pod's memory limits are built from (the deployment's comments cite them):
+READ_PEAK = 5  # front end memory per held request byte at worst, 4.5-5x (docs/api.md, --max-held-request-bytes)
+BYTES_PER_OUTPUT_PIXEL = 65  # every process's own peak summed (docs/reliability.md, output flood)
+BYTES_PER_TOKEN_SQUARED = 35  # attention of one sample (docs/reliability.md, token budgets)
+VAE_DECODER_PEAK = 1_200_000_000  # its 1024-px tiles (docs/reliability.md)
+FRONT_END_PROCESS = 512 * MiB  # the process itself: 0.07 GiB after cpu-full-smoke's requests
+FULL_SMOKE = REPO / "benchmarks" / "results" / "cpu-full-smoke"
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes memory quantity in bytes (the binary suffixes the manifests use, or plain bytes)."""
+    for suffix, factor in UNITS.items():
+        if text.endswith(suffix):
+            return int(text.removesuffix(suffix)) * factor
+    return int(text)
+
+
+def frontend_config(frontend: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> FrontendConfig:
+    """The front end's settings as the pod gives them: its args, and its OMNIGEN2_* environment, each of which must
+    name a flag (an unknown variable would be ignored silently)."""
+    names = {f.upper() for f in vars(FrontendConfig())}
+    for name, value in env(frontend).items():
+        if name.startswith("OMNIGEN2_") and value:
+            assert name.removeprefix("OMNIGEN2_") in names, f"{name} is no front-end flag"
+            monkeypatch.setenv(name, value)
+    return FrontendConfig.from_args(frontend["args"])
+
+
+def test_the_front_ends_memory_limit_holds_its_budgets_worst_case(
+    pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frontend = container(pod, "frontend")
+    config = frontend_config(frontend, monkeypatch)
+    assert config.max_held_request_bytes  # set: the default (2176 MiB) would need about 10.6 GiB for reads alone
+    worst = (
+        READ_PEAK * config.held_request_budget()
+        + BYTES_PER_OUTPUT_PIXEL * config.max_inflight_output_pixels
+        + FRONT_END_PROCESS
+    )
+    assert worst <= quantity(frontend["resources"]["limits"]["memory"])
+
+
+def test_the_base_serves_the_measured_full_size_configuration(
+    pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytorch-bf16 is the configuration cpu-full-smoke measured; Triton's limit holds what it held there plus the
+    budgets' worst case on top, and the /dev/shm tmpfs."""
+    prepare, triton = container(pod, "prepare-repository", init=True), container(pod, "triton")
+    served = f"{env(prepare)['OMNIGEN2_BACKEND']}-{env(prepare)['OMNIGEN2_PRECISION']}"
+    assert served == "pytorch-bf16" and f"Served stack ({served})" in (FULL_SMOKE / "results.md").read_text()
+    results = json.loads((FULL_SMOKE / "results.json").read_text())
+    held = sum(gib for name, gib in results["serve"]["after_requests_rss_gib"].items() if name != "frontend")
+    config = frontend_config(container(pod, "frontend"), monkeypatch)
+    (shm,) = [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "dshm"]
+    worst = (
+        held * GiB
+        + BYTES_PER_TOKEN_SQUARED * config.max_sample_tokens**2
+        + BYTES_PER_OUTPUT_PIXEL * config.max_inflight_output_pixels
+        + BlsSettings.max_step_cache_mib * MiB
+        + VAE_DECODER_PEAK
+        + quantity(shm)
+    )
+    assert worst <= quantity(triton["resources"]["limits"]["memory"])
+    assert config.max_step_tokens >= config.max_sample_tokens  # one sample's step passes the step budget
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/gpu", "overlays/production"])
+def test_every_container_has_guaranteed_resources(kustomization: str) -> None:
+    """Requests = limits for CPU and memory in every container, init included: Kubernetes' Guaranteed QoS class, the
+    last evicted under node memory pressure."""
+    (deployment,) = by_kind(render(kustomization), "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    for c in spec["initContainers"] + spec["containers"]:
+        requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+        for resource in ("cpu", "memory"):
+            assert requests[resource] == limits[resource], (c["name"], resource)
+
+
+def test_big_empty_dirs_are_requested_as_ephemeral_storage(pod: dict[str, Any]) -> None:
+    """The node must have room for the repository the pod writes: the scheduler counts requests, not sizeLimits."""
+    (models,) = [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "models"]
+    for name, init in (("prepare-repository", True), ("triton", False)):
+        requested = container(pod, name, init)["resources"]["requests"]["ephemeral-storage"]
+        assert quantity(requested) >= quantity(models), name
+    # The init container exports no ONNX any more: the pytorch repository holds the bf16 weights (13.3 GiB).
+    assert quantity(models) < 40 * GiB
+
+
+def test_replicas_spread_over_nodes_and_zones(pod: dict[str, Any], base: list[dict[str, Any]]) -> None:
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert spread.keys() == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread.values():
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels(base).items()
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"  # fewer nodes than replicas still schedule
+
+
+def test_the_openai_http_api_is_served(pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    frontend = container(pod, "frontend")
+    config = frontend_config(frontend, monkeypatch)
+    port = next(port for flag_name, _, port in config.bound_addresses() if flag_name == "--http-listen")
+    assert {"containerPort": port, "name": "http"} in frontend["ports"]
+
+
+@pytest.fixture(scope="module")
+def production() -> list[dict[str, Any]]:
+    return render("overlays/production")
+
+
+def test_tls_and_tokens_come_from_secrets(production: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    (deployment,) = by_kind(production, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    frontend = container(spec, "frontend")
+    config = frontend_config(frontend, monkeypatch)
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: m["name"] for m in frontend["volumeMounts"]}
+    for path, key in ((config.tls_cert, "tls.crt"), (config.tls_key, "tls.key"), (config.auth_tokens, "tokens.json")):
+        folder, name = path.rsplit("/", 1)
+        assert name == key and mounts[folder] in secrets, path
+    assert set(secrets.values()) == {"omnigen2-tls", "omnigen2-auth-tokens"}
+    # The kubelet's grpc probes speak plaintext: with TLS they are exec probes over the front end's Unix socket.
+    assert all("exec" in frontend[p] for p in ("readinessProbe", "livenessProbe"))
+    # The base ships without either, and says so.
+    (base_deployment,) = by_kind(render("base"), "Deployment")
+    assert not any(a.startswith(("--tls", "--auth")) for a in container(base_deployment["spec"]["template"]["spec"],
+                                                                          "frontend")["args"])  # fmt: skip
+    text = (DEPLOY / "k8s" / "base" / "deployment.yaml").read_text()
+    assert "PLAINTEXT and OPEN" in text and "components/tls-auth" in text
+
+
+def test_the_tls_probes_reach_the_front_ends_health_over_its_socket(
+    production: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exec probes' commands, run here against a front end in its own process with TLS on its API port (no
+    Triton: liveness SERVING, readiness NOT_SERVING), its socket folder under a temporary folder of its own."""
+    from tests.integration.test_security import _certificate  # its self-signed certificate maker
+
+    (deployment,) = by_kind(production, "Deployment")
+    frontend = container(deployment["spec"]["template"]["spec"], "frontend")
+    cert, key = _certificate(tmp_path, "server")
+    sockets = Path(tempfile.mkdtemp(prefix="probe-", dir="/tmp"))  # a Unix socket's path has 107 bytes at most
+    log = tmp_path / "frontend.log"
+    environ = os.environ | {"TMPDIR": str(sockets)}
+    flags = [f"--tls-cert={cert}", f"--tls-key={key}", "--listen=127.0.0.1:0", "--http-listen=127.0.0.1:0"]
+    flags += ["--metrics-port=0", f"--triton-url=127.0.0.1:{free_port()}", "--no-warmup"]
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "serving.frontend.server", *flags], cwd=REPO, env=environ, stdout=out, stderr=out
+        )
+    try:
+
+        def probe(name: str) -> int:
+            command = [sys.executable if a == "python3" else a for a in frontend[name]["exec"]["command"]]
+            command = [a.replace('"/tmp/', f'"{sockets}/') for a in command]
+            return subprocess.run(command, cwd=REPO, timeout=60).returncode
+
+        deadline = 60
+        while not list(sockets.glob("omnigen2-frontend-*/grpc.sock")) or probe("livenessProbe") != 0:
+            assert server.poll() is None, log.read_text()
+            deadline -= 1
+            assert deadline > 0, log.read_text()
+            time.sleep(1)
+        assert probe("readinessProbe") == 1  # the same server's health: Triton is not there
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+# kube-state-metrics series the alerts use (its documented names), and Prometheus's own `up`.
+KUBE_STATE_METRICS = {
+    "kube_deployment_status_replicas_available",
+    "kube_pod_container_status_restarts_total",
+    "kube_horizontalpodautoscaler_status_current_replicas",
+    "kube_horizontalpodautoscaler_spec_max_replicas",
+}
+
+
+def exported_series() -> set[str]:
+    """The names the front end's metrics appear under in Prometheus (counters with _total, histograms' parts)."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    return {f.name + end for f in Metrics().registry.collect() for end in suffixes[f.type]}
+
+
+def test_alerts_are_built_on_series_that_exist_and_each_has_a_runbook_section(
+    production: list[dict[str, Any]], pod: dict[str, Any], base: list[dict[str, Any]]
+) -> None:
+    """Every alert's expression names only series the front end exports, kube-state-metrics' or `up` (a typo would
+    be an alert that never fires), with label values the code uses, and docs/runbook.md says what it means and what
+    to do. The base has no PrometheusRule (plain clusters lack the CRD)."""
+    assert not by_kind(base, "PrometheusRule")
+    (rule,) = by_kind(production, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    known = exported_series() | KUBE_STATE_METRICS | {"up"}
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    headings = {line.removeprefix("## ").strip() for line in runbook.splitlines() if line.startswith("## ")}
+    (job,) = yaml.safe_load((DEPLOY / "k8s" / "prometheus-scrape-frontend.yaml").read_text())
+    containers = {c["name"] for c in pod["containers"]}
+    codes = {c.name for c in grpc.StatusCode}
+    assert len(alerts) >= 8
+    for alert in alerts:
+        name, expr = alert["alert"], alert["expr"]
+        series = set(re.findall(r"\b([a-z_:][a-z0-9_:]*)\s*[{\[]", expr)) - {"by"}
+        assert series and series <= known, (name, series - known)
+        for label, values in re.findall(r'(\w+)=~?"([^"]*)"', expr):
+            wanted = {
+                "code": codes,
+                "outcome": set(WARMUP_OUTCOMES),
+                "job": {job["job_name"]},
+                "container": containers,
+                "deployment": {"omnigen2"},
+                "horizontalpodautoscaler": {"omnigen2"},
+            }
+            if label in wanted:
+                assert set(values.split("|")) <= wanted[label], (name, label, values)  # fmt: skip
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert name in headings, f"docs/runbook.md has no section '## {name}'"
+        assert alert["annotations"]["runbook_url"] == f"docs/runbook.md#{name.lower()}"
