@@ -28,8 +28,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     OMNIGEN2_METRICS_ADDRESS=0.0.0.0 \
     OMNIGEN2_METRICS_PORT=9464 \
     OMNIGEN2_TRITON_URL=127.0.0.1:8001
-# 50051: the gRPC API (with gRPC health and reflection); 9464: Prometheus metrics.
-EXPOSE 50051 9464
+# 50051: the gRPC API (with gRPC health and reflection); 8080: the OpenAI-compatible HTTP API, once
+# --http-listen=0.0.0.0:8080 turns it on (deploy/k8s does); 9464: Prometheus metrics.
+EXPOSE 50051 8080 9464
 # SERVING while Triton and every model are ready, once the front end's warm-up has run (Kubernetes probes the same
 # service natively). The start period covers that warm-up (up to --warmup-timeout-s, 120 s) after Triton is ready.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=150s --retries=3 \

@@ -251,7 +251,7 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(
     ("name", "base_image", "ports"),
     [
-        ("frontend.Dockerfile", r"python:3\.11\.\d+-slim-\w+", {"50051", "9464"}),
+        ("frontend.Dockerfile", r"python:3\.11\.\d+-slim-\w+", {"50051", "8080", "9464"}),
         ("triton.Dockerfile", r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", {"8000", "8001", "8002"}),
     ],
 )
