@@ -4,6 +4,7 @@ plots with the machine in the title and markers at measured points only. No timi
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from benchmarks.ablations import Row, write_results
 from benchmarks.harness import Point
 from benchmarks.machine import RunStart, describe
 from benchmarks.percentiles import min_samples, percentile
@@ -121,3 +123,14 @@ def test_plots_mark_measured_points_only_and_name_the_machine(tmp_path: Path) ->
         plt.close(figure)
     plot_sweep(results, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(PLOTS)
+
+
+def test_ablation_results_record_the_run_and_name_the_machine(tmp_path: Path) -> None:
+    rows = [Row("bf16 weights", "fp32", "bf16", 800.0, 320.0), Row("prompt cache", "encode", "hit", 6.5, 0.001)]
+    settings = {"checkpoint": "small", "size": 256, "repeats": 5}
+    write_results(rows, settings, RunStart(), tmp_path, "Ablations")
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["commit"] and set(data["machine"]["load_average"]) == {"start", "end"}
+    text = (tmp_path / "results.md").read_text()
+    assert f"Machine: {describe(data['machine'])}" in text and "Commit: " in text and "| 2.50x |" in text
+    assert (tmp_path / "ablations.png").stat().st_size > 0
