@@ -168,7 +168,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         f"Device reply's machine: {reply}. Seen by torch: {where}.",
         f"Model `{settings['size']}` with random weights, {settings['side']}x{settings['side']}, {settings['steps']} "
-        f"steps, bf16. Run {results['started']} to {results.get('finished', '(running)')}.",
+        f"steps, bf16. Run {results['started']} to {results.get('finished', '(running)')}, commit "
+        f"{results.get('commit', 'not recorded')}.",
         "",
         "## Targets",
         "",

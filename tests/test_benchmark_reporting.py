@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks.ablations import Row, write_results
+from benchmarks.gpu_report import write_markdown as write_gpu_markdown
 from benchmarks.harness import Point
 from benchmarks.machine import RunStart, describe
 from benchmarks.percentiles import min_samples, percentile
@@ -134,3 +135,23 @@ def test_ablation_results_record_the_run_and_name_the_machine(tmp_path: Path) ->
     text = (tmp_path / "results.md").read_text()
     assert f"Machine: {describe(data['machine'])}" in text and "Commit: " in text and "| 2.50x |" in text
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_the_gpu_report_shows_p90_only_where_ten_requests_place_it_and_the_commit(tmp_path: Path) -> None:
+    points = [
+        {"concurrency": 1, "requests": 4, "p50_s": 4.0, "p90_s": None, "images_per_s": 0.25},  # harness: None below 10
+        {"concurrency": 4, "requests": 16, "p50_s": 9.0, "p90_s": 9.5, "images_per_s": 0.4},
+    ]
+    results = {
+        "settings": {"size": "full", "side": 1024, "steps": 50},
+        "machine": {"gpu": "NVIDIA H100"},
+        "smoke": False,
+        "started": "2026-11-26T20:00:00+00:00",
+        "commit": "0123abc",
+        "variants": {},
+        "stages": {"served_requests": {"status": "ok", "wall_s": 1.0, "budget_s": 2, "points": points}},
+    }
+    write_gpu_markdown(results, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "commit 0123abc." in text
+    assert "| 1 | 4 | 4.00 | - | 0.250 | 1.00x |" in text and "| 4 | 16 | 9.00 | 9.500 | 0.400 | 1.60x |" in text
