@@ -35,6 +35,7 @@ GENERATE = "/omnigen2.v1.OmniGen2/Generate"
 SIDE = 1024  # one image of noise: about 3 MiB of PNG, 48 times the caller's window
 DATA, HEADERS, SETTINGS, PING, WINDOW_UPDATE = 0, 1, 4, 6, 8
 END_STREAM, END_HEADERS, ACK = 1, 4, 1
+INITIAL_WINDOW_SIZE = 4  # the SETTINGS parameter
 STALLED = {"api": "grpc", "transfer": "answer", "reason": "stalled"}  # omnigen2_cut_off_transfers_total's labels
 
 
@@ -48,9 +49,13 @@ def _header(name: str, value: str) -> bytes:
 
 
 class SilentCaller:
-    """One unary call over raw HTTP/2 that takes no more of its reply than the initial window."""
+    """One call over raw HTTP/2 that takes no more of its reply than the initial window. With `window`, it grants
+    that much (stream and connection) at once and never reads its socket: the server writes into the kernel's
+    buffers until they are full."""
 
-    def __init__(self, port: int, method: str, message: bytes, answers_pings: bool = False) -> None:
+    def __init__(
+        self, port: int, method: str, message: bytes, answers_pings: bool = False, window: int | None = None
+    ) -> None:
         self.answers_pings = answers_pings  # as a gRPC client's transport does, whatever its application does
         self.socket = socket.create_connection(("127.0.0.1", port), timeout=30)
         fields = {
@@ -63,9 +68,14 @@ class SilentCaller:
         }
         headers = b"".join(_header(name, value) for name, value in fields.items())
         framed = b"\x00" + struct.pack(">I", len(message)) + message  # gRPC: uncompressed, length, message
+        settings, grant = b"", b""
+        if window is not None:  # SETTINGS_INITIAL_WINDOW_SIZE, and the connection's window raised to match
+            settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, window)
+            grant = _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", window - 65535))
         self.socket.sendall(
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            + _frame(SETTINGS, 0, 0)
+            + _frame(SETTINGS, 0, 0, settings)
+            + grant
             + _frame(HEADERS, END_HEADERS, 1, headers)
             + _frame(DATA, END_STREAM, 1, framed)
         )
@@ -76,7 +86,8 @@ class SilentCaller:
         self.ended = threading.Event()  # the stream's last frame has come
         self.gone = threading.Event()  # reading stopped: the stream ended, or the connection closed
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if window is None:
+            self._reader.start()
 
     def _read(self) -> None:
         try:
@@ -119,7 +130,8 @@ class SilentCaller:
         with contextlib.suppress(OSError):  # the server may have closed the connection already
             self.socket.shutdown(socket.SHUT_RDWR)  # wakes the reader up
         self.socket.close()
-        self._reader.join()
+        if self._reader.is_alive():
+            self._reader.join()
 
 
 async def _result(*args: object, **kwargs: object) -> AsyncIterator[Event]:
