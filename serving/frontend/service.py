@@ -269,8 +269,9 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
     def _keep_unsent(self, message: Message | None) -> Callable[[], None]:
         """A cut call's last message stays queued in gRPC core until its status goes out (grpc.aio cannot reset one
         stream): its images' pixels stay held against --max-inflight-output-pixels, else callers that never read
-        left a reply each (up to --max-response-bytes) every --stream-write-timeout-s. Nothing awaits between the
-        call's reservation ending and this, so the budget is never seen free in between."""
+        left a reply each (up to --max-response-bytes) every --stream-write-timeout-s. It is all gRPC keeps of the
+        call: a write returns once its message is in the socket's buffers (tests/test_cut_stream.py). Nothing awaits
+        between the call's reservation ending and this, so the budget is never seen free in between."""
         nbytes = message.ByteSize() if message is not None else 0
         release = self.admission.keep(Load(output_pixels=_image_pixels(message)))
         self.metrics.cut_replies.inc(nbytes)
