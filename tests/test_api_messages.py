@@ -17,7 +17,7 @@ from PIL import Image
 from serving.frontend.convert import encode_images, request_defaults, served_sequence_length, to_forward
 from serving.frontend.status import ApiError, invalid_argument, resource_exhausted
 from serving.pipeline.images import to_uint8
-from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest
+from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_from_params
 
 
 def _png(size: tuple[int, int] = (32, 24)) -> bytes:
@@ -40,6 +40,15 @@ def test_explicit_zero_is_not_unset() -> None:
     with pytest.raises(ApiError) as raised:
         to_forward(pb.GenerateRequest(prompt="A cat", steps=0, seed=0), DEFAULT_LIMITS)
     assert "steps" in raised.value.status.details and "seed" not in raised.value.status.details
+
+
+def test_seed_zero_reaches_the_denoiser_as_zero() -> None:
+    """0 is a seed like any other (the golden cases' seeds are all above 0): it must not be taken for no seed."""
+    forward = to_forward(pb.GenerateRequest(prompt="A cat", seed=0), DEFAULT_LIMITS)
+    params = json.loads(forward.request_json())
+    assert forward.seed == params["seed"] == 0
+    params.pop("preview")
+    assert request_from_params(params).seed == 0  # the BLS's parse
 
 
 def test_cfg_range_keeps_decimal_values_exact() -> None:
