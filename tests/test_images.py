@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,15 @@ def test_preprocess_converts_resizes_and_normalises() -> None:
     assert tensor[0, 0].max().item() == pytest.approx(1.0) and tensor[0, 1].min().item() == pytest.approx(-1.0)
     with pytest.raises(InvalidArgumentError, match=r"resized to 10x100 .* must reach 16 px"):
         preprocess_image(Image.new("RGB", (10, 100)), 1024 * 1024, 1024, field="images[2]")
+
+
+def test_reference_images_are_shrunk_with_lanczos(golden: Path) -> None:
+    """The reference's image processor resamples with Lanczos. The golden inputs are already multiples of 16 within
+    the limits, so the golden parity never resizes one: another filter passed every test."""
+    image = Image.open(golden / "in_context_two_images_input1.png").convert("RGB")  # 48x80
+    tensor = preprocess_image(image, 1024 * 1024, 64)  # side 80 -> 64: 38.4 x 64, floored to 32 x 64
+    expected = np.asarray(image.resize((32, 64), resample=Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1
+    np.testing.assert_allclose(tensor[0].permute(1, 2, 0).numpy(), expected, atol=1e-6)
 
 
 def test_too_small_names_the_size_after_the_resize() -> None:
