@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -55,3 +56,37 @@ def test_the_drain_counts_and_names_the_calls_it_cut_and_ends_after_them(caplog:
     stopped = lines.index("front end stopped: no call in flight (1 cut by the drain)")
     (cut_line,) = [i for i, line in enumerate(lines) if line.startswith("GetModelInfo ") and "UNAVAILABLE" in line]
     assert cut_line < stopped
+
+
+def test_a_call_cut_while_its_request_is_still_arriving_is_counted_before_the_stop_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Generate whose request never comes (the caller sends nothing) waits at the read gate; the grace period
+    cuts it there, and it is counted and named as a cut call before the stop's last line."""
+    caplog.set_level(logging.INFO)
+
+    async def run() -> float | None:
+        async with in_process_frontend(shutdown_grace_s=0.2) as (frontend, channel):
+            generate = channel.stream_stream("/omnigen2.v1.OmniGen2/Generate", lambda b: b, lambda b: b)
+            silent = asyncio.Event()
+
+            async def nothing() -> AsyncIterator[bytes]:
+                await silent.wait()
+                yield b""
+
+            call = generate(nothing(), timeout=30, metadata=(("x-request-id", "cut-while-reading"),))
+            held = frontend.metrics.registry.get_sample_value
+            await until(lambda: held("omnigen2_held_request_bytes", {"budget": "uploads"}), "the read to begin")
+            await frontend.drain()
+            counted = frontend.metrics.registry.get_sample_value(
+                "omnigen2_drain_cut_calls_total", {"method": "Generate"}
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call.read()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        return counted
+
+    assert asyncio.run(run()) == 1
+    lines = [record.getMessage() for record in caplog.records]
+    assert "the drain's grace period (0 s) cut 1 call(s) (UNAVAILABLE); request ids: cut-while-reading" in lines
+    assert "front end stopped: no call in flight (1 cut by the drain)" in lines
