@@ -20,10 +20,14 @@ from serving.pipeline.step_cache import (
     CacheBudget,
     Control,
     Mode,
+    _Entry,
+    _teacache_skip,
+    _TeaGroup,
     decode_controls,
     encode_controls,
     state_values,
     taylor_full_call,
+    teacache_rescale,
 )
 from tests.golden import relative_error, request_from_case
 
@@ -174,3 +178,17 @@ def test_bad_cache_settings_name_the_field(field: str, value: Any) -> None:
     with pytest.raises(InvalidArgumentError) as raised:
         request.validate()
     assert raised.value.field == field
+
+
+def test_teacache_computes_when_the_accumulated_change_reaches_the_threshold() -> None:
+    """The reference skips only while the accumulated change stays strictly under the threshold. A float sum rarely
+    lands on the threshold, so the golden TeaCache case cannot tell < from <=: this builds an exact tie."""
+    previous, current = np.ones(4), np.full(4, 1.5)  # relative L1 change 0.5
+    entry = _Entry()
+    entry.tea.modulated, entry.tea.residual = previous, np.zeros(4)
+    control = Control(1, 0, Mode.TEACACHE, 1, False, teacache_rescale(0.5))
+    decision = _TeaGroup()
+    assert not _teacache_skip(decision, control, [entry], [(0, current)])
+    assert decision.accumulated == 0.0  # computed: the sum starts over
+    above = dataclasses.replace(control, threshold=float(np.nextafter(control.threshold, np.inf)))
+    assert _teacache_skip(decision, above, [entry], [(0, current)])
