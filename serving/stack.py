@@ -24,14 +24,16 @@ from serving.artifacts.repository import (
     add_safety_arguments,
     add_step_cache_arguments,
     bls_from_args,
+    check_precision,
     fast_from_args,
     prepare_repository,
     safety_from_args,
 )
 from serving.cli_help import HelpFormatter
 from serving.errors import OmniGen2Error, SettingError
+from serving.flag_types import Address, Whole, from_env
 from serving.frontend.config import FrontendConfig
-from serving.frontend.server import serve
+from serving.frontend.server import check_files, serve
 from serving.log_format import configure as configure_logging
 from serving.model.devices import DEVICES, resolve_device
 from serving.runtime.fast_path import add_fast_path_arguments
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--triton-ports",
-        type=int,
+        type=Whole(1, 65_535),
         nargs=3,
         default=(8000, 8001, 8002),
         metavar=("HTTP", "GRPC", "METRICS"),
@@ -84,14 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--triton-restarts",
-        type=int,
+        type=Whole(0, why="0: exit on the first death"),
         default=3,
         help="restarts of a tritonserver that died unasked allowed within 10 minutes; one more death stops the stack "
         "with exit status 1, for its own supervisor (Kubernetes, systemd) to act on; 0: exit on the first",
     )
     parser.add_argument(
         "--http-listen",
-        default=os.environ.get("OMNIGEN2_HTTP_LISTEN", "127.0.0.1:8080"),
+        type=Address(optional=True),
+        default=from_env("OMNIGEN2_HTTP_LISTEN", Address(optional=True), "127.0.0.1:8080"),
         help="the OpenAI-compatible HTTP API beside the gRPC one; '' turns it off (env OMNIGEN2_HTTP_LISTEN)",
     )
     add_bls_arguments(parser)
@@ -105,18 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     own = build_parser()
     args, frontend_args = own.parse_known_args(argv)
     # The rest must be the front end's: a mistyped flag is named by this parser, not by the front end's usage.
-    _, unknown = FrontendConfig.parser().parse_known_args(frontend_args)
+    _, unknown = FrontendConfig.parser(own.prog).parse_known_args(frontend_args)
     if unknown:
         own.error(
             f"unrecognized arguments: {' '.join(unknown)} (front-end flags: python -m serving.frontend.server --help)"
         )
+    check_precision(args.backend, args.precision)
     if args.backend == "tensorrt":  # refused at once, not after an ONNX export and an engine build
         TritonInstall.find().require_backend("tensorrt")
     configure_logging()
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
     # Its limits also bound the BLS and the engine profiles.
-    frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args), http_listen=args.http_listen)
+    frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
+    check_files(frontend)  # TLS and token files, before the build
     # Ports another server holds are refused before the repository build, which can take minutes, not after it.
     triton_ports = Ports(*args.triton_ports)
     triton_ports.check_free()

@@ -34,6 +34,7 @@ from serving.artifacts.engines import ProfileBounds, build_engines, engine_max_b
 from serving.artifacts.folders import replaceable
 from serving.artifacts.onnx_export import cached_export
 from serving.errors import OmniGen2Error, SettingError
+from serving.flag_types import Whole
 from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, text_feature_dim, verify_checkpoint
 from serving.model.contract import graph_contracts
 from serving.model.devices import DEVICES, TORCH_DTYPES, check_dtype, resolve_device
@@ -183,6 +184,16 @@ BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
 BLS_ON_GPU = BlsSettings(max_call_tokens=65_536)
 
 
+def check_precision(backend: str, precision: str) -> None:
+    """Refuse a precision the backend does not build, before anything loads (onnxruntime serves float32 whatever
+    --precision says)."""
+    if backend not in PRECISIONS or precision in PRECISIONS[backend]:
+        return
+    allowed = " or ".join(PRECISIONS[backend])
+    why = f"{NOT_IMPLEMENTED[precision]}; " if precision in NOT_IMPLEMENTED else ""
+    raise SettingError("--precision", f"{why}{backend} takes {allowed} ({precision})")
+
+
 def served_name(backend: str, precision: str) -> str:
     """What GetModelInfo reports as the backend: `onnxruntime`, `pytorch-bf16`, `tensorrt-fp8`, ..."""
     return f"{backend}-{precision}" if backend in PRECISIONS else backend
@@ -320,13 +331,10 @@ def prepare_repository(
     when None); `fast` is the `pytorch` transformer's fast path (default: the device's, FastPath.default_for)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
-    if precision in NOT_IMPLEMENTED:
-        raise SettingError("precision", NOT_IMPLEMENTED[precision])
+    check_precision(backend, precision)
     where = resolve_device(device)
     if backend == "pytorch":
         check_dtype(where, TORCH_DTYPES[precision])  # e.g. bf16 on a GPU without it: refused before Triton starts
-    if backend in PRECISIONS and precision not in PRECISIONS[backend]:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[backend])} for {backend}")
     platform = engine_platform() if backend == "tensorrt" else {}  # TensorRT and a GPU, before an ONNX export
     verify_checkpoint(checkpoint)  # before anything is written or served
     source_hash = checkpoint_hash(checkpoint, onnx_cache)  # memoised there: a 16 GB checkpoint is read once
@@ -428,17 +436,17 @@ def prepare_repository(
 def add_bls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-call-tokens",
-        type=int,
+        type=Whole(0),
         default=None,
-        help="padded tokens per transformer call at most, 0 for no cap (default: the backend's; pytorch-bf16 on the "
-        "CPU: 8192, pytorch on a GPU: 65536, the others: 17408)",
+        help="padded tokens per transformer call at most (>= 0), 0 for no cap (default: the backend's; pytorch-bf16 on "
+        "the CPU: 8192, pytorch on a GPU: 65536, the others: 17408)",
     )
 
 
 def add_step_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-step-cache-mib",
-        type=int,
+        type=Whole(0, why="0: no step caching"),
         default=BlsSettings.max_step_cache_mib,
         help="TeaCache / TaylorSeer state of the requests in flight at most; past it a request runs uncached "
         f"(default {BlsSettings.max_step_cache_mib})",
@@ -457,6 +465,7 @@ def fast_from_args(args: argparse.Namespace, build_dir: Path) -> FastPath | None
     """The `pytorch` transformer's fast path from the flags (None for the other backends)."""
     if args.backend != "pytorch":
         return None
+    check_precision(args.backend, args.precision)
     return fast_path_from_args(args, resolve_device(args.device), TORCH_DTYPES[args.precision], build_dir)
 
 
@@ -470,13 +479,27 @@ def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--safety-thresholds",
+        type=_thresholds,
         default=os.environ.get("OMNIGEN2_SAFETY_THRESHOLDS", ""),
         help="class thresholds to change, JSON (e.g. '{\"BELLY_EXPOSED\": 0.8}'); env OMNIGEN2_SAFETY_THRESHOLDS",
     )
 
 
+def _thresholds(text: str) -> str:
+    """--safety-thresholds, checked as it is read (known classes, scores in [0, 1]), with or without --safety."""
+    try:
+        SafetySettings.with_overrides(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.description} ({text})") from None
+    return text
+
+
 def safety_from_args(args: argparse.Namespace) -> SafetySettings | None:
-    return SafetySettings.with_overrides(args.safety_thresholds) if args.safety else None
+    """The safety stage's settings (None: off); thresholds are checked even when it is off."""
+    settings = SafetySettings.with_overrides(args.safety_thresholds)
+    if args.safety_thresholds and not args.safety:
+        log.warning("--safety-thresholds does nothing without --safety (the safety stage is off)")
+    return settings if args.safety else None
 
 
 def main(argv: list[str] | None = None) -> None:

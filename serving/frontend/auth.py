@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,13 +106,19 @@ class TokenRegistry:
     @classmethod
     def from_file(cls, path: Path) -> TokenRegistry:
         """Every entry is checked here: a bad rate or scope would otherwise show only on a call (a 500, no limit, or
-        a token that may call nothing)."""
+        a token that may call nothing). A file anyone may write is refused (as ssh refuses such a key file): anyone
+        could add a token to it; so is one with no token, which no call could pass."""
         try:
+            mode = path.stat().st_mode
             entries = json.loads(path.read_text())["tokens"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SettingError("--auth-tokens", f"{path}: not a JSON object with a `tokens` list ({exc})") from None
+        if mode & stat.S_IWOTH:
+            raise SettingError("--auth-tokens", f"anyone may write it, and so add a token: chmod o-w ({path})")
         if not isinstance(entries, list):
             raise SettingError("--auth-tokens", f"{path}: `tokens` must be a list")
+        if not entries:
+            raise SettingError("--auth-tokens", f"no token: every call would be refused ({path})")
         policies = {}
         for index, entry in enumerate(entries):
             policy = _policy(entry, f"{path}: tokens[{index}]")

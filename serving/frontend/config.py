@@ -8,12 +8,58 @@ from dataclasses import dataclass, field, fields
 
 from serving.cli_help import HelpFormatter
 from serving.errors import SettingError
+from serving.flag_types import Address, Number, Whole, from_env
 from serving.frontend.flag_help import FLAG_HELP
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import DEFAULT_LIMITS, Limits, limits_from_json
 
 MiB = 1024 * 1024
 MAX_GRPC_MS = 2**31 - 1  # gRPC's channel arguments are C ints
+MAX_GRPC_S = MAX_GRPC_MS // 1000  # seconds that gRPC takes in whole ms
+_SECONDS = Number(0, above=True)
+_COUNT = Whole(1)
+# What each flag takes (argparse's `type=`); checked before anything is loaded, and on its OMNIGEN2_* variable.
+FLAG_TYPES: dict[str, Whole | Number | Address] = {
+    "listen": Address(),
+    "triton_url": Address(),
+    "http_listen": Address(optional=True),
+    "metrics_port": Whole(0, 65_535, "0: off"),
+    "max_in_flight": _COUNT,
+    "retry_after_s": Number(0, why="0: a full read gate refuses at once"),
+    "max_request_bytes": Whole(1, MAX_GRPC_MS // 2, "gRPC reads up to 2 x this in a C int"),
+    "max_held_request_bytes": Whole(0, why="0: from --max-in-flight"),
+    "request_read_timeout_s": _SECONDS,
+    "grpc_idle_timeout_s": Number(0, MAX_GRPC_S, above=True, why="gRPC takes whole ms in a C int"),
+    "grpc_keepalive_time_s": Number(1, MAX_GRPC_S, why="gRPC takes whole ms in a C int"),
+    "grpc_keepalive_timeout_s": Number(1, MAX_GRPC_S, why="gRPC takes whole ms in a C int"),
+    "grpc_max_connection_age_s": Number(0, MAX_GRPC_S, why="0: off, else 1 at least"),
+    "grpc_max_connection_age_grace_s": Number(0, MAX_GRPC_S, why="gRPC takes whole ms in a C int"),
+    "max_response_bytes": Whole(1, MAX_GRPC_MS, "gRPC's largest message"),
+    "health_interval_s": _SECONDS,
+    "warmup_size": Whole(16),
+    "warmup_steps": _COUNT,
+    "warmup_timeout_s": _SECONDS,
+    "shutdown_grace_s": Number(0, why="0: cut calls at once"),
+    "max_request_input_pixels": _COUNT,
+    "max_inflight_input_pixels": _COUNT,
+    "max_sample_tokens": _COUNT,
+    "max_step_tokens": _COUNT,
+    "max_inflight_step_tokens": _COUNT,
+    "max_request_tokens": _COUNT,
+    "max_inflight_output_pixels": _COUNT,
+    "max_run_s": _SECONDS,
+    "max_chat_tokens": _COUNT,
+    "max_inflight_chat_tokens": _COUNT,
+    "worker_threads": _COUNT,
+    "stream_write_timeout_s": _SECONDS,
+    "stream_min_write_rate": _COUNT,
+    "http_body_timeout_s": _SECONDS,
+    "http_min_body_rate": _COUNT,
+    "http_idle_timeout_s": _SECONDS,
+    "http_max_connections": Whole(0, why="0: half the open-file limit"),
+    "max_buffered_stream_bytes": _COUNT,
+    "stop_grace_s": Number(0, why="0: cancel at once"),
+}
 
 
 @dataclass(frozen=True)
@@ -154,14 +200,17 @@ class FrontendConfig:
         return [(flag, host, port) for flag, host, port in found if port]
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> FrontendConfig:
-        return cls(**vars(cls.parser().parse_args(argv)))
+    def from_args(
+        cls, argv: list[str] | None = None, prog: str = "python -m serving.frontend.server"
+    ) -> FrontendConfig:
+        return cls(**vars(cls.parser(prog).parse_args(argv)))
 
     @classmethod
-    def parser(cls) -> argparse.ArgumentParser:
-        """Its flags, each defaulting to its environment variable, else to the field's default."""
+    def parser(cls, prog: str = "python -m serving.frontend.server") -> argparse.ArgumentParser:
+        """Its flags, each defaulting to its environment variable, else to the field's default; `prog`: the command
+        that reports a bad flag (the stack's, for the flags it passes on)."""
         parser = argparse.ArgumentParser(
-            prog="python -m serving.frontend.server",
+            prog=prog,
             description="OmniGen2 gRPC front end; every flag also reads OMNIGEN2_<FLAG> from the environment.",
             formatter_class=HelpFormatter,
         )
@@ -180,18 +229,31 @@ class FrontendConfig:
                     flag, action=argparse.BooleanOptionalAction, default=default, help=f"{FLAG_HELP[f.name]}; env {env}"
                 )
                 continue
-            if env in os.environ:
-                default = kind(os.environ[env])
-            parser.add_argument(flag, type=kind, default=default, help=f"{FLAG_HELP[f.name]}; env {env}")
+            parse = FLAG_TYPES.get(f.name)
+            bounds = f" ({parse.bounds})" if parse else ""
+            parser.add_argument(
+                flag,
+                type=parse or kind,
+                default=from_env(env, parse or kind, default),
+                help=f"{FLAG_HELP[f.name]}{bounds}; env {env}",
+            )
         env = "OMNIGEN2_LIMITS"
         parser.add_argument(
             "--limits",
-            type=limits_from_json,
-            default=limits_from_json(os.environ.get(env, "")),
+            type=limits_flag,
+            default=from_env(env, limits_flag, DEFAULT_LIMITS),
             help=f"request limits to change, as JSON (e.g. '{{\"max_steps\": 100}}'); `make serve` hands them to the "
             f"BLS and the engine profiles too; env {env}",
         )
         return parser
+
+
+def limits_flag(text: str) -> Limits:
+    """--limits: a bad name or value is named on the flag's one line."""
+    try:
+        return limits_from_json(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--limits: ")) from None
 
 
 def _switch(env: str, value: str) -> bool:

@@ -33,6 +33,7 @@ from serving.frontend.openai_http import OpenAIGateway
 from serving.frontend.policy import PolicyFile
 from serving.frontend.reading import ReadGate
 from serving.frontend.service import OmniGen2Service
+from serving.frontend.tls_files import read_tls
 from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
 from serving.log_format import configure as configure_logging
@@ -155,9 +156,10 @@ class Frontend:
 
     async def _start(self) -> int:
         config = self.config
+        tls = read_tls(config.tls_cert, config.tls_key)  # a bad file named by its flag, not taken for a bind failure
         try:
-            if config.tls_cert or config.tls_key:
-                key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+            if tls is not None:
+                cert, key = tls
                 self.port = self.server.add_secure_port(config.listen, grpc.ssl_server_credentials([(key, cert)]))
             else:
                 self.port = self.server.add_insecure_port(config.listen)
@@ -279,6 +281,14 @@ async def serve(
 async def _when_served(health: TritonHealth, call: Callable[[], None]) -> None:
     await health.served.wait()
     call()
+
+
+def check_files(config: FrontendConfig) -> None:
+    """Read and check the files the flags name (TLS, tokens) as the start would: `make serve` calls it before its
+    model build, not after."""
+    read_tls(config.tls_cert, config.tls_key)
+    if config.auth_tokens:
+        TokenRegistry.from_file(Path(config.auth_tokens))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,12 +68,26 @@ def limits_from_json(text: str) -> Limits:
     """Limits from a JSON object of the fields to change (the operator's `--limits`); unknown names are refused."""
     import json
 
-    raw = json.loads(text) if text.strip() else {}
-    known = {f.name for f in fields(Limits)}
-    unknown = sorted(set(raw) - known)
-    if not isinstance(raw, dict) or unknown:
-        raise ValueError(f"--limits: unknown fields {unknown}; known: {', '.join(sorted(known))}")
-    return Limits(**{**asdict(Limits()), **raw})
+    try:
+        raw = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise ValueError(f"--limits: not JSON: {exc} ({text})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--limits: not a JSON object of limit -> value ({text})")
+    defaults = asdict(Limits())
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ValueError(f"--limits: unknown field {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
+    for name, value in raw.items():
+        # Each limit is a count or a size (a whole number), max_guidance a scale: all above 0.
+        kind = type(defaults[name])
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"--limits: {name} must be a finite number ({value!r})")
+        if kind is int and value != int(value):
+            raise ValueError(f"--limits: {name} must be a whole number ({value!r})")
+        if value <= 0:
+            raise ValueError(f"--limits: {name} must be > 0 ({value!r})")
+    return Limits(**{**defaults, **raw})
 
 
 DEFAULT_LIMITS = Limits()

@@ -47,9 +47,9 @@ class SafetySettings:
     def __post_init__(self) -> None:
         for label, threshold in self.thresholds.items():
             if label not in self.labels:
-                raise SettingError("safety_thresholds", f"unknown class {label!r}; one of {', '.join(self.labels)}")
+                raise SettingError("--safety-thresholds", f"unknown class {label!r}; one of {', '.join(self.labels)}")
             if not 0.0 <= threshold <= 1.0:
-                raise SettingError("safety_thresholds", f"{label}: a threshold is a score in [0, 1], got {threshold}")
+                raise SettingError("--safety-thresholds", f"{label}: a threshold is a score in [0, 1], got {threshold}")
 
     @classmethod
     def with_overrides(cls, text: str) -> SafetySettings:
@@ -57,9 +57,9 @@ class SafetySettings:
         try:
             changes = json.loads(text) if text else {}
         except ValueError as exc:
-            raise SettingError("safety_thresholds", f"not JSON: {exc}") from exc
+            raise SettingError("--safety-thresholds", f"not JSON: {exc}") from exc
         if not isinstance(changes, dict) or not all(isinstance(v, int | float) for v in changes.values()):
-            raise SettingError("safety_thresholds", "a JSON object of class name -> threshold")
+            raise SettingError("--safety-thresholds", "a JSON object of class name -> threshold")
         return cls(thresholds=DEFAULT_THRESHOLDS | {str(k): float(v) for k, v in changes.items()})
 
     def to_json(self) -> str:

@@ -1,0 +1,107 @@
+"""The value types of the serving command lines' flags, for argparse's `type=`: each refuses a bad value with one
+line, `<what is wrong> (<the value>)`, which argparse prefixes with the flag's name, and says what it takes
+(`bounds`, shown in the flag's help). The same checks run on the OMNIGEN2_* environment variables (`from_env`),
+which then name the variable.
+
+No heavy imports here: the flags are checked before torch, gRPC or Triton load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from serving.errors import SettingError
+
+T = TypeVar("T")
+MAX_PORT = 65_535
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A whole number from `low` to `high` (None: no upper bound); `why` says what the bounds come from."""
+
+    low: int
+    high: int | None = None
+    why: str = ""
+
+    @property
+    def bounds(self) -> str:
+        shown = f">= {self.low}" if self.high is None else f"{self.low} to {self.high}"
+        return shown + (f"; {self.why}" if self.why else "")
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number ({text})") from None
+        if value < self.low or (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"must be {self.bounds} ({text})")
+        return value
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number from `low` (excluded if `above`) to `high`; NaN and infinities are refused."""
+
+    low: float
+    high: float | None = None
+    above: bool = False
+    why: str = ""
+
+    @property
+    def bounds(self) -> str:
+        shown = f"{'>' if self.above else '>='} {_show(self.low)}"
+        if self.high is not None:
+            shown += f", at most {_show(self.high)}"
+        return shown + (f"; {self.why}" if self.why else "")
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number ({text})") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number ({text})")
+        if value < self.low or (self.above and value == self.low) or (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"must be {self.bounds} ({text})")
+        return value
+
+
+@dataclass(frozen=True)
+class Address:
+    """HOST:PORT or [V6]:PORT, port 0 to 65535 (0: any free port); `optional`: '' (off) is taken too."""
+
+    optional: bool = False
+
+    @property
+    def bounds(self) -> str:
+        return "HOST:PORT, port 0 to 65535" + (" or ''" if self.optional else "")
+
+    def __call__(self, text: str) -> str:
+        if self.optional and text == "":
+            return text
+        host, colon, port = text.rpartition(":")
+        if not colon or not host:
+            raise argparse.ArgumentTypeError(f"not HOST:PORT ({text})")
+        if not port.isdigit() or int(port) > MAX_PORT:
+            raise argparse.ArgumentTypeError(f"the port must be a whole number from 0 to {MAX_PORT} ({text})")
+        return text
+
+
+def from_env(env: str, parse: Callable[[str], T], default: T) -> T:
+    """The environment variable's value through the flag's own check (the default if unset), naming the variable."""
+    if env not in os.environ:
+        return default
+    try:
+        return parse(os.environ[env])
+    except argparse.ArgumentTypeError as exc:
+        raise SettingError(env, str(exc)) from None
+
+
+def _show(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)

@@ -1,0 +1,203 @@
+"""Every bad operator setting is refused at start in one line naming its flag (or environment variable) and the
+value: before, zeros, negatives and NaN started silently, some values blamed another flag, and others died with
+a traceback (KeyError, OverflowError, IsADirectoryError) or only after the model build. The parsers run in
+process; a few subprocess runs check the exit status and that no traceback is printed."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from serving import stack
+from serving.errors import SettingError
+from serving.frontend.auth import TokenRegistry, token_digest
+from serving.frontend.config import FLAG_TYPES, FrontendConfig
+from serving.frontend.server import check_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (flag, value, what the one line says): each refused by argparse, exit status 2.
+FRONTEND = [
+    ("--max-in-flight", "0", "must be >= 1 (0)"),
+    ("--max-in-flight", "-1", "must be >= 1 (-1)"),  # before: blamed --max-held-request-bytes
+    ("--max-request-bytes", "0", "must be 1 to"),
+    ("--max-request-bytes", "-5", "must be 1 to"),  # before: blamed --max-held-request-bytes
+    ("--max-request-bytes", "99999999999999", "gRPC reads up to 2 x this in a C int"),  # before: OverflowError
+    ("--max-response-bytes", "0", "must be 1 to"),
+    ("--max-sample-tokens", "0", "must be >= 1 (0)"),
+    ("--max-chat-tokens", "0", "must be >= 1 (0)"),
+    ("--max-run-s", "0", "must be > 0 (0)"),
+    ("--max-run-s", "nan", "must be a finite number (nan)"),
+    ("--max-run-s", "inf", "must be a finite number (inf)"),
+    ("--retry-after-s", "nan", "must be a finite number (nan)"),
+    ("--retry-after-s", "-1", "must be >= 0"),
+    ("--shutdown-grace-s", "-5", "must be >= 0"),
+    ("--stop-grace-s", "nan", "must be a finite number (nan)"),
+    ("--stream-write-timeout-s", "-1", "must be > 0 (-1)"),
+    ("--warmup-timeout-s", "-1", "must be > 0 (-1)"),
+    ("--health-interval-s", "0", "must be > 0 (0)"),
+    ("--health-interval-s", "nan", "must be a finite number (nan)"),
+    ("--http-idle-timeout-s", "0", "must be > 0 (0)"),
+    ("--grpc-idle-timeout-s", "0", "must be > 0"),
+    ("--max-buffered-stream-bytes", "-1", "must be >= 1 (-1)"),
+    ("--max-inflight-output-pixels", "-1", "must be >= 1 (-1)"),
+    ("--worker-threads", "0", "must be >= 1 (0)"),  # before: ValueError from the thread pool
+    ("--worker-threads", "-1", "must be >= 1 (-1)"),
+    ("--metrics-port", "70000", "must be 0 to 65535"),  # before: OverflowError
+    ("--http-listen", "127.0.0.1:notaport", "the port must be a whole number"),  # before: ValueError
+    ("--listen", "nocolon", "not HOST:PORT (nocolon)"),
+    ("--max-in-flight", "abc", "not a whole number (abc)"),
+    ("--limits", '{"max_steps": -1}', "max_steps must be > 0 (-1)"),
+    ("--limits", '{"max_stepz": 5}', "unknown field max_stepz"),  # before: "invalid limits_from_json value"
+    ("--limits", "{bad", "not JSON"),
+]
+# The stack's own flags, and the front end's through the stack (named by the stack's parser).
+STACK = [
+    ("--triton-restarts", "-1", "must be >= 0"),
+    ("--max-call-tokens", "-5", "must be >= 0 (-5)"),
+    ("--max-step-cache-mib", "-1", "must be >= 0"),
+    ("--triton-ports", "0", "must be 1 to 65535 (0)"),
+    ("--safety-thresholds", '{"NOPE": 2}', "unknown class 'NOPE'"),
+    ("--safety-thresholds", '{"BUTTOCKS_EXPOSED": 2}', "a threshold is a score in [0, 1]"),
+    ("--limits", '{"max_stepz": 5}', "unknown field max_stepz"),
+    ("--max-in-flight", "0", "must be >= 1 (0)"),
+]
+
+
+def _refused(parse: object, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)  # type: ignore[operator]
+    assert exited.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), FRONTEND)
+def test_a_bad_front_end_value_is_refused_naming_its_flag(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _refused(FrontendConfig.parser().parse_args, [flag, value], capsys)
+    assert line.startswith(f"python -m serving.frontend.server: error: argument {flag}: ")
+    assert says in line
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), STACK)
+def test_a_bad_stack_value_is_refused_by_the_stacks_parser(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [flag, *([value] * 3 if flag == "--triton-ports" else [value])]
+    line = _refused(stack.main, argv, capsys)
+    assert line.startswith(f"python -m serving.stack: error: argument {flag}: ")  # not the front end's prog
+    assert says in line
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "says"),
+    [
+        ("OMNIGEN2_MAX_IN_FLIGHT", "abc", "not a whole number (abc)"),
+        ("OMNIGEN2_MAX_RUN_S", "nan", "must be a finite number (nan)"),
+        ("OMNIGEN2_METRICS_PORT", "70000", "must be 0 to 65535"),
+        ("OMNIGEN2_LIMITS", "{bad", "not JSON"),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable(
+    env: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingError) as refused:
+        FrontendConfig.parser()
+    assert refused.value.setting == env and says in refused.value.description
+
+
+def test_every_numeric_or_address_flag_has_a_checked_type() -> None:
+    defaults = FrontendConfig()
+    checked = {f.name for f in fields(FrontendConfig) if type(getattr(defaults, f.name)) in (int, float)}
+    assert checked <= set(FLAG_TYPES)
+    assert {"listen", "triton_url", "http_listen"} <= set(FLAG_TYPES)
+
+
+def test_zero_keeps_its_documented_meaning() -> None:
+    config = FrontendConfig.from_args(
+        ["--metrics-port", "0", "--max-held-request-bytes", "0", "--http-max-connections", "0", "--stop-grace-s", "0"]
+    )
+    assert (config.metrics_port, config.max_held_request_bytes, config.http_max_connections) == (0, 0, 0)
+    assert config.stop_grace_s == 0
+
+
+@pytest.mark.parametrize(("precision", "says"), [("fp8", "not implemented yet"), ("fp7", "pytorch takes fp32 or bf16")])
+def test_a_precision_the_backend_lacks_is_refused_with_the_allowed_ones(precision: str, says: str) -> None:
+    with pytest.raises(SettingError) as refused:  # before: KeyError in fast_from_args
+        stack.main(["--backend", "pytorch", "--precision", precision])
+    assert refused.value.setting == "--precision"
+    assert says in refused.value.description and f"({precision})" in refused.value.description
+
+
+def _certificate(directory: Path, name: str) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+    builder = builder.serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+    cert, secret = directory / f"{name}.crt", directory / f"{name}.key"
+    cert.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    no_password = serialization.NoEncryption()
+    secret.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, no_password))
+    return str(cert), str(secret)
+
+
+def test_tls_files_are_checked_naming_the_flag(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path, "a")
+    _, other_key = _certificate(tmp_path, "b")
+    check_files(FrontendConfig(tls_cert=cert, tls_key=key))
+    cases = [
+        ((cert, ""), "--tls-key", "is needed with --tls-cert"),  # before: IsADirectoryError
+        (("", key), "--tls-cert", "is needed with --tls-key"),
+        ((key, cert), "--tls-cert", "not a PEM certificate"),  # before: "--listen: ... port in use"
+        ((str(tmp_path / "missing.crt"), key), "--tls-cert", "No such file"),  # before: FileNotFoundError
+        ((cert, other_key), "--tls-key", "not the private key of --tls-cert"),
+    ]
+    for (tls_cert, tls_key), flag, says in cases:
+        with pytest.raises(SettingError) as refused:
+            check_files(FrontendConfig(tls_cert=tls_cert, tls_key=tls_key))
+        assert refused.value.setting == flag and says in refused.value.description, (tls_cert, tls_key)
+
+
+def test_a_token_file_anyone_may_write_or_with_no_token_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tokens": [{"name": "t", "sha256": token_digest("secret")}]}))
+    os.chmod(path, 0o646)
+    with pytest.raises(SettingError, match=r"--auth-tokens: anyone may write it"):
+        TokenRegistry.from_file(path)
+    os.chmod(path, 0o600)
+    assert TokenRegistry.from_file(path).policies
+    path.write_text(json.dumps({"tokens": []}))
+    with pytest.raises(SettingError, match=r"--auth-tokens: no token: every call would be refused"):
+        TokenRegistry.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "says"),
+    [
+        (["--max-in-flight", "0"], 2, "argument --max-in-flight: must be >= 1 (0)"),
+        (["--backend", "pytorch", "--precision", "fp8"], 1, "serving.stack: --precision: "),
+        (["--tls-cert", "/"], 1, "serving.stack: --tls-key: is needed with --tls-cert (/)"),
+    ],
+)
+def test_the_stack_exits_with_one_line_and_no_traceback(argv: list[str], status: int, says: str) -> None:
+    env = {**os.environ, "OMNIGEN2_METRICS_PORT": "0", "OMNIGEN2_HTTP_LISTEN": ""}  # no port of another test's
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.stack", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == status
+    assert "Traceback" not in done.stderr
+    assert says in done.stderr.splitlines()[-1]
