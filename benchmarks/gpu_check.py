@@ -324,9 +324,15 @@ class Check:
         finally:
             if self.stack is not None:
                 self.stack.stop()
-            for log in (self.work / "stack.log", self.work / "stack" / "tritonserver.log"):
+            # The server's log is named for its gRPC port (tritonserver-PORT.log); its tail comes back as
+            # tritonserver.log.
+            servers = sorted((self.work / "stack").glob("tritonserver-*.log"), key=lambda log: log.stat().st_mtime)
+            for log, name in (
+                (self.work / "stack.log", "stack.log"),
+                *((log, "tritonserver.log") for log in servers[-1:]),
+            ):
                 if log.is_file():  # the tail: what comes back from the device machine is limited
-                    (self.out / log.name).write_bytes(log.read_bytes()[-LOG_BYTES:])
+                    (self.out / name).write_bytes(log.read_bytes()[-LOG_BYTES:])
             self.results["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             self.write()
 

@@ -18,26 +18,22 @@ import signal
 import sys
 from pathlib import Path
 
-from serving.artifacts.repository import (
-    BACKENDS,
+from serving.artifacts.disk_errors import disk_errors_named
+from serving.choices import BACKENDS, DEVICES
+from serving.cli_help import HelpFormatter
+from serving.command_flags import (
     add_bls_arguments,
+    add_fast_path_arguments,
     add_safety_arguments,
     add_step_cache_arguments,
-    bls_from_args,
     check_precision,
-    fast_from_args,
-    prepare_repository,
-    safety_from_args,
 )
-from serving.cli_help import HelpFormatter
 from serving.errors import OmniGen2Error, SettingError
 from serving.flag_types import Address, Whole, from_env
 from serving.frontend.config import FrontendConfig
-from serving.frontend.server import check_files, serve
+from serving.interrupts import Interrupted, raise_on_stop, stop_on_repeat
 from serving.log_format import configure as configure_logging
-from serving.model.devices import DEVICES, resolve_device
-from serving.runtime.fast_path import add_fast_path_arguments
-from serving.triton.launcher import Ports, TritonInstall, TritonServer, port_in_use
+from serving.triton.launcher import LOOPBACK, TRITONSERVER_ENV, Ports, TritonInstall, TritonServer, port_in_use
 
 log = logging.getLogger("omnigen2.stack")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
@@ -114,51 +110,107 @@ def main(argv: list[str] | None = None) -> None:
             f"unrecognized arguments: {' '.join(unknown)} (front-end flags: python -m serving.frontend.server --help)"
         )
     check_precision(args.backend, args.precision)
-    if args.backend == "tensorrt":  # refused at once, not after an ONNX export and an engine build
-        TritonInstall.find().require_backend("tensorrt")
+    install = find_install()  # refused at once, not after an ONNX export and an engine build
+    if args.backend == "tensorrt":
+        install.require_backend("tensorrt")
     configure_logging()
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
 
     # Its limits also bound the BLS and the engine profiles.
     frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
+    from serving.frontend.server import check_files  # gRPC's import (1 s), not torch's
+
     check_files(frontend)  # TLS and token files, before the build
+    # The flags are good: now the heavy imports (torch: 6-9 s), which a bad flag above did not wait for.
+    from serving.artifacts.repository import bls_from_args, fast_from_args, prepare_repository, safety_from_args
+
     # Ports another server holds are refused before the repository build, which can take minutes, not after it.
     triton_ports = Ports(*args.triton_ports)
+    refuse_shared_ports(frontend, triton_ports)
     triton_ports.check_free()
     for flag, host, port in frontend.bound_addresses():
         if port_in_use(port, host):
             raise SettingError(flag, f"cannot listen on {host}:{port}: the port is in use (another front end?)")
-    repository = prepare_repository(
-        args.checkpoint,
-        args.model_repository,
-        args.backend,
-        onnx_cache=args.build_dir / "onnx",
-        precision=args.precision,
-        bls=bls_from_args(args),
-        device=args.device,
-        limits=frontend.limits,
-        safety=safety_from_args(args),
-        fast=fast_from_args(args, args.build_dir),
-    )
-    with TritonServer(repository, triton_ports, build_dir=args.build_dir) as triton:
-        # Giving up drains the front end as SIGTERM does (its callers get an answer), then the stack exits non-zero.
-        supervisor = triton.supervise(lambda _: os.kill(os.getpid(), signal.SIGTERM), args.triton_restarts)
+    doing = "building the model repository"
+    triton: TritonServer | None = None
+    raise_on_stop()
+    try:
+        with disk_errors_named(build_dir=args.build_dir, model_repository=args.model_repository):
+            repository = prepare_repository(
+                args.checkpoint,
+                args.model_repository,
+                args.backend,
+                onnx_cache=args.build_dir / "onnx",
+                precision=args.precision,
+                bls=bls_from_args(args),
+                device=args.device,
+                limits=frontend.limits,
+                safety=safety_from_args(args),
+                fast=fast_from_args(args, args.build_dir),
+            )
+            doing = "tritonserver was loading its models"
+            triton = TritonServer(repository, triton_ports, build_dir=args.build_dir).start()
+        doing = "the front end was starting"
+        gave_up = run_front_end(triton, frontend, args)
+    except Interrupted as stop:  # a stop asked for: exit status 0, as a stop while serving
+        if triton is not None:
+            triton.stop()  # started, then interrupted before the front end took it over
+        log.warning("%s while %s: stopped; no tritonserver or stub left", stop.signal, doing)
+        return
+    if gave_up is not None:
+        sys.exit(f"serving.stack: {gave_up}")
+    log.info("serving.stack stopped")
+
+
+def run_front_end(triton: TritonServer, frontend: FrontendConfig, args: argparse.Namespace) -> str | None:
+    """Serves until SIGTERM or SIGINT (or the supervisor gives up on Triton: its reason is returned), then stops
+    Triton, however the front end ended."""
+    from serving.frontend.server import serve
+    from serving.model.devices import resolve_device
+
+    # Giving up drains the front end as SIGTERM does (its callers get an answer), then the stack exits non-zero.
+    supervisor = triton.supervise(lambda _: os.kill(os.getpid(), signal.SIGTERM), args.triton_restarts)
+    try:
         config = dataclasses.replace(frontend, triton_url=triton.grpc_url)
         # The banner once health says SERVING (after the warm-up): callers earlier would be refused UNAVAILABLE. A
         # port in use stops the front end before either line, with one line instead.
         on_gpu = args.backend == "tensorrt" or resolve_device(args.device).type == "cuda"
-        asyncio.run(
-            serve(
-                config,
-                ready=lambda: print(warming_up(config), flush=True) if config.warmup else None,
-                serving=lambda: print(usage(config, triton, on_gpu), flush=True),
+        try:
+            asyncio.run(
+                serve(
+                    config,
+                    ready=lambda: print(warming_up(config), flush=True) if config.warmup else None,
+                    serving=lambda: print(usage(config, triton, on_gpu), flush=True),
+                )
             )
-        )
+        finally:
+            stop_on_repeat()  # the event loop's handlers are gone with it: Triton's stop is not to be cut short
         log.info("stopping tritonserver")
+    finally:
+        triton.stop()
     log.info("tritonserver stopped")
-    if supervisor.gave_up is not None:
-        sys.exit(f"serving.stack: {supervisor.gave_up}")
-    log.info("serving.stack stopped")
+    return supervisor.gave_up
+
+
+def find_install() -> TritonInstall:
+    """The Triton install, or one line saying why there is none."""
+    try:
+        return TritonInstall.find()
+    except FileNotFoundError as exc:
+        raise SettingError(TRITONSERVER_ENV if os.environ.get(TRITONSERVER_ENV) else "tritonserver", str(exc)) from exc
+
+
+def refuse_shared_ports(frontend: FrontendConfig, triton: Ports) -> None:
+    """Two of the stack's own listeners on one port: refused before the build, not found by a failed bind after
+    Triton loaded its models (or by Triton's usage text for --triton-ports P P P)."""
+    wildcards = ("", "0.0.0.0", "::", "[::]")
+    triton_flags = [("--triton-ports HTTP", triton.http), ("--triton-ports GRPC", triton.grpc)]
+    triton_flags.append(("--triton-ports METRICS", triton.metrics))
+    listeners = [*frontend.bound_addresses(), *((flag, LOOPBACK, port) for flag, port in triton_flags)]
+    for index, (flag, host, port) in enumerate(listeners):
+        for other_flag, other_host, other_port in listeners[:index]:
+            if port == other_port and (host == other_host or host in wildcards or other_host in wildcards):
+                raise SettingError(flag, f"port {port} is also {other_flag}'s: each listener needs a port of its own")
 
 
 def warming_up(config: FrontendConfig) -> str:

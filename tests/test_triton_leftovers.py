@@ -79,3 +79,39 @@ def test_a_command_name_holding_spaces_and_parentheses_is_read_whole() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def test_an_orphaned_stub_of_this_repository_is_removed_whatever_its_ports(tmp_path: Path, prefix: str) -> None:
+    """A stack stopped while Triton loaded left the stub loading its model; restarted on other ports (another region
+    prefix), the clean-up did not find it (before: it lived on, holding its region)."""
+    repository = tmp_path / "repository"
+    model = repository / "vae_decoder" / "1" / "model.py"
+    model.parent.mkdir(parents=True)
+    model.write_text(STUB)
+    elsewhere = tmp_path / "other-repository" / "m" / "1" / "model.py"  # another repository's orphan: left alone
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text(STUB)
+    old, other = f"{prefix}old_ports", f"{prefix}other_repository"
+    pids = []
+    for stub, region in ((model, old), (elsewhere, other)):
+        started = subprocess.run(
+            ["sh", "-c", '"$@" >/dev/null 2>&1 & echo $!', "sh", sys.executable, stub, region], capture_output=True
+        )
+        pids.append(int(started.stdout))
+    orphan, kept = pids
+    try:
+        deadline = time.monotonic() + 10
+        while not {old, other} <= mapped_regions():
+            assert time.monotonic() < deadline, "the stand-in stubs did not map their regions"
+            time.sleep(0.05)
+        clean_up(f"{prefix}new_ports_", repository)
+        deadline = time.monotonic() + 5
+        while alive(orphan):
+            assert time.monotonic() < deadline, "the orphaned stub of this repository was not killed"
+            time.sleep(0.05)
+        assert not (SHM / old).exists(), "its region was left"
+        assert alive(kept) and (SHM / other).exists(), "another repository's stub was killed"
+    finally:
+        for pid in pids:
+            if alive(pid):
+                psutil.Process(pid).kill()

@@ -55,6 +55,7 @@ NO_RESPONSE_POOL = "--grpc-infer-allocation-pool-size=0"
 # While Triton loads its models (seconds for the tiny checkpoint, minutes for real weights) the wait logs which have
 # loaded this often, from Triton's log (its gRPC port opens only once all have), so that a long start shows progress.
 PROGRESS_INTERVAL_S = 5.0
+KEPT_LOGS = 8  # the other servers' logs kept in a build folder, newest first
 log = logging.getLogger(__name__)
 
 
@@ -170,6 +171,15 @@ def port_in_use(port: int, host: str = LOOPBACK) -> bool:
         return False
 
 
+def prune_logs(folder: Path, keep: Path, kept: int = KEPT_LOGS) -> None:
+    """Removes all but the `kept` newest server logs in `folder` (each port's, with its `.1` from a restart) besides
+    `keep`: a log per port, with ports chosen anew (tests, several stacks), would pile up without bound."""
+    logs = [path for path in folder.glob("tritonserver*.log*") if path.is_file() and path.name != keep.name]
+    logs.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    for stale in logs[kept:]:
+        stale.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Ports:
     http: int
@@ -211,7 +221,9 @@ class TritonServer:
         self.model_repository = model_repository.resolve()
         self.ports = ports or Ports.free()
         self.build_dir = build_dir
-        self.log_path = log_path or build_dir / "tritonserver.log"
+        # One log per server: two stacks on one build folder (on other ports) wrote one file, and each read the
+        # other's load progress from it.
+        self.log_path = log_path or build_dir / f"tritonserver-{self.ports.grpc}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.watchdog: StubWatchdog | None = None
         self.supervisor: TritonSupervisor | None = None
@@ -270,6 +282,7 @@ class TritonServer:
             env[MMAP_THRESHOLD_ENV] = str(MMAP_THRESHOLD)
             env[memory.STUB_MMAP_THRESHOLD_ENV] = str(STUB_MMAP_THRESHOLD)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        prune_logs(self.log_path.parent, keep=self.log_path)
         with self.log_path.open("wb") as log:
             # Killed with this process, whichever way it ends (serving/triton/lifeline.py): an orphan would hold the
             # ports and its stubs' memory.
@@ -398,7 +411,7 @@ class TritonServer:
         started yet)."""
         if self.watchdog is not None:
             self.watchdog.stop()  # stubs that end with their server are not models to reload
-        leftovers.clean_up(self.shm_prefix)
+        leftovers.clean_up(self.shm_prefix, self.model_repository)
 
     def __enter__(self) -> TritonServer:
         return self.start()

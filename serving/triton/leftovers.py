@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from serving.triton.watchdog import ProcStat, proc_stat, processes, stubs_by_region_prefix
+from serving.triton.watchdog import ProcStat, proc_stat, processes, stubs_by_region_prefix, stubs_of_repository
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,15 @@ def mapped_regions() -> set[str]:
     return mapped
 
 
-def clean_up(prefix: str) -> None:
-    """Kills the stubs with a `prefix` region whose server is gone, and unlinks the `prefix` regions that no live
-    process maps, besides those of the stubs killed here."""
+def clean_up(prefix: str, repository: Path | None = None) -> None:
+    """Kills the stubs with a `prefix` region, or of a model in `repository`, whose server is gone, and unlinks the
+    `prefix` regions and those stubs' regions that no live process maps, besides those of the stubs killed here.
+
+    By repository too: a stack stopped while Triton loaded its models left the stub loading one, and a restart on
+    other ports (another prefix) never found it."""
     ended: set[str] = set()
-    for pid, parent, region in stubs_by_region_prefix(prefix):
+    stubs = stubs_by_region_prefix(prefix) + (stubs_of_repository(repository) if repository is not None else [])
+    for pid, parent, region in stubs:
         if _live_tritonserver(parent):
             continue  # a running server's: another stack on these ports, still loading its models
         try:
@@ -154,7 +158,7 @@ def clean_up(prefix: str) -> None:
             continue
         ended.add(region)
     in_use = mapped_regions() - ended  # a stub just killed may not have unmapped yet
-    for path in SHM.glob(f"{prefix}*"):
+    for path in {*SHM.glob(f"{prefix}*"), *(SHM / region for region in ended)}:
         if path.name in in_use:
             continue
         try:

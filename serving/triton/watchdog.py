@@ -69,6 +69,13 @@ def stubs_by_region_prefix(prefix: str) -> list[tuple[int, int, str]]:
     ]
 
 
+def stubs_of_repository(repository: Path) -> list[tuple[int, int, str]]:
+    """(pid, parent pid, region) of the live stubs of the models in `repository`, whatever their region's name (a
+    server on other ports, or one from before region names held the port, started them)."""
+    root = str(repository.resolve()).encode() + b"/"
+    return [(pid, parent, argv[2].decode()) for pid, parent, argv in _all_stubs() if argv[1].startswith(root)]
+
+
 def stub_processes(server_pid: int) -> dict[str, set[int]]:
     """Model name -> pids of its live stub processes."""
     found: dict[str, set[int]] = defaultdict(set)

@@ -1,0 +1,46 @@
+"""SIGTERM and SIGINT before the front end serves (repository build, ONNX export, Triton loading its models).
+
+Python's defaults ended the stack at once on SIGTERM (exit 143, no message, no clean-up: Triton was killed by its
+parent-death signal mid-load and a stub in the middle of loading its model lived on, orphaned, holding its memory and
+its /dev/shm region) and raised KeyboardInterrupt on SIGINT (a traceback). Here either signal raises `Interrupted` in
+the main thread, which unwinds through the context managers that stop Triton and sweep partial builds; a second
+signal while the stop is under way is logged and otherwise ignored, so that the stop runs to its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+log = logging.getLogger("omnigen2.stack")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived; a BaseException so that `except Exception` handlers on the way do not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum).name
+        super().__init__(self.signal)
+
+
+def _raise(signum: int, frame: FrameType | None) -> None:
+    stop_on_repeat()  # the unwinding that follows must not be interrupted in its turn
+    raise Interrupted(signum)
+
+
+def _repeated(signum: int, frame: FrameType | None) -> None:
+    log.warning("%s: already stopping; waiting for tritonserver to end", signal.Signals(signum).name)
+
+
+def raise_on_stop() -> None:
+    """From here on the first SIGTERM or SIGINT raises `Interrupted` in the main thread."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise)
+
+
+def stop_on_repeat() -> None:
+    """The stop is under way: a further SIGTERM or SIGINT is logged, not acted on."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _repeated)

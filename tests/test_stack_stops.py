@@ -1,0 +1,93 @@
+"""`python -m serving.stack` stopped by SIGTERM or SIGINT before it serves: while Triton loads its models (a real
+tritonserver on the golden tiny repository) and while the repository is built (a stand-in build that signals its own
+process). Each exits 0 with one line naming what it interrupted, and leaves no tritonserver, stub or region."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.triton.launcher import Ports
+from serving.triton.leftovers import SHM, region_prefix
+from serving.triton.watchdog import processes, stubs_of_repository
+from tests.processes import alive
+
+ROOT = Path(__file__).resolve().parents[1]
+# A repository build that gets SIGTERM, as a stop during an ONNX export does, and waits to be interrupted.
+INTERRUPTED_BUILD = """import os, signal, sys, time
+import serving.stack
+def build(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+serving.stack.prepare_repository = build
+serving.stack.main(sys.argv[1:])
+"""
+
+
+def _flags(tmp_path: Path, ports: Ports, listen: Ports) -> list[str]:
+    return [
+        f"--model-repository={tmp_path / 'repository'}",
+        f"--build-dir={tmp_path / 'build'}",
+        "--triton-ports",
+        *map(str, (ports.http, ports.grpc, ports.metrics)),
+        f"--listen=127.0.0.1:{listen.http}",
+        f"--http-listen=127.0.0.1:{listen.grpc}",
+        f"--metrics-port={listen.metrics}",
+    ]
+
+
+def _servers(repository: Path) -> list[int]:
+    argument = f"--model-repository={repository}".encode()
+    return [pid for pid, stat, argv in processes() if stat.name == "tritonserver" and argument in argv]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_triton_loads_its_models_leaves_nothing(
+    tmp_path: Path, tiny_onnx: Path, tiny_checkpoint: Path, signum: signal.Signals
+) -> None:
+    # Before: SIGTERM exited 143 with no word, Triton died by its parent-death signal and the stub loading its model
+    # was left to init; SIGINT printed a KeyboardInterrupt traceback.
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "onnx").symlink_to(tiny_onnx.parent)  # the session's export: no export here
+    ports = Ports.free()
+    flags = _flags(tmp_path, ports, Ports.free())
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "serving.stack", f"--checkpoint={tiny_checkpoint}", *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    repository = (tmp_path / "repository").resolve()
+    try:
+        deadline = time.monotonic() + 120
+        while not stubs_of_repository(repository):  # Triton is loading: its first stubs run
+            assert stack.poll() is None and time.monotonic() < deadline, "Triton did not start loading"
+            time.sleep(0.05)
+        stack.send_signal(signum)
+        _, stderr = stack.communicate(timeout=60)
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+            stack.wait()
+    log = stderr.decode()
+    assert stack.returncode == 0, log
+    assert f"{signum.name} while tritonserver was loading its models: stopped" in log
+    assert "Traceback" not in log
+    assert not _servers(repository)
+    left = [pid for pid, _, _ in stubs_of_repository(repository) if alive(pid)]
+    assert not left, f"stubs left: {left}"
+    assert not list(SHM.glob(f"{region_prefix(ports.grpc)}*"))
+
+
+def test_a_stop_during_the_repository_build_is_logged(tmp_path: Path) -> None:
+    # Before: exit status 143 and not a word (the partial export is swept by the next start, as before).
+    flags = _flags(tmp_path, Ports.free(), Ports.free())
+    ended = subprocess.run([sys.executable, "-c", INTERRUPTED_BUILD, *flags], cwd=ROOT, capture_output=True, timeout=60)
+    log = ended.stderr.decode()
+    assert ended.returncode == 0, log
+    assert "SIGTERM while building the model repository: stopped" in log and "Traceback" not in log
