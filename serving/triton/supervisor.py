@@ -2,8 +2,8 @@
 
 A server that exits unasked (killed, OOM, a crash) has its stubs killed and their shared memory unlinked
 (TritonServer.clean_up; unreaped, the server stayed a zombie and its stubs, whose parent it still was, lived on), is
-reaped, and is started again on the same ports with the same repository (its log kept as `tritonserver.log.1`); the
-front end reconnects and warms it by itself.
+reaped, and is started again on the same ports with the same repository (its log kept as
+`tritonserver-<gRPC port>.log.1`); the front end reconnects and warms it by itself.
 More than `restarts` deaths within `window_s` is not a transient fault a restart cures: the supervisor gives up and
 calls `on_give_up`, so that the stack exits non-zero and the outer supervisor (Kubernetes, systemd) takes over. An
 unexpected error of its own (in a clean-up, a restart) gives up the same way, rather than leave Triton unwatched.
