@@ -21,6 +21,8 @@ from serving.pipeline.step_cache import (
     Control,
     Mode,
     _Entry,
+    _taylor_update,
+    _TaylorEntry,
     _teacache_skip,
     _TeaGroup,
     decode_controls,
@@ -192,3 +194,15 @@ def test_teacache_computes_when_the_accumulated_change_reaches_the_threshold() -
     assert decision.accumulated == 0.0  # computed: the sum starts over
     above = dataclasses.replace(control, threshold=float(np.nextafter(control.threshold, np.inf)))
     assert _teacache_skip(decision, above, [entry], [(0, current)])
+
+
+def test_taylorseer_derivatives_reach_the_official_fourth_order() -> None:
+    """Orders start at the 5th full call and grow by one per full call up to max_order 4. The golden TaylorSeer case
+    (14 steps) reaches order 4 only at its last step and never extrapolates from it, so capping the orders at 3
+    passed every parity test."""
+    entry = _TaylorEntry()
+    orders = []
+    for step in [s for s in range(20) if taylor_full_call(s)]:  # 0-4, 7, 10, 13, 16, 19
+        _taylor_update(entry, np.full(2, float(step) ** 2), step)
+        orders.append(len(entry.factors) - 1)
+    assert orders == [0, 0, 0, 0, 1, 2, 3, 4, 4, 4]
