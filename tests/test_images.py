@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from google.rpc import error_details_pb2, status_pb2
 from omnigen2.v1 import omnigen2_pb2 as pb
 from PIL import Image, ImageOps
 
@@ -141,3 +142,32 @@ def test_float_images_are_refused_naming_the_field() -> None:
     assert refused.value.field == "input_images[0].data"
     with pytest.raises(ApiError, match=r"input_images\[0\]\.data.*floating-point"):
         to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=data)]), DEFAULT_LIMITS)
+
+
+def _violations(error: ApiError) -> list[str]:
+    """The fields of a refusal's google.rpc.BadRequest, in order."""
+    details = status_pb2.Status.FromString(dict(error.status.trailing_metadata)["grpc-status-details-bin"])
+    request = error_details_pb2.BadRequest()
+    details.details[0].Unpack(request)
+    return [violation.field for violation in request.field_violations]
+
+
+def test_every_input_image_too_small_for_the_model_is_named_up_front() -> None:
+    """At side length 16, 112x35 and 117x40 both become 16x5: the front end names both, in order, from their
+    headers (the model would stop at whichever it resized first); a header that does not read is named first."""
+    small = [_encoded(Image.new("RGB", size)) for size in ((112, 35), (117, 40))]
+    request = pb.GenerateRequest(
+        prompt="a cat", input_images=[pb.Image(data=data) for data in [*small, b"not an image"]]
+    )
+    request.max_input_image_side_length = 16
+    with pytest.raises(ApiError, match=r"117x40 is resized to 16x5 .* must reach 16 px") as refused:
+        to_forward(request, DEFAULT_LIMITS)
+    assert _violations(refused.value) == ["input_images[2].data", "input_images[0].data", "input_images[1].data"]
+    del request.input_images[2]
+    request.max_input_image_side_length = 64  # 64x20 and 64x21: both fit
+    to_forward(request, DEFAULT_LIMITS)
+    # A bad budget is named alone: the images are not measured against it.
+    request.max_input_image_side_length = 0
+    with pytest.raises(ApiError) as refused:
+        to_forward(request, DEFAULT_LIMITS)
+    assert _violations(refused.value) == ["max_input_image_side_length"]

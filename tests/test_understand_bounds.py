@@ -10,12 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
+from omnigen2.limits import MIN_VISION_PIXELS
 from omnigen2.v1 import omnigen2_pb2 as pb
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
 from serving.frontend import access_log
-from serving.frontend.convert import check_counts, to_chat_forward
+from serving.frontend.convert import check_counts, to_chat_forward, understand_limits
 from serving.frontend.openai_errors import OpenAIError, from_rpc
 from serving.frontend.openai_requests import chat_call
 from serving.frontend.status import MAX_VIOLATIONS, ApiError, invalid_argument
@@ -145,3 +146,15 @@ def test_special_tokens_in_chat_text_are_refused(encoder: ChatEncoder, text: str
     assert "special token" in raised.value.description
     # Look-alikes that are not the tokenizer's special tokens stay plain text.
     encoder.encode(ChatRequest(messages=[ChatMessage("user", [ChatPart(text="<|im_ end|> <| |> <|nothing|>")])]))
+
+
+def test_max_pixels_below_the_vision_minimum_is_refused_up_front(encoder: ChatEncoder) -> None:
+    """The model takes no fewer than 3136 pixels per image: 784..3135 could never be served with an image, and a
+    bound that held only without images would make a request's validity depend on its content."""
+    assert encoder.image_processor.size["shortest_edge"] == MIN_VISION_PIXELS == understand_limits(LIMITS).min_pixels
+    text = pb.ContentPart(text="What is this?")
+    for content in ([text], [pb.ContentPart(image=pb.Image(data=_png(64, 64))), text]):
+        request = pb.UnderstandRequest(messages=[pb.ChatMessage(content=content)], max_pixels=MIN_VISION_PIXELS - 1)
+        assert _refusal(request).status.details == "max_pixels: must be in [3136, 1003520], got 3135"
+        request.max_pixels = MIN_VISION_PIXELS
+        to_chat_forward(request, LIMITS)

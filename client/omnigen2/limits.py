@@ -14,4 +14,7 @@ MAX_TOP_K = 1000  # Understand's top_k (0: off)
 MIN_TEMPERATURE = 0.01
 MIN_TOP_P = 0.01  # the least top_p the UIs offer: the server takes (0, 1]
 MIN_MAX_PIXELS = 16 * 16  # max_pixels: one patch at least
+# Understand's max_pixels: Qwen2.5-VL's processor takes no fewer pixels per image (its min_pixels, 4 merged patches;
+# the served checkpoint's too). One bound for every request, with images or not.
+MIN_VISION_PIXELS = 56 * 56
 MIN_INPUT_IMAGE_SIDE = 16  # max_input_image_side_length

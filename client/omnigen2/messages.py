@@ -275,7 +275,7 @@ class UnderstandOptions(TypedDict, total=False):
     top_k: int
     seed: int
     stop: list[str]
-    max_pixels: int
+    max_pixels: int  # per image, info().understand_limits.min_pixels..max_pixels (3136..1003520 by default)
 
 
 def build_understand_request(

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
+from omnigen2.limits import MIN_VISION_PIXELS
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import InvalidArgumentError
@@ -24,7 +25,7 @@ from serving.pipeline.chat_request import (
     aspect_ratio_message,
 )
 from serving.pipeline.cost import ChatCost, GenerationCost, chat_cost, generation_cost
-from serving.pipeline.images import open_image, oriented_size, to_pil
+from serving.pipeline.images import model_size, open_image, oriented_size, to_pil
 from serving.pipeline.request import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
     CacheKind,
@@ -98,6 +99,7 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
     violations: list[tuple[str, str]] = []
 
     sizes = []  # (height, width) from the headers: the images are decoded once, by the BLS
+    sized_fields: list[str] = []  # the field of each of `sizes`
     if len(request.input_images) > limits.max_input_images:
         violations.append(
             ("input_images", f"at most {limits.max_input_images} images, got {len(request.input_images)}")
@@ -109,6 +111,7 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
                 sizes.append(
                     _header_size(image.data, field, limits.max_input_image_pixels, limits.max_input_image_bytes)
                 )
+                sized_fields.append(field)
             except InvalidArgumentError as exc:
                 violations.append((exc.field, exc.description))
 
@@ -131,7 +134,11 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         cache=(cache or CacheKind.NONE).value,
         **values,
     )
-    violations += [(API_FIELD.get(e.field, e.field), e.description) for e in generation.violations(limits)]
+    invalid = generation.violations(limits)
+    violations += [(API_FIELD.get(e.field, e.field), e.description) for e in invalid]
+    if not {e.field for e in invalid} & {"max_pixels", "max_input_image_side_length"}:
+        # Every image too small for the model, named here, before admission: the BLS would stop at the first.
+        violations += _model_size_violations(sizes, sized_fields, generation)
 
     output_format = FORMATS.get(request.output_format)
     if output_format is None:
@@ -157,6 +164,18 @@ def to_forward(request: pb.GenerateRequest, limits: Limits) -> Forward:
         return_latents=request.return_latents,
         cost=generation_cost(generation, sizes, request.return_latents),
     )
+
+
+def _model_size_violations(
+    sizes: list[tuple[int, int]], names: list[str], generation: GenerationRequest
+) -> list[tuple[str, str]]:
+    found = []
+    for (height, width), name in zip(sizes, names, strict=True):
+        try:
+            model_size(height, width, generation.max_pixels, generation.max_input_image_side_length, name)
+        except InvalidArgumentError as exc:
+            found.append((exc.field, exc.description))
+    return found
 
 
 def encode_images(images: np.ndarray, output_format: str, quality: int) -> list[pb.Image]:
@@ -377,6 +396,7 @@ def understand_limits(limits: ChatLimits) -> pb.UnderstandLimits:
         max_new_tokens=limits.max_new_tokens,
         max_pixels=limits.max_vision_pixels,
         max_stop_strings=limits.max_stop_strings,
+        min_pixels=MIN_VISION_PIXELS,
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from omnigen2.limits import MAX_NEW_TOKENS, MAX_TOP_K, MIN_TEMPERATURE
+from omnigen2.limits import MAX_NEW_TOKENS, MAX_TOP_K, MIN_TEMPERATURE, MIN_VISION_PIXELS
 from PIL import Image
 
 from serving.errors import InvalidArgumentError
@@ -115,8 +115,8 @@ class ChatRequest:
             bad("stop", f"at most {limits.max_stop_strings} stop strings")
         if any(not s or len(s) > limits.max_stop_chars for s in self.stop):
             bad("stop", f"stop strings must have 1 to {limits.max_stop_chars} characters")
-        if not 28 * 28 <= self.max_pixels <= limits.max_vision_pixels:
-            bad("max_pixels", f"must be in [784, {limits.max_vision_pixels}], got {self.max_pixels}")
+        if not MIN_VISION_PIXELS <= self.max_pixels <= limits.max_vision_pixels:
+            bad("max_pixels", f"must be in [{MIN_VISION_PIXELS}, {limits.max_vision_pixels}], got {self.max_pixels}")
         return found
 
     def validate(self, limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from omnigen2.limits import MIN_VISION_PIXELS
+
 from serving.pipeline.guidance import Branch, step_guidance
 from serving.pipeline.images import SIZE_MULTIPLE, fit_size, generation_size
 from serving.pipeline.request import DEFAULT_MAX_SEQUENCE_LENGTH, GenerationRequest
@@ -87,7 +89,6 @@ def _branches(request: GenerationRequest, step: int, has_refs: bool) -> tuple[Br
 # into [MIN_VISION_PIXELS, max_pixels], plus its start and end markers; each message adds its role markers, and
 # the template a default system message.
 VISION_PATCH = 28
-MIN_VISION_PIXELS = 56 * 56
 IMAGE_MARKER_TOKENS = 2
 MESSAGE_TEMPLATE_TOKENS = 8
 SYSTEM_TEMPLATE_TOKENS = 32

@@ -7,22 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from serving.errors import InvalidArgumentError
-from serving.pipeline.images import SIZE_MULTIPLE, fit_size, scaled_size
+from serving.pipeline.images import model_size
 
 
 def preprocess_image(image: Image.Image, max_pixels: int, max_side: int, field: str = "images") -> torch.Tensor:
     """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized with Lanczos to fit the limits."""
-    height, width = fit_size(image.height, image.width, max_pixels, max_side)
-    if height == 0 or width == 0:
-        # The limit is on the image as the model takes it: a long strip shrinks into max_side first.
-        scaled_h, scaled_w = scaled_size(image.height, image.width, max_pixels, max_side)
-        raise InvalidArgumentError(
-            field,
-            f"image of {image.width}x{image.height} is resized to {scaled_w}x{scaled_h} to fit max_pixels"
-            f" {max_pixels} and max_input_image_side_length {max_side}, and both sides of the resized image must"
-            f" reach {SIZE_MULTIPLE} px",
-        )
+    height, width = model_size(image.height, image.width, max_pixels, max_side, field)  # the last guard
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     resized = rgb.resize((width, height), resample=Image.Resampling.LANCZOS)
     array = np.asarray(resized, dtype=np.float32) / 255.0

@@ -121,6 +121,22 @@ def fit_size(height: int, width: int, max_pixels: int, max_side: int | None = No
     return scaled_h // SIZE_MULTIPLE * SIZE_MULTIPLE, scaled_w // SIZE_MULTIPLE * SIZE_MULTIPLE
 
 
+def model_size(height: int, width: int, max_pixels: int, max_side: int, field: str) -> tuple[int, int]:
+    """fit_size of an input image; InvalidArgumentError naming `field` when a side of it is 0 (under 16 px). The
+    front end checks the headers' sizes with this, the model the decoded images (the same sizes)."""
+    fitted = fit_size(height, width, max_pixels, max_side)
+    if 0 in fitted:
+        # The limit is on the image as the model takes it: a long strip shrinks into max_side first.
+        scaled_h, scaled_w = scaled_size(height, width, max_pixels, max_side)
+        raise InvalidArgumentError(
+            field,
+            f"image of {width}x{height} is resized to {scaled_w}x{scaled_h} to fit max_pixels {max_pixels} and"
+            f" max_input_image_side_length {max_side}, and both sides of the resized image must reach"
+            f" {SIZE_MULTIPLE} px",
+        )
+    return fitted
+
+
 def generation_size(
     width: int | None,
     height: int | None,

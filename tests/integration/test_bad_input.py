@@ -4,6 +4,7 @@ messages refused, and a property-based search over the request message finds no 
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
+import openai
 import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, event, given, settings
@@ -136,6 +138,36 @@ def test_oversize_image_is_refused_before_decoding(client: OmniGen2Client) -> No
         client.edit(huge, "Anything", steps=1)
     assert raised.value.violations[0].field == "input_images[0].data"
     assert "bytes" in raised.value.violations[0].description
+
+
+def test_every_input_image_too_small_for_the_model_is_named_over_grpc_and_http(
+    client: OmniGen2Client, api: FrontendProcess
+) -> None:
+    """At side length 16 both images become 16x5: both are named, the same each time, before admission (the model
+    stopped at whichever it resized first); the HTTP answer names them as its multipart parts."""
+    small = [_encode(Image.new("RGB", size), "PNG") for size in ((112, 35), (117, 40))]
+    for _ in range(3):
+        with pytest.raises(InvalidArgumentError) as refused:
+            client.compose(small, "Together", width=64, height=64, steps=1, max_input_image_side_length=16)
+        assert [v.field for v in refused.value.violations] == ["input_images[0].data", "input_images[1].data"]
+    http = openai.OpenAI(base_url=api.http_url, api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.BadRequestError) as answered:
+        parts = [(f"{i}.png", data, "image/png") for i, data in enumerate(small)]
+        http.images.edit(image=parts, prompt="Together", extra_body={"max_input_image_side_length": 16, "steps": 1})
+    error = answered.value.body
+    assert isinstance(error, dict) and error["param"] == "image[0]"
+    assert re.fullmatch(r"image\[0\]: image of 112x35 .*; image\[1\]: image of 117x40 .*", error["message"])
+
+
+def test_understand_max_pixels_starts_at_the_vision_minimum(client: OmniGen2Client) -> None:
+    """784..3135 was documented but the model refuses it with an image: the served bound is the model's, reported."""
+    assert client.info().understand_limits.min_pixels == 3136
+    image = _encode(Image.new("RGB", (64, 64)), "PNG")
+    for images in ([], [image]):
+        with pytest.raises(InvalidArgumentError, match=r"must be in \[3136, 1003520\], got 3135") as refused:
+            client.understand("What is this?", images, max_new_tokens=1, max_pixels=3135)
+        assert [v.field for v in refused.value.violations] == ["max_pixels"]
+        assert client.understand("What is this?", images, max_new_tokens=1, max_pixels=3136).completion_tokens == 1
 
 
 @pytest.fixture(scope="module")
