@@ -19,11 +19,11 @@ from serving.model import transformer
 from serving.model.transformer import OmniGen2Transformer
 from serving.pipeline.eager import OmniGen2Pipeline
 from serving.pipeline.packing import pack_batch, unpack_output
-from serving.pipeline.step_cache import UNCACHED, CacheStore
+from serving.pipeline.step_cache import UNCACHED, CacheStore, CallStats, Control, Mode
 from serving.runtime import fast_path as fp
 from serving.runtime.fast_path import DEFAULT_WARMUP, FastPath, trim_padding
 from serving.runtime.torch_backend import transformer_call
-from serving.runtime.torch_stages import TorchStages, warm_up
+from serving.runtime.torch_stages import WARMUP_CALLS, TorchStages, warm_up
 from tests.golden import relative_error, request_from_case, transformer_case_inputs
 
 TOLERANCE = 1e-4  # as tests/test_transformer_parity.py
@@ -136,10 +136,79 @@ def test_compiled_blocks_match_after_warming_up_at_load(
     fast = FastPath(attention, trim_padding=True, compile=True, warmup=((64, 64),), cache_dir=cache)
     stages = TorchStages(model, fast)
     report = warm_up(stages)
-    assert report["warmup_calls"] == 3 and report["warmup_seconds"] > 0 and cache.is_dir()
+    assert report["warmup_calls"] == len(WARMUP_CALLS) and report["warmup_seconds"] > 0 and cache.is_dir()
     captured = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert captured >= 2  # the plain and the modulated block at least, each a graph of its own
     assert _worst_error(stages, cases, golden) <= TOLERANCE
+
+
+# (prompt tokens, reference latent sizes, latent size) of each row: the CPU rehearsal's 64x64 is an 8x8 latent
+Row = tuple[int, list[tuple[int, int]], tuple[int, int]]
+LATENT = (8, 8)
+
+
+def _request_call(stages: TorchStages, rows: list[Row], controls: list[Control], store: CacheStore) -> CallStats:
+    """One transformer call packed as the BLS packs it (text to a multiple of 16, at least one reference slot)."""
+    text_len = -(-max(tokens for tokens, _, _ in rows) // TEXT_MULTIPLE) * TEXT_MULTIPLE
+    text_mask = torch.zeros(len(rows), text_len, dtype=torch.bool)
+    for i, (tokens, _, _) in enumerate(rows):
+        text_mask[i, :tokens] = True
+    config = stages.model.config
+    packed = pack_batch(
+        [torch.randn(config.in_channels, *size) for _, _, size in rows],
+        torch.full((len(rows),), 0.5),
+        torch.randn(len(rows), text_len, config.text_feat_dim),
+        text_mask,
+        [[torch.randn(config.in_channels, *size) for size in refs] or None for _, refs, _ in rows],
+        patch_size=config.patch_size,
+        axes_dim=config.axes_dim_rope,
+        min_ref_slots=1,
+    )
+    return transformer_call(stages, packed.as_inputs(), controls, store)[1]
+
+
+def test_requests_compile_nothing_after_the_warm_up(
+    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load-time warm-up compiles every graph the blocks need (block kind x one row or more x masked or not),
+    so calls shaped like every request the server sends compile nothing: on a GPU each graph is an Inductor
+    compile of seconds to a minute inside a user's request. Before: one row with several references (a stride-0
+    conditioning), one row of a padded call (step caching), the images of one prompt, each compiled at request
+    time. aot_eager, as above: dynamo's guards, not the generated code, decide what compiles."""
+    monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()  # graphs of earlier tests in this process would hide what this warm-up misses
+    torch._dynamo.utils.counters.clear()
+    stages = TorchStages(model, FastPath("sdpa", trim_padding=True, compile=True, warmup=((64, 64),)))
+    warm_up(stages)
+    graphs = torch._dynamo.utils.counters["stats"]
+    warmed = graphs["unique_graphs"]
+    assert warmed == 8, "plain and modulated blocks, one row or several, masked or not"
+
+    small, wide = (6, 6), (6, 10)
+    calls: list[list[Row]] = [
+        [(20, [], LATENT)],  # text to image, one branch (no CFG, or one branch per call)
+        [(20, [], LATENT), (9, [], LATENT)],  # two CFG branches
+        [(20, [LATENT], LATENT)],  # an edit's branch with one reference
+        [(20, [LATENT, small], LATENT)],  # one row with references of two sizes
+        [(20, [LATENT] * 5, LATENT)],  # five references
+        [(20, [LATENT] * 5, LATENT), (9, [], LATENT), (12, [LATENT] * 5, LATENT)],  # an edit's three branches
+        [(20, [], LATENT)] * 3,  # three images of one prompt
+        [(20, [LATENT], LATENT), (9, [], wide), (30, [small, LATENT], (10, 6))],  # callers of different sizes
+    ]
+    for rows in calls:
+        _request_call(stages, rows, [UNCACHED] * len(rows), CacheStore())
+    # Step caching next to an uncached caller: the cached row skips (TeaCache) or extrapolates (TaylorSeer), and
+    # the other row, padded to the call's longest prompt, runs alone.
+    store, alone = CacheStore(), []
+    for step in range(8):
+        for key, mode in ((1, Mode.TAYLORSEER), (2, Mode.TEACACHE)):
+            cached = Control(key=key, mode=mode, step=step, force=step in (0, 7), threshold=100.0)
+            controls = [cached, Control(key=key + 10, step=step)]
+            stats = _request_call(stages, [(30, [LATENT], LATENT), (9, [], LATENT)], controls, store)
+            alone.append(stats.main_layer_rows == 1)
+    assert sum(alone) >= 4  # the one-row calls did happen
+    assert _worst_error(stages, cases, golden) <= TOLERANCE  # every golden case, batched and row by row
+    assert graphs["unique_graphs"] == warmed
 
 
 def test_trimming_keeps_the_valid_tokens_and_their_positions() -> None:

@@ -211,15 +211,22 @@ def trim_padding(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def warmup_inputs(
-    model: OmniGen2Transformer, width: int, height: int, batch: int, refs: int, vae_scale: int = 8
+    model: OmniGen2Transformer,
+    width: int,
+    height: int,
+    batch: int,
+    refs: int,
+    ragged: bool = True,
+    vae_scale: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Packed inputs of the shapes a request at this size makes (values do not matter): `batch` rows whose
-    prompts differ in length when there are several, as CFG branches' do, each with `refs` full references."""
+    """Packed inputs of the shapes a request at this size makes (values do not matter): `batch` rows, each with
+    `refs` full references, whose prompts differ in length when `ragged`, as CFG branches' do (or are one
+    prompt's, as the images of one prompt)."""
     config = model.config
     img_len = (height // vae_scale // config.patch_size) * (width // vae_scale // config.patch_size)
     half = sum(config.axes_dim_rope) // 2
     text_mask = torch.ones(batch, WARMUP_TEXT, dtype=torch.bool)
-    for row in range(1, batch):
+    for row in range(1, batch if ragged else 1):
         text_mask[row, WARMUP_TEXT - 16 * row :] = False
     total = WARMUP_TEXT + refs * img_len + img_len
     return {

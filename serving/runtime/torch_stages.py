@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -96,8 +96,32 @@ class TorchStages:
         return int(torch.as_tensor(inputs["img_mask"][row]).sum())
 
 
-# Calls a request makes at each warmed size: one branch alone, two CFG branches, an edit's three with a reference.
-WARMUP_CALLS = ((1, 0), (2, 0), (3, 1))
+class WarmupCall(NamedTuple):
+    batch: int  # rows of the packed call
+    refs: int  # references per row
+    ragged: bool  # prompts of different lengths (CFG branches), so rows after the first have padded text
+    rows: tuple[int, ...] | None = None  # the rows run, as step caching runs some rows of a call; None: all
+
+
+# Calls a request makes at each warmed size. A compiled block's graph is chosen by its kind (plain or modulated),
+# whether its call has one row or more (dynamo specializes a dimension of size 1) and whether keys are masked;
+# these calls make every such graph, so that no request compiles: one branch alone; CFG branches; an edit's
+# three with a reference; images of one prompt (several rows, none padded); and one row of a padded call, as
+# step caching runs it when the call's other rows skip or extrapolate (one row, with a mask).
+WARMUP_CALLS = (
+    WarmupCall(1, 0, ragged=False),
+    WarmupCall(2, 0, ragged=True),
+    WarmupCall(3, 1, ragged=True),
+    WarmupCall(2, 0, ragged=False),
+    WarmupCall(2, 1, ragged=True, rows=(1,)),
+)
+
+
+def _run_rows(stages: TorchStages, inputs: Mapping[str, Any], rows: list[int]) -> None:
+    """The stages over some rows of a call, as `cached_transformer` runs the rows that compute."""
+    hidden, temb = stages.embed(inputs, rows)
+    out = stages.layers(hidden, temb, inputs, rows)
+    stages.head(out[:, out.shape[1] - inputs["img_tokens"].shape[1] :], inputs, rows)
 
 
 @torch.no_grad()
@@ -113,10 +137,13 @@ def warm_up(stages: TorchStages) -> dict[str, float]:
     repeats = 3 if fast.cuda_graphs and stages.device.type == "cuda" else 1
     calls = 0
     for width, height in fast.warmup:
-        for batch, refs in WARMUP_CALLS:
-            inputs = warmup_inputs(stages.model, width, height, batch, refs)
+        for call in WARMUP_CALLS:
+            inputs = warmup_inputs(stages.model, width, height, call.batch, call.refs, call.ragged)
             for _ in range(repeats):
-                cached_transformer(stages, stages.prepare(inputs), [UNCACHED] * batch, store)
+                if call.rows is None:
+                    cached_transformer(stages, stages.prepare(inputs), [UNCACHED] * call.batch, store)
+                else:
+                    _run_rows(stages, stages.prepare(inputs), list(call.rows))
                 calls += 1
     if stages.device.type == "cuda":
         torch.cuda.synchronize(stages.device)
