@@ -336,7 +336,7 @@ def test_violations_come_typed_and_together(client: OmniGen2Client) -> None:
 
 
 def test_input_too_small_after_resizing_is_named(client: OmniGen2Client) -> None:
-    """Found by the BLS (after preprocessing), still reported as the API's field."""
+    """Found by the front end from the header, before admission (the BLS keeps the same check as a last guard)."""
     tiny = io.BytesIO()
     Image.new("RGB", (8, 8)).save(tiny, format="PNG")
     with pytest.raises(InvalidArgumentError) as raised:
