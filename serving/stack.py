@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         if triton is not None:
             triton.stop()  # started, then interrupted before the front end took it over
         log.warning("%s while %s: stopped; no tritonserver or stub left", stop.signal, doing)
-        return
+        # The supervisor's own SIGTERM (Triton died too often) before the front end took the signals: still status 1.
+        gave_up = triton.supervisor.gave_up if triton is not None and triton.supervisor is not None else None
+        if gave_up is None:
+            return
     if gave_up is not None:
         sys.exit(f"serving.stack: {gave_up}")
     log.info("serving.stack stopped")
