@@ -29,6 +29,8 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.health import LIVENESS, SERVICE
 from serving.frontend.metrics import WARMUP_OUTCOMES, Metrics
 from serving.frontend.server import ENDING_MARGIN_S
+from serving.pipeline.cost import generation_cost
+from serving.pipeline.request import GenerationRequest
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import (
     MMAP_THRESHOLD,
@@ -116,9 +118,12 @@ def test_probes_use_the_grpc_health_service(pod: dict[str, Any]) -> None:
     assert flag(probe["exec"]["command"], "--address") == address
 
 
-def test_termination_outlasts_the_longest_call(pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kustomization", ["base", "overlays/gpu"])
+def test_termination_outlasts_the_longest_call(kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The drain covers a call admitted just before SIGTERM (--max-run-s, then its reply at the write timeout), Triton
     outlives the front end, and the pod's grace covers both: a long call is not cut by a rollout."""
+    (deployment,) = by_kind(render(kustomization), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
     frontend, triton = container(pod, "frontend"), container(pod, "triton")
     config = frontend_config(frontend, monkeypatch)
     assert config.shutdown_grace_s >= config.max_run_s + config.stream_write_timeout_s
@@ -421,6 +426,7 @@ BYTES_PER_TOKEN_SQUARED = 35  # attention of one sample (docs/reliability.md, to
 VAE_DECODER_PEAK = 1_200_000_000  # its 1024-px tiles (docs/reliability.md)
 FRONT_END_PROCESS = 512 * MiB  # the process itself: 0.07 GiB after cpu-full-smoke's requests
 FULL_SMOKE = REPO / "benchmarks" / "results" / "cpu-full-smoke"
+FULL_SMOKE_EDIT = "Make the apple green"  # benchmarks/full_smoke.py's edit, 256x256 of a 256x256 image
 
 
 def quantity(text: str) -> int:
@@ -478,6 +484,17 @@ def test_the_base_serves_the_measured_full_size_configuration(
     )
     assert worst <= quantity(triton["resources"]["limits"]["memory"])
     assert config.max_step_tokens >= config.max_sample_tokens  # one sample's step passes the step budget
+
+
+def test_the_cpu_stop_grace_outlasts_the_longest_step(pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped call is confirmed at the BLS's next step: on CPU the grace covers a step at the step budget, from
+    cpu-full-smoke's time a token (its edit step), the pod's cores doing the work of the measured machine's."""
+    results = json.loads((FULL_SMOKE / "results.json").read_text())
+    edit = generation_cost(GenerationRequest(prompt=FULL_SMOKE_EDIT, width=256, height=256), [(256, 256)], False)
+    per_token = results["serve"]["requests"]["edit"]["transformer_step_s"] / edit.step_tokens
+    config = frontend_config(container(pod, "frontend"), monkeypatch)
+    cores = quantity(container(pod, "triton")["resources"]["limits"]["cpu"]) / results["machine"]["cpus"]
+    assert config.stop_grace_s >= per_token * config.max_step_tokens / cores
 
 
 @pytest.mark.parametrize("kustomization", ["base", "overlays/gpu", "overlays/production"])
