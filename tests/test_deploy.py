@@ -424,6 +424,7 @@ READ_PEAK = 5  # front end memory per held request byte at worst, 4.5-5x (docs/a
 BYTES_PER_OUTPUT_PIXEL = 65  # every process's own peak summed (docs/reliability.md, output flood)
 BYTES_PER_TOKEN_SQUARED = 35  # attention of one sample (docs/reliability.md, token budgets)
 VAE_DECODER_PEAK = 1_200_000_000  # its 1024-px tiles (docs/reliability.md)
+BYTES_PER_INPUT_PIXEL = 16  # decoded in the BLS: an estimate, NOT measured (deployment.yaml)
 FRONT_END_PROCESS = 512 * MiB  # the process itself: 0.07 GiB after cpu-full-smoke's requests
 FULL_SMOKE = REPO / "benchmarks" / "results" / "cpu-full-smoke"
 FULL_SMOKE_EDIT = "Make the apple green"  # benchmarks/full_smoke.py's edit, 256x256 of a 256x256 image
@@ -466,7 +467,7 @@ def test_the_base_serves_the_measured_full_size_configuration(
     pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pytorch-bf16 is the configuration cpu-full-smoke measured; Triton's limit holds what it held there plus the
-    budgets' worst case on top, and the /dev/shm tmpfs."""
+    budgets' worst case on top (input pixels at an unmeasured estimate), and the /dev/shm tmpfs."""
     prepare, triton = container(pod, "prepare-repository", init=True), container(pod, "triton")
     served = f"{env(prepare)['OMNIGEN2_BACKEND']}-{env(prepare)['OMNIGEN2_PRECISION']}"
     assert served == "pytorch-bf16" and f"Served stack ({served})" in (FULL_SMOKE / "results.md").read_text()
@@ -480,6 +481,8 @@ def test_the_base_serves_the_measured_full_size_configuration(
         + BYTES_PER_OUTPUT_PIXEL * config.max_inflight_output_pixels
         + BlsSettings.max_step_cache_mib * MiB
         + VAE_DECODER_PEAK
+        # Admission takes one request alone whatever its cost: in flight is the larger of the two budgets.
+        + BYTES_PER_INPUT_PIXEL * max(config.max_inflight_input_pixels, config.max_request_input_pixels)
         + quantity(shm)
     )
     assert worst <= quantity(triton["resources"]["limits"]["memory"])
