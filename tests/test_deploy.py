@@ -553,6 +553,8 @@ def test_tls_and_tokens_come_from_secrets(production: list[dict[str, Any]], monk
         folder, name = path.rsplit("/", 1)
         assert name == key and mounts[folder] in secrets, path
     assert set(secrets.values()) == {"omnigen2-tls", "omnigen2-auth-tokens"}
+    for service in by_kind(production, "Service"):  # a mesh or gateway is told the ports speak TLS
+        assert [p["appProtocol"] for p in service["spec"]["ports"]] == ["tls", "https"]
     # The kubelet's grpc probes speak plaintext: with TLS they are exec probes over the front end's Unix socket.
     assert all("exec" in frontend[p] for p in ("readinessProbe", "livenessProbe"))
     # The base ships without either, and says so.
