@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from serving.artifacts.disk_errors import disk_errors_named
 from serving.choices import BACKENDS, DEVICES
@@ -35,7 +37,17 @@ from serving.interrupts import Interrupted, raise_on_stop, stop_on_repeat
 from serving.log_format import configure as configure_logging
 from serving.triton.launcher import LOOPBACK, TRITONSERVER_ENV, Ports, TritonInstall, TritonServer, port_in_use
 
+if TYPE_CHECKING:  # bound by _import_late once the flags are checked: torch's import takes 6-9 s
+    from serving.artifacts.repository import bls_from_args, fast_from_args, prepare_repository, safety_from_args
+    from serving.frontend.server import serve
+    from serving.model.devices import resolve_device
+
 log = logging.getLogger("omnigen2.stack")
+LATE_IMPORTS = {
+    "serving.artifacts.repository": ("bls_from_args", "fast_from_args", "prepare_repository", "safety_from_args"),
+    "serving.frontend.server": ("serve",),
+    "serving.model.devices": ("resolve_device",),
+}
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "tiny-omnigen2"
 
 
@@ -118,12 +130,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # Its limits also bound the BLS and the engine profiles.
     frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
-    from serving.frontend.server import check_files  # gRPC's import (1 s), not torch's
+    from serving.frontend.server import check_files  # gRPC's import (1 s), not yet torch's
 
     check_files(frontend)  # TLS and token files, before the build
-    # The flags are good: now the heavy imports (torch: 6-9 s), which a bad flag above did not wait for.
-    from serving.artifacts.repository import bls_from_args, fast_from_args, prepare_repository, safety_from_args
-
+    _import_late()  # the settings are good: now torch, which a bad one above did not wait for
     # Ports another server holds are refused before the repository build, which can take minutes, not after it.
     triton_ports = Ports(*args.triton_ports)
     refuse_shared_ports(frontend, triton_ports)
@@ -168,9 +178,6 @@ def main(argv: list[str] | None = None) -> None:
 def run_front_end(triton: TritonServer, frontend: FrontendConfig, args: argparse.Namespace) -> str | None:
     """Serves until SIGTERM or SIGINT (or the supervisor gives up on Triton: its reason is returned), then stops
     Triton, however the front end ended."""
-    from serving.frontend.server import serve
-    from serving.model.devices import resolve_device
-
     # Giving up drains the front end as SIGTERM does (its callers get an answer), then the stack exits non-zero.
     supervisor = triton.supervise(lambda _: os.kill(os.getpid(), signal.SIGTERM), args.triton_restarts)
     try:
@@ -214,6 +221,22 @@ def refuse_shared_ports(frontend: FrontendConfig, triton: Ports) -> None:
         for other_flag, other_host, other_port in listeners[:index]:
             if port == other_port and (host == other_host or host in wildcards or other_host in wildcards):
                 raise SettingError(flag, f"port {port} is also {other_flag}'s: each listener needs a port of its own")
+
+
+def _import_late() -> None:
+    """Bind LATE_IMPORTS' names here; one already bound (a test's stand-in build) is kept."""
+    for module, names in LATE_IMPORTS.items():
+        loaded = importlib.import_module(module)
+        for name in names:
+            globals().setdefault(name, getattr(loaded, name))
+
+
+def __getattr__(name: str) -> Any:
+    """`serving.stack.prepare_repository` and the other late names, from outside, before main binds them."""
+    if any(name in names for names in LATE_IMPORTS.values()):
+        _import_late()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warming_up(config: FrontendConfig) -> str:

@@ -201,3 +201,14 @@ def test_the_stack_exits_with_one_line_and_no_traceback(argv: list[str], status:
     assert done.returncode == status
     assert "Traceback" not in done.stderr
     assert says in done.stderr.splitlines()[-1]
+
+
+def test_the_stacks_flags_are_checked_before_torch_is_imported() -> None:
+    # Before: every flag error waited for torch's import (6-11 s); a bad front-end value is refused the same way.
+    probe = (
+        "import sys, serving.stack\n"
+        "try:\n    serving.stack.main(['--max-in-flight', '0'])\n"
+        "except SystemExit:\n    print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from serving.choices import DEVICES
 from serving.errors import SettingError
 
-DEVICES = ("auto", "cuda", "cpu")
 # --precision names -> the dtype the PyTorch components compute in.
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from serving.choices import ATTENTION_MODES
 from serving.model.config import TransformerConfig
 from serving.model.weights import load_weights, weight_files
 
@@ -48,11 +49,11 @@ def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
-# How attention skips padded keys (serving/runtime/fast_path.py chooses): `dense` adds a (B, 1, 1, L) bias and
-# repeats the key/value heads, as the reference and the exported graphs do; `sdpa` gives the kernel no mask at all
-# when no key of the call is padded (so flash / cuDNN kernels qualify) and the grouped heads as they are; `flex`
-# hands padded calls to FlexAttention as a block mask, which skips the padded blocks instead of adding -1e4 to them.
-ATTENTION_MODES = ("dense", "sdpa", "flex")
+# How attention skips padded keys (ATTENTION_MODES; serving/runtime/fast_path.py chooses): `dense` adds a
+# (B, 1, 1, L) bias and repeats the key/value heads, as the reference and the exported graphs do; `sdpa` gives the
+# kernel no mask at all when no key of the call is padded (so flash / cuDNN kernels qualify) and the grouped heads as
+# they are; `flex` hands padded calls to FlexAttention as a block mask, which skips the padded blocks instead of
+# adding -1e4 to them.
 KeyMask = torch.Tensor | BlockMask | None  # a bias, a block mask, or nothing to mask
 
 

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch._dynamo import config as dynamo_config
 
+from serving.choices import ATTENTION_MODES
+from serving.command_flags import DEFAULT_WARMUP as DEFAULT_WARMUP
+from serving.command_flags import add_fast_path_arguments as add_fast_path_arguments
+from serving.command_flags import format_resolutions as format_resolutions
 from serving.errors import SettingError
-from serving.model.transformer import ATTENTION_MODES, OmniGen2Transformer
+from serving.model.transformer import OmniGen2Transformer
 
-# Warmed at load when compiling: the official default, and the usual square sizes below it.
-DEFAULT_WARMUP = ((1024, 1024), (768, 768), (512, 512))
 WARMUP_TEXT = 128  # tokens of a typical templated prompt; other lengths reuse the dynamic-shape kernels
 # Each mask kind, batch of 1 or more, and block type is a graph of its own: far more than dynamo's default of 8
 # per function, past which it would silently run the blocks eagerly.
@@ -91,10 +93,6 @@ class FastPath:
         )
 
 
-def format_resolutions(resolutions: tuple[tuple[int, int], ...]) -> str:
-    return ",".join(f"{w}x{h}" for w, h in resolutions)
-
-
 def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
     """'1024x1024,768x1344' -> ((1024, 1024), (768, 1344)); '' -> ()."""
     out = []
@@ -107,34 +105,6 @@ def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
             raise SettingError("warmup_resolutions", f"{item!r}: sides must be positive")
         out.append((width, height))
     return tuple(out)
-
-
-def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("PyTorch fast path (defaults: all on for --device cuda with bf16, else off)")
-    group.add_argument(
-        "--attention", choices=ATTENTION_MODES, default=None, help="how attention skips padding (cuda: sdpa)"
-    )
-    group.add_argument(
-        "--trim-padding",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="drop the columns that are padding in every row of a batched call",
-    )
-    group.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each transformer block"
-    )
-    group.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="CUDA graphs for the compiled blocks (needs --compile; default: with --compile)",
-    )
-    group.add_argument(
-        "--warmup-resolutions",
-        default=None,
-        help=f"WxH,... compiled and warmed at load (default {format_resolutions(DEFAULT_WARMUP)} when compiling)",
-    )
-    group.add_argument("--compile-cache-dir", type=Path, default=None, help="Inductor's cache (default: build dir)")
 
 
 def fast_path_from_args(

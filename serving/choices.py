@@ -1,0 +1,12 @@
+"""The names the serving flags choose from, importable without torch: `python -m serving.stack` checks its flags
+before its heavy imports (serving/command_flags.py)."""
+
+from __future__ import annotations
+
+DEVICES = ("auto", "cuda", "cpu")  # where the PyTorch components run (serving/model/devices.py)
+BACKENDS = ("onnxruntime", "pytorch", "tensorrt")  # serving/artifacts/repository.py builds each
+PRECISIONS = {"pytorch": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16", "bf16")}
+# Named by users, not built yet: refused with this reason instead of quietly building something else.
+NOT_IMPLEMENTED = {"fp8": "fp8 needs calibrated quantisation (TensorRT Model Optimizer), which is not implemented yet"}
+# How attention skips padded keys (serving/model/transformer.py runs them; serving/runtime/fast_path.py chooses).
+ATTENTION_MODES = ("dense", "sdpa", "flex")

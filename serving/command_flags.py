@@ -1,0 +1,104 @@
+"""The flags of the repository generator and of `python -m serving.stack` (the `add_*_arguments`) and their
+checks, importable without torch: the stack refuses a bad flag before its heavy imports (6-9 s of torch)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from serving.choices import ATTENTION_MODES, NOT_IMPLEMENTED, PRECISIONS
+from serving.errors import SettingError
+from serving.flag_types import Whole
+from serving.safety.settings import SafetySettings
+from serving.triton.bls_settings import BlsSettings
+
+# Warmed at load when compiling: the official default, and the usual square sizes below it.
+DEFAULT_WARMUP = ((1024, 1024), (768, 768), (512, 512))
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """Refuse a precision the backend does not build, before anything loads (onnxruntime serves float32 whatever
+    --precision says)."""
+    if backend not in PRECISIONS or precision in PRECISIONS[backend]:
+        return
+    allowed = " or ".join(PRECISIONS[backend])
+    why = f"{NOT_IMPLEMENTED[precision]}; " if precision in NOT_IMPLEMENTED else ""
+    raise SettingError("--precision", f"{why}{backend} takes {allowed} ({precision})")
+
+
+def add_bls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-call-tokens",
+        type=Whole(0),
+        default=None,
+        help="padded tokens per transformer call at most (>= 0), 0 for no cap (default: the backend's; pytorch-bf16 on "
+        "the CPU: 8192, pytorch on a GPU: 65536, the others: 17408)",
+    )
+
+
+def add_step_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-step-cache-mib",
+        type=Whole(0, why="0: no step caching"),
+        default=BlsSettings.max_step_cache_mib,
+        help="TeaCache / TaylorSeer state of the requests in flight at most; past it a request runs uncached "
+        f"(default {BlsSettings.max_step_cache_mib})",
+    )
+
+
+def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--safety",
+        action="store_true",
+        default=os.environ.get("OMNIGEN2_SAFETY", "") not in ("", "0"),
+        help="classify every output image and withhold those over the thresholds (needs pip install '.[safety]', "
+        "AGPL-3.0; env OMNIGEN2_SAFETY=1)",
+    )
+    parser.add_argument(
+        "--safety-thresholds",
+        type=_thresholds,
+        default=os.environ.get("OMNIGEN2_SAFETY_THRESHOLDS", ""),
+        help="class thresholds to change, JSON (e.g. '{\"BELLY_EXPOSED\": 0.8}'); env OMNIGEN2_SAFETY_THRESHOLDS",
+    )
+
+
+def _thresholds(text: str) -> str:
+    """--safety-thresholds, checked as it is read (known classes, scores in [0, 1]), with or without --safety."""
+    try:
+        SafetySettings.with_overrides(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.description} ({text})") from None
+    return text
+
+
+def format_resolutions(resolutions: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{w}x{h}" for w, h in resolutions)
+
+
+def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("PyTorch fast path (defaults: all on for --device cuda with bf16, else off)")
+    group.add_argument(
+        "--attention", choices=ATTENTION_MODES, default=None, help="how attention skips padding (cuda: sdpa)"
+    )
+    group.add_argument(
+        "--trim-padding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop the columns that are padding in every row of a batched call",
+    )
+    group.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each transformer block"
+    )
+    group.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA graphs for the compiled blocks (needs --compile; default: with --compile)",
+    )
+    group.add_argument(
+        "--warmup-resolutions",
+        default=None,
+        help=f"WxH,... compiled and warmed at load (default {format_resolutions(DEFAULT_WARMUP)} when compiling)",
+    )
+    group.add_argument("--compile-cache-dir", type=Path, default=None, help="Inductor's cache (default: build dir)")
