@@ -77,6 +77,7 @@ def test_a_call_cut_while_its_request_is_still_arriving_is_counted_before_the_st
             call = generate(nothing(), timeout=30, metadata=(("x-request-id", "cut-while-reading"),))
             held = frontend.metrics.registry.get_sample_value
             await until(lambda: held("omnigen2_held_request_bytes", {"budget": "uploads"}), "the read to begin")
+            assert len(frontend.service.running) == 1  # registered by the read gate: the stop waits for it
             await frontend.drain()
             counted = frontend.metrics.registry.get_sample_value(
                 "omnigen2_drain_cut_calls_total", {"method": "Generate"}

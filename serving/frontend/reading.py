@@ -31,9 +31,10 @@ probe waiting 2-3 s). Smaller ones are parsed inline: a thread hop would cost mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -125,10 +126,12 @@ class ReadGate(grpc.aio.ServerInterceptor):
         on_ended: Callable[[str, grpc.StatusCode, str, float, str], None],
         executor: Executor | None = None,
         cut_at: Callable[[], float | None] = lambda: None,
+        running: set[asyncio.Task[Any]] | None = None,
     ) -> None:
         """Large requests are parsed on `executor` (None: the event loop's default one). `on_ended(method, status,
         peer, seconds, request_id)` records a call that ends here; `cut_at`: when the server's stop cut its calls
-        (time.monotonic(); None: not stopping)."""
+        (time.monotonic(); None: not stopping); `running`: the set of call tasks the server's stop waits for, which
+        holds each gated call's task from its read on (a call cut while its request arrives is waited for too)."""
         if budget < max_message_bytes:
             raise SettingError(
                 "--max-held-request-bytes", f"must be at least 2 x --max-request-bytes ({max_message_bytes})"
@@ -152,6 +155,7 @@ class ReadGate(grpc.aio.ServerInterceptor):
         self.on_ended = on_ended
         self.executor = executor
         self.cut_at = cut_at
+        self.running: set[asyncio.Task[Any]] = set() if running is None else running
 
     async def intercept_service(
         self,
@@ -245,12 +249,13 @@ class ReadGate(grpc.aio.ServerInterceptor):
         if not handler.response_streaming:
 
             async def unary(requests: Any, context: grpc.aio.ServicerContext) -> None:
-                try:
-                    response = await handler.unary_unary(await read(context), context)
-                finally:
-                    reservation.release()
-                if response is not None:  # None: the handler wrote its reply itself
-                    await context.write(response)
+                with self._running():
+                    try:
+                        response = await handler.unary_unary(await read(context), context)
+                    finally:
+                        reservation.release()
+                    if response is not None:  # None: the handler wrote its reply itself
+                        await context.write(response)
 
             # Served as a streamed response, one message then the status (the same on the wire), so that a handler
             # can write its reply itself: grpcio sends a returned one after the handler has ended, and that write
@@ -259,21 +264,34 @@ class ReadGate(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(handler.unary_stream):
 
             async def generator(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for response in handler.unary_stream(await read(context), context):
-                        yield response
-                finally:
-                    reservation.release()
+                with self._running():
+                    try:
+                        async for response in handler.unary_stream(await read(context), context):
+                            yield response
+                    finally:
+                        reservation.release()
 
             return grpc.stream_stream_rpc_method_handler(generator, **options)
 
         async def writer(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            try:
-                await handler.unary_stream(await read(context), context)
-            finally:
-                reservation.release()
+            with self._running():
+                try:
+                    await handler.unary_stream(await read(context), context)
+                finally:
+                    reservation.release()
 
         return grpc.stream_stream_rpc_method_handler(writer, **options)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """The call's task is in `running` while the gate reads its request and its handler runs."""
+        task = asyncio.current_task()
+        assert task is not None  # grpc.aio runs each handler in a task
+        self.running.add(task)
+        try:
+            yield
+        finally:
+            self.running.discard(task)
 
     def _refused(
         self, pool: _Pool, reason: str, ended: Callable[[grpc.StatusCode], None], code: grpc.StatusCode

@@ -77,6 +77,7 @@ class Frontend:
             self._denied,
             executor=self.service.readers,  # large requests are parsed there
             cut_at=lambda: self.service.cut_at,
+            running=self.service.running,  # a call cut while its request arrives is waited for by the stop
         )
         for name, pool in gate.pools.items():
             self.metrics.max_held_request_bytes.labels(name).set(pool.budget)
