@@ -52,7 +52,7 @@ def test_the_drain_counts_and_names_the_calls_it_cut_and_ends_after_them(caplog:
     assert asyncio.run(run()) == (1, 1)
     lines = [record.getMessage() for record in caplog.records]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "drain" in r.getMessage()]
-    assert warnings == ["the drain's grace period (0 s) cut 1 call(s) (UNAVAILABLE); request ids: cut-by-drain-1"]
+    assert warnings == ["the drain's grace period (0.2 s) cut 1 call(s) (UNAVAILABLE); request ids: cut-by-drain-1"]
     stopped = lines.index("front end stopped: no call in flight (1 cut by the drain)")
     (cut_line,) = [i for i, line in enumerate(lines) if line.startswith("GetModelInfo ") and "UNAVAILABLE" in line]
     assert cut_line < stopped
@@ -89,5 +89,5 @@ def test_a_call_cut_while_its_request_is_still_arriving_is_counted_before_the_st
 
     assert asyncio.run(run()) == 1
     lines = [record.getMessage() for record in caplog.records]
-    assert "the drain's grace period (0 s) cut 1 call(s) (UNAVAILABLE); request ids: cut-while-reading" in lines
+    assert "the drain's grace period (0.2 s) cut 1 call(s) (UNAVAILABLE); request ids: cut-while-reading" in lines
     assert "front end stopped: no call in flight (1 cut by the drain)" in lines

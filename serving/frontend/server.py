@@ -221,21 +221,25 @@ class Frontend:
     async def drain(self) -> None:
         """SIGTERM's stop, logged: the calls the grace period cut (a warning naming their request ids), then the
         stop's end."""
-        log.info("draining in-flight calls (up to %.0f s)", self.config.shutdown_grace_s)
+        log.info("draining in-flight calls (up to %g s)", self.config.shutdown_grace_s)
         running = await self.stop()
         cut = self.service.cut_by_drain
         if cut:
             more = len(cut) - NAMED_CUTS
             named = ", ".join(cut[:NAMED_CUTS]) + (f" and {more} more" if more > 0 else "")
             log.warning(
-                "the drain's grace period (%.0f s) cut %d call(s) (UNAVAILABLE); request ids: %s",
+                "the drain's grace period (%g s) cut %d call(s) (UNAVAILABLE); request ids: %s",
                 self.config.shutdown_grace_s,
                 len(cut),
                 named,
             )
         if running:
             waited = self.config.stop_grace_s + ENDING_MARGIN_S
-            log.warning("front end stopped: %d cut call(s) still running %.0f s after the cut", running, waited)
+            # Every handler still running: cut calls, and calls that ended early (cancelled) before the cut, both
+            # waiting on their model's stop.
+            log.warning(
+                "front end stopped: %d call(s) still waiting on their model's stop %g s after the cut", running, waited
+            )
         else:
             log.info("front end stopped: no call in flight (%d cut by the drain)", len(cut))
 

@@ -91,7 +91,9 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         self.server_id = config.server_id  # the front end names it once it has bound its port
         self.cut_at: float | None = None  # set by the server's stop: calls still running then are cut (UNAVAILABLE)
         self._statuses: set[asyncio.Future[None]] = set()  # cut-off calls' statuses waiting on their callers
-        self.running: set[asyncio.Task[Any]] = set()  # the handlers' tasks: the stop waits for the cut ones to end
+        # Every call's handler task while it runs (cut by the drain, cancelled by its caller, or still reading its
+        # request): the stop waits for all of them after the cut.
+        self.running: set[asyncio.Task[Any]] = set()
         self.cut_by_drain: list[str] = []  # request ids of the calls the stop's grace period cut
 
     def record_cut(self, method: str, call_id: str) -> None:
