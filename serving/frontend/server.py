@@ -215,7 +215,9 @@ class Frontend:
         await self.backend.close()
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
-        self.service.close()
+        # Off the event loop: closing joins the trimmer's thread (up to 1 s, a trim in progress), and an embedded
+        # front end's loop may be serving other work meanwhile.
+        await asyncio.to_thread(self.service.close)
         return running
 
     async def drain(self) -> None:

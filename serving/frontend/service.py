@@ -112,7 +112,7 @@ class OmniGen2Service(pb_grpc.OmniGen2Servicer):
         """Ends the pools' threads once the calls have: an idle one at once, a busy one after its task (queued tasks
         are dropped). Not waited for, so that a stuck task cannot hang the stop; an embedded front end, started and
         stopped many times in one process, leaves no pool threads behind. The trimmer's thread is waited for, a
-        second at most (a trim in progress)."""
+        second at most (a trim in progress): the server's stop runs this off its event loop."""
         for pool in (self.workers, self.readers, self.checkers):
             pool.shutdown(wait=False, cancel_futures=True)
         self.trimmer.close()
