@@ -111,22 +111,21 @@ class Metrics:
             ["budget", "reason"],
             registry=self.registry,
         )
-        self.admitted = {
-            budget: Gauge(
+        # Per in-flight budget: what the admitted calls hold, and the budget itself.
+        self.admitted: dict[str, Gauge] = {}
+        self.max_admitted: dict[str, Gauge] = {}
+        for budget, unit in ADMITTED_UNITS.items():
+            words = unit.replace("_", " ")
+            self.admitted[budget] = Gauge(
                 f"omnigen2_admitted_{unit}",
-                f"{unit.replace('_', ' ').capitalize()} the admitted calls hold against their in-flight budget",
+                f"{words.capitalize()} the admitted calls hold against their in-flight budget",
                 registry=self.registry,
             )
-            for budget, unit in ADMITTED_UNITS.items()
-        }
-        self.max_admitted = {
-            budget: Gauge(
+            self.max_admitted[budget] = Gauge(
                 f"omnigen2_max_admitted_{unit}",
-                f"--max-inflight-{unit.replace('_', '-')}: {unit.replace('_', ' ')} the admitted calls may hold",
+                f"--max-inflight-{unit.replace('_', '-')}: {words} the admitted calls may hold",
                 registry=self.registry,
             )
-            for budget, unit in ADMITTED_UNITS.items()
-        }
         self.max_held_request_bytes = Gauge(
             "omnigen2_max_held_request_bytes",
             "Request bytes the gRPC calls may hold or reserve at once, by budget (uploads, other)",
