@@ -76,7 +76,9 @@ class GenerationStream:
 def case_params(case: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     keys = ("prompt", "negative_prompt", "width", "height", "steps", "text_guidance_scale", "image_guidance_scale")
     params = {k: case[k] for k in keys} | {"cfg_range": case["cfg_range"], "seed": case["seed"]}
-    optional = {k: case[k] for k in ("num_images_per_prompt", "max_sequence_length", "cache") if k in case}
+    optional: dict[str, Any] = {
+        k: case[k] for k in ("num_images_per_prompt", "max_sequence_length", "cache") if k in case
+    }
     if "teacache_rel_l1_thresh" in case:
         optional["teacache_threshold"] = case["teacache_rel_l1_thresh"]
     return params | {"scheduler": case["scheduler"]} | optional | overrides
