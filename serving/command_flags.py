@@ -42,7 +42,8 @@ def add_step_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-step-cache-mib",
         type=Whole(0, why="0: no step caching"),
         default=BlsSettings.max_step_cache_mib,
-        help="TeaCache / TaylorSeer state of the requests in flight at most; past it a request runs uncached "
+        help="TeaCache / TaylorSeer state of the requests in flight at most (>= 0; 0: no step caching); past it a "
+        "request runs uncached "
         f"(default {BlsSettings.max_step_cache_mib})",
     )
 

@@ -90,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=3,
         default=(8000, 8001, 8002),
         metavar=("HTTP", "GRPC", "METRICS"),
-        help="Triton's ports, on loopback",
+        help="Triton's ports, on loopback (1 to 65535)",
     )
     parser.add_argument(
         "--triton-restarts",
         type=Whole(0, why="0: exit on the first death"),
         default=3,
         help="restarts of a tritonserver that died unasked allowed within 10 minutes; one more death stops the stack "
-        "with exit status 1, for its own supervisor (Kubernetes, systemd) to act on; 0: exit on the first",
+        "with exit status 1, for its own supervisor (Kubernetes, systemd) to act on; 0 or more, 0: exit on the first",
     )
     parser.add_argument(
         "--http-listen",

@@ -5,8 +5,10 @@ process; a few subprocess runs check the exit status and that no traceback is pr
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -212,3 +214,26 @@ def test_the_stacks_flags_are_checked_before_torch_is_imported() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_thresholds_without_safety_are_checked_and_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from serving.artifacts.repository import safety_from_args
+
+    with caplog.at_level(logging.WARNING):
+        off = safety_from_args(argparse.Namespace(safety=False, safety_thresholds='{"BELLY_EXPOSED": 0.8}'))
+    assert off is None
+    assert "--safety-thresholds does nothing without --safety" in caplog.text
+
+
+def test_the_front_end_exits_with_one_line_naming_the_variable() -> None:
+    env = {**os.environ, "OMNIGEN2_MAX_IN_FLIGHT": "abc"}
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.frontend.server"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "serving.frontend: OMNIGEN2_MAX_IN_FLIGHT: not a whole number (abc)"
