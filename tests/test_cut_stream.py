@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -41,7 +42,8 @@ async def _previews(*args: object, **kwargs: object) -> AsyncIterator[Event]:
 
 
 def _rss_mib() -> float:
-    """The process's resident memory once glibc has given back what it can."""
+    """The process's resident memory once Python's cycles are collected and glibc has given back what it can."""
+    gc.collect()  # a cycle holding a preview would otherwise be counted in one read and not the other
     ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))

@@ -41,6 +41,7 @@ from serving.triton.launcher import (
     free_port,
 )
 from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
+from tests.certificates import certificate
 from tests.test_triton_install import fake_install
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_triton_waits_for_the_front_end_to_exit(pod: dict[str, Any]) -> None:
         waiting = subprocess.Popen([sys.executable, "-c", code])
         try:
             with pytest.raises(subprocess.TimeoutExpired):
-                waiting.wait(timeout=3)  # the front end is up: Triton keeps serving
+                waiting.wait(timeout=1.5)  # the front end is up: Triton keeps serving (checks every 1 s)
         finally:
             listener.close()
         assert waiting.wait(timeout=30) == 0  # gone: Triton may stop
@@ -570,11 +571,9 @@ def test_the_tls_probes_reach_the_front_ends_health_over_its_socket(
 ) -> None:
     """The exec probes' commands, run here against a front end in its own process with TLS on its API port (no
     Triton: liveness SERVING, readiness NOT_SERVING), its socket folder under a temporary folder of its own."""
-    from tests.integration.test_security import _certificate  # its self-signed certificate maker
-
     (deployment,) = by_kind(production, "Deployment")
     frontend = container(deployment["spec"]["template"]["spec"], "frontend")
-    cert, key = _certificate(tmp_path, "server")
+    cert, key = certificate(tmp_path, "server")
     sockets = Path(tempfile.mkdtemp(prefix="probe-", dir="/tmp"))  # a Unix socket's path has 107 bytes at most
     log = tmp_path / "frontend.log"
     environ = os.environ | {"TMPDIR": str(sockets)}

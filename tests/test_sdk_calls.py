@@ -18,7 +18,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
-from tests.integration.test_security import _certificate
+from tests.certificates import certificate
 
 
 class Recorder(pb_grpc.OmniGen2Servicer):
@@ -123,7 +123,7 @@ def test_no_server_at_the_address_is_said_with_what_to_do() -> None:
 def test_a_tls_mismatch_is_said_as_such_not_as_no_server(tmp_path: Path) -> None:
     """gRPC words a failed TLS handshake "failed to connect to all addresses" too: before, each case below said no
     server answered and to start one with `make serve`."""
-    cert, key = _certificate(tmp_path, "omnigen2")
+    cert, key = certificate(tmp_path, "omnigen2")
     plain, secure = grpc.server(ThreadPoolExecutor(2)), grpc.server(ThreadPoolExecutor(2))
     for server in (plain, secure):
         pb_grpc.add_OmniGen2Servicer_to_server(Recorder(), server)
@@ -132,7 +132,7 @@ def test_a_tls_mismatch_is_said_as_such_not_as_no_server(tmp_path: Path) -> None
     secure_port = secure.add_secure_port("127.0.0.1:0", credentials)
     plain.start()
     secure.start()
-    cases = [
+    cases: list[tuple[int, bool | bytes, str, str]] = [
         (plain_port, cert.read_bytes(), "answered without TLS", "without --tls/--tls-ca (the SDK's tls=False)"),
         (secure_port, False, "took the connection and closed it", "add --tls, or --tls-ca"),
         (

@@ -3,10 +3,8 @@ only, nothing taken from requests as a path or a model name, access logs without
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
-import ipaddress
 import json
 import socket
 from collections.abc import Iterator
@@ -14,10 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client, ResourceExhaustedError, UnavailableError
 from omnigen2.errors import OmniGen2Error
@@ -27,41 +21,17 @@ from PIL import Image, PngImagePlugin
 
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import LOOPBACK, TritonInstall, TritonServer
+from tests.certificates import certificate
 from tests.integration.triton_stream import GenerationStream
 
 FULL, LIMITED = "full-access-token", "info-only-token"
-
-
-def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made here for the test."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[tuple[FrontendProcess, bytes]]:
     """A front end with TLS and bearer tokens: FULL may do anything, LIMITED only GetModelInfo, twice in a burst."""
     work = tmp_path_factory.mktemp("secured")
-    cert, key = _certificate(work, "server")
+    cert, key = certificate(work, "server")
     tokens = work / "tokens.json"
     tokens.write_text(
         json.dumps(
@@ -86,7 +56,7 @@ def test_tls_is_required_and_verified(secured: tuple[FrontendProcess, bytes], tm
         assert client.info().model == "OmniGen2"
     with OmniGen2Client(api.address, token=FULL, timeout=10, retries=0) as plaintext, pytest.raises(UnavailableError):
         plaintext.info()
-    stranger, _ = _certificate(tmp_path, "stranger")
+    stranger, _ = certificate(tmp_path, "stranger")
     wrong_ca = OmniGen2Client(api.address, token=FULL, tls=stranger.read_bytes(), timeout=10, retries=0)
     with wrong_ca, pytest.raises(UnavailableError):
         wrong_ca.info()
