@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from serving import stack
-from serving.artifacts import repository as repository_build
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
 from serving.triton.launcher import KEPT_LOGS, Ports, TritonServer, free_port, prune_logs
@@ -86,7 +85,7 @@ def test_a_folder_that_cannot_be_written_is_named_in_one_line(
     def build_fails(*args: object, **kwargs: object) -> None:
         raise OSError(error, os.strerror(error), None if named is None else str(tmp_path / named))
 
-    monkeypatch.setattr(repository_build, "prepare_repository", build_fails)
+    monkeypatch.setattr(stack, "prepare_repository", build_fails)
     argv = [
         f"--build-dir={build}",
         f"--model-repository={repository}",
@@ -103,7 +102,7 @@ def test_another_folders_write_error_keeps_its_traceback(tmp_path: Path, monkeyp
     def build_fails(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere/file")
 
-    monkeypatch.setattr(repository_build, "prepare_repository", build_fails)
+    monkeypatch.setattr(stack, "prepare_repository", build_fails)
     argv = [f"--build-dir={tmp_path}", "--listen=127.0.0.1:0", "--http-listen=", "--metrics-port=0"]
     with pytest.raises(PermissionError):
         stack.main([*argv, *_triton_ports(free_port(), free_port(), free_port())])

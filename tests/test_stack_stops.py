@@ -20,11 +20,11 @@ from tests.processes import alive
 ROOT = Path(__file__).resolve().parents[1]
 # A repository build that gets SIGTERM, as a stop during an ONNX export does, and waits to be interrupted.
 INTERRUPTED_BUILD = """import os, signal, sys, time
-import serving.artifacts.repository, serving.stack
+import serving.stack
 def build(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
-serving.artifacts.repository.prepare_repository = build
+serving.stack.prepare_repository = build  # kept by main's late imports
 serving.stack.main(sys.argv[1:])
 """
 
