@@ -63,6 +63,7 @@ FRONTEND = [
     ("--limits", '{"max_steps": -1}', "max_steps must be > 0 (-1)"),
     ("--limits", '{"max_stepz": 5}', "unknown field max_stepz"),  # before: "invalid limits_from_json value"
     ("--limits", "{bad", "not JSON"),
+    ("--limits", '{"max_steps": 100.5}', "max_steps must be a whole number (100.5)"),
 ]
 # The stack's own flags, and the front end's through the stack (named by the stack's parser).
 STACK = [
@@ -119,6 +120,13 @@ def test_a_bad_environment_value_names_the_variable(
     with pytest.raises(SettingError) as refused:
         FrontendConfig.parser()
     assert refused.value.setting == env and says in refused.value.description
+
+
+def test_a_whole_limit_written_as_a_float_is_kept_as_an_int() -> None:
+    # Before: 100.0 passed the whole-number check but stayed a float, and GetModelInfo's conversion raised TypeError.
+    limits = FrontendConfig.from_args(["--limits", '{"max_steps": 100.0, "max_guidance": 20}']).limits
+    assert (limits.max_steps, type(limits.max_steps)) == (100, int)
+    assert (limits.max_guidance, type(limits.max_guidance)) == (20.0, float)
 
 
 def test_every_numeric_or_address_flag_has_a_checked_type() -> None:

@@ -87,6 +87,8 @@ def limits_from_json(text: str) -> Limits:
             raise ValueError(f"--limits: {name} must be a whole number ({value!r})")
         if value <= 0:
             raise ValueError(f"--limits: {name} must be > 0 ({value!r})")
+        # JSON's 100.0 is a float: an int field keeps int (the limits are sent as int64 in GetModelInfo).
+        raw[name] = kind(value)
     return Limits(**{**defaults, **raw})
 
 
