@@ -77,6 +77,41 @@ def format_resolutions(resolutions: tuple[tuple[int, int], ...]) -> str:
     return ",".join(f"{w}x{h}" for w, h in resolutions)
 
 
+def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """'1024x1024,768x1344' -> ((1024, 1024), (768, 1344)); '' -> ()."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            width, height = (int(side) for side in item.lower().split("x"))
+        except ValueError:
+            raise SettingError("warmup_resolutions", f"{item!r} is not WIDTHxHEIGHT") from None
+        if width <= 0 or height <= 0:
+            raise SettingError("warmup_resolutions", f"{item!r}: sides must be positive")
+        out.append((width, height))
+    return tuple(out)
+
+
+def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """--warmup-resolutions, parsed as it is read: refused before torch loads, naming the flag."""
+    try:
+        return parse_resolutions(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(exc.description) from None
+
+
+def _writable_folder(text: str) -> Path:
+    """--compile-cache-dir, created and checked as it is read: only Triton's Python stub writes it, after the build
+    and the model load, and its failure reads as Triton's "failed to load all models"."""
+    folder = Path(text)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create the folder: {exc.strerror} ({text})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in the folder ({text})")
+    return folder
+
+
 def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("PyTorch fast path (defaults: all on for --device cuda with bf16, else off)")
     group.add_argument(
@@ -99,7 +134,10 @@ def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--warmup-resolutions",
+        type=_resolutions,
         default=None,
         help=f"WxH,... compiled and warmed at load (default {format_resolutions(DEFAULT_WARMUP)} when compiling)",
     )
-    group.add_argument("--compile-cache-dir", type=Path, default=None, help="Inductor's cache (default: build dir)")
+    group.add_argument(
+        "--compile-cache-dir", type=_writable_folder, default=None, help="Inductor's cache (default: build dir)"
+    )

@@ -75,6 +75,9 @@ STACK = [
     ("--safety-thresholds", '{"BUTTOCKS_EXPOSED": 2}', "a threshold is a score in [0, 1]"),
     ("--limits", '{"max_stepz": 5}', "unknown field max_stepz"),
     ("--max-in-flight", "0", "must be >= 1 (0)"),
+    # Before: refused after torch's import, naming warmup_resolutions; and a build, then Triton's failed load.
+    ("--warmup-resolutions", "bogus", "'bogus' is not WIDTHxHEIGHT"),
+    ("--compile-cache-dir", "/proc/x", "cannot create the folder"),
 ]
 
 

@@ -29,6 +29,7 @@ from serving.choices import ATTENTION_MODES
 from serving.command_flags import DEFAULT_WARMUP as DEFAULT_WARMUP
 from serving.command_flags import add_fast_path_arguments as add_fast_path_arguments
 from serving.command_flags import format_resolutions as format_resolutions
+from serving.command_flags import parse_resolutions
 from serving.errors import SettingError
 from serving.model.transformer import OmniGen2Transformer
 
@@ -93,20 +94,6 @@ class FastPath:
         )
 
 
-def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
-    """'1024x1024,768x1344' -> ((1024, 1024), (768, 1344)); '' -> ()."""
-    out = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            width, height = (int(side) for side in item.lower().split("x"))
-        except ValueError:
-            raise SettingError("warmup_resolutions", f"{item!r} is not WIDTHxHEIGHT") from None
-        if width <= 0 or height <= 0:
-            raise SettingError("warmup_resolutions", f"{item!r}: sides must be positive")
-        out.append((width, height))
-    return tuple(out)
-
-
 def fast_path_from_args(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, build_dir: Path
 ) -> FastPath:
@@ -119,7 +106,7 @@ def fast_path_from_args(
         fields["compile"] and fields["cuda_graphs"] if args.cuda_graphs is None else args.cuda_graphs
     )
     if args.warmup_resolutions is not None:
-        fields["warmup"] = parse_resolutions(args.warmup_resolutions)
+        fields["warmup"] = args.warmup_resolutions  # parsed by the flag's type
     elif fields["compile"] and not fields["warmup"]:
         fields["warmup"] = DEFAULT_WARMUP
     if fields["compile"]:
