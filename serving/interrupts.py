@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger("omnigen2.stack")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+Handler = Callable[[int, FrameType | None], Any] | int
+_before: dict[int, Handler] = {}  # the handlers raise_on_stop found, for restore_stop_signals
 
 
 class Interrupted(BaseException):
@@ -37,7 +41,16 @@ def _repeated(signum: int, frame: FrameType | None) -> None:
 def raise_on_stop() -> None:
     """From here on the first SIGTERM or SIGINT raises `Interrupted` in the main thread."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise)
+        previous = signal.signal(signum, _raise)
+        if previous is not None:  # None: one not set from Python, which neither signal has
+            _before.setdefault(signum, previous)
+
+
+def restore_stop_signals() -> None:
+    """The handlers from before raise_on_stop, once the stack is done (a caller in the same process keeps its own)."""
+    for signum, previous in _before.items():
+        signal.signal(signum, previous)
+    _before.clear()
 
 
 def stop_on_repeat() -> None:

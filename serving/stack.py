@@ -33,7 +33,7 @@ from serving.command_flags import (
 from serving.errors import OmniGen2Error, SettingError
 from serving.flag_types import Address, Whole, from_env
 from serving.frontend.config import FrontendConfig
-from serving.interrupts import Interrupted, raise_on_stop, stop_on_repeat
+from serving.interrupts import Interrupted, raise_on_stop, restore_stop_signals, stop_on_repeat
 from serving.log_format import configure as configure_logging
 from serving.triton.launcher import LOOPBACK, TRITONSERVER_ENV, Ports, TritonInstall, TritonServer, port_in_use
 
@@ -113,38 +113,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    own = build_parser()
-    args, frontend_args = own.parse_known_args(argv)
-    # The rest must be the front end's: a mistyped flag is named by this parser, not by the front end's usage.
-    _, unknown = FrontendConfig.parser(own.prog).parse_known_args(frontend_args)
-    if unknown:
-        own.error(
-            f"unrecognized arguments: {' '.join(unknown)} (front-end flags: python -m serving.frontend.server --help)"
-        )
-    check_precision(args.backend, args.precision)
-    install = find_install()  # refused at once, not after an ONNX export and an engine build
-    if args.backend == "tensorrt":
-        install.require_backend("tensorrt")
     configure_logging()
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
-
-    # Its limits also bound the BLS and the engine profiles.
-    frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
-    from serving.frontend.server import check_files  # gRPC's import (1 s), not yet torch's
-
-    check_files(frontend)  # TLS and token files, before the build
-    _import_late()  # the settings are good: now torch, which a bad one above did not wait for
-    # Ports another server holds are refused before the repository build, which can take minutes, not after it.
-    triton_ports = Ports(*args.triton_ports)
-    refuse_shared_ports(frontend, triton_ports)
-    triton_ports.check_free()
-    for flag, host, port in frontend.bound_addresses():
-        if port_in_use(port, host):
-            raise SettingError(flag, f"cannot listen on {host}:{port}: the port is in use (another front end?)")
-    doing = "building the model repository"
+    doing = "checking the settings"
     triton: TritonServer | None = None
-    raise_on_stop()
     try:
+        # First: a stop while the flags are checked or torch is imported is one line and status 0 as well (before,
+        # Python's default: exit 143 and no word). The interpreter's start and this module's imports come before.
+        raise_on_stop()
+        own = build_parser()
+        args, frontend_args = own.parse_known_args(argv)
+        # The rest must be the front end's: a mistyped flag is named by this parser, not by the front end's usage.
+        _, unknown = FrontendConfig.parser(own.prog).parse_known_args(frontend_args)
+        if unknown:
+            own.error(
+                f"unrecognized arguments: {' '.join(unknown)} (front-end flags: python -m serving.frontend.server "
+                "--help)"
+            )
+        check_precision(args.backend, args.precision)
+        install = find_install()  # refused at once, not after an ONNX export and an engine build
+        if args.backend == "tensorrt":
+            install.require_backend("tensorrt")
+        logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
+
+        # Its limits also bound the BLS and the engine profiles.
+        frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
+        from serving.frontend.server import check_files  # gRPC's import (1 s), not yet torch's
+
+        check_files(frontend)  # TLS and token files, before the build
+        doing = "importing torch"
+        _import_late()  # the settings are good: now torch, which a bad one above did not wait for
+        doing = "checking the ports"
+        # Ports another server holds are refused before the repository build, which can take minutes, not after it.
+        triton_ports = Ports(*args.triton_ports)
+        refuse_shared_ports(frontend, triton_ports)
+        triton_ports.check_free()
+        for flag, host, port in frontend.bound_addresses():
+            if port_in_use(port, host):
+                raise SettingError(flag, f"cannot listen on {host}:{port}: the port is in use (another front end?)")
+        doing = "building the model repository"
         with disk_errors_named(build_dir=args.build_dir, model_repository=args.model_repository):
             repository = prepare_repository(
                 args.checkpoint,
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         gave_up = triton.supervisor.gave_up if triton is not None and triton.supervisor is not None else None
         if gave_up is None:
             return
+    finally:
+        restore_stop_signals()  # for a caller in the same process (tests): Python's own handling again
     if gave_up is not None:
         sys.exit(f"serving.stack: {gave_up}")
     log.info("serving.stack stopped")

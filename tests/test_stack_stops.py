@@ -28,6 +28,16 @@ serving.stack.prepare_repository = build  # kept by main's late imports
 serving.stack.main(sys.argv[1:])
 """
 
+# torch's import (6-9 s) stopped: the stand-in signals its own process instead of importing.
+INTERRUPTED_IMPORT = """import os, signal, sys, time
+import serving.stack
+def imports():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+serving.stack._import_late = imports
+serving.stack.main(sys.argv[1:])
+"""
+
 
 def _flags(tmp_path: Path, ports: Ports, listen: Ports) -> list[str]:
     return [
@@ -91,3 +101,24 @@ def test_a_stop_during_the_repository_build_is_logged(tmp_path: Path) -> None:
     log = ended.stderr.decode()
     assert ended.returncode == 0, log
     assert "SIGTERM while building the model repository: stopped" in log and "Traceback" not in log
+
+
+def test_a_stop_while_torch_is_imported_is_logged(tmp_path: Path) -> None:
+    # Before: the handler came after the flag checks and torch's import: exit status 143 and not a word.
+    flags = _flags(tmp_path, Ports.free(), Ports.free())
+    ended = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_IMPORT, *flags], cwd=ROOT, capture_output=True, timeout=60
+    )
+    log = ended.stderr.decode()
+    assert ended.returncode == 0, log
+    assert "SIGTERM while importing torch: stopped" in log and "Traceback" not in log
+    assert not (tmp_path / "repository").exists()  # stopped before the build
+
+
+def test_a_refused_flag_leaves_the_callers_signal_handlers() -> None:
+    from serving import stack
+
+    before = [signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)]
+    with pytest.raises(SystemExit):
+        stack.main(["--max-in-flight", "0"])
+    assert [signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)] == before
