@@ -199,10 +199,11 @@ def run_front_end(triton: TritonServer, frontend: FrontendConfig, args: argparse
                     config,
                     ready=lambda: print(warming_up(config), flush=True) if config.warmup else None,
                     serving=lambda: print(usage(config, triton, on_gpu), flush=True),
+                    stopping=stop_on_repeat,  # from the front end's drain on: Triton's stop is not to be cut short
                 )
             )
         finally:
-            stop_on_repeat()  # the event loop's handlers are gone with it: Triton's stop is not to be cut short
+            stop_on_repeat()  # a front end that failed to start: the event loop's handlers are gone with it
         log.info("stopping tritonserver")
     finally:
         triton.stop()

@@ -38,6 +38,18 @@ serving.stack._import_late = imports
 serving.stack.main(sys.argv[1:])
 """
 
+# The front end stopped by SIGTERM as the stack runs it; prints the SIGTERM handler once asyncio.run closed its loop.
+FRONT_END_STOPPED = """import asyncio, os, signal
+from serving.frontend.config import FrontendConfig
+from serving.frontend.server import serve
+from serving.interrupts import stop_on_repeat
+from serving.triton.launcher import free_port
+config = FrontendConfig(listen="127.0.0.1:0", triton_url=f"127.0.0.1:{free_port()}", metrics_port=0, warmup=False,
+                        shutdown_grace_s=1.0)
+asyncio.run(serve(config, ready=lambda: os.kill(os.getpid(), signal.SIGTERM), stopping=stop_on_repeat))
+print(getattr(signal.getsignal(signal.SIGTERM), "__name__", signal.getsignal(signal.SIGTERM)))
+"""
+
 
 def _flags(tmp_path: Path, ports: Ports, listen: Ports) -> list[str]:
     return [
@@ -122,3 +134,11 @@ def test_a_refused_flag_leaves_the_callers_signal_handlers() -> None:
     with pytest.raises(SystemExit):
         stack.main(["--max-in-flight", "0"])
     assert [signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)] == before
+
+
+def test_the_stop_handler_outlives_the_front_ends_event_loop() -> None:
+    # Before: closing the loop put back Python's default, so a SIGTERM while asyncio.run wound down (before the stack
+    # installed its own again) exited 143 and could leave Triton's stubs behind.
+    ended = subprocess.run([sys.executable, "-c", FRONT_END_STOPPED], cwd=ROOT, capture_output=True, timeout=60)
+    assert ended.returncode == 0, ended.stderr.decode()
+    assert ended.stdout.decode().strip() == "_repeated"

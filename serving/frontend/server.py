@@ -257,10 +257,14 @@ def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
 
 
 async def serve(
-    config: FrontendConfig, ready: Callable[[], None] | None = None, serving: Callable[[], None] | None = None
+    config: FrontendConfig,
+    ready: Callable[[], None] | None = None,
+    serving: Callable[[], None] | None = None,
+    stopping: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; `ready` is called once every port is bound, `serving` the first time health
-    says SERVING (Triton ready and warmed up), if before the stop."""
+    says SERVING (Triton ready and warmed up), if before the stop, and `stopping` when the stop begins, to install
+    the caller's own SIGTERM/SIGINT handlers for the rest (the event loop's are taken off first)."""
     frontend = Frontend(config)
     port = await frontend.start()
     host = config.listen.rpartition(":")[0]
@@ -280,6 +284,12 @@ async def serve(
         ready()
     announce = asyncio.create_task(_when_served(frontend.health, serving)) if serving is not None else None
     await stop.wait()
+    if stopping is not None:
+        # Else closing the loop would put back Python's defaults: a SIGTERM while asyncio.run winds down (its executor
+        # threads) would exit 143, before the caller (serving.stack) had stopped Triton.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        stopping()
     if announce is not None:
         announce.cancel()
     await frontend.drain()
