@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +134,21 @@ def test_only_the_newest_logs_are_kept(tmp_path: Path) -> None:
     os.utime(current, (1, 1))  # the oldest, but this server's
     prune_logs(tmp_path, keep=current)
     assert sorted(tmp_path.iterdir()) == sorted([current, *logs[:KEPT_LOGS]])
+
+
+def test_a_live_servers_log_is_kept_however_old(tmp_path: Path) -> None:
+    # Before: only the 8 newest by mtime were kept, so an idle live server's log (and its .1) of another stack sharing
+    # the build folder was deleted.
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        port = live.getsockname()[1]
+        kept = [tmp_path / f"tritonserver-{port}.log", tmp_path / f"tritonserver-{port}.log.1"]
+        newer = [tmp_path / f"tritonserver-{free_port()}.log" for _ in range(KEPT_LOGS + 2)]
+        for log in [*kept, *newer]:
+            log.write_text("")
+        for log in kept:
+            os.utime(log, (1, 1))  # the oldest of all
+        current = tmp_path / "tritonserver-8001.log"
+        current.write_text("")
+        prune_logs(tmp_path, keep=current)
+        assert all(log.exists() for log in kept)
+        assert sum(log.exists() for log in newer) == KEPT_LOGS

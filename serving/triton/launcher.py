@@ -173,11 +173,22 @@ def port_in_use(port: int, host: str = LOOPBACK) -> bool:
 
 def prune_logs(folder: Path, keep: Path, kept: int = KEPT_LOGS) -> None:
     """Removes all but the `kept` newest server logs in `folder` (each port's, with its `.1` from a restart) besides
-    `keep`: a log per port, with ports chosen anew (tests, several stacks), would pile up without bound."""
-    logs = [path for path in folder.glob("tritonserver*.log*") if path.is_file() and path.name != keep.name]
+    `keep`: a log per port, with ports chosen anew (tests, several stacks), would pile up without bound. A log whose
+    gRPC port (in its name) is in use is kept: a live server's, idle for long, of another stack sharing the folder."""
+    logs = [
+        path
+        for path in folder.glob("tritonserver*.log*")
+        if path.is_file() and path.name != keep.name and not _in_use(path)
+    ]
     logs.sort(key=lambda path: path.stat().st_mtime, reverse=True)
     for stale in logs[kept:]:
         stale.unlink(missing_ok=True)
+
+
+def _in_use(log: Path) -> bool:
+    """Whether the port in a server log's name (`tritonserver-<gRPC port>.log[.1]`) is held: its server lives."""
+    found = re.fullmatch(r"tritonserver-(\d+)\.log(?:\.\d+)?", log.name)
+    return found is not None and 0 < int(found[1]) <= 65_535 and port_in_use(int(found[1]))
 
 
 @dataclass(frozen=True)
