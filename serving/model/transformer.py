@@ -60,7 +60,7 @@ KeyMask = torch.Tensor | BlockMask | None  # a bias, a block mask, or nothing to
 def flex_key_mask(mask: torch.Tensor) -> BlockMask:
     """(B, L) bool key mask -> a FlexAttention block mask for self-attention over those L tokens."""
     batch, length = mask.shape
-    mask = dense(mask)  # captured by the compiled blocks, which guard on its strides
+    mask = unviewed(mask)  # captured by the compiled blocks, which guard on its strides
 
     def valid_key(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return mask[b, kv]
@@ -68,7 +68,7 @@ def flex_key_mask(mask: torch.Tensor) -> BlockMask:
     return create_block_mask(valid_key, batch, None, length, length, device=mask.device)
 
 
-def dense(x: torch.Tensor) -> torch.Tensor:
+def unviewed(x: torch.Tensor) -> torch.Tensor:
     """A copy of `x` that is no view, with the strides of a new tensor of its shape (`contiguous()` may keep a view,
     and strides other than these where a dimension has size 1). The refiner blocks take their inputs so: a compiled
     block guards on its inputs' strides and on whether they are views (and of what base), so a slice here and a
@@ -315,16 +315,16 @@ class OmniGen2Transformer(nn.Module):
         text_len = text_feats.shape[1]
 
         temb = self.time_embedding(timestep)
-        text = dense(self.time_caption_embed.caption_embedder(text_feats))
+        text = unviewed(self.time_caption_embed.caption_embedder(text_feats))
         ref_start, img_start = text_len, text_len + slots * ref_len
-        text_cos, text_sin = dense(rope_cos[:, :ref_start]), dense(rope_sin[:, :ref_start])
-        img_cos, img_sin = dense(rope_cos[:, img_start:]), dense(rope_sin[:, img_start:])
+        text_cos, text_sin = unviewed(rope_cos[:, :ref_start]), unviewed(rope_sin[:, :ref_start])
+        img_cos, img_sin = unviewed(rope_cos[:, img_start:]), unviewed(rope_sin[:, img_start:])
 
         text_bias = self.key_mask(text_mask, dtype)
         for block in self.context_refiner:
             text = block(text, text_bias, text_cos, text_sin)
 
-        img = dense(self.x_embedder(img_tokens))
+        img = unviewed(self.x_embedder(img_tokens))
         img_bias = self.key_mask(img_mask, dtype)
         for block in self.noise_refiner:
             img = block(img, img_bias, img_cos, img_sin, temb)
@@ -334,12 +334,12 @@ class OmniGen2Transformer(nn.Module):
         # Each reference image is refined on its own: fold the slots into the batch axis.
         refs = self.ref_image_patch_embedder(ref_tokens) + self.image_index_embedding[:slots, None, :]
         dim, half = self.config.hidden_size, rope_cos.shape[-1]
-        refs = dense(refs.reshape(batch * slots, ref_len, dim))
+        refs = unviewed(refs.reshape(batch * slots, ref_len, dim))
         ref_flat_mask = None if ref_mask is None else ref_mask.reshape(batch * slots, ref_len)
-        ref_cos = dense(rope_cos[:, ref_start:img_start].reshape(batch * slots, ref_len, half))
-        ref_sin = dense(rope_sin[:, ref_start:img_start].reshape(batch * slots, ref_len, half))
+        ref_cos = unviewed(rope_cos[:, ref_start:img_start].reshape(batch * slots, ref_len, half))
+        ref_sin = unviewed(rope_sin[:, ref_start:img_start].reshape(batch * slots, ref_len, half))
         # For one row with several slots this reshape is a view with stride 0: `dense` makes it a copy
-        ref_temb = dense(temb[:, None].expand(batch, slots, temb.shape[-1]).reshape(batch * slots, temb.shape[-1]))
+        ref_temb = unviewed(temb[:, None].expand(batch, slots, temb.shape[-1]).reshape(batch * slots, temb.shape[-1]))
         ref_bias = self.key_mask(ref_flat_mask, dtype)
         for block in self.ref_image_refiner:
             refs = block(refs, ref_bias, ref_cos, ref_sin, ref_temb)
