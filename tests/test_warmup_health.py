@@ -246,8 +246,8 @@ def test_make_serve_hands_the_warmup_flags_to_the_front_end(monkeypatch: pytest.
     class ParsedError(Exception):
         pass
 
-    def record(argv: list[str] | None = None) -> FrontendConfig:
-        seen.append(parse(argv))
+    def record(argv: list[str] | None = None, prog: str = "python -m serving.stack") -> FrontendConfig:
+        seen.append(parse(argv, prog))
         raise ParsedError  # stop before anything is built
 
     monkeypatch.setattr(FrontendConfig, "from_args", record)
