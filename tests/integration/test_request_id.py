@@ -57,10 +57,12 @@ def test_a_missing_or_unusable_id_is_replaced_by_a_new_one(api: FrontendProcess,
 
 
 def test_a_failure_in_the_bls_is_found_in_both_logs(api: FrontendProcess, triton: TritonServer) -> None:
-    """Too small after resizing is found by the BLS, which logs it under the id the access log has."""
-    tiny = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(tiny, format="PNG")
-    request = pb.GenerateRequest(prompt="Bigger", input_images=[pb.Image(data=tiny.getvalue())], steps=1)
+    """A PNG cut short in its pixel data passes the front end, which reads headers only; the BLS, decoding it, refuses
+    it and logs that under the id the access log has. (Images too small for the model are now refused up front.)"""
+    whole = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(whole, format="PNG")
+    cut = whole.getvalue()[: len(whole.getvalue()) // 2]
+    request = pb.GenerateRequest(prompt="Bigger", input_images=[pb.Image(data=cut)], steps=1)
     with pytest.raises(grpc.RpcError) as raised:
         _stub(api).Generate(request, metadata=[("x-request-id", "it-bls-failure-1")], timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
