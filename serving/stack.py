@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         install = find_install()  # refused at once, not after an ONNX export and an engine build
         if args.backend == "tensorrt":
             install.require_backend("tensorrt")
-        logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # the exporter's per-initializer chatter
+        # The exporter's chatter: onnx_ir per initializer, onnxscript per node (~150 INFO lines on a first start)
+        for chatty in ("onnx_ir", "onnxscript"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        # and 4 warnings per graph that torchvision's ops are not registered: it is left out on purpose (pyproject)
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
         # Its limits also bound the BLS and the engine profiles.
         frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
