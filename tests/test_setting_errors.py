@@ -6,7 +6,6 @@ process; a few subprocess runs check the exit status and that no traceback is pr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -16,16 +15,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from serving import stack
 from serving.errors import SettingError
 from serving.frontend.auth import TokenRegistry, token_digest
 from serving.frontend.config import FLAG_TYPES, FrontendConfig
 from serving.frontend.server import check_files
+from tests.certificates import certificate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,22 +151,9 @@ def test_a_precision_the_backend_lacks_is_refused_with_the_allowed_ones(precisio
     assert says in refused.value.description and f"({precision})" in refused.value.description
 
 
-def _certificate(directory: Path, name: str) -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-    builder = builder.serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-    cert, secret = directory / f"{name}.crt", directory / f"{name}.key"
-    cert.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    no_password = serialization.NoEncryption()
-    secret.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, no_password))
-    return str(cert), str(secret)
-
-
 def test_tls_files_are_checked_naming_the_flag(tmp_path: Path) -> None:
-    cert, key = _certificate(tmp_path, "a")
-    _, other_key = _certificate(tmp_path, "b")
+    cert, key = (str(path) for path in certificate(tmp_path, "a"))
+    other_key = str(certificate(tmp_path, "b")[1])
     check_files(FrontendConfig(tls_cert=cert, tls_key=key))
     cases = [
         ((cert, ""), "--tls-key", "is needed with --tls-cert"),  # before: IsADirectoryError
