@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from serving.model.transformer import OmniGen2Transformer, joint_mask
-from serving.pipeline.step_cache import UNCACHED, CacheStore, cached_transformer
+from serving.pipeline.step_cache import UNCACHED, CacheStore, Control, Mode, cached_transformer
 from serving.runtime.fast_path import FastPath, configure, trim_padding, warmup_inputs
 
 
@@ -117,13 +117,6 @@ WARMUP_CALLS = (
 )
 
 
-def _run_rows(stages: TorchStages, inputs: Mapping[str, Any], rows: list[int]) -> None:
-    """The stages over some rows of a call, as `cached_transformer` runs the rows that compute."""
-    hidden, temb = stages.embed(inputs, rows)
-    out = stages.layers(hidden, temb, inputs, rows)
-    stages.head(out[:, out.shape[1] - inputs["img_tokens"].shape[1] :], inputs, rows)
-
-
 @torch.no_grad()
 def warm_up(stages: TorchStages) -> dict[str, float]:
     """Compile (or load from the disk cache) and, with CUDA graphs, record the calls of the warm-up sizes, so the
@@ -139,11 +132,13 @@ def warm_up(stages: TorchStages) -> dict[str, float]:
     for width, height in fast.warmup:
         for call in WARMUP_CALLS:
             inputs = warmup_inputs(stages.model, width, height, call.batch, call.refs, call.ragged)
+            # The rows left out compute nothing (RELEASE), as rows that skip or extrapolate: the real path runs the rest
+            controls = [
+                UNCACHED if call.rows is None or row in call.rows else Control(key=row, mode=Mode.RELEASE)
+                for row in range(call.batch)
+            ]
             for _ in range(repeats):
-                if call.rows is None:
-                    cached_transformer(stages, stages.prepare(inputs), [UNCACHED] * call.batch, store)
-                else:
-                    _run_rows(stages, stages.prepare(inputs), list(call.rows))
+                cached_transformer(stages, stages.prepare(inputs), controls, store)
                 calls += 1
     if stages.device.type == "cuda":
         torch.cuda.synchronize(stages.device)
