@@ -338,7 +338,7 @@ class OmniGen2Transformer(nn.Module):
         ref_flat_mask = None if ref_mask is None else ref_mask.reshape(batch * slots, ref_len)
         ref_cos = unviewed(rope_cos[:, ref_start:img_start].reshape(batch * slots, ref_len, half))
         ref_sin = unviewed(rope_sin[:, ref_start:img_start].reshape(batch * slots, ref_len, half))
-        # For one row with several slots this reshape is a view with stride 0: `dense` makes it a copy
+        # For one row with several slots this reshape is a view with stride 0: `unviewed` makes it a copy
         ref_temb = unviewed(temb[:, None].expand(batch, slots, temb.shape[-1]).reshape(batch * slots, temb.shape[-1]))
         ref_bias = self.key_mask(ref_flat_mask, dtype)
         for block in self.ref_image_refiner:
