@@ -1,7 +1,8 @@
 """The value types of the serving command lines' flags, for argparse's `type=`: each refuses a bad value with one
 line, `<what is wrong> (<the value>)`, which argparse prefixes with the flag's name, and says what it takes
 (`bounds`, shown in the flag's help). The same checks run on the OMNIGEN2_* environment variables (`from_env`),
-which then name the variable.
+which then name the variable, and on values set in process (`check_value`: a config that tests or the stack build
+directly), which name the flag: each bound is declared once, here.
 
 No heavy imports here: the flags are checked before torch, gRPC or Triton load.
 """
@@ -39,23 +40,31 @@ class Whole:
             value = int(str(text).strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number ({text})") from None
+        return self.check(value, text)
+
+    def check(self, value: object, shown: object = None) -> int:
+        """`value` itself, in bounds; `shown`: what the refusal quotes (the text as typed; default: the value)."""
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"not a whole number ({value!r})")
         if value < self.low or (self.high is not None and value > self.high):
-            raise argparse.ArgumentTypeError(f"must be {self.bounds} ({text})")
+            raise argparse.ArgumentTypeError(f"must be {self.bounds} ({value if shown is None else shown})")
         return value
 
 
 @dataclass(frozen=True)
 class Number:
-    """A finite number from `low` (excluded if `above`) to `high`; NaN and infinities are refused."""
+    """A finite number from `low` (excluded if `above`) to `high`, or 0 as well if `off` (0 turns the setting off,
+    and the least working value is `low`); NaN and infinities are refused."""
 
     low: float
     high: float | None = None
     above: bool = False
     why: str = ""
+    off: bool = False
 
     @property
     def bounds(self) -> str:
-        shown = f"{'>' if self.above else '>='} {_show(self.low)}"
+        shown = f"{'0 or ' if self.off else ''}{'>' if self.above else '>='} {_show(self.low)}"
         if self.high is not None:
             shown += f", at most {_show(self.high)}"
         return shown + (f"; {self.why}" if self.why else "")
@@ -65,10 +74,19 @@ class Number:
             value = float(str(text).strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number ({text})") from None
+        return self.check(value, text)
+
+    def check(self, value: object, shown: object = None) -> float:
+        """`value` itself, in bounds; `shown`: what the refusal quotes (the text as typed; default: the value)."""
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"not a number ({value!r})")
+        shown = value if shown is None else shown
         if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number ({text})")
+            raise argparse.ArgumentTypeError(f"must be a finite number ({shown})")
+        if self.off and value == 0:
+            return value
         if value < self.low or (self.above and value == self.low) or (self.high is not None and value > self.high):
-            raise argparse.ArgumentTypeError(f"must be {self.bounds} ({text})")
+            raise argparse.ArgumentTypeError(f"must be {self.bounds} ({shown})")
         return value
 
 
@@ -83,6 +101,12 @@ class Address:
         return "HOST:PORT, port 0 to 65535" + (" or ''" if self.optional else "")
 
     def __call__(self, text: str) -> str:
+        return self.check(text)
+
+    def check(self, text: object) -> str:
+        """`text` itself, a well-formed address."""
+        if not isinstance(text, str):
+            raise argparse.ArgumentTypeError(f"not HOST:PORT ({text!r})")
         if self.optional and text == "":
             return text
         host, colon, port = text.rpartition(":")
@@ -101,6 +125,15 @@ def from_env(env: str, parse: Callable[[str], T], default: T) -> T:
         return parse(os.environ[env])
     except argparse.ArgumentTypeError as exc:
         raise SettingError(env, str(exc)) from None
+
+
+def check_value(setting: str, kind: Whole | Number | Address, value: object) -> None:
+    """A value set in process, not parsed from text, refused as its flag's text would be, in one line naming
+    `setting` (the flag)."""
+    try:
+        kind.check(value)
+    except argparse.ArgumentTypeError as exc:
+        raise SettingError(setting, str(exc)) from None
 
 
 def _show(bound: float) -> str:

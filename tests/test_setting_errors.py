@@ -18,6 +18,7 @@ import pytest
 
 from serving import stack
 from serving.errors import SettingError
+from serving.flag_types import Address, Number, Whole
 from serving.frontend.auth import TokenRegistry, token_digest
 from serving.frontend.config import FLAG_TYPES, FrontendConfig
 from serving.frontend.server import check_files
@@ -48,6 +49,7 @@ FRONTEND = [
     ("--health-interval-s", "nan", "must be a finite number (nan)"),
     ("--http-idle-timeout-s", "0", "must be > 0 (0)"),
     ("--grpc-idle-timeout-s", "0", "must be > 0"),
+    ("--grpc-max-connection-age-s", "0.5", "must be 0 or >= 1"),  # before: taken here, refused only in process
     ("--max-buffered-stream-bytes", "-1", "must be >= 1 (-1)"),
     ("--max-inflight-output-pixels", "-1", "must be >= 1 (-1)"),
     ("--worker-threads", "0", "must be >= 1 (0)"),  # before: ValueError from the thread pool
@@ -133,6 +135,36 @@ def test_every_numeric_or_address_flag_has_a_checked_type() -> None:
     checked = {f.name for f in fields(FrontendConfig) if type(getattr(defaults, f.name)) in (int, float)}
     assert checked <= set(FLAG_TYPES)
     assert {"listen", "triton_url", "http_listen"} <= set(FLAG_TYPES)
+
+
+def _out_of_bounds(kind: Whole | Number | Address) -> object:
+    if isinstance(kind, Address):
+        return "nocolon"
+    return kind.low - 1 if isinstance(kind, Whole) else float("nan")
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_TYPES))
+def test_a_config_built_in_process_is_checked_as_its_flag_is(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: only six fields were checked in process, each by a copy of its bounds; the others took any value.
+    flag, value = f"--{name.replace('_', '-')}", _out_of_bounds(FLAG_TYPES[name])
+    with pytest.raises(SettingError) as refused:
+        FrontendConfig(**{name: value})  # type: ignore[arg-type]
+    parsed = _refused(FrontendConfig.parser().parse_args, [flag, str(value)], capsys)
+    assert parsed.endswith(f"argument {refused.value}")  # the flag's own line, word for word
+
+
+def test_a_config_built_in_process_takes_only_its_fields_types() -> None:
+    with pytest.raises(SettingError, match=r"^--max-in-flight: not a whole number \(2\.5\)$"):
+        FrontendConfig(max_in_flight=2.5)  # type: ignore[arg-type]
+    with pytest.raises(SettingError, match=r"^--max-run-s: not a number \(True\)$"):
+        FrontendConfig(max_run_s=True)
+    assert FrontendConfig(max_run_s=5).max_run_s == 5  # an int for seconds is a number
+
+
+def test_a_held_request_budget_below_one_request_is_refused_with_the_settings() -> None:
+    # Before: refused only as the front end made its read gate, which `make serve` does after Triton's start.
+    with pytest.raises(SettingError, match=r"^--max-held-request-bytes: must be at least 2 x --max-request-bytes"):
+        FrontendConfig.from_args(["--max-held-request-bytes", "100"])
 
 
 def test_zero_keeps_its_documented_meaning() -> None:

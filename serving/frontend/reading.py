@@ -40,7 +40,6 @@ from typing import Any
 
 import grpc
 
-from serving.errors import SettingError
 from serving.frontend import cancel_clock, request_id
 from serving.frontend.metrics import Metrics
 from serving.frontend.status import resource_exhausted
@@ -131,13 +130,8 @@ class ReadGate(grpc.aio.ServerInterceptor):
         """Large requests are parsed on `executor` (None: the event loop's default one). `on_ended(method, status,
         peer, seconds, request_id)` records a call that ends here; `cut_at`: when the server's stop cut its calls
         (time.monotonic(); None: not stopping); `running`: the set of call tasks the server's stop waits for, which
-        holds each gated call's task from its read on (a call cut while its request arrives is waited for too)."""
-        if budget < max_message_bytes:
-            raise SettingError(
-                "--max-held-request-bytes", f"must be at least 2 x --max-request-bytes ({max_message_bytes})"
-            )
-        if read_timeout_s <= 0:
-            raise SettingError("--request-read-timeout-s", "must be > 0")
+        holds each gated call's task from its read on (a call cut while its request arrives is waited for too).
+        FrontendConfig checks the settings these come from (`budget` >= `max_message_bytes`, a timeout above 0)."""
         self.uploads = uploads
         self.pools = {
             "uploads": _Pool("uploads", budget, read_timeout_s, metrics),

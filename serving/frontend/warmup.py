@@ -34,7 +34,6 @@ from serving.frontend.convert import to_chat_forward, to_forward
 from serving.frontend.metrics import WARMUP_OUTCOMES, Metrics
 from serving.frontend.status import ApiError
 from serving.frontend.triton_backend import TritonBackend
-from serving.pipeline.images import SIZE_MULTIPLE
 
 log = logging.getLogger("omnigen2.frontend")
 PREFIX = "warmup-"
@@ -46,9 +45,7 @@ class Warmup:
     def __init__(self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics) -> None:
         """The three requests are built and validated once, as real requests are: a --warmup-size or
         --warmup-steps the API refuses stops the front end at start rather than failing every warm-up."""
-        size = config.warmup_size
-        if size < SIZE_MULTIPLE:  # the API leaves an input image's least size to the BLS, which refuses the edit's
-            raise SettingError("--warmup-size", f"at least {SIZE_MULTIPLE} (px), got {size}")
+        size = config.warmup_size  # at least SIZE_MULTIPLE (FLAG_TYPES), which the edit's input image needs
         self.config = config
         self.backend = backend
         self.metrics = metrics
