@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
 
         # Its limits also bound the BLS and the engine profiles.
         frontend = dataclasses.replace(FrontendConfig.from_args(frontend_args, own.prog), http_listen=args.http_listen)
-        from serving.frontend.server import check_files  # gRPC's import (1 s), not yet torch's
+        from serving.frontend.server import check_settings  # gRPC's import (1 s), not yet torch's
 
-        check_files(frontend)  # TLS and token files, before the build
+        check_settings(frontend)  # TLS, token and policy files and the warm-up's requests, before the build
         doing = "importing torch"
         _import_late()  # the settings are good: now torch, which a bad one above did not wait for
         doing = "checking the ports"

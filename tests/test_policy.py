@@ -222,7 +222,7 @@ def test_reload_swaps_the_policy_and_keeps_it_when_the_file_is_bad(
         assert not holder.reload()
     assert rule_for(holder.policy, "a pear") == "new"  # still in force
     assert "the previous policy stays in force" in caplog.text
-    path.write_text("[" * 100_000)  # json.loads: RecursionError, not a SettingError
+    path.write_text("[" * 100_000)  # json.loads: RecursionError (a SettingError since from_file names it)
     with caplog.at_level(logging.ERROR):
         assert not holder.reload()
     path.write_text(json.dumps({"rules": [], "overrides": ["red-team"]}))

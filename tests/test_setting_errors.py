@@ -21,7 +21,7 @@ from serving.errors import SettingError
 from serving.flag_types import Address, Number, Whole
 from serving.frontend.auth import TokenRegistry, token_digest
 from serving.frontend.config import FLAG_TYPES, FrontendConfig
-from serving.frontend.server import check_files
+from serving.frontend.server import check_settings
 from tests.certificates import certificate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_a_precision_the_backend_lacks_is_refused_with_the_allowed_ones(precisio
 def test_tls_files_are_checked_naming_the_flag(tmp_path: Path) -> None:
     cert, key = (str(path) for path in certificate(tmp_path, "a"))
     other_key = str(certificate(tmp_path, "b")[1])
-    check_files(FrontendConfig(tls_cert=cert, tls_key=key))
+    check_settings(FrontendConfig(tls_cert=cert, tls_key=key))
     cases = [
         ((cert, ""), "--tls-key", "is needed with --tls-cert"),  # before: IsADirectoryError
         (("", key), "--tls-cert", "is needed with --tls-key"),
@@ -196,7 +196,7 @@ def test_tls_files_are_checked_naming_the_flag(tmp_path: Path) -> None:
     ]
     for (tls_cert, tls_key), flag, says in cases:
         with pytest.raises(SettingError) as refused:
-            check_files(FrontendConfig(tls_cert=tls_cert, tls_key=tls_key))
+            check_settings(FrontendConfig(tls_cert=tls_cert, tls_key=tls_key))
         assert refused.value.setting == flag and says in refused.value.description, (tls_cert, tls_key)
 
 
@@ -211,6 +211,28 @@ def test_a_token_file_anyone_may_write_or_with_no_token_is_refused(tmp_path: Pat
     path.write_text(json.dumps({"tokens": []}))
     with pytest.raises(SettingError, match=r"--auth-tokens: no token: every call would be refused"):
         TokenRegistry.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("policy", "flags", "says"),
+    [
+        (None, ["--policy=/nowhere/policy.json"], r"^--policy: /nowhere/policy\.json: .*No such file"),
+        ('{"rules": [{"id": "a"}]}', [], r"^--policy: rule 'a': needs `terms` or `regexes`"),
+        ("[" * 100_000, [], r"^--policy: .*: maximum recursion depth"),  # before: a RecursionError traceback
+        (None, ["--warmup-steps=100000"], r"^--warmup-size/--warmup-steps: the warm-up's requests are refused"),
+    ],
+    ids=["missing-policy", "bad-rule", "policy-too-deep", "warm-up-refused"],
+)
+def test_the_stack_refuses_a_bad_front_end_setting_before_torch_and_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str | None, flags: list[str], says: str
+) -> None:
+    # Before: checked as the front end started, after the model repository's build and Triton's start.
+    if policy is not None:
+        (tmp_path / "policy.json").write_text(policy)
+        flags = [f"--policy={tmp_path / 'policy.json'}"]
+    monkeypatch.setattr(stack, "_import_late", lambda: pytest.fail("torch imported before the refusal"))
+    with pytest.raises(SettingError, match=says):
+        stack.main(["--http-listen=", "--metrics-port=0", *flags])
 
 
 @pytest.mark.parametrize(

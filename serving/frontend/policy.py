@@ -178,43 +178,43 @@ def _term_patterns(term: str, rule_id: str) -> tuple[re.Pattern[str], re.Pattern
     """The pattern of the term with its lookalike letters folded, and of the term as written unless it is ASCII."""
     normalised = normalise(term)
     if not normalised.replace(MARK, "").split():
-        raise SettingError("policy", f"rule {rule_id!r}: a term with nothing visible in it ({term!r})")
+        raise SettingError("--policy", f"rule {rule_id!r}: a term with nothing visible in it ({term!r})")
     written = None if normalised.replace(MARK, "").isascii() else _term_pattern(normalised)
     return _term_pattern(fold_lookalikes(normalised)), written
 
 
 def _strings(value: Any, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise SettingError("policy", f"{where}: a list of non-empty strings")
+        raise SettingError("--policy", f"{where}: a list of non-empty strings")
     return value
 
 
 def _rule(entry: Any, where: str) -> Rule:
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
-        raise SettingError("policy", f"{where}: a rule is an object with a non-empty string `id`")
+        raise SettingError("--policy", f"{where}: a rule is an object with a non-empty string `id`")
     rule_id = entry["id"]
     if unknown := set(entry) - _RULE_KEYS:
-        raise SettingError("policy", f"rule {rule_id!r}: unknown keys {sorted(unknown)}")
+        raise SettingError("--policy", f"rule {rule_id!r}: unknown keys {sorted(unknown)}")
     terms = [_term_patterns(t, rule_id) for t in _strings(entry.get("terms", []), f"rule {rule_id!r} terms")]
     regexes = []
     for expression in _strings(entry.get("regexes", []), f"rule {rule_id!r} regexes"):
         try:
             regexes.append(re.compile(expression))
         except re.error as exc:
-            raise SettingError("policy", f"rule {rule_id!r}: bad regular expression ({exc})") from exc
+            raise SettingError("--policy", f"rule {rule_id!r}: bad regular expression ({exc})") from exc
     if not terms and not regexes:
-        raise SettingError("policy", f"rule {rule_id!r}: needs `terms` or `regexes`")
+        raise SettingError("--policy", f"rule {rule_id!r}: needs `terms` or `regexes`")
     written = tuple(pattern for _, pattern in terms if pattern is not None)
     return Rule(rule_id, tuple(pattern for pattern, _ in terms), tuple(regexes), written)
 
 
 def _rules(entries: Any, where: str, taken: set[str]) -> tuple[Rule, ...]:
     if not isinstance(entries, list):
-        raise SettingError("policy", f"{where}: a list of rules")
+        raise SettingError("--policy", f"{where}: a list of rules")
     rules = tuple(_rule(entry, f"{where}[{i}]") for i, entry in enumerate(entries))
     for rule in rules:
         if rule.id in taken:
-            raise SettingError("policy", f"rule id {rule.id!r} is used twice")
+            raise SettingError("--policy", f"rule id {rule.id!r} is used twice")
         taken.add(rule.id)
     return rules
 
@@ -227,19 +227,19 @@ class PromptPolicy:
     @classmethod
     def from_dict(cls, document: Any) -> PromptPolicy:
         if not isinstance(document, dict) or set(document) - {"rules", "overrides"}:
-            raise SettingError("policy", "an object with `rules` and optionally `overrides`")
+            raise SettingError("--policy", "an object with `rules` and optionally `overrides`")
         taken: set[str] = set()
         rules = _rules(document.get("rules", []), "rules", taken)
         overrides = {}
         entries = document.get("overrides") or {}
         if not isinstance(entries, dict):
-            raise SettingError("policy", "overrides: an object of token name -> {`exempt`, `rules`}")
+            raise SettingError("--policy", "overrides: an object of token name -> {`exempt`, `rules`}")
         for token, entry in entries.items():
             if not isinstance(entry, dict) or set(entry) - _OVERRIDE_KEYS:
-                raise SettingError("policy", f"overrides[{token!r}]: an object with `exempt` and/or `rules`")
+                raise SettingError("--policy", f"overrides[{token!r}]: an object with `exempt` and/or `rules`")
             exempt = frozenset(_strings(entry.get("exempt", []), f"overrides[{token!r}].exempt"))
             if unknown := exempt - {rule.id for rule in rules} - {"*"}:
-                raise SettingError("policy", f"overrides[{token!r}].exempt: no rules {sorted(unknown)}")
+                raise SettingError("--policy", f"overrides[{token!r}].exempt: no rules {sorted(unknown)}")
             overrides[str(token)] = Override(exempt, _rules(entry.get("rules", []), f"overrides[{token!r}]", taken))
         return cls(rules, overrides)
 
@@ -248,8 +248,8 @@ class PromptPolicy:
         try:
             text = path.read_text()
             document = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise SettingError("policy", f"{path}: {exc}") from exc
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # RecursionError: nesting too deep
+            raise SettingError("--policy", f"{path}: {exc}") from exc
         return cls.from_dict(document)
 
     def rules_for(self, token: str | None) -> list[Rule]:

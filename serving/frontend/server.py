@@ -30,12 +30,12 @@ from serving.frontend.health import SERVICE, TritonHealth
 from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
-from serving.frontend.policy import PolicyFile
+from serving.frontend.policy import PolicyFile, PromptPolicy
 from serving.frontend.reading import ReadGate
 from serving.frontend.service import OmniGen2Service
 from serving.frontend.tls_files import read_tls
 from serving.frontend.triton_backend import TritonBackend
-from serving.frontend.warmup import Warmup
+from serving.frontend.warmup import Warmup, warmup_requests
 from serving.log_format import configure as configure_logging
 
 log = logging.getLogger("omnigen2.frontend")
@@ -300,12 +300,16 @@ async def _when_served(health: TritonHealth, call: Callable[[], None]) -> None:
     call()
 
 
-def check_files(config: FrontendConfig) -> None:
-    """Read and check the files the flags name (TLS, tokens) as the start would: `make serve` calls it before its
-    model build, not after."""
+def check_settings(config: FrontendConfig) -> None:
+    """Check what the start checks beyond the flags' values, as it would: the files the flags name (TLS, tokens,
+    policy) and the warm-up's requests. `make serve` calls it before its model build, not after Triton's start."""
     read_tls(config.tls_cert, config.tls_key)
     if config.auth_tokens:
         TokenRegistry.from_file(Path(config.auth_tokens))
+    if config.policy:
+        PromptPolicy.from_file(Path(config.policy))
+    if config.warmup:
+        warmup_requests(config)
 
 
 def main(argv: list[str] | None = None) -> None:

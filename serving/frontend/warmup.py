@@ -30,7 +30,7 @@ from PIL import Image
 from serving.errors import SettingError
 from serving.frontend import request_id
 from serving.frontend.config import FrontendConfig
-from serving.frontend.convert import to_chat_forward, to_forward
+from serving.frontend.convert import ChatForward, Forward, to_chat_forward, to_forward
 from serving.frontend.metrics import WARMUP_OUTCOMES, Metrics
 from serving.frontend.status import ApiError
 from serving.frontend.triton_backend import TritonBackend
@@ -43,23 +43,10 @@ ANSWER_TOKENS = 2
 
 class Warmup:
     def __init__(self, config: FrontendConfig, backend: TritonBackend, metrics: Metrics) -> None:
-        """The three requests are built and validated once, as real requests are: a --warmup-size or
-        --warmup-steps the API refuses stops the front end at start rather than failing every warm-up."""
-        size = config.warmup_size  # at least SIZE_MULTIPLE (FLAG_TYPES), which the edit's input image needs
         self.config = config
         self.backend = backend
         self.metrics = metrics
-        try:
-            # The text-to-image first: a size the API refuses is found before an image of that size is made.
-            self.generate = to_forward(_generation("A blue square", [], config), config.limits)
-            image = pb.Image(data=_grey_png(size))
-            self.edit = to_forward(_generation("Make it blue", [image], config), config.limits)
-            content = [pb.ContentPart(image=image), pb.ContentPart(text="What colour is this?")]
-            message = pb.ChatMessage(role=pb.ROLE_USER, content=content)
-            chat = pb.UnderstandRequest(messages=[message], max_new_tokens=ANSWER_TOKENS, seed=0)
-            self.understand = to_chat_forward(chat, config.chat_limits)
-        except ApiError as exc:
-            raise SettingError("--warmup-size/--warmup-steps", f"the warm-up's requests are refused: {exc}") from exc
+        self.generate, self.edit, self.understand = warmup_requests(config)
 
     async def run(self) -> str:
         """One warm-up; its outcome (ok, failed, timeout) is logged and recorded. Cancelled (Triton went away, the
@@ -110,6 +97,24 @@ class Warmup:
         self.metrics.warmups.labels(outcome).inc()
         for name in WARMUP_OUTCOMES:
             self.metrics.warmup_outcome.labels(name).set(1 if name == outcome else 0)
+
+
+def warmup_requests(config: FrontendConfig) -> tuple[Forward, Forward, ChatForward]:
+    """The text-to-image, the edit and the Understand call, built and validated as real requests are: a
+    --warmup-size or --warmup-steps the API refuses stops the start (`make serve`: before its build, through
+    check_settings) rather than failing every warm-up."""
+    try:
+        # The text-to-image first: a size the API refuses is found before an image of that size is made.
+        generate = to_forward(_generation("A blue square", [], config), config.limits)
+        # At least SIZE_MULTIPLE px (FLAG_TYPES), which the edit's input image needs.
+        image = pb.Image(data=_grey_png(config.warmup_size))
+        edit = to_forward(_generation("Make it blue", [image], config), config.limits)
+        content = [pb.ContentPart(image=image), pb.ContentPart(text="What colour is this?")]
+        message = pb.ChatMessage(role=pb.ROLE_USER, content=content)
+        chat = pb.UnderstandRequest(messages=[message], max_new_tokens=ANSWER_TOKENS, seed=0)
+        return generate, edit, to_chat_forward(chat, config.chat_limits)
+    except ApiError as exc:
+        raise SettingError("--warmup-size/--warmup-steps", f"the warm-up's requests are refused: {exc}") from exc
 
 
 def _generation(prompt: str, images: list[pb.Image], config: FrontendConfig) -> pb.GenerateRequest:
