@@ -37,6 +37,7 @@ from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer, free_port
 from tests.golden import relative_error, templated_tokens
+from tests.pixels import level_difference
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
 SMALL: GenerationOptions = {"width": 64, "height": 64, "steps": 3, "seed": 1}
@@ -240,7 +241,10 @@ def test_async_client_runs_concurrent_calls(api: FrontendProcess, client: OmniGe
             return list(results), events
 
     results, events = asyncio.run(run())
-    assert [r.encoded for r in results] == expected
+    # Run at once, the three share transformer calls: their images equal the ones run alone to rounding only (one
+    # level of 255, docs/api.md); exactly on some CPUs, not on all. The stream after them runs alone again.
+    differences = [level_difference(r.encoded, e) for r, e in zip(results, expected, strict=True)]
+    assert max(differences) <= 1, differences
     assert isinstance(events[-1], GenerationResult) and events[-1].encoded == expected[0]
 
 

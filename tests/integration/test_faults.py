@@ -28,6 +28,7 @@ from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import Ports, TritonServer
 from serving.triton.leftovers import SHM
 from serving.triton.watchdog import stub_processes, stub_shm_regions
+from tests.pixels import level_difference
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}
@@ -125,7 +126,8 @@ def test_overload_at_four_times_capacity(triton: TritonServer, tmp_path: Path) -
             except ResourceExhaustedError as exc:
                 assert exc.retry_after is not None
                 return "RESOURCE_EXHAUSTED", time.monotonic() - started
-            assert result.encoded == expected
+            # Beside another caller's request: the alone run's images to rounding (one level of 255, docs/api.md).
+            assert level_difference(result.encoded, expected) <= 1
             return "OK", time.monotonic() - started
 
         async def waves() -> list[tuple[str, float]]:
