@@ -18,7 +18,8 @@ from typing import Any
 log = logging.getLogger("omnigen2.stack")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 Handler = Callable[[int, FrameType | None], Any] | int
-_before: dict[int, Handler] = {}  # the handlers raise_on_stop found, for restore_stop_signals
+_before: dict[int, Handler] = {}  # the handlers hold_stops or raise_on_stop found, for restore_stop_signals
+_held: list[int] = []  # the stop that came while held, for raise_on_stop to raise
 
 
 class Interrupted(BaseException):
@@ -38,10 +39,28 @@ def _repeated(signum: int, frame: FrameType | None) -> None:
     log.warning("%s: already stopping; waiting for tritonserver to end", signal.Signals(signum).name)
 
 
+def _hold(signum: int, frame: FrameType | None) -> None:
+    _held.append(signum)
+
+
+def hold_stops() -> None:
+    """From here on SIGTERM and SIGINT are noted, not acted on, until raise_on_stop raises the first: `python -m
+    serving.stack` calls it before its imports (0.3-1.2 s), which an exception would leave half done, outside main's
+    clean-up and its one line."""
+    _install(_hold)
+
+
 def raise_on_stop() -> None:
-    """From here on the first SIGTERM or SIGINT raises `Interrupted` in the main thread."""
+    """From here on the first SIGTERM or SIGINT raises `Interrupted` in the main thread; one held since hold_stops
+    is raised at once."""
+    _install(_raise)
+    if _held:
+        _raise(_held[0], None)
+
+
+def _install(handler: Handler) -> None:
     for signum in STOP_SIGNALS:
-        previous = signal.signal(signum, _raise)
+        previous = signal.signal(signum, handler)
         if previous is not None:  # None: one not set from Python, which neither signal has
             _before.setdefault(signum, previous)
 
@@ -51,6 +70,7 @@ def restore_stop_signals() -> None:
     for signum, previous in _before.items():
         signal.signal(signum, previous)
     _before.clear()
+    _held.clear()
 
 
 def stop_on_repeat() -> None:

@@ -9,6 +9,11 @@ front end, then stops Triton. A Triton that dies on its own is cleaned up after 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m serving.stack`: a stop from here on is held for main, not Python's default
+    from serving.interrupts import hold_stops
+
+    hold_stops()
+
 import argparse
 import asyncio
 import dataclasses
@@ -114,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
-    doing = "checking the settings"
+    doing = "starting"
     triton: TritonServer | None = None
     try:
         # First: a stop while the flags are checked or torch is imported is one line and status 0 as well (before,
-        # Python's default: exit 143 and no word). The interpreter's start and this module's imports come before.
+        # Python's default: exit 143 and no word). One during this module's imports was held (hold_stops, at the
+        # top) and is raised here; only the interpreter's own start (about 25 ms) comes before.
         raise_on_stop()
+        doing = "checking the settings"
         own = build_parser()
         args, frontend_args = own.parse_known_args(argv)
         # The rest must be the front end's: a mistyped flag is named by this parser, not by the front end's usage.

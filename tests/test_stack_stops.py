@@ -38,6 +38,17 @@ serving.stack._import_late = imports
 serving.stack.main(sys.argv[1:])
 """
 
+# `python -m serving.stack` signalled while it imports its modules, before main: as soon after its start as is sure
+# to be after the interpreter's own (`serving.frontend.config` is one of the stack's first imports).
+INTERRUPTED_START = """import importlib.abc, os, runpy, signal, sys
+class Signal(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "serving.frontend.config":
+            os.kill(os.getpid(), signal.{signal})
+sys.meta_path.insert(0, Signal())
+runpy.run_module("serving.stack", run_name="__main__", alter_sys=True)
+"""
+
 # The front end stopped by SIGTERM as the stack runs it; prints the SIGTERM handler once asyncio.run closed its loop.
 FRONT_END_STOPPED = """import asyncio, os, signal
 from serving.frontend.config import FrontendConfig
@@ -113,6 +124,20 @@ def test_a_stop_during_the_repository_build_is_logged(tmp_path: Path) -> None:
     log = ended.stderr.decode()
     assert ended.returncode == 0, log
     assert "SIGTERM while building the model repository: stopped" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_right_after_the_start_is_logged(tmp_path: Path, signum: signal.Signals) -> None:
+    # Before: the handlers came in main, after the module's imports (0.3-1.2 s): SIGTERM exited 143 with no word,
+    # SIGINT printed a KeyboardInterrupt traceback.
+    script = INTERRUPTED_START.format(signal=signum.name)
+    flags = _flags(tmp_path, Ports.free(), Ports.free())
+    ended = subprocess.run([sys.executable, "-c", script, *flags], cwd=ROOT, capture_output=True, timeout=60)
+    log = ended.stderr.decode()
+    assert ended.returncode == 0, log
+    assert log.splitlines()[-1].endswith(f"{signum.name} while starting: stopped; no tritonserver or stub left"), log
+    assert "Traceback" not in log
+    assert not (tmp_path / "repository").exists()
 
 
 def test_a_stop_while_torch_is_imported_is_logged(tmp_path: Path) -> None:
