@@ -464,30 +464,57 @@ def test_the_front_ends_memory_limit_holds_its_budgets_worst_case(
     assert worst <= quantity(frontend["resources"]["limits"]["memory"])
 
 
-def test_the_base_serves_the_measured_full_size_configuration(
-    pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """pytorch-bf16 is the configuration cpu-full-smoke measured; Triton's limit holds what it held there plus the
-    budgets' worst case on top (input pixels at an unmeasured estimate), and the /dev/shm tmpfs."""
-    prepare, triton = container(pod, "prepare-repository", init=True), container(pod, "triton")
-    served = f"{env(prepare)['OMNIGEN2_BACKEND']}-{env(prepare)['OMNIGEN2_PRECISION']}"
-    assert served == "pytorch-bf16" and f"Served stack ({served})" in (FULL_SMOKE / "results.md").read_text()
+def triton_memory_sum(pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch, on_gpu: bool) -> float:
+    """Triton's worst case in GiB, as the memory comment over its limit adds it up (base/deployment.yaml; on
+    overlays/gpu, less one sample's attention and the VAE decoder, which run on the GPU there): what cpu-full-smoke
+    held plus the budgets' worst case on top (input pixels at an unmeasured estimate), and the /dev/shm tmpfs."""
     results = json.loads((FULL_SMOKE / "results.json").read_text())
     held = sum(gib for name, gib in results["serve"]["after_requests_rss_gib"].items() if name != "frontend")
     config = frontend_config(container(pod, "frontend"), monkeypatch)
     (shm,) = [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "dshm"]
     worst = (
         held * GiB
-        + BYTES_PER_TOKEN_SQUARED * config.max_sample_tokens**2
         + BYTES_PER_OUTPUT_PIXEL * config.max_inflight_output_pixels
         + BlsSettings.max_step_cache_mib * MiB
-        + VAE_DECODER_PEAK
         # Admission takes one request alone whatever its cost: in flight is the larger of the two budgets.
         + BYTES_PER_INPUT_PIXEL * max(config.max_inflight_input_pixels, config.max_request_input_pixels)
         + quantity(shm)
     )
-    assert worst <= quantity(triton["resources"]["limits"]["memory"])
+    if not on_gpu:
+        worst += BYTES_PER_TOKEN_SQUARED * config.max_sample_tokens**2 + VAE_DECODER_PEAK
+    return worst / GiB
+
+
+def stated_sum(manifest: Path) -> float:
+    """The total of the first memory sum in a manifest's comments (`= 29.97 GiB;`): Triton's."""
+    found = re.search(r"#  = (\d+\.\d+) GiB;", manifest.read_text())
+    assert found, manifest
+    return float(found[1])
+
+
+def test_the_base_serves_the_measured_full_size_configuration(
+    pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytorch-bf16 is the configuration cpu-full-smoke measured; Triton's limit holds what it held there plus the
+    budgets' worst case (triton_memory_sum), as its comment says."""
+    prepare, triton = container(pod, "prepare-repository", init=True), container(pod, "triton")
+    served = f"{env(prepare)['OMNIGEN2_BACKEND']}-{env(prepare)['OMNIGEN2_PRECISION']}"
+    assert served == "pytorch-bf16" and f"Served stack ({served})" in (FULL_SMOKE / "results.md").read_text()
+    worst = triton_memory_sum(pod, monkeypatch, on_gpu=False)
+    assert worst == pytest.approx(stated_sum(DEPLOY / "k8s" / "base" / "deployment.yaml"), abs=0.02)
+    assert worst * GiB <= quantity(triton["resources"]["limits"]["memory"])
+    config = frontend_config(container(pod, "frontend"), monkeypatch)
     assert config.max_step_tokens >= config.max_sample_tokens  # one sample's step passes the step budget
+
+
+def test_the_gpu_overlays_host_memory_holds_the_budgets_beside_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """overlays/gpu's Triton: the base's sum less what runs on the GPU, input pixels included (before: no sum, the
+    base's limit kept unexplained)."""
+    (deployment,) = by_kind(render("overlays/gpu"), "Deployment")
+    gpu_pod = deployment["spec"]["template"]["spec"]
+    worst = triton_memory_sum(gpu_pod, monkeypatch, on_gpu=True)
+    assert worst == pytest.approx(stated_sum(DEPLOY / "k8s" / "overlays" / "gpu" / "gpu.yaml"), abs=0.02)
+    assert worst * GiB <= quantity(container(gpu_pod, "triton")["resources"]["limits"]["memory"])
 
 
 def test_the_cpu_stop_grace_outlasts_the_longest_step(pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
