@@ -17,6 +17,7 @@ if __name__ == "__main__":  # `python -m serving.stack`: a stop from here on is 
 import argparse
 import asyncio
 import dataclasses
+import errno
 import importlib
 import logging
 import os
@@ -40,7 +41,7 @@ from serving.flag_types import Address, Whole, from_env
 from serving.frontend.config import FrontendConfig
 from serving.interrupts import Interrupted, raise_on_stop, restore_stop_signals, stop_on_repeat
 from serving.log_format import configure as configure_logging
-from serving.triton.launcher import LOOPBACK, TRITONSERVER_ENV, Ports, TritonInstall, TritonServer, port_in_use
+from serving.triton.launcher import LOOPBACK, TRITONSERVER_ENV, Ports, TritonInstall, TritonServer, bind_error
 
 if TYPE_CHECKING:  # bound by _import_late once the flags are checked: torch's import takes 6-9 s
     from serving.artifacts.repository import bls_from_args, fast_from_args, prepare_repository, safety_from_args
@@ -159,8 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         refuse_shared_ports(frontend, triton_ports)
         triton_ports.check_free()
         for flag, host, port in frontend.bound_addresses():
-            if port_in_use(port, host):
+            if (error := bind_error(port, host)) is None:
+                continue
+            if error.errno == errno.EADDRINUSE:
                 raise SettingError(flag, f"cannot listen on {host}:{port}: the port is in use (another front end?)")
+            # A host not this machine's or not found: before, the front end's bind said so after Triton's start.
+            raise SettingError(flag, f"cannot listen on {host}:{port}: {error.strerror}")
         doing = "building the model repository"
         with disk_errors_named(build_dir=args.build_dir, model_repository=args.model_repository):
             repository = prepare_repository(

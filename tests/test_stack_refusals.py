@@ -62,6 +62,17 @@ def test_the_stacks_own_ports_given_twice_are_refused_naming_both_flags(case: st
         stack.main(argv)
 
 
+@pytest.mark.parametrize("flag", ["--listen", "--http-listen"])
+def test_an_address_not_this_machines_is_refused_before_the_build(flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: taken, and the front end's bind refused it once the repository was built and Triton had loaded it.
+    monkeypatch.setattr(stack, "prepare_repository", lambda *_, **__: pytest.fail("built before the refusal"))
+    a, b, c, d, e = (free_port() for _ in range(5))
+    addresses = {"--listen": f"127.0.0.1:{a}", "--http-listen": f"127.0.0.1:{b}", flag: f"192.0.2.1:{e}"}  # TEST-NET-1
+    argv = [f"{name}={address}" for name, address in addresses.items()]
+    with pytest.raises(SettingError, match=rf"^{flag}: cannot listen on 192\.0\.2\.1:{e}: \S"):
+        stack.main([*argv, "--metrics-port=0", *_triton_ports(c, d, free_port())])
+
+
 def test_ports_on_other_addresses_are_not_refused() -> None:
     port = free_port()
     config = FrontendConfig(listen=f"127.0.0.2:{port}", http_listen="")

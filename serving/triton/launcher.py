@@ -156,19 +156,26 @@ def free_port() -> int:
 
 def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     """Whether a server listens on `host:port` (one in TIME_WAIT is free: servers reuse those). An address this
-    machine cannot bind for another reason (not one of its own) is left for the server's own bind to report."""
+    machine cannot bind for another reason (not one of its own) is not in use: `bind_error` says why."""
+    error = bind_error(port, host)
+    return isinstance(error, OSError) and error.errno == errno.EADDRINUSE
+
+
+def bind_error(port: int, host: str = LOOPBACK) -> OSError | None:
+    """Why a server could not listen on `host:port` here (in use, a host not this machine's or not found), or None;
+    bound and let go at once, as a server would bind it (SO_REUSEADDR: a port in TIME_WAIT is free)."""
     try:
         found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False
+    except socket.gaierror as exc:
+        return exc
     family, kind, proto, _, address = found[0]
     with contextlib.closing(socket.socket(family, kind, proto)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
         except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-        return False
+            return exc
+        return None
 
 
 def prune_logs(folder: Path, keep: Path, kept: int = KEPT_LOGS) -> None:
