@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.soak.mix import is_http
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 # Gauges that count what calls hold: all zero once nothing is in flight and every client has gone.
@@ -128,7 +130,7 @@ def _may_be_unseen(call: dict[str, Any]) -> str | None:
     if not call["ended"]:
         killed_early = call.get("killed", False) and call["t"] - call["started"] < KILLED_UNSENT_S
         return "unsent" if killed_early else None  # an unfinished call (a worker fault) fails the storm check
-    if call["kind"].startswith("http-"):
+    if is_http(call["kind"]):
         unsent = call["kind"] == "http-reset" or (call.get("by_client", False) and not call.get("sent", True))
         return "unsent" if unsent else None
     if not call.get("by_client") or call["fault"].get("stop_after_events") is not None:
@@ -142,7 +144,7 @@ def _status_fits(call: dict[str, Any], logged: str) -> bool:
     seen, kind = str(call.get("seen")), call["kind"]
     if not call["ended"] or kind == "http-reset":
         return True  # the client died or reset the connection: any ending is the server's to choose
-    if kind.startswith("http-"):
+    if is_http(kind):
         if call.get("by_client"):
             return True  # dropped by the client: 499, or whatever the server finished with before it noticed
         return not seen.isdigit() or seen == logged  # a status read whole must be the one logged
@@ -166,7 +168,7 @@ def check_call_lines(calls: dict[str, dict[str, Any]], lines: list[AccessLine]) 
     unseen: Counter[str] = Counter()
     deadline_cancelled = 0
     for call_id, call in calls.items():
-        api = "http" if call["kind"].startswith("http-") else "grpc"
+        api = "http" if is_http(call["kind"]) else "grpc"
         found = by_id.get((api, call_id), [])
         seen = call.get("seen", "client killed")
         why = _may_be_unseen(call)

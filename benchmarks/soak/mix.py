@@ -23,7 +23,13 @@ KINDS: dict[str, float] = {
     "http-reset": 0.06,
     "probe": 0.12,
 }
-GRPC_KINDS = ("generate", "stream", "understand", "probe")
+HTTP_PREFIX = "http-"  # the kinds sent to the OpenAI-style HTTP API; the rest are gRPC calls
+
+
+def is_http(kind: str) -> bool:
+    return kind.startswith(HTTP_PREFIX)
+
+
 PROMPTS = ("a red apple", "a blue car on a road", "a cat", "a red apple")  # a repeat shares the text cache
 
 

@@ -24,7 +24,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pbg
 from PIL import Image
 
-from benchmarks.soak.mix import Fault, Mix, probes
+from benchmarks.soak.mix import Fault, Mix, is_http, probes
 
 
 @dataclass
@@ -194,7 +194,7 @@ class Worker:
                     await self.probe(stub, mix)
                 elif kind == "http-reset":
                     await asyncio.to_thread(self.http_reset, mix)
-                elif kind.startswith("http-"):
+                elif is_http(kind):
                     await self.http_call(session, mix, kind)
                 else:
                     await self.grpc_call(stub, mix, kind)

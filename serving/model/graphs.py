@@ -77,10 +77,6 @@ class VaeDecoderGraph(nn.Module):
         return self.decoder(z)
 
 
-# The transformer graph is the transformer itself: it already takes the packed tensors.
-TransformerGraph = OmniGen2Transformer
-
-
 class _TransformerStage(nn.Module):
     """One stage of the transformer as a graph of its own, on the transformer's weights (no copy)."""
 

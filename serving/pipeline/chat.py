@@ -52,15 +52,8 @@ class ChatEncoder:
         )
 
     def template(self, request: ChatRequest) -> str:
-        messages = [
-            {
-                "role": m.role,
-                "content": [
-                    {"type": "text", "text": p.text} if p.image is None else {"type": "image"} for p in m.parts
-                ],
-            }
-            for m in request.messages
-        ]
+        messages = [{"role": m.role, "content": [_template_part(p) for p in m.parts]} for m in request.messages]
+        # transformers types a message's content as str; Qwen2.5-VL's template takes the list of parts made here.
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[arg-type]
         return str(text)
 
@@ -107,6 +100,8 @@ class ChatEncoder:
 
 
 def _template_part(part: ChatPart) -> dict[str, str]:
+    # A text part's text is never None once the request is validated (exactly one of text or image); "" keeps the
+    # type a plain str for a caller that skipped validation, instead of the template printing "None".
     return {"type": "image"} if part.image is not None else {"type": "text", "text": part.text or ""}
 
 

@@ -38,7 +38,6 @@ class StepBatcher:
         self.window_s = window_s
         self.active = 0
         self.pending: list[_Pending] = []
-        self.executions = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -88,7 +87,6 @@ class StepBatcher:
             await self._run(batch[:half])
             await self._run(batch[half:])
             return
-        self.executions += 1
         start = 0
         for p in batch:
             if not p.future.done():
