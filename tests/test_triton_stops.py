@@ -78,7 +78,7 @@ def mllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     metric = types.SimpleNamespace(increment=lambda n: None)
     family = types.SimpleNamespace(Metric=lambda labels: metric)
     fake.MetricFamily = lambda **kwargs: family  # type: ignore[attr-defined]
-    fake.MetricFamily.GAUGE = 0  # type: ignore[attr-defined]
+    fake.MetricFamily.GAUGE = 0
     fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL  # type: ignore[attr-defined]
     fake.get_input_tensor_by_name = lambda request, name: None  # type: ignore[attr-defined]
     fake.TritonError = lambda message: message  # type: ignore[attr-defined]

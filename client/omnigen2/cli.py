@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 from tqdm import tqdm
@@ -123,15 +123,19 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-_OPTION_NAMES = set(GenerationOptions.__annotations__)
+def _typed_options(
+    args: argparse.Namespace, options: type[GenerationOptions] | type[UnderstandOptions]
+) -> dict[str, Any]:
+    """The flags `options` names that were given: the rest are left to the server's defaults."""
+    return {k: v for k, v in vars(args).items() if k in options.__annotations__ and v is not None}
 
 
 def _options(args: argparse.Namespace, output: Path) -> GenerationOptions:
-    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in _OPTION_NAMES and v is not None}
+    values = _typed_options(args, GenerationOptions)
     if "cfg_range" in values:
         values["cfg_range"] = tuple(values["cfg_range"])
     values["output_format"] = _FORMATS[output.suffix.lower()]
-    return GenerationOptions(**values)  # type: ignore[typeddict-item]
+    return cast(GenerationOptions, values)  # argparse's choices and types made the values the options' own
 
 
 def _outputs(output: Path, count: int) -> list[Path]:
@@ -230,13 +234,12 @@ _FINISHED = {
 
 
 def _understand(client: OmniGen2Client, args: argparse.Namespace) -> int:
-    names = set(UnderstandOptions.__annotations__)
-    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    options = cast(UnderstandOptions, _typed_options(args, UnderstandOptions))
     # The server's default temperature is 0; below MIN_TEMPERATURE it decodes greedily and draws nothing from the seed.
     sampled = (args.temperature or 0.0) >= MIN_TEMPERATURE
     mid_line = False  # text printed since the last newline
     try:
-        for item in client.understand_stream(args.question, args.images, **UnderstandOptions(**values)):  # type: ignore[typeddict-item]
+        for item in client.understand_stream(args.question, args.images, **options):
             if isinstance(item, str):
                 print(item, end="", flush=True)
                 mid_line = mid_line or bool(item)

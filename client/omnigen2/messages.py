@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Union, cast
 
 from PIL import Image
 
@@ -224,7 +224,7 @@ class GenerationResult:
             truncated_prompt_tokens=response.truncated_prompt_tokens,
             truncated_negative_prompt_tokens=response.truncated_negative_prompt_tokens,
             withheld=[WithheldImage.from_proto(w) for w in response.withheld],
-            cache=_CACHE_NAMES.get(response.cache, "none"),  # type: ignore[arg-type]
+            cache=cast(CacheName, _CACHE_NAMES.get(response.cache, "none")),  # _CACHES' keys: CacheName's values
             cache_note=response.cache_note,
             usage=GenerationUsage.from_proto(response.usage),
         )

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from serving.errors import CheckpointError
 
@@ -69,11 +70,12 @@ class TransformerConfig:
         unknown = sorted(set(raw) - known - _IGNORED_KEYS)
         if unknown:  # newer releases add keys (e.g. training switches); the architecture is what the known ones say
             log.warning("%s: ignoring config keys this loader does not know: %s", source, ", ".join(unknown))
-        values = {k: v for k, v in raw.items() if k in known}
+        # JSON values in the checkpoint's own types, not checked here (validate checks how the sizes fit together).
+        values: dict[str, Any] = {k: v for k, v in raw.items() if k in known}
         for key in ("axes_dim_rope", "axes_lens"):
             if key in values:
-                values[key] = tuple(values[key])  # type: ignore[arg-type]
-        config = cls(**values)  # type: ignore[arg-type]
+                values[key] = tuple(values[key])
+        config = cls(**values)
         config.validate(source)
         return config
 

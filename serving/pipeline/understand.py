@@ -58,6 +58,8 @@ class _Flag(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
         # On the ids' device: generate combines the criteria with its own flags there (CUDA beside a GPU model).
         stop = torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)
+        # transformers annotates the result as the legacy torch.BoolTensor class, which no factory returns; a bool
+        # tensor is what it reads.
         return stop  # type: ignore[return-value]
 
 

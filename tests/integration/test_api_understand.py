@@ -114,7 +114,7 @@ def test_invalid_understand_fields_are_named(
         target = message if name in ("content", "role") else request
         if name in ("content", "stop"):
             del getattr(target, name)[:]
-            getattr(target, name).extend(value)  # type: ignore[call-overload]
+            getattr(target, name).extend(value)
         else:
             setattr(target, name, value)
     request.messages[0].CopyFrom(message)

@@ -132,7 +132,7 @@ def test_output_format(http_client: openai.OpenAI, output_format: str) -> None:
         prompt="A lighthouse",
         size="32x32",
         output_format=output_format,
-        extra_body=SMALL,  # type: ignore[arg-type]
+        extra_body=SMALL,
     )
     assert answer.data is not None and answer.data[0].b64_json is not None
     assert Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json))).format == output_format.upper()
@@ -198,11 +198,11 @@ def test_chat_completion_streams_server_sent_events(http_client: openai.OpenAI) 
         model="OmniGen2",
         messages=_question(image),
         max_tokens=6,
-        seed=3,  # type: ignore[arg-type]
+        seed=3,
     )
     stream = http_client.chat.completions.create(
         model="OmniGen2",
-        messages=_question(image),  # type: ignore[arg-type]
+        messages=_question(image),
         max_tokens=6,
         seed=3,
         stream=True,
@@ -285,7 +285,7 @@ def test_streamed_images_refused_before_the_stream_are_http_errors(api: Frontend
         ({"extra_body": {"steps": 0}}, "steps"),  # refused by the service: still before the first event
     ]:
         with pytest.raises(openai.BadRequestError) as refused:
-            list(http_client.images.generate(prompt="x", size="16x16", stream=True, **extra))  # type: ignore[call-overload]
+            list(http_client.images.generate(prompt="x", size="16x16", stream=True, **extra))
         assert refused.value.param == param
     status, _, answer = _post_json(api, "/v1/images/generations", {"prompt": "x", "partial_images": 1})
     assert status == 400 and answer["error"]["param"] == "partial_images"  # only with stream: true

@@ -51,7 +51,7 @@ def test_a_missing_or_unusable_id_is_replaced_by_a_new_one(api: FrontendProcess,
     with pytest.raises(grpc.RpcError) as raised:  # an invalid request: the id comes back with errors too
         _stub(api).Generate(pb.GenerateRequest(prompt=""), metadata=metadata, timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    made = _returned_id(raised.value)  # type: ignore[arg-type]
+    made = _returned_id(raised.value)
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     _wait_for_line(api.log_path.read_text, rf"status=INVALID_ARGUMENT .* request_id={made} ")
 
