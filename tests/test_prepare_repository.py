@@ -11,20 +11,18 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serving.artifacts import repository as repository_module
+from serving.artifacts import model_configs
 from serving.artifacts.checkpoint_hash import HASH_MEMO
 from serving.artifacts.engines import ProfileBounds, engine_max_batch, manifest_profiles
-from serving.artifacts.repository import (
+from serving.artifacts.model_configs import (
     BLS,
     COMPONENTS,
-    SERVED_GRAPHS,
     bls_config,
-    bls_from_args,
     bls_settings,
     component_config,
     engine_settings,
-    prepare_repository,
 )
+from serving.artifacts.repository import SERVED_GRAPHS, bls_from_args, prepare_repository
 from serving.errors import CheckpointError, SettingError
 from serving.frontend.config import FrontendConfig
 from serving.model.checkpoint import GRAPH_PARTS, read_spec, text_feature_dim
@@ -171,7 +169,7 @@ def test_a_negative_step_cache_budget_is_refused_naming_the_flag() -> None:
 
 def test_pytorch_on_a_gpu_batches_every_admitted_step_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """No CUDA here: the device is what the GPU check would resolve (the cap itself is measured there)."""
-    monkeypatch.setattr(repository_module, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(model_configs, "resolve_device", lambda name: torch.device("cuda"))
     assert bls_settings("pytorch", "bf16", device="cuda").max_call_tokens == FrontendConfig().max_inflight_step_tokens
     assert bls_settings("pytorch", "bf16", max_call_tokens=4096, device="cuda").max_call_tokens == 4096
     config = bls_config({}, "sha", "pytorch-bf16", bls_settings("pytorch", "bf16", max_call_tokens=4096))

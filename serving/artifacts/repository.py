@@ -22,16 +22,26 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.artifacts.checkpoint_hash import checkpoint_hash
-from serving.artifacts.engines import ProfileBounds, build_engines, engine_max_batch, engine_platform, manifest_profiles
+from serving.artifacts.engines import ProfileBounds, build_engines, engine_platform, manifest_profiles
 from serving.artifacts.folders import replaceable
+from serving.artifacts.model_configs import (
+    COMPONENTS,
+    bls_config,
+    bls_settings,
+    component_config,
+    engine_settings,
+    mllm_config,
+    safety_config,
+    served_name,
+)
 from serving.artifacts.onnx_export import cached_export
 from serving.choices import BACKENDS, DEVICES, PRECISIONS
 from serving.command_flags import (
@@ -46,7 +56,6 @@ from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, tex
 from serving.model.contract import graph_contracts
 from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
-from serving.pipeline.step_cache import CONTROL_WIDTH
 from serving.runtime.fast_path import FastPath, fast_path_from_args
 from serving.runtime.onnx_backend import MANIFEST
 from serving.runtime.onnx_stages import TRANSFORMER_STAGES
@@ -75,33 +84,6 @@ TORCH_MODEL_SHIM = SHIM.format(module="serving.triton.torch_model")
 BLS_MODEL_SHIM = SHIM.format(module="serving.triton.bls")
 MLLM_MODEL_SHIM = SHIM.format(module="serving.triton.mllm")
 SAFETY_MODEL_SHIM = SHIM.format(module="serving.triton.safety_model")
-DTYPES = {
-    "float32": mc.TYPE_FP32,
-    "float16": mc.TYPE_FP16,
-    "bfloat16": mc.TYPE_BF16,
-    "int64": mc.TYPE_INT64,
-    "int32": mc.TYPE_INT32,
-    "bool": mc.TYPE_BOOL,
-}
-
-
-@dataclass(frozen=True)
-class ComponentSettings:
-    max_batch_size: int  # samples per execution, after Triton's dynamic batcher merged requests
-    queue_delay_us: int = 0  # 0: batch what is already queued, never wait (the BLS is latency-bound per step)
-    instances: int = 1
-    intra_op_threads: int = 0  # ONNX Runtime / PyTorch threads per instance; 0 = all cores
-
-
-COMPONENTS: dict[str, ComponentSettings] = {
-    VAE_ENCODER: ComponentSettings(max_batch_size=8),
-    TRANSFORMER: ComponentSettings(max_batch_size=64),
-    VAE_DECODER: ComponentSettings(max_batch_size=16),
-}
-# The output-image classifier: images of many requests in one call (it is small: 12 MB, 320 x 320 inputs).
-SAFETY = ComponentSettings(max_batch_size=32)
-MAX_DETECTIONS = 32  # detection rows per image in the classifier's output
-
 
 # The component models of a served stack. Prompts are encoded by the `mllm` model, on the Qwen2.5-VL it also
 # answers with: a separate `text_encoder` model would hold a second copy of the language model.
@@ -118,153 +100,6 @@ def staged_contract(graphs: dict[str, Any]) -> dict[str, Any]:
     """The transformer served in stages: the first stage's inputs, the last one's outputs (the whole graph's contract,
     tests/test_onnx_export.py)."""
     return {"inputs": graphs[TRANSFORMER_STAGES[0]]["inputs"], "outputs": graphs[TRANSFORMER_STAGES[-1]]["outputs"]}
-
-
-def engine_settings(settings: ComponentSettings, shapes: dict[str, Any]) -> ComponentSettings:
-    """A TensorRT engine takes at most the batch its optimisation profile was built for, and Triton refuses a config
-    that promises more: the engine's bound caps the model's `max_batch_size`."""
-    return replace(settings, max_batch_size=min(settings.max_batch_size, engine_max_batch(shapes)))
-
-
-def _tensor(entry: dict[str, Any], config_cls: Any) -> Any:
-    """Manifest tensor -> ModelInput/ModelOutput without the batch axis (Triton adds it: max_batch_size > 0)."""
-    dims = [d if isinstance(d, int) else -1 for d in entry["shape"][1:]]
-    tensor = config_cls(name=entry["name"], data_type=DTYPES[entry["dtype"]], dims=dims or [1])
-    if not dims:  # a per-sample scalar: Triton spells shape [batch] as dims [1] reshaped to []
-        tensor.reshape.SetInParent()
-    return tensor
-
-
-def component_config(
-    name: str,
-    contract: dict[str, Any],
-    backend: str,
-    settings: ComponentSettings,
-    precision: str = "fp32",
-    on_gpu: bool = False,
-    fast: FastPath | None = None,
-) -> Any:
-    """`fast`: the PyTorch transformer's fast path (serving/runtime/fast_path.py), as model parameters."""
-    config = mc.ModelConfig(name=name, max_batch_size=settings.max_batch_size)
-    config.input.extend(_tensor(t, mc.ModelInput) for t in contract["inputs"])
-    config.output.extend(_tensor(t, mc.ModelOutput) for t in contract["outputs"])
-    config.dynamic_batching.max_queue_delay_microseconds = settings.queue_delay_us
-    if backend in ("onnxruntime", "pytorch"):
-        config.backend = "python"
-        kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
-        config.instance_group.add(kind=kind, count=settings.instances)
-        config.parameters["intra_op_threads"].string_value = str(settings.intra_op_threads)
-        # CPU components take turns on the cores (cpu_lane.py); GPU ones queue on the device instead.
-        config.parameters["cpu_lane"].string_value = "0" if on_gpu else "1"
-        if backend == "onnxruntime" and name != TRANSFORMER:  # the transformer: its stage graphs (onnx_model.py)
-            config.parameters["onnx_file"].string_value = contract["file"]
-        elif backend == "pytorch":
-            config.parameters["precision"].string_value = precision
-            if name == TRANSFORMER and fast is not None:
-                for key, value in fast.to_params().items():
-                    config.parameters[key].string_value = value
-        if name == TRANSFORMER:  # per-sample step-cache controls (serving/pipeline/step_cache.py); absent: uncached
-            if settings.instances != 1:  # the cache state lives in one process: a request's steps must meet it there
-                raise SettingError("instances", "the transformer keeps step-cache state: one instance per stack")
-            config.input.add(name="cache_control", data_type=mc.TYPE_INT64, dims=[CONTROL_WIDTH], optional=True)
-            config.input.add(name="cache_threshold", data_type=mc.TYPE_FP64, dims=[1], optional=True)
-    else:
-        config.platform = "tensorrt_plan"
-        config.default_model_filename = "model.plan"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=settings.instances)
-    return config
-
-
-BLS = BlsSettings()
-# Where a backend's calls differ. bf16 PyTorch on CPU: calls past about 8k tokens cost more per token (activations
-# outgrow the caches; benchmarks/README.md, the call token cap), so they are cut there. Every other CPU backend keeps
-# the default cap, which bounds a call's attention memory (BlsSettings). The default call cost fits bf16 calls
-# (benchmarks/README.md).
-BLS_BY_BACKEND = {"pytorch-bf16": BlsSettings(max_call_tokens=8192)}
-# PyTorch on a GPU: its attention kernels (flash, cuDNN, memory-efficient) hold no score matrix, so a call's memory
-# grows with its tokens, not their square, and the cap is the front end's in-flight step budget (65 536 tokens by
-# default): the steps of every admitted generation share one call. Not yet measured on a GPU.
-BLS_ON_GPU = BlsSettings(max_call_tokens=65_536)
-
-
-def served_name(backend: str, precision: str) -> str:
-    """What GetModelInfo reports as the backend: `onnxruntime`, `pytorch-bf16`, `tensorrt-fp8`, ..."""
-    return f"{backend}-{precision}" if backend in PRECISIONS else backend
-
-
-def bls_settings(backend: str, precision: str, max_call_tokens: int | None = None, device: str = "cpu") -> BlsSettings:
-    """The BLS settings a backend gets (BLS_BY_BACKEND on the CPU, BLS_ON_GPU for PyTorch on a GPU), with an
-    operator's per-call token cap."""
-    if backend == "pytorch" and resolve_device(device).type == "cuda":
-        settings = BLS_ON_GPU
-    else:
-        settings = BLS_BY_BACKEND.get(served_name(backend, precision), BLS)
-    return settings if max_call_tokens is None else replace(settings, max_call_tokens=max_call_tokens)
-
-
-def bls_config(
-    spec: dict[str, Any],
-    checkpoint_sha256: str,
-    backend: str,
-    settings: BlsSettings = BLS,
-    limits: Limits = DEFAULT_LIMITS,
-) -> Any:
-    """The decoupled `omnigen2` model; its wire format is documented in serving/triton/bls.py.
-
-    `checkpoint_sha256` and `backend` ride along as parameters so the API's GetModelInfo can report them.
-    """
-    config = mc.ModelConfig(name=BLS_MODEL, backend="python", max_batch_size=0)
-    config.model_transaction_policy.decoupled = True
-    config.input.add(name="request", data_type=mc.TYPE_STRING, dims=[1])
-    config.input.add(name="images", data_type=mc.TYPE_STRING, dims=[-1], optional=True)
-    config.output.add(name="event", data_type=mc.TYPE_STRING, dims=[1])
-    config.output.add(name="preview", data_type=mc.TYPE_UINT8, dims=[-1, -1, -1, 3])
-    config.output.add(name="images", data_type=mc.TYPE_UINT8, dims=[-1, -1, -1, 3])
-    config.output.add(name="latents", data_type=mc.TYPE_FP32, dims=[-1, -1, -1, -1])
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instances)
-    config.parameters["spec"].string_value = json.dumps(spec)
-    for name, value in settings.to_parameters().items():
-        config.parameters[name].string_value = value
-    config.parameters["limits"].string_value = json.dumps(asdict(limits))  # the front end's, enforced again here
-    config.parameters["checkpoint_sha256"].string_value = checkpoint_sha256
-    config.parameters["backend"].string_value = backend
-    return config
-
-
-def mllm_config(on_gpu: bool, precision: str, text_dim: int) -> Any:
-    """The decoupled `mllm` model: visual understanding, and the prompt encoder of the BLS on the same weights (one
-    Qwen2.5-VL per stack). Its wire format is documented in serving/triton/mllm.py."""
-    config = mc.ModelConfig(name=MLLM_MODEL, backend="python", max_batch_size=0)
-    config.model_transaction_policy.decoupled = True
-    config.input.add(name="request", data_type=mc.TYPE_STRING, dims=[1], optional=True)
-    config.input.add(name="images", data_type=mc.TYPE_STRING, dims=[-1], optional=True)
-    config.input.add(name="input_ids", data_type=mc.TYPE_INT64, dims=[-1, -1], optional=True)
-    config.input.add(name="attention_mask", data_type=mc.TYPE_INT64, dims=[-1, -1], optional=True)
-    config.output.add(name="event", data_type=mc.TYPE_STRING, dims=[1])
-    config.output.add(name="text_feats", data_type=mc.TYPE_FP32, dims=[-1, -1, text_dim])
-    kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(kind=kind, count=1)
-    config.parameters["cpu_lane"].string_value = "0" if on_gpu else "1"  # see serving/triton/cpu_lane.py
-    config.parameters["precision"].string_value = precision
-    return config
-
-
-def safety_config(safety: SafetySettings, settings: ComponentSettings = SAFETY) -> Any:
-    """The `safety_classifier` component (serving/triton/safety_model.py), on the CPU under ONNX Runtime whatever
-    runs the other components: its tensor contract is in docs/tensor_contract.md."""
-    config = mc.ModelConfig(name=SAFETY_CLASSIFIER, backend="python", max_batch_size=settings.max_batch_size)
-    config.input.add(name="image", data_type=mc.TYPE_UINT8, dims=[safety.side, safety.side, 3])
-    config.input.add(name="image_size", data_type=mc.TYPE_INT32, dims=[2])
-    config.output.add(name="class_scores", data_type=mc.TYPE_FP32, dims=[len(safety.labels)])
-    config.output.add(name="detections", data_type=mc.TYPE_FP32, dims=[MAX_DETECTIONS, 6])
-    config.dynamic_batching.max_queue_delay_microseconds = settings.queue_delay_us
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.instances)
-    config.parameters["intra_op_threads"].string_value = str(settings.intra_op_threads)
-    config.parameters["cpu_lane"].string_value = "1"
-    config.parameters["onnx_file"].string_value = nudenet_graph().name
-    config.parameters["max_detections"].string_value = str(MAX_DETECTIONS)
-    config.parameters["labels"].string_value = json.dumps(list(safety.labels))
-    return config
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -306,6 +141,156 @@ def _copy_graph(onnx_dir: Path, file: str, target: Path) -> None:
         shutil.copyfile(source, target / source.name)
 
 
+class _Resolved(NamedTuple):
+    """The settings a repository is built with, checked, their defaults filled in; `key` names all of them."""
+
+    key: str
+    checkpoint_sha256: str
+    where: torch.device
+    bls: BlsSettings
+    fast: FastPath | None
+
+
+def _settings_key(
+    checkpoint: Path,
+    backend: str,
+    onnx_cache: Path,
+    precision: str,
+    bls: BlsSettings | None,
+    device: str,
+    limits: Limits,
+    safety: SafetySettings | None,
+    fast: FastPath | None,
+) -> _Resolved:
+    """Checks the settings and the checkpoint before anything is exported, written or served, and fills in the
+    defaults prepare_repository documents."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    check_precision(backend, precision)
+    where = resolve_device(device)
+    if backend == "pytorch":
+        check_dtype(where, TORCH_DTYPES[precision])  # e.g. bf16 on a GPU without it: refused before Triton starts
+    platform = engine_platform() if backend == "tensorrt" else {}  # TensorRT and a GPU, before an ONNX export
+    verify_checkpoint(checkpoint)  # before anything is written or served
+    source_hash = checkpoint_hash(checkpoint, onnx_cache)  # memoised there: a 16 GB checkpoint is read once
+    bls = bls or bls_settings(backend, precision, device=device)
+    if backend == "pytorch":
+        fast = fast or FastPath.default_for(where, TORCH_DTYPES[precision])
+    if backend in ("onnxruntime", "pytorch"):  # the Python transformer components keep step-cache state
+        bls = replace(bls, step_cache_value_bytes=2 if backend == "pytorch" and precision == "bf16" else 4)
+    extra = {"bls": asdict(bls), "device": where.type, "limits": asdict(limits)} | (
+        {"precision": precision} if backend in PRECISIONS else {}
+    )
+    if backend == "pytorch" and fast is not None:
+        extra["fast_path"] = fast.to_params()
+    if platform:  # engines fit one GPU model and TensorRT version: another one rebuilds them
+        extra["engines"] = platform
+    if safety is not None:
+        extra["safety"] = asdict(safety) | {"graph": hashlib.sha256(nudenet_graph().read_bytes()).hexdigest()}
+    return _Resolved(repository_key(source_hash, backend, extra), source_hash, where, bls, fast)
+
+
+@dataclass(frozen=True)
+class _Graphs:
+    """What the components are made from: the model spec, each graph's tensor contract, and the backend's files."""
+
+    spec: dict[str, Any]
+    contracts: dict[str, Any]
+    onnx_dir: Path | None = None  # onnxruntime and tensorrt: the exported graphs
+    engine_dir: Path | None = None  # tensorrt: the built engines
+    engine_shapes: dict[str, Any] = field(default_factory=dict)  # tensorrt: what the engines were built for
+
+
+def _graph_contracts(
+    checkpoint: Path,
+    backend: str,
+    onnx_cache: Path,
+    engines: Path,
+    checkpoint_sha256: str,
+    precision: str,
+    limits: Limits,
+    text_dim: int,
+) -> _Graphs:
+    if backend == "pytorch":  # the graphs run from the checkpoint itself: no ONNX export of (maybe 16 GB of) weights
+        model_spec = read_spec(checkpoint)
+        return _Graphs(model_spec.to_dict(), graph_contracts(model_spec, text_dim))
+    onnx_dir = cached_export(checkpoint, onnx_cache, checkpoint_sha256, EXPORTED_GRAPHS[backend])
+    onnx_manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    spec, contracts = onnx_manifest["spec"], onnx_manifest["graphs"]
+    if backend == "onnxruntime":
+        return _Graphs(spec, contracts | {TRANSFORMER: staged_contract(contracts)}, onnx_dir)
+    bounds = ProfileBounds.from_limits(limits)
+    engine_dir = build_engines(onnx_dir, engines, precision, bounds)
+    return _Graphs(spec, contracts, onnx_dir, engine_dir, manifest_profiles(onnx_manifest, bounds))
+
+
+def _write_config(out: Path, name: str, config: Any) -> None:
+    (out / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def _write_components(
+    out: Path,
+    checkpoint: Path,
+    backend: str,
+    graphs: _Graphs,
+    precision: str,
+    on_gpu: bool,
+    fast: FastPath | None,
+) -> None:
+    """The SERVED_GRAPHS models: each one's files (graphs, weights or engine) and config."""
+    shim = {"onnxruntime": ONNX_MODEL_SHIM, "pytorch": TORCH_MODEL_SHIM}.get(backend)
+    for name in SERVED_GRAPHS:
+        contract = graphs.contracts[name]
+        version_dir = _fresh_version(out, name, shim)
+        if backend == "onnxruntime" and name == TRANSFORMER:  # served in stages (step caching)
+            assert graphs.onnx_dir is not None
+            for stage in TRANSFORMER_STAGES:
+                _copy_graph(graphs.onnx_dir, str(graphs.contracts[stage]["file"]), version_dir)
+        elif backend == "onnxruntime":
+            assert graphs.onnx_dir is not None
+            _copy_graph(graphs.onnx_dir, str(contract["file"]), version_dir)
+        elif backend == "pytorch":
+            link_or_copy(checkpoint / GRAPH_PARTS[name], version_dir / GRAPH_PARTS[name])
+        else:
+            assert graphs.engine_dir is not None
+            shutil.copyfile(graphs.engine_dir / f"{name}.plan", version_dir / "model.plan")
+        settings = COMPONENTS[name]
+        if graphs.engine_dir:
+            settings = engine_settings(settings, graphs.engine_shapes[name])
+        _write_config(out, name, component_config(name, contract, backend, settings, precision, on_gpu, fast))
+
+
+def _write_bls_and_mllm(
+    out: Path,
+    checkpoint: Path,
+    backend: str,
+    spec: dict[str, Any],
+    resolved: _Resolved,
+    precision: str,
+    limits: Limits,
+    safety: SafetySettings | None,
+    text_dim: int,
+) -> None:
+    """The BLS model (with the safety classifier it calls, when on) and the `mllm` model, each with its processor."""
+    bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
+    copy_processor(checkpoint / "processor", bls_dir / "processor")
+    config = bls_config(spec, resolved.checkpoint_sha256, served_name(backend, precision), resolved.bls, limits)
+    if safety is not None:  # the BLS classifies every finished image (and preview) against these thresholds
+        config.parameters["safety"].string_value = safety.to_json()
+        safety_dir = _fresh_version(out, SAFETY_CLASSIFIER, SAFETY_MODEL_SHIM)
+        shutil.copyfile(nudenet_graph(), safety_dir / nudenet_graph().name)
+        _write_config(out, SAFETY_CLASSIFIER, safety_config(safety))
+    _write_config(out, BLS_MODEL, config)
+
+    mllm_dir = _fresh_version(out, MLLM_MODEL, MLLM_MODEL_SHIM)
+    link_or_copy(checkpoint / "mllm", mllm_dir / "mllm")
+    copy_processor(checkpoint / "processor", mllm_dir / "processor")
+    # TensorRT stacks run on a GPU, and their mllm (PyTorch) with them, whatever `device` says.
+    mllm_on_gpu = backend == "tensorrt" or resolved.where.type == "cuda"
+    mllm_precision = precision if backend == "pytorch" else ("bf16" if mllm_on_gpu else "fp32")
+    _write_config(out, MLLM_MODEL, mllm_config(mllm_on_gpu, mllm_precision, text_dim))
+
+
 def prepare_repository(
     checkpoint: Path,
     out: Path,
@@ -322,33 +307,9 @@ def prepare_repository(
     """`bls` overrides the BLS settings the backend gets by default (`bls_settings`); `device` places the `pytorch`
     components and the `mllm` model (`auto`: CUDA when present); `safety` adds the output-image classifier (off
     when None); `fast` is the `pytorch` transformer's fast path (default: the device's, FastPath.default_for)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
-    check_precision(backend, precision)
-    where = resolve_device(device)
-    if backend == "pytorch":
-        check_dtype(where, TORCH_DTYPES[precision])  # e.g. bf16 on a GPU without it: refused before Triton starts
-    platform = engine_platform() if backend == "tensorrt" else {}  # TensorRT and a GPU, before an ONNX export
-    verify_checkpoint(checkpoint)  # before anything is written or served
-    source_hash = checkpoint_hash(checkpoint, onnx_cache)  # memoised there: a 16 GB checkpoint is read once
-    served_by = served_name(backend, precision)
-    bls = bls or bls_settings(backend, precision, device=device)
-    if backend == "pytorch":
-        fast = fast or FastPath.default_for(where, TORCH_DTYPES[precision])
-    if backend in ("onnxruntime", "pytorch"):  # the Python transformer components keep step-cache state
-        bls = replace(bls, step_cache_value_bytes=2 if backend == "pytorch" and precision == "bf16" else 4)
-    extra = {"bls": asdict(bls), "device": where.type, "limits": asdict(limits)} | (
-        {"precision": precision} if backend in PRECISIONS else {}
-    )
-    if backend == "pytorch" and fast is not None:
-        extra["fast_path"] = fast.to_params()
-    if platform:  # engines fit one GPU model and TensorRT version: another one rebuilds them
-        extra["engines"] = platform
-    if safety is not None:
-        extra["safety"] = asdict(safety) | {"graph": hashlib.sha256(nudenet_graph().read_bytes()).hexdigest()}
-    key = repository_key(source_hash, backend, extra)
+    resolved = _settings_key(checkpoint, backend, onnx_cache, precision, bls, device, limits, safety, fast)
     manifest_path = out / REPOSITORY_MANIFEST
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == resolved.key:
         log.info("%s is up to date", out)
         return out
     if not replaceable(out, REPOSITORY_MANIFEST, KEPT):  # before the export: the build would delete what is there
@@ -357,63 +318,24 @@ def prepare_repository(
         )
 
     text_dim = text_feature_dim(checkpoint)
-    contracts: dict[str, Any]
-    if backend == "pytorch":  # the graphs run from the checkpoint itself: no ONNX export of (maybe 16 GB of) weights
-        model_spec = read_spec(checkpoint)
-        spec, contracts = model_spec.to_dict(), graph_contracts(model_spec, text_dim)
-    else:
-        onnx_dir = cached_export(checkpoint, onnx_cache, source_hash, EXPORTED_GRAPHS[backend])
-        onnx_manifest = json.loads((onnx_dir / MANIFEST).read_text())
-        spec, contracts = onnx_manifest["spec"], onnx_manifest["graphs"]
-        if backend == "onnxruntime":
-            contracts = contracts | {TRANSFORMER: staged_contract(contracts)}
-    engine_dir: Path | None = None
-    engine_shapes: dict[str, Any] = {}
-    if backend == "tensorrt":
-        bounds = ProfileBounds.from_limits(limits)
-        engine_dir = build_engines(onnx_dir, engines, precision, bounds)
-        engine_shapes = manifest_profiles(onnx_manifest, bounds)  # what the engines were built for
+    graphs = _graph_contracts(
+        checkpoint, backend, onnx_cache, engines, resolved.checkpoint_sha256, precision, limits, text_dim
+    )
 
     # Built aside and moved into place whole: a failure leaves no half-written repository for Triton to load.
     final, out = out, out.with_name(out.name + ".partial")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
-        shim = {"onnxruntime": ONNX_MODEL_SHIM, "pytorch": TORCH_MODEL_SHIM}.get(backend)
-        for name in SERVED_GRAPHS:
-            contract = contracts[name]
-            version_dir = _fresh_version(out, name, shim)
-            if backend == "onnxruntime" and name == TRANSFORMER:  # served in stages (step caching)
-                for stage in TRANSFORMER_STAGES:
-                    _copy_graph(onnx_dir, str(contracts[stage]["file"]), version_dir)
-            elif backend == "onnxruntime":
-                _copy_graph(onnx_dir, str(contract["file"]), version_dir)
-            elif backend == "pytorch":
-                link_or_copy(checkpoint / GRAPH_PARTS[name], version_dir / GRAPH_PARTS[name])
-            else:
-                assert engine_dir is not None
-                shutil.copyfile(engine_dir / f"{name}.plan", version_dir / "model.plan")
-            settings = engine_settings(COMPONENTS[name], engine_shapes[name]) if engine_dir else COMPONENTS[name]
-            on_gpu = where.type == "cuda"
-            config = component_config(name, contract, backend, settings, precision, on_gpu, fast)
-            (out / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-        bls_dir = _fresh_version(out, BLS_MODEL, BLS_MODEL_SHIM)
-        copy_processor(checkpoint / "processor", bls_dir / "processor")
-        config = bls_config(spec, source_hash, served_by, bls, limits)
-        if safety is not None:  # the BLS classifies every finished image (and preview) against these thresholds
-            config.parameters["safety"].string_value = safety.to_json()
-            safety_dir = _fresh_version(out, SAFETY_CLASSIFIER, SAFETY_MODEL_SHIM)
-            shutil.copyfile(nudenet_graph(), safety_dir / nudenet_graph().name)
-            (out / SAFETY_CLASSIFIER / "config.pbtxt").write_text(text_format.MessageToString(safety_config(safety)))
-        (out / BLS_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
-
-        mllm_dir = _fresh_version(out, MLLM_MODEL, MLLM_MODEL_SHIM)
-        link_or_copy(checkpoint / "mllm", mllm_dir / "mllm")
-        copy_processor(checkpoint / "processor", mllm_dir / "processor")
-        on_gpu = backend == "tensorrt" or where.type == "cuda"
-        config = mllm_config(on_gpu, precision if backend == "pytorch" else ("bf16" if on_gpu else "fp32"), text_dim)
-        (out / MLLM_MODEL / "config.pbtxt").write_text(text_format.MessageToString(config))
-        manifest = {"key": key, "checkpoint_sha256": source_hash, "backend": served_by, "spec": spec}
+        on_gpu = resolved.where.type == "cuda"
+        _write_components(out, checkpoint, backend, graphs, precision, on_gpu, resolved.fast)
+        _write_bls_and_mllm(out, checkpoint, backend, graphs.spec, resolved, precision, limits, safety, text_dim)
+        manifest = {
+            "key": resolved.key,
+            "checkpoint_sha256": resolved.checkpoint_sha256,
+            "backend": served_name(backend, precision),
+            "spec": graphs.spec,
+        }
         (out / REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name in KEPT:
             if (final / name).is_file():

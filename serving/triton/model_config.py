@@ -12,5 +12,6 @@ def model_config(args: dict[str, str]) -> dict[str, Any]:
 
 
 def parameters(config: dict[str, Any]) -> dict[str, str]:
-    """The config.pbtxt `parameters` as plain strings (prepare_repository.py writes them)."""
+    """The config.pbtxt `parameters` as plain strings (serving/artifacts/model_configs.py builds them, repository.py
+    writes them)."""
     return {name: value["string_value"] for name, value in config.get("parameters", {}).items()}

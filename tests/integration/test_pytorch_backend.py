@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.artifacts.repository import bls_settings, prepare_repository
+from serving.artifacts.model_configs import bls_settings
+from serving.artifacts.repository import prepare_repository
 from serving.model.checkpoint import load_graph
 from serving.runtime.fast_path import FastPath
 from serving.runtime.torch_backend import TorchBackend, run_graph
