@@ -1,15 +1,18 @@
 """A front end in process, for tests that call it over real gRPC without Triton: nothing answers on its
 `triton_url` (its health polls find nothing), so each test gives it the backend it needs; and a wait on what it
-does meanwhile."""
+does meanwhile. And a stand-in OmniGen2 server, for the SDK's and the CLI's tests."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import Frontend
@@ -35,3 +38,24 @@ async def until(condition: Callable[[], object], what: str, timeout_s: float = 3
     while not condition():
         assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
         await asyncio.sleep(0.01)
+
+
+@contextmanager
+def fake_server(
+    servicer: pb_grpc.OmniGen2Servicer,
+    credentials: grpc.ServerCredentials | None = None,
+    health_servicer: health.HealthServicer | None = None,
+) -> Iterator[str]:
+    """`servicer` as the OmniGen2 service on a free loopback port (TLS with `credentials`; a health service beside
+    it when given): yields its address, and stops it on leaving."""
+    server = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_OmniGen2Servicer_to_server(servicer, server)
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = "127.0.0.1:0"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)

@@ -6,7 +6,6 @@ an invalid input image named by its file (before, `input_images[0].data`), the d
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ import grpc
 import pytest
 from omnigen2 import FieldViolation, GenerationResult, InvalidArgumentError, OmniGen2Client, UnderstandResult
 from omnigen2.cli import main
-from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from tests.frontends import fake_server
 from tests.test_sdk_calls import Recorder
 
 NOWHERE = ["--server", "127.0.0.1:1", "--retries", "0"]  # no server listens on port 1
@@ -43,14 +42,8 @@ def test_no_server_exits_1_naming_the_address_and_what_to_do(capsys: pytest.Capt
 
 def test_tls_to_a_plaintext_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     """Before: "no OmniGen2 server answered ... start one with `make serve`", and to give the address."""
-    server = grpc.server(ThreadPoolExecutor(1))
-    pb_grpc.add_OmniGen2Servicer_to_server(Recorder(), server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    try:
+    with fake_server(Recorder()) as address:
         assert main(["--server", address, "--retries", "0", "--tls", "info"]) == 1
-    finally:
-        server.stop(0)
     err = capsys.readouterr().err
     assert err.startswith(f"omnigen2: UNAVAILABLE: the server at {address} answered without TLS (")
     assert "call it without --tls/--tls-ca" in err and "make serve" not in err and "--server host:port" not in err

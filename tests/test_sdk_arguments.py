@@ -5,7 +5,6 @@ failed every call at once with DeadlineExceededError, and seed=2**63 with a bare
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -15,6 +14,8 @@ from omnigen2.messages import build_request, build_understand_request
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from tests.frontends import fake_server
+
 
 class Info(pb_grpc.OmniGen2Servicer):
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:  # noqa: N802
@@ -23,12 +24,8 @@ class Info(pb_grpc.OmniGen2Servicer):
 
 @pytest.fixture
 def address() -> Iterator[str]:
-    server = grpc.server(ThreadPoolExecutor(2))
-    pb_grpc.add_OmniGen2Servicer_to_server(Info(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+    with fake_server(Info()) as address:
+        yield address
 
 
 @pytest.mark.parametrize("timeout", [float("inf"), 1e12, None, 30.0])

@@ -8,15 +8,16 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from omnigen2 import AsyncOmniGen2Client, GenerationResult, OmniGen2Client, UnavailableError
 from omnigen2.client import SERVICE, channel_target
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from tests.frontends import fake_server
 
 
 class Replica(pb_grpc.OmniGen2Servicer):
@@ -28,15 +29,7 @@ class Replica(pb_grpc.OmniGen2Servicer):
         self.request_ids: list[str] = []
         self.health = health.HealthServicer()
         self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.server = grpc.server(ThreadPoolExecutor(4))
-        pb_grpc.add_OmniGen2Servicer_to_server(self, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        self.address = ""  # given when served: see the replicas fixture
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:  # noqa: N802
         self.request_ids.append(dict(context.invocation_metadata())["x-request-id"])
@@ -51,10 +44,9 @@ class Replica(pb_grpc.OmniGen2Servicer):
 
 @pytest.fixture
 def replicas() -> Iterator[tuple[Replica, Replica]]:
-    pair = Replica("a"), Replica("b")
-    yield pair
-    for replica in pair:
-        replica.server.stop(0)
+    a, b = Replica("a"), Replica("b")
+    with fake_server(a, health_servicer=a.health) as a.address, fake_server(b, health_servicer=b.health) as b.address:
+        yield a, b
 
 
 def test_targets() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,6 +18,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from tests.certificates import certificate
+from tests.frontends import fake_server
 
 
 class Recorder(pb_grpc.OmniGen2Servicer):
@@ -43,12 +43,8 @@ class Recorder(pb_grpc.OmniGen2Servicer):
 @pytest.fixture
 def served() -> Iterator[tuple[Recorder, str]]:
     recorder = Recorder()
-    server = grpc.server(ThreadPoolExecutor(2))
-    pb_grpc.add_OmniGen2Servicer_to_server(recorder, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield recorder, f"127.0.0.1:{port}"
-    server.stop(0)
+    with fake_server(recorder) as address:
+        yield recorder, address
 
 
 def test_one_image_given_bare_is_one_image(served: tuple[Recorder, str], tmp_path: Path) -> None:
@@ -124,27 +120,19 @@ def test_a_tls_mismatch_is_said_as_such_not_as_no_server(tmp_path: Path) -> None
     """gRPC words a failed TLS handshake "failed to connect to all addresses" too: before, each case below said no
     server answered and to start one with `make serve`."""
     cert, key = certificate(tmp_path, "omnigen2")
-    plain, secure = grpc.server(ThreadPoolExecutor(2)), grpc.server(ThreadPoolExecutor(2))
-    for server in (plain, secure):
-        pb_grpc.add_OmniGen2Servicer_to_server(Recorder(), server)
-    plain_port = plain.add_insecure_port("127.0.0.1:0")
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-    secure_port = secure.add_secure_port("127.0.0.1:0", credentials)
-    plain.start()
-    secure.start()
-    cases: list[tuple[int, bool | bytes, str, str]] = [
-        (plain_port, cert.read_bytes(), "answered without TLS", "without --tls/--tls-ca (the SDK's tls=False)"),
-        (secure_port, False, "took the connection and closed it", "add --tls, or --tls-ca"),
-        (
-            secure_port,
-            True,
-            "answered with TLS but its certificate is not trusted",
-            "with --tls-ca (the SDK's tls=<PEM bytes>)",
-        ),
-    ]
-    try:
-        for port, tls, said, what_to_do in cases:
-            address = f"127.0.0.1:{port}"
+    with fake_server(Recorder()) as plain, fake_server(Recorder(), credentials) as secure:
+        cases: list[tuple[str, bool | bytes, str, str]] = [
+            (plain, cert.read_bytes(), "answered without TLS", "without --tls/--tls-ca (the SDK's tls=False)"),
+            (secure, False, "took the connection and closed it", "add --tls, or --tls-ca"),
+            (
+                secure,
+                True,
+                "answered with TLS but its certificate is not trusted",
+                "with --tls-ca (the SDK's tls=<PEM bytes>)",
+            ),
+        ]
+        for address, tls, said, what_to_do in cases:
             with (
                 OmniGen2Client(address, retries=0, timeout=10, tls=tls) as client,
                 pytest.raises(UnavailableError) as raised,
@@ -153,12 +141,9 @@ def test_a_tls_mismatch_is_said_as_such_not_as_no_server(tmp_path: Path) -> None
             assert str(raised.value).startswith(f"UNAVAILABLE: the server at {address} {said} (failed to connect")
             assert what_to_do in str(raised.value) and "make serve" not in str(raised.value)
             assert raised.value.unreachable == ""  # the address was right
-        matching = OmniGen2Client(f"127.0.0.1:{secure_port}", retries=0, timeout=10, tls=cert.read_bytes())
+        matching = OmniGen2Client(secure, retries=0, timeout=10, tls=cert.read_bytes())
         with matching, pytest.raises(UnavailableError, match=r"^UNAVAILABLE: Triton is not ready$"):
             matching.info()  # TLS that matches reaches the stand-in
-    finally:
-        plain.stop(0)
-        secure.stop(0)
 
 
 def test_a_servers_own_unavailable_keeps_its_words(served: tuple[Recorder, str]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -11,6 +10,8 @@ from omnigen2 import AsyncOmniGen2Client, OmniGen2Client, UnavailableError
 from omnigen2.cli import main
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
+
+from tests.frontends import fake_server
 
 
 class Flaky(pb_grpc.OmniGen2Servicer):
@@ -28,12 +29,8 @@ class Flaky(pb_grpc.OmniGen2Servicer):
 @pytest.fixture
 def flaky() -> Iterator[tuple[Flaky, str]]:
     servicer = Flaky(failures=2)
-    server = grpc.server(ThreadPoolExecutor(2))
-    pb_grpc.add_OmniGen2Servicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    server.stop(0)
+    with fake_server(servicer) as address:
+        yield servicer, address
 
 
 def test_unavailable_is_retried_with_backoff(flaky: tuple[Flaky, str]) -> None:
