@@ -165,89 +165,18 @@ class ReadGate(grpc.aio.ServerInterceptor):
         return self._gated(handler, method, self.pools["uploads" if method in self.uploads else "other"])
 
     def _gated(self, handler: grpc.RpcMethodHandler, method: str, pool: _Pool) -> grpc.RpcMethodHandler:
-        reservation = _Reservation(pool)
-        parse = handler.request_deserializer or (lambda data: data)
-
-        def received(data: bytes) -> bytes:  # grpcio's deserializer: the bytes as they are, parsed by read()
-            reservation.resize(len(data))
-            return data
-
-        async def read(context: grpc.aio.ServicerContext) -> Any:
-            # Read now: once a caller has cancelled, grpcio may have freed the call (service.py, _counted).
-            began, peer, budget = time.monotonic(), context.peer(), context.time_remaining()
-            metadata = context.invocation_metadata()
-            recorded = False
-
-            def ended(code: grpc.StatusCode) -> None:
-                nonlocal recorded
-                if not recorded:  # once: a refused call may be cancelled while its status goes out
-                    self.on_ended(method, code, peer, time.monotonic() - began, request_id.from_metadata(metadata))
-                recorded = True
-
-            try:
-                return await receive(context, ended)
-            except (asyncio.CancelledError, grpc.aio.InternalError):
-                # Gone while it waited or sent (the task cancelled, or its status could not be sent): its caller
-                # cancelled, or its deadline or the server's stop came.
-                ended(cancel_clock.status(time.monotonic(), began, budget, self.cut_at()))
-                raise
-
-        async def receive(context: grpc.aio.ServicerContext, ended: Callable[[grpc.StatusCode], None]) -> Any:
-            if not await pool.wait_for_room(self.max_message_bytes, self.retry_after_s):
-                self._refused(pool, "budget", ended, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                error = resource_exhausted(
-                    f"{pool.held} bytes of requests held and this one may take {self.max_message_bytes}, the "
-                    f"budget is {pool.budget} (--max-held-request-bytes); retry later",
-                    self.retry_after_s,
-                )
-                await context.abort_with_status(error.status)
-            reservation.resize(self.max_message_bytes)
-            try:
-                async with asyncio.timeout(pool.read_timeout_s):  # not wait_for: its task is one more loop turn
-                    request = await context.read()
-            except TimeoutError:
-                self._refused(pool, "timeout", ended, grpc.StatusCode.DEADLINE_EXCEEDED)
-                flag = pool.read_timeout_s == self.read_timeout_s
-                limit = "--request-read-timeout-s" if flag else "the limit for calls other than uploads"
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the request did not arrive within {pool.read_timeout_s:g} s ({limit})",
-                )
-            if request is grpc.aio.EOF:
-                try:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
-                except grpc.aio.AbortError:
-                    # Sent, so counted. Otherwise (InternalError) grpcio had already ended the call: its caller left
-                    # (recorded by read as gone), or it sent a message over the transport's cap, which grpcio
-                    # refused RESOURCE_EXHAUSTED and which reads the same here (recorded as gone too). grpcio 1.81
-                    # shows the two alike: read() returns EOF, code(), details(), done() and cancelled() are the
-                    # same, the abort fails the same way and the task is cancelled in both; the status gRPC core
-                    # sent is not exposed, nor is the message's declared length (the gate sees whole messages).
-                    ended(grpc.StatusCode.INVALID_ARGUMENT)
-                    raise
-            if len(request) < INLINE_PARSE_BYTES:
-                return parse(request)
-            wanted = True
-
-            def parse_if_wanted() -> Any:
-                return parse(request) if wanted else None
-
-            reservation.parsing = asyncio.get_running_loop().run_in_executor(self.executor, parse_if_wanted)
-            try:
-                return await asyncio.shield(reservation.parsing)  # a cancelled call's bytes stay counted (release)
-            except asyncio.CancelledError:
-                wanted = False
-                raise
-
-        options = {"request_deserializer": received, "response_serializer": handler.response_serializer}
+        """`handler` served as a streamed request that it reads through a _GatedCall, in its form: a unary reply, an
+        async generator of replies, or a writer of its own."""
+        call = _GatedCall(self, method, pool, handler.request_deserializer or (lambda data: data))
+        options = {"request_deserializer": call.received, "response_serializer": handler.response_serializer}
         if not handler.response_streaming:
 
             async def unary(requests: Any, context: grpc.aio.ServicerContext) -> None:
                 with self._running():
                     try:
-                        response = await handler.unary_unary(await read(context), context)
+                        response = await handler.unary_unary(await call.read(context), context)
                     finally:
-                        reservation.release()
+                        call.reservation.release()
                     if response is not None:  # None: the handler wrote its reply itself
                         await context.write(response)
 
@@ -260,19 +189,19 @@ class ReadGate(grpc.aio.ServerInterceptor):
             async def generator(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with self._running():
                     try:
-                        async for response in handler.unary_stream(await read(context), context):
+                        async for response in handler.unary_stream(await call.read(context), context):
                             yield response
                     finally:
-                        reservation.release()
+                        call.reservation.release()
 
             return grpc.stream_stream_rpc_method_handler(generator, **options)
 
         async def writer(requests: Any, context: grpc.aio.ServicerContext) -> None:
             with self._running():
                 try:
-                    await handler.unary_stream(await read(context), context)
+                    await handler.unary_stream(await call.read(context), context)
                 finally:
-                    reservation.release()
+                    call.reservation.release()
 
         return grpc.stream_stream_rpc_method_handler(writer, **options)
 
@@ -287,10 +216,98 @@ class ReadGate(grpc.aio.ServerInterceptor):
         finally:
             self.running.discard(task)
 
-    def _refused(
-        self, pool: _Pool, reason: str, ended: Callable[[grpc.StatusCode], None], code: grpc.StatusCode
-    ) -> None:
-        self.metrics.reads_refused.labels(pool.name, reason).inc()
+
+class _GatedCall:
+    """One gated call's request: room reserved for it in its pool, read within the pool's time, then parsed."""
+
+    def __init__(self, gate: ReadGate, method: str, pool: _Pool, parse: Callable[[bytes], Any]) -> None:
+        self.gate = gate
+        self.method = method
+        self.pool = pool
+        self.parse = parse
+        self.reservation = _Reservation(pool)
+
+    def received(self, data: bytes) -> bytes:
+        """grpcio's deserializer: the bytes as they are, parsed by read()."""
+        self.reservation.resize(len(data))
+        return data
+
+    async def read(self, context: grpc.aio.ServicerContext) -> Any:
+        """The parsed request; a call that ends here is recorded here (ReadGate's `on_ended`), once."""
+        # Read now: once a caller has cancelled, grpcio may have freed the call (service.py, _counted).
+        began, peer, budget = time.monotonic(), context.peer(), context.time_remaining()
+        metadata = context.invocation_metadata()
+        recorded = False
+
+        def ended(code: grpc.StatusCode) -> None:
+            nonlocal recorded
+            if not recorded:  # once: a refused call may be cancelled while its status goes out
+                seconds = time.monotonic() - began
+                self.gate.on_ended(self.method, code, peer, seconds, request_id.from_metadata(metadata))
+            recorded = True
+
+        try:
+            return await self._receive(context, ended)
+        except (asyncio.CancelledError, grpc.aio.InternalError):
+            # Gone while it waited or sent (the task cancelled, or its status could not be sent): its caller
+            # cancelled, or its deadline or the server's stop came.
+            ended(cancel_clock.status(time.monotonic(), began, budget, self.gate.cut_at()))
+            raise
+
+    async def _receive(self, context: grpc.aio.ServicerContext, ended: Callable[[grpc.StatusCode], None]) -> Any:
+        gate, pool = self.gate, self.pool
+        if not await pool.wait_for_room(gate.max_message_bytes, gate.retry_after_s):
+            self._refused("budget", ended, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            error = resource_exhausted(
+                f"{pool.held} bytes of requests held and this one may take {gate.max_message_bytes}, the "
+                f"budget is {pool.budget} (--max-held-request-bytes); retry later",
+                gate.retry_after_s,
+            )
+            await context.abort_with_status(error.status)
+        self.reservation.resize(gate.max_message_bytes)
+        try:
+            async with asyncio.timeout(pool.read_timeout_s):  # not wait_for: its task is one more loop turn
+                request = await context.read()
+        except TimeoutError:
+            self._refused("timeout", ended, grpc.StatusCode.DEADLINE_EXCEEDED)
+            flag = pool.read_timeout_s == gate.read_timeout_s
+            limit = "--request-read-timeout-s" if flag else "the limit for calls other than uploads"
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request did not arrive within {pool.read_timeout_s:g} s ({limit})",
+            )
+        if request is grpc.aio.EOF:
+            try:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+            except grpc.aio.AbortError:
+                # Sent, so counted. Otherwise (InternalError) grpcio had already ended the call: its caller left
+                # (recorded by read as gone), or it sent a message over the transport's cap, which grpcio
+                # refused RESOURCE_EXHAUSTED and which reads the same here (recorded as gone too). grpcio 1.81
+                # shows the two alike: read() returns EOF, code(), details(), done() and cancelled() are the
+                # same, the abort fails the same way and the task is cancelled in both; the status gRPC core
+                # sent is not exposed, nor is the message's declared length (the gate sees whole messages).
+                ended(grpc.StatusCode.INVALID_ARGUMENT)
+                raise
+        return await self._parsed(request)
+
+    async def _parsed(self, request: bytes) -> Any:
+        """Parsed inline below INLINE_PARSE_BYTES, on the gate's executor from there."""
+        if len(request) < INLINE_PARSE_BYTES:
+            return self.parse(request)
+        wanted = True
+
+        def parse_if_wanted() -> Any:
+            return self.parse(request) if wanted else None
+
+        self.reservation.parsing = asyncio.get_running_loop().run_in_executor(self.gate.executor, parse_if_wanted)
+        try:
+            return await asyncio.shield(self.reservation.parsing)  # a cancelled call's bytes stay counted (release)
+        except asyncio.CancelledError:
+            wanted = False
+            raise
+
+    def _refused(self, reason: str, ended: Callable[[grpc.StatusCode], None], code: grpc.StatusCode) -> None:
+        self.gate.metrics.reads_refused.labels(self.pool.name, reason).inc()
         ended(code)
 
 
