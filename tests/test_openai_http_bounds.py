@@ -16,8 +16,9 @@ import pytest
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.frontend.config import FrontendConfig
+from serving.frontend.http_connections import open_files
 from serving.frontend.metrics import Metrics
-from serving.frontend.openai_http import OpenAIGateway, _open_files, _Progress
+from serving.frontend.openai_http import OpenAIGateway, _Progress
 
 ROUTE = "/v1/chat/completions"
 
@@ -179,7 +180,7 @@ def test_the_open_file_limit_is_raised_to_its_hard_limit() -> None:
         pytest.skip("no finite hard limit to raise to")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard - 1, hard))
     try:
-        assert _open_files() == hard
+        assert open_files() == hard
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

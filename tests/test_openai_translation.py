@@ -18,9 +18,10 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.frontend.config import FrontendConfig
 from serving.frontend.metrics import Metrics
+from serving.frontend.openai_answers import image_answer, image_usage
 from serving.frontend.openai_errors import OpenAIError, from_rpc
 from serving.frontend.openai_http import OpenAIGateway
-from serving.frontend.openai_requests import chat_call, enum_names, image_answer, image_call, image_usage
+from serving.frontend.openai_requests import chat_call, enum_names, image_call
 from serving.frontend.status import ApiError, invalid_argument, make_status, plain, resource_exhausted
 
 

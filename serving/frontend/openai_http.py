@@ -3,7 +3,7 @@
 Each HTTP request becomes one call of the OmniGen2 gRPC service over a Unix socket that only this process can
 open, with the caller's `Authorization` header as the call's metadata: authentication, scopes, rate limits,
 admission, validation, budgets, metrics and the access log are the gRPC service's, one implementation for both
-APIs, and the gateway only translates (serving/frontend/openai_requests.py) and maps statuses
+APIs, and the gateway only translates (serving/frontend/openai_requests.py, openai_answers.py) and maps statuses
 (serving/frontend/openai_errors.py). Two checks come first, so that no body is read for nothing: an unknown bearer
 token is refused 401, and past max_in_flight requests with bodies in the gateway, 429. Past
 --http-max-connections open connections, a new one is answered 503 and closed unread. Routes (docs/api.md):
@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import math
-import resource
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -36,23 +35,19 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from serving.frontend import access_log, request_id
 from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
+from serving.frontend.http_connections import Counted, Refused, open_files, unavailable
 from serving.frontend.metrics import Metrics
-from serving.frontend.openai_errors import OpenAIError, bad_request, from_rpc
-from serving.frontend.openai_requests import (
-    MODEL_ID,
-    ChatCall,
-    ImageCall,
-    Names,
+from serving.frontend.openai_answers import (
     all_withheld_error,
     chat_answer,
-    chat_call,
     chat_chunk,
     image_answer,
-    image_call,
     image_event,
     image_usage,
     withheld_event,
 )
+from serving.frontend.openai_errors import OpenAIError, bad_request, from_rpc
+from serving.frontend.openai_requests import MODEL_ID, ChatCall, ImageCall, Names, chat_call, image_call
 from serving.frontend.pace import Pace
 
 log = logging.getLogger("omnigen2.http")
@@ -109,7 +104,7 @@ class OpenAIGateway:
         self.listener: asyncio.Server | None = None
         self.max_connections = 0  # set by start(), from the open-file limit unless --http-max-connections is given
         self.connections = 0  # open ones, served by aiohttp
-        self.refusal = _unavailable("too many connections here; retry later", max(1, math.ceil(config.retry_after_s)))
+        self.refusal = unavailable("too many connections here; retry later", max(1, math.ceil(config.retry_after_s)))
         self.channel: grpc.aio.Channel | None = None
         self.cut_at: float | None = None  # set by stop(): requests still running then are cut by the server
         self.stub: pb_grpc.OmniGen2Stub | None = None
@@ -130,7 +125,7 @@ class OpenAIGateway:
         if self.config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        files = _open_files()
+        files = open_files()
         self.max_connections = self.config.http_max_connections or max(1, files // 2)  # 0: half the files
         self.metrics.max_http_connections.set(self.max_connections)
         log.info(
@@ -158,10 +153,10 @@ class OpenAIGateway:
         may pass the bound; a TLS handshake in progress (asyncio bounds it at 60 s) is not counted yet."""
         if self.connections >= self.max_connections:
             self.metrics.http_connections_refused.inc()
-            return _Refused(self.refusal)
+            return Refused(self.refusal)
         server = self.runner.server
         assert server is not None, "start() first"
-        return _Counted(server(), self)
+        return Counted(server(), self)
 
     # Routes
 
@@ -521,10 +516,16 @@ class OpenAIGateway:
 
 
 class _StalledError(TimeoutError):
+    """A transfer that stopped (`slow` False) or fell behind its least rate (`slow` True)."""
+
     def __init__(self, slow: bool) -> None:
-        self.reason = "slow" if slow else "stalled"
-        super().__init__(self.reason)
         self.slow = slow
+        super().__init__(self.reason)
+
+    @property
+    def reason(self) -> str:
+        """The cut_off metric's reason label."""
+        return "slow" if self.slow else "stalled"
 
 
 class _Progress:
@@ -564,78 +565,6 @@ def _taken(request: web.Request) -> int:
     transport = request.transport
     unsent = transport.get_write_buffer_size() if transport is not None else 0
     return request.writer.output_size - unsent
-
-
-class _Counted(asyncio.Protocol):
-    """aiohttp's protocol for a connection, counted among the gateway's open ones from connection_made to
-    connection_lost (not at creation: a TLS handshake that fails calls neither)."""
-
-    def __init__(self, inner: asyncio.Protocol, gateway: OpenAIGateway) -> None:
-        self.inner = inner
-        self.gateway = gateway
-        self.made = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made = True
-        self.gateway.connections += 1
-        self.gateway.metrics.http_connections.inc()
-        self.inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.made:
-            self.made = False
-            self.gateway.connections -= 1
-            self.gateway.metrics.http_connections.dec()
-        self.inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-class _Refused(asyncio.Protocol):
-    """A connection past the bound: `answer` (a 503) and closed, its request unread."""
-
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.answer)
-        transport.close()
-
-
-def _unavailable(message: str, retry_after_s: int) -> bytes:
-    """A whole HTTP/1.1 503 response, OpenAI's error body, that closes its connection: written without aiohttp."""
-    body = json.dumps(OpenAIError(503, message, "server_error", code="service_unavailable").body()).encode()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: {retry_after_s}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-def _open_files() -> int:
-    """The process's open-file limit, its soft limit first raised to the hard one, as servers do: the soft one is
-    often 1024, few for thousands of HTTP connections beside the gRPC and Triton ones."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard and hard != resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("open-file limit left at %d: cannot raise it to its hard limit %d (%s)", soft, hard, exc)
-            return soft
-        log.info("open-file limit raised from %d to its hard limit %d", soft, hard)
-        return hard
-    return soft
 
 
 async def _send(request: web.Request, response: web.StreamResponse) -> None:
