@@ -38,7 +38,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,6 +137,19 @@ def _classifier_inputs(images: np.ndarray, side: int) -> dict[str, np.ndarray]:
     return {"image": np.stack([letterbox(image, side) for image in images]), "image_size": sizes}
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A generation request with its inputs encoded, and the sizes it is generated at and answered in."""
+
+    generation: GenerationRequest
+    preview: int  # 0: no previews; k: one every k steps and on the last
+    prompts: dict[str, PromptFeatures]  # "prompt" and, with text guidance, "negative"
+    texts: dict[str, torch.Tensor]  # their features
+    ref_latents: list[torch.Tensor]
+    gen_size: tuple[int, int]
+    out_size: tuple[int, int]  # (height, width)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         route_to_triton()
@@ -222,6 +235,14 @@ class TritonPythonModel:
 
     async def _generate(self, request: Any, sender: Any) -> Any:
         watch = Stopwatch()
+        job = await self._encode_inputs(request, watch)
+        cache, cache_note, cache_bytes = self._plan_cache(job.generation, job.texts, job.ref_latents, job.gen_size)
+        latents = await self._denoise(request, sender, job, cache, cache_bytes)
+        watch.lap("denoise")
+        return await self._result(request, job, latents, cache, cache_note, watch)
+
+    async def _encode_inputs(self, request: Any, watch: Stopwatch) -> _Job:
+        """The request parsed, its prompts encoded (or found in the text cache) and its input images encoded."""
         generation, preview, blobs = self._parse(request)
         spec = self.spec
         _stop_if_cancelled(request)
@@ -230,7 +251,6 @@ class TritonPythonModel:
         )
         max_length = generation.sequence_length(spec.text_positions)
         prompts = await self.text_cache.lookup(prompts_for(generation), max_length, self._encode_prompts)
-        texts = {key: found.features for key, found in prompts.items()}
         watch.lap("text_encode")
 
         _stop_if_cancelled(request)
@@ -240,12 +260,18 @@ class TritonPythonModel:
         )
         ref_latents = [torch.from_numpy(latents)[0] for latents in encoded]
         watch.lap("vae_encode")
+        gen_size, out_size = plan_sizes(generation, ref_latents, spec)
+        texts = {key: found.features for key, found in prompts.items()}
+        return _Job(generation, preview, prompts, texts, ref_latents, gen_size, out_size)
 
-        gen_size, (out_h, out_w) = plan_sizes(generation, ref_latents, spec)
-        cache, cache_note, cache_bytes = self._plan_cache(generation, texts, ref_latents, gen_size)
+    async def _denoise(self, request: Any, sender: Any, job: _Job, cache: str, cache_bytes: int) -> torch.Tensor:
+        """The steps, each followed by a progress response (with a preview when one is due): the final latents. The
+        `cache_bytes` reserved for the request's step-cache state are given back however it ends."""
         try:
             # Random keys: the transformer's state outlives a restarted BLS, and several BLS instances share it.
-            denoiser = Denoiser(generation, texts, ref_latents, gen_size, spec, secrets.randbits(62), cache)
+            denoiser = Denoiser(
+                job.generation, job.texts, job.ref_latents, job.gen_size, self.spec, secrets.randbits(62), cache
+            )
         except BaseException:
             self.cache_budget.release(cache_bytes)
             raise
@@ -255,40 +281,50 @@ class TritonPythonModel:
             while not denoiser.done:
                 _stop_if_cancelled(request)
                 denoiser.advance(await self.batcher.submit(denoiser.samples()))
-                progress = {"type": "progress", "step": denoiser.step, "total": generation.steps}
-                outputs: list[Any] = []
-                if preview and (denoiser.step % preview == 0 or denoiser.done):
-                    if not preview_withheld:  # once withheld, no preview is sent: nothing to decode or classify
-                        decoded = await self._vae_decode(denoiser.x0)
-                        # At the output size, as the final image will be (not the generation size).
-                        preview_image = await self._off_loop(_output_images, decoded, out_h, out_w)
-                        preview_withheld = bool(await self._withheld(preview_image))
-                    if preview_withheld:
-                        progress["preview_withheld"] = True
-                    else:
-                        outputs.append(to_triton("preview", preview_image))
-                outputs.insert(0, event(progress))
+                outputs, preview_withheld = await self._progress_outputs(denoiser, job, preview_withheld)
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         finally:
             self.batcher.unregister()
             if cache_bytes:
-                await self._release_cache(denoiser.cache_key, texts["prompt"].shape[1])
+                await self._release_cache(denoiser.cache_key, job.texts["prompt"].shape[1])
                 self.cache_budget.release(cache_bytes)
-        watch.lap("denoise")
+        return denoiser.latents
 
+    async def _progress_outputs(self, denoiser: Denoiser, job: _Job, preview_withheld: bool) -> tuple[list[Any], bool]:
+        """A step's progress event, and its preview when one is due: (the response's outputs, whether this request's
+        previews are withheld from now on)."""
+        progress: dict[str, Any] = {"type": "progress", "step": denoiser.step, "total": job.generation.steps}
+        if not job.preview or (denoiser.step % job.preview != 0 and not denoiser.done):
+            return [event(progress)], preview_withheld
+        if not preview_withheld:  # once withheld, no preview is sent: nothing to decode or classify
+            decoded = await self._vae_decode(denoiser.x0)
+            # At the output size, as the final image will be (not the generation size).
+            image = await self._off_loop(_output_images, decoded, *job.out_size)
+            if not await self._withheld(image):
+                return [event(progress), to_triton("preview", image)], False
+        progress["preview_withheld"] = True
+        return [event(progress)], True
+
+    async def _result(
+        self, request: Any, job: _Job, latents: torch.Tensor, cache: str, cache_note: str, watch: Stopwatch
+    ) -> Any:
+        """The final response: the decoded images (those the safety classifier withholds zeroed), their latents, and
+        the result event."""
         _stop_if_cancelled(request)
-        decoded = await self._vae_decode(denoiser.latents)
+        out_h, out_w = job.out_size
+        decoded = await self._vae_decode(latents)
         images = await self._off_loop(_output_images, decoded, out_h, out_w)
         watch.lap("vae_decode")
-        latents = spec.unscale(denoiser.latents)
+        unscaled = self.spec.unscale(latents)
         withheld = await self._withheld(images)
         for index in withheld:  # nothing of a withheld image leaves the BLS
             images[index] = 0
-            latents[index] = 0
+            unscaled[index] = 0
         if self.safety is not None:
             watch.lap("safety")
+        generation, spec, prompts = job.generation, self.spec, job.prompts
         n = generation.num_images_per_prompt
-        usage = generation_usage(texts.values(), ref_latents, gen_size, n, spec.vae_scale, spec.patch_size)
+        usage = generation_usage(job.texts.values(), job.ref_latents, job.gen_size, n, spec.vae_scale, spec.patch_size)
         result = {
             "type": "result",
             "seed": generation.seed,
@@ -306,7 +342,7 @@ class TritonPythonModel:
             output_tensors=[
                 event(result),
                 to_triton("images", images),
-                to_triton("latents", latents),
+                to_triton("latents", unscaled),
             ]
         )
 
