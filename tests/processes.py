@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import psutil
 
+from serving.triton.watchdog import stubs_of_server
+
 
 def alive(pid: int) -> bool:
     """Whether `pid` runs: a zombie has ended (its parent has not reaped it yet)."""
@@ -11,3 +13,8 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def stub_shm_regions(server_pid: int) -> set[str]:
+    """The names (in /dev/shm) of the shared-memory regions of the server's live stubs."""
+    return {argv[2].decode() for _, argv in stubs_of_server(server_pid)}

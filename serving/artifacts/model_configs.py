@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from serving.artifacts.engines import engine_max_batch
 from serving.choices import PRECISIONS
 from serving.errors import SettingError
+from serving.model.contract import static_dims
 from serving.model.devices import resolve_device
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
 from serving.pipeline.step_cache import CONTROL_WIDTH
@@ -57,7 +58,7 @@ def engine_settings(settings: ComponentSettings, shapes: dict[str, Any]) -> Comp
 
 def _tensor(entry: dict[str, Any], config_cls: Any) -> Any:
     """Manifest tensor -> ModelInput/ModelOutput without the batch axis (Triton adds it: max_batch_size > 0)."""
-    dims = [d if isinstance(d, int) else -1 for d in entry["shape"][1:]]
+    dims = static_dims(entry["shape"][1:])
     tensor = config_cls(name=entry["name"], data_type=DTYPES[entry["dtype"]], dims=dims or [1])
     if not dims:  # a per-sample scalar: Triton spells shape [batch] as dims [1] reshaped to []
         tensor.reshape.SetInParent()

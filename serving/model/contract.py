@@ -56,10 +56,16 @@ def graph_contracts(spec: ModelSpec, text_dim: int) -> dict[str, dict[str, list[
     }
 
 
+def static_dims(shape: list[int | str]) -> list[int]:
+    """A shape with every dynamic (named) axis as -1, as Triton's model configs spell it."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
 def dims_only(contract: dict[str, list[Tensor]]) -> dict[str, list[tuple[str, str, list[int]]]]:
-    """A contract with every dynamic axis as -1: what Triton configs and comparisons see."""
+    """A contract's tensors as (name, dtype, static_dims): two contracts that differ only in what they call their
+    dynamic axes (a traced export's and this module's) compare equal."""
     return {
-        side: [(t["name"], t["dtype"], [d if isinstance(d, int) else -1 for d in t["shape"]]) for t in tensors]
+        side: [(t["name"], t["dtype"], static_dims(t["shape"])) for t in tensors]
         for side, tensors in contract.items()
         if side in ("inputs", "outputs")
     }

@@ -57,7 +57,8 @@ def _all_stubs() -> Iterator[tuple[int, int, list[bytes]]]:
             yield pid, stat.parent, argv
 
 
-def _stubs(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
+def stubs_of_server(server_pid: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of the live stubs `server_pid` started."""
     return ((pid, argv) for pid, parent, argv in _all_stubs() if parent == server_pid)
 
 
@@ -79,14 +80,9 @@ def stubs_of_repository(repository: Path) -> list[tuple[int, int, str]]:
 def stub_processes(server_pid: int) -> dict[str, set[int]]:
     """Model name -> pids of its live stub processes."""
     found: dict[str, set[int]] = defaultdict(set)
-    for pid, argv in _stubs(server_pid):
+    for pid, argv in stubs_of_server(server_pid):
         found[Path(argv[1].decode()).parents[1].name].add(pid)
     return found
-
-
-def stub_shm_regions(server_pid: int) -> set[str]:
-    """The names (in /dev/shm) of the shared-memory regions of the server's live stubs."""
-    return {argv[2].decode() for _, argv in _stubs(server_pid)}
 
 
 class StubWatchdog:

@@ -27,8 +27,9 @@ from omnigen2 import (
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import Ports, TritonServer
 from serving.triton.leftovers import SHM
-from serving.triton.watchdog import stub_processes, stub_shm_regions
+from serving.triton.watchdog import stub_processes
 from tests.pixels import level_difference
+from tests.processes import stub_shm_regions
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = {"width": 256, "height": 256, "steps": 200, "seed": 1}

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import Ports, TritonServer
 from serving.triton.leftovers import SHM
-from serving.triton.watchdog import stub_processes, stub_shm_regions
-from tests.processes import alive
+from serving.triton.watchdog import stub_processes
+from tests.processes import alive, stub_shm_regions
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
