@@ -13,7 +13,6 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 from omnigen2 import DeadlineExceededError, InvalidArgumentError, OmniGen2Client, Progress, ResourceExhaustedError
 from omnigen2.v1 import omnigen2_pb2 as pb
@@ -26,14 +25,10 @@ from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, TritonServer
 from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
 from serving.triton.watchdog import stub_processes
+from tests.integration.triton_stats import executions
 from tests.integration.triton_stream import GenerationStream
 
 MiB = 1024 * 1024
-
-
-def _executions(triton: TritonServer, model: str = "transformer") -> int:
-    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics(model)
-    return int(stats.model_stats[0].execution_count)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +58,14 @@ def test_images_leave_the_bls_as_uint8_so_outputs_near_the_limit_fit(small_respo
 def test_output_over_the_message_limit_is_refused_before_it_runs(
     small_responses: FrontendProcess, triton: TritonServer, options: dict[str, object], field: str
 ) -> None:
-    before = _executions(triton, "mllm"), _executions(triton)
+    before = executions(triton, "mllm"), executions(triton, "transformer")
     started = time.monotonic()
     with pytest.raises(InvalidArgumentError) as raised:
         OmniGen2Client(small_responses.address, timeout=60).generate("Too big", steps=1, seed=1, **options)  # type: ignore[arg-type]
     assert time.monotonic() - started < 2
     assert [v.field for v in raised.value.violations] == [field]
     assert f"over the budget of {MiB} (--max-response-bytes)" in raised.value.violations[0].description
-    assert (_executions(triton, "mllm"), _executions(triton)) == before  # nothing ran, not even the prompt
+    assert (executions(triton, "mllm"), executions(triton, "transformer")) == before  # nothing ran, not even the prompt
 
 
 def test_sides_under_16_pixels_are_generated_and_resized(small_responses: FrontendProcess) -> None:
@@ -146,13 +141,14 @@ def test_a_request_over_a_budget_is_refused_naming_the_field_and_the_budget(
     field: str,
     flag: str,
 ) -> None:
-    before = _executions(triton, "vae_encoder"), _executions(triton)
+    before = executions(triton, "vae_encoder"), executions(triton, "transformer")
     with pytest.raises(InvalidArgumentError) as raised:
         prompt = str(options.pop("prompt", "Too much"))  # text counts as its UTF-8 bytes + 64, at most 1024
         OmniGen2Client(budgeted.address, timeout=60).compose(images, prompt, seed=1, **options)  # type: ignore[arg-type]
     assert [v.field for v in raised.value.violations] == [field]
     assert f"(--{flag})" in raised.value.violations[0].description
-    assert (_executions(triton, "vae_encoder"), _executions(triton)) == before  # nothing ran, nothing decoded
+    after = executions(triton, "vae_encoder"), executions(triton, "transformer")
+    assert after == before  # nothing ran, nothing decoded
 
 
 def test_admitted_work_is_bounded_by_cost_not_only_by_count(budgeted: FrontendProcess, triton: TritonServer) -> None:
@@ -198,13 +194,13 @@ def test_an_answer_over_the_token_budget_is_refused_naming_the_field(
     budgeted: FrontendProcess, triton: TritonServer, prompt: str, max_new_tokens: int, field: str
 ) -> None:
     """Understand used to be costed by its pixels only: an answer's tokens (prompt, images, new) were unbounded."""
-    before = _executions(triton, "mllm")
+    before = executions(triton, "mllm")
     with pytest.raises(InvalidArgumentError) as raised:
         OmniGen2Client(budgeted.address, timeout=60).understand(prompt, max_new_tokens=max_new_tokens)
     assert [v.field for v in raised.value.violations] == [field]
     assert "answer tokens" in raised.value.violations[0].description
     assert "over the budget of 300 (--max-chat-tokens)" in raised.value.violations[0].description
-    assert _executions(triton, "mllm") == before  # the model saw nothing
+    assert executions(triton, "mllm") == before  # the model saw nothing
 
 
 def test_an_answer_over_the_pixel_budget_is_refused_before_decoding(
@@ -212,12 +208,12 @@ def test_an_answer_over_the_pixel_budget_is_refused_before_decoding(
 ) -> None:
     """The issue's four Understand calls with 6324x6324 PNGs took the `mllm` stub to 6.8 GB; here a 400x400 image
     passes a 90 000-pixel budget, read from its header (its 276 tokens fit the token budget)."""
-    before = _executions(triton, "mllm")
+    before = executions(triton, "mllm")
     with pytest.raises(InvalidArgumentError) as raised:
         OmniGen2Client(budgeted.address, timeout=60).understand("Compare", [_png(400, 400)], max_new_tokens=2)
     assert [v.field for v in raised.value.violations] == ["messages"]
     assert "(--max-request-input-pixels)" in raised.value.violations[0].description
-    assert _executions(triton, "mllm") == before
+    assert executions(triton, "mllm") == before
 
 
 def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess, triton: TritonServer) -> None:
@@ -254,9 +250,9 @@ def test_runaway_requests_end_at_the_maximum_run_time(tmp_path: Path, triton: Tr
             OmniGen2Client(frontend.address, timeout=60).generate("Runaway", width=256, height=256, steps=200, seed=1)
         assert time.monotonic() - started < 5
         time.sleep(0.5)
-        settled = _executions(triton)
+        settled = executions(triton, "transformer")
         time.sleep(1.0)
-        assert _executions(triton) == settled, "the runaway generation kept running"
+        assert executions(triton, "transformer") == settled, "the runaway generation kept running"
 
 
 def _fixed_window_channel(address: str) -> grpc.Channel:
@@ -308,9 +304,9 @@ def tiled_triton(
 def test_outputs_larger_than_a_tile_are_vae_decoded_in_tiles(tiled_triton: TritonServer, triton: TritonServer) -> None:
     params = {"prompt": "A cat", "width": 64, "height": 64, "steps": 2, "seed": 1, "text_guidance_scale": 1.0}
     whole = GenerationStream(triton.grpc_url, params).wait()
-    before = _executions(tiled_triton, "vae_decoder")
+    before = executions(tiled_triton, "vae_decoder")
     tiled = GenerationStream(tiled_triton.grpc_url, params).wait()
-    assert _executions(tiled_triton, "vae_decoder") - before == 9  # 8x8 cells in tiles of 4 overlapping by 2: 3x3
+    assert executions(tiled_triton, "vae_decoder") - before == 9  # 8x8 cells in tiles of 4 overlapping by 2: 3x3
     assert whole.images is not None and tiled.images is not None and tiled.images.shape == whole.images.shape
     np.testing.assert_array_equal(tiled.latents, whole.latents)  # the same generation, decoded another way
     # No bound on the pixels: the tiny VAE's mid-block attends over the whole image, so 32-px tiles differ from one
@@ -453,9 +449,9 @@ def test_a_cancelled_call_holds_its_slot_until_the_bls_has_stopped(
     assert _bls_running(triton) == 1 and _step_tokens(one_slot) > 0
     call.cancel()
     _released_after_the_bls_stopped(one_slot, triton)
-    settled = _executions(triton)
+    settled = executions(triton, "transformer")
     time.sleep(1.0)
-    assert _executions(triton) == settled, "a step ran after the slot was given back"
+    assert executions(triton, "transformer") == settled, "a step ran after the slot was given back"
     assert _frontend_metric(one_slot, "omnigen2_stop_grace_expired_total") == 0  # the BLS confirmed the stop
     assert OmniGen2Client(one_slot.address, timeout=60, retries=0).generate("Next", width=64, height=64, steps=1)
 
@@ -474,9 +470,9 @@ def test_a_stop_not_confirmed_within_the_grace_period_ends_the_stream(tmp_path: 
         while _bls_running(triton) > 0:
             assert time.monotonic() < deadline, "the BLS kept running"
             time.sleep(0.05)
-        settled = _executions(triton)
+        settled = executions(triton, "transformer")
         time.sleep(1.0)
-        assert _executions(triton) == settled
+        assert executions(triton, "transformer") == settled
 
 
 def test_a_stream_whose_output_piles_up_is_ended_at_the_byte_cap(tmp_path: Path, triton: TritonServer) -> None:

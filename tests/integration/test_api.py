@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from omnigen2 import (
@@ -37,6 +36,7 @@ from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer, free_port
 from tests.golden import relative_error, templated_tokens
+from tests.integration.triton_stats import executions
 from tests.pixels import level_difference
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
@@ -63,17 +63,12 @@ def _case_options(case: dict[str, Any]) -> GenerationOptions:
     return options
 
 
-def _executions(triton: TritonServer) -> int:
-    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("transformer")
-    return int(stats.model_stats[0].execution_count)
-
-
 def _assert_work_stopped(triton: TritonServer) -> None:
     """No transformer executions after a short settle: the abandoned generation was stopped, not left running."""
     time.sleep(0.5)
-    settled = _executions(triton)
+    settled = executions(triton, "transformer")
     time.sleep(1.0)
-    assert _executions(triton) == settled, "the abandoned generation kept running in Triton"
+    assert executions(triton, "transformer") == settled, "the abandoned generation kept running in Triton"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 from omnigen2 import InvalidArgumentError, OmniGen2Client, PermissionDeniedError
 
@@ -21,6 +20,7 @@ from serving.frontend.auth import token_digest
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
+from tests.integration.triton_stats import executions
 
 APP, RED_TEAM = "app-token", "red-team-token"
 POLICY = {
@@ -54,11 +54,6 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer, poli
         yield frontend
 
 
-def _executions(triton: TritonServer, model: str) -> int:
-    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics(model)
-    return int(stats.model_stats[0].execution_count)
-
-
 def _metric(frontend: FrontendProcess, pattern: str) -> float:
     """The sum of the samples whose line matches `pattern` (name and labels)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{frontend.metrics_port}/metrics", timeout=5).read().decode()
@@ -85,7 +80,7 @@ def _reload(frontend: FrontendProcess, policy_file: Path, policy: Any) -> None:
 def test_blocked_requests_cost_no_model_time_and_never_echo_the_text(
     guarded: FrontendProcess, triton: TritonServer
 ) -> None:
-    before = _executions(triton, BLS_MODEL), _executions(triton, MLLM_MODEL)
+    before = executions(triton, BLS_MODEL), executions(triton, MLLM_MODEL)
     secret = "4111 1111 1111 1111"
     with OmniGen2Client(guarded.address, token=APP, timeout=30, retries=0) as client:
         safety = client.info().safety
@@ -101,7 +96,7 @@ def test_blocked_requests_cost_no_model_time_and_never_echo_the_text(
         with pytest.raises(PermissionDeniedError) as raised:
             client.understand(f"Is {secret} a valid card?", max_new_tokens=4)
         assert raised.value.reason == "card-number" and raised.value.field == "messages[0].content[0].text"
-    assert (_executions(triton, BLS_MODEL), _executions(triton, MLLM_MODEL)) == before
+    assert (executions(triton, BLS_MODEL), executions(triton, MLLM_MODEL)) == before
     assert _blocked(guarded, "card-number", "request") == 2
     assert _blocked(guarded, "weapons", "request") == 1
     log = guarded.log_path.read_text()

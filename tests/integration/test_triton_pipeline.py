@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 from serving.triton.launcher import TritonServer
 from serving.triton.wire import WireError
 from tests.golden import relative_error
+from tests.integration.triton_stats import executions, model_counts
 from tests.integration.triton_stream import GenerationStream, case_params
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
@@ -23,12 +23,6 @@ CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_
 
 def _case(cases: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in cases["pipeline_cases"] if c["name"] == name)
-
-
-def _transformer_counts(triton: TritonServer) -> tuple[int, int]:
-    """(executions, samples) of the transformer model so far: Triton counts each batch element as an inference."""
-    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics("transformer")
-    return int(stats.model_stats[0].execution_count), int(stats.model_stats[0].inference_count)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -88,12 +82,12 @@ def test_cached_and_uncached_generations_share_steps(triton: TritonServer, cases
     ]
     # Executions alone are measured, not assumed: grouping may split an edit's step by reference count once the
     # learned call cost says padding costs more than a call, and that depends on the calls before this test.
-    start = _transformer_counts(triton)
+    start = model_counts(triton, "transformer")
     alone = [GenerationStream(triton.grpc_url, p, i).wait() for p, i in requests]
-    middle = _transformer_counts(triton)
+    middle = model_counts(triton, "transformer")
     streams = [GenerationStream(triton.grpc_url, p, i) for p, i in requests]
     together = [s.wait() for s in streams]
-    end = _transformer_counts(triton)
+    end = model_counts(triton, "transformer")
     assert all(r.error is None for r in alone + together), [r.error for r in alone + together]
     for result, case in zip(together[1:], (tea, taylor), strict=True):
         assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 1e-5
@@ -132,12 +126,12 @@ def test_concurrent_requests_share_transformer_executions(
         ),
         (case_params(_case(cases, "t2i_dpmsolver_cfgrange"), steps=6, prompt="A different, longer prompt here."), []),
     ]
-    start = _transformer_counts(triton)
+    start = model_counts(triton, "transformer")
     sequential = [GenerationStream(triton.grpc_url, p, i).wait() for p, i in requests]
-    middle = _transformer_counts(triton)
+    middle = model_counts(triton, "transformer")
     streams = [GenerationStream(triton.grpc_url, p, i) for p, i in requests]
     concurrent = [s.wait() for s in streams]
-    end = _transformer_counts(triton)
+    end = model_counts(triton, "transformer")
     for alone, together in zip(sequential, concurrent, strict=True):
         assert alone.error is None and together.error is None
         assert relative_error(together.latents, alone.latents) <= 1e-4
@@ -158,9 +152,9 @@ def test_cancellation_stops_the_loop_within_a_step(triton: TritonServer, cases: 
     assert stream.next_event() is not None  # running
     stream.cancel()
     time.sleep(0.5)  # a step of this size takes milliseconds: the loop must have noticed by now
-    settled = _transformer_counts(triton)[0]
+    settled = executions(triton, "transformer")
     time.sleep(1.0)
-    assert _transformer_counts(triton)[0] == settled, "the cancelled generation kept running"
+    assert executions(triton, "transformer") == settled, "the cancelled generation kept running"
     after = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler"))).wait()
     assert after.error is None  # its slot was freed: the triton keeps serving
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
 
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
+from tests.integration.triton_stats import executions
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 # The BLS, the component only an edit calls, and the Understand model.
@@ -19,8 +19,7 @@ WARMED = ("omnigen2", "vae_encoder", "mllm")
 
 
 def _executions(triton: TritonServer) -> dict[str, int]:
-    client = triton_grpc.InferenceServerClient(triton.grpc_url)
-    return {model: int(client.get_inference_statistics(model).model_stats[0].execution_count) for model in WARMED}
+    return {model: executions(triton, model) for model in WARMED}
 
 
 def _wait_serving(frontend: FrontendProcess, timeout_s: float = 30.0) -> list[int]:
