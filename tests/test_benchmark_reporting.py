@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from benchmarks.ablations import Row, write_results
+from benchmarks.ablations import PROMPT_CACHE_ROW, Row, prompt_cache_row, rerun_row, write_results
 from benchmarks.gpu_report import write_markdown as write_gpu_markdown
 from benchmarks.harness import Point
 from benchmarks.machine import RunStart, describe
 from benchmarks.percentiles import min_samples, percentile
 from benchmarks.plots import PLOTS, plot_sweep, sweep_figure
 from benchmarks.report import write_markdown
+from serving.model.checkpoint import read_spec
+from serving.pipeline.text_cache import TextFeatureCache
 
 # What the earliest results files hold (cpu-small, overhead-tiny, ablations-small): no CPU, ISA, load or commit.
 UNRECORDED = {"cpus": 2, "platform": "Linux-6.18.44-fc-v769-x86_64-with-glibc2.36", "python": "3.11.7"}
@@ -135,6 +138,52 @@ def test_ablation_results_record_the_run_and_name_the_machine(tmp_path: Path) ->
     text = (tmp_path / "results.md").read_text()
     assert f"Machine: {describe(data['machine'])}" in text and "Commit: " in text and "| 2.50x |" in text
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_a_row_measured_again_replaces_its_own_and_names_its_run(tmp_path: Path) -> None:
+    """An earlier run's file (no torch, load or commit recorded) keeps its other rows and its run line; the
+    replaced row's run is recorded beside it, in results.json and in words in results.md."""
+    settings = {"checkpoint": "small", "size": 256, "repeats": 5}
+    old = [Row("bf16 weights", "fp32", "bf16", 800.0, 320.0), Row("prompt cache", "encode", "hit", 6.5, 0.001)]
+    earlier = {"settings": settings, "machine": UNRECORDED, "rows": [asdict(r) | {"speedup": r.speedup} for r in old]}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    rerun_row(Row("prompt cache", "miss", "hit", 6.0, 0.003), settings | {"repeats": 7}, RunStart(), tmp_path, "A")
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["rows"][0] == earlier["rows"][0] and data["rows"][1]["speedup"] == 2000.0
+    (later,) = data["reruns"]
+    assert later["change"] == "prompt cache" and later["commit"] and later["settings"]["repeats"] == 7
+    text = (tmp_path / "results.md").read_text()
+    assert (
+        "load average not recorded. Commit: not recorded. Torch not recorded; best of 5 per cell, one run but" in text
+    )
+    assert 'The row "prompt cache" is from a later run that measured it alone (best of 7): Machine: ' in text
+    assert "| 2000.00x |" in text and "| 2.50x |" in text
+    with pytest.raises(SystemExit, match="no row 'other'"):
+        rerun_row(Row("other", "a", "b", 1.0, 1.0), settings, RunStart(), tmp_path, "A")
+
+
+def test_the_prompt_cache_row_times_the_served_lookup(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its two sides are TextFeatureCache.lookup itself: one that encodes the prompts (a miss), one that finds them."""
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+    lookup = TextFeatureCache.lookup
+
+    async def counted(self: TextFeatureCache, prompts: Any, max_length: int, encode: Any) -> Any:
+        encoded: list[str] = []
+
+        async def encode_seen(texts: list[str], length: int) -> Any:
+            encoded.extend(texts)
+            return await encode(texts, length)
+
+        found = await lookup(self, prompts, max_length, encode_seen)
+        seen.append((not encoded, tuple(found["prompt"].features.shape)))
+        return found
+
+    monkeypatch.setattr(TextFeatureCache, "lookup", counted)
+    row = prompt_cache_row(tiny_checkpoint, read_spec(tiny_checkpoint), repeats=2)
+    assert row.change == PROMPT_CACHE_ROW and row.before_ms > 0 and row.after_ms > 0
+    hits = [hit for hit, _ in seen]
+    assert hits.count(False) == 1 + 3 and hits.count(True) == 3  # warming, then a warm-up call and 2 timed each
+    assert all(len(shape) == 2 and shape[0] > 0 for _, shape in seen)  # the unpadded (L, D) features
 
 
 def test_the_gpu_report_shows_p90_only_where_ten_requests_place_it_and_the_commit(tmp_path: Path) -> None:
