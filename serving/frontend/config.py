@@ -25,6 +25,8 @@ FLAG_TYPES: dict[str, Whole | Number | Address] = {
     "triton_url": Address(),
     "http_listen": Address(optional=True),
     "metrics_port": Whole(0, 65_535, "0: off"),
+    "metrics_max_connections": _COUNT,
+    "metrics_timeout_s": _SECONDS,
     "max_in_flight": _COUNT,
     "retry_after_s": Number(0, why="0: a full read gate refuses at once"),
     "max_request_bytes": Whole(1, MAX_GRPC_MS // 2, "gRPC reads up to 2 x this in a C int"),
@@ -71,6 +73,11 @@ class FrontendConfig:
     http_listen: str = ""  # the OpenAI-compatible HTTP API (serving/frontend/openai_http.py); "" = off
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9464  # Prometheus text format on http://metrics_address:metrics_port/metrics; 0 = off
+    # Connections to the metrics port served at once (a thread each), past it closed unread; each is closed this
+    # long after it was accepted: silent ones otherwise held a thread and a file each for ever
+    # (serving/frontend/metrics_server.py). A scrape takes milliseconds; Prometheus opens one at a time.
+    metrics_max_connections: int = 8
+    metrics_timeout_s: float = 10.0
     max_in_flight: int = 16  # admitted Generate + Understand calls at once; beyond: RESOURCE_EXHAUSTED
     retry_after_s: float = 1.0  # the RetryInfo delay sent with RESOURCE_EXHAUSTED
     max_request_bytes: int = 64 * MiB  # larger requests: INVALID_ARGUMENT naming the largest field

@@ -9,6 +9,8 @@ FLAG_HELP = {
     "http_listen": "HOST:PORT of the OpenAI-compatible HTTP API; '' = off",
     "metrics_address": "address of the Prometheus /metrics endpoint",
     "metrics_port": "port of the Prometheus /metrics endpoint; 0 = off",
+    "metrics_max_connections": "connections to the metrics port served at once; past it closed unread",
+    "metrics_timeout_s": "seconds after which a connection to the metrics port is closed, answered or not",
     "max_in_flight": "admitted Generate + Understand calls at once; beyond: RESOURCE_EXHAUSTED",
     "retry_after_s": "the RetryInfo delay (seconds) sent with RESOURCE_EXHAUSTED",
     "max_request_bytes": "the largest request message, bytes",

@@ -12,7 +12,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
 )
 
 # Up past --max-run-s (600 s by default) and its stop: a call that ran into it has a bucket of its own.
@@ -176,6 +175,3 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-
-    def serve(self, address: str, port: int) -> None:
-        start_http_server(port, addr=address, registry=self.registry)

@@ -29,6 +29,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
 from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
+from serving.frontend.metrics_server import MetricsServer, serve_metrics
 from serving.frontend.openai_http import OpenAIGateway
 from serving.frontend.policy import PolicyFile, PromptPolicy
 from serving.frontend.reading import ReadGate
@@ -45,6 +46,7 @@ MIN_CLIENT_PING_INTERVAL_MS = 5_000
 # How long past --stop-grace-s the stop waits for cut calls' handlers to end (they record themselves last).
 ENDING_MARGIN_S = 5.0
 NAMED_CUTS = 20  # request ids the drain's warning names; the count says how many more
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Frontend:
@@ -122,6 +124,7 @@ class Frontend:
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
         self.port = 0
         self.http_port = 0
+        self.metrics_server: MetricsServer | None = None
         self._watch: asyncio.Task[None] | None = None
         # The OpenAI-compatible HTTP API calls this server over a Unix socket in a folder only this user can open.
         self.gateway: OpenAIGateway | None = None
@@ -171,17 +174,27 @@ class Frontend:
         if self.gateway is not None and self.server.add_insecure_port(self.gateway.target) == 0:
             raise OSError(f"cannot listen on {self.gateway.target}")
         self.service.server_id = config.server_id or f"{socket.gethostname()}:{self.port}"
-        if not config.listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
+        if not _on_loopback(config.listen.rpartition(":")[0]):
             if not config.tls_cert:
                 log.warning("the API listens on %s without TLS: set --tls-cert and --tls-key", config.listen)
             if not self.tokens:
                 log.warning("the API listens on %s without --auth-tokens: every caller is served", config.listen)
-        if self.config.metrics_port:
+        if config.metrics_port:
+            where = f"{config.metrics_address}:{config.metrics_port}"
             try:
-                self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+                self.metrics_server = serve_metrics(
+                    self.metrics.registry,
+                    config.metrics_address,
+                    config.metrics_port,
+                    config.metrics_max_connections,
+                    config.metrics_timeout_s,
+                )
             except OSError as exc:
-                where = f"{self.config.metrics_address}:{self.config.metrics_port}"
                 raise SettingError("--metrics-port", f"cannot serve metrics on {where}: {exc.strerror}") from None
+            if not _on_loopback(config.metrics_address):
+                log.warning(
+                    "the metrics listen on %s, without TLS or tokens: limit who can reach it (a NetworkPolicy)", where
+                )
         await self.health.refresh()
         self._watch = asyncio.create_task(self.health.watch())
         await self.server.start()
@@ -191,7 +204,7 @@ class Frontend:
             except OSError as exc:
                 await self.stop()  # the gRPC server is up already
                 raise SettingError("--http-listen", f"cannot listen on {config.http_listen}: {exc.strerror}") from None
-            if not config.http_listen.startswith(("127.0.0.1:", "localhost:", "[::1]:")) and not config.tls_cert:
+            if not _on_loopback(config.http_listen.rpartition(":")[0]) and not config.tls_cert:
                 log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
         return self.port
 
@@ -218,6 +231,8 @@ class Frontend:
         # Off the event loop: closing joins the trimmer's thread (up to 1 s, a trim in progress), and an embedded
         # front end's loop may be serving other work meanwhile.
         await asyncio.to_thread(self.service.close)
+        if self.metrics_server is not None:  # last: Triton's preStop (deploy/k8s) waits for this port to close
+            await asyncio.to_thread(self.metrics_server.close)
         return running
 
     async def drain(self) -> None:
@@ -244,6 +259,11 @@ class Frontend:
             )
         else:
             log.info("front end stopped: no call in flight (%d cut by the drain)", len(cut))
+
+
+def _on_loopback(host: str) -> bool:
+    """Whether `host` (an address's host, IPv6 in brackets or not) is this machine's loopback."""
+    return host.strip("[]") in LOOPBACK_HOSTS
 
 
 def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
