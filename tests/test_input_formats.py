@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
 from typing import Any
 from unittest import mock
 
@@ -19,7 +24,10 @@ from serving.pipeline import jpeg
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS
 from serving.pipeline.images import INPUT_FORMATS, decode_image
 from serving.pipeline.request import DEFAULT_LIMITS
+from serving.pipeline.tiff import MAX_TILE_PIXELS
+from serving.triton.tasks import gather_or_cancel
 from tests.jpeg_bombs import scan_bomb, segments
+from tests.tiff_bombs import tiff
 
 FIELD = "input_images[0].data"
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
@@ -152,3 +160,75 @@ def test_other_formats_are_refused_unread(data: bytes) -> None:
     with pytest.raises(InvalidArgumentError, match=r"not a decodable image.*accepted: PNG, JPEG") as refused:
         decode_image(data, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
     assert refused.value.field == FIELD
+
+
+TILE_BOMB = tiff(16, 16, tile=(8192, 8192), block=zlib.compress(bytes(1024)))  # its decoder allocated 192 MiB
+
+
+def test_a_tiff_whose_tile_outgrows_its_image_is_refused_from_its_header() -> None:
+    assert len(TILE_BOMB) < 200
+    with pytest.raises(InvalidArgumentError, match=r"TIFF tiles of 8192x8192 pixels, more than the 16x16 image") as r:
+        decode_image(TILE_BOMB, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+    assert r.value.field == FIELD
+    with pytest.raises(ApiError, match=r"input_images\[0\]\.data.*TIFF tiles of 8192x8192"):
+        to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=TILE_BOMB)]), DEFAULT_LIMITS)
+    chat = pb.UnderstandRequest(
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(image=pb.Image(data=TILE_BOMB))])]
+    )
+    with pytest.raises(ApiError, match=r"messages\[0\]\.content\[0\]\.image.*TIFF tiles of 8192x8192"):
+        to_chat_forward(chat, DEFAULT_CHAT_LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("size", "layout"),
+    [
+        ((40, 30), {"tile": (32, 32)}),  # tiles over the edges
+        ((16, 16), {"tile": (1024, 1024)}),  # any tile up to MAX_TILE_PIXELS
+        ((1100, 1000), {"tile": (1104, 1008)}),  # one tile: the image's sides rounded up to multiples of 16
+        ((16, 16), {"rows_per_strip": 2**32 - 1}),  # "all rows in one strip": libtiff cuts strips to the image
+    ],
+    ids=["tiles", "small-image-large-tile", "one-tile", "one-strip"],
+)
+def test_tiffs_whose_tiles_fit_decode(size: tuple[int, int], layout: dict[str, Any]) -> None:
+    assert decode_image(tiff(*size, **layout), FIELD, DEFAULT_LIMITS.max_input_image_pixels).size == size
+
+
+def test_a_tile_over_both_bounds_is_refused() -> None:
+    assert MAX_TILE_PIXELS == 1024 * 1024
+    with pytest.raises(InvalidArgumentError, match="TIFF tiles of 1024x1040 pixels"):
+        decode_image(tiff(16, 16, tile=(1024, 1040)), FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+    with pytest.raises(InvalidArgumentError, match="TIFF tiles of 1120x1008 pixels"):
+        decode_image(tiff(1100, 1000, tile=(1120, 1008)), FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+
+
+def _pillow_frames() -> list[str]:
+    """Frames of Pillow's code still alive (gc.get_objects only lists them, it collects nothing)."""
+    return [
+        f"{o.f_code.co_name}" for o in gc.get_objects() if isinstance(o, FrameType) and "/PIL/" in o.f_code.co_filename
+    ]
+
+
+def test_a_failed_decode_keeps_no_decoder_alive() -> None:
+    """Decoded as the BLS decodes (on worker threads, gathered, the error caught): before, each failure's error
+    chained Pillow's, whose traceback held the decoder's frame and its tile buffer (here 3 MiB; the attack's 169-byte
+    file: 192 MiB and more) alive in reference cycles. With the cyclic collector off, nothing of it may remain."""
+    broken = tiff(1024, 1024, tile=(1024, 1024), block=b"not deflate")  # a tile within the bound, its data corrupt
+
+    async def request(pool: ThreadPoolExecutor) -> str:
+        loop = asyncio.get_running_loop()
+        decodes = (loop.run_in_executor(pool, decode_image, broken, FIELD, 10**7) for _ in range(3))
+        try:
+            await gather_or_cancel(*decodes)
+        except InvalidArgumentError as exc:
+            return str(exc)
+        return "decoded"
+
+    gc.collect()
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(3):
+                assert "not a decodable image (decoder error -2)" in asyncio.run(request(pool))
+        assert _pillow_frames() == []
+    finally:
+        gc.enable()

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
-from serving.pipeline import jpeg, png
+from serving.pipeline import jpeg, png, tiff
 
 SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
 # The formats input images may have (docs/api.md): any other Pillow plugin is never tried, so EPS never reaches
@@ -35,25 +35,23 @@ _ORIENTATIONS = {
 
 def open_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Reads the header only (no pixels decoded): refuses empty, oversized and unidentifiable data, formats outside
-    INPUT_FORMATS and JPEGs that jpeg.refusal refuses (too many scans, markers or stray bytes)."""
+    INPUT_FORMATS, JPEGs that jpeg.refusal refuses (too many scans, markers or stray bytes) and TIFFs that
+    tiff.refusal refuses (tiles larger than the image)."""
     if not data:
         raise InvalidArgumentError(field, "empty image")
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidArgumentError(field, f"{len(data)} bytes, the limit for one image is {max_bytes}")
     if data.startswith(jpeg.SIGNATURE) and (reason := jpeg.refusal(data)) is not None:
         raise InvalidArgumentError(field, reason)  # before Pillow's header parser, which is slower on such files
-    try:
-        image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
-    except UnidentifiedImageError as exc:
-        raise InvalidArgumentError(
-            field, f"not a decodable image (unknown or corrupt format; accepted: {', '.join(INPUT_FORMATS)})"
-        ) from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
+    image = _open(data)
+    if isinstance(image, str):
+        raise InvalidArgumentError(field, image)
     if image.width * image.height > max_pixels:
         raise InvalidArgumentError(
             field, f"{image.width}x{image.height} exceeds the {max_pixels}-pixel limit for input images"
         )
+    if image.format == "TIFF" and (reason := tiff.refusal(image)) is not None:
+        raise InvalidArgumentError(field, reason)
     if image.mode == "F":
         # Float samples have no agreed scale (0..1, 0..255, HDR): any conversion to 8 bits would be a guess.
         raise InvalidArgumentError(field, "floating-point (mode F) images are not supported: send 8 or 16-bit")
@@ -85,12 +83,38 @@ def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None
     turn = _ORIENTATIONS.get(orientation(image))  # read before load(), as the front end read it
     if image.format == "PNG" and png.is_truncated(data):
         raise InvalidArgumentError(field, f"truncated: the header promises {image.width}x{image.height} pixels")
-    try:
-        image.load()  # the first frame of an animation
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidArgumentError(field, f"not a decodable image ({exc})") from exc
+    if (failure := _load(image)) is not None:
+        raise InvalidArgumentError(field, failure)
     rgb = to_rgb(image)
     return rgb.transpose(turn) if turn is not None else rgb
+
+
+# Pillow's errors are turned into text, never chained to the InvalidArgumentError raised for them: their tracebacks
+# hold the parser's and decoder's frames and, with them, buffers sized by the header (a TIFF's tile: 2.1 GB for a
+# 169-byte file) for as long as the error lives, which in the model's asyncio futures was until a cyclic collection
+# ran, or longer (a served model's memory grew by each refused file's tile).
+_PILLOW_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _open(data: bytes) -> Image.Image | str:
+    """The image with its header read, or why it does not open."""
+    try:
+        return Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+    except UnidentifiedImageError:
+        return f"not a decodable image (unknown or corrupt format; accepted: {', '.join(INPUT_FORMATS)})"
+    except _PILLOW_ERRORS as exc:
+        return f"not a decodable image ({exc})"
+
+
+def _load(image: Image.Image) -> str | None:
+    """Decodes the pixels (the first frame of an animation); None, or why they do not decode, the image then
+    closed (its pixels decoded so far freed: the caller's frame, held by the error it raises, keeps the image)."""
+    try:
+        image.load()
+    except _PILLOW_ERRORS as exc:
+        image.close()
+        return f"not a decodable image ({exc})"
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
