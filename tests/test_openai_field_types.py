@@ -94,9 +94,10 @@ def test_chat_values_of_the_wrong_type_or_range_are_refused(body: dict[str, Any]
 
 
 def test_chat_nulls_and_empty_lists_are_unset() -> None:
-    body = {**CHAT, "stream": None, "stop": [], "n": 1, "stream_options": {"include_usage": None}, "user": None}
+    body = {**CHAT, "stream": None, "stop": [], "n": 1, "user": None}
     call = chat_call(body)
     assert (call.stream, call.include_usage, list(call.request.stop)) == (False, False, [])
+    assert chat_call({**CHAT, "stream": True, "stream_options": {"include_usage": None}}).include_usage is False
     assert chat_call({**CHAT, "n": None, "stop": None, "stream_options": None}).stream is False
 
 

@@ -247,6 +247,8 @@ def test_chat_messages_become_an_understand_request() -> None:
         ({"messages": [], "max_tokens": 1, "max_completion_tokens": 1}, "max_completion_tokens"),
         ({"messages": [], "stop": [1]}, "stop"),
         ({"messages": [], "stream": "yes"}, "stream"),
+        ({"messages": [], "stream_options": {"include_usage": True}}, "stream_options"),  # before: taken
+        ({"messages": [], "stream": False, "stream_options": {}}, "stream_options"),
         ({"messages": {}}, "messages"),
     ],
 )

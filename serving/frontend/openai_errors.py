@@ -39,7 +39,19 @@ class OpenAIError(Exception):
 
 
 def bad_request(param: str | None, message: str, code: str = "invalid_value") -> OpenAIError:
+    """A 400 naming `param`, cut as `cut` does: a caller's unknown key of 100 KB is not sent back whole."""
+    param = cut(param, 64) if param else param
     return OpenAIError(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def cut(text: str, limit: int = 40) -> str:
+    """`text` for a message, at most `limit` characters: what a caller sent is shown, not echoed in full."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """A caller's value in a message: its repr, cut."""
+    return cut(repr(value))
 
 
 # What grpcio's client says when an answer is over its own limits (core's wording).

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -46,7 +47,7 @@ from serving.frontend.openai_answers import (
     image_usage,
     withheld_event,
 )
-from serving.frontend.openai_errors import OpenAIError, bad_request, from_rpc
+from serving.frontend.openai_errors import OpenAIError, bad_request, cut, from_rpc
 from serving.frontend.openai_requests import MODEL_ID, ChatCall, ImageCall, Names, chat_call, image_call
 from serving.frontend.pace import Pace
 
@@ -336,10 +337,7 @@ class OpenAIGateway:
         if request.content_type != "application/json":
             raise OpenAIError(415, f"the body must be application/json, got {request.content_type or 'none'}")
         raw = await self._body(request, request.read)
-        try:
-            body = await self._off_loop(_parse_json, raw)
-        except (ValueError, RecursionError) as exc:
-            raise OpenAIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        body = await self._off_loop(_parse_json, raw)
         if not isinstance(body, dict):
             raise OpenAIError(400, "the body must be a JSON object", code="invalid_json")
         return body
@@ -364,7 +362,8 @@ class OpenAIGateway:
                 fields.setdefault(name, []).append(value)
             elif name != key:
                 raise bad_request(
-                    name, f"takes one value: send it as `{name}`, not `{key}` (only image and cfg_range are lists)"
+                    name,
+                    f"takes one value: send it as `{cut(name)}`, not `{cut(key)}` (only image and cfg_range are lists)",
                 )
             elif name in fields:
                 raise bad_request(name, "given more than once")
@@ -403,6 +402,12 @@ class OpenAIGateway:
             if (exc.text or "").startswith("Maximum number of form fields"):
                 raise OpenAIError(400, f"the form has more than the {FORM_FIELDS} fields a form may have") from None
             raise self._too_large(None) from None
+        except LookupError as exc:
+            if type(exc) is not LookupError:  # KeyError, IndexError: not a codec's
+                raise
+            # post() decodes a text part with the charset its Content-Type names; Python has no such codec.
+            message = f"a text part of the form names a charset not known here ({cut(str(exc))}); send text as UTF-8"
+            raise OpenAIError(400, message, code="invalid_body") from None
         except (ValueError, RuntimeError, AssertionError, HttpProcessingError) as exc:  # aiohttp's multipart parser
             raise OpenAIError(400, f"the body does not parse: {exc}", code="invalid_body") from None
 
@@ -582,8 +587,19 @@ def _parse_json(raw: bytes) -> Any:
     Counting commas bounds them (and holds the loop about 0.1 s for the largest body)."""
     if raw.count(b",") > MAX_JSON_COMMAS:
         raise OpenAIError(400, f"the body has over {MAX_JSON_COMMAS} commas: more values than any request takes")
-    return json.loads(raw, parse_constant=_no_constant)
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise _not_json(str(exc)) from None
+    except RecursionError:
+        raise _not_json("its arrays and objects nest deeper than any request's") from None
+    except ValueError:  # the only other one json.loads raises: int() past Python's limit on digits
+        raise _not_json(f"it has an integer of over {sys.get_int_max_str_digits()} digits") from None
 
 
 def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
+    raise _not_json(f"{name} is not JSON")
+
+
+def _not_json(reason: str) -> OpenAIError:
+    return OpenAIError(400, f"the body is not valid JSON: {reason}", code="invalid_json")

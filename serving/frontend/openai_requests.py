@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.frontend.convert import DEFAULTS
-from serving.frontend.openai_errors import OpenAIError, bad_request
+from serving.frontend.openai_errors import OpenAIError, bad_request, shown
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.request import MAX_SEED, SEED_RANGE
 
@@ -110,37 +110,37 @@ def _value(descriptor: FieldDescriptor, name: str, value: Any, form: bool) -> An
         if form and isinstance(value, str) and _FORM_INT.fullmatch(value.strip()):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad_request(name, f"must be an integer, got {_shown(value)}", "invalid_type")
+            raise bad_request(name, f"must be an integer, got {shown(value)}", "invalid_type")
         if descriptor.name == "seed":  # the service's range, in its words, not int64's
             if not 0 <= value <= MAX_SEED:
-                raise bad_request(name, f"{SEED_RANGE}, got {_shown(value)}")
+                raise bad_request(name, f"{SEED_RANGE}, got {shown(value)}")
             return value
         low, high = _INT_RANGES[kind]
         if not low <= value <= high:
-            raise bad_request(name, f"must be in [{low}, {high}], got {_shown(value)}")
+            raise bad_request(name, f"must be in [{low}, {high}], got {shown(value)}")
         return value
     if kind in _FLOATS:
         if form and isinstance(value, str) and _FORM_FLOAT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad_request(name, f"must be a number, got {_shown(value)}", "invalid_type")
+            raise bad_request(name, f"must be a number, got {shown(value)}", "invalid_type")
         try:
             number = float(value)
         except OverflowError:  # a JSON integer past float's range
             number = math.inf
         if not math.isfinite(number):
-            raise bad_request(name, f"must be a finite number, got {_shown(value)}")
+            raise bad_request(name, f"must be a finite number, got {shown(value)}")
         return number
     if kind == FieldDescriptor.TYPE_BOOL:
         if form and isinstance(value, str) and value in ("true", "false"):
             value = value == "true"
         if not isinstance(value, bool):
-            raise bad_request(name, f"must be true or false, got {_shown(value)}", "invalid_type")
+            raise bad_request(name, f"must be true or false, got {shown(value)}", "invalid_type")
         return value
     if kind == FieldDescriptor.TYPE_ENUM:
         choices = enum_names(descriptor.enum_type)
         if not isinstance(value, str) or _FORMAT_ALIASES.get(value, value) not in choices:
-            raise bad_request(name, f"one of {', '.join(choices)}, got {_shown(value)}")
+            raise bad_request(name, f"one of {', '.join(choices)}, got {shown(value)}")
         return choices[_FORMAT_ALIASES.get(value, value)]
     if kind == FieldDescriptor.TYPE_STRING:
         return _string(name, value)
@@ -150,17 +150,12 @@ def _value(descriptor: FieldDescriptor, name: str, value: Any, form: bool) -> An
 def _string(name: str, value: Any) -> str:
     """A string protobuf takes: JSON's \\ud800 escapes make strings that are not UTF-8."""
     if not isinstance(value, str):
-        raise bad_request(name, f"must be a string, got {_shown(value)}", "invalid_type")
+        raise bad_request(name, f"must be a string, got {shown(value)}", "invalid_type")
     try:
         value.encode()
     except UnicodeEncodeError:
         raise bad_request(name, "not valid Unicode (a lone surrogate)") from None
     return value
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _set_fields(
@@ -195,23 +190,23 @@ def _pair(name: str, value: Any, form: bool) -> tuple[float, float]:
     if form and isinstance(value, str):
         value = value.strip().strip("[]").split(",")
     if not isinstance(value, list) or len(value) != 2:
-        raise bad_request(name, f"must be [start, end], got {_shown(value)}", "invalid_type")
+        raise bad_request(name, f"must be [start, end], got {shown(value)}", "invalid_type")
     start, end = (_value(_DOUBLE, name, v.strip() if isinstance(v, str) else v, form) for v in value)
     return start, end
 
 
 def _check_user(value: Any) -> None:
     if value is not None and not isinstance(value, str):
-        raise bad_request("user", f"must be a string, got {_shown(value)}", "invalid_type")
+        raise bad_request("user", f"must be a string, got {shown(value)}", "invalid_type")
 
 
 def _check_model(value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, str):
-        raise bad_request("model", f"must be a string, got {_shown(value)}", "invalid_type")
+        raise bad_request("model", f"must be a string, got {shown(value)}", "invalid_type")
     if value.lower() != MODEL_ID.lower():
-        message = f"model: {_shown(value)} is not served; GET /v1/models lists {MODEL_ID!r}"
+        message = f"model: {shown(value)} is not served; GET /v1/models lists {MODEL_ID!r}"
         raise OpenAIError(404, message, param="model", code="model_not_found")
 
 
@@ -238,7 +233,7 @@ def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False)
     if response_format == "url":
         raise bad_request("response_format", "url is not offered: this server hosts no images; use b64_json")
     if response_format not in (None, "b64_json"):
-        raise bad_request("response_format", f"must be b64_json, got {_shown(response_format)}")
+        raise bad_request("response_format", f"must be b64_json, got {shown(response_format)}")
     if body.get("n") is not None:
         names.renamed["num_images_per_prompt"] = "n"
         request.num_images_per_prompt = _value(_INT32, "n", body["n"], form)
@@ -246,7 +241,7 @@ def image_call(body: Mapping[str, Any], images: list[bytes], form: bool = False)
     if size is not None and size != "auto":
         match = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if match is None:
-            raise bad_request("size", f'must be "WIDTHxHEIGHT" (e.g. "1024x1024") or "auto", got {_shown(size)}')
+            raise bad_request("size", f'must be "WIDTHxHEIGHT" (e.g. "1024x1024") or "auto", got {shown(size)}')
         request.width, request.height = int(match[1]), int(match[2])
     names.renamed |= {"width": "size", "height": "size"}
     settings = {k: v for k, v in body.items() if k not in _IMAGE_FIELDS}
@@ -295,13 +290,15 @@ def chat_call(body: Mapping[str, Any], limits: ChatLimits = DEFAULT_CHAT_LIMITS)
     # Only null means unset, and for stop also [] and a lone "" (as before 949e9b0: OpenAI's documented schema sets
     # no least length); 0, false, [] and "" elsewhere are values of the wrong type or value, refused.
     if body.get("n") is not None and _value(_INT32, "n", body["n"], form=False) != 1:
-        raise bad_request("n", f"only 1 choice is offered, got {_shown(body['n'])}")
+        raise bad_request("n", f"only 1 choice is offered, got {shown(body['n'])}")
     stream = body.get("stream") is not None and _value(_BOOL, "stream", body["stream"], form=False)
     options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
         raise bad_request("stream_options", 'takes only {"include_usage": true|false}')
     asked = options.get("include_usage")
     include_usage = asked is not None and _value(_BOOL, "stream_options.include_usage", asked, form=False)
+    if body.get("stream_options") is not None and not stream:  # OpenAI refuses it too
+        raise bad_request("stream_options", "is only taken with stream: true")
     stop = body.get("stop")
     stops = [] if stop is None or stop == "" else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list):
@@ -335,7 +332,7 @@ def _message(i: int, message: Any) -> pb.ChatMessage:
         raise bad_request(f"{where}.{sorted(extra)[0]}", "unknown field", "unknown_parameter")
     role = message.get("role")
     if not isinstance(role, str) or role not in _ROLES:
-        raise bad_request(f"{where}.role", f"one of {', '.join(_ROLES)}, got {_shown(role)}")
+        raise bad_request(f"{where}.role", f"one of {', '.join(_ROLES)}, got {shown(role)}")
     content = message.get("content")
     if content is None:
         parts = []
