@@ -53,3 +53,36 @@ def test_dpm_solver_second_order_step_matches_hand_computed_values() -> None:
     torch.testing.assert_close(x0, torch.full_like(sample, 7 / 8))
     torch.testing.assert_close(first, torch.full_like(sample, 23 / 24))
     torch.testing.assert_close(second, torch.full_like(sample, 439 / 480))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 6])
+def test_steps_match_diffusers_schedulers_on_the_same_grid(steps: int) -> None:
+    """diffusers' FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler (dpmsolver++, 2M midpoint, flow
+    prediction, zero final sigma) given this grid take the same steps: their sigma is 1 - t and their model output
+    noise - image = -v. diffusers' DPM-Solver makes its own flow sigmas (from 1 - 1/1000, its own shift), so the
+    grid is set on it by hand."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    grid = timesteps(steps, 32, 48)
+    start, velocities = torch.randn(1, 16, 4, 6), [torch.randn(1, 16, 4, 6) for _ in range(steps)]
+    euler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    euler.set_timesteps(sigmas=(1 - grid[:-1]).tolist())
+    dpm = DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        final_sigmas_type="zero",
+    )
+    dpm.set_timesteps(steps)
+    dpm.sigmas = 1 - grid
+    ours_euler, theirs_euler, ours_dpm, theirs_dpm, previous = start, start, start, start, None
+    for i, v in enumerate(velocities):
+        ours_euler = euler_step(ours_euler, v, grid, i)
+        theirs_euler = euler.step(-v, euler.timesteps[i], theirs_euler).prev_sample
+        ours_dpm, previous = dpm_solver_step(ours_dpm, v, grid, i, previous)
+        theirs_dpm = dpm.step(-v, dpm.timesteps[i], theirs_dpm).prev_sample
+        torch.testing.assert_close(ours_euler, theirs_euler)
+        torch.testing.assert_close(ours_dpm, theirs_dpm)

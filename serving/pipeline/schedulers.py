@@ -4,6 +4,12 @@ Time runs from t=0 (noise) to t=1 (image); the model predicts the velocity v = i
 Both solvers share one timestep grid: t_i = i/N with the dynamic time shift t <- t / (m - m t + t),
 m = sqrt(h * w) / 40 for an (h, w) latent, and a final t_N = 1.
 The arithmetic follows the reference's dtypes (float32 tensors) so that results agree to rounding.
+
+Why not diffusers' scheduler classes: they are stateful objects (a step counter, DPM-Solver's buffer of earlier
+outputs) made for one pipeline's loop, while the BLS advances many requests in one loop, each keeping its solver
+state as plain tensors in its Denoiser (serving/pipeline/denoise.py); and diffusers' DPM-Solver makes its own flow
+grid (from sigma 1 - 1/1000, with its own shift), not this one. tests/test_schedulers.py holds the steps equal to
+diffusers' given this grid.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ The decoder's activations grow with the output's area (the issue's 2048x2048 ima
 18 GB); tiles bound them by the tile's. Neighbouring tiles overlap and are blended with linear ramps across the
 overlap, as diffusers' tiled VAE does, so seams do not show; the result differs slightly from an untiled decode,
 which is why only outputs larger than one tile are tiled.
+
+The BLS tiles, not the decoder: diffusers' own tiling lives in AutoencoderKL.decode, which the served decoder graph
+does not go through (graphs.VaeDecoderGraph calls the decoder module itself, as exported to ONNX and TensorRT); here
+each tile is one call of whichever `vae_decoder` model is served (`decode`, a Triton call in the BLS), so every
+backend's memory is bounded alike.
 """
 
 from __future__ import annotations
