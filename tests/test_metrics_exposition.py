@@ -9,22 +9,15 @@ from importlib.metadata import version
 import grpc
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
+from serving.frontend.metrics_page import Samples, parse_metrics
 from serving.frontend.server import Frontend
 from serving.triton.launcher import free_port
 from tests.frontends import in_process_frontend
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 
 def _scrape(frontend: Frontend) -> Samples:
-    text = generate_latest(frontend.metrics.registry).decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return parse_metrics(generate_latest(frontend.metrics.registry).decode())
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from benchmarks.soak.invariants import (
     check_processes,
     check_storm,
     parse_access_log,
-    parse_metrics,
 )
+from serving.frontend.metrics_page import parse_metrics
 
 IDLE = """\
 # TYPE omnigen2_in_flight_requests gauge

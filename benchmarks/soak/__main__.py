@@ -44,6 +44,7 @@ from benchmarks.soak.invariants import (
     skip,
 )
 from benchmarks.soak.storm import ROOT, StormSettings, read_calls, run_storm
+from serving.frontend.metrics_page import read_metrics
 
 SETTLE_S = 1.0  # after the gauges read idle: the last access-log lines are written as the calls' handlers return
 
@@ -114,7 +115,7 @@ def soak(args: argparse.Namespace, where: argparse.Namespace) -> dict[str, Any]:
     progress("storm over; waiting for the gauges to read idle")
     after, waited = stack.wait_idle(where.metrics, args.idle_timeout_s)
     time.sleep(SETTLE_S)
-    after = stack.read_metrics(where.metrics)
+    after = read_metrics(where.metrics, timeout_s=10)
     lines = parse_access_log(log.new_lines()) if log else None
     rss_after = stack.stack_rss(where.server)
     calls, errors = read_calls(settings.out, storm["killed_at"])

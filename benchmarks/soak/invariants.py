@@ -10,11 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from benchmarks.soak.mix import is_http
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from serving.frontend.metrics_page import Samples
 
 # Gauges that count what calls hold: all zero once nothing is in flight and every client has gone.
 IDLE_GAUGES = (
@@ -55,14 +52,6 @@ class AccessLine:
     what: str  # the gRPC method, or the HTTP route
     status: str
     request_id: str
-
-
-def parse_metrics(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
-    return samples
 
 
 def parse_access_log(lines: Iterable[str]) -> list[AccessLine]:

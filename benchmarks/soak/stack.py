@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -15,21 +14,17 @@ import psutil
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pbg
 
-from benchmarks.soak.invariants import IDLE_GAUGES, Samples, parse_metrics
+from benchmarks.soak.invariants import IDLE_GAUGES
 from benchmarks.soak.mix import probes
 from benchmarks.soak.worker import max_diff, pixels
-
-
-def read_metrics(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        return parse_metrics(answer.read().decode())
+from serving.frontend.metrics_page import Samples, read_metrics
 
 
 def wait_idle(url: str, timeout_s: float) -> tuple[Samples, float]:
     """The /metrics once every idle gauge reads 0, or as last read after `timeout_s`; and the seconds waited."""
     started = time.monotonic()
     while True:
-        samples = read_metrics(url)
+        samples = read_metrics(url, timeout_s=10)
         idle = all(value == 0 for (name, _), value in samples.items() if name in IDLE_GAUGES)
         waited = time.monotonic() - started
         if idle or waited > timeout_s:

@@ -7,14 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
+from serving.frontend.metrics_page import Samples, read_metrics, sample
 from serving.triton.launcher import LOOPBACK, free_port
 
 
@@ -59,16 +58,13 @@ class FrontendProcess:
             request = health_pb2.HealthCheckRequest(service=service)
             return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=2.0).status)
 
+    def metrics(self) -> Samples:
+        """Its /metrics, every sample."""
+        return read_metrics(f"http://{LOOPBACK}:{self.metrics_port}/metrics")
+
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample of its /metrics (`omnigen2_warmups_total`, outcome="ok"); None when absent."""
-        url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            text = answer.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return None
+        return sample(self.metrics(), name, **labels)
 
     def start(self, timeout: float = 60.0) -> FrontendProcess:
         with self.log_path.open("wb") as log:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from serving.artifacts.repository import prepare_repository
+from serving.frontend.metrics_page import read_metrics, sample
 from serving.frontend.process import FrontendProcess
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, TritonServer
@@ -387,19 +387,14 @@ def _tree_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
 
 
-def _metric(url: str, name: str) -> float:
-    """One sample of a Prometheus text page (0 when it has none yet: a labelled series appears on first use)."""
-    metrics = urllib.request.urlopen(url, timeout=5).read().decode()
-    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")), 0.0)
-
-
 def _frontend_metric(frontend: FrontendProcess, name: str, **labels: str) -> float:
     """One sample of the front end's /metrics (0 when it has none yet: a labelled series appears on first use)."""
     return frontend.metric(name, **labels) or 0.0
 
 
 def _bls_running(triton: TritonServer, model: str = "omnigen2") -> float:
-    return _metric(f"http://127.0.0.1:{triton.ports.metrics}/metrics", f'omnigen2_requests_running{{model="{model}"}}')
+    samples = read_metrics(f"http://127.0.0.1:{triton.ports.metrics}/metrics")
+    return sample(samples, "omnigen2_requests_running", model=model) or 0.0
 
 
 def _step_tokens(frontend: FrontendProcess) -> float:

@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 from omnigen2 import ChatTurn, OmniGen2Client, Progress
 from PIL import Image
 
+from serving.frontend.metrics_page import sample
 from serving.frontend.openai_http import FORM_FIELDS, body_limit
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer, free_port
@@ -547,11 +547,11 @@ def test_still_serving_and_counted_after_the_search(api: FrontendProcess) -> Non
     assert status == 200 and answer["data"][0]["id"] == "OmniGen2"
     assert _post_json(api, "/v1/images/generations", {"prompt": "x", "n": 0})[0] == 400
     assert _post_json(api, "/v1/images/generations", {"prompt": "x", "size": "16x16", **SMALL})[0] == 200
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=5).read().decode()
-    assert re.search(
-        r'omnigen2_http_requests_total\{method="POST",route="/v1/images/generations",status="400"\}', metrics
-    )
-    assert 'omnigen2_requests_total{code="OK",method="Generate"}' in metrics  # each HTTP request is a gRPC call too
+    metrics = api.metrics()
+    route = "/v1/images/generations"
+    assert sample(metrics, "omnigen2_http_requests_total", method="POST", route=route, status="400") is not None
+    # each HTTP request is a gRPC call too
+    assert sample(metrics, "omnigen2_requests_total", code="OK", method="Generate") is not None
 
 
 # Auth, rate limits and a stopped Triton: the gRPC statuses as HTTP statuses

@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from omnigen2 import InvalidArgumentError, OmniGen2Client, PermissionDeniedError
 
 from serving.frontend.auth import token_digest
+from serving.frontend.metrics_page import total
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
 from serving.triton.model_names import BLS_MODEL, MLLM_MODEL
@@ -54,25 +54,23 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer, poli
         yield frontend
 
 
-def _metric(frontend: FrontendProcess, pattern: str) -> float:
-    """The sum of the samples whose line matches `pattern` (name and labels)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{frontend.metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern} (\S+)$", text, re.MULTILINE))
-
-
 def _blocked(frontend: FrontendProcess, rule: str, stage: str) -> float:
-    return _metric(frontend, rf'omnigen2_policy_blocked_total\{{rule="{re.escape(rule)}",stage="{stage}"\}}')
+    return frontend.metric("omnigen2_policy_blocked_total", rule=rule, stage=stage) or 0.0
+
+
+def _reloads(frontend: FrontendProcess) -> float:
+    """Its policy reloads so far, whatever their result."""
+    return total(frontend.metrics(), "omnigen2_policy_reloads_total") or 0.0
 
 
 def _reload(frontend: FrontendProcess, policy_file: Path, policy: Any) -> None:
     """Rewrite the file, SIGHUP, and wait until the front end has read it (its reload counter moves)."""
-    reloads = r"omnigen2_policy_reloads_total\{[^}]*\}"
-    before = _metric(frontend, reloads)
+    before = _reloads(frontend)
     policy_file.write_text(policy if isinstance(policy, str) else json.dumps(policy))
     assert frontend.process is not None
     frontend.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while _metric(frontend, reloads) == before:
+    while _reloads(frontend) == before:
         assert time.monotonic() < deadline, "the front end did not reload its policy"
         time.sleep(0.05)
 
