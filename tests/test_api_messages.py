@@ -14,7 +14,8 @@ from omnigen2.messages import build_request, encode_image
 from omnigen2.v1 import omnigen2_pb2 as pb
 from PIL import Image
 
-from serving.frontend.convert import encode_images, request_defaults, served_sequence_length, to_forward
+from serving.frontend.convert import encode_images, to_forward
+from serving.frontend.model_info import request_defaults, served_sequence_length
 from serving.frontend.status import ApiError, invalid_argument, resource_exhausted
 from serving.pipeline.images import to_uint8
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest, request_from_params

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
-from serving.frontend.convert import check_request_size
+from serving.frontend.request_size import check_request_size
 from serving.frontend.status import ApiError
 
 MiB = 2**20

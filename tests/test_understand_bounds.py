@@ -16,7 +16,8 @@ from PIL import Image
 
 from serving.errors import InvalidArgumentError
 from serving.frontend import access_log
-from serving.frontend.convert import check_counts, to_chat_forward, understand_limits
+from serving.frontend.convert import check_counts, to_chat_forward
+from serving.frontend.model_info import understand_limits
 from serving.frontend.openai_errors import OpenAIError, from_rpc
 from serving.frontend.openai_requests import chat_call
 from serving.frontend.status import MAX_VIOLATIONS, ApiError, invalid_argument

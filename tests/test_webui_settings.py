@@ -10,7 +10,7 @@ from omnigen2.messages import build_request
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.webui.settings import RANDOM_SEED, ChatSettings, GenerationSettings
 
-from serving.frontend.convert import api_limits, understand_limits
+from serving.frontend.model_info import api_limits, understand_limits
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatMessage, ChatPart, ChatRequest
 from serving.pipeline.request import DEFAULT_LIMITS, GenerationRequest
 

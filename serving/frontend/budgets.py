@@ -3,8 +3,6 @@ the cost and the budget (the flag an operator sets, also reported by GetModelInf
 
 from __future__ import annotations
 
-from omnigen2.v1 import omnigen2_pb2 as pb
-
 from serving.frontend.admission import Load
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import ChatForward, Forward
@@ -60,24 +58,6 @@ def generation_load(forward: Forward) -> Load:
     """What an admitted generation holds against the in-flight budgets until its work has stopped."""
     cost = forward.cost
     return Load(pixels=cost.input_pixels, step_tokens=cost.step_tokens, output_pixels=cost.output_pixels)
-
-
-def api_budgets(config: FrontendConfig) -> pb.Budgets:
-    return pb.Budgets(
-        max_output_bytes=config.max_response_bytes,
-        max_request_input_pixels=config.max_request_input_pixels,
-        max_sample_tokens=config.max_sample_tokens,
-        max_step_tokens=config.max_step_tokens,
-        max_request_tokens=config.max_request_tokens,
-        max_inflight_input_pixels=config.max_inflight_input_pixels,
-        max_inflight_step_tokens=config.max_inflight_step_tokens,
-        max_run_seconds=config.max_run_s,
-        max_chat_tokens=config.max_chat_tokens,
-        max_inflight_chat_tokens=config.max_inflight_chat_tokens,
-        max_inflight_output_pixels=config.max_inflight_output_pixels,
-        max_buffered_stream_bytes=config.max_buffered_stream_bytes,
-        stop_grace_seconds=config.stop_grace_s,
-    )
 
 
 def check_chat_budgets(forward: ChatForward, config: FrontendConfig) -> None:

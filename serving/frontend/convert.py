@@ -1,16 +1,15 @@
-"""API messages <-> the Triton models' wire formats: field validation, defaults, output encoding, model info."""
+"""API messages <-> the Triton models' wire formats: field validation, defaults, output encoding (GetModelInfo's
+messages: model_info.py; the request-size check: request_size.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
-from omnigen2.limits import MIN_VISION_PIXELS
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.errors import InvalidArgumentError
@@ -27,7 +26,6 @@ from serving.pipeline.chat_request import (
 from serving.pipeline.cost import ChatCost, GenerationCost, chat_cost, generation_cost
 from serving.pipeline.images import model_size, open_image, oriented_size, to_pil
 from serving.pipeline.request import (
-    DEFAULT_MAX_SEQUENCE_LENGTH,
     CacheKind,
     GenerationRequest,
     Limits,
@@ -201,68 +199,6 @@ def tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=list(data.shape), data=data.tobytes())
 
 
-def served_sequence_length(model_parameters: Mapping[str, str], limits: Limits) -> int:
-    """The most prompt tokens a request may keep: the served checkpoint's text positions (from the BLS's `spec`),
-    within the front end's static bound."""
-    spec = json.loads(model_parameters.get("spec", "{}"))
-    return min(int(spec.get("text_positions", limits.max_sequence_length)), limits.max_sequence_length)
-
-
-def served_step_caches(model_parameters: dict[str, str]) -> list[pb.StepCache]:
-    """The cache modes a request may ask for: all of them where the transformer keeps cache state (the BLS's
-    `step_cache_value_bytes`), only NONE where it does not (TensorRT engines: a cache request runs uncached)."""
-    if int(model_parameters.get("step_cache_value_bytes", "0")):
-        return list(API_STEP_CACHES.values())
-    return [pb.STEP_CACHE_NONE]
-
-
-def served_safety(model_parameters: Mapping[str, str], prompt_policy: bool) -> pb.SafetyInfo:
-    """The safety stages in force: the front end's prompt policy, and the output classifier the BLS runs when its
-    `safety` parameter holds the operator's settings (serving/safety/settings.py, as JSON)."""
-    thresholds = json.loads(model_parameters["safety"])["thresholds"] if "safety" in model_parameters else {}
-    return pb.SafetyInfo(
-        prompt_policy=prompt_policy, output_classifier="safety" in model_parameters, output_thresholds=thresholds
-    )
-
-
-def request_defaults(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> pb.GenerateRequest:
-    """The values unset fields take (width/height stay unset: they depend on the input images).
-
-    `max_sequence_length` is the served limit: the default length is 1024, or that limit if lower."""
-    return pb.GenerateRequest(
-        negative_prompt=DEFAULTS.negative_prompt,
-        steps=DEFAULTS.steps,
-        text_guidance_scale=DEFAULTS.text_guidance_scale,
-        image_guidance_scale=DEFAULTS.image_guidance_scale,
-        cfg_range=pb.CfgRange(start=DEFAULTS.cfg_range[0], end=DEFAULTS.cfg_range[1]),
-        scheduler=pb.SCHEDULER_EULER,
-        num_images_per_prompt=DEFAULTS.num_images_per_prompt,
-        max_pixels=DEFAULTS.max_pixels,
-        max_input_image_side_length=DEFAULTS.max_input_image_side_length,
-        max_sequence_length=min(DEFAULT_MAX_SEQUENCE_LENGTH, max_sequence_length),
-        cache=pb.STEP_CACHE_NONE,
-        teacache_threshold=DEFAULTS.teacache_threshold,
-        output_format=pb.IMAGE_FORMAT_PNG,
-        quality=DEFAULT_QUALITY,
-    )
-
-
-def api_limits(limits: Limits, max_request_bytes: int, max_in_flight: int, max_sequence_length: int) -> pb.Limits:
-    return pb.Limits(
-        max_input_images=limits.max_input_images,
-        max_steps=limits.max_steps,
-        max_side=limits.max_side,
-        max_pixels=limits.max_pixels,
-        max_images_per_prompt=limits.max_images_per_prompt,
-        max_guidance_scale=limits.max_guidance,
-        max_prompt_chars=limits.max_prompt_chars,
-        max_input_image_pixels=limits.max_input_image_pixels,
-        max_request_bytes=max_request_bytes,
-        max_concurrent_requests=max_in_flight,
-        max_sequence_length=max_sequence_length,
-    )
-
-
 ROLES = {
     pb.ROLE_UNSPECIFIED: "user",
     pb.ROLE_USER: "user",
@@ -275,7 +211,7 @@ FINISH_REASONS = {
     "stop_string": pb.FINISH_REASON_STOP_STRING,
 }
 CHAT_DEFAULTS = ChatRequest(messages=[])
-_CHAT_OPTIONAL = ("max_new_tokens", "temperature", "top_p", "top_k", "max_pixels")
+CHAT_OPTIONAL = ("max_new_tokens", "temperature", "top_p", "top_k", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -350,7 +286,7 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
             else:
                 violations.append((f"messages[{i}].content[{j}]", "empty: set text or image"))
         messages.append(ChatMessage(role or "user", parts))
-    options = {n: getattr(request, n) if request.HasField(n) else getattr(CHAT_DEFAULTS, n) for n in _CHAT_OPTIONAL}
+    options = {n: getattr(request, n) if request.HasField(n) else getattr(CHAT_DEFAULTS, n) for n in CHAT_OPTIONAL}
     chat = ChatRequest(
         messages=messages,
         seed=request.seed if request.HasField("seed") else random_seed(),
@@ -360,7 +296,7 @@ def to_chat_forward(request: pb.UnderstandRequest, limits: ChatLimits) -> ChatFo
     violations += [(e.field, e.description) for e in chat.violations(limits)]
     if violations:
         raise invalid_argument(violations)
-    params = {name: getattr(chat, name) for name in (*_CHAT_OPTIONAL, "seed", "stop")}
+    params = {name: getattr(chat, name) for name in (*CHAT_OPTIONAL, "seed", "stop")}
     params["messages"] = [
         {"role": m.role, "content": [{"text": p.text} if p.image is None else {"image": p.image} for p in m.parts]}
         for m in messages
@@ -385,93 +321,3 @@ def chat_result(done: dict[str, Any], seed: int, seconds: float) -> pb.Understan
         token_ids=done["token_ids"],
         seconds=seconds,
     )
-
-
-def understand_limits(limits: ChatLimits) -> pb.UnderstandLimits:
-    return pb.UnderstandLimits(
-        max_messages=limits.max_messages,
-        max_images=limits.max_images,
-        max_text_chars=limits.max_text_chars,
-        max_prompt_tokens=limits.max_prompt_tokens,
-        max_new_tokens=limits.max_new_tokens,
-        max_pixels=limits.max_vision_pixels,
-        max_stop_strings=limits.max_stop_strings,
-        min_pixels=MIN_VISION_PIXELS,
-    )
-
-
-def understand_defaults() -> pb.UnderstandRequest:
-    return pb.UnderstandRequest(**{name: getattr(CHAT_DEFAULTS, name) for name in _CHAT_OPTIONAL})
-
-
-MAX_ELEMENTS_TO_SIZE = 64  # a repeated field with more is named as a whole
-
-
-def check_request_size(request: Message, max_bytes: int) -> None:
-    """A request over the size limit gets INVALID_ARGUMENT naming its largest field (the transport itself refuses
-    messages over twice the limit, with RESOURCE_EXHAUSTED, before reading them)."""
-    size = request.ByteSize()
-    if size > max_bytes:
-        field, largest = _largest_field(request, "", size)
-        message = f"the request is {size} bytes, the limit is {max_bytes}; its largest field holds {largest}"
-        raise invalid_argument([(field or "request", message)])
-
-
-def _largest_field(message: Message, path: str, size: int) -> tuple[str, int]:
-    """The field that holds most of the bytes, descending while one element of it holds most of them. A message
-    of `size` bytes with no known field set (unknown fields only: a newer client's, or padding) is named itself."""
-    sizes = _field_sizes(message)
-    if not sizes:
-        return path, size
-    name = max(sizes, key=sizes.__getitem__)
-    descriptor = message.DESCRIPTOR.fields_by_name[name]
-    path, value, size = f"{path}.{name}" if path else name, None, sizes[name]
-    if descriptor.is_repeated:
-        values: Any = getattr(message, name)
-        if len(values) > MAX_ELEMENTS_TO_SIZE:  # spread over many elements: the field itself is the culprit
-            return path, size
-        # One element holds the field's bytes: not sized again (upb's ByteSize serializes, 0.12 s for 100 MiB).
-        elements = [_wire_size(item) for item in values] if len(values) > 1 else [size]
-        index = max(range(len(elements)), key=elements.__getitem__)
-        if 2 * elements[index] < size:
-            return path, size
-        path, value = f"{path}[{index}]", values[index]
-    elif descriptor.message_type is not None:
-        value = getattr(message, name)
-    if isinstance(value, Message) and size:
-        return _largest_field(value, path, size)
-    return path, size
-
-
-def _field_sizes(message: Message) -> dict[str, int]:
-    """The bytes of each field that is set, from C and without copying the message: a copy cleared field by field,
-    and the copies of the nested image and its bytes, peaked at 4x a 100 MiB request. A repeated field of more than
-    MAX_ELEMENTS_TO_SIZE elements is not walked (a million empty images took 6 s so): it holds what the message holds
-    beyond its other fields (split by element count in the unlikely case of several)."""
-    sizes: dict[str, int] = {}
-    many: dict[str, int] = {}
-    for descriptor in message.DESCRIPTOR.fields:
-        name = descriptor.name
-        if descriptor.is_repeated:
-            count = len(getattr(message, name))
-            if count > MAX_ELEMENTS_TO_SIZE:
-                many[name] = count
-            elif count:
-                sizes[name] = sum(_wire_size(item) for item in getattr(message, name))
-        elif not descriptor.has_presence or message.HasField(name):
-            value = getattr(message, name)  # read once: a bytes field's value is a copy
-            if descriptor.has_presence or value:
-                sizes[name] = _wire_size(value)
-    if many:  # upb's ByteSize serializes: only when needed
-        rest = max(0, message.ByteSize() - sum(sizes.values()))
-        for name, count in many.items():
-            sizes[name] = rest * count // sum(many.values())
-    return sizes
-
-
-def _wire_size(item: object) -> int:
-    if isinstance(item, Message):
-        return item.ByteSize()
-    if isinstance(item, str):  # its UTF-8 bytes, as on the wire; an ASCII string's without a copy
-        return len(item) if item.isascii() else len(item.encode())
-    return len(item) if isinstance(item, bytes) else 8

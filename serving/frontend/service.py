@@ -20,30 +20,33 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from serving.frontend import access_log, cancel_clock, request_id
 from serving.frontend.admission import Admission, Load
 from serving.frontend.auth import TokenRegistry
-from serving.frontend.budgets import api_budgets, check_budgets, check_chat_budgets, generation_load, inflight_budgets
+from serving.frontend.budgets import check_budgets, check_chat_budgets, generation_load, inflight_budgets
 from serving.frontend.config import FrontendConfig
 from serving.frontend.convert import (
     API_STEP_CACHES,
     Forward,
-    api_limits,
     chat_result,
     check_counts,
-    check_request_size,
     encode_images,
+    tensor,
+    to_chat_forward,
+    to_forward,
+)
+from serving.frontend.malformed import Malformed
+from serving.frontend.metrics import Metrics
+from serving.frontend.model_info import (
+    api_budgets,
+    api_limits,
     request_defaults,
     served_safety,
     served_sequence_length,
     served_step_caches,
-    tensor,
-    to_chat_forward,
-    to_forward,
     understand_defaults,
     understand_limits,
 )
-from serving.frontend.malformed import Malformed
-from serving.frontend.metrics import Metrics
 from serving.frontend.outbox import CutOffError, Outbox
 from serving.frontend.policy import AnswerScan, PolicyFile, PromptPolicy, Violation
+from serving.frontend.request_size import check_request_size
 from serving.frontend.status import ApiError, invalid_argument
 from serving.frontend.triton_backend import ProgressEvent, ResultEvent, TritonBackend
 from serving.pipeline.request import CacheKind
