@@ -65,7 +65,7 @@ def timed(
     transformer call of `samples`. The model is configured for `fast` here: its attention mode is the last one set."""
     stages = TorchStages(model, fast)
     inputs = pack_samples(samples, spec, TEXT_MULTIPLE).as_inputs()
-    store = CacheStore()
+    store: CacheStore[torch.Tensor] = CacheStore()
 
     def call() -> None:
         transformer_call(stages, inputs, [UNCACHED] * len(samples), store)  # the velocity comes back to the CPU

@@ -27,11 +27,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from serving.pipeline.request import CacheKind
+
+if TYPE_CHECKING:  # the ONNX Runtime component imports no torch: the name is for the checker only
+    import torch
+
+# The backend's arrays: the code below is checked once for each.
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 # The official TeaCache rescaling of the relative L1 change (np.poly1d coefficients, highest power first).
 TEACACHE_RESCALE = (-5.48259225, 11.48772289, -4.47407401, 2.47730926, -0.03316487)
@@ -97,7 +103,7 @@ def encode_controls(controls: Sequence[Control]) -> tuple[np.ndarray, np.ndarray
     return control, threshold
 
 
-def controls_of(feed: dict[str, Any]) -> list[Control]:
+def controls_of(feed: dict[str, np.ndarray]) -> list[Control]:
     """Takes a served call's controls out of its feed; a caller that sent none gets every row uncached."""
     if CACHE_INPUTS[0] not in feed:
         return [UNCACHED] * len(feed["img_tokens"])
@@ -124,19 +130,15 @@ def taylor_full_call(step: int) -> bool:
     return step < TAYLOR_FIRST_FULL or (step - TAYLOR_FIRST_FULL) % TAYLOR_INTERVAL == TAYLOR_INTERVAL - 1
 
 
-def _nbytes(arrays: Sequence[Any]) -> int:
-    return sum(int(a.nbytes) for a in arrays)
+@dataclass
+class _TeaEntry(Generic[ArrayT]):
+    modulated: ArrayT | None = None  # (valid tokens, D): the last computed step's modulated input of this image
+    residual: ArrayT | None = None  # (image tokens, D): main layers' output minus input at the image tokens
 
 
 @dataclass
-class _TeaEntry:
-    modulated: Any = None  # (valid tokens, D): the last computed step's modulated input of this image
-    residual: Any = None  # (image tokens, D): main layers' output minus input at the image tokens
-
-
-@dataclass
-class _TaylorEntry:
-    factors: list[Any] = field(default_factory=list)  # derivatives of the main layers' output, order 0..k
+class _TaylorEntry(Generic[ArrayT]):
+    factors: list[ArrayT] = field(default_factory=list)  # derivatives of the main layers' output, order 0..k
     last_full: int = 0  # the branch call at which they were last computed
 
 
@@ -151,26 +153,26 @@ class _TeaGroup:
 
 
 @dataclass
-class _Entry:
-    tea: _TeaEntry = field(default_factory=_TeaEntry)
-    taylor: _TaylorEntry = field(default_factory=_TaylorEntry)
+class _Entry(Generic[ArrayT]):
+    tea: _TeaEntry[ArrayT] = field(default_factory=_TeaEntry)
+    taylor: _TaylorEntry[ArrayT] = field(default_factory=_TaylorEntry)
     touched: float = field(default_factory=time.monotonic)
 
     @property
     def nbytes(self) -> int:
         tensors = [t for t in (self.tea.modulated, self.tea.residual) if t is not None]
-        return _nbytes(tensors + self.taylor.factors)
+        return sum(int(t.nbytes) for t in tensors + self.taylor.factors)
 
 
-class CacheStore:
+class CacheStore(Generic[ArrayT]):
     """Cache state by (request key, slot), with the TeaCache decisions by (request key, branch)."""
 
     def __init__(self, idle_evict_s: float = DEFAULT_IDLE_EVICT_S) -> None:
-        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.entries: dict[tuple[int, int], _Entry[ArrayT]] = {}
         self.groups: dict[tuple[int, int], _TeaGroup] = {}
         self.idle_evict_s = idle_evict_s
 
-    def entry(self, control: Control) -> _Entry:
+    def entry(self, control: Control) -> _Entry[ArrayT]:
         found = self.entries.setdefault((control.key, control.slot), _Entry())
         found.touched = time.monotonic()
         return found
@@ -191,38 +193,38 @@ class CacheStore:
         return sum(e.nbytes for e in self.entries.values())
 
 
-class Stages(Protocol):
+class Stages(Protocol[ArrayT]):
     """The transformer in stages, on the backend's arrays (docs/tensor_contract.md, the `transformer_*` graphs)."""
 
-    def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
+    def embed(self, inputs: Mapping[str, ArrayT], rows: list[int]) -> tuple[ArrayT, ArrayT]:
         """Rows of the packed inputs -> (hidden (b, L, D), temb (b, C))."""
         ...
 
-    def modulate(self, hidden: Any, temb: Any) -> Any: ...
+    def modulate(self, hidden: ArrayT, temb: ArrayT) -> ArrayT: ...
 
-    def layers(self, hidden: Any, temb: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
+    def layers(self, hidden: ArrayT, temb: ArrayT, inputs: Mapping[str, ArrayT], rows: list[int]) -> ArrayT:
         """The main layers on `hidden`, whose rows are `rows` of the packed inputs (masks, RoPE)."""
         ...
 
-    def head(self, hidden_img: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
+    def head(self, hidden_img: ArrayT, inputs: Mapping[str, ArrayT], rows: list[int]) -> ArrayT:
         """(b, Li, D) image tokens -> (b, Li, P) velocity, conditioned on the rows' timesteps."""
         ...
 
-    def take(self, array: Any, rows: list[int]) -> Any: ...
+    def take(self, array: ArrayT, rows: list[int]) -> ArrayT: ...
 
-    def concat(self, arrays: list[Any]) -> Any:
+    def concat(self, arrays: list[ArrayT]) -> ArrayT:
         """Along the first axis."""
         ...
 
-    def copy(self, array: Any) -> Any: ...
+    def copy(self, array: ArrayT) -> ArrayT: ...
 
-    def zeros(self, shape: tuple[int, ...], like: Any) -> Any: ...
+    def zeros(self, shape: tuple[int, ...], like: ArrayT) -> ArrayT: ...
 
-    def joint_mask(self, inputs: Mapping[str, Any], row: int) -> Any:
+    def joint_mask(self, inputs: Mapping[str, ArrayT], row: int) -> ArrayT:
         """(L,) bool: the valid tokens of one packed row."""
         ...
 
-    def image_count(self, inputs: Mapping[str, Any], row: int) -> int: ...
+    def image_count(self, inputs: Mapping[str, ArrayT], row: int) -> int: ...
 
 
 @dataclass
@@ -231,7 +233,7 @@ class CallStats:
     main_layer_rows: int = 0  # rows that ran the main layers: the reference's main_layer_passes, for batch 1
 
 
-def _taylor_update(entry: _TaylorEntry, feature: Any, step: int) -> None:
+def _taylor_update(entry: _TaylorEntry[ArrayT], feature: ArrayT, step: int) -> None:
     """Finite differences over the distance between full calls, as the reference's derivative approximation
     (orders above 0 only from the call before the 5th on, and one order more per full call, up to 4)."""
     factors = [feature]
@@ -244,17 +246,18 @@ def _taylor_update(entry: _TaylorEntry, feature: Any, step: int) -> None:
     entry.factors, entry.last_full = factors, step
 
 
-def _taylor_extrapolate(entry: _TaylorEntry, step: int) -> Any:
+def _taylor_extrapolate(entry: _TaylorEntry[ArrayT], step: int) -> ArrayT:
     x = step - entry.last_full
-    output: Any = 0
-    for order, factor in enumerate(entry.factors):
-        output = output + (1 / math.factorial(order)) * factor * (x**order)
+    terms = [(1 / math.factorial(order)) * factor * (x**order) for order, factor in enumerate(entry.factors)]
+    output = terms[0]  # factors hold order 0 at least (the caller checks)
+    for term in terms[1:]:
+        output = output + term
     return output
 
 
 def cached_transformer(
-    stages: Stages, inputs: Mapping[str, Any], controls: Sequence[Control], store: CacheStore
-) -> tuple[Any, CallStats]:
+    stages: Stages[ArrayT], inputs: Mapping[str, ArrayT], controls: Sequence[Control], store: CacheStore[ArrayT]
+) -> tuple[ArrayT, CallStats]:
     """Velocity (B, Li, P) for the packed batch, each row computed, skipped or extrapolated as its control says."""
     store.evict_idle()
     for c in controls:
@@ -272,7 +275,7 @@ def cached_transformer(
     ]
     active = [i for i, c in enumerate(controls) if c.mode != Mode.RELEASE]
     embed_rows = [i for i in active if i not in extrapolate]
-    image: dict[int, Any] = {}  # row -> (valid image tokens, D) hidden state for the head
+    image: dict[int, ArrayT] = {}  # row -> (valid image tokens, D) hidden state for the head
     stats = CallStats(rows=len(active))
     if embed_rows:
         hidden, temb = stages.embed(inputs, embed_rows)
@@ -291,7 +294,9 @@ def cached_transformer(
             c, n = controls[i], stages.image_count(inputs, i)
             before = hidden[j, start : start + n]
             if i in skip:
-                image[i] = before + store.entry(c).tea.residual
+                residual = store.entry(c).tea.residual
+                assert residual is not None  # _teacache_skip computes a branch with any residual missing
+                image[i] = before + residual
                 continue
             assert out is not None
             after = out[position[j], start : start + n]
@@ -304,14 +309,14 @@ def cached_transformer(
         image[i] = _taylor_extrapolate(store.entry(controls[i]).taylor, controls[i].step)
     if not active:  # a call of releases only
         return stages.zeros(tuple(inputs["img_tokens"].shape), like=inputs["img_tokens"]), stats
-    padded = []
+    padded: list[ArrayT] = []
     for i in active:
         tokens = image[i]
         if tokens.shape[0] < img_len:
             pad = stages.zeros((img_len - tokens.shape[0], tokens.shape[1]), like=tokens)
             tokens = stages.concat([tokens, pad])
         padded.append(tokens)
-    velocity = stages.head(stages.concat([p[None] for p in padded]), inputs, active)
+    velocity: ArrayT = stages.head(stages.concat([p[None] for p in padded]), inputs, active)
     if len(active) == batch:
         return velocity, stats
     full = stages.zeros((batch, *velocity.shape[1:]), like=velocity)
@@ -320,26 +325,26 @@ def cached_transformer(
     return full, stats
 
 
-def _take(stages: Stages, array: Any, rows: list[int]) -> Any:
+def _take(stages: Stages[ArrayT], array: ArrayT, rows: list[int]) -> ArrayT:
     """`rows` of `array`, without a copy when they are all of it, in order."""
     return array if rows == list(range(len(array))) else stages.take(array, rows)
 
 
 def _teacache_skips(
-    stages: Stages,
-    inputs: Mapping[str, Any],
+    stages: Stages[ArrayT],
+    inputs: Mapping[str, ArrayT],
     controls: Sequence[Control],
-    store: CacheStore,
+    store: CacheStore[ArrayT],
     embed_rows: list[int],
-    hidden: Any,
-    temb: Any,
+    hidden: ArrayT,
+    temb: ArrayT,
 ) -> set[int]:
     """Rows (of the packed batch) whose branch skips the main layers this step; updates the TeaCache state."""
     tea = [j for j, i in enumerate(embed_rows) if controls[i].mode == Mode.TEACACHE]
     if not tea:
         return set()
     modulated = stages.modulate(_take(stages, hidden, tea), _take(stages, temb, tea))
-    groups: dict[tuple[int, int], list[tuple[int, Any]]] = {}
+    groups: dict[tuple[int, int], list[tuple[int, ArrayT]]] = {}
     for k, j in enumerate(tea):
         i = embed_rows[j]
         groups.setdefault(controls[i].group, []).append((i, modulated[k][stages.joint_mask(inputs, i)]))
@@ -358,12 +363,14 @@ def _teacache_skips(
 
 
 def _teacache_skip(
-    decision: _TeaGroup, control: Control, entries: list[_Entry], members: list[tuple[int, Any]]
+    decision: _TeaGroup, control: Control, entries: list[_Entry[ArrayT]], members: list[tuple[int, ArrayT]]
 ) -> bool:
     """The official rule: accumulate the rescaled relative L1 change of the modulated input; skip while the sum
     stays under the threshold, compute (and start over) otherwise, and always on the first and last steps."""
-    previous = [e.tea.modulated for e in entries]
-    known = all(p is not None and p.shape == m.shape for p, (_, m) in zip(previous, members, strict=True))
+    previous = [p for e in entries if (p := e.tea.modulated) is not None]
+    known = len(previous) == len(members) and all(
+        p.shape == m.shape for p, (_, m) in zip(previous, members, strict=True)
+    )
     if control.force or not known or any(e.tea.residual is None for e in entries):
         decision.accumulated = 0.0
         return False

@@ -63,7 +63,7 @@ class OnnxBackend:
 
         self.graphs = {name: OnnxGraph(path(name), options, chosen) for name in COMPONENT_GRAPHS}
         self.stages = OnnxStages.load({name: path(name) for name in TRANSFORMER_STAGES}, options, chosen)
-        self.step_cache = CacheStore()
+        self.step_cache: CacheStore[np.ndarray] = CacheStore()
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.graphs["text_encoder"]({"input_ids": input_ids, "attention_mask": attention_mask})

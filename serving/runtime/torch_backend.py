@@ -44,7 +44,7 @@ class TorchBackend:
         self.transformer_graph = modules.transformer.eval()
         self.vae_decoder = VaeDecoderGraph(modules.vae).eval()
         self.stages = TorchStages(self.transformer_graph, fast)
-        self.step_cache = CacheStore()
+        self.step_cache: CacheStore[torch.Tensor] = CacheStore()
         self.load_report: dict[str, float] = warm_up(self.stages)
 
     @classmethod

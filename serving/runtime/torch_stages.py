@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -16,24 +16,24 @@ from serving.pipeline.step_cache import UNCACHED, CacheStore, Control, Mode, cac
 from serving.runtime.fast_path import FastPath, configure, trim_padding, warmup_inputs
 
 
-class TorchStages:
+class TorchStages:  # step_cache.Stages[torch.Tensor]
     def __init__(self, model: OmniGen2Transformer, fast: FastPath | None = None) -> None:
         self.model = model
         self.fast = fast or FastPath.off()
         self.device = next(model.parameters()).device
         configure(model, self.fast)
 
-    def prepare(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    def prepare(self, inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Called once per transformer call, before its stages."""
         if self.fast.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last call's graph outputs were copied out
         return trim_padding(inputs) if self.fast.trim_padding else inputs
 
-    def _cpu_rows(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor:
+    def _cpu_rows(self, inputs: Mapping[str, torch.Tensor], name: str, rows: list[int]) -> torch.Tensor:
         tensor = torch.as_tensor(inputs[name])
         return tensor if rows == list(range(len(tensor))) else tensor[rows]
 
-    def _rows(self, inputs: Mapping[str, Any], name: str, rows: list[int]) -> torch.Tensor:
+    def _rows(self, inputs: Mapping[str, torch.Tensor], name: str, rows: list[int]) -> torch.Tensor:
         return self._cpu_rows(inputs, name, rows).to(self.device)
 
     def _unpadded(self, mask: torch.Tensor) -> bool:
@@ -44,10 +44,10 @@ class TorchStages:
         """A CPU mask on the model's device, or None where attention may go without it (`_unpadded`)."""
         return None if self._unpadded(mask) else mask.to(self.device)
 
-    def _joint(self, inputs: Mapping[str, Any], rows: list[int]) -> torch.Tensor:
+    def _joint(self, inputs: Mapping[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
         return joint_mask(*(self._cpu_rows(inputs, name, rows) for name in ("text_mask", "ref_mask", "img_mask")))
 
-    def embed(self, inputs: Mapping[str, Any], rows: list[int]) -> tuple[Any, Any]:
+    def embed(self, inputs: Mapping[str, torch.Tensor], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         def tensor(name: str) -> torch.Tensor:
             return self._rows(inputs, name, rows)
 
@@ -66,33 +66,35 @@ class TorchStages:
             tensor("rope_sin"),
         )
 
-    def modulate(self, hidden: Any, temb: Any) -> Any:
+    def modulate(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         return self.model.modulate(hidden, temb)
 
-    def layers(self, hidden: Any, temb: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
+    def layers(
+        self, hidden: torch.Tensor, temb: torch.Tensor, inputs: Mapping[str, torch.Tensor], rows: list[int]
+    ) -> torch.Tensor:
         cos, sin = self._rows(inputs, "rope_cos", rows), self._rows(inputs, "rope_sin", rows)
         return self.model.run_layers(hidden, temb, self._device_mask(self._joint(inputs, rows)), cos, sin)
 
-    def head(self, hidden_img: Any, inputs: Mapping[str, Any], rows: list[int]) -> Any:
+    def head(self, hidden_img: torch.Tensor, inputs: Mapping[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
         temb = self.model.time_embedding(self._rows(inputs, "timestep", rows))
         return self.model.head(hidden_img, temb).float().cpu().contiguous()
 
-    def take(self, array: Any, rows: list[int]) -> Any:
+    def take(self, array: torch.Tensor, rows: list[int]) -> torch.Tensor:
         return array[rows]
 
-    def concat(self, arrays: list[Any]) -> Any:
+    def concat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(arrays, dim=0)
 
-    def copy(self, array: Any) -> Any:
+    def copy(self, array: torch.Tensor) -> torch.Tensor:
         return array.clone()
 
-    def zeros(self, shape: tuple[int, ...], like: Any) -> Any:
+    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
-    def joint_mask(self, inputs: Mapping[str, Any], row: int) -> Any:
+    def joint_mask(self, inputs: Mapping[str, torch.Tensor], row: int) -> torch.Tensor:
         return self._joint(inputs, [row])[0].to(self.device)
 
-    def image_count(self, inputs: Mapping[str, Any], row: int) -> int:
+    def image_count(self, inputs: Mapping[str, torch.Tensor], row: int) -> int:
         return int(torch.as_tensor(inputs["img_mask"][row]).sum())
 
 
@@ -125,7 +127,7 @@ def warm_up(stages: TorchStages) -> dict[str, float]:
     if not fast.compile:
         return {}
     started = time.perf_counter()
-    store = CacheStore()
+    store: CacheStore[torch.Tensor] = CacheStore()
     # A CUDA graph is recorded on a shape's second run and replayed from its third.
     repeats = 3 if fast.cuda_graphs and stages.device.type == "cuda" else 1
     calls = 0

@@ -24,7 +24,7 @@ class TritonPythonModel(ComponentModel):
         threads = int(self.params.get("intra_op_threads", "0"))
         # The transformer runs in stages and keeps the step-cache state of the requests in flight (step_cache.py).
         self.stages: OnnxStages | None = None
-        self.step_cache = CacheStore()
+        self.step_cache: CacheStore[np.ndarray] = CacheStore()
         if args["model_name"] == TRANSFORMER:
             files = {name: self.version_dir / f"{name}.onnx" for name in TRANSFORMER_STAGES}
             self.stages = OnnxStages({name: cpu_session(path, threads) for name, path in files.items()})

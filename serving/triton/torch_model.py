@@ -50,7 +50,7 @@ class TritonPythonModel(ComponentModel):
                 fast.to_params(),
                 report or "none",
             )
-        self.step_cache = CacheStore()
+        self.step_cache: CacheStore[torch.Tensor] = CacheStore()
 
     def to_array(self, tensor: Any) -> np.ndarray:
         return from_triton(tensor).numpy()
