@@ -84,6 +84,12 @@ class Metrics:
             "HTTP connections answered 503 and closed at once: --http-max-connections were open",
             registry=self.registry,
         )
+        self.http_malformed_requests = Counter(
+            "omnigen2_http_malformed_requests",
+            "HTTP requests whose request line or headers do not parse, answered 400 and closed before any route (not"
+            " in omnigen2_http_requests nor the access log)",
+            registry=self.registry,
+        )
         self.drain_cut_calls = Counter(
             "omnigen2_drain_cut_calls",
             "Calls still running when the stop's grace period (--shutdown-grace-s) ended, cut (UNAVAILABLE), by method",

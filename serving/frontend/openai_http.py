@@ -37,6 +37,7 @@ from serving.frontend import access_log, request_id
 from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.http_connections import Counted, Refused, open_files, unavailable
+from serving.frontend.http_malformed import MalformedRequests, ParseErrorHandler
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_answers import (
     all_withheld_error,
@@ -109,6 +110,7 @@ class OpenAIGateway:
         self.channel: grpc.aio.Channel | None = None
         self.cut_at: float | None = None  # set by stop(): requests still running then are cut by the server
         self.stub: pb_grpc.OmniGen2Stub | None = None
+        self.malformed = MalformedRequests(metrics.http_malformed_requests)
 
     async def start(self, listen: str) -> int:
         """Serve on `listen` (host:port, port 0 for any free one); returns the port."""
@@ -157,7 +159,10 @@ class OpenAIGateway:
             return Refused(self.refusal)
         server = self.runner.server
         assert server is not None, "start() first"
-        return Counted(server(), self)
+        # What server() makes, aiohttp's protocol with the options given to the runner, its parser errors answered
+        # and logged by http_malformed.
+        handler = ParseErrorHandler(server, self.malformed, loop=asyncio.get_running_loop(), **server._kwargs)
+        return Counted(handler, self)
 
     # Routes
 
