@@ -1,7 +1,8 @@
 """The node classes, in ComfyUI's convention: INPUT_TYPES (a classmethod), RETURN_TYPES, FUNCTION, CATEGORY.
 
-Each run opens a client to the server named on the node (the token, when set, goes as a bearer token); the server's
-defaults, limits and validation apply, and its refusals surface in ComfyUI as the node's error.
+Each run opens a client to the server named on the node (connection.py: the token, from the node or else from
+OMNIGEN2_TOKEN, goes as a bearer token); the server's defaults, limits and validation apply, and its refusals surface
+in ComfyUI as the node's error.
 """
 
 from __future__ import annotations
@@ -9,15 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omnigen2 import OmniGen2Client
 from omnigen2.client import DEFAULT_SERVER
 from omnigen2.limits import MAX_INPUT_IMAGES, MAX_NEW_TOKENS, MAX_SEQUENCE_LENGTH, RANDOM_SEEDS
 from omnigen2.messages import GenerationOptions, GenerationResult
 
+from .connection import TOKEN_ENV, open_client
 from .tensors import from_pil, to_pil
 
 CATEGORY = "OmniGen2"
-TIMEOUT_S = 3600.0  # a full-size generation on a slow machine takes minutes
 # ComfyUI's front end holds widget values as JavaScript numbers (doubles) and saves workflows as JSON: integers up to
 # 2^53 - 1 (Number.MAX_SAFE_INTEGER) come back as typed; a larger seed would be sent as another one. The server takes
 # up to 2^63 - 1, and its own random seeds stay below 2^53, so each of them can be typed here.
@@ -34,8 +34,19 @@ def _connection() -> dict[str, tuple[Any, ...]]:
 
 def _token() -> dict[str, tuple[Any, ...]]:
     return {
-        "token": ("STRING", {"default": "", "tooltip": "bearer token, when the server asks for one"}),
+        "token": (
+            "STRING",
+            {
+                "default": "",
+                "tooltip": f"bearer token, when the server asks for one; empty: ${TOKEN_ENV}. A token typed here is "
+                "saved in the workflow, and SaveImage writes the workflow into every PNG: prefer the variable",
+            },
+        ),
         "tls": ("BOOLEAN", {"default": False, "tooltip": "TLS, verifying the server against the system's CAs"}),
+        "allow_plaintext_token": (
+            "BOOLEAN",
+            {"default": False, "tooltip": "send the token without TLS to a server not on this machine (readable)"},
+        ),
     }
 
 
@@ -69,10 +80,6 @@ def _optional_settings() -> dict[str, tuple[Any, ...]]:
     }
 
 
-def _client(server: str, token: str, tls: bool) -> OmniGen2Client:
-    return OmniGen2Client(server, timeout=TIMEOUT_S, token=token or None, tls=tls)
-
-
 def _options(settings: dict[str, Any]) -> GenerationOptions:
     options = GenerationOptions(
         steps=settings["steps"],
@@ -97,7 +104,8 @@ def _options(settings: dict[str, Any]) -> GenerationOptions:
 
 def _run(server: str, prompt: str, images: list[torch.Tensor], settings: dict[str, Any]) -> tuple[torch.Tensor, int]:
     inputs = [frame for batch in images for frame in to_pil(batch)]
-    with _client(server, settings.get("token", ""), settings.get("tls", False)) as client:
+    token, tls = settings.get("token", ""), settings.get("tls", False)
+    with open_client(server, token, tls, settings.get("allow_plaintext_token", False)) as client:
         result = client.generate(prompt, inputs, **_options(settings))
     return result_images(result), result.seed
 
@@ -186,10 +194,11 @@ class OmniGen2Understand:
         seed: int,
         token: str = "",
         tls: bool = False,
+        allow_plaintext_token: bool = False,
         **images: torch.Tensor,
     ) -> tuple[str]:
         inputs = [frame for _, batch in sorted(images.items()) for frame in to_pil(batch)]
-        with _client(server, token, tls) as client:
+        with open_client(server, token, tls, allow_plaintext_token) as client:
             result = client.understand(
                 question, inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
             )

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -21,10 +22,13 @@ from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client
 from omnigen2.errors import InvalidArgumentError, OmniGen2Error
 from omnigen2.messages import GenerationResult, SafetyFinding, WithheldImage
+from omnigen2.v1 import omnigen2_pb2 as pb
+from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
+from tests.frontends import fake_server
 
 PACKAGE = Path(__file__).resolve().parents[2] / "client" / "omnigen2_comfyui"
 SMALL = {"width": 64, "height": 48, "steps": 3, "text_guidance_scale": 4.0, "seed": 11, "num_images": 1}
@@ -201,3 +205,61 @@ def test_token_input_reaches_the_server(guarded: FrontendProcess, nodes: dict[st
     assert images.shape == (1, 48, 64, 3)
     with pytest.raises(OmniGen2Error, match="UNAUTHENTICATED"):
         run(nodes["OmniGen2Generate"], server=guarded.address, prompt="A pear", token="wrong", **SMALL)
+
+
+class TokenRecorder(pb_grpc.OmniGen2Servicer):
+    """A stand-in server that keeps each Understand call's authorization header."""
+
+    def __init__(self) -> None:
+        self.authorization: list[str] = []
+
+    def Understand(self, request: pb.UnderstandRequest, context: grpc.ServicerContext) -> Iterator[pb.UnderstandEvent]:  # noqa: N802
+        self.authorization += [value for key, value in context.invocation_metadata() if key == "authorization"]
+        yield pb.UnderstandEvent(result=pb.UnderstandResult(text="a pear"))
+
+
+def test_an_empty_token_input_takes_the_token_from_the_environment(
+    nodes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So that the token need not be a widget value, saved in the workflow and in every PNG that SaveImage writes."""
+    monkeypatch.setenv("OMNIGEN2_TOKEN", "from-env")
+    recorder = TokenRecorder()
+    inputs = {"question": "What is it?", "max_new_tokens": 4, "temperature": 0.0, "seed": 0}
+    with fake_server(recorder) as address:
+        assert run(nodes["OmniGen2Understand"], server=address, **inputs) == ("a pear",)
+        run(nodes["OmniGen2Understand"], server=address, token="typed", **inputs)
+    assert recorder.authorization == ["Bearer from-env", "Bearer typed"]  # one typed in the node comes first
+
+
+@pytest.mark.parametrize("typed", ["typed", ""])
+def test_a_token_is_not_sent_in_cleartext_beyond_this_machine(
+    nodes: dict[str, Any], monkeypatch: pytest.MonkeyPatch, typed: str
+) -> None:
+    monkeypatch.setenv("OMNIGEN2_TOKEN", "from-env")
+    remote = "192.0.2.1:50051"  # TEST-NET-1: never reached, the node refuses before any connection
+    with pytest.raises(ValueError, match=r"token: it would go in cleartext to 192\.0\.2\.1:50051.*`tls`"):
+        run(nodes["OmniGen2Generate"], server=remote, prompt="A pear", token=typed, **SMALL)
+    with pytest.raises(ValueError, match="cleartext"):
+        run(nodes["OmniGen2Understand"], server=remote, question="?", max_new_tokens=4, temperature=0.0, seed=0)
+    connection = importlib.import_module(f"{PACKAGE.name}.connection")
+    connection.open_client(remote, typed, False, True).close()  # allowed on purpose: a client, no refusal
+
+
+@pytest.mark.parametrize(
+    ("server", "local"),
+    [
+        ("127.0.0.1:50051", True),
+        ("localhost", True),
+        ("[::1]:50051", True),
+        ("127.0.0.2:1,127.0.0.3:2", True),
+        ("unix:/tmp/omnigen2.sock", True),
+        ("dns:///localhost:50051", True),
+        ("192.0.2.1:50051", False),
+        ("omnigen2.example:50051", False),
+        ("dns:///omnigen2.example:50051", False),
+        ("127.0.0.1:1,192.0.2.1:2", False),
+    ],
+)
+def test_loopback_and_unix_sockets_are_this_machine(nodes: dict[str, Any], server: str, local: bool) -> None:
+    connection = importlib.import_module(f"{PACKAGE.name}.connection")
+    assert connection.on_this_machine(server) is local
