@@ -59,7 +59,9 @@ from serving.pipeline.eager import OmniGen2Pipeline
 from serving.pipeline.prompts import PromptTokenizer
 from serving.runtime.fast_path import FastPath
 from serving.runtime.torch_backend import TorchBackend
-from serving.triton.launcher import LOOPBACK, Ports, TritonInstall, TritonServer, free_port
+from serving.triton.install import TritonInstall
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import LOOPBACK, Ports, free_port
 
 GiB = 1024**3
 LOG_BYTES = 256 * 1024

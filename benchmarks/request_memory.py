@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-from serving.triton.launcher import LOOPBACK, free_port
+from serving.triton.ports import LOOPBACK, free_port
 
 MiB = 1024 * 1024
 PROBE = """

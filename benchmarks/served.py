@@ -9,7 +9,8 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import Ports
 
 
 @contextmanager

@@ -32,7 +32,7 @@ RUN python3 -m pip install --extra-index-url "${TORCH_INDEX}" ./client '.[model]
     && trt="$(ls /usr/lib/*-linux-gnu/libnvinfer.so.10.*.* | head -n1 | sed 's/.*libnvinfer\.so\.//')" \
     && python3 -m pip install "tensorrt-cu${CUDA_VERSION%%.*}==${trt}.*" \
     && python3 -c "import serving.triton.bls, serving.artifacts.engines, tensorrt" \
-    && python3 -c "from serving.triton.launcher import TritonInstall; TritonInstall.find().require_backend('tensorrt')"
+    && python3 -c "from serving.triton.install import TritonInstall; TritonInstall.find().require_backend('tensorrt')"
 # The NGC image's unprivileged user (uid 1000); /models is where the generated repository goes (a volume).
 RUN mkdir -p /models && chown 1000:1000 /models
 USER 1000:1000

@@ -41,7 +41,9 @@ from serving.flag_types import Address, Whole, from_env
 from serving.frontend.config import FrontendConfig
 from serving.interrupts import Interrupted, raise_on_stop, restore_stop_signals, stop_on_repeat
 from serving.log_format import configure as configure_logging
-from serving.triton.launcher import LOOPBACK, TRITONSERVER_ENV, Ports, TritonInstall, TritonServer, bind_error
+from serving.triton.install import TRITONSERVER_ENV, TritonInstall
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import LOOPBACK, Ports, bind_error
 
 if TYPE_CHECKING:  # bound by _import_late once the flags are checked: torch's import takes 6-9 s
     from serving.artifacts.repository import bls_from_args, fast_from_args, prepare_repository, safety_from_args

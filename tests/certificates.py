@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from serving.triton.launcher import LOOPBACK
+from serving.triton.ports import LOOPBACK
 
 
 def certificate(directory: Path, name: str) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import Frontend
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 
 
 @asynccontextmanager

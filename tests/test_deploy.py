@@ -32,15 +32,10 @@ from serving.frontend.server import ENDING_MARGIN_S
 from serving.pipeline.cost import generation_cost
 from serving.pipeline.request import GenerationRequest
 from serving.triton.bls_settings import BlsSettings
-from serving.triton.launcher import (
-    MMAP_THRESHOLD,
-    MMAP_THRESHOLD_ENV,
-    NO_RESPONSE_POOL,
-    STUB_MMAP_THRESHOLD,
-    TRITONSERVER_ENV,
-    free_port,
-)
+from serving.triton.install import TRITONSERVER_ENV
+from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, NO_RESPONSE_POOL, STUB_MMAP_THRESHOLD
 from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
+from serving.triton.ports import free_port
 from tests.certificates import certificate
 from tests.test_triton_install import fake_install
 

@@ -19,7 +19,7 @@ import pytest
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import Frontend, serve
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 
 
 @contextlib.contextmanager

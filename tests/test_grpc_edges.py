@@ -21,7 +21,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from serving.frontend.auth import token_digest
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.server import Frontend
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 from tests.frontends import in_process_frontend, until
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"

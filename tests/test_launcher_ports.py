@@ -11,7 +11,8 @@ import pytest
 
 from serving import stack
 from serving.errors import SettingError
-from serving.triton.launcher import LOOPBACK, Ports, TritonServer, free_port, port_in_use
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import LOOPBACK, Ports, free_port, port_in_use
 
 
 def test_triton_ports_in_use_are_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import Ports
 
 
 def test_model_load_progress_comes_from_tritons_log(tmp_path: Path) -> None:

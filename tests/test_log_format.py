@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 
 STAMPED = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z omnigen2\.frontend INFO (.*)")
 

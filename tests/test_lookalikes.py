@@ -20,7 +20,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.lookalikes import fold_lookalikes, lookalike_table
 from serving.frontend.policy import REGEX_RUNS, AnswerScan, PromptPolicy, normalise, policy_readings
 from serving.frontend.server import Frontend
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 from tests.test_policy import POLICY, REGEX_POLICY, rule_for
 
 

@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 
 from serving.frontend.metrics_page import Samples, parse_metrics
 from serving.frontend.server import Frontend
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 from tests.frontends import in_process_frontend
 
 

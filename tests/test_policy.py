@@ -33,7 +33,7 @@ from serving.frontend.policy import (
     request_texts,
 )
 from serving.frontend.server import Frontend
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 
 POLICY: dict[str, Any] = {
     "rules": [

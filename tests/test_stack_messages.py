@@ -14,7 +14,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 
 
 def test_serving_is_announced_when_health_says_serving_not_when_the_ports_are_bound(

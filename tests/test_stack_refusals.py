@@ -16,7 +16,8 @@ import pytest
 from serving import stack
 from serving.errors import SettingError
 from serving.frontend.config import FrontendConfig
-from serving.triton.launcher import KEPT_LOGS, Ports, TritonServer, free_port, prune_logs
+from serving.triton.launcher import KEPT_LOGS, TritonServer, prune_logs
+from serving.triton.ports import Ports, free_port
 
 
 @pytest.fixture(autouse=True)

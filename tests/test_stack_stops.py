@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.triton.launcher import Ports
 from serving.triton.leftovers import SHM, region_prefix
+from serving.triton.ports import Ports
 from serving.triton.watchdog import processes, stubs_of_repository
 from tests.processes import alive
 
@@ -54,7 +54,7 @@ FRONT_END_STOPPED = """import asyncio, os, signal
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.interrupts import stop_on_repeat
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 config = FrontendConfig(listen="127.0.0.1:0", triton_url=f"127.0.0.1:{free_port()}", metrics_port=0, warmup=False,
                         shutdown_grace_s=1.0)
 asyncio.run(serve(config, ready=lambda: os.kill(os.getpid(), signal.SIGTERM), stopping=stop_on_repeat))

@@ -12,8 +12,8 @@ import pytest
 
 import serving.stack
 from serving.errors import SettingError
-from serving.triton import launcher
-from serving.triton.launcher import STUB, TRITONSERVER_ENV, TritonInstall
+from serving.triton import install as triton_install
+from serving.triton.install import STUB, TRITONSERVER_ENV, TritonInstall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def fake_install(root: Path, backends: tuple[str, ...]) -> Path:
 @pytest.fixture
 def no_system_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(TRITONSERVER_ENV, raising=False)
-    monkeypatch.setattr(launcher, "SYSTEM_INSTALL", tmp_path / "no-system-install")
+    monkeypatch.setattr(triton_install, "SYSTEM_INSTALL", tmp_path / "no-system-install")
 
 
 def test_an_install_knows_its_backends_and_links_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_an_install_without_tensorrt_is_refused_by_name(monkeypatch: pytest.Monk
 
 def test_the_system_install_comes_before_the_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(TRITONSERVER_ENV, raising=False)
-    monkeypatch.setattr(launcher, "SYSTEM_INSTALL", fake_install(tmp_path / "opt-tritonserver", ("tensorrt",)))
+    monkeypatch.setattr(triton_install, "SYSTEM_INSTALL", fake_install(tmp_path / "opt-tritonserver", ("tensorrt",)))
     assert TritonInstall.find().backends == tmp_path / "opt-tritonserver" / "backends"
 
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from serving.errors import SettingError
-from serving.triton.launcher import Ports, free_port, port_in_use
 from serving.triton.leftovers import LAUNCHER_ENV, region_prefix
+from serving.triton.ports import Ports, free_port, port_in_use
 from tests.processes import alive
 
 SERVER = """#!{python}

@@ -28,7 +28,7 @@ from serving.frontend.admission import Load
 from serving.frontend.config import FrontendConfig, MiB
 from serving.frontend.server import Frontend
 from serving.frontend.triton_backend import Event, ResultEvent
-from serving.triton.launcher import free_port
+from serving.triton.ports import free_port
 from tests.frontends import until
 
 GENERATE = "/omnigen2.v1.OmniGen2/Generate"

@@ -57,7 +57,8 @@ def own_stack(checkpoint: Path, work: Path, onnx_cache: Path, max_in_flight: int
 
     from serving.artifacts.repository import prepare_repository
     from serving.frontend.process import FrontendProcess
-    from serving.triton.launcher import LOOPBACK, Ports, TritonServer
+    from serving.triton.launcher import TritonServer
+    from serving.triton.ports import LOOPBACK, Ports
 
     started = time.monotonic()
     repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=onnx_cache)

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.frontend.metrics_page import Samples, read_metrics, sample
-from serving.triton.launcher import LOOPBACK, free_port
+from serving.triton.ports import LOOPBACK, free_port
 
 
 class FrontendProcess:

@@ -3,45 +3,36 @@
     python -m serving.triton.launcher --model-repository model_repository
 
 The server is the first of: the install that env OMNIGEN2_TRITONSERVER names, the NGC container's
-/opt/tritonserver, the nvidia-pytriton wheel's. The wheel ships the server binary, its libraries, the Python backend
-only and one backend stub per Python version; Triton wants the stub next to `libtriton_python.so`, so the launcher
-assembles a backend folder of its own (links only, under the build directory) for the running interpreter, and never
-writes into the install. The install's other backends (the NGC one's `tensorrt`, ...) are linked into it as they are.
+/opt/tritonserver, the nvidia-pytriton wheel's (serving/triton/install.py); its ports are loopback ones
+(serving/triton/ports.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import importlib.util
 import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import tritonclient.grpc as triton_grpc
 
-from serving.errors import SettingError
 from serving.triton import leftovers, lifeline, memory
+from serving.triton.install import TritonInstall
+from serving.triton.ports import LOOPBACK, Ports, port_in_use
 from serving.triton.supervisor import TritonSupervisor
 from serving.triton.watchdog import StubWatchdog
 from serving.triton.wire import RECONNECT_OPTIONS
 
-LOOPBACK = "127.0.0.1"
-TRITONSERVER_ENV = "OMNIGEN2_TRITONSERVER"  # the root of a Triton install (bin/, lib/, backends/) to use
-SYSTEM_INSTALL = Path("/opt/tritonserver")  # the NGC container's
-STUB = "triton_python_backend_stub"
 UNLOADING = b"All models are stopped, unloading models"  # Triton's log line once nothing is in flight
 UNLOADED = re.compile(rb"successfully unloaded '([^']+)'")  # Triton's log line per model unloaded
 LOADED = re.compile(rb"successfully loaded '([^']+)'")  # and per model loaded
@@ -57,125 +48,6 @@ NO_RESPONSE_POOL = "--grpc-infer-allocation-pool-size=0"
 PROGRESS_INTERVAL_S = 5.0
 KEPT_LOGS = 8  # the other servers' logs kept in a build folder, newest first
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    binary: Path
-    libs: Path
-    backends: Path  # one folder per backend, holding libtriton_<name>.so
-    stub: Path  # the Python backend's stub for this interpreter
-
-    @property
-    def python_backend(self) -> Path:
-        return self.backends / "python"
-
-    @classmethod
-    def find(cls) -> TritonInstall:
-        """The install named by env OMNIGEN2_TRITONSERVER, else /opt/tritonserver, else the nvidia-pytriton wheel's."""
-        named = os.environ.get(TRITONSERVER_ENV)
-        if named:
-            return cls.at(Path(named))
-        if (SYSTEM_INSTALL / "bin" / "tritonserver").is_file():
-            return cls.at(SYSTEM_INSTALL)
-        return cls.wheel()
-
-    @classmethod
-    def at(cls, root: Path) -> TritonInstall:
-        """An install in Triton's layout; its Python backend carries the stub built for the install's Python."""
-        backends = root / "backends"
-        return cls(root / "bin" / "tritonserver", root / "lib", backends, backends / "python" / STUB).checked(
-            f"is {root} a Triton install ({TRITONSERVER_ENV})?"
-        )
-
-    @classmethod
-    def wheel(cls) -> TritonInstall:
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        hint = f"is nvidia-pytriton installed for Python {version}?"
-        # Found, not imported: the package's own modules need gevent, zmq, ... (its Python API), the server not.
-        spec = importlib.util.find_spec("pytriton")
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"no tritonserver found: {hint} (or set {TRITONSERVER_ENV})")
-        root = Path(spec.origin).resolve().parent
-        server = root / "tritonserver"
-        return cls(
-            binary=server / "bin" / "tritonserver",
-            libs=root.parent / "nvidia_pytriton.libs",
-            backends=server / "backends",
-            stub=server / "python_backend_stubs" / version / STUB,
-        ).checked(hint)
-
-    def checked(self, hint: str) -> TritonInstall:
-        for path in (self.binary, self.python_backend, self.stub):
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: not found; {hint}")
-        return self
-
-    def has_backend(self, name: str) -> bool:
-        return (self.backends / name / f"libtriton_{name}.so").is_file()
-
-    def require_backend(self, name: str) -> None:
-        """Refuse, before anything is built for it, a backend this server cannot load."""
-        if self.has_backend(name):
-            return
-        present = ", ".join(sorted(p.name for p in self.backends.iterdir() if p.is_dir()))
-        raise SettingError(
-            "backend",
-            f"{name}: the tritonserver at {self.binary} has no {name} backend (no backends/{name}/libtriton_{name}.so; "
-            f"it has: {present}). The NGC Triton container has it: deploy/triton.Dockerfile, or set "
-            f"{TRITONSERVER_ENV} to a Triton install with it",
-        )
-
-    def backend_directory(self, build_dir: Path) -> Path:
-        """A backends/ folder whose python/ holds links to the backend files and this Python's stub, beside links to
-        the install's other backends."""
-        directory = build_dir / "triton-backends"
-        python_dir = directory / "python"
-        python_dir.mkdir(parents=True, exist_ok=True)
-        for source in [*self.python_backend.iterdir(), self.stub]:
-            _link(python_dir / source.name, source)
-        for source in self.backends.iterdir():
-            if source.is_dir() and source.name != "python":
-                _link(directory / source.name, source)
-        return directory
-
-
-def _link(link: Path, source: Path) -> None:
-    if link.is_symlink() or link.exists():
-        if link.resolve() == source.resolve():
-            return
-        link.unlink()
-    link.symlink_to(source)
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(port: int, host: str = LOOPBACK) -> bool:
-    """Whether a server listens on `host:port` (one in TIME_WAIT is free: servers reuse those). An address this
-    machine cannot bind for another reason (not one of its own) is not in use: `bind_error` says why."""
-    error = bind_error(port, host)
-    return isinstance(error, OSError) and error.errno == errno.EADDRINUSE
-
-
-def bind_error(port: int, host: str = LOOPBACK) -> OSError | None:
-    """Why a server could not listen on `host:port` here (in use, a host not this machine's or not found), or None;
-    bound and let go at once, as a server would bind it (SO_REUSEADDR: a port in TIME_WAIT is free)."""
-    try:
-        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return exc
-    family, kind, proto, _, address = found[0]
-    with contextlib.closing(socket.socket(family, kind, proto)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            return exc
-        return None
 
 
 def prune_logs(folder: Path, keep: Path, kept: int = KEPT_LOGS) -> None:
@@ -196,34 +68,6 @@ def _in_use(log: Path) -> bool:
     """Whether the port in a server log's name (`tritonserver-<gRPC port>.log[.1]`) is held: its server lives."""
     found = re.fullmatch(r"tritonserver-(\d+)\.log(?:\.\d+)?", log.name)
     return found is not None and 0 < int(found[1]) <= 65_535 and port_in_use(int(found[1]))
-
-
-@dataclass(frozen=True)
-class Ports:
-    http: int
-    grpc: int
-    metrics: int
-
-    @classmethod
-    def free(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port())
-
-    def check_free(self) -> None:
-        """Refuse ports another server listens on: it would answer the readiness checks (a second `make serve`
-        would then use the first one's Triton, its models and checkpoint) while this one fails to bind. A Triton that
-        a dead stack left on them is killed first (serving/triton/leftovers.py)."""
-        taken = self._taken()
-        if taken and leftovers.end_orphaned_server(leftovers.region_prefix(self.grpc)):
-            taken = self._taken()
-        if taken:
-            raise SettingError(
-                "--triton-ports",
-                f"{', '.join(map(str, taken))} on {LOOPBACK} in use (another tritonserver?): choose three free ports, "
-                "e.g. make serve SERVE_ARGS='--triton-ports 8100 8101 8102'",
-            )
-
-    def _taken(self) -> list[int]:
-        return [port for port in (self.http, self.grpc, self.metrics) if port_in_use(port)]
 
 
 class TritonServer:

@@ -34,7 +34,8 @@ from PIL import Image
 from serving.frontend.metrics_page import sample
 from serving.frontend.process import FrontendProcess
 from serving.pipeline.request import DEFAULT_LIMITS
-from serving.triton.launcher import TritonServer, free_port
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import free_port
 from tests.golden import relative_error, templated_tokens
 from tests.integration.triton_stats import executions
 from tests.pixels import level_difference

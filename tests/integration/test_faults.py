@@ -25,8 +25,9 @@ from omnigen2 import (
 )
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import TritonServer
 from serving.triton.leftovers import SHM
+from serving.triton.ports import Ports
 from serving.triton.watchdog import stub_processes
 from tests.pixels import level_difference
 from tests.processes import stub_shm_regions

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import LOOPBACK, TritonServer
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import LOOPBACK
 
 ROUTE = "/v1/images/generations"
 MiB = 1024 * 1024

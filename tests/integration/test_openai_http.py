@@ -27,7 +27,8 @@ from PIL import Image
 from serving.frontend.metrics_page import sample
 from serving.frontend.openai_http import FORM_FIELDS, body_limit
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import TritonServer, free_port
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import free_port
 from tests.golden import templated_tokens
 
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"

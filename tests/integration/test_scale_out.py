@@ -21,7 +21,8 @@ from omnigen2 import GenerationResult, OmniGen2Client
 
 from serving.frontend.health import LIVENESS, SERVICE
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import TritonServer, free_port
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import free_port
 
 REQUESTS = 40
 SERVING = health_pb2.HealthCheckResponse.SERVING

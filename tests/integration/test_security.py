@@ -20,7 +20,9 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image, PngImagePlugin
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import LOOPBACK, TritonInstall, TritonServer
+from serving.triton.install import TritonInstall
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import LOOPBACK
 from tests.certificates import certificate
 from tests.integration.triton_stream import GenerationStream
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from serving.triton import leftovers
-from serving.triton.launcher import Ports, port_in_use
+from serving.triton.ports import Ports, port_in_use
 from serving.triton.watchdog import stub_processes
 from tests.processes import alive
 

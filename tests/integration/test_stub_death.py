@@ -16,7 +16,8 @@ from omnigen2 import OmniGen2Client, UnavailableError
 
 from serving.frontend.process import FrontendProcess
 from serving.triton.cpu_lane import CpuLane
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import TritonServer
+from serving.triton.ports import Ports
 from serving.triton.watchdog import stub_processes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

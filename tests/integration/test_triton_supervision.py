@@ -12,8 +12,9 @@ import psutil
 from grpc_health.v1 import health_pb2
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import Ports, TritonServer
+from serving.triton.launcher import TritonServer
 from serving.triton.leftovers import SHM
+from serving.triton.ports import Ports
 from serving.triton.watchdog import stub_processes
 from tests.processes import alive, stub_shm_regions
 

@@ -34,7 +34,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.launcher import LOOPBACK, free_port
+from serving.triton.ports import LOOPBACK, free_port
 
 # The UI's starting values: small and fast on the tiny checkpoint.
 UI_ARGS = ("--width", "64", "--height", "48", "--steps", "4")
