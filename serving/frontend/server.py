@@ -86,39 +86,7 @@ class Frontend:
         interceptors: list[grpc.aio.ServerInterceptor] = [gate, MalformedRequestInterceptor(f"/{SERVICE}/")]
         if self.tokens:
             interceptors.append(AuthInterceptor(self.tokens, self._denied))
-        self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                # Up to twice the limit a request is read, then refused naming its largest field; beyond, the
-                # transport refuses it unread (RESOURCE_EXHAUSTED).
-                ("grpc.max_receive_message_length", 2 * config.max_request_bytes),
-                # Identity-encoded messages only: gRPC inflates a compressed one whole before that cap refuses it
-                # (1 MB of gzip became 1 GiB held). Others end UNIMPLEMENTED "Compression algorithm ... disabled".
-                ("grpc.compression_enabled_algorithms_bitset", 1 << grpc.Compression.NoCompression.value),
-                ("grpc.max_send_message_length", config.max_response_bytes),
-                ("grpc.max_connection_idle_ms", int(config.grpc_idle_timeout_s * 1000)),
-                # A caller that answers no ping is cut off with its connection, and gRPC frees what it had queued
-                # for it (a cut-off reply included). Pings go on while nothing else is sent (a call whose reply
-                # waits on a full window, a long generation), and with no call open: the idle timeout above
-                # closes such a connection too, but one whose peer is gone sooner.
-                ("grpc.keepalive_time_ms", round(config.grpc_keepalive_time_s * 1000)),
-                ("grpc.keepalive_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                # gRPC 1.81 times a keepalive ping out at this (60 s by default), not at keepalive_timeout_ms; it
-                # also times out the flow-control (BDP) pings a caller leaves unanswered.
-                ("grpc.http2.ping_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
-                # Clients' own keepalive pings are taken down to one every MIN_CLIENT_PING_INTERVAL_MS, with or
-                # without calls; gRPC's default refused one more often than every 5 min (2 h with no call), closing
-                # the connection of a client that pinged every minute. A ping sooner than that while the server
-                # sends nothing is a strike; the third in a row (past max_ping_strikes) is GOAWAY too_many_pings.
-                ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-                ("grpc.http2.max_ping_strikes", 2),  # gRPC's default, named: the interval above is sized for it
-                # A port another server holds is refused: gRPC's default would share it, splitting the callers.
-                ("grpc.so_reuseport", 0),
-                *_connection_age(config),
-            ],
-        )
+        self.server = grpc.aio.server(interceptors=interceptors, options=_server_options(config))
         pb_grpc.add_OmniGen2Servicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection([SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], self.server)
@@ -264,6 +232,40 @@ class Frontend:
 def _on_loopback(host: str) -> bool:
     """Whether `host` (an address's host, IPv6 in brackets or not) is this machine's loopback."""
     return host.strip("[]") in LOOPBACK_HOSTS
+
+
+def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
+    """The gRPC server's options: the bounds FrontendConfig sets, and the gRPC defaults this server changes."""
+    return [
+        # Up to twice the limit a request is read, then refused naming its largest field; beyond, the
+        # transport refuses it unread (RESOURCE_EXHAUSTED).
+        ("grpc.max_receive_message_length", 2 * config.max_request_bytes),
+        # Identity-encoded messages only: gRPC inflates a compressed one whole before that cap refuses it
+        # (1 MB of gzip became 1 GiB held). Others end UNIMPLEMENTED "Compression algorithm ... disabled".
+        ("grpc.compression_enabled_algorithms_bitset", 1 << grpc.Compression.NoCompression.value),
+        ("grpc.max_send_message_length", config.max_response_bytes),
+        ("grpc.max_connection_idle_ms", int(config.grpc_idle_timeout_s * 1000)),
+        # A caller that answers no ping is cut off with its connection, and gRPC frees what it had queued
+        # for it (a cut-off reply included). Pings go on while nothing else is sent (a call whose reply
+        # waits on a full window, a long generation), and with no call open: the idle timeout above
+        # closes such a connection too, but one whose peer is gone sooner.
+        ("grpc.keepalive_time_ms", round(config.grpc_keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC 1.81 times a keepalive ping out at this (60 s by default), not at keepalive_timeout_ms; it
+        # also times out the flow-control (BDP) pings a caller leaves unanswered.
+        ("grpc.http2.ping_timeout_ms", round(config.grpc_keepalive_timeout_s * 1000)),
+        # Clients' own keepalive pings are taken down to one every MIN_CLIENT_PING_INTERVAL_MS, with or
+        # without calls; gRPC's default refused one more often than every 5 min (2 h with no call), closing
+        # the connection of a client that pinged every minute. A ping sooner than that while the server
+        # sends nothing is a strike; the third in a row (past max_ping_strikes) is GOAWAY too_many_pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),  # gRPC's default, named: the interval above is sized for it
+        # A port another server holds is refused: gRPC's default would share it, splitting the callers.
+        ("grpc.so_reuseport", 0),
+        *_connection_age(config),
+    ]
 
 
 def _connection_age(config: FrontendConfig) -> list[tuple[str, int]]:
