@@ -211,6 +211,8 @@ def _graph_contracts(
     limits: Limits,
     text_dim: int,
 ) -> _Graphs:
+    """The model spec and each graph's tensor contract: from the checkpoint itself (pytorch), from its ONNX export
+    (onnxruntime), or from the export with the TensorRT engines built from it (tensorrt)."""
     if backend == "pytorch":  # the graphs run from the checkpoint itself: no ONNX export of (maybe 16 GB of) weights
         model_spec = read_spec(checkpoint)
         return _Graphs(model_spec.to_dict(), graph_contracts(model_spec, text_dim))
