@@ -6,7 +6,6 @@ import asyncio
 import gc
 import io
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
@@ -27,7 +26,7 @@ from serving.pipeline.request import DEFAULT_LIMITS
 from serving.pipeline.tiff import MAX_TILE_PIXELS
 from serving.triton.tasks import gather_or_cancel
 from tests.jpeg_bombs import scan_bomb, segments
-from tests.tiff_bombs import tiff
+from tests.tiff_bombs import TILE_BOMB, tiff
 
 FIELD = "input_images[0].data"
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
@@ -160,9 +159,6 @@ def test_other_formats_are_refused_unread(data: bytes) -> None:
     with pytest.raises(InvalidArgumentError, match=r"not a decodable image.*accepted: PNG, JPEG") as refused:
         decode_image(data, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
     assert refused.value.field == FIELD
-
-
-TILE_BOMB = tiff(16, 16, tile=(8192, 8192), block=zlib.compress(bytes(1024)))  # its decoder allocated 192 MiB
 
 
 def test_a_tiff_whose_tile_outgrows_its_image_is_refused_from_its_header() -> None:

@@ -66,3 +66,7 @@ def _ifd(entries: list[tuple[int, int, list[int]]]) -> tuple[bytes, bytes]:
         else:
             fields += struct.pack("<HHI", tag, kind, len(values)) + packed.ljust(4, b"\0")
     return b"II*\0" + struct.pack("<IH", 8, len(entries)) + fields + struct.pack("<I", 0), blobs
+
+
+# The attack's file (169 bytes): a 16x16 RGB image in 8192x8192 tiles, whose decoder allocated 192 MiB and failed.
+TILE_BOMB = tiff(16, 16, tile=(8192, 8192), block=zlib.compress(bytes(1024)))
