@@ -275,9 +275,16 @@ def warming_up(config: FrontendConfig) -> str:
 
 def usage(config: FrontendConfig, triton: TritonServer, on_gpu: bool) -> str:
     metrics = f"http://{config.metrics_address}:{config.metrics_port}/metrics" if config.metrics_port else "off"
-    server = f"--server {config.listen}"
-    http = f"http://{config.http_listen}/v1" if config.http_listen else "off"
-    curl = f"\n  curl -s {http}/models" if config.http_listen else ""
+    # The commands as this stack takes them: with its TLS and, as a placeholder (never the token), its tokens.
+    tls, tokens = bool(config.tls_cert), bool(config.auth_tokens)
+    server = f"--server {config.listen}" + (f" --tls-ca {config.tls_cert}" if tls else "")
+    server += ' --token "$TOKEN"' if tokens else ""
+    http = f"{'https' if tls else 'http'}://{config.http_listen}/v1" if config.http_listen else "off"
+    options = (f" --cacert {config.tls_cert}" if tls else "") + (' -H "Authorization: Bearer $TOKEN"' if tokens else "")
+    curl = f"\n  curl -s{options} {http}/models" if config.http_listen else ""
+    notes = ["TOKEN: a token whose digest --auth-tokens lists"] if tokens else []
+    notes += ["a certificate from a public CA: --tls instead of --tls-ca, no --cacert"] if tls else []
+    hints = "".join(f"\n  ({note})" for note in notes)
     # On a CPU the default 1024 x 1024 takes minutes even for the tiny model; the edit keeps its input's size.
     size = "" if on_gpu else " --width 128 --height 128"
     return f"""
@@ -289,7 +296,7 @@ OmniGen2 is serving (Ctrl-C stops it):
 Try:
   .venv/bin/omnigen2 {server} info
   .venv/bin/omnigen2 {server} generate "A red apple on a wooden table"{size} --steps 20 -o apple.png
-  .venv/bin/omnigen2 {server} edit apple.png "Make the apple green" -o green.png{curl}
+  .venv/bin/omnigen2 {server} edit apple.png "Make the apple green" -o green.png{curl}{hints}
 """
 
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.server import serve
 from serving.frontend.triton_backend import TritonBackend
 from serving.frontend.warmup import Warmup
+from serving.stack import usage
 from serving.triton.ports import free_port
 
 
@@ -57,3 +59,26 @@ def test_serving_is_not_announced_while_triton_is_not_ready() -> None:
     config = FrontendConfig(listen=f"127.0.0.1:{free_port()}", triton_url=unused, metrics_port=0, shutdown_grace_s=1.0)
     asyncio.run(serve(config, ready=ready, serving=lambda: calls.append("serving")))
     assert calls == ["bound"]
+
+
+@pytest.mark.parametrize("secured", [False, True], ids=["plain", "tls-and-tokens"])
+def test_the_banners_commands_match_the_stacks_tls_and_tokens(secured: bool) -> None:
+    """Before: with TLS and tokens on, it still suggested `curl http://...` and CLI commands without --tls-ca or
+    --token, which that stack refuses."""
+    extra = {"tls_cert": "/etc/og2/cert.pem", "tls_key": "/etc/og2/key.pem", "auth_tokens": "/etc/og2/tokens.json"}
+    config = FrontendConfig(listen="127.0.0.1:50051", http_listen="127.0.0.1:8080", **(extra if secured else {}))  # type: ignore[arg-type]
+    triton = SimpleNamespace(grpc_url="127.0.0.1:8001", log_path="/tmp/triton.log")
+    banner = usage(config, triton, on_gpu=True)  # type: ignore[arg-type]
+    commands = [line.strip() for line in banner.splitlines() if line.strip().startswith((".venv/bin/omnigen2", "curl"))]
+    assert len(commands) == 4
+    if secured:
+        assert all('--tls-ca /etc/og2/cert.pem --token "$TOKEN"' in c for c in commands[:3]), commands
+        assert (
+            commands[3]
+            == 'curl -s --cacert /etc/og2/cert.pem -H "Authorization: Bearer $TOKEN" https://127.0.0.1:8080/v1/models'
+        )
+        assert "HTTP     https://127.0.0.1:8080/v1" in banner
+    else:
+        assert not any("--tls" in c or "TOKEN" in c for c in commands) and commands[3].endswith(
+            "http://127.0.0.1:8080/v1/models"
+        )
