@@ -151,15 +151,28 @@ def _credentials(tls: bool | bytes) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=tls if isinstance(tls, bytes) else None)
 
 
-def _open_channel(module: Any, target: Target, tls: bool | bytes) -> Any:
-    """A channel from `grpc` or `grpc.aio` (the same two functions in each)."""
+def _channel_settings(
+    target: Target, tls: bool | bytes
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """The options and credentials of a channel to `target`, blocking or asyncio alike."""
     options = channel_options(target.balanced)
     if target.authority:
         options.append(("grpc.default_authority", target.authority))
-    credentials = _credentials(tls)
+    return options, _credentials(tls)
+
+
+def _open_channel(target: Target, tls: bool | bytes) -> grpc.Channel:
+    options, credentials = _channel_settings(target, tls)
     if credentials is None:
-        return module.insecure_channel(target.address, options)
-    return module.secure_channel(target.address, credentials, options)
+        return grpc.insecure_channel(target.address, options)
+    return grpc.secure_channel(target.address, credentials, options)
+
+
+def _open_aio_channel(target: Target, tls: bool | bytes) -> grpc.aio.Channel:
+    options, credentials = _channel_settings(target, tls)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target.address, options)
+    return grpc.aio.secure_channel(target.address, credentials, options)
 
 
 @dataclass(frozen=True)
@@ -261,8 +274,8 @@ class OmniGen2Client(_Calls):
     ) -> None:
         target = channel_target(server)
         super().__init__(timeout, token, retries, target.shown)
-        self._channel = _open_channel(grpc, target, tls)
-        self._stub = pb_grpc.OmniGen2Stub(self._channel)
+        self._channel: grpc.Channel = _open_channel(target, tls)
+        self._stub: pb_grpc.OmniGen2Stub = pb_grpc.OmniGen2Stub(self._channel)
 
     def generate(self, prompt: str, images: Images = (), **options: Unpack[GenerationOptions]) -> GenerationResult:
         """Text-to-image, or with `images` any of the image tasks; returns when the images are done.
@@ -395,8 +408,8 @@ class AsyncOmniGen2Client(_Calls):
     ) -> None:
         target = channel_target(server)
         super().__init__(timeout, token, retries, target.shown)
-        self._channel = _open_channel(grpc.aio, target, tls)
-        self._stub = pb_grpc.OmniGen2Stub(self._channel)
+        self._channel: grpc.aio.Channel = _open_aio_channel(target, tls)
+        self._stub: pb_grpc.OmniGen2Stub = pb_grpc.OmniGen2Stub(self._channel)
 
     async def generate(
         self, prompt: str, images: Images = (), **options: Unpack[GenerationOptions]
