@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.harness import ROOT, checkpoint_for
 from benchmarks.machine import RunStart, describe
-from benchmarks.report import run_line
+from benchmarks.report import run_line, save_results
 from benchmarks.timing import best_ms
 from serving.artifacts.onnx_export import cached_export
 from serving.model.checkpoint import load_graph, read_spec
@@ -373,9 +373,7 @@ def _write(data: dict[str, Any], out: Path, title: str, notes: Sequence[str] = (
             f"{later['settings']['repeats']}): {_run_line(later)}.",
         ]
     lines += [line for note in notes for line in ("", note)]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(data, indent=2))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_results(out, data, "\n".join(lines) + "\n")
     plot_rows(rows, data["settings"], describe(data["machine"]), out / "ablations.png")
 
 

@@ -29,6 +29,7 @@ from omnigen2 import OmniGen2Client
 from PIL import Image
 
 from benchmarks.machine import RunStart
+from benchmarks.report import save_results
 from serving.artifacts.repository import prepare_repository
 from serving.frontend.process import FrontendProcess
 from serving.model.checkpoint import GRAPH_PARTS, WEIGHT_STEMS
@@ -168,8 +169,6 @@ def _timed(result: Any, started: float) -> dict[str, Any]:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"# cpu-full-smoke on {results['machine']['cpu']} ({results['machine']['bf16_isa']})", ""]
     if "make" in results:
         m = results["make"]
@@ -210,7 +209,7 @@ def write(results: dict[str, Any], out: Path) -> None:
         f"| one-image edit | {r['edit']['seconds']:.1f} | {r['edit']['transformer_step_s']:.1f} |",
         f"| understand ({r['understand']['tokens']} tokens) | {r['understand']['seconds']:.1f} | |",
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_results(out, results, "\n".join(lines) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

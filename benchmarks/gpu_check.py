@@ -47,10 +47,11 @@ import psutil
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.gpu_report import write_markdown
+from benchmarks.gpu_report import gpu_markdown
 from benchmarks.harness import served_point
 from benchmarks.machine import commit, machine_info
 from benchmarks.memory import GpuPeakMemory
+from benchmarks.report import save_results
 from benchmarks.stages import Record, StageRunner
 from benchmarks.workloads import Workload
 from export.make_checkpoint import DEFAULT_PROCESSOR, TRANSFORMERS, random_modules, save_modules
@@ -300,9 +301,7 @@ class Check:
         self.stack: ServedStack | None = None
 
     def write(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
-        write_markdown(self.results, self.out / "results.md")
+        save_results(self.out, self.results, gpu_markdown(self.results))
 
     def run(self) -> None:
         stage = self.runner.run
@@ -516,8 +515,7 @@ def render(directory: Path, device_reply: str) -> None:
     path = directory / "results.json"
     results = json.loads(path.read_text())
     results["device_reply"] = device_reply
-    path.write_text(json.dumps(results, indent=2))
-    write_markdown(results, directory / "results.md")
+    save_results(directory, results, gpu_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -156,6 +156,11 @@ def environment(results: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
+    path.write_text(gpu_markdown(results))
+
+
+def gpu_markdown(results: dict[str, Any]) -> str:
+    """results.md of a GPU check, from its results as they stand after any stage."""
     settings, machine = results["settings"], results["machine"]
     where = machine.get("gpu") or f"{machine['cpu']} (CPU)"
     title = "GPU check" + (" (smoke: tiny model on the CPU; its numbers measure nothing)" if results["smoke"] else "")
@@ -191,4 +196,4 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         *environment(results),
     ]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ from benchmarks.machine import RunStart
 from benchmarks.memory import PeakMemory
 from benchmarks.percentiles import percentile
 from benchmarks.plots import plot_sweep
-from benchmarks.report import write_markdown
+from benchmarks.report import save_results, sweep_markdown
 from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
 from export.make_checkpoint import make_checkpoint
@@ -185,9 +185,7 @@ def run(name: str, profile: Profile, work: Path, out: Path) -> dict[str, Any]:
         "points": [p.summary() for p in points],
         "raw": [asdict(p) for p in points],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, out / "results.md")
+    save_results(out, results, sweep_markdown(results))
     plot_sweep(results, out)
     return results
 

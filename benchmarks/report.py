@@ -58,7 +58,20 @@ def ratios(points: list[dict[str, Any]], baseline: str = "eager") -> list[dict[s
     return rows
 
 
+def save_results(out: Path, results: dict[str, Any], markdown: str, json_newline: bool = False) -> None:
+    """What every benchmark leaves in `out`: results.json (`results`, indented) and results.md (`markdown`).
+    `json_newline`: end the JSON with a newline, as the soak's results.json always has."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + ("\n" if json_newline else ""))
+    (out / "results.md").write_text(markdown)
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
+    path.write_text(sweep_markdown(results))
+
+
+def sweep_markdown(results: dict[str, Any]) -> str:
+    """results.md of a `make bench` profile."""
     points = results["points"]
     raw = results.get("raw", [])
     lines = [
@@ -107,7 +120,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "weights, what the served `pytorch-bf16` components compute). `queue` = a request's time outside the model",
         "stages (admission, transport, waiting for a model instance).",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from omnigen2 import AsyncOmniGen2Client
 
 from benchmarks.machine import RunStart
 from benchmarks.percentiles import percentile
-from benchmarks.report import run_line, tail_cell
+from benchmarks.report import run_line, save_results, tail_cell
 from benchmarks.served import served
 from benchmarks.workloads import Workload, standard_mixes
 from serving.artifacts.repository import prepare_repository
@@ -108,9 +108,7 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
         "points": points,
         "classifier_in_process": in_process,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    save_results(out, results, markdown(results))
     return results
 
 

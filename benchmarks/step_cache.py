@@ -22,7 +22,7 @@ import numpy as np
 from omnigen2 import AsyncOmniGen2Client, GenerationResult
 
 from benchmarks.machine import RunStart, describe
-from benchmarks.report import run_line
+from benchmarks.report import run_line, save_results
 from benchmarks.served import served
 from benchmarks.workloads import Workload
 from serving.artifacts.repository import prepare_repository
@@ -107,9 +107,7 @@ def run(checkpoint: Path, work: Path, out: Path) -> dict[str, Any]:
         **record,
         "points": points,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    save_results(out, results, markdown(results))
     plot(results, out / "step_cache.png")
     return results
 

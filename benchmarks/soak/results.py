@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import save_results
 from benchmarks.soak.invariants import Check
 
 
@@ -20,9 +21,7 @@ def outcomes(calls: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    save_results(out, results, markdown(results), json_newline=True)
 
 
 def markdown(results: dict[str, Any]) -> str:
