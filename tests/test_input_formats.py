@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
@@ -228,3 +230,23 @@ def test_a_failed_decode_keeps_no_decoder_alive() -> None:
         assert _pillow_frames() == []
     finally:
         gc.enable()
+
+
+def _png_with_text(chunks: int, size: int) -> bytes:
+    """A 16x16 PNG with `chunks` zTXt chunks of `size` zero bytes each, deflated (1 MB: 1 KB)."""
+    text = b"".join(
+        struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+        for body in (b"k%d\0\0" % i + zlib.compress(bytes(size), 9) for i in range(chunks))
+    )
+    png = _encoded(Image.new("RGB", (16, 16)), "PNG")
+    return png[:33] + text + png[33:]  # after IHDR
+
+
+def test_a_png_of_more_text_than_real_files_carry_is_refused_from_its_header() -> None:
+    """60 KB inflating to 60 MB of text as the header was read (Pillow's own bound is 64 MB): +57 MiB an image."""
+    bomb = _png_with_text(60, 1_000_000)
+    assert len(bomb) < 64_000
+    with pytest.raises(InvalidArgumentError, match="Too much memory used in text chunks") as refused:
+        decode_image(bomb, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+    assert refused.value.field == FIELD
+    assert decode_image(_png_with_text(4, 1_000_000), FIELD, DEFAULT_LIMITS.max_input_image_pixels).size == (16, 16)

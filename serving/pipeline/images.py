@@ -11,7 +11,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from serving.errors import InvalidArgumentError
 from serving.pipeline import jpeg, png, tiff
@@ -20,6 +20,11 @@ SIZE_MULTIPLE = 16  # VAE 8x downsampling, then 2x2 patches
 # The formats input images may have (docs/api.md): any other Pillow plugin is never tried, so EPS never reaches
 # Ghostscript and rarely used parsers are out of reach. JPEG includes multi-picture (MPO) files: the first is read.
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# A PNG's text chunks are inflated as its header is read, before any check here sees them; Pillow's own bound, 64 MB
+# in all, a 60 KB file reached (+57 MiB an image, in the front end and the model). The model reads no text: this
+# keeps what real files carry (a ComfyUI workflow is tens of KB) and refuses the rest (Pillow's documented knob).
+MAX_PNG_TEXT_BYTES = 8 * 1024 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 
 # EXIF orientation -> the transpose that shows the stored pixels upright; 5-8 swap width and height.
 _ORIENTATIONS = {
