@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from benchmarks.memory import proc_status_kib, reset_peak
 from serving.triton.ports import LOOPBACK, free_port
 
 MiB = 1024 * 1024
@@ -37,11 +38,6 @@ while time.monotonic() < end:
     time.sleep(0.05)
 print(f"{slowest:.2f}")
 """
-
-
-def _mib(pid: int, field: str) -> int:
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) // 1024
 
 
 def _health(address: str) -> None:
@@ -67,8 +63,8 @@ def main() -> None:
                 break
             except grpc.RpcError:
                 time.sleep(0.1)
-        idle = _mib(frontend.pid, "VmRSS:")
-        Path(f"/proc/{frontend.pid}/clear_refs").write_text("5")
+        idle = proc_status_kib(frontend.pid, "VmRSS") // 1024
+        reset_peak(frontend.pid)
         request = pb.GenerateRequest(prompt="x", input_images=[pb.Image(data=os.urandom(args.mib * MiB))])
         options = [("grpc.max_send_message_length", 2 * request.ByteSize()), ("grpc.use_local_subchannel_pool", 1)]
         codes: list[str] = []
@@ -89,7 +85,7 @@ def main() -> None:
         for thread in threads:
             thread.join()
         slowest = probe.communicate()[0].strip()
-        peak = _mib(frontend.pid, "VmHWM:")
+        peak = proc_status_kib(frontend.pid, "VmHWM") // 1024
         print(
             f"{args.uploads} x {args.mib} MiB, flags {args.flags}: idle {idle} MiB, peak {peak} MiB "
             f"(+{peak - idle}), {dict(collections.Counter(codes))}, slowest health probe {slowest} s"

@@ -20,6 +20,7 @@ from typing import Any
 from omnigen2 import OmniGen2Client
 
 from benchmarks.machine import RunStart
+from benchmarks.memory import proc_status_kib, reset_peak
 from benchmarks.served import served
 from serving.artifacts.repository import prepare_repository
 from serving.triton.launcher import TritonServer
@@ -35,11 +36,6 @@ def _stub_pid(triton: TritonServer, model: str) -> int:
     return pid
 
 
-def _status_kib(pid: int, field: str) -> int:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1])
-
-
 def measure(checkpoint: Path, sides: list[int], work: Path) -> list[dict[str, Any]]:
     repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=work / "onnx")
     points = []
@@ -50,14 +46,14 @@ def measure(checkpoint: Path, sides: list[int], work: Path) -> list[dict[str, An
         stub = _stub_pid(triton, "transformer")
         for side in sides:
             time.sleep(2)  # the stub trims its heap a second after its last call
-            idle = _status_kib(stub, "VmRSS")
-            Path(f"/proc/{stub}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            idle = proc_status_kib(stub, "VmRSS")
+            reset_peak(stub)
             started = time.perf_counter()
             client.generate(
                 "A measured cat", width=side, height=side, steps=1, text_guidance_scale=1.0, seed=1,
                 max_pixels=side * side,
             )  # fmt: skip
-            peak = _status_kib(stub, "VmHWM")
+            peak = proc_status_kib(stub, "VmHWM")
             tokens = (side // 16) ** 2
             points.append(
                 {

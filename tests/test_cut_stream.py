@@ -15,11 +15,13 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import os
 from collections.abc import AsyncIterator
 
 import numpy as np
 from omnigen2.v1 import omnigen2_pb2 as pb
 
+from benchmarks.memory import proc_status_kib
 from serving.frontend.admission import Load
 from serving.frontend.config import MiB
 from serving.frontend.triton_backend import Event, ProgressEvent, ResultEvent
@@ -45,9 +47,7 @@ def _rss_mib() -> float:
     """The process's resident memory once Python's cycles are collected and glibc has given back what it can."""
     gc.collect()  # a cycle holding a preview would otherwise be counted in one read and not the other
     ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+    return proc_status_kib(os.getpid(), "VmRSS") / 1024
 
 
 def test_a_cut_stream_leaves_only_its_last_message_with_grpc() -> None:

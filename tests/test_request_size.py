@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
-from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
+from benchmarks.memory import proc_status_kib, reset_peak
 from serving.frontend.request_size import check_request_size
 from serving.frontend.status import ApiError
 
@@ -67,8 +68,7 @@ def test_many_tiny_fields_are_named_as_a_whole_quickly() -> None:
 
 
 def _peak_mib() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) // 1024
+    return proc_status_kib(os.getpid(), "VmHWM") // 1024
 
 
 def test_naming_the_field_adds_nothing_to_what_byte_size_holds() -> None:
@@ -78,7 +78,7 @@ def test_naming_the_field_adds_nothing_to_what_byte_size_holds() -> None:
     wire = pb.GenerateRequest(prompt="x", input_images=[pb.Image(data=bytes(100 * MiB))]).SerializeToString()
     request = pb.GenerateRequest.FromString(wire)
     del wire
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak
+    reset_peak(os.getpid())
     before = _peak_mib()
     assert _refusal(request, 64 * MiB).startswith("input_images[0].data: the request is")
     assert _peak_mib() - before < 250  # before: 400

@@ -18,6 +18,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
+from benchmarks.memory import proc_status_kib
 from serving.artifacts.repository import prepare_repository
 from serving.frontend.metrics_page import read_metrics, sample
 from serving.frontend.process import FrontendProcess
@@ -109,8 +110,7 @@ def _png(width: int, height: int, mode: str = "RGB") -> bytes:
 
 def _peak_rss_mb(process: FrontendProcess) -> float:
     assert process.process is not None
-    status = Path(f"/proc/{process.process.pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+    return proc_status_kib(process.process.pid, "VmHWM") / 1024
 
 
 @pytest.fixture(scope="module")
@@ -378,8 +378,7 @@ def _proc(pid: int, name: str) -> list[bytes]:
 
 def _anon_mb(pid: int) -> float:
     """Anonymous memory only: Triton maps its stubs' shared-memory regions, whose pages its RSS counts too."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")) / 1024
+    return proc_status_kib(pid, "RssAnon") / 1024
 
 
 def _tree_rss_mb(pid: int) -> float:

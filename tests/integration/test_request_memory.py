@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Iterator
 from itertools import pairwise
-from pathlib import Path
 
 import grpc
 import psutil
@@ -19,6 +18,7 @@ from omnigen2 import OmniGen2Client
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
+from benchmarks.memory import proc_status_kib, reset_peak
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
 
@@ -64,18 +64,12 @@ def _probe(frontend: FrontendProcess) -> float:
     return time.monotonic() - start
 
 
-def _peak_bytes(proc: Path) -> int:
-    line = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 def test_concurrent_large_uploads_are_bounded_before_they_are_read(bounded: FrontendProcess) -> None:
     """10 uploads of 30 MiB at once: before, each was read whole as it came, and one read peaks at about 5x its
     size (gRPC's copy, the parsed message, the size check's serializations); now one at a time fits the budget,
     the others wait their turn for 0.2 s and are then refused unread. Health answers beside them throughout."""
     assert bounded.process is not None
-    proc = Path(f"/proc/{bounded.process.pid}")
-    (proc / "clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current size
+    reset_peak(bounded.process.pid)
     rss_before = psutil.Process(bounded.process.pid).memory_info().rss
     request = pb.GenerateRequest(prompt="x", input_images=[pb.Image(data=os.urandom(UPLOAD))])
     codes: list[grpc.StatusCode] = []
@@ -106,7 +100,7 @@ def test_concurrent_large_uploads_are_bounded_before_they_are_read(bounded: Fron
     # probe under 2 s: on a loaded 2-core machine one can wait that long for the CPU whatever the gate does.
     slow = [wait > READY_TIMEOUT_S for wait in waits]
     assert waits and not any(a and b for a, b in pairwise(slow)), f"probe waits {waits}"
-    peak = _peak_bytes(proc)
+    peak = proc_status_kib(bounded.process.pid, "VmHWM") * 1024
     # One read: about 150 MiB, and room for glibc's arenas. Before: 600 to 700 MiB (measured without the gate).
     assert peak - rss_before < 400 * MiB, f"front end grew {(peak - rss_before) / MiB:.0f} MiB"
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
