@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -117,6 +118,36 @@ class Address:
         return text
 
 
+# A web origin as browsers send it (RFC 6454): scheme://host[:port], no path, no trailing slash.
+_ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Comma-separated web origins (https://app.example, http://localhost:3000), or '' (none)."""
+
+    @property
+    def bounds(self) -> str:
+        return "scheme://host[:port], comma-separated, or ''"
+
+    def __call__(self, text: str) -> str:
+        return self.check(text)
+
+    def check(self, text: object) -> str:
+        """`text` itself, each of its origins well-formed."""
+        if not isinstance(text, str):
+            raise argparse.ArgumentTypeError(f"not comma-separated origins ({text!r})")
+        for origin in sorted(origin_set(text)):
+            if not _ORIGIN.fullmatch(origin):
+                raise argparse.ArgumentTypeError(f"not an origin like https://app.example ({origin})")
+        return text
+
+
+def origin_set(text: str) -> frozenset[str]:
+    """The origins of an Origins flag, lowercase as browsers send them."""
+    return frozenset(o.strip().lower() for o in text.split(",") if o.strip())
+
+
 def from_env(env: str, parse: Callable[[str], T], default: T) -> T:
     """The environment variable's value through the flag's own check (the default if unset), naming the variable."""
     if env not in os.environ:
@@ -127,7 +158,7 @@ def from_env(env: str, parse: Callable[[str], T], default: T) -> T:
         raise SettingError(env, str(exc)) from None
 
 
-def check_value(setting: str, kind: Whole | Number | Address, value: object) -> None:
+def check_value(setting: str, kind: Whole | Number | Address | Origins, value: object) -> None:
     """A value set in process, not parsed from text, refused as its flag's text would be, in one line naming
     `setting` (the flag)."""
     try:

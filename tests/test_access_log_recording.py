@@ -69,7 +69,7 @@ def test_a_stream_read_to_its_end_then_closed_is_200(caplog: pytest.LogCaptureFi
         port = await gateway.start("127.0.0.1:0")
         gateway.stub = ChatService()  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
-        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         try:
             for _ in range(calls):
                 caller = socket.socket()

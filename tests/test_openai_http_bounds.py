@@ -60,7 +60,7 @@ def _sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 def _request() -> bytes:
     body = json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
-    head = f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json"
+    head = f"POST {ROUTE} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json"
     head += f"\r\nContent-Length: {len(body)}"
     return f"{head}\r\n\r\n".encode() + body
 
@@ -148,7 +148,7 @@ def test_connections_past_the_bound_are_refused_while_the_open_ones_are_served()
             return sock
 
         async def ask(sock: socket.socket) -> bytes:
-            await loop.sock_sendall(sock, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+            await loop.sock_sendall(sock, b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n")
             return await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
 
         held = [await connect() for _ in range(3)]

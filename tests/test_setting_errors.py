@@ -18,7 +18,7 @@ import pytest
 
 from serving import stack
 from serving.errors import SettingError
-from serving.flag_types import Address, Number, Whole
+from serving.flag_types import Address, Number, Origins, Whole
 from serving.frontend.auth import TokenRegistry, token_digest
 from serving.frontend.config import FLAG_TYPES, FrontendConfig
 from serving.frontend.server import check_settings
@@ -57,6 +57,7 @@ FRONTEND = [
     ("--metrics-port", "70000", "must be 0 to 65535"),  # before: OverflowError
     ("--http-listen", "127.0.0.1:notaport", "the port must be a whole number"),  # before: ValueError
     ("--listen", "nocolon", "not HOST:PORT (nocolon)"),
+    ("--http-allowed-origins", "https://a.example,app.example", "not an origin like https://app.example (app.example)"),
     ("--max-in-flight", "abc", "not a whole number (abc)"),
     ("--limits", '{"max_steps": -1}', "max_steps must be > 0 (-1)"),
     ("--limits", '{"max_stepz": 5}', "unknown field max_stepz"),  # before: "invalid limits_from_json value"
@@ -137,9 +138,11 @@ def test_every_numeric_or_address_flag_has_a_checked_type() -> None:
     assert {"listen", "triton_url", "http_listen"} <= set(FLAG_TYPES)
 
 
-def _out_of_bounds(kind: Whole | Number | Address) -> object:
+def _out_of_bounds(kind: Whole | Number | Address | Origins) -> object:
     if isinstance(kind, Address):
         return "nocolon"
+    if isinstance(kind, Origins):
+        return "app.example"
     return kind.low - 1 if isinstance(kind, Whole) else float("nan")
 
 

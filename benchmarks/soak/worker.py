@@ -174,7 +174,7 @@ class Worker:
             {"prompt": "a cat", "size": "64x64", "num_inference_steps": steps, "stream": True, "partial_images": 2}
         ).encode()
         head = (
-            "POST /v1/images/generations HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+            "POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"x-request-id: {call_id}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         sent = body[: len(body) // 2] if mix.rng.random() < 0.2 else body

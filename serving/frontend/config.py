@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from serving.cli_help import HelpFormatter
 from serving.errors import SettingError
-from serving.flag_types import Address, Number, Whole, check_value, from_env
+from serving.flag_types import Address, Number, Origins, Whole, check_value, from_env
 from serving.frontend.flag_help import FLAG_HELP
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatLimits
 from serving.pipeline.images import SIZE_MULTIPLE
@@ -20,7 +20,7 @@ MAX_GRPC_S = MAX_GRPC_MS // 1000  # seconds that gRPC takes in whole ms
 _SECONDS = Number(0, above=True)
 _COUNT = Whole(1)
 # What each flag takes (argparse's `type=`); checked before anything is loaded, and on its OMNIGEN2_* variable.
-FLAG_TYPES: dict[str, Whole | Number | Address] = {
+FLAG_TYPES: dict[str, Whole | Number | Address | Origins] = {
     "listen": Address(),
     "triton_url": Address(),
     "http_listen": Address(optional=True),
@@ -61,6 +61,7 @@ FLAG_TYPES: dict[str, Whole | Number | Address] = {
     "http_min_body_rate": _COUNT,
     "http_idle_timeout_s": _SECONDS,
     "http_max_connections": Whole(0, why="0: half the open-file limit"),
+    "http_allowed_origins": Origins(),
     "max_buffered_stream_bytes": _COUNT,
     "stop_grace_s": Number(0, why="0: cancel at once"),
 }
@@ -171,6 +172,10 @@ class FrontendConfig:
     # Open HTTP connections at most; past it a new one is answered 503 and closed. 0: half the process's open-file
     # limit (its soft limit raised to the hard one at start), the other half kept for gRPC, Triton and files.
     http_max_connections: int = 0
+    # Origins (https://app.example, comma-separated) whose web pages may call the HTTP API; a request with any other
+    # Origin header is refused 403, as is, on a loopback --http-listen, a Host that is not a loopback name
+    # (serving/frontend/http_origins.py: browsers let any page POST a form here). "": no web page.
+    http_allowed_origins: str = ""
     # Output waiting for a streaming caller behind the write in progress (previews, deltas); past it the call ends
     # RESOURCE_EXHAUSTED. 64 MiB: about 20 previews at 1024x1024.
     max_buffered_stream_bytes: int = 64 * MiB

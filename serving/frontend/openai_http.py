@@ -4,8 +4,9 @@ Each HTTP request becomes one call of the OmniGen2 gRPC service over a Unix sock
 open, with the caller's `Authorization` header as the call's metadata: authentication, scopes, rate limits,
 admission, validation, budgets, metrics and the access log are the gRPC service's, one implementation for both
 APIs, and the gateway only translates (serving/frontend/openai_requests.py, openai_answers.py) and maps statuses
-(serving/frontend/openai_errors.py). Two checks come first, so that no body is read for nothing: an unknown bearer
-token is refused 401, and past max_in_flight requests with bodies in the gateway, 429. Past
+(serving/frontend/openai_errors.py). Three checks come first, so that no body is read for nothing: what a web page
+sent (serving/frontend/http_origins.py) is refused 403, an unknown bearer token 401, and past max_in_flight requests
+with bodies in the gateway, 429. Past
 --http-max-connections open connections, a new one is answered 503 and closed unread. Routes (docs/api.md):
 
     GET  /v1/models                  GetModelInfo
@@ -38,6 +39,7 @@ from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.http_connections import Counted, Refused, open_files, unavailable
 from serving.frontend.http_malformed import MalformedRequests, ParseErrorHandler
+from serving.frontend.http_origins import OriginGuard, is_loopback
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_answers import (
     all_withheld_error,
@@ -111,6 +113,8 @@ class OpenAIGateway:
         self.cut_at: float | None = None  # set by stop(): requests still running then are cut by the server
         self.stub: pb_grpc.OmniGen2Stub | None = None
         self.malformed = MalformedRequests(metrics.http_malformed_requests)
+        # What a web page may send; start() knows whether the API listens on loopback only.
+        self.guard = OriginGuard(config.http_allowed_origins)
 
     async def start(self, listen: str) -> int:
         """Serve on `listen` (host:port, port 0 for any free one); returns the port."""
@@ -124,6 +128,7 @@ class OpenAIGateway:
         self.stub = pb_grpc.OmniGen2Stub(self.channel)
         await self.runner.setup()
         host, _, port = listen.rpartition(":")
+        self.guard.loopback = is_loopback(host)
         context = None
         if self.config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -467,6 +472,9 @@ class OpenAIGateway:
         request[_REQUEST_ID] = request_id.from_metadata([(request_id.HEADER, request.headers.get("x-request-id", ""))])
         response: web.StreamResponse | None = None
         try:
+            refusal = self.guard.refusal(request.headers.get("Origin"), request.headers.get("Host"))
+            if refusal is not None:
+                raise refusal
             self._authenticate(request)
             if request.method != "POST":
                 response = await self._answer(request, handler)

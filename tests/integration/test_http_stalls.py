@@ -51,7 +51,7 @@ def _unread(frontend: FrontendProcess, body: bytes, length: int | None = None) -
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((LOOPBACK, frontend.http_port))
-    head = f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = f"POST {ROUTE} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     sock.sendall(f"{head}Content-Length: {len(body) if length is None else length}\r\n\r\n".encode() + body)
     return sock
 
@@ -194,7 +194,7 @@ def test_a_connection_whose_headers_never_end_is_closed(frontend: FrontendProces
     limit) took the front end down, gRPC included (health DEADLINE_EXCEEDED, accept() failing in a loop)."""
     quiet = socket.create_connection((LOOPBACK, frontend.http_port))
     try:
-        quiet.sendall(f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\n".encode())
+        quiet.sendall(f"POST {ROUTE} HTTP/1.1\r\nHost: localhost\r\n".encode())
         quiet.settimeout(20)
         assert quiet.recv(64) == b""  # closed 2 s in
     finally:
@@ -250,7 +250,7 @@ def test_connections_past_the_bound_are_refused_and_both_apis_keep_serving(
             assert 600 - 256 - 128 <= len(refused) <= 600 - 256  # one burst of accepts may pass the bound
             frontend.health()  # answers
             served = next(sock for sock in held if sock not in refused)
-            served.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            served.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert served.recv(64).startswith(b"HTTP/1.1 200 ")
         finally:
             for sock in held:
