@@ -64,6 +64,7 @@ FLAG_TYPES: dict[str, Whole | Number | Address | Origins] = {
     "http_allowed_origins": Origins(),
     "max_buffered_stream_bytes": _COUNT,
     "stop_grace_s": Number(0, why="0: cancel at once"),
+    "tls_handshake_timeout_s": Number(0.001, MAX_GRPC_S, why="gRPC takes whole ms in a C int"),
 }
 
 
@@ -128,6 +129,10 @@ class FrontendConfig:
     server_id: str = ""
     tls_cert: str = ""  # PEM certificate chain; with tls_key the API port speaks TLS only
     tls_key: str = ""  # PEM private key
+    # A connection to the gRPC or HTTPS port whose TLS handshake has not ended this long after it was accepted is
+    # closed: gRPC's own default waited 120 s and asyncio's 60 s, and handshakes in progress are not yet counted
+    # among the HTTP connections (--http-max-connections): 230 silent connections a second held 14 685 files.
+    tls_handshake_timeout_s: float = 10.0
     auth_tokens: str = ""  # JSON file of token digests, scopes and rate limits (serving/frontend/auth.py); "" = open
     policy: str = ""  # prompt policy file, JSON or YAML (serving/frontend/policy.py), re-read on SIGHUP; "" = none
     # Budgets (serving/frontend/budgets.py, reported in GetModelInfo). The token defaults keep the default stack

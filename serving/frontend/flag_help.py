@@ -31,6 +31,7 @@ FLAG_HELP = {
     "server_id": "name sent in every call's x-served-by metadata; '' = <hostname>:<port>",
     "tls_cert": "PEM certificate chain; with --tls-key the API speaks TLS only; '' = plaintext",
     "tls_key": "PEM private key for --tls-cert",
+    "tls_handshake_timeout_s": "seconds a connection's TLS handshake may take (gRPC and HTTPS) before it is closed",
     "auth_tokens": "JSON file of token digests, scopes and rate limits; '' = every caller is served",
     "policy": "prompt policy file (JSON or YAML), re-read on SIGHUP; '' = none",
     "max_request_input_pixels": "decoded pixels of one request's input images",

@@ -141,7 +141,12 @@ class OpenAIGateway:
         )
         # Not aiohttp's TCPSite: its protocol factory is where a connection past the bound is turned away.
         self.listener = await asyncio.get_running_loop().create_server(
-            self._connection, host.strip("[]") or None, int(port), ssl=context, backlog=128
+            self._connection,
+            host.strip("[]") or None,
+            int(port),
+            ssl=context,
+            ssl_handshake_timeout=self.config.tls_handshake_timeout_s if context else None,
+            backlog=128,
         )
         return int(self.listener.sockets[0].getsockname()[1])
 
@@ -158,7 +163,7 @@ class OpenAIGateway:
         """A new connection's protocol: aiohttp's, or past max_connections a 503 and close: each connection holds a
         file descriptor, and connections opened faster than --http-idle-timeout-s closed them ran the process out
         of them, its gRPC API included. Counted from connection_made, so one burst of accepts (up to the backlog)
-        may pass the bound; a TLS handshake in progress (asyncio bounds it at 60 s) is not counted yet."""
+        may pass the bound; a TLS handshake in progress (bounded by --tls-handshake-timeout-s) is not counted yet."""
         if self.connections >= self.max_connections:
             self.metrics.http_connections_refused.inc()
             return Refused(self.refusal)

@@ -262,6 +262,8 @@ def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
         # sends nothing is a strike; the third in a row (past max_ping_strikes) is GOAWAY too_many_pings.
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),  # gRPC's default, named: the interval above is sized for it
+        # A TLS handshake not done by then is closed (gRPC's default: 120 s); the HTTPS port's is bounded too.
+        ("grpc.server_handshake_timeout_ms", max(1, round(config.tls_handshake_timeout_s * 1000))),
         # A port another server holds is refused: gRPC's default would share it, splitting the callers.
         ("grpc.so_reuseport", 0),
         *_connection_age(config),
