@@ -226,7 +226,7 @@ def test_a_failed_decode_keeps_no_decoder_alive() -> None:
     try:
         with ThreadPoolExecutor(2) as pool:
             for _ in range(3):
-                assert "not a decodable image (decoder error -2)" in asyncio.run(request(pool))
+                assert "not a decodable image: its compressed pixel data is corrupt" in asyncio.run(request(pool))
         assert _pillow_frames() == []
     finally:
         gc.enable()
@@ -250,3 +250,19 @@ def test_a_png_of_more_text_than_real_files_carry_is_refused_from_its_header() -
         decode_image(bomb, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
     assert refused.value.field == FIELD
     assert decode_image(_png_with_text(4, 1_000_000), FIELD, DEFAULT_LIMITS.max_input_image_pixels).size == (16, 16)
+
+
+def test_pillows_internal_words_are_put_in_the_apis_own() -> None:
+    """Before: "... could be decompression bomb DOS attack." and "decoder error -2" came back in the 400s."""
+    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)  # 400 M pixels stated: Pillow's guard
+    bomb = _encoded(Image.new("RGB", (1, 1)), "PNG")
+    bomb = bomb[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + bomb[33:]
+    corrupt = tiff(64, 64, tile=(64, 64), block=b"not deflate")
+    said = []
+    for data in (bomb, corrupt):
+        with pytest.raises(InvalidArgumentError) as refused:
+            decode_image(data, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
+        said.append(refused.value.description)
+    assert said[0].startswith("not a decodable image: its header states over 178956970 pixels"), said
+    assert said[1] == "not a decodable image: its compressed pixel data is corrupt"
+    assert not any("DOS" in text or "decoder error" in text for text in said)

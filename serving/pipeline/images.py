@@ -8,6 +8,7 @@ sideways with orientation 6 is edited upright, as the reference does).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,6 +100,8 @@ def decode_image(data: bytes, field: str, max_pixels: int, max_bytes: int | None
 # 169-byte file) for as long as the error lives, which in the model's asyncio futures was until a cyclic collection
 # ran, or longer (a served model's memory grew by each refused file's tile).
 _PILLOW_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# A codec's status number (libtiff's, zlib's), which says nothing to a caller.
+_CODEC_STATUS = re.compile(r"(decoder|encoder) error -?[0-9]+")
 
 
 def _open(data: bytes) -> Image.Image | str:
@@ -108,7 +111,18 @@ def _open(data: bytes) -> Image.Image | str:
     except UnidentifiedImageError:
         return f"not a decodable image (unknown or corrupt format; accepted: {', '.join(INPUT_FORMATS)})"
     except _PILLOW_ERRORS as exc:
-        return f"not a decodable image ({exc})"
+        return _undecodable(exc)
+
+
+def _undecodable(error: Exception) -> str:
+    """Why Pillow could not read an image, in the API's words where Pillow's are its internals: its
+    decompression-bomb guard ("could be decompression bomb DOS attack") and a codec's status number."""
+    if isinstance(error, Image.DecompressionBombError):
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return f"not a decodable image: its header states over {limit} pixels, far past the limit for input images"
+    if _CODEC_STATUS.search(str(error)):
+        return "not a decodable image: its compressed pixel data is corrupt"
+    return f"not a decodable image ({error})"
 
 
 def _load(image: Image.Image) -> str | None:
@@ -118,7 +132,7 @@ def _load(image: Image.Image) -> str | None:
         image.load()
     except _PILLOW_ERRORS as exc:
         image.close()
-        return f"not a decodable image ({exc})"
+        return _undecodable(exc)
     return None
 
 
