@@ -48,9 +48,19 @@ def tiny_checkpoint(golden: Path) -> Path:
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ONNX export folder of the golden checkpoint per test session (graphs added as tests ask), or one kept
     between sessions in OMNIGEN2_ONNX_CACHE (a developer's folder, for quick reruns). The export is keyed by the
-    checkpoint and the export settings, not by the graph code: after changing serving/model/, empty the folder."""
+    checkpoint and the export settings, not by the graph code: after changing serving/model/, empty the folder.
+
+    Under pytest-xdist (`make unit PYTEST_WORKERS=2`) the folder is the run's, beside the workers' own temporary
+    folders: each worker's background export and `tiny_onnx` go through the export's lock on it, so the first one
+    exports and the others wait and reuse that export, instead of each worker exporting the checkpoint again."""
     kept = os.environ.get("OMNIGEN2_ONNX_CACHE")
-    return Path(kept) if kept else tmp_path_factory.mktemp("onnx-cache")
+    if kept:
+        return Path(kept)
+    if "PYTEST_XDIST_WORKER" in os.environ:  # set in each worker's process by xdist
+        shared = tmp_path_factory.getbasetemp().parent / "onnx-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("onnx-cache")
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +125,9 @@ def golden_pipeline(tiny_checkpoint: Path) -> OmniGen2Pipeline:
 @pytest.hookimpl(trylast=True)  # after -k, -m and --deselect: the export is for the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with tests that need the ONNX export run after the others, so that the export made in the background
-    (`export_ahead`) overlaps those. `gpu` tests run where torch sees CUDA (the device machine); elsewhere they are
-    skipped, and counted."""
+    (`export_ahead`) overlaps those. With pytest-xdist workers this order is the one the files are handed out in
+    (`--dist=loadfile --no-loadscope-reorder`, pyproject.toml: every worker collects, and sorts, the same way). `gpu`
+    tests run where torch sees CUDA (the device machine); elsewhere they are skipped, and counted."""
     late = {item.path for item in items if _uses(item, "tiny_onnx")}
     items.sort(key=lambda item: item.path in late)  # stable: each module keeps its place in its group
     if late:

@@ -17,8 +17,10 @@ import grpc
 import pytest
 
 from serving.errors import SettingError
+from serving.frontend import socket_dir
 from serving.frontend.config import FrontendConfig
 from serving.frontend.server import Frontend, serve
+from serving.triton.leftovers import pid_namespace
 from serving.triton.ports import free_port
 
 
@@ -58,8 +60,11 @@ def _config(**changes: object) -> FrontendConfig:
 
 
 def _socket_folders() -> set[str]:
-    """The folders of the HTTP API's Unix socket (serving/frontend/server.py) in this machine's temp folder."""
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("omnigen2-frontend-")}
+    """The folders of the HTTP API's Unix socket (serving/frontend/socket_dir.py) in this machine's temp folder that
+    front ends of this process made (named for its pid): not those of front ends that other processes, such as
+    another pytest-xdist worker, start meanwhile."""
+    own = f"{socket_dir.PREFIX}{pid_namespace()}-{os.getpid()}-"
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith(own)}
 
 
 def test_a_grpc_port_held_by_another_server_is_refused_not_shared() -> None:
