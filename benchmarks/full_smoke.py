@@ -24,17 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client
 from PIL import Image
 
 from benchmarks.machine import RunStart
 from benchmarks.report import save_results
+from benchmarks.served import frontend_serving, triton_started
 from serving.artifacts.repository import prepare_repository
-from serving.frontend.process import FrontendProcess
 from serving.model.checkpoint import GRAPH_PARTS, WEIGHT_STEMS
 from serving.model.weights import weight_files
-from serving.triton.launcher import Ports, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -115,21 +113,16 @@ def serve(checkpoint: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     repository = prepare_repository(checkpoint, work / "model_repository", "pytorch", precision="bf16")
     prepared = time.perf_counter() - started
-    triton = TritonServer(repository, Ports.free(), build_dir=work)
-    triton.start(timeout=1800)
-    try:
+    with triton_started(repository, work, start_timeout=1800) as triton:
         assert triton.process is not None
         loaded = time.perf_counter() - started
-        idle = _rss_by_model(triton.process.pid)
+        idle = _rss_by_model(triton.process.pid)  # before the front end's warm-up calls
         print(json.dumps({"loaded_s": loaded, "rss_gib": idle}), flush=True)
-        with FrontendProcess(triton.grpc_url, work / "frontend.log", "--metrics-port=0") as api:
-            api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=120)
+        with frontend_serving(triton, work, "--metrics-port=0", health_s=120) as api:
             runs = requests(api.address, work)
             peak = _rss_by_model(triton.process.pid)
             assert api.process is not None
             peak["frontend"] = psutil.Process(api.process.pid).memory_info().rss / GiB
-    finally:
-        triton.stop()
     return {
         "prepare_repository_s": prepared,
         "load_s": loaded,

@@ -42,10 +42,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.gpu_report import gpu_markdown
 from benchmarks.harness import served_point
@@ -55,6 +53,7 @@ from benchmarks.report import save_results
 from benchmarks.stages import Record, StageRunner
 from benchmarks.workloads import Workload
 from export.make_checkpoint import DEFAULT_PROCESSOR, TRANSFORMERS, random_modules, save_modules
+from serving import health_probe
 from serving.model.checkpoint import CheckpointModules
 from serving.pipeline.eager import OmniGen2Pipeline
 from serving.pipeline.prompts import PromptTokenizer
@@ -245,13 +244,7 @@ class ServedStack:
         assert self.process is not None
         if self.process.poll() is not None:
             raise RuntimeError(f"serving.stack exited with {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            with grpc.insecure_channel(self.address) as channel:
-                request = health_pb2.HealthCheckRequest()
-                status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=2.0).status
-        except grpc.RpcError:
-            return False
-        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+        return health_probe.serving(self.address, timeout_s=2.0)
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.is_file() else ""

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
 from benchmarks.memory import proc_status_kib, reset_peak
+from serving import health_probe
 from serving.triton.ports import LOOPBACK, free_port
 
 MiB = 1024 * 1024
@@ -40,11 +40,6 @@ print(f"{slowest:.2f}")
 """
 
 
-def _health(address: str) -> None:
-    with grpc.insecure_channel(address) as channel:
-        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uploads", type=int, default=8)
@@ -59,7 +54,7 @@ def main() -> None:
     try:
         for _ in range(100):
             try:
-                _health(address)
+                health_probe.status(address, timeout_s=2)  # any answer: NOT_SERVING without Triton
                 break
             except grpc.RpcError:
                 time.sleep(0.1)

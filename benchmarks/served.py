@@ -15,13 +15,40 @@ from serving.triton.ports import Ports
 
 @contextmanager
 def served(
-    repository: Path, work: Path, *flags: str, health_s: float = 60.0
+    repository: Path,
+    work: Path,
+    *flags: str,
+    http: bool = False,
+    health_s: float = 60.0,
 ) -> Iterator[tuple[TritonServer, FrontendProcess]]:
-    """Triton on free loopback ports (its files in `work`) and a front end with `flags` (log: `work/frontend.log`),
-    yielded once the front end reports SERVING (every model loaded); both are stopped on leaving."""
+    """Triton on free loopback ports (its files in `work`) and a front end with `flags` (log: `work/frontend.log`;
+    the HTTP API too with `http`), yielded once the front end reports SERVING (every model loaded); both are stopped
+    on leaving."""
     with (
-        TritonServer(repository, Ports.free(), build_dir=work) as triton,
-        FrontendProcess(triton.grpc_url, work / "frontend.log", *flags) as api,
+        triton_started(repository, work) as triton,
+        frontend_serving(triton, work, *flags, http=http, health_s=health_s) as api,
     ):
-        api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=health_s)
         yield triton, api
+
+
+@contextmanager
+def triton_started(repository: Path, work: Path, start_timeout: float = 180.0) -> Iterator[TritonServer]:
+    """Triton on free loopback ports, its files in `work`, once ready (`start_timeout`: loading a full-size model
+    takes minutes); stopped on leaving. The first half of `served`, for a benchmark that measures Triton alone."""
+    triton = TritonServer(repository, Ports.free(), build_dir=work)
+    triton.start(timeout=start_timeout)
+    try:
+        yield triton
+    finally:
+        triton.stop()
+
+
+@contextmanager
+def frontend_serving(
+    triton: TritonServer, work: Path, *flags: str, http: bool = False, health_s: float = 60.0
+) -> Iterator[FrontendProcess]:
+    """A front end with `flags` before `triton` (log: `work/frontend.log`; the HTTP API too with `http`), once it
+    reports SERVING; stopped on leaving."""
+    with FrontendProcess(triton.grpc_url, work / "frontend.log", *flags, http=http) as api:
+        api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=health_s)
+        yield api

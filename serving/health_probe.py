@@ -16,15 +16,24 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def serving(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
-        except grpc.RpcError:
-            return False
-    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+def status(
+    address: str, service: str = "", timeout_s: float = 3.0, credentials: grpc.ChannelCredentials | None = None
+) -> int:
+    """What the health service at `address` answers for `service` (TLS with `credentials`); grpc.RpcError when it
+    does not answer."""
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s).status)
+
+
+def serving(
+    address: str, service: str = "", timeout_s: float = 3.0, credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    try:
+        return status(address, service, timeout_s, credentials) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

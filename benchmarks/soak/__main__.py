@@ -51,22 +51,15 @@ SETTLE_S = 1.0  # after the gauges read idle: the last access-log lines are writ
 
 @contextlib.contextmanager
 def own_stack(checkpoint: Path, work: Path, onnx_cache: Path, max_in_flight: int) -> Iterator[argparse.Namespace]:
-    """A stack of its own, on free loopback ports, as the other benchmarks start one (benchmarks/served.py), with the
-    HTTP API on; yields the addresses the soak takes as flags."""
-    from grpc_health.v1 import health_pb2
-
+    """A stack of its own on free loopback ports, started as the other benchmarks start one (benchmarks/served.py),
+    with the HTTP API on; yields the addresses the soak takes as flags."""
+    from benchmarks.served import served
     from serving.artifacts.repository import prepare_repository
-    from serving.frontend.process import FrontendProcess
-    from serving.triton.launcher import TritonServer
-    from serving.triton.ports import LOOPBACK, Ports
+    from serving.triton.ports import LOOPBACK
 
     started = time.monotonic()
     repository = prepare_repository(checkpoint, work / "model_repository", onnx_cache=onnx_cache)
-    with (
-        TritonServer(repository, Ports.free(), build_dir=work) as triton,
-        FrontendProcess(triton.grpc_url, work / "frontend.log", f"--max-in-flight={max_in_flight}", http=True) as api,
-    ):
-        api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=120)
+    with served(repository, work, f"--max-in-flight={max_in_flight}", http=True, health_s=120) as (_, api):
         progress(f"own stack serving after {time.monotonic() - started:.1f} s")
         yield argparse.Namespace(
             server=api.address,

@@ -11,8 +11,9 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from serving import health_probe
 from serving.frontend.metrics_page import Samples, read_metrics, sample
 from serving.triton.ports import LOOPBACK, free_port
 
@@ -49,14 +50,9 @@ class FrontendProcess:
         return f"http://{LOOPBACK}:{self.http_port}/v1"
 
     def health(self, service: str = "") -> int:
-        channel = (
-            grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.tls_root))
-            if self.tls_root
-            else grpc.insecure_channel(self.address)
-        )
-        with channel:
-            request = health_pb2.HealthCheckRequest(service=service)
-            return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=2.0).status)
+        """Its health status for `service`; grpc.RpcError when it does not answer."""
+        credentials = grpc.ssl_channel_credentials(self.tls_root) if self.tls_root else None
+        return health_probe.status(self.address, service, timeout_s=2.0, credentials=credentials)
 
     def metrics(self) -> Samples:
         """Its /metrics, every sample."""
