@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +19,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
-from benchmarks.memory import proc_status_kib
+from benchmarks.memory import proc_status_kib, reset_peak
 from serving.artifacts.repository import prepare_repository
 from serving.frontend.metrics_page import read_metrics, sample
 from serving.frontend.process import FrontendProcess
@@ -26,8 +27,10 @@ from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, TritonServer
 from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
 from serving.triton.watchdog import stub_processes
+from serving.triton.wire import WireError
 from tests.integration.triton_stats import executions
 from tests.integration.triton_stream import GenerationStream
+from tests.tiff_bombs import TILE_BOMB, tiff
 
 MiB = 1024 * 1024
 
@@ -240,6 +243,48 @@ def test_the_front_end_reads_image_headers_and_never_decodes(api: FrontendProces
     result = OmniGen2Client(api.address, timeout=120).compose([grey], "Grey", width=64, height=64, steps=1, seed=1)
     assert result.images[0].size == (64, 64)
     assert _peak_rss_mb(api) - before < 40
+
+
+def test_a_tiff_whose_tile_outgrows_its_image_costs_no_model_memory(api: FrontendProcess, triton: TritonServer) -> None:
+    """The attack's 16x16 TIFF declaring 8192x8192 tiles: the decoder allocated the 192 MiB tile (and failed), and
+    the model kept it after answering (its idle memory grew by about that much a request). Now the front end
+    refuses it from its header, and a request sent to a model directly is refused by the model's same check."""
+    with pytest.raises(InvalidArgumentError) as raised:
+        OmniGen2Client(api.address, timeout=60, retries=0).compose([TILE_BOMB], "Grey", width=64, height=64, steps=1)
+    assert [v.field for v in raised.value.violations] == ["input_images[0].data"]
+    assert "TIFF tiles of 8192x8192 pixels" in raised.value.violations[0].description
+    assert triton.process is not None
+    stubs = stub_processes(triton.process.pid)
+    calls: list[tuple[str, dict[str, Any], str]] = [
+        ("omnigen2", {"prompt": "Grey", "width": 64, "height": 64, "steps": 1}, "images[0]"),
+        ("mllm", {"messages": [{"role": "user", "content": [{"image": 0}]}]}, "messages[0].content[0].image"),
+    ]
+    for model, params, field in calls:
+        for pid in stubs[model]:
+            reset_peak(pid)
+        before = {pid: proc_status_kib(pid, "VmRSS") for pid in stubs[model]}
+        for _ in range(3):
+            out = GenerationStream(triton.grpc_url, params, [TILE_BOMB], model=model).wait()
+            assert out.error is not None and "TIFF tiles of 8192x8192 pixels" in out.error.message()
+            assert WireError.parse(out.error.message()).field == field
+        grown = max((proc_status_kib(pid, "VmHWM") - kib) / 1024 for pid, kib in before.items())
+        assert grown < 64, f"{model}: its peak grew {grown:.0f} MiB"
+
+
+def test_images_that_fail_to_decode_leave_no_memory_in_the_model(triton: TritonServer) -> None:
+    """Five 4096x4096 TIFFs a request, each one tile (within the bound) of corrupt data: the error of each failed
+    decode chained Pillow's, whose traceback held the decoded image and the decoder in the BLS's futures, and the
+    idle stub kept 64 MiB more after each such request (275 MiB after 4)."""
+    broken = tiff(4096, 4096, tile=(4096, 4096), block=b"not deflate")
+    params = {"prompt": "Grey", "width": 64, "height": 64, "steps": 1}
+    assert triton.process is not None
+    pids = stub_processes(triton.process.pid)["omnigen2"]
+    baseline = {pid: _anon_mb(pid) for pid in pids}
+    for _ in range(3):
+        out = GenerationStream(triton.grpc_url, params, [broken] * 5).wait()
+        assert out.error is not None and "its compressed pixel data is corrupt" in out.error.message()
+    grown = _grown_at_idle(lambda: {str(pid): _anon_mb(pid) - baseline[pid] for pid in pids}, 32)
+    assert all(mb < 32 for mb in grown.values()), f"the idle BLS kept (MB): {grown}"
 
 
 def test_runaway_requests_end_at_the_maximum_run_time(tmp_path: Path, triton: TritonServer) -> None:
