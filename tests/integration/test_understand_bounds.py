@@ -17,6 +17,7 @@ from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from serving.frontend.process import FrontendProcess
+from tests.tiff_bombs import TILE_BOMB
 
 
 def _understand(api: FrontendProcess, request: pb.UnderstandRequest) -> grpc.RpcError:
@@ -68,3 +69,11 @@ def test_extreme_aspect_ratio_is_refused_naming_the_part(api: FrontendProcess) -
     status, body = _chat(api, [{"role": "user", "content": parts}])
     assert (status, body["param"]) == (400, "messages[0].content[1].image_url")
     assert "at most 200 times" in str(body["message"])
+
+
+def test_a_tiff_whose_tile_outgrows_its_image_is_refused_naming_the_part(api: FrontendProcess) -> None:
+    url = "data:image/tiff;base64," + base64.b64encode(TILE_BOMB).decode()
+    parts = [{"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": url}}]
+    status, body = _chat(api, [{"role": "user", "content": parts}])
+    assert (status, body["param"]) == (400, "messages[0].content[1].image_url")
+    assert "TIFF tiles of 8192x8192 pixels" in str(body["message"])
