@@ -52,7 +52,8 @@ def test_a_stream_whose_error_event_nobody_reads_is_408() -> None:
         try:
             await loop.sock_connect(caller, ("127.0.0.1", port))
             body = json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
-            head = f"POST {ROUTE} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+            head = f"POST {ROUTE} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+            head += f"\r\nContent-Length: {len(body)}"
             await loop.sock_sendall(caller, f"{head}\r\n\r\n".encode() + body)
             counts: dict[str, float] = {}
             for _ in range(100):
