@@ -50,3 +50,12 @@ def test_json_that_python_cannot_read_is_refused_in_the_projects_words(body: byt
     message = answer["error"]["message"]
     assert (status, answer["error"]["code"]) == (400, "invalid_json") and reason in message, message
     assert "sys." not in message and "recursion" not in message
+
+
+def test_a_part_header_over_the_parsers_limit_is_refused_without_its_bytes() -> None:
+    """Before: aiohttp's message, with the first 100 bytes of the line quoted, over three lines."""
+    body, headers = multipart(("n" * 10_000, "", b"1"))
+    status, answer, calls = gateway_post("/v1/images/edits", body, headers)
+    message = answer["error"]["message"]
+    assert (status, answer["error"]["code"], calls) == (400, "invalid_body", 0)
+    assert message == "the body does not parse: Got more than 8190 bytes when reading", message

@@ -38,7 +38,7 @@ from serving.frontend import access_log, request_id
 from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.http_connections import Counted, Refused, open_files, unavailable
-from serving.frontend.http_malformed import MalformedRequests, ParseErrorHandler
+from serving.frontend.http_malformed import MalformedRequests, ParseErrorHandler, reason
 from serving.frontend.http_origins import OriginGuard, is_loopback
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_answers import (
@@ -424,7 +424,8 @@ class OpenAIGateway:
             message = f"a text part of the form names a charset not known here ({cut(str(exc))}); send text as UTF-8"
             raise OpenAIError(400, message, code="invalid_body") from None
         except (ValueError, RuntimeError, AssertionError, HttpProcessingError) as exc:  # aiohttp's multipart parser
-            raise OpenAIError(400, f"the body does not parse: {exc}", code="invalid_body") from None
+            why = reason(exc) if isinstance(exc, HttpProcessingError) else str(exc)  # the former quote the bytes
+            raise OpenAIError(400, f"the body does not parse: {why}", code="invalid_body") from None
 
     def _too_large(self, size: int | None) -> OpenAIError:
         stated = f"{size} bytes, " if size is not None else ""  # without a Content-Length: cut off at the limit
