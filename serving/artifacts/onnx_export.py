@@ -76,7 +76,7 @@ class GraphExport:
 
 
 def _text_example(modules: CheckpointModules) -> dict[str, torch.Tensor]:
-    ids = torch.randint(7, int(modules.mllm.config.text_config.vocab_size), (2, 16))
+    ids = torch.randint(7, int(modules.mllm.config.get_text_config().vocab_size), (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)
     mask[1, 11:] = 0
     return {"input_ids": ids, "attention_mask": mask}

@@ -13,7 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from serving.model.graphs import TextEncoderGraph, VaeDecoderGraph, VaeEncoderGr
 from serving.model.spec import ModelSpec
 from serving.model.transformer import WEIGHTS_STEM, OmniGen2Transformer
 from serving.model.weights import check_shapes, weight_files
+
+if TYPE_CHECKING:  # imported by load_mllm when it runs (see load_vae)
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
 REQUIRED_FILES = (
     "model_index.json",
@@ -119,7 +122,7 @@ def load_vae(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu")
     return vae.to(device).eval()
 
 
-def load_mllm(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Any:
+def load_mllm(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> Qwen2_5_VLForConditionalGeneration:
     """transformers' Qwen2.5-VL (single or sharded safetensors), materialised straight into `dtype` on `device`.
 
     sdpa: PyTorch's fused attention (flash / memory-efficient kernels on GPU), no extra package needed.
@@ -140,7 +143,7 @@ def load_mllm(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
 class CheckpointModules:
     transformer: OmniGen2Transformer
     vae: Any  # AutoencoderKL; diffusers sets its attributes dynamically
-    mllm: Any  # Qwen2_5_VLForConditionalGeneration
+    mllm: Qwen2_5_VLForConditionalGeneration
     processor_dir: Path
     spec: ModelSpec
 

@@ -6,12 +6,15 @@ PyTorch and ONNX Runtime / TensorRT backends compute one function.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from serving.model.transformer import OmniGen2Transformer
+
+if TYPE_CHECKING:  # transformers is imported where the weights load (checkpoint.load_mllm), not with the graphs
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
 
 def weight_dtype(module: nn.Module) -> torch.dtype:
@@ -28,7 +31,7 @@ def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 class TextEncoderGraph(nn.Module):
     """input_ids, attention_mask -> the language model's last hidden states (after its final norm)."""
 
-    def __init__(self, mllm: Any) -> None:  # Qwen2_5_VLForConditionalGeneration
+    def __init__(self, mllm: Qwen2_5_VLForConditionalGeneration) -> None:
         super().__init__()
         self.language_model = mllm.model.language_model
 
