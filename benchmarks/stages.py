@@ -75,7 +75,8 @@ class StageRunner:
             record["wall_s"] = time.perf_counter() - started
             self.unused_s = max(0.0, self.unused_s + budget_s - record["wall_s"])
         self._report(name, record)
-        return record["status"] == "ok"
+        ok: bool = record["status"] == "ok"
+        return ok
 
     def _report(self, name: str, record: Record) -> None:
         self.write()

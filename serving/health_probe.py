@@ -31,7 +31,7 @@ def serving(
     address: str, service: str = "", timeout_s: float = 3.0, credentials: grpc.ChannelCredentials | None = None
 ) -> bool:
     try:
-        return status(address, service, timeout_s, credentials) == health_pb2.HealthCheckResponse.SERVING
+        return status(address, service, timeout_s, credentials) == int(health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
         return False
 

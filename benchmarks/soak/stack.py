@@ -117,7 +117,7 @@ async def _full_width(address: str, http: str, width: int) -> tuple[list[str], l
                 await stub.Generate(request, timeout=120)
                 return "OK"
             except grpc.aio.AioRpcError as error:
-                return error.code().name
+                return str(error.code().name)
 
         async def one_http() -> int:
             async with session.post(f"{http}/v1/images/generations", json=body) as response:

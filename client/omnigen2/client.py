@@ -190,7 +190,7 @@ class _Attempts:
         """Seconds to wait before the next attempt, or None: only UNAVAILABLE, within the retries and the deadline."""
         if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
             return None
-        delay = min(0.1 * 2**attempt, 2.0)
+        delay = min(0.1 * 2.0**attempt, 2.0)  # 2.0: int ** int may be a float (negative powers), typed Any
         if self.deadline is not None and time.monotonic() + delay >= self.deadline:
             return None
         return delay

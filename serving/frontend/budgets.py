@@ -16,7 +16,7 @@ def check_budgets(forward: Forward, config: FrontendConfig) -> None:
     violations = []
 
     def check(field: str, amount: int, unit: str, flag: str) -> bool:
-        budget = getattr(config, flag.replace("-", "_"))
+        budget: int = getattr(config, flag.replace("-", "_"))
         if amount > budget:
             violations.append((field, f"needs {amount} {unit}, over the budget of {budget} (--{flag})"))
         return amount > budget

@@ -76,7 +76,7 @@ def _field_sizes(message: Message) -> dict[str, int]:
 
 def _wire_size(item: object) -> int:
     if isinstance(item, Message):
-        return item.ByteSize()
+        return int(item.ByteSize())
     if isinstance(item, str):  # its UTF-8 bytes, as on the wire; an ASCII string's without a copy
         return len(item) if item.isascii() else len(item.encode())
     return len(item) if isinstance(item, bytes) else 8

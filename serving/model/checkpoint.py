@@ -131,12 +131,13 @@ def load_mllm(part: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
 
     weight_files(part, WEIGHT_STEMS["mllm"])
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model: Qwen2_5_VLForConditionalGeneration = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             part, dtype=dtype, device_map=str(device), attn_implementation="sdpa"
         )
     except (OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(str(part), f"MLLM does not load: {exc}") from exc
-    return model.eval()
+    model.eval()  # in place; transformers' override returns it untyped
+    return model
 
 
 @dataclass

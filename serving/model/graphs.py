@@ -42,7 +42,8 @@ class TextEncoderGraph(nn.Module):
             position_ids=text_position_ids(attention_mask),
             use_cache=False,
         )
-        return out.last_hidden_state
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
 
 
 class VaeEncoderGraph(nn.Module):
@@ -60,7 +61,8 @@ class VaeEncoderGraph(nn.Module):
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean = moments[:, : moments.shape[1] // 2]  # the posterior mode of a diagonal Gaussian is its mean
-        return (mean - self.shift) * self.scale
+        latents: torch.Tensor = (mean - self.shift) * self.scale
+        return latents
 
 
 class VaeDecoderGraph(nn.Module):
@@ -77,7 +79,8 @@ class VaeDecoderGraph(nn.Module):
         z = (latents / self.scale + self.shift).to(weight_dtype(self.decoder))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        image: torch.Tensor = self.decoder(z)
+        return image
 
 
 class _TransformerStage(nn.Module):

@@ -112,7 +112,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         assert isinstance(out, torch.Tensor)
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        projected: torch.Tensor = self.to_out[0](out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return projected
 
 
 class FeedForward(nn.Module):
@@ -129,7 +130,8 @@ class FeedForward(nn.Module):
         self.linear_3 = nn.Linear(dim, inner, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+        out: torch.Tensor = self.linear_2(F.silu(self.linear_1(x)) * self.linear_3(x))
+        return out
 
 
 class RMSNormZero(nn.Module):
@@ -167,14 +169,17 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        out: torch.Tensor  # the submodules' calls are Any to the checker
         if not self.modulated:
             x = x + self.norm2(self.attn(self.norm1(x), mask, cos, sin))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            out = x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            return out
         assert temb is not None
         normed, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)
         x = x + gate_msa.unsqueeze(1).tanh() * self.norm2(self.attn(normed, mask, cos, sin))
         ff = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp.unsqueeze(1)))
-        return x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(ff)
+        out = x + gate_mlp.unsqueeze(1).tanh() * self.ffn_norm2(ff)
+        return out
 
 
 class TimestepEmbedder(nn.Module):
@@ -184,7 +189,8 @@ class TimestepEmbedder(nn.Module):
         self.linear_2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        out: torch.Tensor = self.linear_2(F.silu(self.linear_1(x)))
+        return out
 
 
 class TimeCaptionEmbedding(nn.Module):
@@ -221,7 +227,8 @@ class OutputNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale = self.linear_1(F.silu(temb))
-        return self.linear_2(self.norm(x) * (1 + scale)[:, None, :])
+        out: torch.Tensor = self.linear_2(self.norm(x) * (1 + scale)[:, None, :])
+        return out
 
 
 class OmniGen2Transformer(nn.Module):
@@ -293,7 +300,8 @@ class OmniGen2Transformer(nn.Module):
         """(B,) timesteps -> (B, cond_dim) conditioning, in the weights' dtype."""
         embedder = self.time_caption_embed
         dtype = self.x_embedder.weight.dtype
-        return embedder.timestep_embedder(embedder.timestep_features(timestep).to(dtype))
+        temb: torch.Tensor = embedder.timestep_embedder(embedder.timestep_features(timestep).to(dtype))
+        return temb
 
     def embed(
         self,
@@ -350,7 +358,8 @@ class OmniGen2Transformer(nn.Module):
         """The first main layer's modulated input: what TeaCache watches to decide whether a step may be skipped."""
         norm = self.layers[0].norm1
         assert isinstance(norm, RMSNormZero)
-        return norm(hidden, temb)[0]
+        modulated: torch.Tensor = norm(hidden, temb)[0]
+        return modulated
 
     def run_layers(
         self,

@@ -248,7 +248,7 @@ def _taylor_update(entry: _TaylorEntry[ArrayT], feature: ArrayT, step: int) -> N
 
 def _taylor_extrapolate(entry: _TaylorEntry[ArrayT], step: int) -> ArrayT:
     x = step - entry.last_full
-    terms = [(1 / math.factorial(order)) * factor * (x**order) for order, factor in enumerate(entry.factors)]
+    terms: list[ArrayT] = [(1 / math.factorial(order)) * f * (x**order) for order, f in enumerate(entry.factors)]
     output = terms[0]  # factors hold order 0 at least (the caller checks)
     for term in terms[1:]:
         output = output + term

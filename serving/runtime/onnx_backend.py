@@ -54,7 +54,7 @@ class OnnxBackend:
         chosen = providers or ["CPUExecutionProvider"]
 
         def path(name: str) -> Path:
-            found = export_dir / manifest["graphs"].get(name, {}).get("file", f"{name}.onnx")
+            found: Path = export_dir / manifest["graphs"].get(name, {}).get("file", f"{name}.onnx")
             if not found.is_file():
                 raise CheckpointError(
                     str(found), "ONNX graph not found: export again with `python -m export.onnx_export`"

@@ -90,4 +90,5 @@ def decode(output: np.ndarray, height: int, width: int, side: int, max_detection
 
 def class_scores(output: np.ndarray) -> np.ndarray:
     """[N, 4 + C, A] -> float32 [N, C]: each class's highest score anywhere in the image."""
-    return output[:, 4:, :].max(axis=2).astype(np.float32)
+    scores: np.ndarray = output[:, 4:, :].max(axis=2).astype(np.float32)
+    return scores

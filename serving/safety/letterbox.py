@@ -39,7 +39,8 @@ def resize_bilinear(image: np.ndarray, side: int) -> np.ndarray:
     # OpenCV's vertical pass: (rows >> 4) * beta, high 16 bits, summed, then a rounding shift by 2.
     top = ((rows[y0] >> 4) * b0[:, None, None]) >> 16
     bottom = ((rows[y1] >> 4) * b1[:, None, None]) >> 16
-    return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
+    resized: np.ndarray = np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
+    return resized
 
 
 def letterbox(image: np.ndarray, side: int) -> np.ndarray:

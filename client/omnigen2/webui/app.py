@@ -289,6 +289,7 @@ def build_app(client: OmniGen2Client, info: pb.ModelInfo, server: str, **startin
     generate_start = GenerationSettings.from_model_info(info, **starting_values)
     edit_start = GenerationSettings(**{**asdict(generate_start), "width": SERVER_DEFAULT, "height": SERVER_DEFAULT})
     most = info.limits.max_input_images or MAX_INPUT_IMAGES
+    app: gr.Blocks  # Blocks.__enter__ is untyped
     with gr.Blocks(title="OmniGen2") as app:
         gr.Markdown(
             f"# OmniGen2\nServer `{server}` · backend `{info.backend}` · checkpoint `{info.checkpoint_sha256[:12]}`"
