@@ -56,7 +56,9 @@ def engine_settings(settings: ComponentSettings, shapes: dict[str, Any]) -> Comp
     return replace(settings, max_batch_size=min(settings.max_batch_size, engine_max_batch(shapes)))
 
 
-def _tensor(entry: dict[str, Any], config_cls: Any) -> Any:
+def _tensor(
+    entry: dict[str, Any], config_cls: type[mc.ModelInput] | type[mc.ModelOutput]
+) -> mc.ModelInput | mc.ModelOutput:
     """Manifest tensor -> ModelInput/ModelOutput without the batch axis (Triton adds it: max_batch_size > 0)."""
     dims = static_dims(entry["shape"][1:])
     tensor = config_cls(name=entry["name"], data_type=DTYPES[entry["dtype"]], dims=dims or [1])
@@ -73,7 +75,7 @@ def component_config(
     precision: str = "fp32",
     on_gpu: bool = False,
     fast: FastPath | None = None,
-) -> Any:
+) -> mc.ModelConfig:
     """`fast`: the PyTorch transformer's fast path (serving/runtime/fast_path.py), as model parameters."""
     config = mc.ModelConfig(name=name, max_batch_size=settings.max_batch_size)
     config.input.extend(_tensor(t, mc.ModelInput) for t in contract["inputs"])
@@ -138,7 +140,7 @@ def bls_config(
     backend: str,
     settings: BlsSettings = BLS,
     limits: Limits = DEFAULT_LIMITS,
-) -> Any:
+) -> mc.ModelConfig:
     """The decoupled `omnigen2` model; its wire format is documented in serving/triton/bls.py.
 
     `checkpoint_sha256` and `backend` ride along as parameters so the API's GetModelInfo can report them.
@@ -161,7 +163,7 @@ def bls_config(
     return config
 
 
-def mllm_config(on_gpu: bool, precision: str, text_dim: int) -> Any:
+def mllm_config(on_gpu: bool, precision: str, text_dim: int) -> mc.ModelConfig:
     """The decoupled `mllm` model: visual understanding, and the prompt encoder of the BLS on the same weights (one
     Qwen2.5-VL per stack). Its wire format is documented in serving/triton/mllm.py."""
     config = mc.ModelConfig(name=MLLM_MODEL, backend="python", max_batch_size=0)
@@ -179,7 +181,7 @@ def mllm_config(on_gpu: bool, precision: str, text_dim: int) -> Any:
     return config
 
 
-def safety_config(safety: SafetySettings, settings: ComponentSettings = SAFETY) -> Any:
+def safety_config(safety: SafetySettings, settings: ComponentSettings = SAFETY) -> mc.ModelConfig:
     """The `safety_classifier` component (serving/triton/safety_model.py), on the CPU under ONNX Runtime whatever
     runs the other components: its tensor contract is in docs/tensor_contract.md."""
     config = mc.ModelConfig(name=SAFETY_CLASSIFIER, backend="python", max_batch_size=settings.max_batch_size)
