@@ -13,9 +13,11 @@ import grpc
 import pytest
 from omnigen2 import FieldViolation, GenerationResult, InvalidArgumentError, OmniGen2Client, UnderstandResult
 from omnigen2.cli import main
+from omnigen2.v1 import omnigen2_pb2 as pb
 
 from tests.frontends import fake_server
 from tests.test_sdk_calls import Recorder
+from tests.test_sdk_token_route import REMOTE, Authorization
 
 NOWHERE = ["--server", "127.0.0.1:1", "--retries", "0"]  # no server listens on port 1
 
@@ -179,3 +181,29 @@ def test_understand_footer_says_why_it_ended_and_the_seed_only_when_sampling(
     assert main([*NOWHERE, "understand", "What colour?", *flags]) == 0
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("red\n", footer + "\n")
+
+
+@pytest.mark.parametrize("token", [["--token", "secret"], []])
+def test_a_token_without_tls_beyond_this_machine_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], token: list[str]
+) -> None:
+    """Before: the token went in cleartext to the remote server (here: no answer, exit 1 after the timeout)."""
+    monkeypatch.setenv("OMNIGEN2_TOKEN", "from-env")
+    assert main(["--server", REMOTE, *token, "--retries", "0", "--timeout", "1", "info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"omnigen2: token: it would go in cleartext to {REMOTE}, readable on the way: ")
+    assert "--tls or --tls-ca" in err and "--allow-plaintext-token" in err
+
+
+def test_allow_plaintext_token_sends_it_anyway(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(OmniGen2Client, "info", lambda self: pb.ModelInfo(model="OmniGen2"))
+    assert main(["--server", REMOTE, "--token", "secret", "--allow-plaintext-token", "info"]) == 0
+    assert '"model": "OmniGen2"' in capsys.readouterr().out
+
+
+def test_a_token_goes_in_cleartext_to_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_server(Authorization()) as address:
+        assert main(["--server", address, "--token", "secret", "--retries", "0", "info"]) == 0
+    assert '"model": "Bearer secret"' in capsys.readouterr().out

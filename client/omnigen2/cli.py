@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls-ca", type=Path, default=os.environ.get("OMNIGEN2_TLS_CA"), help="TLS, trusting this PEM root certificate"
     )
+    parser.add_argument(
+        "--allow-plaintext-token",
+        action="store_true",
+        help="send the token without TLS to a server not on this machine (readable on the network; refused, exit "
+        "status 2, otherwise)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="text to image")
@@ -281,7 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         tls: bool | bytes = Path(args.tls_ca).read_bytes() if args.tls_ca else args.tls
-        client = OmniGen2Client(args.server, timeout=args.timeout, retries=args.retries, token=args.token, tls=tls)
+        client = OmniGen2Client(
+            args.server,
+            timeout=args.timeout,
+            retries=args.retries,
+            token=args.token,
+            tls=tls,
+            allow_plaintext_token=args.allow_plaintext_token,
+        )
         with client:
             if args.command == "info":
                 print(json_format.MessageToJson(client.info()))
@@ -302,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     except OmniGen2Error as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 1
-    # A --server that is not host:port; an input image or --tls-ca that cannot be read, an output not writable.
+    # A --server that is not host:port, a token that would go in cleartext; an input image or --tls-ca that cannot be
+    # read, an output not writable.
     except (ValueError, OSError) as exc:
         print(f"omnigen2: {exc}", file=sys.stderr)
         return 2

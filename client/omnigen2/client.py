@@ -50,6 +50,8 @@ DEFAULT_PORT = 50051  # the front end's gRPC port (`make serve`)
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 # gRPC's own target schemes (the name resolvers it ships); other URLs (http://, grpc://) are refused.
 _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+_LOCAL_SCHEMES = ("unix:", "unix-abstract:")  # gRPC targets that cannot leave this machine (vsock: can)
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 SERVICE = pb.DESCRIPTOR.services_by_name["OmniGen2"].full_name
 REQUEST_ID = "x-request-id"  # sent by the SDK, the same on every attempt of one call; echoed by the server
@@ -83,12 +85,48 @@ def channel_target(server: Servers) -> Target:
         raise ValueError("server: no address given")
     shown = ", ".join(endpoints)
     if len(endpoints) == 1:
-        return Target(endpoints[0], endpoints[0].startswith(("dns:", "ipv4:", "ipv6:")), shown=shown)
+        return Target(endpoints[0], endpoints[0].startswith(_RESOLVER_SCHEMES), shown=shown)
     addresses = [_address(endpoint) for endpoint in endpoints]
     families = {family for family, _ in addresses}
     if len(families) > 1:
         raise ValueError(f"server: IPv4 and IPv6 endpoints do not mix in one channel: {shown}")
     return Target(f"{families.pop()}:{','.join(address for _, address in addresses)}", True, endpoints[0], shown)
+
+
+def on_this_machine(server: Servers) -> bool:
+    """Whether every endpoint of `server` (as channel_target takes it: host:port, lists, gRPC target URIs) is
+    loopback, localhost or a Unix socket: a token may go there without TLS. Any other host name counts as remote,
+    as it is not resolved here (it may resolve elsewhere tomorrow)."""
+    return _all_local(channel_target(server))
+
+
+def _all_local(target: Target) -> bool:
+    return all(_local(endpoint) for endpoint in target.shown.split(", "))
+
+
+def _local(endpoint: str) -> bool:
+    if endpoint.startswith(_LOCAL_SCHEMES):
+        return True
+    if endpoint.startswith(_RESOLVER_SCHEMES):  # dns:///host:port, dns://resolver/host:port, ipv4:host:port
+        endpoint = endpoint.split(":", 1)[1].rsplit("/", 1)[-1]
+    host = endpoint.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_token_route(target: Target, token: str | None, tls: bool | bytes, allow_plaintext_token: bool) -> None:
+    """Refuses, before any connection, a token that would cross a network in cleartext (anyone on the path could
+    read it and call as its holder): TLS on, every endpoint on this machine, or the caller's explicit opt-out."""
+    if token and tls is False and not allow_plaintext_token and not _all_local(target):
+        raise ValueError(
+            f"token: it would go in cleartext to {target.shown}, readable on the way: turn `tls` on "
+            "(tls=True or a PEM root certificate; the CLI's --tls or --tls-ca; a server started with --tls-cert), or "
+            "`allow_plaintext_token` (--allow-plaintext-token) on a network you trust"
+        )
 
 
 def _with_port(endpoint: str) -> str:
@@ -258,6 +296,8 @@ def _last_result(stream: Iterator[str | UnderstandResult]) -> UnderstandResult:
 class OmniGen2Client(_Calls):
     """Blocking client. `timeout` (seconds) is the default deadline of each call; None (or inf) waits forever.
     `token` is sent as a bearer token; `tls` turns on TLS (True: system CAs; bytes: a PEM root certificate to trust).
+    A token without TLS to a server not on this machine (loopback, localhost, a Unix socket; every replica of a list)
+    raises ValueError before connecting, unless `allow_plaintext_token`: it would cross the network readable.
 
     >>> client = OmniGen2Client("127.0.0.1:50051")
     >>> client.generate("A red apple on a table", steps=30, seed=7).images[0].save("apple.png")
@@ -271,8 +311,10 @@ class OmniGen2Client(_Calls):
         retries: int = 4,
         token: str | None = None,
         tls: bool | bytes = False,
+        allow_plaintext_token: bool = False,
     ) -> None:
         target = channel_target(server)
+        _check_token_route(target, token, tls, allow_plaintext_token)
         super().__init__(timeout, token, retries, target.shown)
         self._channel: grpc.Channel = _open_channel(target, tls)
         self._stub: pb_grpc.OmniGen2Stub = pb_grpc.OmniGen2Stub(self._channel)
@@ -405,8 +447,10 @@ class AsyncOmniGen2Client(_Calls):
         retries: int = 4,
         token: str | None = None,
         tls: bool | bytes = False,
+        allow_plaintext_token: bool = False,
     ) -> None:
         target = channel_target(server)
+        _check_token_route(target, token, tls, allow_plaintext_token)
         super().__init__(timeout, token, retries, target.shown)
         self._channel: grpc.aio.Channel = _open_aio_channel(target, tls)
         self._stub: pb_grpc.OmniGen2Stub = pb_grpc.OmniGen2Stub(self._channel)

@@ -315,6 +315,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("OMNIGEN2_TOKEN"), help="bearer token (env OMNIGEN2_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="TLS, verifying the server against the system's CAs")
     parser.add_argument("--tls-ca", type=Path, help="TLS, trusting this PEM root certificate")
+    parser.add_argument(
+        "--allow-plaintext-token",
+        action="store_true",
+        help="send --token without TLS to a server not on this machine (readable on the network; refused otherwise)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per generation or answer")
     parser.add_argument("--host", default="127.0.0.1", help="address the page is served on")
     parser.add_argument("--port", type=int, default=7860)
@@ -328,10 +333,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     tls: bool | bytes = args.tls_ca.read_bytes() if args.tls_ca else args.tls
-    connection: dict[str, Any] = {"token": args.token, "tls": tls}
+    connection: dict[str, Any] = {"token": args.token, "tls": tls, "allow_plaintext_token": args.allow_plaintext_token}
     try:
         with OmniGen2Client(args.server, timeout=STARTUP_TIMEOUT_S, **connection) as probe:
             info = probe.info()
+    except ValueError as exc:  # --server not host:port, or a token that would go in cleartext
+        raise SystemExit(f"omnigen2-webui: {exc}") from None
     except OmniGen2Error as exc:
         message = f"omnigen2-webui: no OmniGen2 API at {args.server} ({exc}); start one with `make serve`"
         raise SystemExit(message) from None
