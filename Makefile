@@ -74,7 +74,7 @@ serve: $(STAMP) $(STUBS)
 	$(PY) -m serving.stack --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
 
 # The web UI (client/omnigen2/webui, a Gradio client of the SDK) on http://127.0.0.1:7860, against a running API:
-# `make serve`'s by default. make demo DEMO_ARGS='--server host:port --token T --steps 20 --width 512 --height 512'
+# `make serve`'s by default. make demo DEMO_ARGS='--server host:port --token T --tls --steps 20 --width 512 --height 512'
 # (--port P: another page port). Gradio is installed once, again only when the SDK's pyproject or the venv changes.
 WEBUI_STAMP := $(VENV)/.webui-installed
 

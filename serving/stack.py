@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omnigen2.client import on_this_machine
+
 from serving.artifacts.disk_errors import disk_errors_named
 from serving.choices import BACKENDS, DEVICES
 from serving.cli_help import HelpFormatter
@@ -279,11 +281,16 @@ def usage(config: FrontendConfig, triton: TritonServer, on_gpu: bool) -> str:
     tls, tokens = bool(config.tls_cert), bool(config.auth_tokens)
     server = f"--server {config.listen}" + (f" --tls-ca {config.tls_cert}" if tls else "")
     server += ' --token "$TOKEN"' if tokens else ""
+    # The CLI sends a token without TLS only to this machine; a listen address it cannot tell is local needs the
+    # opt-out, said as such.
+    cleartext = tokens and not tls and not on_this_machine(config.listen)
+    server += " --allow-plaintext-token" if cleartext else ""
     http = f"{'https' if tls else 'http'}://{config.http_listen}/v1" if config.http_listen else "off"
     options = (f" --cacert {config.tls_cert}" if tls else "") + (' -H "Authorization: Bearer $TOKEN"' if tokens else "")
     curl = f"\n  curl -s{options} {http}/models" if config.http_listen else ""
     notes = ["TOKEN: a token whose digest --auth-tokens lists"] if tokens else []
     notes += ["a certificate from a public CA: --tls instead of --tls-ca, no --cacert"] if tls else []
+    notes += ["--allow-plaintext-token: the token crosses the network readable (--tls-cert)"] if cleartext else []
     hints = "".join(f"\n  ({note})" for note in notes)
     # On a CPU the default 1024 x 1024 takes minutes even for the tiny model; the edit keeps its input's size.
     size = "" if on_gpu else " --width 128 --height 128"

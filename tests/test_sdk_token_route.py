@@ -63,6 +63,8 @@ def test_a_token_still_goes_in_cleartext_to_loopback() -> None:
         ("127.0.0.1:50051", True),
         ("localhost", True),
         ("[::1]:50051", True),
+        ("0.0.0.0:50051", True),
+        ("[::]:50051", True),
         ("127.0.0.2:1,127.0.0.3:2", True),
         ("unix:/tmp/omnigen2.sock", True),
         ("unix-abstract:omnigen2", True),

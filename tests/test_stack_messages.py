@@ -82,3 +82,14 @@ def test_the_banners_commands_match_the_stacks_tls_and_tokens(secured: bool) -> 
         assert not any("--tls" in c or "TOKEN" in c for c in commands) and commands[3].endswith(
             "http://127.0.0.1:8080/v1/models"
         )
+
+
+@pytest.mark.parametrize(("listen", "opt_out"), [("10.0.0.5:50051", True), ("0.0.0.0:50051", False)])
+def test_the_banner_adds_the_cleartext_opt_out_only_where_the_cli_needs_it(listen: str, opt_out: bool) -> None:
+    """Tokens without TLS on an address the CLI cannot tell is this machine: before, the banner's commands were
+    refused by the CLI (a token in cleartext beyond this machine)."""
+    config = FrontendConfig(listen=listen, http_listen="", auth_tokens="/etc/og2/tokens.json")  # type: ignore[arg-type]
+    triton = SimpleNamespace(grpc_url="127.0.0.1:8001", log_path="/tmp/triton.log")
+    commands = [line for line in usage(config, triton, on_gpu=True).splitlines() if "omnigen2 --server" in line]  # type: ignore[arg-type]
+    assert len(commands) == 3
+    assert all(("--allow-plaintext-token" in c) is opt_out for c in commands), commands

@@ -113,9 +113,10 @@ def _local(endpoint: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return ip.is_loopback or ip.is_unspecified  # connecting to 0.0.0.0 or [::] reaches this machine
 
 
 def _check_token_route(target: Target, token: str | None, tls: bool | bytes, allow_plaintext_token: bool) -> None:
