@@ -612,8 +612,12 @@ def _parse_json(raw: bytes) -> Any:
         raise _not_json(str(exc)) from None
     except RecursionError:
         raise _not_json("its arrays and objects nest deeper than any request's") from None
-    except ValueError:  # the only other one json.loads raises: int() past Python's limit on digits
-        raise _not_json(f"it has an integer of over {sys.get_int_max_str_digits()} digits") from None
+    except UnicodeDecodeError:  # json.loads takes UTF-8, -16 and -32 (told apart by the first bytes)
+        raise _not_json("it is not UTF-8 text") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # int() past Python's limit on digits
+            raise _not_json(f"it has an integer of over {sys.get_int_max_str_digits()} digits") from None
+        raise _not_json(type(exc).__name__) from None
 
 
 def _no_constant(name: str) -> None:
