@@ -11,11 +11,13 @@ import json
 import logging
 
 import pytest
-from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader, LineTooLong
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, BadStatusLine, InvalidHeader, LineTooLong
+from aiohttp.test_utils import make_mocked_request
 
 from serving.frontend import http_malformed
 from serving.frontend.config import FrontendConfig
-from serving.frontend.http_malformed import MalformedRequests
+from serving.frontend.http_malformed import MalformedRequests, ParseErrorHandler
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_http import OpenAIGateway
 
@@ -103,8 +105,39 @@ def test_after_the_quiet_period_one_line_says_how_many_were_not_logged(caplog: p
         (InvalidHeader(b"Bearer alpha-SECRET-1234"), "Invalid HTTP header"),
         (BadStatusLine("GET /x HTTP/9 secret"), "Bad status line"),
         (BadHttpMessage("Duplicate 'Host' header found."), "Duplicate 'Host' header found"),
+        (BadHttpMessage("Duplicate 'HOST' header found."), "Duplicate 'HOST' header found"),
         (BadHttpMessage("\x01\x02"), "BadHttpMessage"),
+        # aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS) quotes the method it was sent
+        (BadHttpMethod("sk-secret"), "Bad HTTP method in status line"),
+        (BadHttpMessage("Bad 'sk-secret' and 'Host'"), "Bad"),
     ],
 )
 def test_the_reason_keeps_aiohttps_words_without_the_requests_bytes(error: BadHttpMessage, reason: str) -> None:
     assert http_malformed.reason(error) == reason
+
+
+@pytest.mark.parametrize(("status", "sent"), [(400, 100), (500, 0)], ids=["answer-started", "server-error"])
+def test_aiohttp_handles_what_is_no_parser_error_before_an_answer(status: int, sent: int) -> None:
+    """Once part of an answer went out, aiohttp raises ConnectionError rather than send a second one; before, the
+    handler answered 400 after it."""
+
+    async def handled() -> web.StreamResponse:
+        server = web.Server(lambda request: web.Response())
+        handler = ParseErrorHandler(
+            server, MalformedRequests(Metrics().http_malformed_requests), loop=asyncio.get_running_loop()
+        )
+        request = make_mocked_request("GET", "/", writer=_Writer(sent))
+        return handler.handle_error(request, status, BadHttpMessage("bad"))
+
+    if sent:
+        with pytest.raises(ConnectionError):
+            asyncio.run(handled())
+    else:
+        assert asyncio.run(handled()).content_type == "text/plain"  # aiohttp's own 500
+
+
+class _Writer:
+    """What handle_error reads of a request's writer."""
+
+    def __init__(self, output_size: int) -> None:
+        self.output_size = output_size

@@ -25,15 +25,31 @@ from serving.frontend.openai_errors import OpenAIError
 
 log = logging.getLogger("omnigen2.http")
 LOG_EVERY_S = 10.0
-# aiohttp's description of the error, before the part that quotes the request's bytes (": b'...'", a repr); a
-# quoted header name of the singleton headers ("Duplicate 'Host' header found.") is kept.
-_QUOTE = re.compile(r"'[A-Za-z-]{1,30}'|['\"]")
+# aiohttp's description of the error, before the first quote (": b'...'", a repr, or "method in status line
+# 'sk-...'": the request's own bytes); only a quoted name of the headers aiohttp refuses twice ("Duplicate 'Host'
+# header found.") is kept, any other quoted word may be a caller's secret.
+_QUOTE = re.compile(r"'([A-Za-z-]{1,30})'|['\"]")
+_HEADER_NAMES = frozenset(
+    [
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    ]
+)
 
 
 def reason(error: HttpProcessingError) -> str:
     """What aiohttp's parser found wrong, without any of the request's bytes."""
     text = error.message.split(":", 1)[0]
-    text = text[: next((m.start() for m in _QUOTE.finditer(text) if len(m[0]) == 1), len(text))]
+    quotes = (m.start() for m in _QUOTE.finditer(text) if not (m[1] and m[1].lower() in _HEADER_NAMES))
+    text = text[: next(quotes, len(text))]
     text = "".join(c for c in text if c.isprintable()).strip().rstrip(".")
     return text[:80] or type(error).__name__
 
@@ -77,7 +93,9 @@ class ParseErrorHandler(RequestHandler):
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
-        if not isinstance(exc, HttpProcessingError):
+        # Once part of an answer went out another cannot follow: aiohttp's own handling raises ConnectionError then;
+        # a 500 is no parser error.
+        if not isinstance(exc, HttpProcessingError) or status == 500 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         why = self.malformed.seen(request.remote, exc)
         error = OpenAIError(status, f"the request does not parse as HTTP/1.1: {why}", code="malformed_request")
