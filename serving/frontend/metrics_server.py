@@ -38,8 +38,9 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
     def __init__(
         self, registry: CollectorRegistry, address: str, port: int, max_connections: int, timeout_s: float
     ) -> None:
-        # IPv4 or IPv6, as the address is (prometheus_client's start_http_server chooses so too).
-        found = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        # IPv4 or IPv6, as the address is (prometheus_client's start_http_server chooses so too); "" is every
+        # address, as the stack's check of the port (serving/triton/ports.py bind_error) takes it.
+        found = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = found[0]
         super().__init__((str(found[4][0]), port), _QuietHandler)
         self.set_app(make_wsgi_app(registry))
