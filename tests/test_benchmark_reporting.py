@@ -157,7 +157,9 @@ def test_a_row_measured_again_replaces_its_own_and_names_its_run(tmp_path: Path)
         "load average not recorded. Commit: not recorded. Torch not recorded; best of 5 per cell, one run but" in text
     )
     assert 'The row "prompt cache" is from a later run that measured it alone (best of 7): Machine: ' in text
-    assert "| 2000.00x |" in text and "| 2.50x |" in text
+    assert "| 800 | 320 | 2.50x |" in text
+    # The hit's microseconds in three digits, not 0.00, and no ratio in the table: it only restates the miss.
+    assert "| 6 | 0.003 | not given (below) |" in text and "the ratio (2000x) would only restate" in text
     with pytest.raises(SystemExit, match="no row 'other'"):
         rerun_row(Row("other", "a", "b", 1.0, 1.0), settings, RunStart(), tmp_path, "A")
 
