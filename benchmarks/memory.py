@@ -1,26 +1,14 @@
-"""Peak resident memory of process trees, sampled in the background while a benchmark point runs; and a process's
-own memory figures as the kernel keeps them (/proc/<pid>/status), with its peak that can be started again."""
+"""Peak resident memory of process trees, and of the GPU, sampled in the background while a benchmark point runs (a
+process's own /proc figures: benchmarks/proc_memory.py)."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import psutil
 import torch
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    """One memory field of /proc/<pid>/status (VmRSS, VmHWM: the peak, RssAnon), in KiB as the kernel gives it."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith(field + ":")).split()[1])
-
-
-def reset_peak(pid: int) -> None:
-    """Starts the process's peak (VmHWM) again from its current resident size; needs the same user, or root."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def tree_rss(pid: int, children: bool = True) -> int:

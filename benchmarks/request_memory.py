@@ -21,7 +21,7 @@ import grpc
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-from benchmarks.memory import proc_status_kib, reset_peak
+from benchmarks.proc_memory import proc_status_kib, reset_peak
 from serving import health_probe
 from serving.triton.ports import LOOPBACK, free_port
 

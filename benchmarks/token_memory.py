@@ -20,7 +20,7 @@ from typing import Any
 from omnigen2 import OmniGen2Client
 
 from benchmarks.machine import RunStart
-from benchmarks.memory import proc_status_kib, reset_peak
+from benchmarks.proc_memory import proc_status_kib, reset_peak
 from benchmarks.served import served
 from serving.artifacts.repository import prepare_repository
 from serving.triton.launcher import TritonServer

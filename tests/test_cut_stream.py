@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 from omnigen2.v1 import omnigen2_pb2 as pb
 
-from benchmarks.memory import proc_status_kib
+from benchmarks.proc_memory import proc_status_kib
 from serving.frontend.admission import Load
 from serving.frontend.config import MiB
 from serving.frontend.triton_backend import Event, ProgressEvent, ResultEvent

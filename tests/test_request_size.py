@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.message import Message
 from omnigen2.v1 import omnigen2_pb2 as pb
 
-from benchmarks.memory import proc_status_kib, reset_peak
+from benchmarks.proc_memory import proc_status_kib, reset_peak
 from serving.frontend.request_size import check_request_size
 from serving.frontend.status import ApiError
 

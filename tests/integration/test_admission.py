@@ -19,7 +19,7 @@ from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 from PIL import Image
 
-from benchmarks.memory import proc_status_kib, reset_peak
+from benchmarks.proc_memory import proc_status_kib, reset_peak
 from serving.artifacts.repository import prepare_repository
 from serving.frontend.metrics_page import read_metrics, sample
 from serving.frontend.process import FrontendProcess

@@ -18,7 +18,7 @@ from omnigen2 import OmniGen2Client
 from omnigen2.v1 import omnigen2_pb2 as pb
 from omnigen2.v1 import omnigen2_pb2_grpc as pb_grpc
 
-from benchmarks.memory import proc_status_kib, reset_peak
+from benchmarks.proc_memory import proc_status_kib, reset_peak
 from serving.frontend.process import FrontendProcess
 from serving.triton.launcher import TritonServer
 
