@@ -48,13 +48,16 @@ browser:
 
 # PYTEST_WORKERS=2 runs the tests in two pytest-xdist workers (in one process they keep about one of two cores busy:
 # they wait on servers, subprocesses and timeouts much of the time): each test file whole in one worker, both sharing
-# the session's ONNX export (pyproject.toml's addopts, tests/conftest.py). 0, the default, runs them in one process:
+# the session's ONNX export (tests/conftest.py). 0, the default, runs them in one process:
 # under a heavily loaded machine some timing-bound tests failed with two workers (not yet shown reliable).
 PYTEST_WORKERS ?= 0
+# With workers each test file runs whole in one worker, so that a module's fixtures (its servers) start once, and
+# the files go out in collection order: those that need the session's ONNX export last (tests/conftest.py).
+XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist=loadfile --no-loadscope-reorder)
 
 unit: $(STAMP) browser
 	# The slowest tests are listed at the end, so a run that grows shows where (make test stays under ~10 min).
-	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q --durations=30 -n $(PYTEST_WORKERS)
+	OMNIGEN2_GOLDEN=$(GOLDEN) $(VENV)/bin/pytest -q --durations=30 $(XDIST)
 
 # mypy (one core, about a minute with a fresh clone's empty cache) runs beside the tests, which leave a core idle
 # much of the time, at the lowest priority: it takes only what they and their background export leave. Its report
