@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from serving.frontend.config import FrontendConfig
 from serving.frontend.server import Frontend, serve
 from serving.triton.leftovers import pid_namespace
 from serving.triton.ports import free_port
+from tests.frontends import in_process_frontend
 
 
 @contextlib.contextmanager
@@ -104,3 +106,25 @@ def test_ready_is_called_once_the_ports_are_bound_and_never_when_one_is_taken() 
 
     asyncio.run(serve(_config(), ready=ready))
     assert calls == ["bound"]
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [("127.0.0.2", set()), ("localhost", set()), ("0.0.0.0", {"without TLS", "without --auth-tokens"})],
+)
+def test_an_http_api_off_loopback_is_warned_about(
+    host: str, warned: set[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warnings and the HTTP API's Host check (serving/frontend/loopback.py) take the same addresses for
+    loopback: before, 127.0.0.2 was warned about as without TLS while its Host check took it for loopback."""
+
+    async def run() -> None:
+        async with in_process_frontend(http_listen=f"{host}:0"):
+            pass
+
+    with caplog.at_level(logging.WARNING, "omnigen2.frontend"):
+        asyncio.run(run())
+    lines = [record.getMessage() for record in caplog.records if "the HTTP API listens on" in record.getMessage()]
+    assert {
+        words for words in ("without TLS", "without --auth-tokens") if any(words in line for line in lines)
+    } == warned

@@ -39,7 +39,7 @@ from serving.frontend.auth import TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.http_connections import Counted, Refused, open_files, unavailable
 from serving.frontend.http_malformed import MalformedRequests, ParseErrorHandler, reason
-from serving.frontend.http_origins import OriginGuard, is_loopback
+from serving.frontend.http_origins import OriginGuard
 from serving.frontend.metrics import Metrics
 from serving.frontend.openai_answers import (
     all_withheld_error,
@@ -113,7 +113,7 @@ class OpenAIGateway:
         self.cut_at: float | None = None  # set by stop(): requests still running then are cut by the server
         self.stub: pb_grpc.OmniGen2Stub | None = None
         self.malformed = MalformedRequests(metrics.http_malformed_requests)
-        # What a web page may send; start() knows whether the API listens on loopback only.
+        # What a web page may send; start() tells it the listen address.
         self.guard = OriginGuard(config.http_allowed_origins)
 
     async def start(self, listen: str) -> int:
@@ -128,7 +128,7 @@ class OpenAIGateway:
         self.stub = pb_grpc.OmniGen2Stub(self.channel)
         await self.runner.setup()
         host, _, port = listen.rpartition(":")
-        self.guard.loopback = is_loopback(host)
+        self.guard.listening(host, tokens=self.tokens is not None)
         context = None
         if self.config.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -478,7 +478,8 @@ class OpenAIGateway:
         request[_REQUEST_ID] = request_id.from_metadata([(request_id.HEADER, request.headers.get("x-request-id", ""))])
         response: web.StreamResponse | None = None
         try:
-            refusal = self.guard.refusal(request.headers.get("Origin"), request.headers.get("Host"))
+            local = request.transport.get_extra_info("sockname") if request.transport is not None else None
+            refusal = self.guard.refusal(request.headers.get("Origin"), request.headers.get("Host"), local and local[0])
             if refusal is not None:
                 raise refusal
             self._authenticate(request)

@@ -27,6 +27,7 @@ from serving.frontend import access_log, socket_dir
 from serving.frontend.auth import METHODS, PROTECTED_PREFIX, AuthInterceptor, TokenRegistry
 from serving.frontend.config import FrontendConfig
 from serving.frontend.health import SERVICE, TritonHealth
+from serving.frontend.loopback import is_loopback
 from serving.frontend.malformed import MalformedRequestInterceptor
 from serving.frontend.metrics import Metrics
 from serving.frontend.metrics_server import MetricsServer, serve_metrics
@@ -46,7 +47,6 @@ MIN_CLIENT_PING_INTERVAL_MS = 5_000
 # How long past --stop-grace-s the stop waits for cut calls' handlers to end (they record themselves last).
 ENDING_MARGIN_S = 5.0
 NAMED_CUTS = 20  # request ids the drain's warning names; the count says how many more
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Frontend:
@@ -142,7 +142,7 @@ class Frontend:
         if self.gateway is not None and self.server.add_insecure_port(self.gateway.target) == 0:
             raise OSError(f"cannot listen on {self.gateway.target}")
         self.service.server_id = config.server_id or f"{socket.gethostname()}:{self.port}"
-        if not _on_loopback(config.listen.rpartition(":")[0]):
+        if not is_loopback(config.listen.rpartition(":")[0]):
             if not config.tls_cert:
                 log.warning("the API listens on %s without TLS: set --tls-cert and --tls-key", config.listen)
             if not self.tokens:
@@ -159,7 +159,7 @@ class Frontend:
                 )
             except OSError as exc:
                 raise SettingError("--metrics-port", f"cannot serve metrics on {where}: {exc.strerror}") from None
-            if not _on_loopback(config.metrics_address):
+            if not is_loopback(config.metrics_address):
                 log.warning(
                     "the metrics listen on %s, without TLS or tokens: limit who can reach it (a NetworkPolicy)", where
                 )
@@ -172,8 +172,18 @@ class Frontend:
             except OSError as exc:
                 await self.stop()  # the gRPC server is up already
                 raise SettingError("--http-listen", f"cannot listen on {config.http_listen}: {exc.strerror}") from None
-            if not _on_loopback(config.http_listen.rpartition(":")[0]) and not config.tls_cert:
-                log.warning("the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen)
+            if not is_loopback(config.http_listen.rpartition(":")[0]):
+                if not config.tls_cert:
+                    log.warning(
+                        "the HTTP API listens on %s without TLS: set --tls-cert and --tls-key", config.http_listen
+                    )
+                if not self.tokens:
+                    log.warning(
+                        "the HTTP API listens on %s without --auth-tokens: every caller is served, but one that "
+                        "reaches it on loopback must name a loopback Host (DNS rebinding; a proxy there passing on "
+                        "its callers' Host: list their origins in --http-allowed-origins)",
+                        config.http_listen,
+                    )
         return self.port
 
     async def stop(self) -> int:
@@ -227,11 +237,6 @@ class Frontend:
             )
         else:
             log.info("front end stopped: no call in flight (%d cut by the drain)", len(cut))
-
-
-def _on_loopback(host: str) -> bool:
-    """Whether `host` (an address's host, IPv6 in brackets or not) is this machine's loopback."""
-    return host.strip("[]") in LOOPBACK_HOSTS
 
 
 def _server_options(config: FrontendConfig) -> list[tuple[str, int]]:
