@@ -51,7 +51,7 @@ FLAG_HELP = {
     "http_min_body_rate": "bytes/s an HTTP body must arrive at, on average, after --http-body-timeout-s",
     "http_idle_timeout_s": "seconds an HTTP connection with no request in progress is kept",
     "http_max_connections": "open HTTP connections at most; 0 = half the open-file limit",
-    "http_allowed_origins": "comma-separated origins whose web pages may call the HTTP API; '' = none (403)",
+    "http_allowed_origins": "origins whose web pages may call the HTTP API; '' = none (403)",
     "max_buffered_stream_bytes": "output waiting for a streaming caller before RESOURCE_EXHAUSTED, bytes",
     "stop_grace_s": "seconds a stopped call waits for its model to confirm the stop before cancelling it",
 }
