@@ -76,13 +76,7 @@ def test_a_scan_bomb_is_refused_before_decoding_in_the_front_end_and_the_decoder
     with pytest.raises(InvalidArgumentError, match=f"more than {jpeg.MAX_SCANS} scans") as refused:
         decode_image(bomb, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
     assert refused.value.field == FIELD
-    with pytest.raises(ApiError, match=r"input_images\[0\]\.data.*more than 100 scans"):
-        to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=bomb)]), DEFAULT_LIMITS)
-    chat = pb.UnderstandRequest(
-        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(image=pb.Image(data=bomb))])]
-    )
-    with pytest.raises(ApiError, match=r"messages\[0\]\.content\[0\]\.image.*more than 100 scans"):
-        to_chat_forward(chat, DEFAULT_CHAT_LIMITS)
+    _refused_by_the_front_end(bomb, "more than 100 scans")
     assert time.perf_counter() - started < 1.0
 
 
@@ -170,12 +164,17 @@ def test_a_tiff_whose_tile_outgrows_its_image_is_refused_from_its_header() -> No
     with pytest.raises(InvalidArgumentError, match=r"TIFF tiles of 8192x8192 pixels, more than the 16x16 image") as r:
         decode_image(TILE_BOMB, FIELD, DEFAULT_LIMITS.max_input_image_pixels)
     assert r.value.field == FIELD
-    with pytest.raises(ApiError, match=r"input_images\[0\]\.data.*TIFF tiles of 8192x8192"):
-        to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=TILE_BOMB)]), DEFAULT_LIMITS)
+    _refused_by_the_front_end(TILE_BOMB, "TIFF tiles of 8192x8192")
+
+
+def _refused_by_the_front_end(image: bytes, reason: str) -> None:
+    """Refused as a generation's input image and as an Understand message's image, each naming its field."""
+    with pytest.raises(ApiError, match=rf"input_images\[0\]\.data.*{reason}"):
+        to_forward(pb.GenerateRequest(prompt="a cat", input_images=[pb.Image(data=image)]), DEFAULT_LIMITS)
     chat = pb.UnderstandRequest(
-        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(image=pb.Image(data=TILE_BOMB))])]
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(image=pb.Image(data=image))])]
     )
-    with pytest.raises(ApiError, match=r"messages\[0\]\.content\[0\]\.image.*TIFF tiles of 8192x8192"):
+    with pytest.raises(ApiError, match=rf"messages\[0\]\.content\[0\]\.image.*{reason}"):
         to_chat_forward(chat, DEFAULT_CHAT_LIMITS)
 
 
