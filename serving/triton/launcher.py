@@ -47,6 +47,11 @@ NO_RESPONSE_POOL = "--grpc-infer-allocation-pool-size=0"
 # loaded this often, from Triton's log (its gRPC port opens only once all have), so that a long start shows progress.
 PROGRESS_INTERVAL_S = 5.0
 KEPT_LOGS = 8  # the other servers' logs kept in a build folder, newest first
+# Triton 2.51's Python backend sometimes aborts (SIGABRT) on this while its model instances initialize, more often on
+# a busy CPU: an open upstream bug. A start that died so is retried this many times; any other failure is not.
+LOCK_CRASH = b"boost::interprocess::lock_exception"
+LOCK_CRASH_ISSUE = "triton-inference-server/server#8882"
+START_CRASH_RETRIES = 2
 log = logging.getLogger(__name__)
 
 
@@ -122,12 +127,38 @@ class TritonServer:
         ]
 
     def start(self, timeout: float = 180.0, cancel: threading.Event | None = None) -> TritonServer:
-        """Starts the server and waits until it is ready (or `cancel` is set)."""
+        """Starts the server and waits until it is ready (or `cancel` is set); `timeout` bounds the whole start,
+        the retries of a known start-up crash (START_CRASH_RETRIES) included."""
         install = TritonInstall.find()
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("tritonserver is running already: stop() it first")
         self.ports.check_free()
         self.clean_up()  # a previous server's, if it was killed
+        deadline = time.monotonic() + timeout
+        for attempt in range(1, START_CRASH_RETRIES + 2):
+            process = self._spawn(install)
+            try:
+                self.wait_ready(max(deadline - time.monotonic(), 0.0), cancel)
+            except BaseException as exc:  # an interrupt or a caller's own time limit too: no server left behind
+                self._terminate()
+                if attempt > START_CRASH_RETRIES or not self._lock_crash(exc, cancel):
+                    raise
+                log.warning(
+                    "tritonserver aborted while starting (boost::interprocess::lock_exception in its Python backend, "
+                    "%s); its stubs and shared memory removed, starting it again (retry %d of %d; its log: %s)",
+                    LOCK_CRASH_ISSUE,
+                    attempt,
+                    START_CRASH_RETRIES,
+                    self.keep_log(),
+                )
+            else:
+                break
+        if self.watchdog is not None:
+            self.watchdog.stop()  # the previous server's, on a restart
+        self.watchdog = StubWatchdog(process.pid, self.grpc_url).start()
+        return self
+
+    def _spawn(self, install: TritonInstall) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         # The Python-backend stubs import this venv's packages, so they must run on this interpreter's own
         # libpython (not another 3.11 the system may have: its extension modules would not link), and the
@@ -151,15 +182,26 @@ class TritonServer:
             self.process = lifeline.popen(
                 self.command(install), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        try:
-            self.wait_ready(timeout, cancel)
-        except BaseException:  # an interrupt or a caller's own time limit too: no server left behind
-            self._terminate()
-            raise
-        if self.watchdog is not None:
-            self.watchdog.stop()  # the previous server's, on a restart
-        self.watchdog = StubWatchdog(self.process.pid, self.grpc_url).start()
-        return self
+        return self.process
+
+    def _lock_crash(self, failure: BaseException, cancel: threading.Event | None) -> bool:
+        """Whether a start failed because its server aborted on the Python backend's lock_exception
+        (LOCK_CRASH_ISSUE), and was not cancelled meanwhile."""
+        return (
+            isinstance(failure, RuntimeError)
+            and not (cancel is not None and cancel.is_set())
+            and self.process is not None
+            and self.process.returncode == -signal.SIGABRT
+            and LOCK_CRASH in self._log_since(0)
+        )
+
+    def keep_log(self) -> Path:
+        """Moves the log of a server that died aside (`<log>.1`, replacing an older one), so that the next start
+        writes a fresh one; returns where it went."""
+        kept = self.log_path.with_name(f"{self.log_path.name}.1")
+        if self.log_path.is_file():
+            self.log_path.replace(kept)
+        return kept
 
     def supervise(self, on_give_up: Callable[[str], None], restarts: int = 3) -> TritonSupervisor:
         """Restart the server when it dies unasked, up to `restarts` times in 10 minutes (serving/triton/supervisor.py);

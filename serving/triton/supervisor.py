@@ -118,9 +118,7 @@ class TritonSupervisor:
         )
         if self._stop.wait(delay):
             return
-        log_path = self.server.log_path
-        if log_path.is_file():
-            log_path.replace(log_path.with_name(f"{log_path.name}.1"))
+        self.server.keep_log()
         try:
             self.server.start(cancel=self._stop)
         except Exception as exc:  # its exit is seen on the next round, and counted as a death
