@@ -48,7 +48,7 @@ def fake_server(
 ) -> Iterator[str]:
     """`servicer` as the OmniGen2 service on a free loopback port (TLS with `credentials`; a health service beside
     it when given): yields its address, and stops it on leaving."""
-    server = grpc.server(ThreadPoolExecutor(4))
+    server = grpc.server(ThreadPoolExecutor(8))  # room for blocking health Watch streams beside the calls
     pb_grpc.add_OmniGen2Servicer_to_server(servicer, server)
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

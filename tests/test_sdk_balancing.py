@@ -27,7 +27,11 @@ class Replica(pb_grpc.OmniGen2Servicer):
         self.name = name
         self.unavailable = unavailable
         self.request_ids: list[str] = []
-        self.health = health.HealthServicer()
+        # Blocking Watch streams: the non-blocking default sends a Watch's first answer while holding the servicer's
+        # lock, and a stream closing at that moment waits for the lock on the server's only event thread, which that
+        # send waits for (grpcio-health-checking's sync servicer): one call ran into its deadline and pytest then hung
+        # at exit on the stuck pool thread. The front end uses the asyncio servicer, which has no such wait.
+        self.health = health.HealthServicer(experimental_non_blocking=False)
         self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.address = ""  # given when served: see the replicas fixture
 
