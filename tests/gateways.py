@@ -34,17 +34,30 @@ def gateway_post(
 ) -> tuple[int, dict[str, Any], int]:
     """The status and JSON body of one POST to a gateway listening on `listen` (reached on 127.0.0.1), and how
     many calls reached the service."""
+    status, answer, _, calls = gateway_answer(route, body, headers, config, listen)
+    return status, answer, calls
 
-    async def run() -> tuple[int, dict[str, Any], int]:
+
+def gateway_answer(
+    route: str,
+    body: bytes,
+    headers: dict[str, str],
+    config: FrontendConfig | None = None,
+    listen: str = "127.0.0.1:0",
+) -> tuple[int, dict[str, Any], dict[str, str], int]:
+    """`gateway_post`'s answer with its headers too; the client inflates nothing, so a body comes as it was sent."""
+
+    async def run() -> tuple[int, dict[str, Any], dict[str, str], int]:
         gateway = OpenAIGateway(config or FrontendConfig(), "unix:unused", Metrics())
         port = await gateway.start(listen)
         service = ImageService()
         gateway.stub = service  # type: ignore[assignment]
         try:
-            async with aiohttp.ClientSession() as session:
+            async with aiohttp.ClientSession(auto_decompress=False) as session:
                 url = f"http://127.0.0.1:{port}{route}"
                 async with session.post(url, data=body, headers=headers) as response:
-                    return response.status, await response.json(), service.calls
+                    answer = await response.json()
+                    return response.status, answer, dict(response.headers), service.calls
         finally:
             await gateway.stop()
 
