@@ -8,7 +8,11 @@ git-ignored and carried with the tree, which may not pass 64 MiB in all. The whe
 interpreter's own environment, not a --target folder: Triton's Python-backend stub embeds an isolated interpreter,
 which sees that environment's site-packages but not PYTHONPATH. The stub was built for numpy 1 (with numpy 2 a BYTES
 input, the BLS's request, kills it), so the image's numpy is replaced by the pinned 1.26.4, with ml_dtypes at the
-pinned 0.5.4 (0.6 needs numpy 2; onnx imports it). nvidia-pytriton is trimmed to the one stub that runs there (3.12):
+pinned 0.5.4 (0.6 needs numpy 2; onnx imports it). The image's scikit-learn and scipy are removed there: the
+image's scipy refuses numpy 1 at import, and transformers imports scikit-learn (hence scipy) whenever it is installed,
+so `from diffusers import AutoencoderKL` failed (the first device run, 2026-11-27); nothing here uses either, and
+without them transformers and diffusers skip those imports (rehearsed with the image's transformers 5.17.0 and peft on
+the dev machine: `gpu_check --smoke` passes). nvidia-pytriton is trimmed to the one stub that runs there (3.12):
 the other stubs and the libpython the 3.13 one brings are 16 MB of the 55. Every wheel is rewritten with LZMA
 compression (zipfile's, which pip reads): about 52 MiB instead of 75. The generated gRPC stubs are git-ignored
 too, so they are carried as files. Prints each device command (RUNS: the check, then what to run while device time
@@ -63,6 +67,7 @@ PINNED = (
     "grpcio-health-checking",
     "grpcio-reflection",
     "protobuf",
+    "confusable-homoglyphs",  # the front end's prompt policy; missing, the served stage failed (2026-11-27)
 )
 # Imported by those and absent from the GPU image, not pinned in pyproject.toml: the dev environment's versions.
 UNPINNED = {"googleapis-common-protos": "1.76.0", "python-rapidjson": "1.25"}
@@ -177,8 +182,8 @@ class DeviceRun:
             "python3 -c \"import os, sys, sysconfig; p = sysconfig.get_path('purelib'); os.access(p, os.W_OK)"
             " or sys.exit(f'gpu-check: {p} is not writable; the wheels must go into python3s own environment')\""
         )
-        install = (  # into python3's own venv, where the Triton stubs look (module docstring)
-            f"{writable} && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+        install = (  # into python3's own venv, where the Triton stubs look; scipy and scikit-learn out (docstring)
+            f"{writable} && python3 -m pip uninstall -q -y scikit-learn scipy && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
             " .whl/*.whl"
             " && export PYTHONPATH=$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
         )

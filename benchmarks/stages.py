@@ -29,8 +29,11 @@ def _expire(signum: int, frame: FrameType | None) -> None:
 
 
 class StageRunner:
-    def __init__(self, stages: Record, write: Callable[[], None], total_s: float) -> None:
+    def __init__(
+        self, stages: Record, write: Callable[[], None], total_s: float, skip: frozenset[str] = frozenset()
+    ) -> None:
         self.stages = stages  # name -> record, inside the results that `write` saves
+        self.skip = skip  # stages the caller left out (a device session spending its last minutes on the rest)
         self.write = write
         self.deadline = time.monotonic() + total_s
         self.unused_s = 0.0  # what finished and skipped stages left of their budgets
@@ -50,9 +53,14 @@ class StageRunner:
         self.stages[name] = record
         missing = [need for need in needs if not self.ok(need)]
         limit = min(budget_s + (self.unused_s if borrow else 0.0), self.deadline - time.monotonic())
-        if missing or limit <= 0:
+        if name in self.skip or missing or limit <= 0:
             record["status"] = "skipped"
-            record["reason"] = f"needs {', '.join(missing)}" if missing else "no time left in the run's total budget"
+            if name in self.skip:
+                record["reason"] = "left out by the caller (--skip)"
+            elif missing:
+                record["reason"] = f"needs {', '.join(missing)}"
+            else:
+                record["reason"] = "no time left in the run's total budget"
             self.unused_s += budget_s
             self._report(name, record)
             return False
