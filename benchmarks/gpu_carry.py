@@ -22,12 +22,13 @@ is left), its `carry` list and a timeout.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tomllib
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ PINNED = (
 )
 # Imported by those and absent from the GPU image, not pinned in pyproject.toml: the dev environment's versions.
 UNPINNED = {"googleapis-common-protos": "1.76.0", "python-rapidjson": "1.25"}
+IMAGE_PACKAGES = Path(__file__).with_name("gpu_image_packages.txt")
+# Project dependencies the device runs never import: the ONNX export's graph slimmer (the check serves `pytorch`).
+NOT_IMPORTED_THERE = frozenset({"onnxslim"})
 # gpu_check's own total (DEVICE.total_s, 440 s), a last stage's overrun, the install and the interpreter's start
 TIMEOUT_S = 540
 
@@ -93,6 +97,27 @@ def wanted() -> dict[str, str]:
     if missing:
         raise SystemExit(f"pyproject.toml no longer pins {', '.join(missing)}")
     return {name: pinned[name] for name in PINNED} | UNPINNED
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def image_packages() -> frozenset[str]:
+    lines = IMAGE_PACKAGES.read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def uncovered(carried: Iterable[str]) -> list[str]:
+    """The served stack's dependencies (pyproject's own and its `model` extra) that neither the GPU image has nor a
+    carried wheel brings: each would fail an import there after the machine's start (confusable-homoglyphs did)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {
+        normalized(Requirement(entry).name)
+        for entry in [*project["dependencies"], *project["optional-dependencies"]["model"]]
+    }
+    have = image_packages() | {normalized(name) for name in carried} | NOT_IMPORTED_THERE
+    return sorted(needed - have)
 
 
 def download(versions: dict[str, str]) -> list[Path]:
@@ -182,10 +207,16 @@ class DeviceRun:
             "python3 -c \"import os, sys, sysconfig; p = sysconfig.get_path('purelib'); os.access(p, os.W_OK)"
             " or sys.exit(f'gpu-check: {p} is not writable; the wheels must go into python3s own environment')\""
         )
+        # The checkout and its client/ named in a .pth file of that environment: the stubs import `omnigen2` (the
+        # client package) and ignore PYTHONPATH, so without it every served model failed to load (2026-11-27).
+        checkout = (
+            "python3 -c \"import os, sysconfig; open(os.path.join(sysconfig.get_path('purelib'),"
+            " 'omnigen2-checkout.pth'), 'w').write(os.getcwd() + '\\n' + os.getcwd() + '/client\\n')\""
+        )
         install = (  # into python3's own venv, where the Triton stubs look; scipy and scikit-learn out (docstring)
-            f"{writable} && python3 -m pip uninstall -q -y scikit-learn scipy && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
-            " .whl/*.whl"
-            " && export PYTHONPATH=$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
+            f"{writable} && python3 -m pip uninstall -q -y scikit-learn scipy"
+            " && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl"
+            f" && {checkout} && export PYTHONPATH=$PWD:$PWD/client PYTHONUNBUFFERED=1 || exit;"
         )
         return f"set -o pipefail; {install} {self.run}"
 
@@ -220,7 +251,11 @@ def main() -> None:
     for stub in STUBS:
         if not (ROOT / stub).is_file():
             raise SystemExit(f"{stub} missing: run `make proto` first")
-    wheels = download(wanted())
+    versions = wanted()
+    missing = uncovered(versions)
+    if missing:
+        raise SystemExit(f"the GPU image lacks {', '.join(missing)}: add each to PINNED (and pyproject.toml's pins)")
+    wheels = download(versions)
     shutil.rmtree(WHEELS, ignore_errors=True)
     WHEELS.mkdir()
     for wheel in wheels:

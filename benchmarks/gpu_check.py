@@ -269,7 +269,13 @@ class ServedStack:
 
 class Check:
     def __init__(
-        self, settings: Settings, out: Path, work: Path, processor: Path, smoke: bool, skip: frozenset[str] = frozenset()
+        self,
+        settings: Settings,
+        out: Path,
+        work: Path,
+        processor: Path,
+        smoke: bool,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
         self.settings, self.out, self.work, self.processor = settings, out, work, processor
         self.device = torch.device(settings.device)
@@ -524,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", type=Path, help="rewrite a finished run's results naming --device-reply")
     parser.add_argument("--device-reply", help="the machine the device tool's reply names")
     parser.add_argument(
-        "--skip", default="", help="comma-separated stages to leave out (a rerun measuring only what an earlier one missed)"
+        "--skip", default="", help="comma-separated stages to leave out (a rerun measuring what an earlier one missed)"
     )
     args = parser.parse_args(argv)
     if args.render:

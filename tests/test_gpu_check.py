@@ -118,6 +118,14 @@ def test_no_stage_starts_past_the_total_budget() -> None:
     assert stages["late"]["reason"] == "no time left in the run's total budget"
 
 
+def test_a_stage_left_out_is_skipped_and_lends_its_budget() -> None:
+    stages: dict[str, Any] = {}
+    runner = StageRunner(stages, lambda: None, total_s=60, skip=frozenset({"measured_before"}))
+    assert not runner.run("measured_before", 5, lambda record: record.update(ran=True))
+    assert stages["measured_before"] == {"status": "skipped", "budget_s": 5, "reason": "left out by the caller (--skip)"}
+    assert runner.run("load", 1, lambda record: time.sleep(1.5), borrow=True)  # its own 1 s and the 5 s left out
+
+
 def test_the_device_runs_fit_their_limits() -> None:
     assert sum(budget for budget, _ in BUDGETS.values()) <= gpu_carry.TIMEOUT_S - 60
     assert gpu_carry.RUNS[0].timeout_s == gpu_carry.TIMEOUT_S <= 8 * 60 + 60  # the check: 8 minutes and the install
@@ -137,6 +145,23 @@ def test_the_device_runs_install_where_the_triton_stubs_look() -> None:
     models and leave them the image's numpy 2."""
     for run in gpu_carry.RUNS:
         assert "--target" not in run.command() and "/tmp/site" not in run.command()
+
+
+def test_the_device_runs_clear_the_image_s_numpy_2_packages_and_name_the_checkout() -> None:
+    """What the first H100 runs (2026-11-27) failed on: the image's scipy refuses numpy 1.26 when transformers imports
+    scikit-learn, and the Triton stubs could not import the client package `omnigen2` (they ignore PYTHONPATH)."""
+    for run in gpu_carry.RUNS:
+        command = run.command()
+        uninstall = command.index("pip uninstall -q -y scikit-learn scipy")
+        assert uninstall < command.index("pip install"), "removed before the wheels go in"
+        assert "omnigen2-checkout.pth" in command and "'/client" in command
+
+
+def test_every_served_dependency_is_in_the_gpu_image_or_carried() -> None:
+    carried = gpu_carry.wanted()
+    assert gpu_carry.uncovered(carried) == []
+    assert gpu_carry.uncovered(set(carried) - {"confusable-homoglyphs"}) == ["confusable-homoglyphs"]
+    assert {"torch", "transformers", "scipy", "scikit-learn"} <= gpu_carry.image_packages()
 
 
 def test_the_trimmed_pytriton_keeps_one_stub_and_its_record_lzma_compressed(tmp_path: Path) -> None:
