@@ -9,9 +9,11 @@ GPU machine: `--checkpoint full --size 1024 --random`, the second command `make 
 Rows, each one change on the bf16 transformer (transformer calls as the BLS packs them: text rounded up to 16
 tokens, an empty reference slot for text-to-image): trimmed padding and mask-free attention on a branch called
 alone (the reference's way of calling); then on a CFG pair in one call, whose prompts differ in length, the
-FlexAttention block mask, compiled blocks and CUDA graphs. The compiled rows need a GPU (Inductor's CPU code is
-slow to build and is not what serving compiles for), so on the CPU they are left out and the table says so. The
-compile time (warm-up) is reported beside the rows, not in them. Results:
+FlexAttention block mask, compiled blocks and CUDA graphs; last, cuDNN's attention kernel before flash
+(`--sdpa-kernels cudnn,flash`) on the branch alone, whose every attention call is unmasked, eager and then compiled
+with CUDA graphs, as served. The compiled rows need a GPU (Inductor's CPU code is slow to build and is not what
+serving compiles for), and the kernel order picks among CUDA's kernels, so on the CPU these rows are left out and
+the table says so. The compile time (warm-up) is reported beside the rows, not in them. Results:
 benchmarks/results/fast-path-<checkpoint>-<device>/{results.json, results.md, ablations.png}.
 """
 
@@ -21,7 +23,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -103,6 +105,10 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
         row("compiled blocks (T2I CFG pair)", "eager", "compiled", sdpa, compiled, pair)
         row("block-mask attention (T2I CFG pair, compiled)", "dense bias", "FlexAttention", compiled, flex, pair)
         row("CUDA graphs (T2I CFG pair, compiled)", "launches", "graph replay", compiled, graphs, pair)
+        # The kernel order alone: SDPA's own picks flash for this call; cuDNN measured faster in the GPU check's probe
+        sdpa_cudnn, graphs_cudnn = (replace(fast, sdpa_kernels=("cudnn", "flash")) for fast in (sdpa, graphs))
+        row("cuDNN attention first (T2I branch alone)", "flash", "cuDNN", sdpa, sdpa_cudnn, alone)
+        row("cuDNN attention first (T2I branch alone, graphs)", "flash", "cuDNN, graphs", graphs, graphs_cudnn, alone)
     return rows, compile_seconds
 
 
@@ -138,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items())
         notes.append(f"First call, compiling (once per process, at load when serving; not in the rows): {spent}.")
     if settings["device"] == "cpu":
-        notes.append("Compiled blocks, FlexAttention and CUDA graphs are measured on a GPU only (module docstring).")
+        notes.append(
+            "Compiled blocks, FlexAttention, CUDA graphs and the SDPA kernel order are measured on a GPU only (module "
+            "docstring)."
+        )
     title = f"Fast path, one switch at a time: `{args.checkpoint}` at {args.size}x{args.size}, bf16"
     write_results(rows, settings, started, args.out / f"fast-path-{args.checkpoint}-{settings['device']}", title, notes)
 

@@ -10,3 +10,6 @@ PRECISIONS = {"pytorch": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16", "bf16")}
 NOT_IMPLEMENTED = {"fp8": "fp8 needs calibrated quantisation (TensorRT Model Optimizer), which is not implemented yet"}
 # How attention skips padded keys (serving/model/transformer.py runs them; serving/runtime/fast_path.py chooses).
 ATTENTION_MODES = ("dense", "sdpa", "flex")
+# SDPA's CUDA kernels, which the unpadded attention calls may be limited to, in order of preference (`--sdpa-kernels`;
+# serving/model/transformer.py maps them onto torch's SDPBackend).
+SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")

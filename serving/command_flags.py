@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from serving.choices import ATTENTION_MODES, NOT_IMPLEMENTED, PRECISIONS
+from serving.choices import ATTENTION_MODES, NOT_IMPLEMENTED, PRECISIONS, SDPA_KERNELS
 from serving.errors import SettingError
 from serving.flag_types import Whole
 from serving.safety.settings import SafetySettings
@@ -99,6 +99,30 @@ def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
         raise argparse.ArgumentTypeError(exc.description) from None
 
 
+def check_sdpa_kernels(kernels: tuple[str, ...]) -> tuple[str, ...]:
+    """SDPA_KERNELS names, each once (an order of preference); () leaves SDPA its own order."""
+    unknown = [name for name in kernels if name not in SDPA_KERNELS]
+    if unknown:
+        raise SettingError("sdpa_kernels", f"{', '.join(map(repr, unknown))}: not one of {', '.join(SDPA_KERNELS)}")
+    twice = sorted({name for name in kernels if kernels.count(name) > 1})
+    if twice:
+        raise SettingError("sdpa_kernels", f"{', '.join(twice)} named twice")
+    return kernels
+
+
+def parse_sdpa_kernels(text: str) -> tuple[str, ...]:
+    """'cudnn,flash' -> ('cudnn', 'flash'); '' -> ()."""
+    return check_sdpa_kernels(tuple(filter(None, (part.strip().lower() for part in text.split(",")))))
+
+
+def _sdpa_kernels(text: str) -> tuple[str, ...]:
+    """--sdpa-kernels, parsed as it is read: refused before torch loads, naming the flag."""
+    try:
+        return parse_sdpa_kernels(text)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.description} ({text})") from None
+
+
 def _writable_folder(text: str) -> Path:
     """--compile-cache-dir, created and checked as it is read: only Triton's Python stub writes it, after the build
     and the model load, and its failure reads as Triton's "failed to load all models"."""
@@ -140,4 +164,11 @@ def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--compile-cache-dir", type=_writable_folder, default=None, help="Inductor's cache (default: build dir)"
+    )
+    group.add_argument(
+        "--sdpa-kernels",
+        type=_sdpa_kernels,
+        default=None,
+        help=f"the SDPA kernels unmasked attention may use, in order of preference, from {','.join(SDPA_KERNELS)} "
+        "(e.g. cudnn,flash; CUDA only, with --attention sdpa or flex; default: torch's choice, flash first)",
     )

@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         check_settings(frontend)  # TLS, token and policy files and the warm-up's requests, before the build
         doing = "importing torch"
         _import_late()  # the settings are good: now torch, which a bad one above did not wait for
+        fast = fast_from_args(args, args.build_dir)  # the fast path's flags against the device: torch resolves it
         doing = "checking the ports"
         # Ports another server holds are refused before the repository build, which can take minutes, not after it.
         triton_ports = Ports(*args.triton_ports)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device,
                 limits=frontend.limits,
                 safety=safety_from_args(args),
-                fast=fast_from_args(args, args.build_dir),
+                fast=fast,
             )
             doing = "tritonserver was loading its models"
             triton = TritonServer(repository, triton_ports, build_dir=args.build_dir).start()

@@ -210,6 +210,37 @@ def test_requests_compile_nothing_after_the_warm_up(
     assert graphs["unique_graphs"] == warmed
 
 
+CPU_FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_sdpa_kernel_order_reaches_the_unmasked_calls(
+    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """`sdpa_kernels` limits the unmasked SDPA calls to its kernels, eagerly and in the compiled blocks (fullgraph:
+    torch.compile traces the `sdpa_kernel` context and builds each block with the kernel it allows), and leaves
+    the outputs within the golden tolerance. The order is refused on the CPU (it picks among CUDA's kernels), so
+    that check stands aside here: torch's CPU SDPA has a fused flash kernel and the math one and honours which are
+    allowed, which is what is watched (the math kernel's softmax instead of the flash kernel)."""
+    monkeypatch.setattr(fp, "check_device", lambda kernels, device: None)
+    monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "aot_eager")
+
+    def kernels_run(order: tuple[str, ...]) -> tuple[TorchStages, set[str]]:
+        warmup = ((64, 64),) if compiled else ()
+        fast = FastPath("sdpa", trim_padding=True, compile=compiled, warmup=warmup, sdpa_kernels=order)
+        stages = TorchStages(model, fast)
+        warm_up(stages)  # compiles, so that only the compiled code runs below
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            _request_call(stages, [(20, [LATENT], LATENT)], [UNCACHED], CacheStore())  # one row: nothing masked
+        return stages, {event.name for event in profile.events()}
+
+    _, default = kernels_run(())
+    assert CPU_FLASH in default and "aten::_softmax" not in default  # SDPA's own choice, unchanged
+    stages, math_only = kernels_run(("math",))
+    assert CPU_FLASH not in math_only and "aten::_softmax" in math_only
+    assert _worst_error(stages, cases, golden) <= TOLERANCE
+
+
 def test_trimming_keeps_the_valid_tokens_and_their_positions() -> None:
     text_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     ref_mask = torch.zeros(2, 2, 3, dtype=torch.bool)
@@ -273,9 +304,35 @@ def test_flags_on_top_of_the_devices_defaults(tmp_path: Path) -> None:
     assert FastPath.from_params({}) == FastPath.off()
 
 
+def test_the_sdpa_kernel_order_goes_from_its_flag_to_the_models_parameters(tmp_path: Path) -> None:
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert fp.fast_path_from_args(_args(), cuda, bf16, tmp_path).sdpa_kernels == ()  # SDPA's own order by default
+    chosen = fp.fast_path_from_args(_args(sdpa_kernels="cudnn,flash"), cuda, bf16, tmp_path)
+    assert chosen.sdpa_kernels == ("cudnn", "flash") and chosen.to_params()["sdpa_kernels"] == "cudnn,flash"
+    assert FastPath.from_params(chosen.to_params()) == chosen
+    assert FastPath.from_params(FastPath.off().to_params()).sdpa_kernels == ()
+
+
+def test_the_sdpa_kernel_order_is_refused_where_it_cannot_act(model: OmniGen2Transformer, tmp_path: Path) -> None:
+    """On the CPU (CUDA's kernels), from the flags and on a model there; and with dense attention (no call unmasked)."""
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    with pytest.raises(SettingError) as refused:
+        fp.fast_path_from_args(_args(sdpa_kernels="cudnn,flash"), cpu, bf16, tmp_path)
+    assert refused.value.setting == "--sdpa-kernels" and "leave it out on the cpu" in refused.value.description
+    with pytest.raises(SettingError, match="--sdpa-kernels"):
+        TorchStages(model, FastPath("sdpa", sdpa_kernels=("cudnn",)))
+    with pytest.raises(SettingError, match="sdpa_kernels: dense attention masks every call"):
+        fp.fast_path_from_args(_args(sdpa_kernels="cudnn", attention="dense"), torch.device("cuda"), bf16, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("settings", "field"),
-    [({"attention": "fast"}, "attention"), ({"cuda_graphs": True}, "cuda_graphs")],
+    [
+        ({"attention": "fast"}, "attention"),
+        ({"cuda_graphs": True}, "cuda_graphs"),
+        ({"attention": "sdpa", "sdpa_kernels": ("cudnn", "fast")}, "sdpa_kernels"),
+        ({"attention": "sdpa", "sdpa_kernels": ("flash", "flash")}, "sdpa_kernels"),
+    ],
 )
 def test_inconsistent_settings_are_refused_naming_the_setting(settings: dict[str, Any], field: str) -> None:
     with pytest.raises(SettingError, match=field):

@@ -77,6 +77,8 @@ STACK = [
     # Before: refused after torch's import, naming warmup_resolutions; and a build, then Triton's failed load.
     ("--warmup-resolutions", "bogus", "'bogus' is not WIDTHxHEIGHT"),
     ("--compile-cache-dir", "/proc/x", "cannot create the folder"),
+    ("--sdpa-kernels", "cudnn,fast", "'fast': not one of cudnn, flash, efficient, math (cudnn,fast)"),
+    ("--sdpa-kernels", "flash,cudnn,flash", "flash named twice"),
 ]
 
 
@@ -243,6 +245,8 @@ def test_the_stack_refuses_a_bad_front_end_setting_before_torch_and_the_build(
     [
         (["--max-in-flight", "0"], 2, "argument --max-in-flight: must be >= 1 (0)"),
         (["--backend", "pytorch", "--precision", "fp8"], 1, "serving.stack: --precision: "),
+        # Before the ports and the build: the kernel order picks among CUDA's kernels, and --device is cpu
+        (["--backend", "pytorch", "--sdpa-kernels", "cudnn,flash"], 1, "serving.stack: --sdpa-kernels: orders SDPA's"),
         (["--tls-cert", "/"], 1, "serving.stack: --tls-key: is needed with --tls-cert (/)"),
     ],
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from serving.choices import ATTENTION_MODES
@@ -55,6 +56,13 @@ def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # they are; `flex` hands padded calls to FlexAttention as a block mask, which skips the padded blocks instead of
 # adding -1e4 to them.
 KeyMask = torch.Tensor | BlockMask | None  # a bias, a block mask, or nothing to mask
+# torch's name for each of serving.choices.SDPA_KERNELS (`--sdpa-kernels`)
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def flex_key_mask(mask: torch.Tensor) -> BlockMask:
@@ -90,6 +98,8 @@ class Attention(nn.Module):
         self.norm_k = nn.RMSNorm(self.head_dim, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(heads * self.head_dim, dim, bias=False)])
         self.grouped_kernel = False  # unmasked calls give SDPA the shared key/value heads (not in exported graphs)
+        # The SDPA kernels an unmasked call may use, tried in this order (empty: torch's own choice and order)
+        self.sdpa_backends: list[SDPBackend] = []
 
     def forward(self, x: torch.Tensor, mask: KeyMask, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -105,7 +115,12 @@ class Attention(nn.Module):
             # Flash and cuDNN read the shared heads themselves. With a bias the heads are repeated instead: the
             # memory-efficient kernel, the one that takes a bias, may not take grouped heads, and SDPA would then
             # fall back to the math kernel, which materialises every score in float32.
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+            if self.sdpa_backends:
+                # Traced by torch.compile, which then builds the block with the kernel this order picks
+                with sdpa_kernel(self.sdpa_backends, set_priority=True):
+                    out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
         else:
             # Query head h reads key/value head h // (heads / kv_heads), as the reference's repeat_interleave.
             groups = self.heads // self.kv_heads
@@ -264,6 +279,12 @@ class OmniGen2Transformer(nn.Module):
         self.attention = mode
         for block in self.blocks():
             block.attn.grouped_kernel = mode != "dense"
+
+    def set_sdpa_kernels(self, kernels: tuple[str, ...]) -> None:
+        """Limit the unmasked attention calls to these kernels (SDPA_BACKENDS' names), tried in this order (torch's
+        `sdpa_kernel` with `set_priority`); () leaves SDPA its own choice. Masked calls keep theirs."""
+        for block in self.blocks():
+            block.attn.sdpa_backends = [SDPA_BACKENDS[name] for name in kernels]
 
     def key_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> KeyMask:
         """What attention takes for a (B, L) key mask; None (no key padded) only outside the dense mode."""

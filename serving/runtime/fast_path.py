@@ -6,6 +6,8 @@ Each mechanism is a switch of its own, so `make ablations` and the GPU check can
 - `attention` (serving/model/transformer.py, ATTENTION_MODES): `sdpa` passes no mask where no key is padded, which
   lets SDPA pick its flash or cuDNN kernels, and the grouped key/value heads as they are; `flex` also hands the
   calls that do have padding (CFG branches with prompts of different lengths) to FlexAttention as a block mask.
+- `sdpa_kernels`: the SDPA kernels those unmasked calls may use, in order of preference (torch's `sdpa_kernel` with
+  `set_priority`), e.g. cuDNN before flash; empty, SDPA's own order (flash first). CUDA's kernels: refused on the CPU.
 - `compile`: every attention block is compiled (torch.compile, regional: one block's code serves all of them)
   with dynamic shapes, so a new prompt length or resolution does not compile again; `cuda_graphs` adds CUDA graph
   replay (torch.compile's `reduce-overhead`). The compilation happens at load time, over `warmup` resolutions,
@@ -28,8 +30,8 @@ from torch._dynamo import config as dynamo_config
 from serving.choices import ATTENTION_MODES
 from serving.command_flags import DEFAULT_WARMUP as DEFAULT_WARMUP
 from serving.command_flags import add_fast_path_arguments as add_fast_path_arguments
+from serving.command_flags import check_sdpa_kernels, parse_resolutions, parse_sdpa_kernels
 from serving.command_flags import format_resolutions as format_resolutions
-from serving.command_flags import parse_resolutions
 from serving.errors import SettingError
 from serving.model.transformer import OmniGen2Transformer
 
@@ -47,12 +49,16 @@ class FastPath:
     cuda_graphs: bool = False
     warmup: tuple[tuple[int, int], ...] = ()
     cache_dir: Path | None = None
+    sdpa_kernels: tuple[str, ...] = ()  # empty: SDPA's own choice
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise SettingError("attention", f"{self.attention!r} is not one of {', '.join(ATTENTION_MODES)}")
         if self.cuda_graphs and not self.compile:
             raise SettingError("cuda_graphs", "CUDA graphs come with compilation: turn --compile on as well")
+        check_sdpa_kernels(self.sdpa_kernels)
+        if self.sdpa_kernels and self.attention == "dense":
+            raise SettingError("sdpa_kernels", "dense attention masks every call: choose --attention sdpa or flex")
 
     @classmethod
     def off(cls) -> FastPath:
@@ -77,6 +83,7 @@ class FastPath:
             "cuda_graphs": str(int(self.cuda_graphs)),
             "warmup": format_resolutions(self.warmup),
             "compile_cache_dir": str(self.cache_dir or ""),
+            "sdpa_kernels": ",".join(self.sdpa_kernels),
         }
 
     @classmethod
@@ -91,6 +98,16 @@ class FastPath:
             cuda_graphs=params.get("cuda_graphs") == "1",
             warmup=parse_resolutions(params.get("warmup", "")),
             cache_dir=Path(params["compile_cache_dir"]) if params.get("compile_cache_dir") else None,
+            sdpa_kernels=parse_sdpa_kernels(params.get("sdpa_kernels", "")),
+        )
+
+
+def check_device(sdpa_kernels: tuple[str, ...], device: torch.device) -> None:
+    """Refuse what this device cannot honour: a kernel order is for SDPA's CUDA kernels (on the CPU, SDPA takes its
+    own flash or math kernel whatever the order says)."""
+    if sdpa_kernels and device.type != "cuda":
+        raise SettingError(
+            "--sdpa-kernels", f"orders SDPA's CUDA kernels (cuDNN, flash, efficient); leave it out on the {device}"
         )
 
 
@@ -111,12 +128,18 @@ def fast_path_from_args(
         fields["warmup"] = DEFAULT_WARMUP
     if fields["compile"]:
         fields["cache_dir"] = (args.compile_cache_dir or build_dir / "torch-compile").resolve()
+    if args.sdpa_kernels is not None:
+        fields["sdpa_kernels"] = args.sdpa_kernels  # parsed by the flag's type
+    check_device(fields["sdpa_kernels"], device)  # first: on the CPU, whose default attention is dense, the reason
     return FastPath(**fields)
 
 
 def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
-    """Set the attention mode and wrap every block in torch.compile (compiled on first use: see `warm_up`)."""
+    """Set the attention mode and kernels and wrap every block in torch.compile (compiled on first use: see
+    `warm_up`)."""
+    check_device(fast.sdpa_kernels, next(model.parameters()).device)
     model.set_attention(fast.attention)
+    model.set_sdpa_kernels(fast.sdpa_kernels)
     if not fast.compile:
         for block in model.blocks():
             block._compiled_call_impl = None  # a model compiled for an earlier setting runs eagerly again
