@@ -1,7 +1,13 @@
 """The transformer module's stages in PyTorch: step caching's `Stages` for the eager pipeline and the PyTorch
 component. Hidden states stay on the model's device and in its dtype between stages (and in the cache state:
 bf16 weights keep bf16 state); inputs and the velocity keep the float32 CPU tensor contract. The fast path
-(serving/runtime/fast_path.py) is applied here: padding trimmed, masks dropped where nothing is padded."""
+(serving/runtime/fast_path.py) is applied here: padding trimmed, masks dropped where nothing is padded.
+
+A call's inputs cross to the device once, all before its first kernel (`CallInputs`): a copy from pageable host
+memory (the served transformer's inputs lie in Triton's shared memory) waits for the work queued on the stream, so a
+copy made between stages stopped the host until the device caught up, after which the device idled while the next
+kernels were launched. The RoPE tables, most of a call's bytes, used to cross twice. (A step-cached call whose main
+layers run fewer rows than its embedding copies those rows' tables again.)"""
 
 from __future__ import annotations
 
@@ -15,6 +21,18 @@ from serving.model.transformer import OmniGen2Transformer, joint_mask
 from serving.pipeline.step_cache import UNCACHED, CacheStore, Control, Mode, cached_transformer
 from serving.runtime.fast_path import FastPath, configure, trim_padding, warmup_inputs
 
+JOINT = "joint_mask"  # the main layers' key mask, built from the three packed masks
+RowsKey = tuple[str, tuple[int, ...]]  # an input's name and the rows of the call taken from it
+
+
+class CallInputs(dict[str, torch.Tensor]):
+    """One call's inputs as packed (host tensors), with the device copies its stages have made of them."""
+
+    def __init__(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(inputs)
+        self.tensors: dict[RowsKey, torch.Tensor] = {}
+        self.masks: dict[RowsKey, torch.Tensor | None] = {}  # None: attention goes without it (`_unpadded`)
+
 
 class TorchStages:  # step_cache.Stages[torch.Tensor]
     def __init__(self, model: OmniGen2Transformer, fast: FastPath | None = None) -> None:
@@ -23,18 +41,34 @@ class TorchStages:  # step_cache.Stages[torch.Tensor]
         self.device = next(model.parameters()).device
         configure(model, self.fast)
 
-    def prepare(self, inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """Called once per transformer call, before its stages."""
+    def prepare(self, inputs: Mapping[str, torch.Tensor]) -> CallInputs:
+        """Called once per transformer call, before its stages: what they take as the call's inputs."""
         if self.fast.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last call's graph outputs were copied out
-        return trim_padding(inputs) if self.fast.trim_padding else inputs
+        return CallInputs(trim_padding(inputs) if self.fast.trim_padding else inputs)
 
     def _cpu_rows(self, inputs: Mapping[str, torch.Tensor], name: str, rows: list[int]) -> torch.Tensor:
         tensor = torch.as_tensor(inputs[name])
         return tensor if rows == list(range(len(tensor))) else tensor[rows]
 
     def _rows(self, inputs: Mapping[str, torch.Tensor], name: str, rows: list[int]) -> torch.Tensor:
-        return self._cpu_rows(inputs, name, rows).to(self.device)
+        """Input `name` of `rows` on the model's device: copied once per call (inputs `prepare` did not make are
+        copied each time)."""
+        copies = inputs.tensors if isinstance(inputs, CallInputs) else {}
+        key = (name, tuple(rows))
+        if key not in copies:
+            copies[key] = self._cpu_rows(inputs, name, rows).to(self.device)
+        return copies[key]
+
+    def _mask(self, inputs: Mapping[str, torch.Tensor], name: str, rows: list[int]) -> torch.Tensor | None:
+        """Key mask `name` of `rows` (JOINT: the main layers', from the three masks) on the device, or None where
+        attention may go without it; made once per call, as `_rows`."""
+        masks = inputs.masks if isinstance(inputs, CallInputs) else {}
+        key = (name, tuple(rows))
+        if key not in masks:
+            mask = self._joint(inputs, rows) if name == JOINT else self._cpu_rows(inputs, name, rows)
+            masks[key] = self._device_mask(mask)
+        return masks[key]
 
     def _unpadded(self, mask: torch.Tensor) -> bool:
         """Whether attention may go without this (CPU) mask: nothing padded, and a mode that allows it."""
@@ -52,8 +86,10 @@ class TorchStages:  # step_cache.Stages[torch.Tensor]
             return self._rows(inputs, name, rows)
 
         def mask(name: str) -> torch.Tensor | None:
-            return self._device_mask(self._cpu_rows(inputs, name, rows))
+            return self._mask(inputs, name, rows)
 
+        # The main layers' mask and tables, and the head's timesteps, cross now too, before any kernel is queued
+        self._mask(inputs, JOINT, rows)
         return self.model.embed(
             tensor("img_tokens"),
             mask("img_mask"),
@@ -73,7 +109,7 @@ class TorchStages:  # step_cache.Stages[torch.Tensor]
         self, hidden: torch.Tensor, temb: torch.Tensor, inputs: Mapping[str, torch.Tensor], rows: list[int]
     ) -> torch.Tensor:
         cos, sin = self._rows(inputs, "rope_cos", rows), self._rows(inputs, "rope_sin", rows)
-        return self.model.run_layers(hidden, temb, self._device_mask(self._joint(inputs, rows)), cos, sin)
+        return self.model.run_layers(hidden, temb, self._mask(inputs, JOINT, rows), cos, sin)
 
     def head(self, hidden_img: torch.Tensor, inputs: Mapping[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
         temb = self.model.time_embedding(self._rows(inputs, "timestep", rows))
