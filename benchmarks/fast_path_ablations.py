@@ -1,6 +1,7 @@
 """The PyTorch fast path taken apart (serving/runtime/fast_path.py): each switch measured alone, on one device.
 
     python -m benchmarks.fast_path_ablations [--checkpoint small] [--size 256] [--device cpu|cuda] [--random]
+        [--rows all|sdpa-kernels]
     make ablations                      # runs this after benchmarks/ablations.py, on CUDA when there is one
 
 `--random` builds the checkpoint size's random transformer straight on the device instead of reading one (on the
@@ -13,18 +14,23 @@ FlexAttention block mask, compiled blocks and CUDA graphs; last, cuDNN's attenti
 (`--sdpa-kernels cudnn,flash`) on the branch alone, whose every attention call is unmasked, eager and then compiled
 with CUDA graphs, as served. The compiled rows need a GPU (Inductor's CPU code is slow to build and is not what
 serving compiles for), and the kernel order picks among CUDA's kernels, so on the CPU these rows are left out and
-the table says so. The compile time (warm-up) is reported beside the rows, not in them. Results:
-benchmarks/results/fast-path-<checkpoint>-<device>/{results.json, results.md, ablations.png}.
+the table says so. The compile time (warm-up) is reported beside the rows, not in them. The kernel-order rows
+also record which SDPA kernels (aten ops) each side's first call ran, under the profiler (its cost is in that
+call's compile time), so a row that compared flash with flash says so; `--rows sdpa-kernels` runs those rows
+alone (a GPU session short of time). Results: benchmarks/results/fast-path-<checkpoint>-<device>[-sdpa-kernels]/
+{results.json, results.md, ablations.png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -44,6 +50,7 @@ from serving.runtime.torch_backend import transformer_call
 from serving.runtime.torch_stages import TorchStages
 
 TEXT_MULTIPLE = 16  # as the BLS pads text
+SDPA_OPS = "aten::_scaled_dot_product_"  # the prefix of SDPA's kernels as aten ops: ..._cudnn_attention, ...
 PROMPT_TOKENS, NEGATIVE_TOKENS = 40, 12
 
 
@@ -61,10 +68,17 @@ def cfg_step(model: OmniGen2Transformer, spec: ModelSpec, size: int) -> list[Sam
 
 
 def timed(
-    model: OmniGen2Transformer, fast: FastPath, samples: list[Sample], spec: ModelSpec, repeats: int
-) -> tuple[float, float]:
-    """(seconds of the first call, which compiles when `fast` does; best ms of the calls after it) for one
-    transformer call of `samples`. The model is configured for `fast` here: its attention mode is the last one set."""
+    model: OmniGen2Transformer,
+    fast: FastPath,
+    samples: list[Sample],
+    spec: ModelSpec,
+    repeats: int,
+    watch: bool = False,
+) -> tuple[float, float, list[str]]:
+    """(seconds of the first call, which compiles when `fast` does; best ms of the calls after it; with `watch`, the
+    SDPA kernels the first call ran) for one transformer call of `samples`. The first call is the one watched: with
+    CUDA graphs the later ones replay a graph, whose kernels the profiler does not name. The model is configured
+    for `fast` here: its attention mode is the last one set."""
     stages = TorchStages(model, fast)
     inputs = pack_samples(samples, spec, TEXT_MULTIPLE).as_inputs()
     store: CacheStore[torch.Tensor] = CacheStore()
@@ -72,44 +86,63 @@ def timed(
     def call() -> None:
         transformer_call(stages, inputs, [UNCACHED] * len(samples), store)  # the velocity comes back to the CPU
 
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if watch else None
     started = time.perf_counter()
-    call()
-    return time.perf_counter() - started, best_ms(call, repeats)
+    with profiler or contextlib.nullcontext():
+        call()
+    first_s = time.perf_counter() - started
+    ran = sorted({event.name for event in profiler.events() if event.name.startswith(SDPA_OPS)}) if profiler else []
+    return first_s, best_ms(call, repeats), ran
 
 
-def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int) -> tuple[list[Row], dict[str, float]]:
-    """The rows, and the seconds of each compiled variant's first call (compiling it)."""
+class Measured(NamedTuple):
+    rows: list[Row]
+    compile_seconds: dict[str, float]  # each compiled variant's first call (compiling it)
+    sdpa_ops: dict[str, list[str]]  # "change: before" and "change: after" -> the SDPA kernels the kernel rows ran
+
+
+def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int, rows_wanted: str) -> Measured:
+    """The rows (`rows_wanted`: all, or sdpa-kernels alone), and what they recorded beside them."""
     on_gpu = next(model.parameters()).device.type == "cuda"
     pair = cfg_step(model, spec, size)
     alone = pair[:1]
-    rows: list[Row] = []
-    compile_seconds: dict[str, float] = {}
+    done = Measured([], {}, {})
 
-    def row(change: str, before: str, after: str, slow: FastPath, fast: FastPath, samples: list[Sample]) -> None:
-        _, slow_ms = timed(model, slow, samples, spec, repeats)
-        first_s, fast_ms = timed(model, fast, samples, spec, repeats)
+    def row(
+        change: str, before: str, after: str, slow: FastPath, fast: FastPath, samples: list[Sample], watch: bool = False
+    ) -> None:
+        _, slow_ms, slow_ops = timed(model, slow, samples, spec, repeats, watch)
+        first_s, fast_ms, fast_ops = timed(model, fast, samples, spec, repeats, watch)
         if fast.compile:
-            compile_seconds[after] = first_s
-        rows.append(Row(change, before, after, slow_ms, fast_ms))
-        print(json.dumps(asdict(rows[-1]) | {"speedup": round(rows[-1].speedup, 2)}), flush=True)
+            done.compile_seconds[after] = first_s
+        if watch:
+            done.sdpa_ops.update({f"{change}: {before}": slow_ops, f"{change}: {after}": fast_ops})
+        done.rows.append(Row(change, before, after, slow_ms, fast_ms))
+        ran = {"sdpa_ops": [slow_ops, fast_ops]} if watch else {}
+        print(json.dumps(asdict(done.rows[-1]) | {"speedup": round(done.rows[-1].speedup, 2)} | ran), flush=True)
 
     dense, trimmed = FastPath.off(), FastPath("dense", trim_padding=True)
     sdpa = FastPath("sdpa", trim_padding=True)
-    row("trimmed padding (T2I branch alone)", "text to 16, empty ref slot", "trimmed", dense, trimmed, alone)
-    row("mask-free attention (T2I branch alone, trimmed)", "dense bias", "no mask, grouped heads", trimmed, sdpa, alone)
-    if on_gpu:
-        warm = ((size, size),)
+    warm = ((size, size),)
+    graphs = FastPath("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=warm)
+    every = rows_wanted == "all"
+    if every:
+        row("trimmed padding (T2I branch alone)", "text to 16, empty ref slot", "trimmed", dense, trimmed, alone)
+        mask_free = "mask-free attention (T2I branch alone, trimmed)"
+        row(mask_free, "dense bias", "no mask, grouped heads", trimmed, sdpa, alone)
+    if every and on_gpu:
         compiled = FastPath("sdpa", trim_padding=True, compile=True, warmup=warm)
         flex = FastPath("flex", trim_padding=True, compile=True, warmup=warm)
-        graphs = FastPath("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=warm)
         row("compiled blocks (T2I CFG pair)", "eager", "compiled", sdpa, compiled, pair)
         row("block-mask attention (T2I CFG pair, compiled)", "dense bias", "FlexAttention", compiled, flex, pair)
         row("CUDA graphs (T2I CFG pair, compiled)", "launches", "graph replay", compiled, graphs, pair)
+    if on_gpu:
         # The kernel order alone: SDPA's own picks flash for this call; cuDNN measured faster in the GPU check's probe
         sdpa_cudnn, graphs_cudnn = (replace(fast, sdpa_kernels=("cudnn", "flash")) for fast in (sdpa, graphs))
-        row("cuDNN attention first (T2I branch alone)", "flash", "cuDNN", sdpa, sdpa_cudnn, alone)
-        row("cuDNN attention first (T2I branch alone, graphs)", "flash", "cuDNN, graphs", graphs, graphs_cudnn, alone)
-    return rows, compile_seconds
+        change = "cuDNN attention first (T2I branch alone"
+        row(f"{change})", "flash", "cuDNN", sdpa, sdpa_cudnn, alone, watch=True)
+        row(f"{change}, graphs)", "flash", "cuDNN, graphs", graphs, graphs_cudnn, alone, watch=True)
+    return done
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -121,7 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--random", action="store_true", help="build the random transformer on the device")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--rows", choices=("all", "sdpa-kernels"), default="all", help="sdpa-kernels: the kernel order's rows alone"
+    )
     args = parser.parse_args(argv)
+    if args.rows != "all" and torch.device(args.device).type != "cuda":
+        parser.error("--rows sdpa-kernels measures CUDA's kernels: it needs --device cuda")
     started = RunStart()
     if args.random:
         model, spec = random_transformer(args.checkpoint, torch.bfloat16, args.device)
@@ -131,25 +169,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         assert isinstance(graph, OmniGen2Transformer)
         model = graph
     with torch.no_grad():
-        rows, compile_seconds = measure(model, spec, args.size, args.repeats)
+        done = measure(model, spec, args.size, args.repeats, args.rows)
     settings = {
         "checkpoint": args.checkpoint,
         "size": args.size,
         "repeats": args.repeats,
         "device": torch.device(args.device).type,
-        "compile_seconds": compile_seconds,
+        "rows": args.rows,
+        "compile_seconds": done.compile_seconds,
+        "sdpa_ops": done.sdpa_ops,
     }
     notes = []
-    if compile_seconds:
-        spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items())
+    if done.compile_seconds:
+        spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in done.compile_seconds.items())
         notes.append(f"First call, compiling (once per process, at load when serving; not in the rows): {spent}.")
+    if done.sdpa_ops:
+        ran = "; ".join(f"{side}: {', '.join(ops) or 'none seen'}" for side, ops in done.sdpa_ops.items())
+        notes.append(f"SDPA kernels (aten ops) each side's first call ran: {ran}.")
     if settings["device"] == "cpu":
         notes.append(
             "Compiled blocks, FlexAttention, CUDA graphs and the SDPA kernel order are measured on a GPU only (module "
             "docstring)."
         )
     title = f"Fast path, one switch at a time: `{args.checkpoint}` at {args.size}x{args.size}, bf16"
-    write_results(rows, settings, started, args.out / f"fast-path-{args.checkpoint}-{settings['device']}", title, notes)
+    folder = f"fast-path-{args.checkpoint}-{settings['device']}" + ("" if args.rows == "all" else f"-{args.rows}")
+    write_results(done.rows, settings, started, args.out / folder, title, notes)
 
 
 if __name__ == "__main__":
