@@ -169,6 +169,7 @@ def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
         "--sdpa-kernels",
         type=_sdpa_kernels,
         default=None,
-        help=f"the SDPA kernels unmasked attention may use, in order of preference, from {','.join(SDPA_KERNELS)} "
-        "(e.g. cudnn,flash; CUDA only, with --attention sdpa or flex; default: torch's choice, flash first)",
+        help=f"the only SDPA kernels unmasked attention may use, in order of preference, from {','.join(SDPA_KERNELS)}"
+        " (e.g. cudnn,flash; math last always runs; CUDA only, with --attention sdpa or flex; default: SDPA's own "
+        "order, flash first)",
     )
