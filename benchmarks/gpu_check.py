@@ -1,4 +1,4 @@
-"""`make gpu-check`: the full-size model on one GPU, in process and served, in one run of at most 8 minutes.
+"""`make gpu-check`: the full-size model on one GPU, in process and served, in runs of at most 8 minutes.
 
     python -m benchmarks.gpu_check --out DIR [--processor DIR]   # on the GPU machine (`make gpu-check` prints how)
     python -m benchmarks.gpu_check --out DIR --smoke             # the same stages on the CPU, tiny model (CI)
@@ -12,10 +12,15 @@ stage that fails or runs out of time still leaves what the others measured:
   reference_*      (a) the reference's way: each CFG branch a transformer pass of its own, dense masks
   batched_*        (b) this project's: every branch of a step in one call, SDPA without padding masks
   compiled_*       (c) (b) compiled per block with CUDA graphs: the served default on a GPU (`_load` = compiling)
+  profile          torch.profiler over two denoising steps of (c), or of (b) where (c) did not load: the top kernels
+                   and how busy the GPU was over those steps' wall time (on the CPU: operators and CPU time)
   release          the in-process model freed, for the served stack's own copy
-  served_*         `serving.stack --backend pytorch --precision bf16` on the device: one request, concurrency 1/2/4
+  served_*         `serving.stack --backend pytorch --precision bf16` on the device: text-to-image at concurrency 1, 2
+                   and 4 (as many requests as the concurrency, all at once), each point with Triton's statistics of
+                   every served model over it and the BLS's step against the transformer's compute
 Each in-process stage runs text-to-image (`_t2i`) or a one-image edit (`_edit`) at 1024x1024, 50 steps, after a
-short warm-up request, and records its seconds, its seconds per step and the peak GPU memory.
+short warm-up request, and records its seconds, its seconds per step and the peak GPU memory. `--skip` leaves
+stages out: benchmarks/gpu_carry.py's RUNS split the stages between a session's two runs (the budgets do not fit one).
 """
 
 from __future__ import annotations
@@ -44,13 +49,16 @@ from typing import Any
 
 import psutil
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import step_profile
 from benchmarks.gpu_report import gpu_markdown
 from benchmarks.harness import served_point
 from benchmarks.machine import commit, machine_info
 from benchmarks.memory import GpuPeakMemory
 from benchmarks.report import save_results
 from benchmarks.stages import Record, StageRunner
+from benchmarks.triton_stats import ModelStatistics, model_statistics
 from benchmarks.workloads import Workload
 from export.make_checkpoint import DEFAULT_PROCESSOR, TRANSFORMERS, random_modules, save_modules
 from serving import health_probe
@@ -61,9 +69,11 @@ from serving.runtime.fast_path import FastPath
 from serving.runtime.torch_backend import TorchBackend
 from serving.triton.install import TritonInstall
 from serving.triton.launcher import TritonServer
+from serving.triton.model_names import TRANSFORMER
 from serving.triton.ports import LOOPBACK, Ports, free_port
 
 GiB = 1024**3
+COMMAND_T0 = "GPU_CHECK_COMMAND_T0"  # the device command's start (time.time()), which it exports before its install
 LOG_BYTES = 256 * 1024
 DTYPE = torch.bfloat16
 
@@ -78,32 +88,41 @@ class Settings:
     concurrency: tuple[int, ...]
     min_requests: int  # served requests per point: max(this, concurrency)
     total_s: float  # the whole run's budget; each stage also has its own (BUDGETS)
+    profiled_steps: int  # the profile stage's, after a first step (it holds the prompt's encoding) left out
 
 
-DEVICE = Settings("full", "cuda", 1024, 50, 2, (1, 2, 4), 2, 440)
+# One request per concurrent slot: concurrency 4 of 50-step requests already costs 40-60 s on an H100.
+DEVICE = Settings("full", "cuda", 1024, 50, 2, (1, 2, 4), 1, 440, 2)
 # Smoke: 2 steps, the fewest that leave a step after the first (which also holds the encodes) for the median; 4
 # concurrent runs the same code as 2. CI time spared.
-SMOKE = Settings("tiny", "cpu", 64, 2, 1, (1, 2), 1, 300)
+SMOKE = Settings("tiny", "cpu", 64, 2, 1, (1, 2), 1, 300, 2)
 
-# Seconds per stage: (GPU machine, smoke). With the wheels' install and the interpreter's start, DEVICE.total_s stays
-# inside the 8 minutes the check may take there. compiled_load and served_load may also borrow what the stages before
-# them left unused (their cost is the least predictable: compiling, and loading five model processes). The smoke
+# Seconds per stage: (GPU machine, smoke). The GPU ones from the first H100 runs (2026-11-27,
+# benchmarks/results/gpu-h100/run1-3, wall seconds in the comments) with about a quarter more; a stage measured there
+# only in part (cut short: the steps it ran, extrapolated) gets the same on its extrapolation. They do not all fit
+# one run's DEVICE.total_s (which, with the wheels' install and the interpreter's start, stays inside the 8 minutes the
+# check may take there): benchmarks/gpu_carry.py's RUNS split them between two runs of one session.
+# compiled_load, served_load and served_requests may also borrow what the stages before them left unused (their
+# cost is the least predictable: compiling, loading five model processes, concurrent requests). The smoke
 # generations' 45 s leave a loaded 2-core CI machine room (a 2-step tiny one took 20 s with 20 processes waiting for
 # the cores); the smoke run's total stays 300 s.
 BUDGETS: dict[str, tuple[float, float]] = {
-    "probe": (25, 40),  # CUDA and cuDNN start, the SDPA kernel probes, tritonserver with a GPU model
-    "build": (20, 30),
-    "checkpoint": (35, 20),  # 16 GB off the GPU and through the page cache
-    "reference_t2i": (20, 45),
-    "reference_edit": (35, 45),
-    "batched_t2i": (18, 45),
-    "batched_edit": (40, 45),
-    "compiled_load": (70, 30),  # torch.compile of the blocks and CUDA graph capture, Inductor's cache cold
-    "compiled_t2i": (25, 45),
-    "compiled_edit": (35, 45),
-    "release": (10, 10),
-    "served_load": (75, 120),  # hashing the checkpoint, five model processes, compiling again from the warm cache
-    "served_requests": (45, 60),
+    "probe": (15, 40),  # 6.3-7.2: CUDA and cuDNN start, the SDPA kernel probes, tritonserver with a GPU model
+    "build": (5, 30),  # 0.6
+    "checkpoint": (35, 20),  # 21.5-27.5: 16 GB off the GPU and through the page cache
+    "reference_t2i": (20, 45),  # 15.8
+    "reference_edit": (38, 45),  # 29.0
+    "batched_t2i": (17, 45),  # 13.2
+    "batched_edit": (42, 45),  # ~33: cut at 44 of 50 steps, 31.4 extrapolated and a 1.8 s warm-up
+    "compiled_load": (70, 30),  # 57.6-59.7: torch.compile of the blocks and CUDA graph capture, Inductor's cache cold
+    "compiled_t2i": (30, 45),  # 23.3, 13-15 of them the warm-up request (it still compiles)
+    "compiled_edit": (36, 45),  # ~28: cut at 44 steps, 26.3 extrapolated and a 1.6 s warm-up
+    "profile": (20, 30),  # a 3-step request, two steps profiled, and the profiler's own start and summary
+    "release": (8, 10),  # 0.7-4.8
+    # 60.8 uncompiled: hashing the checkpoint, five model processes; compiling again from the warm cache adds to it
+    "served_load": (85, 120),
+    # warm-ups 6.2, then 1 + 2 + 4 requests of 50 steps: 14.6 s each uncompiled at concurrency 1
+    "served_requests": (100, 60),
 }
 
 
@@ -188,6 +207,12 @@ def sdpa_kernels(device: torch.device, size: str) -> dict[str, str]:
         except Exception as exc:  # whatever a kernel refuses with, the other kernels and the probe go on
             found[name] = f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return found
+
+
+def _since_command_start() -> float | None:
+    """Seconds since the device command started: its wheels' install and this interpreter's start (None here)."""
+    started = os.environ.get(COMMAND_T0)
+    return time.time() - float(started) if started else None
 
 
 def _sync(device: torch.device) -> None:
@@ -288,6 +313,7 @@ class Check:
             "machine": machine_info(),
             "commit": commit(),
             "device_reply": None,
+            "setup_s": _since_command_start(),
             "variants": {v.name: v.label for v in VARIANTS},
             "stages": {},
         }
@@ -302,6 +328,7 @@ class Check:
         self.pipe: OmniGen2Pipeline | None = None
         self.pipe_variant = ""
         self.stack: ServedStack | None = None
+        self.triton_ports: Ports | None = None  # the served stack's: the served points read Triton's statistics
 
     def write(self) -> None:
         save_results(self.out, self.results, gpu_markdown(self.results))
@@ -322,9 +349,11 @@ class Check:
                 for key in self.workloads:
                     name = f"{variant.name}_{key}"
                     stage(name, self.budgets[name], self.generation(variant, key), needs=needs)
+            stage("profile", self.budgets["profile"], self.profile_steps, needs=("build",))
             stage("release", self.budgets["release"], self.release)
             stage("served_load", self.budgets["served_load"], self.serve, needs=("checkpoint",), borrow=True)
-            stage("served_requests", self.budgets["served_requests"], self.requests, needs=("served_load",))
+            requests = self.budgets["served_requests"]
+            stage("served_requests", requests, self.requests, needs=("served_load",), borrow=True)
         finally:
             if self.stack is not None:
                 self.stack.stop()
@@ -441,6 +470,33 @@ class Check:
 
         return generate
 
+    def profile_steps(self, record: Record) -> None:
+        """torch.profiler over a few denoising steps of the fastest variant loaded here ((c), else (b)): which
+        kernels take a step's device time, and how busy the device is over the steps' wall time."""
+        variant = next(v for v in VARIANTS if v.name == ("compiled" if self.runner.ok("compiled_load") else "batched"))
+        pipe = self._pipeline(variant)
+        count = self.settings.profiled_steps
+        on_gpu = self.device.type == "cuda"
+        profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])])
+        window: dict[str, float] = {}
+
+        def progress(step: int, total: int) -> None:
+            _sync(self.device)  # the window holds these steps' work and no other's
+            if step == 1:  # the first step also encodes the prompt
+                profiler.start()
+                window["started"] = time.perf_counter()
+            elif step == 1 + count:
+                window["wall_s"] = time.perf_counter() - window["started"]
+                profiler.stop()
+
+        record["variant"], record["steps"] = variant.name, count
+        try:
+            pipe(replace(self.workloads["t2i"], steps=1 + count).eager_request(seed=0), progress)
+        finally:
+            if "started" in window and "wall_s" not in window:  # cut short inside the window
+                profiler.stop()
+        record.update(step_profile.summary(profiler, on_gpu, window["wall_s"]))
+
     def release(self, record: Record) -> None:
         """Free the in-process model before the served stack loads its own copy on the same GPU (a stage of its
         own: after a compile cut short this may fail, and the served stack is still worth starting)."""
@@ -457,12 +513,13 @@ class Check:
         # Served as (c) if (c) compiled here; else as (b), so that its load fits and it still has its in-process twin.
         compiled = self.runner.ok("compiled_load")
         record["same_as"] = "compiled" if compiled else "batched"
+        self.triton_ports = Ports.free()
         command = [
             sys.executable,
             *("-m", "serving.stack", "--checkpoint", str(self.work / "checkpoint")),
             *("--backend", "pytorch", "--precision", "bf16", "--device", settings.device),
             *("--model-repository", str(self.work / "model_repository"), "--build-dir", str(self.work / "stack")),
-            *("--triton-ports", *(str(p) for p in dataclasses.astuple(Ports.free()))),
+            *("--triton-ports", *(str(p) for p in dataclasses.astuple(self.triton_ports))),
             f"--warmup-resolutions={settings.side}x{settings.side}",
             # The front end's warm-up at the compiled size: a 16x16 one would be a new shape, compiled during the load.
             f"--warmup-size={settings.side}",
@@ -483,7 +540,7 @@ class Check:
         record["seconds"] = time.perf_counter() - started
 
     def requests(self, record: Record) -> None:
-        assert self.stack is not None and self.stack.process is not None
+        assert self.stack is not None and self.stack.process is not None and self.triton_ports is not None
         pids = [self.stack.process.pid]
         workload = self.workloads["t2i"]
         # Warm-up at each concurrency, in short requests: a batch size met first (CUDA graphs record one per shape)
@@ -494,12 +551,20 @@ class Check:
             asyncio.run(served_point(self.stack.address, short, concurrency, concurrency, pids))
         record["warmup_s"] = time.perf_counter() - started
         points: list[dict[str, Any]] = record.setdefault("points", [])
+        triton = f"{LOOPBACK}:{self.triton_ports.grpc}"
+        first = before = model_statistics(triton)  # since the server's start: its warm-ups and the ones above
         with GpuPeakMemory() as peak:
             try:
                 for concurrency in self.settings.concurrency:
                     count = max(self.settings.min_requests, concurrency)
                     point = asyncio.run(served_point(self.stack.address, workload, concurrency, count, pids))
-                    points.append(point.summary() | {"latencies_s": point.latencies_s})
+                    after = model_statistics(triton)
+                    spent = _spent(after, before)
+                    summary = point.summary()
+                    split = step_split(summary["step_ms"], spent, workload.steps, point.wall_s)
+                    points.append(summary | {"latencies_s": point.latencies_s, "triton": spent, "step_split": split})
+                    record["triton"] = _spent(after, first)  # over every timed point so far
+                    before = after
                     self.write()
             finally:
                 record["peak_gpu_used_gib"] = None if peak.gpu_bytes is None else peak.gpu_bytes / GiB
@@ -511,6 +576,35 @@ class Check:
     def _peak(self, record: Record) -> None:
         if self.device.type == "cuda":
             record["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / GiB
+
+
+def _spent(after: dict[str, ModelStatistics], before: dict[str, ModelStatistics]) -> dict[str, dict[str, int]]:
+    """Each served model's statistics between two readings, as results.json records them."""
+    return {name: dataclasses.asdict(stats.minus(before.get(name))) for name, stats in after.items()}
+
+
+def step_split(bls_step_ms: float, spent: dict[str, dict[str, int]], steps: int, wall_s: float) -> dict[str, float]:
+    """A served point's denoising step: the BLS's own (its denoise time / steps, median over the point's requests)
+    against what Triton timed in the transformer model over the point. The point's requests run side by side, so
+    a step of the point is one step of each of them: the transformer's calls and compute divide by `steps` (above
+    concurrency 1 the requests keep only roughly in step: the transformer's busy share of the point's `wall_s` says
+    the same without that assumption)."""
+    transformer = spent.get(TRANSFORMER, {})
+    calls = transformer.get("executions", 0)
+    if not calls:
+        return {}
+    compute_ms = transformer["compute_infer_ns"] / 1e6
+    around_ms = sum(transformer[k] for k in ("queue_ns", "compute_input_ns", "compute_output_ns")) / 1e6
+    return {
+        "bls_step_ms": bls_step_ms,
+        "transformer_calls_per_step": calls / steps,
+        "transformer_samples_per_call": transformer["inferences"] / calls,
+        "transformer_compute_ms_per_call": compute_ms / calls,
+        "transformer_queue_io_ms_per_call": around_ms / calls,  # queued, inputs gathered, outputs returned
+        "transformer_compute_ms_per_step": compute_ms / steps,
+        "outside_transformer_ms_per_step": bls_step_ms - compute_ms / steps,
+        "transformer_busy_share": compute_ms / 1000 / wall_s,
+    }
 
 
 def render(directory: Path, device_reply: str) -> None:

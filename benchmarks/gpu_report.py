@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import tail_cell
+from serving.triton.model_names import BLS_MODEL, MLLM_MODEL, TRANSFORMER, VAE_DECODER, VAE_ENCODER
 
 # Issue 13's targets for an H100, 1024x1024, 50 steps, bf16, single request.
 T2I_TARGET_S = 4.5
 EDIT_TARGET_S = 13.0
 SERVED_OVERHEAD = 1.05  # served latency / the same code in process
 CONCURRENCY_GAIN = 1.2  # images/s at concurrency 4 / at concurrency 1
+SERVED_MODELS = (BLS_MODEL, MLLM_MODEL, TRANSFORMER, VAE_ENCODER, VAE_DECODER)  # the table's order
 
 
 def seconds(record: dict[str, Any]) -> tuple[float | None, str]:
@@ -104,11 +106,14 @@ def served(results: dict[str, Any]) -> list[str]:
             f"process: {_gib(load, 'peak_gpu_used_gib')} GiB)."
         )
     if "warmup_s" in requests:
-        lines.append(f"Warm-up request: {requests['warmup_s']:.2f} s.")
+        lines.append(f"Warm-up requests (short, at each concurrency): {requests['warmup_s']:.2f} s.")
     points = _served_points(stages)
     if points:
         base = points.get(1, {}).get("images_per_s")
         lines += [
+            "",
+            "Each point sends its n requests at once, n = the larger of its concurrency and "
+            f"{results['settings']['min_requests']}.",
             "",
             "| concurrency | n (requests) | p50 s | p90 s (from 10 requests) | images/s | vs concurrency 1 |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -119,11 +124,86 @@ def served(results: dict[str, Any]) -> list[str]:
                 f"| {c} | {p['requests']} | {p['p50_s']:.2f} | {tail_cell(p, 'p90_s', 90)} | {p['images_per_s']:.3f} "
                 f"| {gain} |"
             )
-    return lines or ["not measured (see the stages below)"]
+        lines += step_split(points)
+    return (lines + triton_models(requests.get("triton", {}))) or ["not measured (see the stages below)"]
+
+
+def step_split(points: dict[int, dict[str, Any]]) -> list[str]:
+    """A denoising step of each point: the BLS's own against the transformer model's compute (Triton's figures)."""
+    rows = [(c, p["step_split"]) for c, p in sorted(points.items()) if p.get("step_split")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "A denoising step, the BLS's (its denoise time / steps) against Triton's statistics of the transformer model "
+        "over the point (its requests run side by side: a step of the point is one step of each):",
+        "",
+        "| concurrency | BLS step ms | transformer calls per step | samples per call | compute ms per call "
+        "| queue + input + output ms per call | transformer compute ms per step | rest of the step ms "
+        "| transformer busy, share of the point's wall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c, split in rows:
+        lines.append(
+            f"| {c} | {split['bls_step_ms']:.1f} | {split['transformer_calls_per_step']:.2f} "
+            f"| {split['transformer_samples_per_call']:.1f} | {split['transformer_compute_ms_per_call']:.1f} "
+            f"| {split['transformer_queue_io_ms_per_call']:.1f} | {split['transformer_compute_ms_per_step']:.1f} "
+            f"| {split['outside_transformer_ms_per_step']:.1f} | {100 * split['transformer_busy_share']:.0f} % |"
+        )
+    return lines
+
+
+def triton_models(spent: dict[str, dict[str, int]]) -> list[str]:
+    """Triton's statistics of each served model over the timed points (not their warm-ups)."""
+    if not spent:
+        return []
+    names = [*(m for m in SERVED_MODELS if m in spent), *sorted(set(spent) - set(SERVED_MODELS))]
+    lines = [
+        "",
+        f"Triton's statistics over the timed points, ms in all. {BLS_MODEL} is the BLS: decoupled, so Triton times "
+        f"only its execute's hand-off, not its requests (their steps are above); {MLLM_MODEL} runs only where the "
+        "BLS's text cache misses (every request has the same prompt).",
+        "",
+        "| model | executions | inferences | requests | queue ms | compute input ms | compute infer ms "
+        "| compute output ms | infer ms per execution |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        m = spent[name]
+        per = f"{m['compute_infer_ns'] / m['executions'] / 1e6:.1f}" if m["executions"] else "-"
+        ms = " | ".join(f"{m[k] / 1e6:.1f}" for k in ("queue_ns", "compute_input_ns", "compute_infer_ns"))
+        lines.append(
+            f"| {name} | {m['executions']} | {m['inferences']} | {m['successes']} | {ms} "
+            f"| {m['compute_output_ns'] / 1e6:.1f} | {per} |"
+        )
+    return lines
+
+
+def profile(results: dict[str, Any]) -> list[str]:
+    record = results["stages"].get("profile", {})
+    if "top" not in record:
+        return ["not measured (see the stages below)"]
+    share = f" ({100 * record['busy_share']:.0f} %)" if record.get("busy_share") is not None else ""
+    lines = [
+        f"torch.profiler over {record['steps']} denoising steps of `{record['variant']}` text-to-image (after a first "
+        f"step, which also encodes the prompt): wall {record['wall_ms']:.1f} ms, busy {record['busy_ms']:.1f} ms"
+        f"{share}. Timed: {record['timed']}, {record['total_ms']:.1f} ms over {record['distinct']} distinct names; "
+        f"the top {len(record['top'])}:",
+        "",
+        "| name | total ms | calls | share |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in record["top"]:
+        name = row["name"].replace("|", "\\|")
+        lines.append(f"| `{name}` | {row['total_ms']:.2f} | {row['calls']} | {100 * row['share']:.1f} % |")
+    return lines
 
 
 def stage_table(results: dict[str, Any]) -> list[str]:
-    lines = ["| stage | status | wall s | budget s |", "| --- | --- | --- | --- |"]
+    lines = []
+    if results.get("setup_s") is not None:
+        lines += [f"The device command's install and the interpreter's start: {results['setup_s']:.1f} s.", ""]
+    lines += ["| stage | status | wall s | budget s |", "| --- | --- | --- | --- |"]
     errors = []
     for name, record in results["stages"].items():
         wall = f"{record['wall_s']:.1f}" if "wall_s" in record else "-"
@@ -183,6 +263,10 @@ def gpu_markdown(results: dict[str, Any]) -> str:
         "## In process",
         "",
         *in_process(results),
+        "",
+        "## Profile (in process)",
+        "",
+        *profile(results),
         "",
         "## Served stack (text-to-image)",
         "",

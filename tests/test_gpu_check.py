@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from benchmarks import gpu_carry
-from benchmarks.gpu_check import BUDGETS, SMOKE, main
-from benchmarks.gpu_report import write_markdown
+from benchmarks.gpu_check import BUDGETS, COMMAND_T0, DEVICE, SMOKE, main
+from benchmarks.gpu_report import SERVED_MODELS, write_markdown
 from benchmarks.stages import StageRunner
+from benchmarks.step_profile import NAME_CHARS, TOP, busy_us
 from export.make_checkpoint import random_modules, save_modules
 from serving.model.checkpoint import load_checkpoint, read_spec
 
@@ -27,6 +28,7 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "eager")  # what --smoke sets, kept to this test
+    monkeypatch.setenv(COMMAND_T0, str(time.time() - 30))  # as the device command exports it before its install
     out = tmp_path / "out"
     main(
         [
@@ -40,6 +42,7 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
         ]
     )
     results = json.loads((out / "results.json").read_text())
+    assert 30 <= results["setup_s"] < 60
     stages = results["stages"]
     assert list(stages) == list(BUDGETS)
     for name, record in stages.items():
@@ -56,11 +59,18 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     points = stages["served_requests"]["points"]
     assert [p["concurrency"] for p in points] == list(SMOKE.concurrency)
     assert all(p["images_per_s"] > 0 and p["requests"] == max(SMOKE.min_requests, p["concurrency"]) for p in points)
+    _check_triton_statistics(stages["served_requests"])
+    _check_profile(stages["profile"])
     assert (out / "stack.log").is_file() and (out / "tritonserver.log").is_file()  # tails, for a failed device run
     served = (out / "tritonserver.log").read_text()  # the served transformer compiled its blocks and warmed them
     assert "'compile': '1'" in served and "'warmup': '64x64'" in served and "'warmup_calls': 5.0" in served
     markdown = (out / "results.md").read_text()
     assert "not judged (smoke)" in markdown and all(f"| {name} | ok |" in markdown for name in stages)
+    top = stages["profile"]["top"][0]
+    assert f"| `{top['name']}` | {top['total_ms']:.2f} | {top['calls']} |" in markdown
+    split = points[0]["step_split"]
+    assert f"| 1 | {split['bls_step_ms']:.1f} | {split['transformer_calls_per_step']:.2f} |" in markdown
+    assert all(f"| {model} | " in markdown for model in SERVED_MODELS)
 
     # results.md is rewritten after every stage: it renders whatever the stages so far have left, cut-short ones too
     for done in range(len(stages) + 1):
@@ -74,6 +84,58 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     main(["--render", str(out), "--device-reply", "one test machine"])
     assert json.loads((out / "results.json").read_text())["device_reply"] == "one test machine"
     assert "Device reply's machine: one test machine." in (out / "results.md").read_text()
+
+
+def _check_triton_statistics(requests: dict[str, Any]) -> None:
+    """Each point's Triton statistics are its own requests' (the warm-ups before it not counted), and its step split
+    is the transformer's calls and compute over the point per denoising step."""
+    steps = SMOKE.steps
+    for point in requests["points"]:
+        models, n = point["triton"], point["requests"]
+        assert set(SERVED_MODELS) <= set(models)
+        bls, transformer = models["omnigen2"], models["transformer"]
+        assert bls["successes"] == bls["executions"] == n
+        # Every step of every request in some call, its two CFG branches (text-to-image) as samples; the BLS's
+        # batcher merges samples of a step into fewer calls, down to one a step
+        samples = 2 * n * steps
+        assert transformer["inferences"] == samples and steps <= transformer["executions"] <= samples
+        assert transformer["compute_infer_ns"] > 0 and transformer["successes"] == transformer["executions"]
+        assert models["vae_decoder"]["inferences"] == n and models["vae_encoder"]["executions"] == 0
+        split = point["step_split"]
+        assert split["bls_step_ms"] == point["step_ms"] > 0
+        assert split["transformer_calls_per_step"] == transformer["executions"] / steps
+        assert split["transformer_samples_per_call"] == samples / transformer["executions"]
+        per_call = transformer["compute_infer_ns"] / transformer["executions"] / 1e6
+        assert split["transformer_compute_ms_per_call"] == pytest.approx(per_call)
+        assert split["transformer_compute_ms_per_step"] == pytest.approx(per_call * split["transformer_calls_per_step"])
+        assert split["outside_transformer_ms_per_step"] == pytest.approx(
+            split["bls_step_ms"] - split["transformer_compute_ms_per_step"]
+        )
+        wall_s = n / point["images_per_s"]
+        assert split["transformer_busy_share"] == pytest.approx(transformer["compute_infer_ns"] / 1e9 / wall_s)
+        assert 0 < split["transformer_busy_share"] <= 1.0
+    # The stage's totals: every timed point together
+    total = requests["triton"]["transformer"]
+    assert total["executions"] == sum(p["triton"]["transformer"]["executions"] for p in requests["points"])
+
+
+def _check_profile(record: dict[str, Any]) -> None:
+    assert record["variant"] == "compiled" and record["steps"] == SMOKE.profiled_steps  # (c) loaded: it is profiled
+    assert record["timed"] == "CPU operators (their own time)"
+    rows = record["top"]
+    assert 0 < len(rows) <= TOP and len(rows) == min(TOP, record["distinct"])
+    assert all(0 < len(r["name"]) <= NAME_CHARS and r["calls"] >= 1 and 0 < r["share"] <= 1 for r in rows)
+    totals = [r["total_ms"] for r in rows]
+    assert totals == sorted(totals, reverse=True) and sum(totals) <= record["total_ms"] + 1e-6
+    assert all(r["share"] == pytest.approx(r["total_ms"] / record["total_ms"]) for r in rows)
+    # Busy: the time some operator ran, inside the profiled steps' wall time
+    assert 0 < record["busy_ms"] <= record["wall_ms"] and record["busy_share"] == record["busy_ms"] / record["wall_ms"]
+
+
+def test_busy_time_counts_overlapping_and_nested_intervals_once() -> None:
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (2, 5), (8, 12), (20, 25)]) == 17  # nested (2-5), overlapping (8-12), apart (20-25)
+    assert busy_us([(5, 6), (0, 1)]) == 2
 
 
 def test_a_stage_over_budget_or_failing_is_recorded_and_the_run_goes_on() -> None:
@@ -128,8 +190,21 @@ def test_a_stage_left_out_is_skipped_and_lends_its_budget() -> None:
 
 
 def test_the_device_runs_fit_their_limits() -> None:
-    assert sum(budget for budget, _ in BUDGETS.values()) <= gpu_carry.TIMEOUT_S - 60
-    assert gpu_carry.RUNS[0].timeout_s == gpu_carry.TIMEOUT_S <= 8 * 60 + 60  # the check: 8 minutes and the install
+    """The check's two runs measure every stage between them, each within its limit with its install, the first
+    within the 8 minutes a check may take, and both within one session's device time, two machine starts included."""
+    checks = [run for run in gpu_carry.RUNS if run.stages]
+    assert checks == list(gpu_carry.RUNS[:2])  # first, before the later sessions' runs
+    first, second = (set(run.stages) for run in checks)
+    # Every stage once; the model built in each, and profiled as each run loads it ((c) in the first, (b) after)
+    assert first | second == set(BUDGETS) and first & second == {"build", "profile"}
+    for run in checks:
+        budgets = sum(BUDGETS[name][0] for name in run.stages)
+        assert budgets <= DEVICE.total_s and budgets + gpu_carry.INSTALL_S <= run.timeout_s, run.purpose
+        skip = run.run.split("--skip ")[1].split()[0].split(",")
+        assert sorted(skip) == sorted(set(BUDGETS) - set(run.stages))  # what gpu_check is told to leave out
+    assert DEVICE.total_s + gpu_carry.INSTALL_S <= 8 * 60
+    assert checks[0].timeout_s == gpu_carry.TIMEOUT_S <= 8 * 60 + 60  # the 8 minutes, and a last stage's overrun
+    assert 2 * gpu_carry.START_S + sum(run.timeout_s for run in checks) <= gpu_carry.SESSION_S
     for run in gpu_carry.RUNS:
         assert len(run.command()) <= 2000 and run.timeout_s <= 600
 

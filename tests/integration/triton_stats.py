@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import tritonclient.grpc as triton_grpc
-
+from benchmarks.triton_stats import model_statistics
 from serving.triton.launcher import TritonServer
 
 
@@ -16,8 +15,8 @@ class ModelCounts(NamedTuple):
 
 
 def model_counts(triton: TritonServer, model: str) -> ModelCounts:
-    stats = triton_grpc.InferenceServerClient(triton.grpc_url).get_inference_statistics(model).model_stats[0]
-    return ModelCounts(int(stats.execution_count), int(stats.inference_count))
+    stats = model_statistics(triton.grpc_url, model)[model]
+    return ModelCounts(stats.executions, stats.inferences)
 
 
 def executions(triton: TritonServer, model: str) -> int:
