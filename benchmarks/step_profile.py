@@ -2,7 +2,7 @@
 how much of those steps' wall time the device was busy at all (the rest is launch, Python and synchronisation).
 
 On a GPU the timed activities are its kernels (and copies); on the CPU (the smoke run) the operators' own CPU time,
-the nearest thing there."""
+the nearest thing there. Annotated ranges (`record_function`, torch.compile's regions) are left out on both."""
 
 from __future__ import annotations
 
@@ -35,8 +35,12 @@ def summary(profiler: profile, on_gpu: bool, wall_s: float, top: int = TOP) -> d
     def own_us(event: FunctionEvent | FunctionEventAvg) -> float:
         return float(event.self_device_time_total if on_gpu else event.self_cpu_time_total)
 
-    events = [e for e in profiler.events() if e.device_type == kind]
-    averages = sorted((a for a in profiler.key_averages() if a.device_type == kind), key=own_us, reverse=True)
+    def timed(event: FunctionEvent | FunctionEventAvg) -> bool:
+        # Annotated ranges (record_function, torch.compile's regions) span the work inside them: not counted twice
+        return bool(event.device_type == kind and not event.is_user_annotation)
+
+    events = [e for e in profiler.events() if timed(e)]
+    averages = sorted((a for a in profiler.key_averages() if timed(a)), key=own_us, reverse=True)
     total_us = sum(own_us(a) for a in averages)
     busy_ms = busy_us([(e.time_range.start, e.time_range.end) for e in events]) / 1000
     return {
