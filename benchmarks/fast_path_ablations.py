@@ -12,13 +12,14 @@ tokens, an empty reference slot for text-to-image): trimmed padding and mask-fre
 alone (the reference's way of calling); then on a CFG pair in one call, whose prompts differ in length, the
 FlexAttention block mask, compiled blocks and CUDA graphs; last, cuDNN's attention kernel before flash
 (`--sdpa-kernels cudnn,flash`) on the branch alone, whose every attention call is unmasked, eager and then compiled
-with CUDA graphs, as served. The compiled rows need a GPU (Inductor's CPU code is slow to build and is not what
-serving compiles for), and the kernel order picks among CUDA's kernels, so on the CPU these rows are left out and
-the table says so. The compile time (warm-up) is reported beside the rows, not in them. The kernel-order rows
-also record which SDPA kernels (aten ops) each side's first call ran, under the profiler (its cost is in that
-call's compile time), so a row that compared flash with flash says so; `--rows sdpa-kernels` runs those rows
-alone (a GPU session short of time). Results: benchmarks/results/fast-path-<checkpoint>-<device>[-sdpa-kernels]/
-{results.json, results.md, ablations.png}.
+with CUDA graphs, and on the CFG pair compiled with CUDA graphs, as served (there only the calls without padding
+change: the main layers' keys are padded). The compiled rows need a GPU (Inductor's CPU code is slow to build and
+is not what serving compiles for), and the kernel order picks among CUDA's kernels, so on the CPU these rows are
+left out and the table says so. The compile time (warm-up) is reported beside the rows, not in them. The
+kernel-order rows also record which SDPA kernels (aten ops) each side's first call ran, under the profiler (its
+cost is in that call's compile time), so a row that compared flash with flash says so; `--rows sdpa-kernels` runs
+those rows alone (a GPU session short of time). Results:
+benchmarks/results/fast-path-<checkpoint>-<device>[-sdpa-kernels]/{results.json, results.md, ablations.png}.
 """
 
 from __future__ import annotations
@@ -139,9 +140,12 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
     if on_gpu:
         # The kernel order alone: SDPA's own picks flash for this call; cuDNN measured faster in the GPU check's probe
         sdpa_cudnn, graphs_cudnn = (replace(fast, sdpa_kernels=("cudnn", "flash")) for fast in (sdpa, graphs))
-        change = "cuDNN attention first (T2I branch alone"
-        row(f"{change})", "flash", "cuDNN", sdpa, sdpa_cudnn, alone, watch=True)
-        row(f"{change}, graphs)", "flash", "cuDNN, graphs", graphs, graphs_cudnn, alone, watch=True)
+        change = "cuDNN attention first (T2I "
+        row(f"{change}branch alone)", "flash", "cuDNN", sdpa, sdpa_cudnn, alone, watch=True)
+        row(f"{change}branch alone, graphs)", "flash", "cuDNN, graphs", graphs, graphs_cudnn, alone, watch=True)
+        # As served: the pair's main layers are masked (its prompts differ in length), so the order reaches only
+        # its unmasked calls (the image refiner's); this row is the step's share of the gain
+        row(f"{change}CFG pair, graphs)", "flash", "cuDNN, graphs, pair", graphs, graphs_cudnn, pair, watch=True)
     return done
 
 
