@@ -496,6 +496,8 @@ class Check:
             if "started" in window and "wall_s" not in window:  # cut short inside the window
                 profiler.stop()
         record.update(step_profile.summary(profiler, on_gpu, window["wall_s"]))
+        if not record["top"]:  # a profiler without CUPTI records no kernels: a failed stage, not an empty table
+            raise RuntimeError(f"the profiler recorded no {record['timed']}")
 
     def release(self, record: Record) -> None:
         """Free the in-process model before the served stack loads its own copy on the same GPU (a stage of its
