@@ -13,3 +13,7 @@ ATTENTION_MODES = ("dense", "sdpa", "flex")
 # SDPA's CUDA kernels, which the unpadded attention calls may be limited to, in order of preference (`--sdpa-kernels`;
 # serving/model/transformer.py maps them onto torch's SDPBackend).
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+# How `sdpa` attention takes a call whose keys are padded (`--padded-attention`): `folded` puts the key mask into the
+# query-key product as one extra head channel, so SDPA gets no mask (flash / cuDNN, grouped heads); `bias` adds it
+# as a (B, 1, 1, L) bias with the heads repeated (the memory-efficient kernel), as `dense` and the exported graphs do.
+PADDED_ATTENTION = ("folded", "bias")

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from serving.choices import ATTENTION_MODES, NOT_IMPLEMENTED, PRECISIONS, SDPA_KERNELS
+from serving.choices import ATTENTION_MODES, NOT_IMPLEMENTED, PADDED_ATTENTION, PRECISIONS, SDPA_KERNELS
 from serving.errors import SettingError
 from serving.flag_types import Whole
 from serving.safety.settings import SafetySettings
@@ -172,4 +172,12 @@ def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the only SDPA kernels unmasked attention may use, in order of preference, from {','.join(SDPA_KERNELS)}"
         " (e.g. cudnn,flash; math last always runs; CUDA only, with --attention sdpa or flex; default: SDPA's own "
         "order, flash first)",
+    )
+    group.add_argument(
+        "--padded-attention",
+        choices=PADDED_ATTENTION,
+        default=None,
+        help="how --attention sdpa takes calls with padded keys (CFG branches of different prompt lengths): folded "
+        "(the mask as an extra head channel, no SDPA mask: flash/cuDNN) or bias (additive mask, heads repeated); "
+        "default: folded with --attention sdpa on cuda, else bias",
     )

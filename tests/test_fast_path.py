@@ -44,8 +44,8 @@ def _calls(case: dict[str, Any], golden: Path) -> Iterator[tuple[list[int], dict
         yield rows, inputs
 
 
-def _worst_error(stages: TorchStages, cases: dict[str, Any], golden: Path) -> float:
-    worst = 0.0
+def _outputs(stages: TorchStages, cases: dict[str, Any], golden: Path) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(velocity, golden velocity) of every sample of every golden case, called batched and row by row."""
     model = stages.model
     for case in cases["transformer_cases"]:
         for rows, inputs in _calls(case, golden):
@@ -66,8 +66,11 @@ def _worst_error(stages: TorchStages, cases: dict[str, Any], golden: Path) -> fl
             velocity, _ = transformer_call(stages, packed.as_inputs(), [UNCACHED] * len(rows), CacheStore())
             outputs = unpack_output(velocity, packed.latent_sizes, model.config.patch_size)
             for out, i in zip(outputs, rows, strict=True):
-                worst = max(worst, relative_error(out, inputs["expected"][i]))
-    return worst
+                yield out, inputs["expected"][i]
+
+
+def _worst_error(stages: TorchStages, cases: dict[str, Any], golden: Path) -> float:
+    return max(relative_error(out, expected) for out, expected in _outputs(stages, cases, golden))
 
 
 class AttentionSpy:
@@ -89,10 +92,20 @@ class AttentionSpy:
         monkeypatch.setattr(transformer, "flex_attention", spy_flex)
 
 
+FOLDED = FastPath("sdpa", padded_attention="folded")
+
+
 @pytest.mark.parametrize(
     "fast",
-    [FastPath.off(), FastPath("sdpa"), FastPath("sdpa", trim_padding=True), FastPath("flex", trim_padding=True)],
-    ids=["dense", "sdpa", "sdpa-trim", "flex-trim"],
+    [
+        FastPath.off(),
+        FastPath("sdpa"),
+        FastPath("sdpa", trim_padding=True),
+        FastPath("flex", trim_padding=True),
+        FOLDED,
+        FastPath("sdpa", trim_padding=True, padded_attention="folded"),
+    ],
+    ids=["dense", "sdpa", "sdpa-trim", "flex-trim", "sdpa-folded", "sdpa-trim-folded"],
 )
 def test_every_attention_mode_matches_the_golden_outputs(
     model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, fast: FastPath, monkeypatch: pytest.MonkeyPatch
@@ -102,10 +115,30 @@ def test_every_attention_mode_matches_the_golden_outputs(
     kinds = set(spy.masks)
     if fast.attention == "dense":
         assert kinds == {"bias"}
+    elif fast.padded_attention == "folded":  # padded calls too: their mask rides in the heads
+        assert kinds == {"none"}
     elif fast.trim_padding:  # single rows lose every mask; batches with padding keep theirs
         assert "none" in kinds and ("block" if fast.attention == "flex" else "bias") in kinds
     else:  # untrimmed, text padding to 16 and the empty reference slot leave few calls unmasked
         assert "bias" in kinds
+
+
+def test_folded_padding_is_the_bias_paths_arithmetic(
+    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`padded_attention="folded"` against the bias it replaces, call for call over every golden case untrimmed
+    (prompts padded to 16, the empty reference slot, CFG branches of different prompt lengths, edits with
+    references of other sizes, several samples per call, and each row alone): every SDPA call goes unmasked with
+    the grouped heads, and the outputs are the bias path's to float32 rounding (exp(-1e4) is 0 either way)."""
+    bias = [out for out, _ in _outputs(TorchStages(model, FastPath("sdpa")), cases, golden)]
+    spy = AttentionSpy(monkeypatch)
+    folded = list(_outputs(TorchStages(model, FOLDED), cases, golden))
+    assert set(spy.masks) == {"none"} and len(folded) == len(bias)
+    assert max(relative_error(out, same) for (out, _), same in zip(folded, bias, strict=True)) <= 1e-6
+    assert max(relative_error(out, expected) for out, expected in folded) <= TOLERANCE
+    # Negative control: without the bias the folded channel attends the padding and misses the golden outputs
+    monkeypatch.setattr(transformer, "MASK_BIAS", 0.0)
+    assert _worst_error(TorchStages(model, FOLDED), cases, golden) > 10 * TOLERANCE
 
 
 def test_parity_fails_when_padding_is_attended(
@@ -313,6 +346,22 @@ def test_the_sdpa_kernel_order_goes_from_its_flag_to_the_models_parameters(tmp_p
     assert FastPath.from_params(FastPath.off().to_params()).sdpa_kernels == ()
 
 
+def test_padded_attention_goes_from_its_flag_to_the_models_parameters(tmp_path: Path) -> None:
+    """Folded by default where the default attention is sdpa (CUDA); bias otherwise, and when another mode is
+    chosen; the parameter is written only where it is not bias, so the CPU's repositories stay as they were."""
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    on_gpu = fp.fast_path_from_args(_args(), cuda, bf16, tmp_path)
+    assert on_gpu.padded_attention == "folded" and on_gpu.to_params()["padded_attention"] == "folded"
+    assert FastPath.from_params(on_gpu.to_params()) == on_gpu
+    assert fp.fast_path_from_args(_args(attention="flex"), cuda, bf16, tmp_path).padded_attention == "bias"
+    assert fp.fast_path_from_args(_args(padded_attention="bias"), cuda, bf16, tmp_path).padded_attention == "bias"
+    chosen = fp.fast_path_from_args(_args(attention="sdpa", padded_attention="folded"), cpu, bf16, tmp_path)
+    assert chosen.padded_attention == "folded" and FastPath.from_params(chosen.to_params()) == chosen
+    assert "padded_attention" not in fp.fast_path_from_args(_args(attention="sdpa"), cpu, bf16, tmp_path).to_params()
+    with pytest.raises(SettingError, match="padded_attention: folded is for --attention sdpa"):
+        fp.fast_path_from_args(_args(padded_attention="folded"), cpu, bf16, tmp_path)  # the CPU's default is dense
+
+
 def test_the_sdpa_kernel_order_is_refused_where_it_cannot_act(model: OmniGen2Transformer, tmp_path: Path) -> None:
     """On the CPU (CUDA's kernels), from the flags and on a model there; and with dense attention (no call unmasked)."""
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
@@ -332,6 +381,9 @@ def test_the_sdpa_kernel_order_is_refused_where_it_cannot_act(model: OmniGen2Tra
         ({"cuda_graphs": True}, "cuda_graphs"),
         ({"attention": "sdpa", "sdpa_kernels": ("cudnn", "fast")}, "sdpa_kernels"),
         ({"attention": "sdpa", "sdpa_kernels": ("flash", "flash")}, "sdpa_kernels"),
+        ({"attention": "sdpa", "padded_attention": "split"}, "padded_attention"),
+        ({"attention": "flex", "padded_attention": "folded"}, "padded_attention"),
+        ({"padded_attention": "folded"}, "padded_attention"),
     ],
 )
 def test_inconsistent_settings_are_refused_naming_the_setting(settings: dict[str, Any], field: str) -> None:

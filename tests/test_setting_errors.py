@@ -79,6 +79,7 @@ STACK = [
     ("--compile-cache-dir", "/proc/x", "cannot create the folder"),
     ("--sdpa-kernels", "cudnn,fast", "'fast': not one of cudnn, flash, efficient, math (cudnn,fast)"),
     ("--sdpa-kernels", "flash,cudnn,flash", "flash named twice"),
+    ("--padded-attention", "split", "invalid choice: 'split' (choose from 'folded', 'bias')"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from serving.choices import ATTENTION_MODES
+from serving.choices import ATTENTION_MODES, PADDED_ATTENTION
 from serving.model.config import TransformerConfig
 from serving.model.weights import load_weights, weight_files
 
@@ -50,12 +51,33 @@ def key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
+class FoldedKeyMask(NamedTuple):
+    """A (B, L) key mask folded into the query-key product (`--padded-attention folded`): every query and key gets
+    `width` more channels (zeros for values), the query's first one 1 and the key's the bias over the softmax scale
+    (MASK_BIAS / scale at padded keys, 0 at valid ones), so q.k * scale carries exactly the bias, which SDPA then
+    needs no mask for: flash and cuDNN take the call, with the grouped heads. `width` makes the head a multiple of
+    8, as flash needs (120 -> 128, the size those kernels compute at anyway). Built once per call (`key_mask`)."""
+
+    key: torch.Tensor  # (B, 1, L, width)
+    query: torch.Tensor  # (width,): [1, 0, ...]
+
+
+def folded_key_mask(mask: torch.Tensor, head_dim: int, dtype: torch.dtype) -> FoldedKeyMask:
+    """(B, L) bool key mask -> its FoldedKeyMask for heads of `head_dim`."""
+    width = 8 - head_dim % 8
+    bias = key_mask_bias(mask, torch.float32) * head_dim**0.5  # over the scale, head_dim ** -0.5
+    key = F.pad(bias.transpose(2, 3).to(dtype), (0, width - 1))
+    query = F.pad(torch.ones(1, dtype=dtype, device=mask.device), (0, width - 1))
+    return FoldedKeyMask(key, query)
+
+
 # How attention skips padded keys (ATTENTION_MODES; serving/runtime/fast_path.py chooses): `dense` adds a
 # (B, 1, 1, L) bias and repeats the key/value heads, as the reference and the exported graphs do; `sdpa` gives the
 # kernel no mask at all when no key of the call is padded (so flash / cuDNN kernels qualify) and the grouped heads as
-# they are; `flex` hands padded calls to FlexAttention as a block mask, which skips the padded blocks instead of
-# adding -1e4 to them.
-KeyMask = torch.Tensor | BlockMask | None  # a bias, a block mask, or nothing to mask
+# they are, and folds the mask into the heads where keys are padded (FoldedKeyMask) or adds the bias
+# (PADDED_ATTENTION); `flex` hands padded calls to FlexAttention as a block mask, which skips the padded blocks
+# instead of adding -1e4 to them.
+KeyMask = torch.Tensor | BlockMask | FoldedKeyMask | None  # a bias, a block mask, a folded mask, or nothing
 # torch's name for each of serving.choices.SDPA_KERNELS (`--sdpa-kernels`)
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -111,16 +133,13 @@ class Attention(nn.Module):
         scale = self.head_dim**-0.5
         if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+        elif isinstance(mask, FoldedKeyMask):
+            width = mask.query.shape[0]
+            q = torch.cat([q, mask.query.expand(b, self.heads, n, width)], dim=-1)
+            k = torch.cat([k, mask.key.expand(b, self.kv_heads, n, width)], dim=-1)
+            out = self.unmasked(q, k, F.pad(v, (0, width)), scale)[..., : self.head_dim]
         elif self.grouped_kernel and mask is None:
-            # Flash and cuDNN read the shared heads themselves. With a bias the heads are repeated instead: the
-            # memory-efficient kernel, the one that takes a bias, may not take grouped heads, and SDPA would then
-            # fall back to the math kernel, which materialises every score in float32.
-            if self.sdpa_backends:
-                # Traced by torch.compile, which then builds the block with the kernel this order picks
-                with sdpa_kernel(self.sdpa_backends, set_priority=True):
-                    out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+            out = self.unmasked(q, k, v, scale)
         else:
             # Query head h reads key/value head h // (heads / kv_heads), as the reference's repeat_interleave.
             groups = self.heads // self.kv_heads
@@ -129,6 +148,17 @@ class Attention(nn.Module):
         assert isinstance(out, torch.Tensor)
         projected: torch.Tensor = self.to_out[0](out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
         return projected
+
+    def unmasked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """SDPA without a mask, over the grouped key/value heads, with the kernels `sdpa_backends` allows."""
+        # Flash and cuDNN read the shared heads themselves. With a bias the heads are repeated instead: the
+        # memory-efficient kernel, the one that takes a bias, may not take grouped heads, and SDPA would then
+        # fall back to the math kernel, which materialises every score in float32.
+        if not self.sdpa_backends:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        # Traced by torch.compile, which then builds the block with the kernel this order picks
+        with sdpa_kernel(self.sdpa_backends, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
 
 class FeedForward(nn.Module):
@@ -266,6 +296,7 @@ class OmniGen2Transformer(nn.Module):
         # One learned embedding per input-image index: the model supports at most 5 reference images.
         self.image_index_embedding = nn.Parameter(torch.zeros(5, dim))
         self.attention = "dense"
+        self.padded_attention = "bias"
 
     def blocks(self) -> list[TransformerBlock]:
         """Every attention block: refiners and main layers (what the fast path compiles, region by region)."""
@@ -286,12 +317,24 @@ class OmniGen2Transformer(nn.Module):
         for block in self.blocks():
             block.attn.sdpa_backends = [SDPA_BACKENDS[name] for name in kernels]
 
+    def set_padded_attention(self, mode: str) -> None:
+        """One of PADDED_ATTENTION: how `sdpa` attention takes calls with padded keys (`bias`, the default, in the
+        other modes and the exported graphs)."""
+        if mode not in PADDED_ATTENTION:
+            raise ValueError(f"padded attention {mode!r} is not one of {', '.join(PADDED_ATTENTION)}")
+        self.padded_attention = mode
+
     def key_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> KeyMask:
-        """What attention takes for a (B, L) key mask; None (no key padded) only outside the dense mode."""
+        """What attention takes for a (B, L) key mask; None (no key padded) only outside the dense mode. Built once
+        per stage call, so the main layers share one."""
         if mask is None:
             return None
         mask = mask.bool()
-        return flex_key_mask(mask) if self.attention == "flex" else key_mask_bias(mask, dtype)
+        if self.attention == "flex":
+            return flex_key_mask(mask)
+        if self.attention == "sdpa" and self.padded_attention == "folded":
+            return folded_key_mask(mask, self.config.hidden_size // self.config.num_attention_heads, dtype)
+        return key_mask_bias(mask, dtype)
 
     def forward(
         self,

@@ -6,6 +6,10 @@ Each mechanism is a switch of its own, so `make ablations` and the GPU check can
 - `attention` (serving/model/transformer.py, ATTENTION_MODES): `sdpa` passes no mask where no key is padded, which
   lets SDPA pick its flash or cuDNN kernels, and the grouped key/value heads as they are; `flex` also hands the
   calls that do have padding (CFG branches with prompts of different lengths) to FlexAttention as a block mask.
+- `padded_attention` (PADDED_ATTENTION): how `sdpa` takes the calls that do have padded keys: `folded` puts the key
+  mask into one extra head channel of the queries and keys, so those calls too go to SDPA unmasked with the grouped
+  heads (flash / cuDNN) and the same scores; `bias` adds it as a bias, repeating the heads (the memory-efficient
+  kernel), as `dense` and the exported graphs do.
 - `sdpa_kernels`: the SDPA kernels those unmasked calls may use, in order of preference (torch's `sdpa_kernel` with
   `set_priority`), e.g. cuDNN before flash; empty, SDPA's own order (flash first). CUDA's kernels: refused on the CPU.
 - `compile`: every attention block is compiled (torch.compile, regional: one block's code serves all of them)
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from torch._dynamo import config as dynamo_config
 
-from serving.choices import ATTENTION_MODES
+from serving.choices import ATTENTION_MODES, PADDED_ATTENTION
 from serving.command_flags import DEFAULT_WARMUP as DEFAULT_WARMUP
 from serving.command_flags import add_fast_path_arguments as add_fast_path_arguments
 from serving.command_flags import check_sdpa_kernels, parse_resolutions, parse_sdpa_kernels
@@ -50,6 +54,7 @@ class FastPath:
     warmup: tuple[tuple[int, int], ...] = ()
     cache_dir: Path | None = None
     sdpa_kernels: tuple[str, ...] = ()  # empty: SDPA's own choice
+    padded_attention: str = "bias"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
@@ -59,6 +64,15 @@ class FastPath:
         check_sdpa_kernels(self.sdpa_kernels)
         if self.sdpa_kernels and self.attention == "dense":
             raise SettingError("sdpa_kernels", "dense attention masks every call: choose --attention sdpa or flex")
+        if self.padded_attention not in PADDED_ATTENTION:
+            raise SettingError(
+                "padded_attention", f"{self.padded_attention!r} is not one of {', '.join(PADDED_ATTENTION)}"
+            )
+        if self.padded_attention != "bias" and self.attention != "sdpa":
+            raise SettingError(
+                "padded_attention",
+                f"{self.padded_attention} is for --attention sdpa ({self.attention} masks its own way)",
+            )
 
     @classmethod
     def off(cls) -> FastPath:
@@ -71,11 +85,20 @@ class FastPath:
         a GPU run has measured it against `sdpa`). Elsewhere the reference's way: compiling for the CPU pays only
         on long runs, and the CPU tests hold the eager path to the golden outputs."""
         if device.type == "cuda" and dtype == torch.bfloat16:
-            return cls("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=DEFAULT_WARMUP)
+            return cls(
+                "sdpa",
+                trim_padding=True,
+                compile=True,
+                cuda_graphs=True,
+                warmup=DEFAULT_WARMUP,
+                padded_attention="folded",
+            )
         return cls.off()
 
     def to_params(self) -> dict[str, str]:
-        """As Triton model-config parameters (string values), read back by `from_params`."""
+        """As Triton model-config parameters (string values), read back by `from_params`. `padded_attention` only
+        where it is not `bias`, so the repositories of the other settings stay as they were built before it."""
+        folded = {} if self.padded_attention == "bias" else {"padded_attention": self.padded_attention}
         return {
             "attention": self.attention,
             "trim_padding": str(int(self.trim_padding)),
@@ -84,7 +107,7 @@ class FastPath:
             "warmup": format_resolutions(self.warmup),
             "compile_cache_dir": str(self.cache_dir or ""),
             "sdpa_kernels": ",".join(self.sdpa_kernels),
-        }
+        } | folded
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> FastPath:
@@ -99,6 +122,7 @@ class FastPath:
             warmup=parse_resolutions(params.get("warmup", "")),
             cache_dir=Path(params["compile_cache_dir"]) if params.get("compile_cache_dir") else None,
             sdpa_kernels=parse_sdpa_kernels(params.get("sdpa_kernels", "")),
+            padded_attention=params.get("padded_attention", "bias"),
         )
 
 
@@ -116,8 +140,15 @@ def fast_path_from_args(
 ) -> FastPath:
     """The device's default fast path with the flags given on top of it."""
     fields = asdict(FastPath.default_for(device, dtype))
-    flags = {"attention": args.attention, "trim_padding": args.trim_padding, "compile": args.compile}
+    flags = {
+        "attention": args.attention,
+        "trim_padding": args.trim_padding,
+        "compile": args.compile,
+        "padded_attention": args.padded_attention,
+    }
     fields |= {key: value for key, value in flags.items() if value is not None}
+    if args.padded_attention is None and fields["attention"] != "sdpa":
+        fields["padded_attention"] = "bias"  # the default follows the mode: `folded` is for sdpa alone
     # Turning compilation off turns its CUDA graphs off too, unless they are asked for (and then refused).
     fields["cuda_graphs"] = (
         fields["compile"] and fields["cuda_graphs"] if args.cuda_graphs is None else args.cuda_graphs
@@ -140,6 +171,7 @@ def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
     check_device(fast.sdpa_kernels, next(model.parameters()).device)
     model.set_attention(fast.attention)
     model.set_sdpa_kernels(fast.sdpa_kernels)
+    model.set_padded_attention(fast.padded_attention)
     if not fast.compile:
         for block in model.blocks():
             block._compiled_call_impl = None  # a model compiled for an earlier setting runs eagerly again
