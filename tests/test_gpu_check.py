@@ -55,6 +55,9 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     for name in GENERATIONS:
         assert stages[name]["seconds"] > 0 and len(stages[name]["step_s"]) == SMOKE.steps, name
     assert stages["compiled_load"]["fast_path"]["compile"] == "1"  # (c) compiles in the smoke run too
+    for name in ("compiled_t2i", "compiled_edit"):  # warmed at load: its requests compile no new graph
+        assert isinstance(stages[name]["compiled_during_warmup"], dict), name
+        assert "stats.unique_graphs" not in stages[name]["compiled_during_request"], name
     assert stages["served_load"]["seconds"] > 0 and stages["served_load"]["command"].endswith(" --compile")
     points = stages["served_requests"]["points"]
     assert [p["concurrency"] for p in points] == list(SMOKE.concurrency)
