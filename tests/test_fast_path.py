@@ -199,18 +199,21 @@ def _request_call(stages: TorchStages, rows: list[Row], controls: list[Control],
     return transformer_call(stages, packed.as_inputs(), controls, store)[1]
 
 
+@pytest.mark.parametrize("padded", ["bias", "folded"])
 def test_requests_compile_nothing_after_the_warm_up(
-    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch
+    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch, padded: str
 ) -> None:
     """The load-time warm-up compiles every graph the blocks need (block kind x one row or more x masked or not),
     so calls shaped like every request the server sends compile nothing: on a GPU each graph is an Inductor
     compile of seconds to a minute inside a user's request. Before: one row with several references (a stride-0
     conditioning), one row of a padded call (step caching), the images of one prompt, each compiled at request
-    time. aot_eager, as above: dynamo's guards, not the generated code, decide what compiles."""
+    time. aot_eager, as above: dynamo's guards, not the generated code, decide what compiles. A folded mask
+    (padded calls unmasked) takes the bias's place: as many graphs, and new prompt lengths compile nothing."""
     monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()  # graphs of earlier tests in this process would hide what this warm-up misses
     torch._dynamo.utils.counters.clear()
-    stages = TorchStages(model, FastPath("sdpa", trim_padding=True, compile=True, warmup=((64, 64),)))
+    fast = FastPath("sdpa", trim_padding=True, compile=True, warmup=((64, 64),), padded_attention=padded)
+    stages = TorchStages(model, fast)
     warm_up(stages)
     graphs = torch._dynamo.utils.counters["stats"]
     warmed = graphs["unique_graphs"]
@@ -254,17 +257,21 @@ def test_the_sdpa_kernel_order_reaches_the_unmasked_calls(
     torch.compile traces the `sdpa_kernel` context and builds each block with the kernel it allows), and leaves
     the outputs within the golden tolerance. The order is refused on the CPU (it picks among CUDA's kernels), so
     that check stands aside here: torch's CPU SDPA has a fused flash kernel and the math one and honours which are
-    allowed, which is what is watched (the math kernel's softmax instead of the flash kernel)."""
+    allowed, which is what is watched (the math kernel's softmax instead of the flash kernel). The CFG pair's
+    padded calls, folded, are unmasked calls too and follow the order (a bias would keep SDPA's choice)."""
     monkeypatch.setattr(fp, "check_device", lambda kernels, device: None)
     monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "aot_eager")
 
     def kernels_run(order: tuple[str, ...]) -> tuple[TorchStages, set[str]]:
         warmup = ((64, 64),) if compiled else ()
-        fast = FastPath("sdpa", trim_padding=True, compile=compiled, warmup=warmup, sdpa_kernels=order)
+        fast = FastPath(
+            "sdpa", trim_padding=True, compile=compiled, warmup=warmup, sdpa_kernels=order, padded_attention="folded"
+        )
         stages = TorchStages(model, fast)
         warm_up(stages)  # compiles, so that only the compiled code runs below
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             _request_call(stages, [(20, [LATENT], LATENT)], [UNCACHED], CacheStore())  # one row: nothing masked
+            _request_call(stages, [(20, [], LATENT), (9, [], LATENT)], [UNCACHED] * 2, CacheStore())  # padded
         return stages, {event.name for event in profile.events()}
 
     _, default = kernels_run(())
@@ -297,19 +304,25 @@ def test_trimming_keeps_the_valid_tokens_and_their_positions() -> None:
     assert no_refs["ref_tokens"].shape == (2, 0, 0, 4) and no_refs["rope_cos"].shape[1] == 3 + 5
 
 
+@pytest.mark.parametrize("padded", ["bias", "folded"])
 def test_batched_branches_in_the_eager_pipeline_match_the_golden_case(
-    tiny_checkpoint: Path, cases: dict[str, Any], golden: Path
+    tiny_checkpoint: Path, cases: dict[str, Any], golden: Path, padded: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """All CFG branches of a step in one call, on the fast path: the same pixels as the reference's call per branch."""
+    """All CFG branches of a step in one call, on the fast path: the same pixels as the reference's call per branch.
+    The branches' prompts differ in length, so the main layers' keys are padded (bias, or folded), also with
+    TeaCache and TaylorSeer (the feature cases, at test_step_cache's tolerance)."""
     import numpy as np
 
-    pipeline = OmniGen2Pipeline.from_pretrained(
-        tiny_checkpoint, fast=FastPath("sdpa", trim_padding=True), batch_branches=True
-    )
-    for name in ("t2i_euler", "edit_one_image"):
-        case = next(c for c in cases["pipeline_cases"] if c["name"] == name)
+    fast = FastPath("sdpa", trim_padding=True, padded_attention=padded)
+    pipeline = OmniGen2Pipeline.from_pretrained(tiny_checkpoint, fast=fast, batch_branches=True)
+    named = [(c, 1e-4) for c in cases["pipeline_cases"] if c["name"] in ("t2i_euler", "edit_one_image")]
+    named += [(c, 1e-5) for c in cases["feature_cases"] if c["name"] in ("f_teacache_t2i", "f_taylorseer_edit")]
+    assert len(named) == 4
+    spy = AttentionSpy(monkeypatch)
+    for case, tolerance in named:
         result = pipeline(request_from_case(case, golden))
-        assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 1e-4, name
+        assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= tolerance, case["name"]
+    assert set(spy.masks) == ({"none"} if padded == "folded" else {"none", "bias"})
 
 
 def _args(**flags: Any) -> argparse.Namespace:
