@@ -71,6 +71,7 @@ from serving.triton.install import TritonInstall
 from serving.triton.launcher import TritonServer
 from serving.triton.model_names import TRANSFORMER
 from serving.triton.ports import LOOPBACK, Ports, free_port
+from serving.triton.watchdog import stub_processes
 
 GiB = 1024**3
 COMMAND_T0 = "GPU_CHECK_COMMAND_T0"  # the device command's start (time.time()), which it exports before its install
@@ -576,6 +577,15 @@ class Check:
         points: list[dict[str, Any]] = record.setdefault("points", [])
         triton = f"{LOOPBACK}:{self.triton_ports.grpc}"
         first = before = model_statistics(triton)  # since the server's start: its warm-ups and the ones above
+        server = next(
+            p for p in psutil.Process(self.stack.process.pid).children(recursive=True) if "tritonserver" in p.name()
+        )
+        stubs = stub_processes(server.pid)
+        record["cuda_libraries"] = {
+            "check": cuda_libraries(os.getpid()),
+            **{m: cuda_libraries(min(pids)) for m, pids in stubs.items()},
+        }
+        cpu_before = stub_cpu_seconds(stubs)
         with GpuPeakMemory() as peak:
             try:
                 for concurrency in self.settings.concurrency:
@@ -585,7 +595,21 @@ class Check:
                     spent = _spent(after, before)
                     summary = point.summary()
                     split = step_split(summary["step_ms"], spent, workload.steps, point.wall_s)
-                    points.append(summary | {"latencies_s": point.latencies_s, "triton": spent, "step_split": split})
+                    cpu_after = stub_cpu_seconds(stubs)
+                    # CPU seconds per wall second over the point: a model process whose main thread is near 1.0
+                    # is bound by Python / dispatch on the host, not by the GPU
+                    cpu = {
+                        model: {
+                            kind: round((cpu_after[model][kind] - cpu_before[model][kind]) / point.wall_s, 3)
+                            for kind in times
+                        }
+                        for model, times in cpu_after.items()
+                    }
+                    cpu_before = cpu_after
+                    points.append(
+                        summary
+                        | {"latencies_s": point.latencies_s, "triton": spent, "step_split": split, "cpu_per_wall": cpu}
+                    )
                     record["triton"] = _spent(after, first)  # over every timed point so far
                     before = after
                     self.write()
@@ -599,6 +623,27 @@ class Check:
     def _peak(self, record: Record) -> None:
         if self.device.type == "cuda":
             record["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / GiB
+
+
+def stub_cpu_seconds(stubs: dict[str, set[int]]) -> dict[str, dict[str, float]]:
+    """CPU seconds (user + system) each served model's stub process has used, in all its threads and in its main
+    thread (the one that runs `execute`)."""
+    found: dict[str, dict[str, float]] = {}
+    for model, pids in stubs.items():
+        process = psutil.Process(min(pids))
+        times = process.cpu_times()
+        main = next((t for t in process.threads() if t.id == process.pid), None)
+        found[model] = {
+            "all_threads": times.user + times.system,
+            "main_thread": 0.0 if main is None else main.user_time + main.system_time,
+        }
+    return found
+
+
+def cuda_libraries(pid: int) -> list[str]:
+    """The CUDA math libraries a process has mapped (file names): the served transformer should load the check's."""
+    names = {Path(m.path).name for m in psutil.Process(pid).memory_maps() if m.path}
+    return sorted(n for n in names if any(lib in n for lib in ("cublas", "cudnn", "cudart", "nvrtc", "nvJitLink")))
 
 
 def _spent(after: dict[str, ModelStatistics], before: dict[str, ModelStatistics]) -> dict[str, dict[str, int]]:

@@ -63,6 +63,10 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     assert [p["concurrency"] for p in points] == list(SMOKE.concurrency)
     assert all(p["images_per_s"] > 0 and p["requests"] == max(SMOKE.min_requests, p["concurrency"]) for p in points)
     _check_triton_statistics(stages["served_requests"])
+    for point in points:  # the model processes' host CPU over each point, main thread within all threads
+        cpu = point["cpu_per_wall"]["transformer"]
+        assert 0 < cpu["main_thread"] <= cpu["all_threads"], point["cpu_per_wall"]
+    assert set(stages["served_requests"]["cuda_libraries"]) >= {"check", "transformer", "omnigen2"}
     _check_profile(stages["profile"])
     assert (out / "stack.log").is_file() and (out / "tritonserver.log").is_file()  # tails, for a failed device run
     served = (out / "tritonserver.log").read_text()  # the served transformer compiled its blocks and warmed them
@@ -74,6 +78,8 @@ def test_the_smoke_run_leaves_every_stage_ok_with_numbers(
     split = points[0]["step_split"]
     assert f"| 1 | {split['bls_step_ms']:.1f} | {split['transformer_calls_per_step']:.2f} |" in markdown
     assert all(f"| {model} | " in markdown for model in SERVED_MODELS)
+    cpu = points[0]["cpu_per_wall"]["transformer"]
+    assert f"{cpu['main_thread']:.2f} / {cpu['all_threads']:.2f}" in markdown and "CUDA libraries mapped: " in markdown
 
     # results.md is rewritten after every stage: it renders whatever the stages so far have left, cut-short ones too
     for done in range(len(stages) + 1):
