@@ -1,7 +1,7 @@
 """The PyTorch fast path taken apart (serving/runtime/fast_path.py): each switch measured alone, on one device.
 
     python -m benchmarks.fast_path_ablations [--checkpoint small] [--size 256] [--device cpu|cuda] [--random]
-        [--rows all|sdpa-kernels]
+        [--rows all|sdpa-kernels|padded-attention]
     make ablations                      # runs this after benchmarks/ablations.py, on CUDA when there is one
 
 `--random` builds the checkpoint size's random transformer straight on the device instead of reading one (on the
@@ -13,13 +13,16 @@ alone (the reference's way of calling); then on a CFG pair in one call, whose pr
 FlexAttention block mask, compiled blocks and CUDA graphs; last, cuDNN's attention kernel before flash
 (`--sdpa-kernels cudnn,flash`) on the branch alone, whose every attention call is unmasked, eager and then compiled
 with CUDA graphs, and on the CFG pair compiled with CUDA graphs, as served (there only the calls without padding
-change: the main layers' keys are padded). The compiled rows need a GPU (Inductor's CPU code is slow to build and
+change: the main layers' keys are padded); and the CFG pair's padded calls folded (`--padded-attention folded`: no
+SDPA mask, grouped heads) against the bias (heads repeated), eager and compiled with CUDA graphs. The compiled rows
+need a GPU (Inductor's CPU code is slow to build and
 is not what serving compiles for), and the kernel order picks among CUDA's kernels, so on the CPU these rows are
 left out and the table says so. The compile time (warm-up) is reported beside the rows, not in them. The
 kernel-order rows also record which SDPA kernels (aten ops) each side's first call ran, under the profiler (its
 cost is in that call's compile time), so a row that compared flash with flash says so; `--rows sdpa-kernels` runs
-those rows alone (a GPU session short of time). Results:
-benchmarks/results/fast-path-<checkpoint>-<device>[-sdpa-kernels]/{results.json, results.md, ablations.png}.
+those rows alone (a GPU session short of time), `--rows padded-attention` the folded rows (the eager one also on the
+CPU, which `--rows all` leaves out there). Results:
+benchmarks/results/fast-path-<checkpoint>-<device>[-<rows>]/{results.json, results.md, ablations.png}.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
     sdpa = FastPath("sdpa", trim_padding=True)
     warm = ((size, size),)
     graphs = FastPath("sdpa", trim_padding=True, compile=True, cuda_graphs=True, warmup=warm)
-    every = rows_wanted == "all"
+    every, padded = rows_wanted == "all", rows_wanted == "padded-attention"
     if every:
         row("trimmed padding (T2I branch alone)", "text to 16, empty ref slot", "trimmed", dense, trimmed, alone)
         mask_free = "mask-free attention (T2I branch alone, trimmed)"
@@ -137,7 +140,7 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
         row("compiled blocks (T2I CFG pair)", "eager", "compiled", sdpa, compiled, pair)
         row("block-mask attention (T2I CFG pair, compiled)", "dense bias", "FlexAttention", compiled, flex, pair)
         row("CUDA graphs (T2I CFG pair, compiled)", "launches", "graph replay", compiled, graphs, pair)
-    if on_gpu:
+    if on_gpu and rows_wanted != "padded-attention":
         # The kernel order alone: SDPA's own picks flash for this call; cuDNN measured faster in the GPU check's probe
         sdpa_cudnn, graphs_cudnn = (replace(fast, sdpa_kernels=("cudnn", "flash")) for fast in (sdpa, graphs))
         change = "cuDNN attention first (T2I "
@@ -146,6 +149,14 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
         # As served: the pair's main layers are masked (its prompts differ in length), so the order reaches only
         # its unmasked calls (the image refiner's); this row is the step's share of the gain
         row(f"{change}CFG pair, graphs)", "flash", "cuDNN, graphs, pair", graphs, graphs_cudnn, pair, watch=True)
+    if (every and on_gpu) or padded:
+        # The pair's padded calls (every main layer): a bias with the heads repeated (the memory-efficient kernel on
+        # CUDA) against the mask folded into the heads, unmasked (flash / cuDNN); the kernels each side ran recorded
+        change, folded = "folded padded keys (T2I CFG pair", replace(sdpa, padded_attention="folded")
+        row(f"{change})", "bias, heads repeated", "folded, no mask", sdpa, folded, pair, watch=True)
+        if on_gpu:
+            graphs_folded = replace(graphs, padded_attention="folded")
+            row(f"{change}, graphs)", "bias, graphs", "folded, graphs", graphs, graphs_folded, pair, watch=True)
     return done
 
 
@@ -159,10 +170,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
-        "--rows", choices=("all", "sdpa-kernels"), default="all", help="sdpa-kernels: the kernel order's rows alone"
+        "--rows",
+        choices=("all", "sdpa-kernels", "padded-attention"),
+        default="all",
+        help="sdpa-kernels: the kernel order's rows alone; padded-attention: the folded padding's rows alone",
     )
     args = parser.parse_args(argv)
-    if args.rows != "all" and torch.device(args.device).type != "cuda":
+    if args.rows == "sdpa-kernels" and torch.device(args.device).type != "cuda":
         parser.error("--rows sdpa-kernels measures CUDA's kernels: it needs --device cuda")
     started = RunStart()
     if args.random:
