@@ -121,3 +121,23 @@ def test_the_sdpa_kernel_order_runs_cudnn_attention(tiny_checkpoint: Path, compi
     assert "aten::_scaled_dot_product_cudnn_attention" in ran
     assert "aten::_scaled_dot_product_flash_attention" not in ran
     assert relative_error(velocity, expected) <= 2e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-graphs"])
+def test_folded_padding_runs_the_cfg_pair_on_cudnn(tiny_checkpoint: Path, compiled: bool) -> None:
+    """`--padded-attention folded` (the CUDA default): the CFG pair's padded calls (prompts of 23 and 9 tokens in
+    one call) go to SDPA unmasked with the grouped heads, so with `cudnn,flash` allowed every call runs cuDNN and
+    none the memory-efficient kernel the bias needs, eagerly and in compiled blocks with CUDA graphs; within the
+    reference's tolerance, and the bias path's."""
+    model = OmniGen2Transformer.from_pretrained(tiny_checkpoint / "transformer", torch.bfloat16, "cuda")
+    pair = _t2i_cfg_pair(model)
+    expected = _velocity(model, FastPath.off(), pair)
+    graphs = {"compile": compiled, "cuda_graphs": compiled, "warmup": ((128, 128),) if compiled else ()}
+    bias = _velocity(model, FastPath("sdpa", trim_padding=True, **graphs), pair)
+    fast = FastPath("sdpa", trim_padding=True, sdpa_kernels=("cudnn", "flash"), padded_attention="folded", **graphs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        velocity = _velocity(model, fast, pair)
+    ran = {event.name for event in profile.events() if event.name.startswith("aten::_scaled_dot_product_")}
+    assert "aten::_scaled_dot_product_cudnn_attention" in ran
+    assert not ran & {"aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_attention_math"}
+    assert relative_error(velocity, expected) <= 2e-2 and relative_error(velocity, bias) <= 2e-2
