@@ -27,6 +27,7 @@ from serving.errors import CheckpointError, SettingError
 from serving.frontend.config import FrontendConfig
 from serving.model.checkpoint import GRAPH_PARTS, read_spec, text_feature_dim
 from serving.model.contract import dims_only, graph_contracts
+from serving.runtime.fast_path import FastPath
 from serving.runtime.onnx_backend import GRAPH_NAMES, read_manifest
 from serving.runtime.onnx_stages import TRANSFORMER_STAGES
 from serving.triton.bls_settings import BlsSettings
@@ -129,6 +130,20 @@ def test_pytorch_backend_links_the_checkpoint_parts(tmp_path: Path, tiny_checkpo
         assert "serving.triton.torch_model" in (out / name / "1" / "model.py").read_text()
         assert (out / name / "1" / part / "config.json").is_file()
     assert _config(out, "omnigen2").parameters["backend"].string_value == "pytorch-fp32"
+
+
+def test_the_folded_padding_reaches_the_transformers_parameters(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`--padded-attention folded` is a Triton parameter the model reads back; the CPU's default (bias) writes none,
+    so its repositories are what they were before the switch."""
+    cache = tmp_path / "onnx-cache"
+    plain = prepare_repository(tiny_checkpoint, tmp_path / "plain", "pytorch", onnx_cache=cache, precision="fp32")
+    assert "padded_attention" not in _config(plain, "transformer").parameters
+    fast = FastPath("sdpa", trim_padding=True, padded_attention="folded")
+    folded = prepare_repository(
+        tiny_checkpoint, tmp_path / "folded", "pytorch", onnx_cache=cache, precision="fp32", fast=fast
+    )
+    params = {key: value.string_value for key, value in _config(folded, "transformer").parameters.items()}
+    assert params["padded_attention"] == "folded" and FastPath.from_params(params) == fast
 
 
 def test_a_folder_of_other_files_is_refused_and_a_readme_is_kept(tmp_path: Path, tiny_checkpoint: Path) -> None:
