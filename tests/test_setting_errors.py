@@ -248,6 +248,8 @@ def test_the_stack_refuses_a_bad_front_end_setting_before_torch_and_the_build(
         (["--backend", "pytorch", "--precision", "fp8"], 1, "serving.stack: --precision: "),
         # Before the ports and the build: the kernel order picks among CUDA's kernels, and --device is cpu
         (["--backend", "pytorch", "--sdpa-kernels", "cudnn,flash"], 1, "serving.stack: --sdpa-kernels: orders SDPA's"),
+        # --device cpu's attention is dense, which takes no folded padding
+        (["--backend", "pytorch", "--padded-attention", "folded"], 1, "padded_attention: folded is for --attention"),
         (["--tls-cert", "/"], 1, "serving.stack: --tls-key: is needed with --tls-cert (/)"),
     ],
 )
