@@ -309,15 +309,14 @@ def test_batched_branches_in_the_eager_pipeline_match_the_golden_case(
     tiny_checkpoint: Path, cases: dict[str, Any], golden: Path, padded: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """All CFG branches of a step in one call, on the fast path: the same pixels as the reference's call per branch.
-    The branches' prompts differ in length, so the main layers' keys are padded (bias, or folded), also with
-    TeaCache and TaylorSeer (the feature cases, at test_step_cache's tolerance)."""
+    The branches' prompts differ in length, so the main layers' keys are padded (bias, or folded): every pipeline
+    case (text to image, edits, two input images, CFG range) and feature case (TeaCache, TaylorSeer, five input
+    images, two images per prompt, a truncated long prompt), the latter at test_step_cache's tolerance."""
     import numpy as np
 
     fast = FastPath("sdpa", trim_padding=True, padded_attention=padded)
     pipeline = OmniGen2Pipeline.from_pretrained(tiny_checkpoint, fast=fast, batch_branches=True)
-    named = [(c, 1e-4) for c in cases["pipeline_cases"] if c["name"] in ("t2i_euler", "edit_one_image")]
-    named += [(c, 1e-5) for c in cases["feature_cases"] if c["name"] in ("f_teacache_t2i", "f_taylorseer_edit")]
-    assert len(named) == 4
+    named = [(c, 1e-4) for c in cases["pipeline_cases"]] + [(c, 1e-5) for c in cases["feature_cases"]]
     spy = AttentionSpy(monkeypatch)
     for case, tolerance in named:
         result = pipeline(request_from_case(case, golden))
