@@ -12,16 +12,16 @@ tokens, an empty reference slot for text-to-image): trimmed padding and mask-fre
 alone (the reference's way of calling); then on a CFG pair in one call, whose prompts differ in length, the
 FlexAttention block mask, compiled blocks and CUDA graphs; last, cuDNN's attention kernel before flash
 (`--sdpa-kernels cudnn,flash`) on the branch alone, whose every attention call is unmasked, eager and then compiled
-with CUDA graphs, and on the CFG pair compiled with CUDA graphs, as served (there only the calls without padding
+with CUDA graphs, and on the CFG pair compiled with CUDA graphs and the bias (there only the calls without padding
 change: the main layers' keys are padded); and the CFG pair's padded calls folded (`--padded-attention folded`: no
-SDPA mask, grouped heads) against the bias (heads repeated), eager and compiled with CUDA graphs. The compiled rows
-need a GPU (Inductor's CPU code is slow to build and
-is not what serving compiles for), and the kernel order picks among CUDA's kernels, so on the CPU these rows are
-left out and the table says so. The compile time (warm-up) is reported beside the rows, not in them. The
-kernel-order rows also record which SDPA kernels (aten ops) each side's first call ran, under the profiler (its
-cost is in that call's compile time), so a row that compared flash with flash says so; `--rows sdpa-kernels` runs
-those rows alone (a GPU session short of time), `--rows padded-attention` the folded rows (the eager one also on the
-CPU, which `--rows all` leaves out there). Results:
+SDPA mask, grouped heads) against the bias (heads repeated), eager, compiled with CUDA graphs, and so with cuDNN
+first (`--sdpa-kernels cudnn,flash`, which the padded calls can take only folded). The compiled rows need a GPU
+(Inductor's CPU code is slow to build and is not what serving compiles for), and the kernel order picks among
+CUDA's kernels, so on the CPU these rows are left out and the table says so. The compile time (warm-up) is reported
+beside the rows, not in them. The kernel-order rows also record which SDPA kernels (aten ops) each side's first call
+ran, under the profiler (its cost is in that call's compile time), so a row that compared flash with flash says so;
+`--rows sdpa-kernels` runs those rows alone (a GPU session short of time), `--rows padded-attention` the folded rows
+(the eager one also on the CPU, which `--rows all` leaves out there). Results:
 benchmarks/results/fast-path-<checkpoint>-<device>[-<rows>]/{results.json, results.md, ablations.png}.
 """
 
@@ -146,8 +146,8 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
         change = "cuDNN attention first (T2I "
         row(f"{change}branch alone)", "flash", "cuDNN", sdpa, sdpa_cudnn, alone, watch=True)
         row(f"{change}branch alone, graphs)", "flash", "cuDNN, graphs", graphs, graphs_cudnn, alone, watch=True)
-        # As served: the pair's main layers are masked (its prompts differ in length), so the order reaches only
-        # its unmasked calls (the image refiner's); this row is the step's share of the gain
+        # With the bias: the pair's main layers are masked (its prompts differ in length), so the order reaches only
+        # its unmasked calls (the image refiner's); this row is that step's share of the gain
         row(f"{change}CFG pair, graphs)", "flash", "cuDNN, graphs, pair", graphs, graphs_cudnn, pair, watch=True)
     if (every and on_gpu) or padded:
         # The pair's padded calls (every main layer): a bias with the heads repeated (the memory-efficient kernel on
@@ -157,6 +157,10 @@ def measure(model: OmniGen2Transformer, spec: ModelSpec, size: int, repeats: int
         if on_gpu:
             graphs_folded = replace(graphs, padded_attention="folded")
             row(f"{change}, graphs)", "bias, graphs", "folded, graphs", graphs, graphs_folded, pair, watch=True)
+            # and with cuDNN first, which the bias kept from the padded calls: the pair as it could be served
+            cudnn_folded = replace(graphs_folded, sdpa_kernels=("cudnn", "flash"))
+            after = "folded, cuDNN, graphs"
+            row(f"{change}, graphs, cuDNN)", "bias, graphs", after, graphs, cudnn_folded, pair, watch=True)
     return done
 
 
