@@ -371,19 +371,19 @@ class Check:
             requests = self.budgets["served_requests"]
             stage("served_requests", requests, self.requests, needs=("served_load",), borrow=True)
         finally:
-            if self.stack is not None:
+            if self.stack is not None:  # this run's stack only: a second run on the warm machine finds the first's logs
+                self.copy_log_tails()  # before the stop, whose wait could outlast the device command's limit
                 self.stack.stop()
-            # The server's log is named for its gRPC port (tritonserver-PORT.log); its tail comes back as
-            # tritonserver.log.
-            servers = sorted((self.work / "stack").glob("tritonserver-*.log"), key=lambda log: log.stat().st_mtime)
-            for log, name in (
-                (self.work / "stack.log", "stack.log"),
-                *((log, "tritonserver.log") for log in servers[-1:]),
-            ):
-                if log.is_file():  # the tail: what comes back from the device machine is limited
-                    (self.out / name).write_bytes(log.read_bytes()[-LOG_BYTES:])
+                self.copy_log_tails()
             self.results["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             self.write()
+
+    def copy_log_tails(self) -> None:
+        # The server's log is named for its gRPC port (tritonserver-PORT.log); its tail comes back as tritonserver.log
+        servers = sorted((self.work / "stack").glob("tritonserver-*.log"), key=lambda log: log.stat().st_mtime)
+        for log, name in ((self.work / "stack.log", "stack.log"), *((log, "tritonserver.log") for log in servers[-1:])):
+            if log.is_file():  # the tail: what comes back from the device machine is limited
+                (self.out / name).write_bytes(log.read_bytes()[-LOG_BYTES:])
 
     def probe(self, record: Record) -> None:
         record["torch"] = torch.__version__
@@ -441,6 +441,12 @@ class Check:
 
     def loader(self, variant: Variant) -> Callable[[Record], None]:
         def load(record: Record) -> None:
+            if self.device.type == "cuda":
+                # The profile stage profiles graphs captured here: a profiler first started after a capture may miss
+                # their replayed kernels or fault (pytorch#75504, #100441), so it is set up before any capture.
+                from torch.profiler import _utils as profiler_utils
+
+                profiler_utils._init_for_cuda_graphs()
             self._reset_peak()
             started = time.perf_counter()
             backend = self._pipeline(variant).backend
@@ -577,15 +583,11 @@ class Check:
         points: list[dict[str, Any]] = record.setdefault("points", [])
         triton = f"{LOOPBACK}:{self.triton_ports.grpc}"
         first = before = model_statistics(triton)  # since the server's start: its warm-ups and the ones above
-        server = next(
-            p for p in psutil.Process(self.stack.process.pid).children(recursive=True) if "tritonserver" in p.name()
-        )
-        stubs = stub_processes(server.pid)
-        record["cuda_libraries"] = {
-            "check": cuda_libraries(os.getpid()),
-            **{m: cuda_libraries(min(pids)) for m, pids in stubs.items()},
-        }
-        cpu_before = stub_cpu_seconds(stubs)
+        # Diagnostics: a process that exits under them (Inductor's compile workers quiesce after a minute) records
+        # an error in their place and costs no served point
+        stubs = diagnostic(served_stubs, self.stack)
+        record["cuda_libraries"] = diagnostic(mapped_libraries, stubs)
+        cpu_before = diagnostic(stub_cpu_seconds, stubs)
         with GpuPeakMemory() as peak:
             try:
                 for concurrency in self.settings.concurrency:
@@ -595,21 +597,10 @@ class Check:
                     spent = _spent(after, before)
                     summary = point.summary()
                     split = step_split(summary["step_ms"], spent, workload.steps, point.wall_s)
-                    cpu_after = stub_cpu_seconds(stubs)
-                    # CPU seconds per wall second over the point: a model process whose main thread is near 1.0
-                    # is bound by Python / dispatch on the host, not by the GPU
-                    cpu = {
-                        model: {
-                            kind: round((cpu_after[model][kind] - cpu_before[model][kind]) / point.wall_s, 3)
-                            for kind in times
-                        }
-                        for model, times in cpu_after.items()
-                    }
+                    points.append(summary | {"latencies_s": point.latencies_s, "triton": spent, "step_split": split})
+                    cpu_after = diagnostic(stub_cpu_seconds, stubs)
+                    points[-1]["cpu_per_wall"] = diagnostic(cpu_per_wall, cpu_before, cpu_after, point.wall_s)
                     cpu_before = cpu_after
-                    points.append(
-                        summary
-                        | {"latencies_s": point.latencies_s, "triton": spent, "step_split": split, "cpu_per_wall": cpu}
-                    )
                     record["triton"] = _spent(after, first)  # over every timed point so far
                     before = after
                     self.write()
@@ -625,6 +616,35 @@ class Check:
             record["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / GiB
 
 
+def diagnostic(measure: Callable[..., Any], *args: Any) -> Any:
+    """`measure(*args)`, or {"error": why} where it raised (an error reading in `args` included): a side reading
+    must not end the stage that takes it."""
+    try:
+        return measure(*args)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def served_stubs(stack: ServedStack) -> dict[str, set[int]]:
+    """Model name -> pids of the stubs of the tritonserver the stack started."""
+    assert stack.process is not None
+    for child in psutil.Process(stack.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # children that exited since the listing
+            if "tritonserver" in child.name():
+                return stub_processes(child.pid)
+    raise RuntimeError("no tritonserver under the stack's process")
+
+
+def cpu_per_wall(before: Any, after: Any, wall_s: float) -> dict[str, dict[str, float]]:
+    """CPU seconds per wall second of each model process between two stub_cpu_seconds readings: a component
+    model's main thread (its synchronous `execute`) near 1.0 is bound by Python and dispatch on the host, not by
+    the GPU. The BLS's `execute` is async and runs elsewhere, so its main-thread figure says little."""
+    return {
+        model: {kind: round((after[model][kind] - before[model][kind]) / wall_s, 3) for kind in times}
+        for model, times in after.items()
+    }
+
+
 def stub_cpu_seconds(stubs: dict[str, set[int]]) -> dict[str, dict[str, float]]:
     """CPU seconds (user + system) each served model's stub process has used, in all its threads and in its main
     thread (the one that runs `execute`)."""
@@ -638,6 +658,10 @@ def stub_cpu_seconds(stubs: dict[str, set[int]]) -> dict[str, dict[str, float]]:
             "main_thread": 0.0 if main is None else main.user_time + main.system_time,
         }
     return found
+
+
+def mapped_libraries(stubs: dict[str, set[int]]) -> dict[str, list[str]]:
+    return {"check": cuda_libraries(os.getpid())} | {model: cuda_libraries(min(pids)) for model, pids in stubs.items()}
 
 
 def cuda_libraries(pid: int) -> list[str]:

@@ -129,29 +129,30 @@ def served(results: dict[str, Any]) -> list[str]:
     return (lines + triton_models(requests.get("triton", {}))) or ["not measured (see the stages below)"]
 
 
-def host_cpu(points: dict[int, dict[str, Any]], libraries: dict[str, list[str]]) -> list[str]:
+def host_cpu(points: dict[int, dict[str, Any]], libraries: dict[str, Any]) -> list[str]:
     """Each model process's CPU seconds per wall second over each point: a main thread near 1.0 waits on the host
-    (Python, dispatch), not on the GPU."""
-    rows = [(c, p["cpu_per_wall"]) for c, p in sorted(points.items()) if p.get("cpu_per_wall")]
-    if not rows:
-        return []
-    models = sorted({m for _, cpu in rows for m in cpu})
-    lines = [
-        "",
-        "CPU seconds per wall second of each model process over the point, main thread / all threads:",
-        "",
-        "| concurrency | " + " | ".join(models) + " |",
-        "| --- |" + " --- |" * len(models),
-    ]
-    for c, cpu in rows:
-        cells = [f"{cpu[m]['main_thread']:.2f} / {cpu[m]['all_threads']:.2f}" if m in cpu else "-" for m in models]
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    if libraries:
+    (Python, dispatch), not on the GPU. A reading that failed on the device (gpu_check.diagnostic) says why."""
+    readings = [(c, p["cpu_per_wall"]) for c, p in sorted(points.items()) if p.get("cpu_per_wall")]
+    rows = [(c, cpu) for c, cpu in readings if "error" not in cpu]
+    lines = [f"CPU per wall not read at concurrency {c}: {cpu['error']}" for c, cpu in readings if "error" in cpu]
+    if rows:
+        models = sorted({m for _, cpu in rows for m in cpu})
         lines += [
             "",
-            "CUDA libraries mapped: " + "; ".join(f"{p}: {', '.join(n) or 'none'}" for p, n in libraries.items()),
+            "CPU seconds per wall second of each model process over the point, main thread / all threads:",
+            "",
+            "| concurrency | " + " | ".join(models) + " |",
+            "| --- |" + " --- |" * len(models),
         ]
-    return lines
+        for c, cpu in rows:
+            cells = [f"{cpu[m]['main_thread']:.2f} / {cpu[m]['all_threads']:.2f}" if m in cpu else "-" for m in models]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if "error" in libraries:
+        lines += ["", f"CUDA libraries not read: {libraries['error']}"]
+    elif libraries:
+        mapped = "; ".join(f"{process}: {', '.join(names) or 'none'}" for process, names in libraries.items())
+        lines += ["", f"CUDA libraries mapped: {mapped}"]
+    return ["", *lines] if lines else []
 
 
 def step_split(points: dict[int, dict[str, Any]]) -> list[str]:

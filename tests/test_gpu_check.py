@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from benchmarks import gpu_carry
-from benchmarks.gpu_check import BUDGETS, COMMAND_T0, DEVICE, SMOKE, main
-from benchmarks.gpu_report import SERVED_MODELS, write_markdown
+from benchmarks.gpu_check import BUDGETS, COMMAND_T0, DEVICE, SMOKE, diagnostic, main, stub_cpu_seconds
+from benchmarks.gpu_report import SERVED_MODELS, host_cpu, write_markdown
 from benchmarks.stages import StageRunner
 from benchmarks.step_profile import NAME_CHARS, TOP, busy_us
 from export.make_checkpoint import random_modules, save_modules
@@ -196,6 +196,17 @@ def test_a_stage_left_out_is_skipped_and_lends_its_budget() -> None:
     reason = "left out by the caller (--skip)"
     assert stages["measured_before"] == {"status": "skipped", "budget_s": 5, "reason": reason}
     assert runner.run("load", 1, lambda record: time.sleep(1.5), borrow=True)  # its own 1 s and the 5 s left out
+
+
+def test_a_side_reading_that_fails_on_the_device_is_recorded_not_raised() -> None:
+    """A model process gone under the served stage's CPU reading (Inductor's compile workers quiesce) must not cost
+    the stage its points: the reading records why, and results.md says it."""
+    gone = diagnostic(stub_cpu_seconds, {"transformer": {2**22 + 12345}})  # no such pid
+    assert set(gone) == {"error"} and "NoSuchProcess" in gone["error"]
+    points = {1: {"cpu_per_wall": gone}, 2: {"cpu_per_wall": {"transformer": {"main_thread": 0.5, "all_threads": 1.5}}}}
+    lines = host_cpu(points, {"error": "NoSuchProcess: 7"})
+    assert any(line.startswith("CPU per wall not read at concurrency 1: NoSuchProcess") for line in lines)
+    assert "| 2 | 0.50 / 1.50 |" in lines and lines[-1] == "CUDA libraries not read: NoSuchProcess: 7"
 
 
 def test_the_device_runs_fit_their_limits() -> None:
