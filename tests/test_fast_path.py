@@ -141,6 +141,36 @@ def test_folded_padding_is_the_bias_paths_arithmetic(
     assert _worst_error(TorchStages(model, FOLDED), cases, golden) > 10 * TOLERANCE
 
 
+def test_compiled_blocks_give_sdpa_folded_heads_of_a_fixed_size(model: OmniGen2Transformer) -> None:
+    """With dynamic shapes every size of a compiled block's inputs is symbolic, the folded mask's too: a fold width
+    read from the mask made SDPA's heads `s + head_dim` channels in the traced block (flash and cuDNN are chosen by
+    the head size), where eager calls had head_dim + width. The SDPA call's q, k and v must have a plain int."""
+    model.set_attention("sdpa")
+    model.set_padded_attention("folded")
+    attn = model.layers[0].attn
+    head_dim = attn.head_dim
+    sizes: list[object] = []
+
+    def capture(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        for node in graph.graph.nodes:
+            if node.target is F.scaled_dot_product_attention:
+                sizes.extend(arg.meta["example_value"].shape[-1] for arg in node.args[:3])
+        return graph.forward
+
+    compiled = torch.compile(attn, **fp.compile_options(FastPath(compile=True)) | {"backend": capture})
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    x, cos, sin = (
+        torch.randn(2, 40, model.config.hidden_size),
+        torch.randn(1, 40, head_dim // 2),
+        torch.zeros(1, 40, head_dim // 2),
+    )
+    eager = attn(x, model.key_mask(mask, x.dtype), cos, sin)
+    torch.testing.assert_close(compiled(x, model.key_mask(mask, x.dtype), cos, sin), eager)
+    assert all(type(size) is int for size in sizes) and len(sizes) == 3, sizes  # before: s0 + head_dim
+    assert sizes == [8 * (head_dim // 8 + 1)] * 3  # the next multiple of 8 above head_dim, as eager calls have
+
+
 def test_parity_fails_when_padding_is_attended(
     model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

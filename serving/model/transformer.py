@@ -62,9 +62,16 @@ class FoldedKeyMask(NamedTuple):
     query: torch.Tensor  # (width,): [1, 0, ...]
 
 
+def fold_width(head_dim: int) -> int:
+    """The channels a FoldedKeyMask adds to heads of `head_dim`: at least one, up to the next multiple of 8. A plain
+    int from the model's head size, never a size read from the mask: under torch.compile(dynamic=True) that would
+    be symbolic, and SDPA would see heads of `s + head_dim` channels in the compiled blocks."""
+    return 8 - head_dim % 8
+
+
 def folded_key_mask(mask: torch.Tensor, head_dim: int, dtype: torch.dtype) -> FoldedKeyMask:
     """(B, L) bool key mask -> its FoldedKeyMask for heads of `head_dim`."""
-    width = 8 - head_dim % 8
+    width = fold_width(head_dim)
     bias = key_mask_bias(mask, torch.float32) * head_dim**0.5  # over the scale, head_dim ** -0.5
     key = F.pad(bias.transpose(2, 3).to(dtype), (0, width - 1))
     query = F.pad(torch.ones(1, dtype=dtype, device=mask.device), (0, width - 1))
@@ -134,7 +141,7 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
         elif isinstance(mask, FoldedKeyMask):
-            width = mask.query.shape[0]
+            width = fold_width(self.head_dim)
             q = torch.cat([q, mask.query.expand(b, self.heads, n, width)], dim=-1)
             k = torch.cat([k, mask.key.expand(b, self.kv_heads, n, width)], dim=-1)
             out = self.unmasked(q, k, F.pad(v, (0, width)), scale)[..., : self.head_dim]
