@@ -404,6 +404,24 @@ def test_padded_attention_goes_from_its_flag_to_the_models_parameters(tmp_path: 
         fp.fast_path_from_args(_args(padded_attention="folded"), cpu, bf16, tmp_path)  # the CPU's default is dense
 
 
+def test_folded_padding_is_refused_where_no_fused_kernel_takes_it(tmp_path: Path) -> None:
+    """On CUDA only flash and cuDNN take a folded call: refused in float32 (SDPA's math kernel would hold every
+    score, 11.6 GB for the CFG pair at 8320 tokens) and with a kernel order naming neither ("No available kernel"
+    at the first padded call); the default then follows the order, as it follows the mode. The CPU's flash kernel
+    takes float32 (the golden tests above)."""
+    cuda, bf16, fp32 = torch.device("cuda"), torch.bfloat16, torch.float32
+    with pytest.raises(SettingError, match=r"^--padded-attention: folded needs --precision bf16 on cuda"):
+        fp.fast_path_from_args(_args(attention="sdpa", padded_attention="folded"), cuda, fp32, tmp_path)
+    for order in ("efficient", "math", "efficient,math"):
+        with pytest.raises(SettingError, match=rf"^--padded-attention: folded needs cudnn or flash .*\({order}\)"):
+            fp.fast_path_from_args(_args(sdpa_kernels=order, padded_attention="folded"), cuda, bf16, tmp_path)
+        assert fp.fast_path_from_args(_args(sdpa_kernels=order), cuda, bf16, tmp_path).padded_attention == "bias"
+    for order in ("flash", "efficient,cudnn"):
+        chosen = fp.fast_path_from_args(_args(sdpa_kernels=order), cuda, bf16, tmp_path)
+        assert chosen.padded_attention == "folded"
+    assert fp.fast_path_from_args(_args(attention="sdpa"), cuda, fp32, tmp_path).padded_attention == "bias"
+
+
 def test_the_sdpa_kernel_order_is_refused_where_it_cannot_act(model: OmniGen2Transformer, tmp_path: Path) -> None:
     """On the CPU (CUDA's kernels), from the flags and on a model there; and with dense attention (no call unmasked)."""
     cpu, bf16 = torch.device("cpu"), torch.bfloat16

@@ -12,6 +12,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.artifacts import model_configs
+from serving.artifacts import repository as repository_module
 from serving.artifacts.checkpoint_hash import HASH_MEMO
 from serving.artifacts.engines import ProfileBounds, engine_max_batch, manifest_profiles
 from serving.artifacts.model_configs import (
@@ -144,6 +145,19 @@ def test_the_folded_padding_reaches_the_transformers_parameters(tmp_path: Path, 
     )
     params = {key: value.string_value for key, value in _config(folded, "transformer").parameters.items()}
     assert params["padded_attention"] == "folded" and FastPath.from_params(params) == fast
+
+
+def test_folded_padding_in_float32_on_cuda_is_refused_before_the_build(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDPA's math kernel would take every folded call (flash and cuDNN take no float32): refused here, not when
+    Triton loads the transformer."""
+    for module in (repository_module, model_configs):
+        monkeypatch.setattr(module, "resolve_device", lambda name: torch.device("cuda"))
+    fast = FastPath("sdpa", trim_padding=True, padded_attention="folded")
+    with pytest.raises(SettingError, match=r"^--padded-attention: folded needs --precision bf16 on cuda"):
+        prepare_repository(tiny_checkpoint, tmp_path / "out", "pytorch", precision="fp32", device="cuda", fast=fast)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_of_other_files_is_refused_and_a_readme_is_kept(tmp_path: Path, tiny_checkpoint: Path) -> None:

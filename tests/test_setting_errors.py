@@ -189,6 +189,30 @@ def test_a_precision_the_backend_lacks_is_refused_with_the_allowed_ones(precisio
     assert says in refused.value.description and f"({precision})" in refused.value.description
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--precision", "fp32", "--attention", "sdpa"], "folded needs --precision bf16 on cuda"),
+        (["--precision", "bf16", "--sdpa-kernels", "efficient"], "folded needs cudnn or flash in --sdpa-kernels"),
+    ],
+    ids=["fp32", "no-fused-kernel"],
+)
+def test_the_stack_refuses_folded_padding_that_no_fused_cuda_kernel_takes(
+    flags: list[str], says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: taken, and on a GPU each padded call then ran SDPA's math kernel (float32 scores: 11.6 GB for the CFG
+    # pair at 8320 tokens) or failed with "No available kernel". The device is CUDA as far as the flags know.
+    import torch
+
+    from serving.artifacts import repository
+
+    monkeypatch.setattr(repository, "resolve_device", lambda name: torch.device("cuda"))
+    argv = ["--http-listen=", "--metrics-port=0", "--backend", "pytorch", "--device", "cuda", *flags]
+    with pytest.raises(SettingError) as refused:
+        stack.main([*argv, "--padded-attention", "folded"])
+    assert refused.value.setting == "--padded-attention" and says in refused.value.description
+
+
 def test_tls_files_are_checked_naming_the_flag(tmp_path: Path) -> None:
     cert, key = (str(path) for path in certificate(tmp_path, "a"))
     other_key = str(certificate(tmp_path, "b")[1])

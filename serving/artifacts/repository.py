@@ -56,7 +56,7 @@ from serving.model.checkpoint import GRAPH_PARTS, copy_processor, read_spec, tex
 from serving.model.contract import graph_contracts
 from serving.model.devices import TORCH_DTYPES, check_dtype, resolve_device
 from serving.pipeline.request import DEFAULT_LIMITS, Limits
-from serving.runtime.fast_path import FastPath, check_device, fast_path_from_args
+from serving.runtime.fast_path import FastPath, check_device, check_padded_attention, fast_path_from_args
 from serving.runtime.onnx_backend import MANIFEST
 from serving.runtime.onnx_stages import TRANSFORMER_STAGES
 from serving.safety.settings import SafetySettings, nudenet_graph
@@ -177,6 +177,7 @@ def _settings_key(
     if backend == "pytorch":
         fast = fast or FastPath.default_for(where, TORCH_DTYPES[precision])
         check_device(fast.sdpa_kernels, where)  # here, not when Triton loads the transformer
+        check_padded_attention(fast, where, TORCH_DTYPES[precision])
     if backend in ("onnxruntime", "pytorch"):  # the Python transformer components keep step-cache state
         bls = replace(bls, step_cache_value_bytes=2 if backend == "pytorch" and precision == "bf16" else 4)
     extra = {"bls": asdict(bls), "device": where.type, "limits": asdict(limits)} | (

@@ -137,6 +137,37 @@ def check_device(sdpa_kernels: tuple[str, ...], device: torch.device) -> None:
         )
 
 
+# The SDPA kernels that take a folded call (no mask, grouped heads) on CUDA: the memory-efficient kernel takes no
+# grouped heads, and the math kernel holds every score in float32.
+FOLDED_KERNELS = ("cudnn", "flash")
+
+
+def takes_folded(sdpa_kernels: tuple[str, ...]) -> bool:
+    """Whether a kernel order leaves the folded calls a kernel: SDPA's own choice (empty), or cudnn or flash named."""
+    return not sdpa_kernels or any(kernel in FOLDED_KERNELS for kernel in sdpa_kernels)
+
+
+def check_padded_attention(fast: FastPath, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse `folded` where the padded calls would land on SDPA's math kernel or on none: on CUDA only flash and
+    cuDNN take them, in bf16 alone (fp32 would fall to the math kernel, whose scores take B x 21 heads x L^2 x 4
+    bytes: 11.6 GB for the CFG pair at 8320 tokens); an `sdpa_kernels` order without them leaves no kernel at all.
+    The CPU's flash kernel takes any of them."""
+    if fast.padded_attention != "folded" or device.type != "cuda":
+        return
+    if dtype != torch.bfloat16:
+        raise SettingError(
+            "--padded-attention",
+            f"folded needs --precision bf16 on {device}: flash and cuDNN take no {dtype}, and SDPA's math kernel"
+            " would hold every score; choose bias",
+        )
+    if not takes_folded(fast.sdpa_kernels):
+        raise SettingError(
+            "--padded-attention",
+            f"folded needs cudnn or flash in --sdpa-kernels ({','.join(fast.sdpa_kernels)}): no other kernel takes"
+            " its calls; add one or choose bias",
+        )
+
+
 def fast_path_from_args(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, build_dir: Path
 ) -> FastPath:
@@ -149,8 +180,6 @@ def fast_path_from_args(
         "padded_attention": args.padded_attention,
     }
     fields |= {key: value for key, value in flags.items() if value is not None}
-    if args.padded_attention is None and fields["attention"] != "sdpa":
-        fields["padded_attention"] = "bias"  # the default follows the mode: `folded` is for sdpa alone
     # Turning compilation off turns its CUDA graphs off too, unless they are asked for (and then refused).
     fields["cuda_graphs"] = (
         fields["compile"] and fields["cuda_graphs"] if args.cuda_graphs is None else args.cuda_graphs
@@ -163,14 +192,20 @@ def fast_path_from_args(
         fields["cache_dir"] = (args.compile_cache_dir or build_dir / "torch-compile").resolve()
     if args.sdpa_kernels is not None:
         fields["sdpa_kernels"] = args.sdpa_kernels  # parsed by the flag's type
+    if args.padded_attention is None and (fields["attention"] != "sdpa" or not takes_folded(fields["sdpa_kernels"])):
+        fields["padded_attention"] = "bias"  # the default follows: `folded` is for sdpa, by flash or cuDNN
     check_device(fields["sdpa_kernels"], device)  # first: on the CPU, whose default attention is dense, the reason
-    return FastPath(**fields)
+    fast = FastPath(**fields)
+    check_padded_attention(fast, device, dtype)
+    return fast
 
 
 def configure(model: OmniGen2Transformer, fast: FastPath) -> None:
     """Set the attention mode and kernels and wrap every block in torch.compile (compiled on first use: see
     `warm_up`)."""
-    check_device(fast.sdpa_kernels, next(model.parameters()).device)
+    weight = next(model.parameters())
+    check_device(fast.sdpa_kernels, weight.device)
+    check_padded_attention(fast, weight.device, weight.dtype)
     model.set_attention(fast.attention)
     model.set_sdpa_kernels(fast.sdpa_kernels)
     model.set_padded_attention(fast.padded_attention)
