@@ -141,6 +141,16 @@ def test_folded_padding_is_the_bias_paths_arithmetic(
     assert _worst_error(TorchStages(model, FOLDED), cases, golden) > 10 * TOLERANCE
 
 
+def test_a_folded_key_mask_refuses_a_dtype_its_bias_overflows() -> None:
+    """MASK_BIAS * sqrt(head_dim) is past fp16's 65504 at the model's 120 channels: the key channel would be -inf, and
+    an all-padding row (an empty reference slot) NaN. fp16 is not offered; the rule stays where the mask is built."""
+    mask = torch.tensor([[True, False]])
+    with pytest.raises(ValueError, match=r"overflows torch\.float16"):
+        transformer.folded_key_mask(mask, 120, torch.float16)
+    key = transformer.folded_key_mask(mask, 120, torch.bfloat16).key
+    assert key.shape == (1, 1, 2, 8) and key.isfinite().all() and key[0, 0, 1, 0] < -1e5
+
+
 def test_compiled_blocks_give_sdpa_folded_heads_of_a_fixed_size(model: OmniGen2Transformer) -> None:
     """With dynamic shapes every size of a compiled block's inputs is symbolic, the folded mask's too: a fold width
     read from the mask made SDPA's heads `s + head_dim` channels in the traced block (flash and cuDNN are chosen by

@@ -36,7 +36,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # Added to the scores of padded keys. exp(-1e4) underflows to exactly 0 in fp32, bf16 and fp16, so valid rows
 # match the reference; unlike -inf (or float32's minimum, which is -inf in fp16) an all-padding row (an empty
-# reference slot) stays finite, so no NaN can reach valid rows through a 0 * NaN product.
+# reference slot) stays finite, so no NaN can reach valid rows through a 0 * NaN product. The folded mask holds
+# it times sqrt(head_dim) (1.1e5 at 120), finite in fp32 and bf16 but not fp16: folded_key_mask refuses such a dtype.
 MASK_BIAS = -1e4
 
 
@@ -72,6 +73,8 @@ def fold_width(head_dim: int) -> int:
 def folded_key_mask(mask: torch.Tensor, head_dim: int, dtype: torch.dtype) -> FoldedKeyMask:
     """(B, L) bool key mask -> its FoldedKeyMask for heads of `head_dim`."""
     width = fold_width(head_dim)
+    if abs(MASK_BIAS) * head_dim**0.5 > torch.finfo(dtype).max:  # fp16: not offered (serving/choices.py)
+        raise ValueError(f"a folded key mask for heads of {head_dim} overflows {dtype}: padded keys would be -inf")
     bias = key_mask_bias(mask, torch.float32) * head_dim**0.5  # over the scale, head_dim ** -0.5
     key = F.pad(bias.transpose(2, 3).to(dtype), (0, width - 1))
     query = F.pad(torch.ones(1, dtype=dtype, device=mask.device), (0, width - 1))
