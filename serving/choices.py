@@ -10,8 +10,9 @@ PRECISIONS = {"pytorch": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16", "bf16")}
 NOT_IMPLEMENTED = {"fp8": "fp8 needs calibrated quantisation (TensorRT Model Optimizer), which is not implemented yet"}
 # How attention skips padded keys (serving/model/transformer.py runs them; serving/runtime/fast_path.py chooses).
 ATTENTION_MODES = ("dense", "sdpa", "flex")
-# SDPA's CUDA kernels, which the unpadded attention calls may be limited to, in order of preference (`--sdpa-kernels`;
-# serving/model/transformer.py maps them onto torch's SDPBackend).
+# SDPA's CUDA kernels, which the unmasked attention calls (unpadded ones, and padded ones folded) may be limited to, in
+# order of preference (`--sdpa-kernels`; serving/model/transformer.py maps them onto torch's SDPBackend). Folded
+# calls need cudnn or flash among them (serving/runtime/fast_path.py, FOLDED_KERNELS).
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 # How `sdpa` attention takes a call whose keys are padded (`--padded-attention`): `folded` puts the key mask into the
 # query-key product as one extra head channel, so SDPA gets no mask (flash / cuDNN, grouped heads); `bias` adds it

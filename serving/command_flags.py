@@ -179,5 +179,6 @@ def add_fast_path_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how --attention sdpa takes calls with padded keys (CFG branches of different prompt lengths): folded "
         "(the mask as an extra head channel, no SDPA mask: flash/cuDNN) or bias (additive mask, heads repeated); "
-        "default: folded with --attention sdpa on cuda, else bias",
+        "default: folded with --attention sdpa on cuda in bf16 unless --sdpa-kernels names neither cudnn nor flash "
+        "(folded is refused there, and in fp32 on cuda), else bias",
     )
