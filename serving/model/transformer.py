@@ -57,7 +57,8 @@ class FoldedKeyMask(NamedTuple):
     `width` more channels (zeros for values), the query's first one 1 and the key's the bias over the softmax scale
     (MASK_BIAS / scale at padded keys, 0 at valid ones), so q.k * scale carries exactly the bias, which SDPA then
     needs no mask for: flash and cuDNN take the call, with the grouped heads. `width` makes the head a multiple of
-    8, as flash needs (120 -> 128, the size those kernels compute at anyway). Built once per call (`key_mask`)."""
+    8, as flash needs (120 -> 128, flash's own template size for 120; cuDNN's cost for it is not checked). Built
+    once per call (`key_mask`)."""
 
     key: torch.Tensor  # (B, 1, L, width)
     query: torch.Tensor  # (width,): [1, 0, ...]
