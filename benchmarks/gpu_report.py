@@ -112,8 +112,7 @@ def served(results: dict[str, Any]) -> list[str]:
         base = points.get(1, {}).get("images_per_s")
         lines += [
             "",
-            "Each point sends its n requests at once, n = the larger of its concurrency and "
-            f"{results['settings']['min_requests']}.",
+            "Each point sends its n requests at once (n: the table's second column).",
             "",
             "| concurrency | n (requests) | p50 s | p90 s (from 10 requests) | images/s | vs concurrency 1 |",
             "| --- | --- | --- | --- | --- | --- |",
