@@ -307,6 +307,23 @@ def test_thresholds_without_safety_are_checked_and_warned_about(caplog: pytest.L
     assert "--safety-thresholds does nothing without --safety" in caplog.text
 
 
+def test_fast_path_flags_for_another_backend_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Before: `--sdpa-kernels cudnn --backend onnxruntime` was dropped without a word."""
+    from serving.artifacts.repository import FAST_PATH_SWITCHES, fast_from_args
+    from serving.command_flags import add_fast_path_arguments
+
+    place = {"compile_cache_dir": Path("build/torch-compile")}  # the GPU overlay passes it to every backend: no warning
+    flags = dict.fromkeys(FAST_PATH_SWITCHES) | {"sdpa_kernels": ("cudnn",), "compile": False} | place
+    with caplog.at_level(logging.WARNING):
+        fast = fast_from_args(argparse.Namespace(backend="onnxruntime", **flags), Path("build"))
+    assert fast is None
+    assert "--compile, --sdpa-kernels: not used with --backend onnxruntime" in caplog.text
+    assert "compile-cache-dir" not in caplog.text
+    parser = argparse.ArgumentParser()
+    add_fast_path_arguments(parser)  # every flag of the group is in the list the warning reads
+    assert {action.dest for action in parser._actions} - {"help"} == {*FAST_PATH_SWITCHES, "compile_cache_dir"}
+
+
 def test_the_front_end_exits_with_one_line_naming_the_variable() -> None:
     env = {**os.environ, "OMNIGEN2_MAX_IN_FLIGHT": "abc"}
     done = subprocess.run(

@@ -360,9 +360,27 @@ def bls_from_args(args: argparse.Namespace) -> BlsSettings:
     return replace(settings, max_step_cache_mib=args.max_step_cache_mib)
 
 
+# The fast path's switches (serving/command_flags.py, add_fast_path_arguments; None where not given). Its other
+# flag, --compile-cache-dir, is a place, which a deployment passes whatever the backend (deploy/k8s/overlays/gpu).
+FAST_PATH_SWITCHES = (
+    "attention",
+    "trim_padding",
+    "compile",
+    "cuda_graphs",
+    "warmup_resolutions",
+    "sdpa_kernels",
+    "padded_attention",
+)
+
+
 def fast_from_args(args: argparse.Namespace, build_dir: Path) -> FastPath | None:
-    """The `pytorch` transformer's fast path from the flags (None for the other backends)."""
+    """The `pytorch` transformer's fast path from the flags (None for the other backends, which say so of the fast
+    path's switches given to them: the ONNX and TensorRT graphs have their own attention)."""
     if args.backend != "pytorch":
+        given = [f"--{name.replace('_', '-')}" for name in FAST_PATH_SWITCHES if getattr(args, name, None) is not None]
+        if given:
+            message = "%s: not used with --backend %s (the fast path is the pytorch backend's)"
+            log.warning(message, ", ".join(given), args.backend)
         return None
     check_precision(args.backend, args.precision)
     return fast_path_from_args(args, resolve_device(args.device), TORCH_DTYPES[args.precision], build_dir)
