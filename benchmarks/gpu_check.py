@@ -10,7 +10,7 @@ stage that fails or runs out of time still leaves what the others measured:
   build            the full-size random model straight on the GPU in bf16 (no checkpoint read)
   checkpoint       that model written to local disk, for the served stack
   reference_*      (a) the reference's way: each CFG branch a transformer pass of its own, dense masks
-  batched_*        (b) this project's: every branch of a step in one call, SDPA without padding masks
+  batched_*        (b) this project's: a step's branches in calls planned as the BLS plans them, SDPA unmasked
   compiled_*       (c) (b) compiled per block with CUDA graphs: the served default on a GPU (`_load` = compiling)
   profile          torch.profiler over two denoising steps of (c), or of (b) where (c) did not load: the top kernels
                    and how busy the GPU was over those steps' wall time (on the CPU: operators and CPU time)
@@ -146,7 +146,7 @@ VARIANTS = (
     Variant("reference", "(a) each CFG branch its own pass, dense masks", False, lambda s, d, c: FastPath.off()),
     Variant(  # the padded keys as (c) has them (the GPU default, folded), so that (b) -> (c) is compiling alone
         "batched",
-        "(b) branches in one call, SDPA without padding masks (padded keys folded)",
+        "(b) branches batched as the BLS plans calls, SDPA without padding masks (padded keys folded)",
         True,
         lambda s, d, c: FastPath(attention="sdpa", trim_padding=True, padded_attention="folded"),
     ),

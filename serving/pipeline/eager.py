@@ -2,12 +2,15 @@
 
 Like the reference scripts it runs each CFG branch as its own transformer call (`batch_branches=False`); the
 served stack batches branches and requests instead, and is measured against this class. `batch_branches=True`
-runs all branches of a step in one call, as the BLS does, for in-process measurements of that change alone.
+groups the branches of a step into calls as the BLS does (serving/pipeline/grouping.py: one call, unless padding a
+branch to the others would cost more than a call of its own, as an edit's branch without the reference would),
+for in-process measurements of that change alone.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from serving.pipeline.denoise import Denoiser, pack_samples, plan_sizes, prompts_for
+from serving.pipeline.denoise import Denoiser, Sample, pack_samples, plan_sizes, prompts_for, sample_shape
+from serving.pipeline.grouping import CALL_OVERHEAD_MS, CallCost, SampleShape, padded_tokens, plan_calls
 from serving.pipeline.image_tensors import postprocess, preprocess_image
 from serving.pipeline.packing import unpack_output
 from serving.pipeline.prompts import PromptTokenizer
@@ -54,6 +58,8 @@ class OmniGen2Pipeline:
         self.spec = backend.spec
         self.limits = limits
         self.batch_branches = batch_branches
+        # What a transformer call costs beside its tokens, learnt from the calls as the BLS learns it
+        self.call_cost = CallCost(fixed_s=CALL_OVERHEAD_MS / 1000)
 
     @classmethod
     def from_pretrained(
@@ -113,22 +119,18 @@ class OmniGen2Pipeline:
         try:
             while not denoiser.done:
                 samples = denoiser.samples()
-                velocities: list[torch.Tensor] = []
-                # Like the reference: one transformer call per CFG branch (the served stack batches them all).
-                groups = (
-                    [samples]
-                    if self.batch_branches
-                    else [
-                        [s for s in samples if s.branch == branch]
-                        for branch in dict.fromkeys(s.branch for s in samples)
-                    ]
-                )
-                for rows in groups:
+                velocities: dict[int, torch.Tensor] = {}
+                for call in self._calls(samples):
+                    rows = [samples[i] for i in call]
                     packed = pack_samples(rows, spec)
+                    started = time.perf_counter()
                     velocity, stats = backend.transformer_cached(packed.as_inputs(), [s.cache for s in rows])
+                    self.call_cost.observe(padded_tokens(self._shapes(rows)), time.perf_counter() - started)
                     passes += stats.main_layer_rows
-                    velocities += unpack_output(velocity, packed.latent_sizes, spec.patch_size)
-                denoiser.advance(velocities)
+                    velocities.update(
+                        zip(call, unpack_output(velocity, packed.latent_sizes, spec.patch_size), strict=True)
+                    )
+                denoiser.advance([velocities[i] for i in range(len(samples))])
                 if progress is not None:
                     progress(denoiser.step, request.steps)
         finally:  # a request's cache state goes with it, however it ends
@@ -146,6 +148,17 @@ class OmniGen2Pipeline:
             truncated_negative_prompt_tokens=truncated.get("negative", 0),
             main_layer_passes=passes,
         )
+
+    def _calls(self, samples: list[Sample]) -> list[list[int]]:
+        """The step's samples (indices) per transformer call: one per CFG branch as the reference runs them, or
+        grouped as the BLS groups them (`batch_branches`)."""
+        if self.batch_branches:
+            return plan_calls(self._shapes(samples), self.call_cost.overhead_tokens)
+        branches = [s.branch for s in samples]
+        return [[i for i, b in enumerate(branches) if b == branch] for branch in dict.fromkeys(branches)]
+
+    def _shapes(self, samples: list[Sample]) -> list[SampleShape]:
+        return [sample_shape(s, self.spec.patch_size) for s in samples]  # pack_samples' text multiple: 1
 
     def encode_prompt(self, prompt: str, max_length: int) -> tuple[torch.Tensor, int]:
         """Unpadded (L, D) features of one templated prompt cut to `max_length` tokens, and how many were cut."""

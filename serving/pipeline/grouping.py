@@ -18,6 +18,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# A transformer call's fixed cost before it is learnt (CallCost): the BLS's default (bls_settings.py) and the eager
+# pipeline's, which groups branches as the BLS does.
+CALL_OVERHEAD_MS = 10.0
+
 
 @dataclass(frozen=True)
 class SampleShape:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from serving.pipeline.grouping import CALL_OVERHEAD_MS
+
 
 @dataclass(frozen=True)
 class BlsSettings:
     max_samples: int = 24  # transformer samples per step-batched call (requests x CFG branches x images)
     text_multiple: int = 16  # padded text lengths are rounded up to this (shape bucketing)
-    call_overhead_ms: float = 10.0  # a transformer call's fixed cost: shapes share a call below it (grouping.py)
+    call_overhead_ms: float = CALL_OVERHEAD_MS  # a call's fixed cost: shapes share a call below it (grouping.py)
     # Padded tokens per transformer call at most (0: no cap); bigger calls are cut. Attention memory grows with a
     # call's padded tokens times its longest sample (ONNX Runtime float32 on the CPU: about 35 bytes x n x tokens,
     # docs/reliability.md), so at the front end's sample budget no call holds more than one largest sample does.
