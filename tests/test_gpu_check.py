@@ -209,6 +209,31 @@ def test_a_side_reading_that_fails_on_the_device_is_recorded_not_raised() -> Non
     assert "| 2 | 0.50 / 1.50 |" in lines and lines[-1] == "CUDA libraries not read: NoSuchProcess: 7"
 
 
+def test_the_plot_draws_each_variant_once_the_later_run_winning(tmp_path: Path) -> None:
+    from benchmarks.gpu_plot import bars, plot
+
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    stages_1 = {
+        "compiled_t2i": {"extrapolated_s": 8.62, "step_s": [0.2] * 12},
+        "reference_edit": {"seconds": 27.37},
+        "served_load": {"same_as": "batched"},
+        "served_requests": {"points": [{"concurrency": 1, "p50_s": 14.58}, {"concurrency": 2, "p50_s": 20.0}]},
+    }
+    stages_2 = {"compiled_t2i": {"seconds": 8.63}}
+    for run, stages in ((first, stages_1), (second, stages_2)):
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({"stages": stages, "machine": {"gpu": "a test GPU"}}))
+    drawn = bars([first, second])
+    t2i = {b.label: (b.seconds, b.extrapolated, b.run) for b in drawn["t2i"]}
+    assert t2i == {
+        "(c) compiled": (8.63, False, "run2"),  # measured later beats extrapolated earlier
+        "served (uncompiled), concurrency 1": (14.58, False, "run1"),
+    }
+    assert [(b.label, b.seconds) for b in drawn["edit"]] == [("(a) reference-style", 27.37)]
+    plot([first, second], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_device_runs_fit_their_limits() -> None:
     """The check's two runs measure every stage between them, each within its limit with its install, the first
     within the 8 minutes a check may take, and both within one session's device time, two machine starts included."""
