@@ -39,7 +39,10 @@ from serving.triton.ports import LOOPBACK, free_port
 # The UI's starting values: small and fast on the tiny checkpoint.
 UI_ARGS = ("--width", "64", "--height", "48", "--steps", "4")
 PROMPT = "A red apple on a wooden table"
-PROGRESS_STEPS = 24
+# Enough steps (about 2 s on the tiny model) that the run outlasts a stall of the UI's event loop: with 24 (0.4 s) on
+# a loaded 2-core CI machine every progress message once reached the browser together with the result, and the bar
+# never showed a step.
+PROGRESS_STEPS = 100
 # Records every text that elements matching a selector show, so what a fast generation shows is not missed between
 # polls.
 WATCH = """
@@ -160,7 +163,7 @@ def test_generate_in_the_browser_shows_the_served_image(
     """Type a prompt, set a seed and the steps in the advanced settings, click Generate: the progress bar follows
     the denoising steps and the gallery shows the image the SDK gets for the same request, pixel for pixel. Enough
     steps that the run outlasts Gradio's progress updates (the UI's default 4 on the tiny model can end before the
-    first one reaches the page)."""
+    first one reaches the page; see PROGRESS_STEPS)."""
     page.find_element(By.CSS_SELECTOR, "#generate-prompt textarea").send_keys(PROMPT)
     page.find_element(By.CSS_SELECTOR, "#generate-settings button").click()  # open the accordion
     type_into(wait_for(page, "#generate-seed input"), "7")
@@ -177,8 +180,9 @@ def test_generate_in_the_browser_shows_the_served_image(
         shutil.copyfile(screenshot, target)
 
     progress = page.execute_script("return window.seen")
-    assert any("Denoising" in text for text in progress), progress
-    assert any(f"/{PROGRESS_STEPS} steps" in text for text in progress), progress  # the request's steps
+    shown_texts = " | ".join(progress)  # whole, where pytest would cut a list's repr short
+    assert any("Denoising" in text for text in progress), shown_texts
+    assert any(f"/{PROGRESS_STEPS} steps" in text for text in progress), shown_texts  # the request's steps
     expected = client.generate(PROMPT, width=64, height=48, steps=PROGRESS_STEPS, seed=7).images[0]
     assert np.array_equal(np.asarray(fetch_image(shown).convert("RGB")), np.asarray(expected))
 
