@@ -57,13 +57,16 @@ from serving.frontend.pace import Pace
 log = logging.getLogger("omnigen2.http")
 T = TypeVar("T")
 MiB = 1024 * 1024
-_REQUEST_ID = "omnigen2_request_id"  # the request's key for its id
+# Typed keys of what a request carries between the handler and the middleware (aiohttp warns at string keys).
+_REQUEST_ID = web.RequestKey("request_id", str)
+# The status the access log and metrics record, where it is not the response's (499: the caller left).
+_STATUS = web.RequestKey("status", int)
 # The most parts an edits form may have: its fields, cfg_range's two values and five images fit many times over.
 FORM_FIELDS = 100
-_ANSWER = "omnigen2_answer"  # the request's key for its answer's _Progress
+_ANSWER = web.RequestKey["_Progress"]("answer")  # the answer's write progress
 # Set once a stream's last event is handed to aiohttp (which cannot say when it left the process): the caller leaving
 # then is not 499.
-_DELIVERED = "omnigen2_delivered"
+_DELIVERED = web.RequestKey("delivered", bool)
 _NO_NAMES = Names()
 # The most commas a JSON body may hold: a request the service takes has far fewer (its texts are a few thousand
 # tokens, its images base64 strings, which have none); json.loads of this many values takes about 0.1 s.
@@ -307,14 +310,14 @@ class OpenAIGateway:
                 await send(name, payload)
         except grpc.RpcError as error:
             failure = from_rpc(error, names.param, self.config.retry_after_s)
-            request["status"] = failure.status
+            request[_STATUS] = failure.status
             body = failure.body()
             await send(error_event, {"type": error_event, **body} if error_event else body)
         if done:
             await self._write(request, response.write(b"data: [DONE]\n\n"))
         # The whole answer is the caller's: one that reads it and closes at once cancels what is left of the handler
         # (the body's end, the call's), and that is not the caller gone before its answer.
-        request["status"] = request.get("status") or response.status
+        request[_STATUS] = request.get(_STATUS) or response.status
         request[_DELIVERED] = True
         await self._write(request, response.write_eof())
         return response
@@ -334,7 +337,7 @@ class OpenAIGateway:
         try:
             await progress.wait(write)
         except _StalledError as stalled:
-            request["status"] = 408  # not the call's status, when this was the write of its error
+            request[_STATUS] = 408  # not the call's status, when this was the write of its error
             self.metrics.cut_off.labels("http", "answer", stalled.reason).inc()
             if request.transport is not None:
                 request.transport.abort()
@@ -504,13 +507,13 @@ class OpenAIGateway:
             # Cut by stop() at the end of its grace period, not by the caller: logged as the server's failure
             # (the error a stream sent, else 503; a stream's status line may have said 200).
             if self.cut_at is not None and time.monotonic() >= self.cut_at:
-                request["status"] = request.get("status") or 503
+                request[_STATUS] = request.get(_STATUS) or 503
             elif not request.get(_DELIVERED):
-                request["status"] = 499  # the caller went away; the gRPC call (and the work) is cancelled
+                request[_STATUS] = 499  # the caller went away; the gRPC call (and the work) is cancelled
             raise
         except ConnectionResetError:  # the same, seen by a write before aiohttp cancelled the handler
             if not request.get(_DELIVERED):
-                request["status"] = 499
+                request[_STATUS] = 499
             response = _error_response(OpenAIError(499, "the caller went away", code="cancelled"))
         except Exception:
             log.exception("%s %s failed (request_id=%s)", request.method, request.path, request[_REQUEST_ID])
@@ -519,7 +522,7 @@ class OpenAIGateway:
         finally:
             route = request.match_info.route.resource
             path = route.canonical if route is not None else "unmatched"
-            status = request.get("status") or (response.status if response is not None else 499)
+            status = request.get(_STATUS) or (response.status if response is not None else 499)
             seconds = time.perf_counter() - start
             self.metrics.http_requests.labels(request.method, path, str(status)).inc()
             access_log.record_http(request.method, path, request.remote or "-", status, seconds, request[_REQUEST_ID])
