@@ -318,7 +318,9 @@ def _fixed_window_channel(address: str) -> grpc.Channel:
 def test_a_stream_nobody_reads_is_cancelled_and_gives_its_slot_back(tmp_path: Path, triton: TritonServer) -> None:
     """Previews nobody reads: the writes stall once the flow-control window is full; the slot used to stay taken
     (and Triton to buffer the output) for as long as the caller kept the stream open."""
-    flags = ("--max-in-flight=1", "--stream-write-timeout-s=1")
+    # A stalled write waits the timeout plus its message's time at the minimum rate (outbox.py): a 196 KB preview
+    # is 6 s at the default 32 KiB/s, 0.75 s at 256 KiB/s. Nothing is ever read, so any cut is the right one.
+    flags = ("--max-in-flight=1", "--stream-write-timeout-s=1", "--stream-min-write-rate=262144")
     with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", *flags) as frontend:
         frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
         stub = pb_grpc.OmniGen2Stub(_fixed_window_channel(frontend.address))
