@@ -43,6 +43,15 @@ def own_triton(shared_triton: TritonServer) -> TritonServer:
     return shared_triton
 
 
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, shared_triton: TritonServer) -> Iterator[FrontendProcess]:
+    """One front end for the cases: each waits for SERVING first, and a Triton started again on the same ports is
+    reconnected to by itself (test_faults.py). Its gauges must read 0 after each case, the earlier ones' included."""
+    log = tmp_path_factory.mktemp("stub-death-frontend") / "frontend.log"
+    with FrontendProcess(shared_triton.grpc_url, log, "--max-run-s=120") as frontend:
+        yield frontend
+
+
 def _stub(server: TritonServer, model: str) -> int:
     assert server.process is not None
     (pid,) = stub_processes(server.process.pid)[model]
@@ -51,31 +60,30 @@ def _stub(server: TritonServer, model: str) -> int:
 
 @pytest.mark.parametrize(("call", "killed"), [("understand", "mllm"), ("generate", "omnigen2"), ("generate", "mllm")])
 def test_a_call_whose_model_process_dies_ends_unavailable(
-    own_triton: TritonServer, tmp_path: Path, call: str, killed: str
+    own_triton: TritonServer, api: FrontendProcess, call: str, killed: str
 ) -> None:
     """generate/mllm: the BLS waits for its prompt's features, which never come. The stub is killed while it waits
     for the CPU lane the test holds, not while it holds Triton's shared-memory locks (Triton then aborts)."""
-    with FrontendProcess(own_triton.grpc_url, tmp_path / "frontend.log", "--max-run-s=120") as api:
-        api.wait_health(SERVING, timeout=60)
-        client = OmniGen2Client(api.address, timeout=120, retries=0)
-        lane = CpuLane(own_triton.model_repository, enabled=True)
-        if call == "understand":
-            stream = iter(client.understand_stream("Talk for a long time", max_new_tokens=2048))
-            next(stream)
-            lane.acquire()
-        else:
-            lane.acquire()
-            stream = iter(client.stream("A prompt not encoded yet", width=32, height=32, steps=2, seed=1))
-        time.sleep(1.0)
-        os.kill(_stub(own_triton, killed), signal.SIGKILL)
-        lane.release()
-        started = time.monotonic()
-        with pytest.raises(UnavailableError, match="process died"):
-            list(stream)
-        assert time.monotonic() - started < 20
-        assert api.metric("omnigen2_in_flight_requests") == 0
-        assert api.metric("omnigen2_admitted_chat_tokens") == 0
-        assert api.metric("omnigen2_admitted_step_tokens") == 0
-        api.wait_health(SERVING, timeout=60)
-        assert client.understand("After", max_new_tokens=2).completion_tokens >= 1
-        assert client.generate("After", width=32, height=32, steps=1).images
+    api.wait_health(SERVING, timeout=60)
+    client = OmniGen2Client(api.address, timeout=120, retries=0)
+    lane = CpuLane(own_triton.model_repository, enabled=True)
+    if call == "understand":
+        stream = iter(client.understand_stream("Talk for a long time", max_new_tokens=2048))
+        next(stream)
+        lane.acquire()
+    else:
+        lane.acquire()
+        stream = iter(client.stream("A prompt not encoded yet", width=32, height=32, steps=2, seed=1))
+    time.sleep(1.0)
+    os.kill(_stub(own_triton, killed), signal.SIGKILL)
+    lane.release()
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="process died"):
+        list(stream)
+    assert time.monotonic() - started < 20
+    assert api.metric("omnigen2_in_flight_requests") == 0
+    assert api.metric("omnigen2_admitted_chat_tokens") == 0
+    assert api.metric("omnigen2_admitted_step_tokens") == 0
+    api.wait_health(SERVING, timeout=60)
+    assert client.understand("After", max_new_tokens=2).completion_tokens >= 1
+    assert client.generate("After", width=32, height=32, steps=1).images
