@@ -66,6 +66,26 @@ def build_and_report(target: Path, builds: Path, results: Any, start: Any = None
     results.put((built, target.read_bytes()))
 
 
+class Waiting(logging.Handler):
+    """Sets `event` once the cache lock logs that another builder holds it: this process has tried it and waits."""
+
+    def __init__(self, event: Any) -> None:
+        super().__init__()
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "another builder holds" in record.getMessage():
+            self.event.set()
+
+
+def waiting_then(waiting: Any, work: Callable[..., None], *args: Any) -> None:
+    """`work(*args)` in a child that sets `waiting` when it finds the lock held."""
+    lock_log = logging.getLogger("export.cache_lock")
+    lock_log.setLevel(logging.INFO)
+    lock_log.addHandler(Waiting(waiting))
+    work(*args)
+
+
 def hang_mid_build(target: Path, writing: Any) -> None:
     def build(partial: Path) -> None:
         partial.write_bytes(b"half")
@@ -92,9 +112,10 @@ def test_a_builder_killed_mid_build_frees_the_waiter_which_builds_again(tmp_path
     dying = CTX.Process(target=hang_mid_build, args=(target, writing))
     dying.start()
     assert writing.wait(30)
-    waiter = CTX.Process(target=build_and_report, args=(target, builds, results))
+    waiting = CTX.Event()
+    waiter = CTX.Process(target=waiting_then, args=(waiting, build_and_report, target, builds, results))
     waiter.start()
-    time.sleep(1.5)  # the waiter polls the lock meanwhile
+    assert waiting.wait(30)  # it tried the lock and polls it
     assert waiter.is_alive() and results.empty() and not target.exists()
     (leftover,) = tmp_path.glob("transformer.plan.partial.*")  # the dying builder's own aside name
     assert leftover.read_bytes() == b"half" and leftover.name.endswith(f".{dying.pid}")
@@ -115,9 +136,9 @@ def test_a_hung_builder_bounds_the_wait(tmp_path: Path, caplog: pytest.LogCaptur
     target = tmp_path / "transformer.plan"
     with exclusive_lock(tmp_path / "transformer.plan.lock", 1, "holder"):
         started = time.monotonic()
-        with pytest.raises(CacheLockTimeoutError, match=r"another builder held .*transformer\.plan\.lock for over 2 s"):
-            build_once(target, lambda partial: pytest.fail("built without the lock"), timeout_s=2)
-        assert 2 <= time.monotonic() - started < 10
+        with pytest.raises(CacheLockTimeoutError, match=r"another builder held .*transformer\.plan\.lock for over 1 s"):
+            build_once(target, lambda partial: pytest.fail("built without the lock"), timeout_s=1)
+        assert 1 <= time.monotonic() - started < 10
     assert "transformer.plan: another builder holds" in caplog.text and "waiting for it" in caplog.text
     assert not target.exists()
 
@@ -228,9 +249,11 @@ def test_an_exporter_killed_mid_export_frees_the_waiter_which_exports_again(
     dying = CTX.Process(target=export_hanging, args=(tiny_checkpoint, out, writing))
     dying.start()
     assert writing.wait(60)
-    waiter = CTX.Process(target=export_and_report, args=(tiny_checkpoint, out, ("vae_decoder",), results))
+    waiting = CTX.Event()
+    args = (waiting, export_and_report, tiny_checkpoint, out, ("vae_decoder",), results)
+    waiter = CTX.Process(target=waiting_then, args=args)
     waiter.start()
-    time.sleep(1.5)  # the waiter polls the lock meanwhile
+    assert waiting.wait(60)  # it tried the lock and polls it
     assert waiter.is_alive() and results.empty() and not out.exists()
     (leftover,) = tmp_path.glob("abc.partial.*")
     assert leftover.name.endswith(f".{dying.pid}") and (leftover / "vae_decoder.onnx").read_bytes() == b"half"
