@@ -2,7 +2,8 @@
 
 Every failure leaves here as an ApiError with the status the API promises: stream errors carry the BLS's own
 code ("CODE: field: detail", serving/triton/wire.py), and transport failures map to UNAVAILABLE, as do the failures
-of a model whose stub process died (retryable: the watchdog reloads it, serving/triton/watchdog.py).
+of a model whose stub process died or that is being loaded again (retryable: the watchdog reloads it,
+serving/triton/watchdog.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from serving.triton.wire import RECONNECT_OPTIONS, WireError
 
 # Triton's Python backend fails the requests of a model whose stub process died with this, until it is reloaded.
 DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
+# Triton's answer for a model that is between its unload and its load again (the watchdog's reload): a call the front
+# end let through before its health poll saw the model go may be retried once it is back.
+RELOADING = re.compile(r"Request for unknown model: '[^']*' (has no available versions|version \d+ is not at ready)")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ def _stream_error(message: str, retry_after_s: float) -> ApiError:
             grpc.StatusCode.UNAVAILABLE,
             f"a model's process died and is being restarted; retry the call: {error.message}",
         )
+    if RELOADING.search(error.message):
+        return plain(grpc.StatusCode.UNAVAILABLE, f"a model is being loaded again; retry the call: {error.message}")
     return plain(grpc.StatusCode.INTERNAL, f"generation failed: {error.message}")
 
 
