@@ -74,6 +74,8 @@ def _stream_error(message: str, retry_after_s: float) -> ApiError:
         return resource_exhausted(error.message, retry_after_s)
     if error.code == "CANCELLED":
         return plain(grpc.StatusCode.CANCELLED, error.message)
+    if error.code == "UNAVAILABLE":  # a component's process died under the BLS's call (component_watch.py)
+        return plain(grpc.StatusCode.UNAVAILABLE, error.message)
     if DEAD_STUB.search(error.message):  # the BLS's message names the component too
         return plain(
             grpc.StatusCode.UNAVAILABLE,

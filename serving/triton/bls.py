@@ -16,7 +16,8 @@ preview, is classified by the `safety_classifier` model; the result event then c
 "findings": [{"label", "score", "threshold"}]}], a withheld image's pixels and latents are zeros, and once a
 preview is withheld its progress events say "preview_withheld": true and carry no preview for the rest of the run.
 Errors end the stream with a message "CODE: [field: ]detail" (serving/triton/wire.py), CODE one of
-INVALID_ARGUMENT (naming the field), CANCELLED or INTERNAL: stream responses carry no status code of their own.
+INVALID_ARGUMENT (naming the field), CANCELLED, UNAVAILABLE (a component's process died under the request) or
+INTERNAL: stream responses carry no status code of their own.
 Each failure is written to Triton's log with Triton's request id, which the front end sets to the id of the call
 it writes in its access log (INTERNAL failures with their traceback).
 
@@ -63,6 +64,7 @@ from serving.pipeline.usage import generation_usage
 from serving.safety.letterbox import letterbox
 from serving.safety.settings import Finding, SafetySettings
 from serving.triton.bls_settings import BlsSettings
+from serving.triton.component_watch import drained_on_thread, until_answered
 from serving.triton.log import route_to_triton
 from serving.triton.memory import IdleTrimmer, use_stub_mmap_threshold
 from serving.triton.model_config import model_config, parameters
@@ -107,8 +109,13 @@ async def call_component(model: str, inputs: dict[str, np.ndarray], output: str,
     if not decoupled:
         result = _output(await request.async_exec(), model, output)
     else:
-        # A blocking iterator: drained on a worker thread so that the event loop keeps stepping other requests.
-        responses = await asyncio.to_thread(list, await request.async_exec(decoupled=True))
+
+        async def drained() -> list[Any]:
+            # A blocking iterator: drained on a thread so that the event loop keeps stepping other requests.
+            return await drained_on_thread(await request.async_exec(decoupled=True), f"{model}-responses")
+
+        # Watched: a streaming model's request whose stub dies under it would never end (component_watch.py).
+        responses = await until_answered(drained, model)
         found = [_output(response, model, output) for response in responses]
         result = next((r for r in found if r is not None), None)
     if result is None:

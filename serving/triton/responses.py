@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.errors import InvalidArgumentError
+from serving.triton.component_watch import ComponentDiedError
 from serving.triton.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def error_response(exc: BaseException, request: Any) -> Any:
         error = WireError("INVALID_ARGUMENT", exc.description, exc.field)
     elif isinstance(exc, CancelledByCallerError):
         error = WireError("CANCELLED", "cancelled by the caller")
+    elif isinstance(exc, ComponentDiedError):
+        error = WireError("UNAVAILABLE", str(exc))
     else:
         error = WireError("INTERNAL", f"{type(exc).__name__}: {exc}")
     request_id = request.request_id() or "-"  # the front end's id of the call; none on the BLS's own calls

@@ -10,7 +10,9 @@ unloads the model (health turns NOT_SERVING: the front end requires every model 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +28,20 @@ class ProcStat(NamedTuple):
     name: str  # the command name, as the kernel keeps it (at most 15 characters)
     state: str  # "R", "S", "Z" (a zombie: ended, not yet waited for)...
     parent: int
+    started: int  # when it started, in clock ticks since boot (ticks_since_boot's scale)
 
 
 def proc_stat(pid: int | str) -> ProcStat:
     """A process's /proc/<pid>/stat; OSError when it is gone or not ours to read. Its fields follow the command
     name, which may hold spaces and parentheses: they are read after the last ')'."""
     head, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
-    state, parent = rest.split()[:2]
-    return ProcStat(head.partition("(")[2], state, int(parent))
+    fields = rest.split()  # from the third field of proc(5)'s list: state, ppid, ..., starttime (the 22nd)
+    return ProcStat(head.partition("(")[2], fields[0], int(fields[1]), int(fields[19]))
+
+
+def ticks_since_boot() -> int:
+    """Now, on the scale of ProcStat.started (the kernel counts a process's start from boot, suspend included)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
 def processes() -> Iterator[tuple[int, ProcStat, list[bytes]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CODES = ("INVALID_ARGUMENT", "CANCELLED", "RESOURCE_EXHAUSTED", "INTERNAL")
+CODES = ("INVALID_ARGUMENT", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL")
 # Request parameters: a request's random key, and a stop request naming it (serving/triton/stops.py).
 CALL_PARAMETER = "omnigen2_call"
 STOP_PARAMETER = "omnigen2_stop"

@@ -4,10 +4,12 @@ budget back; the reloaded model serves the next call."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client, UnavailableError
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.cpu_lane import CpuLane
+from serving.triton.cpu_lane import LOCK_FILE, CpuLane
 from serving.triton.launcher import TritonServer
 from serving.triton.ports import Ports
 from serving.triton.watchdog import stub_processes
@@ -58,6 +60,20 @@ def _stub(server: TritonServer, model: str) -> int:
     return pid
 
 
+def _until_waiting_for_the_lane(server: TritonServer, timeout_s: float = 60) -> None:
+    """Waits until the `mllm` stub is blocked on the CPU lane's lock (a waiter, `->`, in /proc/locks)."""
+    inode = (server.model_repository / LOCK_FILE).stat().st_ino
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mllm = str(_stub(server, "mllm"))
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if fields[1] == "->" and mllm in fields and fields[-3].endswith(f":{inode}"):
+                return
+        assert time.monotonic() < deadline, "the call never reached the CPU lane"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize(("call", "killed"), [("understand", "mllm"), ("generate", "omnigen2"), ("generate", "mllm")])
 def test_a_call_whose_model_process_dies_ends_unavailable(
     own_triton: TritonServer, api: FrontendProcess, call: str, killed: str
@@ -67,20 +83,24 @@ def test_a_call_whose_model_process_dies_ends_unavailable(
     api.wait_health(SERVING, timeout=60)
     client = OmniGen2Client(api.address, timeout=120, retries=0)
     lane = CpuLane(own_triton.model_repository, enabled=True)
-    if call == "understand":
-        stream = iter(client.understand_stream("Talk for a long time", max_new_tokens=2048))
-        next(stream)
-        lane.acquire()
-    else:
-        lane.acquire()
-        stream = iter(client.stream("A prompt not encoded yet", width=32, height=32, steps=2, seed=1))
-    time.sleep(1.0)
-    os.kill(_stub(own_triton, killed), signal.SIGKILL)
-    lane.release()
-    started = time.monotonic()
-    with pytest.raises(UnavailableError, match="process died"):
-        list(stream)
-    assert time.monotonic() - started < 20
+    with ThreadPoolExecutor(1) as reader, contextlib.ExitStack() as held:
+        held.callback(lane.release)  # a failure before the kill must not leave mllm blocked on the lane
+        if call == "understand":
+            stream = iter(client.understand_stream("Talk for a long time", max_new_tokens=2048))
+            next(stream)
+            lane.acquire()
+        else:
+            lane.acquire()
+            stream = iter(client.stream("A prompt not encoded yet", width=32, height=32, steps=2, seed=1))
+        # Read beside the kill: the SDK's stream is a generator, which sends its call on the first read only.
+        events = reader.submit(list, stream)
+        _until_waiting_for_the_lane(own_triton)  # every case's call is then stuck on mllm (the BLS waits for it)
+        os.kill(_stub(own_triton, killed), signal.SIGKILL)
+        lane.release()
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="process died"):
+            events.result()
+        assert time.monotonic() - started < 20
     assert api.metric("omnigen2_in_flight_requests") == 0
     assert api.metric("omnigen2_admitted_chat_tokens") == 0
     assert api.metric("omnigen2_admitted_step_tokens") == 0
