@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from PIL import Image
 
 from serving.frontend.process import FrontendProcess
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatMessage, ChatPart, ChatRequest
+from serving.triton.cpu_lane import CpuLane
+from serving.triton.launcher import TritonServer
 from tests.understand_reference import transformers_generate
 
 
@@ -143,35 +146,42 @@ def test_cancelled_answer_frees_the_model(client: OmniGen2Client) -> None:
 
 
 def test_a_cancelled_answer_waiting_for_its_turn_gives_its_place_back_at_once(
-    api: FrontendProcess, client: OmniGen2Client
+    api: FrontendProcess, client: OmniGen2Client, triton: TritonServer
 ) -> None:
     """An answer waiting behind another for the model has done no work: cancelled, its place and tokens come back
     within moments (the model used to see the stop only once the running answer had ended, or the front end gave
-    up at the stop grace, 10 s), and the running answer ends as it would have."""
+    up at the stop grace, 10 s), and the running answer ends as it would have. The test holds the CPU lane, which
+    the running answer takes for each token, while the waiting one is cancelled: the running answer cannot end
+    meanwhile (a fast one once did on CI, and its place went too, so `alone` was never seen again)."""
 
     def held() -> tuple[float, float]:
         tokens = api.metric("omnigen2_admitted_chat_tokens") or 0
         return api.metric("omnigen2_in_flight_requests") or 0, tokens
 
     expired = api.metric("omnigen2_stop_grace_expired_total") or 0
-    running = client.understand_stream("Talk for a long time", max_new_tokens=1024)  # over a second here
+    lane = CpuLane(triton.model_repository, enabled=True)
+    running = client.understand_stream("Talk for a long time", max_new_tokens=1024)
     next(running)
     alone = held()
-    waiting = pb_grpc.OmniGen2Stub(grpc.insecure_channel(api.address)).Understand(
-        pb.UnderstandRequest(messages=[pb.ChatMessage(content=[pb.ContentPart(text="hello there")])], max_new_tokens=8)
-    )
-    while held()[0] < alone[0] + 1:
-        time.sleep(0.01)
-    time.sleep(0.3)  # queued in the model behind the running answer
-    waiting.cancel()
-    cancelled = time.monotonic()
-    # Back to exactly the running answer's place and tokens: so the running one had not ended yet (then fewer would
-    # be held, never `alone` again). The deadline only ends a failing wait: below the 10 s stop grace, above what a
-    # loaded 2-core machine needs (2 s was not always enough there).
-    while held() != alone:
-        assert time.monotonic() - cancelled < 8, "the waiting answer kept its place"
-        time.sleep(0.01)
-    *_, result = running  # its place was still held above, so it had not ended
+    with contextlib.ExitStack() as paused:
+        lane.acquire()  # between two of the running answer's tokens
+        paused.callback(lane.release)
+        waiting = pb_grpc.OmniGen2Stub(grpc.insecure_channel(api.address)).Understand(
+            pb.UnderstandRequest(
+                messages=[pb.ChatMessage(content=[pb.ContentPart(text="hello there")])], max_new_tokens=8
+            )
+        )
+        while held()[0] < alone[0] + 1:
+            time.sleep(0.01)
+        time.sleep(0.3)  # queued in the model behind the running answer
+        waiting.cancel()
+        cancelled = time.monotonic()
+        # Back to exactly the running answer's place and tokens. The deadline only ends a failing wait: below the
+        # 10 s stop grace, above what a loaded 2-core machine needs (2 s was not always enough there).
+        while held() != alone:
+            assert time.monotonic() - cancelled < 8, "the waiting answer kept its place"
+            time.sleep(0.01)
+    *_, result = running  # paused on the lane above, so it had not ended
     assert isinstance(result, UnderstandResult)
     assert result.finish_reason == "length" and result.completion_tokens == 1024
     assert waiting.code() == grpc.StatusCode.CANCELLED
