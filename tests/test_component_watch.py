@@ -9,14 +9,16 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from serving.triton import component_watch
-from serving.triton.component_watch import ComponentDiedError, drained_on_thread, stub_lost, until_answered
+from serving.triton.component_watch import ComponentDiedError, StubWatch, drained_on_thread, until_answered
 from serving.triton.watchdog import ticks_since_boot
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
@@ -50,16 +52,38 @@ def stubs(tmp_path: Path) -> Iterator[Stubs]:
         started.kill_all()
 
 
+def lost_at_first_look(model: str, since: int) -> bool:
+    return StubWatch(model, since, os.getpid()).lost()
+
+
 def test_a_call_is_lost_once_its_models_stubs_are_gone_or_replaced(stubs: Stubs) -> None:
     stubs.start()
     since = ticks_since_boot()
-    assert not stub_lost("mllm", since, os.getpid())  # the stub that has the call is alive
-    assert stub_lost("transformer", since, os.getpid())  # a model with no stub cannot answer
+    assert not lost_at_first_look("mllm", since)  # the stub that has the call is alive
+    assert lost_at_first_look("transformer", since)  # a model with no stub cannot answer
     stubs.kill_all()
-    assert stub_lost("mllm", since, os.getpid())  # died, reload not yet begun
+    assert lost_at_first_look("mllm", since)  # died, reload not yet begun
     stubs.start()
-    assert stub_lost("mllm", since, os.getpid())  # reloaded: the new stub never had the call
-    assert not stub_lost("mllm", ticks_since_boot(), os.getpid())  # a call sent after the reload is fine
+    assert lost_at_first_look("mllm", since)  # reloaded: the new stub never had the call
+    assert not lost_at_first_look("mllm", ticks_since_boot())  # a call sent after the reload is fine
+
+
+def test_later_looks_follow_the_stubs_of_the_first(stubs: Stubs) -> None:
+    """Two instances (one per GPU): one dying is the call's end (the watchdog reloads both), though another model
+    process starting meanwhile is not; looks after the first read only the stubs it found."""
+    stubs.start()
+    stubs.start()
+    watch = StubWatch("mllm", ticks_since_boot(), os.getpid())
+    assert not watch.lost() and not watch.lost()
+    other = Stubs(stubs.script.parents[2], "transformer")
+    try:
+        other.start()
+        assert not watch.lost()
+    finally:
+        other.kill_all()
+    stubs.processes[0].kill()
+    stubs.processes[0].wait()
+    assert watch.lost()
 
 
 def test_a_wait_ends_when_the_stub_dies_and_not_before(stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,6 +111,14 @@ def test_a_wait_ends_when_the_stub_dies_and_not_before(stubs: Stubs, monkeypatch
 
 
 def test_responses_are_drained_on_a_thread_of_their_own() -> None:
+    """Responses that never end (a dead stub's) block threads of their own: more of them than the event loop's
+    shared workers still leave those free. Errors reach the waiter."""
+    release = threading.Event()
+
+    def stuck() -> Iterator[int]:
+        release.wait()
+        yield 1
+
     def failing() -> Iterator[int]:
         yield 1
         raise ValueError("broken stream")
@@ -95,5 +127,13 @@ def test_responses_are_drained_on_a_thread_of_their_own() -> None:
         assert await drained_on_thread(iter([1, 2, 3]), "test-responses") == [1, 2, 3]
         with pytest.raises(ValueError, match="broken stream"):
             await drained_on_thread(failing(), "test-responses")
+        shared = ThreadPoolExecutor(2)
+        asyncio.get_running_loop().set_default_executor(shared)
+        blocked = [asyncio.ensure_future(drained_on_thread(stuck(), "test-responses")) for _ in range(3)]
+        try:
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 5) == 7
+        finally:
+            release.set()
+        assert await asyncio.gather(*blocked) == [[1]] * 3
 
     asyncio.run(run())
