@@ -40,9 +40,11 @@ ENV HOME=/tmp
 VOLUME ["/models"]
 # 8000 HTTP, 8001 gRPC (the front end's, over loopback), 8002 Prometheus metrics (nv_inference_queue_duration_us).
 EXPOSE 8000 8001 8002
-# Triton implements the gRPC health service (grpc.health.v1 Check): SERVING once the server is ready.
+# Triton's gRPC health service (grpc.health.v1 Check) answers SERVING once the server is ready, but stays SERVING
+# when a Python model's stub process dies: the probe also looks for each ready Python model's stub
+# (serving/triton/stub_probe.py).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-m", "serving.health_probe", "--address", "127.0.0.1:8001"]
+    CMD ["python3", "-m", "serving.triton.stub_probe", "--address", "127.0.0.1:8001"]
 # Memory back after large answers, as `make serve` runs it (serving/triton/launcher.py): glibc's mmap threshold fixed
 # for Triton, glibc's own ceiling for its stubs (serving/triton/memory.py), no pool of gRPC responses.
 ENV MALLOC_MMAP_THRESHOLD_=1048576 OMNIGEN2_STUB_MMAP_THRESHOLD=33554432

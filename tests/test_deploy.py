@@ -108,11 +108,15 @@ def test_probes_use_the_grpc_health_service(pod: dict[str, Any]) -> None:
     frontend, triton = container(pod, "frontend"), container(pod, "triton")
     assert frontend["readinessProbe"]["grpc"] == {"port": 50051, "service": SERVICE}  # follows Triton and the drain
     assert frontend["livenessProbe"]["grpc"] == {"port": 50051, "service": LIVENESS}  # the front end itself
-    # Triton listens on loopback only: its probes run in its container, the image's gRPC health probe.
-    for probe in (triton["livenessProbe"], triton["startupProbe"]):
-        assert probe["exec"]["command"] == ["python3", "-m", "serving.health_probe", "--address=127.0.0.1:8001"]
+    # Triton listens on loopback only: its probes run in its container. Liveness also looks for each Python model's
+    # stub process: Triton keeps a model whose stub died READY (serving/triton/stub_probe.py), and the command is
+    # tritonserver itself, with no watchdog to reload it.
+    startup, liveness = triton["startupProbe"]["exec"]["command"], triton["livenessProbe"]["exec"]["command"]
+    assert startup == ["python3", "-m", "serving.health_probe", "--address=127.0.0.1:8001"]
+    assert liveness == ["python3", "-m", "serving.triton.stub_probe", "--address=127.0.0.1:8001"]
+    assert triton["command"][0] == "tritonserver"  # the process the probe finds by name
     address = f"{flag(triton['command'], '--grpc-address')}:{flag(triton['command'], '--grpc-port')}"
-    assert flag(probe["exec"]["command"], "--address") == address
+    assert flag(startup, "--address") == flag(liveness, "--address") == address
 
 
 @pytest.mark.parametrize("kustomization", ["base", "overlays/gpu"])
@@ -266,7 +270,8 @@ def test_dockerfiles(name: str, base_image: str, ports: set[str]) -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert {p for kind, args in steps if kind == "EXPOSE" for p in args.split()} == ports
     (healthcheck,) = [args for kind, args in steps if kind == "HEALTHCHECK"]
-    assert "serving.health_probe" in healthcheck
+    # Triton's image also looks for its Python models' stubs (serving/triton/stub_probe.py).
+    assert ("serving.triton.stub_probe" if name == "triton.Dockerfile" else "serving.health_probe") in healthcheck
 
 
 def test_the_front_end_image_installs_no_model_library() -> None:
@@ -373,8 +378,8 @@ def test_compose_runs_the_pair_over_loopback() -> None:
     assert services["frontend"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert services["triton"]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
     assert "serving.artifacts.repository" in services["prepare"]["command"]
-    for name in ("triton", "frontend"):
-        assert "serving.health_probe" in services[name]["healthcheck"]["test"]
+    assert "serving.triton.stub_probe" in services["triton"]["healthcheck"]["test"]
+    assert "serving.health_probe" in services["frontend"]["healthcheck"]["test"]
     assert {"50051:50051"} <= set(services["triton"]["ports"])
 
 

@@ -10,13 +10,10 @@ open: the shared server's watchdog is paused, the BLS model unloaded, and the fr
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
-import tritonclient.grpc as triton_grpc
-from grpc_health.v1 import health_pb2
 from omnigen2.v1 import omnigen2_pb2 as pb
 
 from serving.frontend.convert import to_forward
@@ -26,32 +23,15 @@ from serving.frontend.triton_backend import TritonBackend
 from serving.pipeline.request import Limits
 from serving.triton.launcher import TritonServer
 from serving.triton.model_names import BLS_MODEL
-from serving.triton.watchdog import StubWatchdog, stub_processes
+from tests.integration.watchdog_pause import watchdog_paused
 
 
 @pytest.fixture
 def bls_unloaded(triton: TritonServer, api: FrontendProcess) -> Iterator[None]:
-    """The BLS model unloaded, with nothing to load it back until the test ends; then loaded, the watchdog watching
-    again (also when the unload or the load failed), and the shared front end SERVING for the tests after this one."""
-    assert triton.process is not None and triton.watchdog is not None
-    server = triton.process.pid
-    unloaded = stub_processes(server)[BLS_MODEL]
-    triton.watchdog.stop()  # it would load the model again as soon as it saw the stub go
-    admin = triton_grpc.InferenceServerClient(triton.grpc_url)
-    try:
+    """The BLS model unloaded, with nothing to load it back until the test ends (watchdog_pause.py)."""
+    with watchdog_paused(triton, api, BLS_MODEL) as admin:
         admin.unload_model(BLS_MODEL)
         yield
-    finally:
-        try:
-            admin.load_model(BLS_MODEL)
-            # The old stub gone before the watchdog takes its first list: else it would reload the model again,
-            # in a later test.
-            deadline = time.monotonic() + 30
-            while stub_processes(server)[BLS_MODEL] & unloaded and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            triton.watchdog = StubWatchdog(server, triton.grpc_url).start()
-        api.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
 
 
 async def _generate(url: str) -> ApiError:
