@@ -191,30 +191,6 @@ def test_parity_fails_when_padding_is_attended(
     assert _worst_error(TorchStages(model, FastPath("sdpa")), cases, golden) > 10 * TOLERANCE
 
 
-def test_compiled_flex_blocks_match_after_warming_up_at_load(
-    model: OmniGen2Transformer,
-    cases: dict[str, Any],
-    golden: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Every block captured whole (fullgraph) with dynamic shapes, for each mask kind, warmed at load. Inductor's
-    CPU code generation takes a minute per test here and is not what a GPU runs (Triton kernels), so the blocks go
-    through aot_eager: the capture, its guards and the decompositions are what is checked. sdpa, the default, is
-    checked the same way (and more) by the next test."""
-    assert fp.compile_options(FastPath.off())["backend"] == "inductor"
-    monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "aot_eager")
-    torch._dynamo.utils.counters.clear()
-    cache = tmp_path / "inductor"
-    fast = FastPath("flex", trim_padding=True, compile=True, warmup=((64, 64),), cache_dir=cache)
-    stages = TorchStages(model, fast)
-    report = warm_up(stages)
-    assert report["warmup_calls"] == len(WARMUP_CALLS) and report["warmup_seconds"] > 0 and cache.is_dir()
-    captured = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert captured >= 2  # the plain and the modulated block at least, each a graph of its own
-    assert _worst_error(stages, cases, golden) <= TOLERANCE
-
-
 # (prompt tokens, reference latent sizes, latent size) of each row: the CPU rehearsal's 64x64 is an 8x8 latent
 Row = tuple[int, list[tuple[int, int]], tuple[int, int]]
 LATENT = (8, 8)
@@ -240,25 +216,48 @@ def _request_call(stages: TorchStages, rows: list[Row], controls: list[Control],
     return transformer_call(stages, packed.as_inputs(), controls, store)[1]
 
 
-@pytest.mark.parametrize("padded", ["bias", "folded"])
+@pytest.mark.parametrize(
+    ("attention", "padded", "graphs"),
+    [("sdpa", "bias", 8), ("sdpa", "folded", 8), ("flex", "bias", 12)],
+    ids=["sdpa-bias", "sdpa-folded", "flex"],
+)
 def test_requests_compile_nothing_after_the_warm_up(
-    model: OmniGen2Transformer, cases: dict[str, Any], golden: Path, monkeypatch: pytest.MonkeyPatch, padded: str
+    model: OmniGen2Transformer,
+    cases: dict[str, Any],
+    golden: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    attention: str,
+    padded: str,
+    graphs: int,
 ) -> None:
     """The load-time warm-up compiles every graph the blocks need (block kind x one row or more x masked or not),
     so calls shaped like every request the server sends compile nothing: on a GPU each graph is an Inductor
     compile of seconds to a minute inside a user's request. Before: one row with several references (a stride-0
     conditioning), one row of a padded call (step caching), the images of one prompt, each compiled at request
-    time. aot_eager, as above: dynamo's guards, not the generated code, decide what compiles. A folded mask
-    (padded calls unmasked) takes the bias's place: as many graphs, and new prompt lengths compile nothing."""
+    time. Every block is captured whole (fullgraph) with dynamic shapes; Inductor's CPU code takes a minute per
+    test here and is not what a GPU runs (Triton kernels), so the blocks go through aot_eager: the capture and
+    dynamo's guards, which decide what compiles, are checked, not the generated code. A folded mask (padded calls
+    unmasked) takes the bias's place: as many graphs, and new prompt lengths compile nothing. `flex` block masks
+    count 128-token blocks, and one block is a graph of its own against several (dynamo specializes a size of 1):
+    its warm-up adds a pass with every sequence in one block and one with a prompt of several (12 graphs).
+    Before: with flex, a call that fits one block (CFG pair, or one row) and a prompt past 128 tokens compiled."""
+    assert fp.compile_options(FastPath.off())["backend"] == "inductor"
     monkeypatch.setenv("OMNIGEN2_COMPILE_BACKEND", "aot_eager")
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # `configure` sets it; restored after the test
     torch._dynamo.reset()  # graphs of earlier tests in this process would hide what this warm-up misses
     torch._dynamo.utils.counters.clear()
-    fast = FastPath("sdpa", trim_padding=True, compile=True, warmup=((64, 64),), padded_attention=padded)
+    fast = FastPath(
+        attention, trim_padding=True, compile=True, warmup=((64, 64),), cache_dir=cache, padded_attention=padded
+    )
     stages = TorchStages(model, fast)
-    warm_up(stages)
-    graphs = torch._dynamo.utils.counters["stats"]
-    warmed = graphs["unique_graphs"]
-    assert warmed == 8, "plain and modulated blocks, one row or several, masked or not"
+    report = warm_up(stages)
+    passes = 3 if attention == "flex" else 1  # flex: its one-block and several-block passes too
+    assert report["warmup_calls"] == passes * len(WARMUP_CALLS) and report["warmup_seconds"] > 0 and cache.is_dir()
+    compiled = torch._dynamo.utils.counters["stats"]
+    warmed = compiled["unique_graphs"]
+    assert warmed == graphs, "plain and modulated blocks, one row or several, masked or not (flex: in 1 block or more)"
 
     small, wide = (6, 6), (6, 10)
     calls: list[list[Row]] = [
@@ -270,21 +269,24 @@ def test_requests_compile_nothing_after_the_warm_up(
         [(20, [LATENT] * 5, LATENT), (9, [], LATENT), (12, [LATENT] * 5, LATENT)],  # an edit's three branches
         [(20, [], LATENT)] * 3,  # three images of one prompt
         [(20, [LATENT], LATENT), (9, [], wide), (30, [small, LATENT], (10, 6))],  # callers of different sizes
+        [(300, [], LATENT), (9, [], LATENT)],  # a long prompt: text of several 128-token blocks
+        [(150, [LATENT], LATENT), (9, [], LATENT), (40, [LATENT], LATENT)],  # block counts unlike the rows'
     ]
     for rows in calls:
         _request_call(stages, rows, [UNCACHED] * len(rows), CacheStore())
     # Step caching next to an uncached caller: the cached row skips (TeaCache) or extrapolates (TaylorSeer), and
-    # the other row, padded to the call's longest prompt, runs alone.
+    # the other row, padded to the call's longest prompt, runs alone; a short and a long prompt.
     store, alone = CacheStore(), []
-    for step in range(8):
-        for key, mode in ((1, Mode.TAYLORSEER), (2, Mode.TEACACHE)):
-            cached = Control(key=key, mode=mode, step=step, force=step in (0, 7), threshold=100.0)
-            controls = [cached, Control(key=key + 10, step=step)]
-            stats = _request_call(stages, [(30, [LATENT], LATENT), (9, [], LATENT)], controls, store)
-            alone.append(stats.main_layer_rows == 1)
-    assert sum(alone) >= 4  # the one-row calls did happen
+    for tokens, first_key in ((30, 1), (200, 3)):
+        for step in range(8):
+            for key, mode in ((first_key, Mode.TAYLORSEER), (first_key + 1, Mode.TEACACHE)):
+                cached = Control(key=key, mode=mode, step=step, force=step in (0, 7), threshold=100.0)
+                controls = [cached, Control(key=key + 10, step=step)]
+                stats = _request_call(stages, [(tokens, [LATENT], LATENT), (9, [], LATENT)], controls, store)
+                alone.append(stats.main_layer_rows == 1)
+    assert sum(alone) >= 8  # the one-row calls did happen
     assert _worst_error(stages, cases, golden) <= TOLERANCE  # every golden case, batched and row by row
-    assert graphs["unique_graphs"] == warmed
+    assert compiled["unique_graphs"] == warmed
 
 
 CPU_FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"

@@ -98,6 +98,11 @@ SDPA_BACKENDS = {
 }
 
 
+# Tokens per block of a FlexAttention block mask (flex_attention's default). A compiled block is a graph of its own
+# for a mask of one block and one of several (dynamo specializes a size of 1), which the warm-up must build both of.
+FLEX_BLOCK = 128
+
+
 def flex_key_mask(mask: torch.Tensor) -> BlockMask:
     """(B, L) bool key mask -> a FlexAttention block mask for self-attention over those L tokens."""
     batch, length = mask.shape
@@ -106,7 +111,7 @@ def flex_key_mask(mask: torch.Tensor) -> BlockMask:
     def valid_key(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return mask[b, kv]
 
-    return create_block_mask(valid_key, batch, None, length, length, device=mask.device)
+    return create_block_mask(valid_key, batch, None, length, length, device=mask.device, BLOCK_SIZE=FLEX_BLOCK)
 
 
 def unviewed(x: torch.Tensor) -> torch.Tensor:

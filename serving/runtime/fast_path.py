@@ -267,22 +267,23 @@ def warmup_inputs(
     refs: int,
     ragged: bool = True,
     vae_scale: int = 8,
+    text: int = WARMUP_TEXT,
 ) -> dict[str, torch.Tensor]:
     """Packed inputs of the shapes a request at this size makes (values do not matter): `batch` rows, each with
-    `refs` full references, whose prompts differ in length when `ragged`, as CFG branches' do (or are one
-    prompt's, as the images of one prompt)."""
+    `refs` full references, whose prompts of `text` tokens differ in length when `ragged`, as CFG branches' do
+    (or are one prompt's, as the images of one prompt)."""
     config = model.config
     img_len = (height // vae_scale // config.patch_size) * (width // vae_scale // config.patch_size)
     half = sum(config.axes_dim_rope) // 2
-    text_mask = torch.ones(batch, WARMUP_TEXT, dtype=torch.bool)
+    text_mask = torch.ones(batch, text, dtype=torch.bool)
     for row in range(1, batch if ragged else 1):
-        text_mask[row, WARMUP_TEXT - 16 * row :] = False
-    total = WARMUP_TEXT + refs * img_len + img_len
+        text_mask[row, text - 16 * row :] = False
+    total = text + refs * img_len + img_len
     return {
         "img_tokens": torch.randn(batch, img_len, config.patch_dim),
         "img_mask": torch.ones(batch, img_len, dtype=torch.bool),
         "timestep": torch.full((batch,), 0.5),
-        "text_feats": torch.randn(batch, WARMUP_TEXT, config.text_feat_dim),
+        "text_feats": torch.randn(batch, text, config.text_feat_dim),
         "text_mask": text_mask,
         "ref_tokens": torch.randn(batch, refs, img_len, config.patch_dim),
         "ref_mask": torch.ones(batch, refs, img_len, dtype=torch.bool),

@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-from serving.model.transformer import OmniGen2Transformer, joint_mask
+from serving.model.transformer import FLEX_BLOCK, OmniGen2Transformer, joint_mask
 from serving.pipeline.step_cache import UNCACHED, CacheStore, Control, Mode, cached_transformer
-from serving.runtime.fast_path import FastPath, configure, trim_padding, warmup_inputs
+from serving.runtime.fast_path import WARMUP_TEXT, FastPath, configure, trim_padding, warmup_inputs
 
 JOINT = "joint_mask"  # the main layers' key mask, built from the three packed masks
 RowsKey = tuple[str, tuple[int, ...]]  # an input's name and the rows of the call taken from it
@@ -155,6 +155,21 @@ WARMUP_CALLS = (
 )
 
 
+# `flex` block masks are graphs of their own for one FLEX_BLOCK-token block and for several. At the warm-up sizes the
+# text (WARMUP_TEXT) is one block and the main layers' sequence several; two passes at a small size add the rest:
+# every sequence within one block (a short prompt with a small image), and a prompt of several blocks (a long
+# one, which the context refiner masks in CFG pairs). 32x32 px is 4 image tokens at patch size 2, not 1: a
+# sequence of one token is a graph of its own too (a 16x16 px request's), which these passes need not build.
+FLEX_PASS_SIZE = 32
+FLEX_PASSES = ((FLEX_PASS_SIZE, FLEX_PASS_SIZE, FLEX_BLOCK // 2), (FLEX_PASS_SIZE, FLEX_PASS_SIZE, 2 * FLEX_BLOCK))
+
+
+def warmup_passes(fast: FastPath) -> list[tuple[int, int, int]]:
+    """(width, height, prompt tokens) the warm-up runs WARMUP_CALLS at."""
+    sizes = [(width, height, WARMUP_TEXT) for width, height in fast.warmup]
+    return sizes + list(FLEX_PASSES) if fast.attention == "flex" else sizes
+
+
 @torch.no_grad()
 def warm_up(stages: TorchStages) -> dict[str, float]:
     """Compile (or load from the disk cache) and, with CUDA graphs, record the calls of the warm-up sizes, so the
@@ -167,9 +182,9 @@ def warm_up(stages: TorchStages) -> dict[str, float]:
     # A CUDA graph is recorded on a shape's second run and replayed from its third.
     repeats = 3 if fast.cuda_graphs and stages.device.type == "cuda" else 1
     calls = 0
-    for width, height in fast.warmup:
+    for width, height, text in warmup_passes(fast):
         for call in WARMUP_CALLS:
-            inputs = warmup_inputs(stages.model, width, height, call.batch, call.refs, call.ragged)
+            inputs = warmup_inputs(stages.model, width, height, call.batch, call.refs, call.ragged, text=text)
             # The rows left out compute nothing (RELEASE), as rows that skip or extrapolate: the real path runs the rest
             controls = [
                 UNCACHED if call.rows is None or row in call.rows else Control(key=row, mode=Mode.RELEASE)
