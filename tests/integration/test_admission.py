@@ -21,14 +21,13 @@ from PIL import Image
 
 from benchmarks.proc_memory import proc_status_kib, reset_peak
 from serving.artifacts.repository import prepare_repository
-from serving.frontend.metrics_page import read_metrics, sample
 from serving.frontend.process import FrontendProcess
 from serving.triton.bls_settings import BlsSettings
 from serving.triton.launcher import MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, TritonServer
 from serving.triton.memory import STUB_MMAP_THRESHOLD_ENV
 from serving.triton.watchdog import stub_processes
 from serving.triton.wire import WireError
-from tests.integration.triton_stats import executions
+from tests.integration.triton_stats import assert_generation_stopped, executions, requests_running
 from tests.integration.triton_stream import GenerationStream
 from tests.tiff_bombs import TILE_BOMB, tiff
 
@@ -240,7 +239,7 @@ def test_answers_in_flight_are_bounded_by_their_tokens(budgeted: FrontendProcess
     while _frontend_metric(budgeted, "omnigen2_admitted_chat_tokens") > 0:
         assert time.monotonic() < deadline, "the cancelled answer kept its tokens"
         time.sleep(0.05)
-    assert _bls_running(triton, "mllm") == 0  # the tokens came back once the model had stopped
+    assert requests_running(triton, "mllm") == 0  # the tokens came back once the model had stopped
     assert client.understand("Another", max_new_tokens=200).completion_tokens >= 1
 
 
@@ -299,14 +298,12 @@ def test_images_that_fail_to_decode_leave_no_memory_in_the_model(triton: TritonS
 def test_runaway_requests_end_at_the_maximum_run_time(tmp_path: Path, triton: TritonServer) -> None:
     with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--max-run-s=1") as frontend:
         frontend.wait_health(health_pb2.HealthCheckResponse.SERVING)
+        before = executions(triton, "transformer")
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError):
             OmniGen2Client(frontend.address, timeout=60).generate("Runaway", width=256, height=256, steps=200, seed=1)
         assert time.monotonic() - started < 5
-        time.sleep(0.5)
-        settled = executions(triton, "transformer")
-        time.sleep(1.0)
-        assert executions(triton, "transformer") == settled, "the runaway generation kept running"
+        assert_generation_stopped(triton, before, 200)
 
 
 def _fixed_window_channel(address: str) -> grpc.Channel:
@@ -447,11 +444,6 @@ def _frontend_metric(frontend: FrontendProcess, name: str, **labels: str) -> flo
     return frontend.metric(name, **labels) or 0.0
 
 
-def _bls_running(triton: TritonServer, model: str = "omnigen2") -> float:
-    samples = read_metrics(f"http://127.0.0.1:{triton.ports.metrics}/metrics")
-    return sample(samples, "omnigen2_requests_running", model=model) or 0.0
-
-
 def _step_tokens(frontend: FrontendProcess) -> float:
     return _frontend_metric(frontend, "omnigen2_admitted_step_tokens")
 
@@ -463,7 +455,7 @@ def _released_after_the_bls_stopped(frontend: FrontendProcess, triton: TritonSer
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         held = _frontend_metric(frontend, "omnigen2_in_flight_requests"), _step_tokens(frontend)
-        running = _bls_running(triton)  # read after the front end: a release it saw happened before this read
+        running = requests_running(triton)  # read after the front end: a release it saw happened before this read
         if held == (0, 0):
             assert running == 0, "the front end gave the slot back while the BLS still worked on the request"
             return held_while_running
@@ -496,7 +488,7 @@ def test_a_cancelled_call_holds_its_slot_until_the_bls_has_stopped(
     the reservation back when it cancelled the Triton stream, while the BLS finished the step it was in."""
     request = pb.GenerateRequest(prompt="Cancel me", width=384, height=384, steps=200, seed=1, previews=True)
     call = _stream_until_step(one_slot, request, 2)
-    assert _bls_running(triton) == 1 and _step_tokens(one_slot) > 0
+    assert requests_running(triton) == 1 and _step_tokens(one_slot) > 0
     call.cancel()
     _released_after_the_bls_stopped(one_slot, triton)
     settled = executions(triton, "transformer")
@@ -517,7 +509,7 @@ def test_a_stop_not_confirmed_within_the_grace_period_ends_the_stream(tmp_path: 
         while _frontend_metric(frontend, "omnigen2_stop_grace_expired_total") < 1:
             assert time.monotonic() < deadline, "the expired grace period was not counted"
             time.sleep(0.05)
-        while _bls_running(triton) > 0:
+        while requests_running(triton) > 0:
             assert time.monotonic() < deadline, "the BLS kept running"
             time.sleep(0.05)
         settled = executions(triton, "transformer")

@@ -37,7 +37,7 @@ from serving.pipeline.request import DEFAULT_LIMITS
 from serving.triton.launcher import TritonServer
 from serving.triton.ports import free_port
 from tests.golden import relative_error, templated_tokens
-from tests.integration.triton_stats import executions
+from tests.integration.triton_stats import assert_generation_stopped, executions
 from tests.pixels import level_difference
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
@@ -62,14 +62,6 @@ def _case_options(case: dict[str, Any]) -> GenerationOptions:
     if case["width"] is not None:
         options |= {"width": case["width"], "height": case["height"]}
     return options
-
-
-def _assert_work_stopped(triton: TritonServer) -> None:
-    """No transformer executions after a short settle: the abandoned generation was stopped, not left running."""
-    time.sleep(0.5)
-    settled = executions(triton, "transformer")
-    time.sleep(1.0)
-    assert executions(triton, "transformer") == settled, "the abandoned generation kept running in Triton"
 
 
 @pytest.fixture(scope="module")
@@ -346,18 +338,20 @@ def test_input_too_small_after_resizing_is_named(client: OmniGen2Client) -> None
 
 def test_deadline_exceeded_stops_the_work(api: FrontendProcess, triton: TritonServer) -> None:
     impatient = OmniGen2Client(api.address, timeout=1.0)
+    before = executions(triton, "transformer")
     started = time.monotonic()
     with pytest.raises(DeadlineExceededError):
         impatient.generate("A long one", width=256, height=256, steps=200, seed=1)
     assert time.monotonic() - started < 5
-    _assert_work_stopped(triton)
+    assert_generation_stopped(triton, before, 200)
 
 
 def test_cancelled_stream_stops_the_work(client: OmniGen2Client, triton: TritonServer) -> None:
+    before = executions(triton, "transformer")
     stream = client.stream("A long one", width=256, height=256, steps=200, seed=1)
     assert isinstance(next(stream), Progress)
     stream.close()  # cancels the call
-    _assert_work_stopped(triton)
+    assert_generation_stopped(triton, before, 200)
     assert client.generate("Still serving", **SMALL).images
 
 
@@ -380,13 +374,14 @@ def test_over_capacity_gets_resource_exhausted_with_retry_info(tmp_path: Path, t
     with FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--max-in-flight=1", "--retry-after-s=2.5") as api:
         api.wait_health(health_pb2.HealthCheckResponse.SERVING)
         client = OmniGen2Client(api.address, timeout=60)
+        before = executions(triton, "transformer")
         long_run = client.stream("Busy", width=256, height=256, steps=200, seed=1)
         assert isinstance(next(long_run), Progress)  # admitted and running
         with pytest.raises(ResourceExhaustedError) as raised:
             client.generate("One too many", **SMALL)
         assert raised.value.retry_after == 2.5
         long_run.close()
-        _assert_work_stopped(triton)
+        assert_generation_stopped(triton, before, 200)
         assert client.generate("Room again", **SMALL).images  # the slot was given back
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from PIL import Image
 from serving.triton.launcher import TritonServer
 from serving.triton.wire import WireError
 from tests.golden import relative_error
-from tests.integration.triton_stats import executions, model_counts
+from tests.integration.triton_stats import assert_generation_stopped, executions, model_counts
 from tests.integration.triton_stream import GenerationStream, case_params
 
 CASES = ["t2i_euler", "edit_one_image", "in_context_two_images", "t2i_dpmsolver_cfgrange"]
@@ -148,13 +147,11 @@ def test_concurrent_requests_share_transformer_executions(
 
 def test_cancellation_stops_the_loop_within_a_step(triton: TritonServer, cases: dict[str, Any]) -> None:
     params = case_params(_case(cases, "t2i_euler"), steps=200, width=256, height=256)
+    before = executions(triton, "transformer")
     stream = GenerationStream(triton.grpc_url, params)
     assert stream.next_event() is not None  # running
     stream.cancel()
-    time.sleep(0.5)  # a step of this size takes milliseconds: the loop must have noticed by now
-    settled = executions(triton, "transformer")
-    time.sleep(1.0)
-    assert executions(triton, "transformer") == settled, "the cancelled generation kept running"
+    assert_generation_stopped(triton, before, 200)
     after = GenerationStream(triton.grpc_url, case_params(_case(cases, "t2i_euler"))).wait()
     assert after.error is None  # its slot was freed: the triton keeps serving
 

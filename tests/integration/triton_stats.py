@@ -1,11 +1,13 @@
 """What Triton's own statistics say a model has run so far: the integration tests' proof that a call reached a model,
-or was refused before it did."""
+or was refused before it did, and that an abandoned one stopped."""
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 from benchmarks.triton_stats import model_statistics
+from serving.frontend.metrics_page import read_metrics, sample
 from serving.triton.launcher import TritonServer
 
 
@@ -21,3 +23,25 @@ def model_counts(triton: TritonServer, model: str) -> ModelCounts:
 
 def executions(triton: TritonServer, model: str) -> int:
     return model_counts(triton, model).executions
+
+
+def requests_running(triton: TritonServer, model: str = "omnigen2") -> float:
+    """The requests `model` is working on (its gauge, serving/triton/stops.py: a request leaves it once its work has
+    ended, before its final response)."""
+    samples = read_metrics(f"http://127.0.0.1:{triton.ports.metrics}/metrics")
+    return sample(samples, "omnigen2_requests_running", model=model) or 0.0
+
+
+def assert_generation_stopped(triton: TritonServer, executions_before: int, steps: int, timeout_s: float = 20) -> None:
+    """A generation of `steps` steps (each one transformer execution at least), its caller gone, and the transformer's
+    executions read before it started: the BLS ended it before its last step, and the transformer ran nothing after.
+    Waited for on the BLS's running gauge, not a fixed sleep: on a loaded machine the stop may take longer than any
+    guess, and with the end observed the counts need no timing (a generation that went on would run every step)."""
+    deadline = time.monotonic() + timeout_s
+    while requests_running(triton) > 0:
+        assert time.monotonic() < deadline, "the abandoned generation kept running in the BLS"
+        time.sleep(0.05)
+    settled = executions(triton, "transformer")
+    assert settled - executions_before < steps, "the abandoned generation ran to its last step"
+    time.sleep(1.0)
+    assert executions(triton, "transformer") == settled, "a transformer call ran after the BLS had stopped"
