@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from omnigen2 import (
     AsyncOmniGen2Client,
+    CancelledError,
     GenerationResult,
     InvalidArgumentError,
     OmniGen2Client,
@@ -25,10 +26,12 @@ from omnigen2 import (
 )
 
 from serving.frontend.process import FrontendProcess
+from serving.triton.cpu_lane import CpuLane
 from serving.triton.launcher import TritonServer
 from serving.triton.leftovers import SHM
 from serving.triton.ports import Ports
 from serving.triton.watchdog import stub_processes
+from tests.integration.triton_stats import requests_running
 from tests.pixels import level_difference
 from tests.processes import stub_shm_regions
 
@@ -88,22 +91,42 @@ def test_triton_killed_mid_request_then_back(own_triton: TritonServer, tmp_path:
 
 
 def test_graceful_shutdown_drains_in_flight_calls(triton: TritonServer, tmp_path: Path) -> None:
+    """The test holds the CPU lane (the transformer takes it for each step) from the call's first steps until the
+    draining front end refuses a new call: the call is then still in flight during the drain however fast or slow
+    the machine (it used to race a 40-step run against a SIGTERM and a fixed 0.5 s sleep)."""
     api = FrontendProcess(triton.grpc_url, tmp_path / "frontend.log", "--shutdown-grace-s=60").start()
     try:
         api.wait_health(SERVING)
         client = OmniGen2Client(api.address, timeout=60, retries=0)
-        stream = client.stream("Finish me", width=128, height=128, steps=40, seed=2)
+        stream = client.stream("Finish me", width=128, height=128, steps=100, seed=2)
         assert isinstance(next(stream), Progress)
         assert api.process is not None
-        api.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the server has stopped taking calls
-        with pytest.raises(UnavailableError):
-            OmniGen2Client(api.address, timeout=10, retries=0).info()
+        with CpuLane(triton.model_repository, enabled=True):  # no further step until the refusal is seen
+            assert requests_running(triton) == 1, "the call ended before the lane was taken"
+            api.process.send_signal(signal.SIGTERM)
+            _until_refused(api)
         events = list(stream)
         assert isinstance(events[-1], GenerationResult) and events[-1].images  # the in-flight call finished
         assert api.process.wait(30) == 0
     finally:
         api.stop()
+
+
+def _until_refused(api: FrontendProcess, timeout_s: float = 30) -> None:
+    """Waits until the front end, alive, refuses new calls (UNAVAILABLE) as a draining server does. A call that
+    races the start of the stop may end CANCELLED instead (seen here: gRPC's stop cancels a call it had just taken);
+    the wait goes on to the refusal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert api.process is not None and api.process.poll() is None, "the front end exited instead of draining"
+        try:
+            OmniGen2Client(api.address, timeout=10, retries=0).info()
+        except UnavailableError:
+            return
+        except CancelledError:
+            pass
+        assert time.monotonic() < deadline, "the draining front end still took new calls"
+        time.sleep(0.05)
 
 
 def _tree_rss(pid: int) -> int:
