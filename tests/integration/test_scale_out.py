@@ -104,8 +104,11 @@ def test_requests_spread_and_survive_losing_a_stack(
     assert killed_while_in_flight > 0
     assert [r.seed for r in results] == [1000 + i for i in range(REQUESTS)]  # each answer is its own request's
     assert all(r.images and r.images[0].size == (64, 64) for r in results)
-    # None duplicated: each call's request id completed once, on the replica the client names.
-    time.sleep(0.5)  # b writes its access-log line just after the response
+    # None duplicated: each call's request id completed once, on the replica the client names. b writes a call's
+    # access-log line just after its response: waited for (a fixed 0.5 s could be too short on a loaded machine).
+    deadline = time.monotonic() + 10
+    while len(_ok_lines(a)) + len(_ok_lines(stack_b)) < REQUESTS and time.monotonic() < deadline:
+        time.sleep(0.05)
     completed = {"a": _ok_lines(a), "b": _ok_lines(stack_b)}
     ids = [rid for lines in completed.values() for rid in lines]
     assert sorted(ids) == sorted(r.request_id for r in results)
