@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,9 @@ from serving.frontend.process import FrontendProcess
 from serving.pipeline.chat_request import DEFAULT_CHAT_LIMITS, ChatMessage, ChatPart, ChatRequest
 from serving.triton.cpu_lane import CpuLane
 from serving.triton.launcher import TritonServer
+from serving.triton.watchdog import stub_processes
+from tests.integration.lane_locks import lane_locks
+from tests.integration.triton_stats import executions, requests_running
 from tests.understand_reference import transformers_generate
 
 
@@ -133,16 +137,43 @@ def test_too_many_images_are_refused_without_decoding_them(client: OmniGen2Clien
     assert [v.field for v in raised.value.violations] == ["messages"]
 
 
-def test_cancelled_answer_frees_the_model(client: OmniGen2Client) -> None:
+def test_cancelled_answer_frees_the_model(client: OmniGen2Client, triton: TritonServer) -> None:
     """Generation is one at a time per instance: if the cancelled answer kept running, the next would wait.
 
-    Greedy decoding of this prompt never ends by itself on the golden weights: 2048 tokens take about 2.7 s."""
+    Greedy decoding of this prompt never ends by itself on the golden weights: 2048 tokens take about 2.7 s. The
+    test steers the answer with the CPU lane, which it takes for each token, instead of timing the next answer (a
+    1.5 s bound, tight on a loaded machine): held while the front end's stop reaches `mllm`, then let go until the
+    answer has taken it (its token in progress), then held again. An answer that went on waits for the lane for its
+    next token, forever; one that saw the stop ends without it."""
+    assert triton.process is not None
+    (mllm,) = stub_processes(triton.process.pid)["mllm"]
+    lane = CpuLane(triton.model_repository, enabled=True)
     stream = client.understand_stream("Talk for a long time", max_new_tokens=2048)
     next(stream)
-    stream.close()
-    started = time.monotonic()
+    with contextlib.ExitStack() as held:
+        lane.acquire()
+        held.callback(lane.release)  # a failure must not leave mllm blocked on the lane
+        calls = executions(triton, "mllm")
+        stream.close()
+        _until(lambda: executions(triton, "mllm") > calls, "the front end's stop never reached mllm")
+        # Now blocked on the lane for its next token, or ended (the stop came between two tokens).
+        _until(
+            lambda: "waits" in lane_locks(triton, mllm) or not requests_running(triton, "mllm"),
+            "the answer neither waited for the lane nor ended",
+        )
+        lane.release()
+        # Took it (a woken waiter leaves /proc/locks before it holds the lock: taking it back then would win).
+        _until(lambda: "holds" in lane_locks(triton, mllm) or not requests_running(triton, "mllm"), "never taken")
+        lane.acquire()  # its token done: the answer has looked at its stop since
+        _until(lambda: not requests_running(triton, "mllm"), "the cancelled answer kept running")
     assert client.understand("Short", max_new_tokens=2).completion_tokens >= 1
-    assert time.monotonic() - started < 1.5
+
+
+def _until(done: Callable[[], bool], failure: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
 
 
 def test_a_cancelled_answer_waiting_for_its_turn_gives_its_place_back_at_once(

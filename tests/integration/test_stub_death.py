@@ -17,10 +17,11 @@ from grpc_health.v1 import health_pb2
 from omnigen2 import OmniGen2Client, UnavailableError
 
 from serving.frontend.process import FrontendProcess
-from serving.triton.cpu_lane import LOCK_FILE, CpuLane
+from serving.triton.cpu_lane import CpuLane
 from serving.triton.launcher import TritonServer
 from serving.triton.ports import Ports
 from serving.triton.watchdog import stub_processes
+from tests.integration.lane_locks import lane_locks
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -62,14 +63,8 @@ def _stub(server: TritonServer, model: str) -> int:
 
 def _until_waiting_for_the_lane(server: TritonServer, timeout_s: float = 60) -> None:
     """Waits until the `mllm` stub is blocked on the CPU lane's lock (a waiter, `->`, in /proc/locks)."""
-    inode = (server.model_repository / LOCK_FILE).stat().st_ino
     deadline = time.monotonic() + timeout_s
-    while True:
-        mllm = str(_stub(server, "mllm"))
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if fields[1] == "->" and mllm in fields and fields[-3].endswith(f":{inode}"):
-                return
+    while "waits" not in lane_locks(server, _stub(server, "mllm")):
         assert time.monotonic() < deadline, "the call never reached the CPU lane"
         time.sleep(0.05)
 
