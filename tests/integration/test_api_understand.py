@@ -204,7 +204,7 @@ def test_a_cancelled_answer_waiting_for_its_turn_gives_its_place_back_at_once(
         )
         while held()[0] < alone[0] + 1:
             time.sleep(0.01)
-        time.sleep(0.3)  # queued in the model behind the running answer
+        _until(lambda: requests_running(triton, "mllm") == 2, "the waiting answer never reached mllm")
         waiting.cancel()
         cancelled = time.monotonic()
         # Back to exactly the running answer's place and tokens. The deadline only ends a failing wait: below the
