@@ -8,6 +8,7 @@ OMNIGEN2_WEBUI_SCREENSHOT=docs/images/webui.png also writes the README's screens
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -34,14 +35,17 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from serving.frontend.process import FrontendProcess
+from serving.triton.cpu_lane import CpuLane
+from serving.triton.launcher import TritonServer
 from serving.triton.ports import LOOPBACK, free_port
+from tests.integration.triton_stats import executions, requests_running
 
 # The UI's starting values: small and fast on the tiny checkpoint.
 UI_ARGS = ("--width", "64", "--height", "48", "--steps", "4")
 PROMPT = "A red apple on a wooden table"
-# Enough steps (about 2 s on the tiny model) that the run outlasts a stall of the UI's event loop: with 24 (0.4 s) on
-# a loaded 2-core CI machine every progress message once reached the browser together with the result, and the bar
-# never showed a step.
+# The progress test's steps (about 2 s on the tiny model): the test holds the run on the CPU lane after its first
+# step until the bar shows it (on a loaded 2-core CI machine every progress message of an unheld 24-step run, 0.4 s,
+# once reached the browser with the result); the rest of the run is the time the test has to take the lane.
 PROGRESS_STEPS = 100
 # Records every text that elements matching a selector show, so what a fast generation shows is not missed between
 # polls.
@@ -158,18 +162,27 @@ def fetch_image(element: WebElement) -> Image.Image:
 
 
 def test_generate_in_the_browser_shows_the_served_image(
-    page: WebDriver, client: OmniGen2Client, tmp_path: Path
+    page: WebDriver, client: OmniGen2Client, triton: TritonServer, tmp_path: Path
 ) -> None:
     """Type a prompt, set a seed and the steps in the advanced settings, click Generate: the progress bar follows
-    the denoising steps and the gallery shows the image the SDK gets for the same request, pixel for pixel. Enough
-    steps that the run outlasts Gradio's progress updates (the UI's default 4 on the tiny model can end before the
-    first one reaches the page; see PROGRESS_STEPS)."""
+    the denoising steps and the gallery shows the image the SDK gets for the same request, pixel for pixel. The run
+    is held on the CPU lane (the transformer takes it for each step) from its first step until the bar has shown
+    it, so the bar is seen mid-run however fast or loaded the machine (see PROGRESS_STEPS)."""
     page.find_element(By.CSS_SELECTOR, "#generate-prompt textarea").send_keys(PROMPT)
     page.find_element(By.CSS_SELECTOR, "#generate-settings button").click()  # open the accordion
     type_into(wait_for(page, "#generate-seed input"), "7")
     type_into(wait_for(page, "#generate-steps input"), str(PROGRESS_STEPS))
     page.execute_script(WATCH, ".progress-level, .progress-text")
+    lane, steps = CpuLane(triton.model_repository, enabled=True), executions(triton, "transformer")
     page.find_element(By.ID, "generate-button").click()
+    deadline = time.monotonic() + 60
+    while executions(triton, "transformer") == steps:
+        assert time.monotonic() < deadline, "the run never took a step"
+        time.sleep(0.005)
+    with lane:  # a step done and 99 to go: no further one until the bar has shown it
+        assert requests_running(triton) == 1, "the run ended before the lane was taken"
+        with contextlib.suppress(TimeoutException):  # the assertion below names what the bar showed instead
+            WebDriverWait(page, 30).until(lambda _: "Denoising" in " ".join(page.execute_script("return window.seen")))
 
     shown = wait_for(page, "#generate-gallery img")
     WebDriverWait(page, 30).until(lambda _: "Seed 7" in page.find_element(By.ID, "generate-status").text)
