@@ -78,7 +78,11 @@ def test_not_serving_replica_gets_no_calls(replicas: tuple[Replica, Replica]) ->
     with OmniGen2Client(f"{a.address},{b.address}", timeout=10) as client:
         assert {client.generate("x", seed=i).served_by for i in range(10)} == {"b"}
         a.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        time.sleep(0.5)  # the health watch stream tells the channel
+        # The health watch stream tells the channel: waited for (a fixed 0.5 s could be short on a loaded machine).
+        deadline = time.monotonic() + 10
+        while client.generate("x").served_by != "a":
+            assert time.monotonic() < deadline, "the replica back to SERVING got no calls"
+            time.sleep(0.05)
         assert {client.generate("x", seed=i).served_by for i in range(10)} == {"a", "b"}
 
 
