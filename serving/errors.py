@@ -32,3 +32,8 @@ class SettingError(OmniGen2Error, ValueError):
         super().__init__(f"{setting}: {message}")
         self.setting = setting
         self.description = message
+
+
+class ComponentDiedError(OmniGen2Error):
+    """A component model's process died under a request to it (serving/triton/component_watch.py); maps to
+    UNAVAILABLE: the call may be retried once the watchdog has loaded the model again."""

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from serving.errors import ComponentDiedError
 from serving.triton import component_watch
-from serving.triton.component_watch import ComponentDiedError, StubWatch, drained_on_thread, until_answered
+from serving.triton.component_watch import StubWatch, drained_on_thread, until_answered
 from serving.triton.watchdog import ticks_since_boot
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")

@@ -18,16 +18,12 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+from serving.errors import ComponentDiedError
 from serving.triton.watchdog import proc_stat, stub_processes, ticks_since_boot
 
 T = TypeVar("T")
 # How often a waiting call looks at its component's processes: a /proc scan the first time, then only those found.
 POLL_S = 1.0
-
-
-class ComponentDiedError(RuntimeError):
-    """The component's stub process died with the request: the call may be retried once the watchdog has loaded
-    the model again."""
 
 
 class StubWatch:

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.errors import InvalidArgumentError
-from serving.triton.component_watch import ComponentDiedError
+from serving.errors import ComponentDiedError, InvalidArgumentError
 from serving.triton.wire import WireError
 
 log = logging.getLogger(__name__)
