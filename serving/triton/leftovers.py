@@ -38,13 +38,13 @@ def region_prefix(grpc_port: int) -> str:
     return f"omnigen2_triton_{pid_namespace()}_{grpc_port}_"
 
 
-def _is_live_server(stat: ProcStat) -> bool:
+def is_live_server(stat: ProcStat) -> bool:
     return stat.name == "tritonserver" and stat.state != "Z"
 
 
 def _live_tritonserver(pid: int) -> bool:
     try:
-        return _is_live_server(proc_stat(pid))
+        return is_live_server(proc_stat(pid))
     except (OSError, ValueError):
         return False
 
@@ -97,7 +97,7 @@ def end_orphaned_server(prefix: str, timeout: float = 5.0) -> list[int]:
     argument = f"shm-region-prefix-name={prefix}".encode()
     killed = []
     for pid, stat, argv in processes():
-        if not _is_live_server(stat) or not any(arg.endswith(argument) for arg in argv):
+        if not is_live_server(stat) or not any(arg.endswith(argument) for arg in argv):
             continue
         try:
             owner = os.stat(f"/proc/{pid}").st_uid

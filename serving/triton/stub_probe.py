@@ -19,6 +19,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.health_probe import serving
+from serving.triton.leftovers import is_live_server
 from serving.triton.watchdog import processes, stub_processes
 
 
@@ -28,7 +29,7 @@ class ProbeError(RuntimeError):
 
 def server_pid() -> int:
     """The one `tritonserver` process this probe can see (the container's)."""
-    found = [pid for pid, stat, _ in processes() if stat.name == "tritonserver"]
+    found = [pid for pid, stat, _ in processes() if is_live_server(stat)]
     if len(found) != 1:
         raise ProbeError(f"expected one tritonserver process, found {len(found)}: pass --server-pid")
     return found[0]
