@@ -92,8 +92,9 @@ def test_cached_and_uncached_generations_share_steps(triton: TritonServer, cases
         assert relative_error(result.latents, np.load(golden / case["final_latents"])) <= 1e-5
         assert result.result["cache"] == case["cache"] and result.result["cache_note"] == ""
     assert relative_error(together[0].latents, np.load(golden / tea["final_latents"])) > 1e-5
-    assert end[1] - middle[1] == middle[1] - start[1], "the same samples, alone or together"
-    assert end[0] - middle[0] < middle[0] - start[0], "no transformer execution was shared"
+    ran_alone, ran_together = middle.minus(start), end.minus(middle)
+    assert ran_together.inferences == ran_alone.inferences, "the same samples, alone or together"
+    assert ran_together.executions < ran_alone.executions, "no transformer execution was shared"
 
 
 def test_text_features_are_cached_per_truncation_length(
@@ -136,11 +137,11 @@ def test_concurrent_requests_share_transformer_executions(
         assert relative_error(together.latents, alone.latents) <= 1e-4
     # Samples over 6 steps: t2i 2 branches (12), edit and in-context 3 branches (18 + 18), and DPM with guidance
     # on steps 0-3 of 6 only (i/N <= 0.5): 4 x 2 + 2 x 1 = 10. Alone, each step is one execution.
-    assert (middle[0] - start[0], middle[1] - start[1]) == (4 * 6, 58)
+    assert (middle.executions - start.executions, middle.inferences - start.inferences) == (4 * 6, 58)
     # Together: the same 58 samples in fewer executions than the 24 alone. How many fewer is not fixed by the
     # setup: the requests with images join after their VAE encode (the others step alone meanwhile), and grouping
     # splits a step by reference count when the learned call cost says padding costs more (10 to 15 seen).
-    executions, samples = end[0] - middle[0], end[1] - middle[1]
+    executions, samples = end.executions - middle.executions, end.inferences - middle.inferences
     assert samples == 58
     assert 6 <= executions < 24, f"{executions} transformer executions for 24 request-steps: nothing was shared"
 

@@ -4,21 +4,15 @@ or was refused before it did, and that an abandoned one stopped."""
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
 
-from benchmarks.triton_stats import model_statistics
+from benchmarks.triton_stats import ModelStatistics, model_statistics
 from serving.frontend.metrics_page import read_metrics, sample
 from serving.triton.launcher import TritonServer
 
 
-class ModelCounts(NamedTuple):
-    executions: int  # the model's calls: one batch each
-    inferences: int  # the samples in them: Triton counts each batch element as an inference
-
-
-def model_counts(triton: TritonServer, model: str) -> ModelCounts:
-    stats = model_statistics(triton.grpc_url, model)[model]
-    return ModelCounts(stats.executions, stats.inferences)
+def model_counts(triton: TritonServer, model: str) -> ModelStatistics:
+    """`model`'s executions (its calls) and inferences (the samples in them), and the rest Triton counts."""
+    return model_statistics(triton.grpc_url, model)[model]
 
 
 def executions(triton: TritonServer, model: str) -> int:
